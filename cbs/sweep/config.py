@@ -1,0 +1,326 @@
+"""The sweep config: YAML file + dotted command-line overrides -> validated SweepConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+
+from cbs.sweep.backend import BACKENDS, get_backend
+from cbs.sweep.schema import ConfigError, parse, spec, to_dict
+
+__all__ = ["LogRange", "Log2Range", "HParamRange", "Schedule", "OptimizerEntry", "Grid",
+           "Target", "Budget", "Output", "AnalysisOptions", "SweepConfig", "load_config",
+           "apply_overrides", "config_hash"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LogRange:
+    """num values log-spaced from 10**log10_min to 10**log10_max, both included."""
+    log10_min: float = spec(doc="log10 of the smallest value")
+    log10_max: float = spec(doc="log10 of the largest value")
+    num: int = spec(doc="how many values", ge=1)
+
+    def __post_init__(self):
+        if self.num > 1 and self.log10_max < self.log10_min:
+            raise ValueError(f"allowed: log10_max >= log10_min (got {self.log10_min} > {self.log10_max})")
+
+    def values(self) -> list[float]:
+        return [float(v) for v in np.logspace(self.log10_min, self.log10_max, self.num)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Log2Range:
+    """Powers of two 2**log2_min, 2**(log2_min+step), ..., up to 2**log2_max."""
+    log2_min: int = spec(doc="smallest exponent", ge=0, le=40)
+    log2_max: int = spec(doc="largest exponent", ge=0, le=40)
+    step: int = spec(1, doc="exponent increment", ge=1)
+
+    def __post_init__(self):
+        if self.log2_max < self.log2_min:
+            raise ValueError(f"allowed: log2_max >= log2_min (got {self.log2_min} > {self.log2_max})")
+
+    def values(self) -> list[int]:
+        return [2**k for k in range(self.log2_min, self.log2_max + 1, self.step)]
+
+
+@dataclasses.dataclass(frozen=True)
+class HParamRange:
+    """A log-spaced hyperparameter grid; with one_minus, the values are 1 - 10**x
+    (momentum / EMA decay grids such as 1 - logspace(-5, 0, 20))."""
+    log10_min: float = spec(doc="log10 of the smallest value (of 1 - value with one_minus)")
+    log10_max: float = spec(doc="log10 of the largest value (of 1 - value with one_minus)")
+    num: int = spec(doc="how many values", ge=1)
+    one_minus: bool = spec(False, doc="values are 1 - 10**x")
+
+    def values(self) -> list[float]:
+        xs = np.logspace(self.log10_min, self.log10_max, self.num)
+        return [float(1.0 - x) if self.one_minus else float(x) for x in xs]
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Learning-rate (and batch-size) schedule of an optimizer entry.
+
+    Horizon-free kinds (constant, warmup then constant, piecewise) suit steps-to-target
+    directly; cosine and linear decay anneal to ``final_lr_fraction`` at ``horizon``
+    steps (default: budget.max_steps). ``optimized_pwc`` (NQM only) optimizes
+    ``pieces`` piecewise-constant LRs per batch size.
+    """
+    kind: Literal["constant", "step", "cosine", "linear_decay", "piecewise", "optimized_pwc"] = spec(
+        "constant", doc="schedule shape")
+    warmup_steps: int = spec(0, doc="linear warm-up steps from 0 to the peak LR", ge=0)
+    horizon: int | None = spec(None, doc="steps over which cosine/linear decay anneal (default budget.max_steps)", ge=1)
+    final_lr_fraction: float = spec(0.0, doc="LR at the horizon as a fraction of the peak", ge=0, le=1)
+    boundaries: list[int] = spec([], doc="step decay: steps at which LR is multiplied by decay_factor", ge=1)
+    decay_factor: float = spec(0.1, doc="step decay: LR multiplier at each boundary", gt=0, le=1)
+    pieces: list[list[float]] = spec([], doc="piecewise: [[steps, lr_multiplier], ...]; the last piece lasts forever")
+    batch_growth: list[float] = spec([], doc="piecewise/step: batch-size multiplier per phase (a batch ramp)", gt=0)
+    seesaw: bool = spec(False, doc="Seesaw rule: where LR would drop by k, drop it by sqrt(k) and grow B by k")
+    num_pieces: int = spec(10, doc="optimized_pwc: number of equal-length pieces", ge=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerEntry:
+    """One optimizer of the sweep: a kind, a name, and its hyperparameter grid."""
+    kind: str = spec(doc="optimizer kind (see --help for the back end's list)")
+    name: str | None = spec(None, doc="label in tables and plots (default: the kind)")
+    hparams: dict[str, float | list[float] | HParamRange] = spec(
+        {}, doc="hyperparameters: a value, a list to sweep, or a log range")
+    learning_rates: list[float] | LogRange | None = spec(None, doc="overrides grid.learning_rates", gt=0)
+    schedule: Schedule = spec(factory=Schedule, doc="learning-rate / batch-size schedule")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    batch_sizes: list[int] | Log2Range = spec(doc="batch sizes: a list, or {log2_min, log2_max, step}", ge=1)
+    learning_rates: list[float] | LogRange = spec(doc="LRs: a list, or {log10_min, log10_max, num}", gt=0)
+    optimizers: list[OptimizerEntry] = spec(doc="optimizers, each with its own hyperparameter grid", min_len=1)
+    seeds: list[int] = spec([0], doc="seeds (initialisation, data order, noise)", ge=0, min_len=1)
+
+    def batch_size_values(self) -> list[int]:
+        return self.batch_sizes.values() if isinstance(self.batch_sizes, Log2Range) else list(self.batch_sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    metric: str = spec(doc="metric that must fall strictly below value")
+    value: float = spec(doc="target value")
+    interpolate: bool = spec(False, doc="also report steps linearly interpolated between evaluations")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    max_steps: int = spec(doc="steps after which a cell is censored", ge=1)
+    eval_every: int = spec(1, doc="evaluate the target metric every k steps (train back end)", ge=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    dir: str = spec("runs/{name}", doc="output folder; {name} is replaced by the sweep name")
+    curves: bool = spec(True, doc="store per-cell metric curves when the back end returns them")
+    plots: bool = spec(True, doc="write PNG plots and report.md at the end")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisOptions:
+    delta: float = spec(0.2, doc="overhead over linear scaling that defines B*", gt=0)
+    b0: float | None = spec(None, doc="anchor batch size of B* (default: smallest swept)", gt=0)
+    bootstrap: int = spec(1000, doc="bootstrap resamples for intervals", ge=0)
+    tokens_per_example: int = spec(1, doc="sequence length, to report batch sizes in tokens", ge=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    name: str = spec(doc="sweep name (letters, digits, '-', '_', '.')")
+    backend: Literal["nqm", "train"] = spec(doc="which back end evaluates the cells")
+    grid: Grid = spec(doc="the batch size x LR x optimizer x seed grid")
+    target: Target = spec(doc="what 'reached the target' means")
+    budget: Budget = spec(doc="step budget")
+    output: Output = spec(factory=Output, doc="where and what to write")
+    analysis: AnalysisOptions = spec(factory=AnalysisOptions, doc="critical-batch-size extraction")
+    section: Any = spec(None, doc="the back end's own section (YAML key: the back end name)")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output.dir.replace("{name}", self.name))
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_TOP_KEYS = [f.name for f in dataclasses.fields(SweepConfig) if f.name != "section"]
+
+
+def _build(raw: Any) -> SweepConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("", raw, "the config must be a mapping of keys to values")
+    raw = dict(raw)
+    backend_name = raw.get("backend")
+    if backend_name not in BACKENDS:
+        close = difflib.get_close_matches(str(backend_name), list(BACKENDS), n=1)
+        raise ConfigError("backend", backend_name, "allowed: " + ", ".join(map(repr, BACKENDS)),
+                          f"did you mean {close[0]!r}?" if close else "")
+    backend = get_backend(backend_name)
+    for key in raw:
+        if key not in _TOP_KEYS and key not in BACKENDS:
+            close = difflib.get_close_matches(str(key), _TOP_KEYS + [backend_name], n=1)
+            raise ConfigError(str(key), key, "unknown key; allowed keys: " + ", ".join(_TOP_KEYS + [backend_name]),
+                              f"did you mean {close[0]!r}?" if close else "")
+        if key in BACKENDS and key != backend_name:
+            raise ConfigError(key, raw[key], f"this section belongs to backend {key!r}, but backend is {backend_name!r}")
+    section = parse(backend.Section, raw.pop(backend_name, None), backend_name)
+    cfg = parse(SweepConfig, raw)
+    cfg = dataclasses.replace(cfg, section=section)
+    _check(cfg, backend)
+    backend.check(cfg)
+    return cfg
+
+
+def _check(cfg: SweepConfig, backend) -> None:
+    if not _NAME.match(cfg.name):
+        raise ConfigError("name", cfg.name, "allowed: letters, digits, '-', '_', '.'")
+    if cfg.target.metric not in backend.metrics:
+        close = difflib.get_close_matches(cfg.target.metric, list(backend.metrics), n=1)
+        raise ConfigError("target.metric", cfg.target.metric,
+                          f"allowed for backend {cfg.backend!r}: " + ", ".join(backend.metrics),
+                          f"did you mean {close[0]!r}?" if close else "")
+    bs = cfg.grid.batch_size_values()
+    if not bs:
+        raise ConfigError("grid.batch_sizes", bs, "allowed: at least one batch size")
+    if len(set(bs)) != len(bs):
+        raise ConfigError("grid.batch_sizes", bs, "allowed: distinct batch sizes")
+    if isinstance(cfg.grid.learning_rates, list) and not cfg.grid.learning_rates:
+        raise ConfigError("grid.learning_rates", [], "allowed: at least one learning rate")
+    labels = set()
+    for i, opt in enumerate(cfg.grid.optimizers):
+        where = f"grid.optimizers[{i}]"
+        if opt.kind not in backend.optimizers:
+            close = difflib.get_close_matches(opt.kind, list(backend.optimizers), n=1)
+            raise ConfigError(f"{where}.kind", opt.kind,
+                              f"allowed for backend {cfg.backend!r}: " + ", ".join(backend.optimizers),
+                              f"did you mean {close[0]!r}?" if close else "")
+        if not _NAME.match(opt.label):
+            raise ConfigError(f"{where}.name", opt.label, "allowed: letters, digits, '-', '_', '.'")
+        if opt.label in labels:
+            raise ConfigError(f"{where}.name", opt.label, "allowed: a name no other optimizer entry uses")
+        labels.add(opt.label)
+        specs = backend.optimizers[opt.kind].hparams
+        for hp, value in opt.hparams.items():
+            if hp not in specs:
+                close = difflib.get_close_matches(hp, list(specs), n=1)
+                allowed = ", ".join(specs) or "none"
+                raise ConfigError(f"{where}.hparams.{hp}", hp, f"unknown hyperparameter for kind {opt.kind!r}; "
+                                  f"allowed: {allowed}", f"did you mean {close[0]!r}?" if close else "")
+            values = value.values() if isinstance(value, HParamRange) else value if isinstance(value, list) else [value]
+            if not values:
+                raise ConfigError(f"{where}.hparams.{hp}", value, "allowed: at least one value")
+            for v in values:
+                if not specs[hp].admits(v):
+                    raise ConfigError(f"{where}.hparams.{hp}", v, f"allowed: {specs[hp].allowed()}")
+        if isinstance(opt.learning_rates, list) and not opt.learning_rates:
+            raise ConfigError(f"{where}.learning_rates", [], "allowed: at least one learning rate")
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not re.match(r"^[A-Za-z_][\w]*(\.[A-Za-z_0-9][\w]*)*$", key):
+        raise ConfigError("<command line>", text, "overrides are written key.path=value, e.g. target.value=0.02")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(key, value, "the value must be valid YAML (a number, a string, [a, list], {a: map})") from None
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Applies ``a.b.c=value`` overrides (YAML values; list indices allowed as path parts)."""
+    import copy
+    raw = copy.deepcopy(raw) if raw is not None else {}
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = raw
+        for depth, part in enumerate(path[:-1]):
+            where = ".".join(path[:depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(where, part, f"allowed: an index below {len(node)}")
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+                if node is None:
+                    node = raw_set(raw, path[:depth + 1], {})
+            else:
+                raise ConfigError(where, node, "cannot set a key inside a value that is not a mapping")
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(".".join(path), last, f"allowed: an index below {len(node)}")
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(".".join(path[:-1]), node, "cannot set a key inside a value that is not a mapping")
+    return raw
+
+
+def raw_set(raw: dict, path: list[str], value: Any) -> Any:
+    node = raw
+    for part in path[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    if isinstance(node, list):
+        node[int(path[-1])] = value
+    else:
+        node[path[-1]] = value
+    return value
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError("<file>", str(path), "the config file does not exist")
+    if path.is_dir():
+        raise ConfigError("<file>", str(path), "expected a YAML file, got a folder")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError("<file>", str(path), f"YAML syntax error at {where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("<file>", str(path), "the file is not UTF-8 text") from None
+
+
+def load_config(source: str | Path | dict, overrides: list[str] = ()) -> SweepConfig:
+    """A validated config from a YAML path (or an already-read mapping) and overrides."""
+    raw = source if isinstance(source, dict) else read_yaml(source)
+    if not isinstance(raw, dict):
+        raise ConfigError("", raw, "the config must be a mapping of keys to values")
+    return _build(apply_overrides(raw, list(overrides)))
+
+
+def config_dict(cfg: SweepConfig) -> dict:
+    """The resolved config as a plain mapping, the back-end section under its own key."""
+    d = to_dict(cfg)
+    d[cfg.backend] = d.pop("section")
+    return d
+
+
+def config_hash(cfg: SweepConfig) -> str:
+    """Hash of everything that changes results; the output options are left out so a run
+    can be moved or re-plotted without becoming a different sweep."""
+    d = config_dict(cfg)
+    d.pop("output", None)
+    d.pop("analysis", None)
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
