@@ -144,7 +144,7 @@ class AnalysisOptions:
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
     name: str = spec(doc="sweep name (letters, digits, '-', '_', '.')")
-    backend: Literal["nqm", "train"] = spec(doc="which back end evaluates the cells")
+    backend: str = spec(doc="which back end evaluates the cells: nqm (Noisy Quadratic Model) or train (real networks)")
     grid: Grid = spec(doc="the batch size x LR x optimizer x seed grid")
     target: Target = spec(doc="what 'reached the target' means")
     budget: Budget = spec(doc="step budget")
@@ -166,12 +166,14 @@ def _build(raw: Any) -> SweepConfig:
         raise ConfigError("", raw, "the config must be a mapping of keys to values")
     raw = dict(raw)
     backend_name = raw.get("backend")
-    if backend_name not in BACKENDS:
+    if not isinstance(backend_name, str) or backend_name not in BACKENDS:
         close = difflib.get_close_matches(str(backend_name), list(BACKENDS), n=1)
         raise ConfigError("backend", backend_name, "allowed: " + ", ".join(map(repr, BACKENDS)),
                           f"did you mean {close[0]!r}?" if close else "")
     backend = get_backend(backend_name)
     for key in raw:
+        if not isinstance(key, str):
+            raise ConfigError(str(key), key, "keys must be strings; allowed keys: " + ", ".join(_TOP_KEYS + [backend_name]))
         if key not in _TOP_KEYS and key not in BACKENDS:
             close = difflib.get_close_matches(str(key), _TOP_KEYS + [backend_name], n=1)
             raise ConfigError(str(key), key, "unknown key; allowed keys: " + ", ".join(_TOP_KEYS + [backend_name]),
@@ -224,11 +226,18 @@ def _check(cfg: SweepConfig, backend) -> None:
             values = value.values() if isinstance(value, HParamRange) else value if isinstance(value, list) else [value]
             if not values:
                 raise ConfigError(f"{where}.hparams.{hp}", value, "allowed: at least one value")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{where}.hparams.{hp}", value, "allowed: distinct values")
             for v in values:
                 if not specs[hp].admits(v):
                     raise ConfigError(f"{where}.hparams.{hp}", v, f"allowed: {specs[hp].allowed()}")
         if isinstance(opt.learning_rates, list) and not opt.learning_rates:
             raise ConfigError(f"{where}.learning_rates", [], "allowed: at least one learning rate")
+        for key, lrs in ((f"{where}.learning_rates", opt.learning_rates), ("grid.learning_rates", cfg.grid.learning_rates)):
+            if isinstance(lrs, list) and len(set(lrs)) != len(lrs):
+                raise ConfigError(key, lrs, "allowed: distinct learning rates")
+    if len(set(cfg.grid.seeds)) != len(cfg.grid.seeds):
+        raise ConfigError("grid.seeds", cfg.grid.seeds, "allowed: distinct seeds")
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

@@ -171,7 +171,7 @@ def parse(cls, data: Any, path: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in data:
-        if key not in fields:
+        if not isinstance(key, str) or key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             where = f"{path}.{key}" if path else str(key)
             raise ConfigError(where, key, "unknown key; allowed keys: " + ", ".join(fields),

@@ -1,0 +1,155 @@
+"""Command line: ``python -m cbs.sweep [CONFIG.yaml] [key.path=value ...]``.
+
+Kept short on purpose: parsing and printing only; the work is in cbs.sweep.runner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "nqm_quickstart.yaml"
+
+
+def _help_epilog() -> str:
+    from cbs.sweep.config import SweepConfig
+    from cbs.sweep.schema import describe
+    lines = ["config keys (YAML; any of them can be overridden as key.path=value):"]
+    lines += describe(SweepConfig)
+    lines += ["  grid.optimizers[i]: kind, name, hparams{...}, learning_rates, schedule{...}",
+              "  schedule keys: kind, warmup_steps, horizon, final_lr_fraction, boundaries, decay_factor,",
+              "                 pieces, batch_growth, seesaw, num_pieces",
+              "", "back ends, their sections, metrics and optimizer kinds:"]
+    from cbs.sweep.backend import BACKENDS, get_backend
+    from cbs.sweep.schema import describe as describe_section
+    for name in BACKENDS:
+        try:
+            backend = get_backend(name)
+        except Exception as e:  # a back end that cannot import still leaves --help usable
+            lines.append(f"  {name}: unavailable ({type(e).__name__}: {e})")
+            continue
+        lines.append(f"  backend {name!r}: section '{name}:'")
+        lines += ["  " + l for l in describe_section(backend.Section, prefix=f"{name}.")]
+        lines.append(f"    metrics: " + ", ".join(backend.metrics))
+        for kind, spec in backend.optimizers.items():
+            hps = ", ".join(f"{k}={v.default:g}" for k, v in spec.hparams.items()) or "no hyperparameters"
+            lines.append(f"    kind {kind}: {spec.doc} [{hps}]")
+    return "\n".join(lines)
+
+
+def _parser(full_help: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m cbs.sweep",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Run a batch-size sweep: steps-to-target for every batch size x learning rate x
+            optimizer x seed cell, then the critical-batch-size analysis.
+
+            Results go to the output folder (output.dir): results.parquet (one row per cell),
+            curves.parquet, config.yaml, manifest.json, cbs.json, plots and report.md.
+            Re-running the same command resumes an interrupted sweep: finished blocks are kept."""),
+        epilog=_help_epilog() if full_help else "Run with --help for every config key.")
+    p.add_argument("config", nargs="?", default=None,
+                   help=f"YAML config file (default: the built-in {DEFAULT_CONFIG.name})")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="dotted overrides, YAML values: grid.batch_sizes=[8,16,32] target.value=0.02 output.dir=/tmp/x")
+    p.add_argument("--dry-run", action="store_true", help="print the grid (cells, blocks, batch sizes) and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-analysis", action="store_true", help="skip the critical-batch-size analysis at the end")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only shard I of N (0-based) of the blocks, e.g. one per cluster job; every shard "
+                        "writes into the same output folder and the last one to finish merges the tables "
+                        "(default: one shard per JAX process in a multi-host job, else 0/1)")
+    return p
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"cbs.sweep: {msg}", file=sys.stderr)
+    return code
+
+
+def _parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        import jax
+        return (jax.process_index(), jax.process_count())
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard: got {text!r}; allowed: I/N with integers 0 <= I < N") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard: got {text!r}; allowed: I/N with integers 0 <= I < N")
+    return i, n
+
+
+def _enable_compilation_cache() -> None:
+    """Persistent XLA cache, so repeated sweeps skip compilation (per user, overridable)."""
+    import jax
+    cache = os.environ.get("CBS_JAX_CACHE", str(Path.home() / ".cache" / "cbs" / "jax"))
+    if cache.lower() in ("", "0", "off", "none"):
+        return
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def print_plan(cfg, blocks) -> None:
+    from collections import Counter
+    cells = sum(len(b.cells) for b in blocks)
+    print(f"sweep {cfg.name} (backend {cfg.backend}): {cells} cells in {len(blocks)} blocks -> {cfg.out_dir}")
+    print(f"  batch sizes ({len(cfg.grid.batch_size_values())}): {cfg.grid.batch_size_values()}")
+    print(f"  seeds: {cfg.grid.seeds}; target: {cfg.target.metric} < {cfg.target.value}; "
+          f"budget: {cfg.budget.max_steps} steps")
+    per_opt = Counter()
+    for b in blocks:
+        per_opt[(b.optimizer, b.kind)] += len(b.cells)
+    for (label, kind), n in per_opt.items():
+        opt = next(o for o in cfg.grid.optimizers if o.label == label)
+        nb = sum(1 for b in blocks if b.optimizer == label)
+        print(f"  {label} (kind {kind}, schedule {opt.schedule.kind}): {nb} blocks x {n // nb} cells/block; "
+              f"hparams {dict(opt.hparams) or 'defaults'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    full_help = any(a in ("-h", "--help") for a in argv)
+    args = _parser(full_help).parse_args(argv)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        config, overrides = None, [config] + overrides
+    config = Path(config) if config is not None else DEFAULT_CONFIG
+
+    from cbs.sweep.schema import ConfigError
+    try:
+        from cbs.sweep.config import load_config
+        cfg = load_config(config, overrides)
+        shard = _parse_shard(args.shard)
+    except ConfigError as e:
+        where = f"{config}: " if e.path != "<file>" else ""
+        return _fail(f"{where}{e}")
+    except ValueError as e:
+        return _fail(str(e))
+
+    from cbs.sweep.runner import RunFolderConflict, plan, run_sweep
+    if args.dry_run:
+        print_plan(cfg, plan(cfg))
+        return 0
+    _enable_compilation_cache()
+    try:
+        summary = run_sweep(cfg, progress=not args.no_progress, shard=shard)
+    except RunFolderConflict as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished blocks are saved; run the same command again to resume", file=sys.stderr)
+        return 130
+    if summary.complete and not args.no_analysis:
+        from cbs.analysis import analyze_run
+        report = analyze_run(summary.out_dir, plots=cfg.output.plots)
+        print(getattr(report, "text", report) if not isinstance(report, tuple) else report[1])
+    print(summary.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
