@@ -1,59 +1,16 @@
-"""Shared test fixtures: a tiny deterministic back end for runner and config tests."""
+"""Shared test fixtures."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
-import numpy as np
 import pytest
 
 from cbs.sweep import backend as backend_mod
-from cbs.sweep.backend import Backend, BlockResult, CellResult, HParamSpec, OptimizerSpec
-from cbs.sweep.schema import ConfigError, spec
-
-
-@dataclasses.dataclass(frozen=True)
-class FakeSection:
-    scale: float = spec(1.0, doc="steps = scale * (100 + 1000/B) / lr**0.1", gt=0)
-
-
-class FakeBackend(Backend):
-    """steps(B) = scale*(100 + 1000/B)/lr^0.1 exactly; lr > 10 diverges. No JAX needed."""
-    name = "fake"
-    Section = FakeSection
-    optimizers = {"plain": OptimizerSpec("plain", {}),
-                  "heavy": OptimizerSpec("with a knob", {"momentum": HParamSpec(0.0, "knob", ge=0, lt=1)})}
-    metrics = {"loss": "a loss"}
-    blocks_per_call = 2
-    calls: list = []
-
-    @classmethod
-    def check(cls, config):
-        if config.target.value <= 0:
-            raise ConfigError("target.value", config.target.value, "allowed: > 0 (the loss is positive)")
-
-    def run_blocks(self, blocks):
-        FakeBackend.calls.append([b.block_id for b in blocks])
-        out = []
-        for b in blocks:
-            recs = []
-            for c in b.cells:
-                s = self.config.section.scale * (100 + 1000 / c.batch_size) / c.lr**0.1 * (1 - c.hparams.get("momentum", 0) / 2)
-                diverged = c.lr > 10
-                reached = not diverged and s <= self.config.budget.max_steps
-                recs.append(CellResult(c.cell_id, reached, diverged, math.ceil(s) if reached else math.nan,
-                                       math.nan if diverged else 0.5, 0.4, self.config.budget.max_steps))
-            out.append(BlockResult(recs))
-        return out
-
-    def reference_curves(self, batch_sizes):
-        return {"floor": 100 + 0 * np.asarray(batch_sizes)}
+from cbs_test_backends import FakeBackend
 
 
 @pytest.fixture
 def fake_backend(monkeypatch):
-    monkeypatch.setitem(backend_mod.BACKENDS, "fake", "conftest:FakeBackend")
+    monkeypatch.setitem(backend_mod.BACKENDS, "fake", "cbs_test_backends:FakeBackend")
     FakeBackend.calls = []
     return FakeBackend
 

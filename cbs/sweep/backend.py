@@ -154,5 +154,7 @@ BACKENDS = {
 
 
 def get_backend(name: str) -> type[Backend]:
-    module, _, attr = BACKENDS[name].partition(":")
+    """The back-end class for a registered name, or for a ``package.module:Class`` path
+    (so a researcher can plug in a back end without editing cbs)."""
+    module, _, attr = BACKENDS.get(name, name).partition(":")
     return getattr(importlib.import_module(module), attr)

@@ -166,26 +166,37 @@ def _build(raw: Any) -> SweepConfig:
         raise ConfigError("", raw, "the config must be a mapping of keys to values")
     raw = dict(raw)
     backend_name = raw.get("backend")
-    if not isinstance(backend_name, str) or backend_name not in BACKENDS:
-        close = difflib.get_close_matches(str(backend_name), list(BACKENDS), n=1)
-        raise ConfigError("backend", backend_name, "allowed: " + ", ".join(map(repr, BACKENDS)),
-                          f"did you mean {close[0]!r}?" if close else "")
-    backend = get_backend(backend_name)
+    backend = _resolve_backend(backend_name)
+    section_key = backend.name
+    known = set(BACKENDS) | {section_key}
     for key in raw:
         if not isinstance(key, str):
-            raise ConfigError(str(key), key, "keys must be strings; allowed keys: " + ", ".join(_TOP_KEYS + [backend_name]))
-        if key not in _TOP_KEYS and key not in BACKENDS:
-            close = difflib.get_close_matches(str(key), _TOP_KEYS + [backend_name], n=1)
-            raise ConfigError(str(key), key, "unknown key; allowed keys: " + ", ".join(_TOP_KEYS + [backend_name]),
+            raise ConfigError(str(key), key, "keys must be strings; allowed keys: " + ", ".join(_TOP_KEYS + [section_key]))
+        if key not in _TOP_KEYS and key not in known:
+            close = difflib.get_close_matches(str(key), _TOP_KEYS + [section_key], n=1)
+            raise ConfigError(str(key), key, "unknown key; allowed keys: " + ", ".join(_TOP_KEYS + [section_key]),
                               f"did you mean {close[0]!r}?" if close else "")
-        if key in BACKENDS and key != backend_name:
+        if key in known and key != section_key:
             raise ConfigError(key, raw[key], f"this section belongs to backend {key!r}, but backend is {backend_name!r}")
-    section = parse(backend.Section, raw.pop(backend_name, None), backend_name)
+    section = parse(backend.Section, raw.pop(section_key, None), section_key)
     cfg = parse(SweepConfig, raw)
     cfg = dataclasses.replace(cfg, section=section)
     _check(cfg, backend)
     backend.check(cfg)
     return cfg
+
+
+def _resolve_backend(name: Any):
+    if isinstance(name, str) and name in BACKENDS:
+        return get_backend(name)
+    if isinstance(name, str) and re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", name):
+        try:
+            return get_backend(name)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError("backend", name, f"could not import this back end ({e})") from None
+    close = difflib.get_close_matches(str(name), list(BACKENDS), n=1) if isinstance(name, str) else []
+    raise ConfigError("backend", name, "allowed: " + ", ".join(map(repr, BACKENDS)) + " or a 'package.module:Class' path",
+                      f"did you mean {close[0]!r}?" if close else "")
 
 
 def _check(cfg: SweepConfig, backend) -> None:
@@ -321,7 +332,8 @@ def load_config(source: str | Path | dict, overrides: list[str] = ()) -> SweepCo
 def config_dict(cfg: SweepConfig) -> dict:
     """The resolved config as a plain mapping, the back-end section under its own key."""
     d = to_dict(cfg)
-    d[cfg.backend] = d.pop("section")
+    from cbs.sweep.backend import get_backend
+    d[get_backend(cfg.backend).name] = d.pop("section")
     return d
 
 
