@@ -85,11 +85,20 @@ def _parse_shard(text: str | None) -> tuple[int, int]:
 
 
 def _enable_compilation_cache() -> None:
-    """Persistent XLA cache, so repeated sweeps skip compilation (per user, overridable)."""
+    """Persistent XLA cache, so repeated sweeps skip compilation.
+
+    On by default on GPU/TPU. On CPU only when CBS_JAX_CACHE names a folder: XLA:CPU's
+    cached executables are tied to the exact CPU features of the machine that compiled
+    them, and loading them elsewhere (a shared home on a heterogeneous cluster) logs
+    errors and can crash, while CPU compiles of our programs take seconds anyway.
+    """
     import jax
-    cache = os.environ.get("CBS_JAX_CACHE", str(Path.home() / ".cache" / "cbs" / "jax"))
-    if cache.lower() in ("", "0", "off", "none"):
+    explicit = os.environ.get("CBS_JAX_CACHE")
+    if explicit is not None and explicit.lower() in ("", "0", "off", "none"):
         return
+    if explicit is None and jax.default_backend() == "cpu":
+        return
+    cache = explicit or str(Path.home() / ".cache" / "cbs" / "jax")
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
