@@ -56,17 +56,16 @@ def read_table(run_dir: str | Path, name: str) -> pd.DataFrame | None:
     """A table of a run folder (merged file, else the concatenated parts); None if absent."""
     run_dir = Path(run_dir)
     merged = run_dir / f"{name}.parquet"
+    # The merged file is written only once every block is finished (and rewritten at
+    # each later merge), so when it exists it is complete; otherwise use the parts.
+    if merged.exists():
+        return pd.read_parquet(merged)
     parts_dir = run_dir / "parts" / name
     parts = sorted(parts_dir.glob("*.parquet")) if parts_dir.is_dir() else []
-    if merged.exists() and not parts:
-        return pd.read_parquet(merged)
-    frames = [pd.read_parquet(p) for p in parts]
-    if merged.exists():  # merged earlier, then resumed/extended: parts are the truth
-        frames = frames or [pd.read_parquet(merged)]
-    frames = [f for f in frames if len(f)]
-    if not frames:
-        return None if not (merged.exists() or parts) else pd.DataFrame()
-    return pd.concat(frames, ignore_index=True)
+    if not parts:
+        return None
+    frames = [f for f in (pd.read_parquet(p) for p in parts) if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:

@@ -120,6 +120,25 @@ def print_plan(cfg, blocks) -> None:
               f"hparams {dict(opt.hparams) or 'defaults'}")
 
 
+def best_per_batch_size(run_dir) -> str:
+    """Terminal table: per optimizer, the best steps-to-target and its LR per batch size."""
+    from cbs.store import read_table
+    df = read_table(run_dir, "results")
+    if df is None or not len(df):
+        return ""
+    reached = df[df["reached"]]
+    batch_sizes = sorted(df["batch_size"].unique())
+    optimizers = list(dict.fromkeys(df["optimizer"]))
+    best = reached.loc[reached.groupby(["optimizer", "batch_size"])["steps_to_target"].idxmin()] if len(reached) else reached
+    cell = {(r.optimizer, r.batch_size): f"{r.steps_to_target:.4g} @ {r.lr:.3g}" for r in best.itertuples()}
+    width = max([len(v) for v in cell.values()] + [len(o) for o in optimizers] + [12])
+    lines = ["best steps to target @ learning rate (min over configs and seeds; '-' = never reached):",
+             f"{'batch size':>10}  " + "  ".join(f"{o:>{width}}" for o in optimizers)]
+    for b in batch_sizes:
+        lines.append(f"{b:>10}  " + "  ".join(f"{cell.get((o, b), '-'):>{width}}" for o in optimizers))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     full_help = any(a in ("-h", "--help") for a in argv)
@@ -152,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: finished blocks are saved; run the same command again to resume", file=sys.stderr)
         return 130
+    if summary.complete:
+        print(best_per_batch_size(summary.out_dir))
     if summary.complete and not args.no_analysis:
-        from cbs.analysis import analyze_run
-        report = analyze_run(summary.out_dir, plots=cfg.output.plots)
-        print(getattr(report, "text", report) if not isinstance(report, tuple) else report[1])
+        from cbs.analysis import print_summary
+        print_summary(summary.out_dir, plots=cfg.output.plots)
     print(summary.line())
     return 0
 

@@ -1,0 +1,31 @@
+"""Critical-batch-size analysis: steps-to-target tables, S(B) fits, CBS definitions, plots.
+
+Reads only the store's tables (never a back end). The pieces:
+
+* :func:`fit_critical_batch_size` -- from a (batch size, steps) table, or (seeds x batch
+  sizes), to S_min, E_min, B_crit = E_min / S_min, B*_delta(B0), the raw-table knee and
+  local efficiencies, with bootstrap intervals and warnings. No run folder needed.
+* :func:`fit_power_law` -- CBS vs model or data size across sweeps, in log space.
+* :func:`steps_table` / :func:`per_batch_table` -- results.parquet (and tuned.parquet) to
+  min-over-configs steps per (optimizer, B, seed) and per (optimizer, B).
+* :func:`analyze_run` -- one run folder to a summary, terminal text, cbs.json,
+  cbs.parquet, PNG plots and report.md; :func:`print_summary` for the sweep runner.
+* :func:`compare_runs` -- several run folders side by side, with optional scaling laws.
+* :func:`analyze_targets` -- the CBS at other targets, from the stored metric curves.
+
+The definitions and their sources are in docs/cbs.md (sections 1, 2, 6 and 7).
+"""
+
+from cbs.analysis._fit import (FORMS, CriticalBatchSizeFit, PowerLawFit, aggregate_seeds,
+                               b_star_closed_form, fit_critical_batch_size, fit_power_law,
+                               fit_steps_curve, local_efficiencies, raw_knee, steps_model)
+from cbs.analysis._report import (Comparison, RunAnalysis, analyze_run, compare_runs, print_summary,
+                                  run_scale, short_summary)
+from cbs.analysis._tables import (AnalysisError, per_batch_table, read_run_table, steps_table)
+from cbs.analysis._targets import TargetSweep, analyze_targets, steps_from_curves
+
+__all__ = ["FORMS", "CriticalBatchSizeFit", "PowerLawFit", "aggregate_seeds", "b_star_closed_form",
+           "fit_critical_batch_size", "fit_power_law", "fit_steps_curve", "local_efficiencies", "raw_knee",
+           "steps_model", "Comparison", "RunAnalysis", "analyze_run", "compare_runs", "print_summary",
+           "run_scale", "short_summary", "AnalysisError", "per_batch_table", "read_run_table", "steps_table",
+           "TargetSweep", "analyze_targets", "steps_from_curves"]

@@ -1,0 +1,286 @@
+"""PNG plots of a CBS analysis (matplotlib, Agg back end: no display needed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+__all__ = ["plot_steps_vs_batch", "plot_best_lr", "plot_data_efficiency", "plot_compare",
+           "plot_scaling"]
+
+_DPI = 120
+
+
+def _colors(n):
+    cmap = plt.get_cmap("tab10")
+    return [cmap(i % 10) for i in range(n)]
+
+
+def _grid(n):
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    return fig, axes.ravel()[:n]
+
+
+def _log_axes(ax, xbase=2) -> None:
+    """Log-log axes, or a "no data" note when nothing positive was drawn (an all-censored
+    sweep), since matplotlib cannot place log ticks on an empty axis."""
+    has_data = False
+    for line in ax.get_lines():
+        x, y = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+        if x.size and np.any(np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)):
+            has_data = True
+            break
+    if has_data:
+        ax.set_xscale("log", base=xbase)
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no uncensored data", ha="center", va="center", transform=ax.transAxes)
+
+
+def _legend(ax, **kwargs) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, **kwargs)
+
+
+def _fmt(x):
+    if x is None or not np.isfinite(x):
+        return "inf" if x is not None and np.isinf(x) else "n/a"
+    return f"{x:.3g}"
+
+
+def _draw_fit(ax, fit, color, label_prefix="", band=True, show_lines=True):
+    b = fit.batch_sizes
+    if fit.n_points >= 2 and np.isfinite(fit.s_min):
+        lo, hi = b.min() / 1.5, b.max() * 1.5
+        bb = np.geomspace(lo, hi, 200)
+        ax.plot(bb, fit.predict(bb), "-", color=color, lw=1.8,
+                label=f"{label_prefix}fit: S_min={_fmt(fit.s_min)}, B_crit={_fmt(fit.b_crit)}")
+        if show_lines:
+            s0 = float(fit.predict([fit.b0])[0])
+            ax.plot(bb, s0 * fit.b0 / bb, ":", color="gray", lw=1.2, label=f"perfect scaling from B0={_fmt(fit.b0)}")
+            if np.isfinite(fit.s_min) and fit.s_min > 0:
+                ax.axhline(fit.s_min, color=color, ls="--", lw=0.8, alpha=0.6, label="S_min")
+        if np.isfinite(fit.b_crit) and fit.b_crit > 0:
+            ax.axvline(fit.b_crit, color=color, ls="-.", lw=1.2,
+                       label="B_crit (S = 2 S_min)" if show_lines else None)
+            if band and all(np.isfinite(v) for v in fit.b_crit_ci):
+                ax.axvspan(max(fit.b_crit_ci[0], 1e-300), fit.b_crit_ci[1], color=color, alpha=0.12,
+                           label=f"B_crit {fit.ci_level:.0%} CI" if show_lines else None)
+        if show_lines and np.isfinite(fit.b_star):
+            ax.plot([fit.b_star], [float(fit.predict([fit.b_star])[0])], marker="*", ms=13, color=color,
+                    ls="none", markeredgecolor="k", label=f"B* (δ={fit.delta:g}) = {_fmt(fit.b_star)}")
+
+
+def plot_steps_vs_batch(path: Path, fits: dict, per_seed: pd.DataFrame, unit: str, scale: float,
+                        reference: pd.DataFrame | None = None, title: str = "") -> Path:
+    """Steps to target vs batch size, log-log, one panel per optimizer.
+
+    Measured points (per seed, faint; combined, solid), censored batch sizes as up-pointing
+    triangles at the step budget, the fitted curve, the perfect-scaling line anchored at the
+    fitted curve's B0, B_crit with its bootstrap band, B*, and reference curves.
+    """
+    names = list(fits)
+    fig, axes = _grid(max(len(names), 1))
+    for ax, name, color in zip(axes, names, _colors(len(names))):
+        fit = fits[name]
+        g = per_seed[per_seed["optimizer"] == name]
+        ok = ~g["censored"].to_numpy(bool)
+        bx = g["batch_size"].to_numpy(float) * scale
+        ax.plot(bx[ok], g["steps"].to_numpy(float)[ok], "o", color=color, alpha=0.3, ms=4,
+                label="per seed" if fit.n_seeds > 1 else None)
+        good = np.isfinite(fit.steps)
+        ax.plot(fit.batch_sizes[good], fit.steps[good], "o", color=color, ms=7, markeredgecolor="k",
+                label="measured" + (" (median over seeds)" if fit.n_seeds > 1 else ""))
+        if fit.censored.any():
+            budget = g["max_steps"].max() if "max_steps" in g else np.nan
+            if np.isfinite(budget):
+                ax.plot(fit.batch_sizes[fit.censored], np.full(fit.censored.sum(), budget), "^", color=color,
+                        ms=8, markerfacecolor="none", label="censored (at step budget)")
+        _draw_fit(ax, fit, color)
+        # Keep the y range on the data: the perfect-scaling line and a lower bound can fall
+        # orders of magnitude below S_min at the largest batch sizes.
+        floor = [v for v in (np.nanmin(fit.steps) if good.any() else np.nan, fit.s_min) if np.isfinite(v) and v > 0]
+        if reference is not None and len(reference):
+            for rname, rg in reference.groupby("name"):
+                rg = rg.sort_values("batch_size")
+                ax.plot(rg["batch_size"].to_numpy(float) * scale, rg["steps"], "-", color="k", alpha=0.45,
+                        lw=1.0, label=f"reference: {rname}")
+        _log_axes(ax)
+        if floor and ax.get_yscale() == "log":
+            ax.set_ylim(bottom=0.5 * min(floor))
+        ax.set_xlabel(f"batch size ({unit})")
+        ax.set_ylabel("steps to target")
+        ax.set_title(f"{name}")
+        ax.grid(True, which="both", alpha=0.25)
+        _legend(ax, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_best_lr(path: Path, per_b: pd.DataFrame, unit: str, scale: float, title: str = "") -> Path:
+    """Best LR (solid) and effective LR lr/(1-momentum) (dashed) vs batch size, with linear and
+    square-root scaling heuristics anchored at the smallest batch size (Shallue et al.)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    names = list(dict.fromkeys(per_b["optimizer"]))
+    for name, color in zip(names, _colors(len(names))):
+        g = per_b[per_b["optimizer"] == name].sort_values("batch_size")
+        bx = g["batch_size"].to_numpy(float) * scale
+        lr = g["best_lr"].to_numpy(float)
+        elr = g["best_effective_lr"].to_numpy(float)
+        ok = np.isfinite(lr)
+        ax.plot(bx[ok], lr[ok], "o-", color=color, label=f"{name}: best LR")
+        edge = g["lr_at_edge"].to_numpy() != ""
+        if (edge & ok).any():
+            ax.plot(bx[edge & ok], lr[edge & ok], "x", color="red", ms=10, mew=2)
+        if np.any(np.abs(elr[ok] - lr[ok]) > 1e-12 * np.abs(lr[ok])):
+            ax.plot(bx[ok], elr[ok], "s--", color=color, ms=4, label=f"{name}: effective LR lr/(1-momentum)")
+        if ok.sum() >= 2:
+            b0, l0 = bx[ok][0], lr[ok][0]
+            ax.plot(bx[ok], l0 * bx[ok] / b0, ":", color=color, alpha=0.5, lw=1)
+            ax.plot(bx[ok], l0 * np.sqrt(bx[ok] / b0), "-.", color=color, alpha=0.5, lw=1)
+    ax.plot([], [], "k:", alpha=0.5, label="linear scaling (from smallest B)")
+    ax.plot([], [], "k-.", alpha=0.5, label="square-root scaling")
+    ax.plot([], [], "rx", label="best LR at the edge of the LR grid")
+    _log_axes(ax)
+    ax.set_xlabel(f"batch size ({unit})")
+    ax.set_ylabel("learning rate")
+    ax.set_title(title or "best learning rate per batch size")
+    ax.grid(True, which="both", alpha=0.25)
+    _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_data_efficiency(path: Path, fits: dict, unit: str, title: str = "") -> Path:
+    """Examples (or tokens) to target, E = B S, vs batch size, with the fitted
+    E_min (1 + B / B_crit) and the E_min floor."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for (name, fit), color in zip(fits.items(), _colors(len(fits))):
+        good = np.isfinite(fit.steps)
+        b = fit.batch_sizes
+        ax.plot(b[good], b[good] * fit.steps[good], "o", color=color, markeredgecolor="k", label=f"{name}: measured")
+        if fit.n_points >= 2 and np.isfinite(fit.s_min):
+            bb = np.geomspace(b.min() / 1.5, b.max() * 1.5, 200)
+            ax.plot(bb, bb * fit.predict(bb), "-", color=color, label=f"{name}: fit")
+            if np.isfinite(fit.e_min) and fit.e_min > 0:
+                ax.axhline(fit.e_min, color=color, ls="--", lw=0.8, alpha=0.6)
+            if np.isfinite(fit.b_crit) and fit.b_crit > 0:
+                ax.axvline(fit.b_crit, color=color, ls="-.", lw=1)
+    ax.plot([], [], "k--", alpha=0.6, label="E_min (fit)")
+    ax.plot([], [], "k-.", label="B_crit (E = 2 E_min)")
+    _log_axes(ax)
+    ax.set_xlabel(f"batch size ({unit})")
+    ax.set_ylabel(f"{unit} to target (B x S)")
+    ax.set_title(title or "data efficiency")
+    ax.grid(True, which="both", alpha=0.25)
+    _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_compare(path: Path, runs: dict, unit: str) -> Path:
+    """Several runs overlaid: one panel per optimizer name, one colour per run."""
+    names = list(dict.fromkeys(n for fits in runs.values() for n in fits))
+    fig, axes = _grid(max(len(names), 1))
+    colors = _colors(len(runs))
+    for ax, name in zip(axes, names):
+        for (run, fits), color in zip(runs.items(), colors):
+            if name not in fits:
+                continue
+            fit = fits[name]
+            good = np.isfinite(fit.steps)
+            ax.plot(fit.batch_sizes[good], fit.steps[good], "o", color=color, markeredgecolor="k", ms=5)
+            _draw_fit(ax, fit, color, label_prefix=f"{run} ", band=True, show_lines=False)
+        _log_axes(ax)
+        ax.set_xlabel(f"batch size ({unit})")
+        ax.set_ylabel("steps to target")
+        ax.set_title(name)
+        ax.grid(True, which="both", alpha=0.25)
+        _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_scaling(path: Path, table: pd.DataFrame, fits: dict, scale_key: str, unit: str) -> Path:
+    """CBS vs scale (model or data size) across runs, log-log, with the power-law fits."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    names = list(dict.fromkeys(table["optimizer"]))
+    for name, color in zip(names, _colors(len(names))):
+        g = table[table["optimizer"] == name].sort_values("scale")
+        x, y = g["scale"].to_numpy(float), g["b_crit"].to_numpy(float)
+        lo, hi = g["b_crit_ci_low"].to_numpy(float), g["b_crit_ci_high"].to_numpy(float)
+        ok = np.isfinite(y) & np.isfinite(lo) & np.isfinite(hi)
+        # A percentile interval need not contain the point estimate; clip so the bar is drawn.
+        yerr = [np.maximum(y[ok] - lo[ok], 0.0), np.maximum(hi[ok] - y[ok], 0.0)]
+        ax.errorbar(x[ok], y[ok], yerr=yerr, fmt="o", color=color, capsize=3)
+        ax.plot(x[~ok & np.isfinite(y)], y[~ok & np.isfinite(y)], "o", color=color)
+        pl = fits.get(name)
+        if pl is not None and np.isfinite(pl.coef):
+            xx = np.geomspace(x.min(), x.max(), 50)
+            ax.plot(xx, pl.predict(xx), "-", color=color,
+                    label=f"{name}: B_crit = {pl.coef:.3g} x^{pl.exponent:.3f}")
+    _log_axes(ax, xbase=10)
+    ax.set_xlabel(scale_key)
+    ax.set_ylabel(f"B_crit ({unit})")
+    ax.set_title("critical batch size vs scale")
+    ax.grid(True, which="both", alpha=0.25)
+    _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_targets(path: Path, table: pd.DataFrame, unit: str, metric: str = "target") -> Path:
+    """B_crit vs target (left) and the Pareto front S_min vs E_min, one point per target (right)."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.4))
+    names = list(dict.fromkeys(table["optimizer"]))
+    for name, color in zip(names, _colors(len(names))):
+        g = table[table["optimizer"] == name].sort_values("target")
+        x, y = g["target"].to_numpy(float), g["b_crit"].to_numpy(float)
+        lo, hi = g["b_crit_ci_low"].to_numpy(float), g["b_crit_ci_high"].to_numpy(float)
+        ok = np.isfinite(y) & (y > 0)
+        band = ok & np.isfinite(lo) & np.isfinite(hi)
+        ax1.plot(x[ok], y[ok], "o-", color=color, label=name)
+        if band.any():
+            ax1.fill_between(x[band], lo[band], hi[band], color=color, alpha=0.15)
+        s, e = g["s_min"].to_numpy(float), g["e_min"].to_numpy(float)
+        ok2 = np.isfinite(s) & np.isfinite(e) & (s > 0) & (e > 0)
+        ax2.plot(e[ok2], s[ok2], "o-", color=color, label=name)
+        for xi, si, ei in zip(x[ok2], s[ok2], e[ok2]):
+            ax2.annotate(f"{xi:.3g}", (ei, si), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for ax in (ax1, ax2):
+        _log_axes(ax, xbase=10)
+        ax.grid(True, which="both", alpha=0.25)
+        _legend(ax)
+    ax1.set_xlabel(f"target {metric}")
+    ax1.set_ylabel(f"B_crit ({unit})")
+    ax1.set_title("critical batch size vs target (band: bootstrap CI)")
+    ax2.set_xlabel(f"E_min ({unit} to target)")
+    ax2.set_ylabel("S_min (steps to target)")
+    ax2.set_title("Pareto front, one point per target (labels)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return path

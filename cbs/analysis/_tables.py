@@ -1,0 +1,229 @@
+"""From the store's tables to steps-to-target tables (the front end of docs/cbs.md section 1).
+
+S(B) for one seed is Shallue's and Zhang's rule: the minimum over hyperparameter configs
+(LR and every ``hp_*``) of the first step at which the metric is strictly below the target.
+Diverged cells are excluded (and counted); a (batch size, seed) with no cell reaching the
+target stays censored, never becomes a number. When the NQM back end wrote
+``tuned.parquet`` (an optimum refined continuously between grid points), that optimum
+counts as one more config by default, so its steps and LR are used wherever they are faster.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+__all__ = ["AnalysisError", "read_run_table", "read_run_config", "read_run_manifest",
+           "check_run_dir", "steps_table", "per_batch_table"]
+
+
+class AnalysisError(ValueError):
+    """A problem the user can fix (a missing or invalid run folder, a bad option)."""
+
+
+def check_run_dir(run_dir) -> Path:
+    """The run folder as a Path; raises AnalysisError unless it holds a results table."""
+    path = Path(run_dir)
+    if not path.exists():
+        raise AnalysisError(f"run folder {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise AnalysisError(f"{str(path)!r} is not a folder (expected a run folder with results.parquet)")
+    if not (path / "results.parquet").exists() and not any((path / "parts" / "results").glob("*.parquet")):
+        raise AnalysisError(f"{str(path)!r} is not a run folder: it has neither results.parquet "
+                            f"nor parts/results/*.parquet")
+    return path
+
+
+def read_run_table(run_dir, name: str) -> pd.DataFrame | None:
+    """Table ``name`` of a run (merged file, or the parts of an unfinished run); None if absent.
+
+    The store's reader decides the on-disk layout, so analysis and store cannot disagree.
+    """
+    from cbs.store import read_table
+    return read_table(Path(run_dir), name)
+
+
+def read_run_config(run_dir) -> dict:
+    """The resolved config.yaml as a plain mapping ({} when absent or unreadable)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise AnalysisError(f"{str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def read_run_manifest(run_dir) -> dict:
+    """manifest.json as a mapping ({} when absent)."""
+    path = Path(run_dir) / "manifest.json"
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AnalysisError(f"{str(path)!r} is not valid JSON: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+_REQUIRED = ("optimizer", "batch_size", "lr", "seed", "reached", "diverged", "steps_to_target")
+
+
+def _hp_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c.startswith("hp_")]
+
+
+def _effective_lr(lr, momentum):
+    """lr / (1 - momentum), Shallue et al.'s effective LR (the LR itself without momentum)."""
+    if momentum is None or (isinstance(momentum, float) and math.isnan(momentum)):
+        return lr
+    return lr / (1.0 - momentum) if momentum < 1.0 else np.inf
+
+
+def steps_table(results: pd.DataFrame, tuned: pd.DataFrame | None = None, *, use_tuned: bool = True,
+                steps_column: str = "steps_to_target") -> pd.DataFrame:
+    """Per (optimizer, batch size, seed): best steps to target over hyperparameter configs.
+
+    Args:
+        results: results.parquet (one row per cell).
+        tuned: tuned.parquet, or None.
+        use_tuned: count ``tuned``'s refined optimum as one more config: its steps and LR
+            replace the grid's best where they are faster (always, unless refinement failed).
+        steps_column: "steps_to_target" (first evaluated crossing) or "steps_interpolated".
+
+    Returns:
+        One row per (optimizer, batch_size, seed) with columns: steps (NaN = censored),
+        censored, source ("results" or "tuned"), n_cells, n_diverged, n_censored_cells,
+        max_steps, best_lr (refined when tuned), grid_best_lr, best_effective_lr,
+        best_hp_<name>..., lr_grid_min, lr_grid_max, n_lr, and lr_at_edge ("low" or "high"
+        when the grid's best LR is the grid's smallest or largest; "" otherwise).
+    """
+    missing = [c for c in _REQUIRED if c not in results.columns]
+    if missing:
+        raise AnalysisError("results table lacks column(s) " + ", ".join(missing))
+    if steps_column not in results.columns:
+        raise AnalysisError(f"results table has no column {steps_column!r}")
+    hps = _hp_columns(results)
+    rows = []
+    for (opt, bs, seed), cells in results.groupby(["optimizer", "batch_size", "seed"], sort=True):
+        diverged = cells["diverged"].astype(bool).to_numpy()
+        reached = cells["reached"].astype(bool).to_numpy() & ~diverged
+        steps = cells[steps_column].to_numpy(dtype=np.float64)
+        reached &= np.isfinite(steps)
+        ok = cells[~diverged]
+        lr_grid = np.sort(cells["lr"].unique())
+        row = dict(optimizer=opt, batch_size=int(bs), seed=int(seed), n_cells=len(cells),
+                   n_diverged=int(diverged.sum()), n_censored_cells=int((~reached & ~diverged).sum()),
+                   max_steps=float(cells["max_steps"].max()) if "max_steps" in cells else np.nan,
+                   kind=str(cells["kind"].iloc[0]) if "kind" in cells else opt,
+                   lr_grid_min=float(lr_grid[0]), lr_grid_max=float(lr_grid[-1]), n_lr=len(lr_grid),
+                   source="results")
+        if reached.any():
+            sub = cells[reached].assign(_s=steps[reached])
+            order = ["_s"] + (["final_metric"] if "final_metric" in sub else [])
+            best = sub.sort_values(order, kind="stable").iloc[0]
+            row.update(steps=float(best["_s"]), censored=False)
+        else:
+            # No config reached the target: censored. The "best" config is then the one that
+            # got closest (lowest best metric), so its LR still says where the optimum sits.
+            row.update(steps=np.nan, censored=True)
+            best = None
+            if len(ok):
+                key = "best_metric" if "best_metric" in ok else "final_metric" if "final_metric" in ok else None
+                best = ok.sort_values(key, kind="stable").iloc[0] if key else ok.iloc[0]
+        if best is not None:
+            row["best_lr"] = float(best["lr"])
+            for hp in hps:
+                row["best_" + hp] = float(best[hp])
+        else:
+            row["best_lr"] = np.nan
+            for hp in hps:
+                row["best_" + hp] = np.nan
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+
+    # The edge check looks at the grid's optimum: a continuously refined LR (tuned.parquet)
+    # sits strictly inside the grid even when the grid's best point is at its edge.
+    table["grid_best_lr"] = table["best_lr"]
+    if use_tuned and tuned is not None and len(tuned) and "steps_to_target" in tuned:
+        t_hps = _hp_columns(tuned)
+        key = ["optimizer", "batch_size", "seed"]
+        tuned = tuned.drop_duplicates(key, keep="last").set_index(key)
+        for i, row in table.iterrows():
+            k = (row["optimizer"], row["batch_size"], row["seed"])
+            if k not in tuned.index:
+                continue
+            t = tuned.loc[k]
+            t_steps = float(t["steps_to_target"])
+            reached = (bool(t["reached"]) if "reached" in t else True) and np.isfinite(t_steps)
+            # The refined optimum is one more config in the min over configs: it replaces the
+            # grid's best unless the grid's best is faster (it should never be).
+            if not reached or (not row["censored"] and row["steps"] <= t_steps):
+                continue
+            table.at[i, "source"] = "tuned"
+            table.at[i, "steps"] = t_steps
+            table.at[i, "censored"] = False
+            if "lr" in t and np.isfinite(t["lr"]):
+                table.at[i, "best_lr"] = float(t["lr"])
+            for hp in t_hps:
+                table.at[i, "best_" + hp] = float(t[hp])
+
+    mom = table["best_hp_momentum"] if "best_hp_momentum" in table else pd.Series(np.nan, index=table.index)
+    table["best_effective_lr"] = [_effective_lr(lr, m) for lr, m in zip(table["best_lr"], mom)]
+    rel = 1e-9
+    def edge(r):
+        lr = r["grid_best_lr"]
+        if r["n_lr"] < 2 or not np.isfinite(lr):
+            return ""
+        if lr <= r["lr_grid_min"] * (1 + rel):
+            return "low"
+        if lr >= r["lr_grid_max"] * (1 - rel):
+            return "high"
+        return ""
+    table["lr_at_edge"] = table.apply(edge, axis=1)
+    table["censored"] = table["censored"].astype(bool)
+    return table
+
+
+def per_batch_table(steps: pd.DataFrame) -> pd.DataFrame:
+    """Per (optimizer, batch size): seeds combined (median of log S, censored = +inf).
+
+    Columns: optimizer, batch_size, steps (NaN = censored), censored, n_seeds,
+    n_censored_seeds, n_cells, n_diverged, frac_censored_cells, best_lr and
+    best_effective_lr (geometric mean over seeds), lr_at_edge (most common edge flag),
+    and per-seed steps as a list (steps_per_seed).
+    """
+    from cbs.analysis._fit import aggregate_seeds
+    rows = []
+    for (opt, bs), g in steps.groupby(["optimizer", "batch_size"], sort=True):
+        s = g["steps"].to_numpy(dtype=np.float64)
+        cens = g["censored"].to_numpy(dtype=bool)
+        log_s = np.log(np.where(cens, 1.0, s))
+        y, c = aggregate_seeds(log_s[:, None], cens[:, None], axis=0)
+        lrs = g["best_lr"].to_numpy(dtype=np.float64)
+        elrs = g["best_effective_lr"].to_numpy(dtype=np.float64)
+        def gmean(v):
+            v = v[np.isfinite(v) & (v > 0)]
+            return float(np.exp(np.log(v).mean())) if v.size else np.nan
+        edges = [e for e in g["lr_at_edge"] if e]
+        n_non_div = int(g["n_cells"].sum() - g["n_diverged"].sum())
+        rows.append(dict(
+            optimizer=opt, batch_size=int(bs), steps=float(np.exp(y[0])) if np.isfinite(y[0]) else np.nan,
+            censored=bool(c[0]), n_seeds=len(g), n_censored_seeds=int(cens.sum()),
+            n_cells=int(g["n_cells"].sum()), n_diverged=int(g["n_diverged"].sum()),
+            frac_censored_cells=(float(g["n_censored_cells"].sum()) / n_non_div) if n_non_div else 1.0,
+            best_lr=gmean(lrs), best_effective_lr=gmean(elrs),
+            lr_at_edge=max(set(edges), key=edges.count) if edges else "",
+            source=",".join(sorted(set(g["source"]))),
+            **{c: float(np.nanmedian(g[c].to_numpy(np.float64))) if g[c].notna().any() else np.nan
+               for c in g.columns if c.startswith("best_hp_")},
+            steps_per_seed=[None if not np.isfinite(v) else float(v) for v in s]))
+    return pd.DataFrame(rows)
