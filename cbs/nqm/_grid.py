@@ -1,0 +1,138 @@
+"""Vectorized evaluation of many NQM configurations: risk curves and steps to target.
+
+All functions take a :class:`Problem` and flat per-configuration arrays (LR, momentum,
+EMA decay, preconditioner power) of one common length C, plus batch sizes, and run every
+configuration x batch size in one compiled program (``lax.map`` over chunks of
+configurations, each chunk vmapped; batch sizes vectorized inside, sharing the
+configuration's B-independent power tables).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cbs.nqm import _dynamics as dyn
+from cbs.nqm._dynamics import Phases, constant_phases
+from cbs.nqm._problem import Problem
+
+__all__ = ["evaluate_grid", "steps_to_target", "expected_risk", "num_levels"]
+
+
+def num_levels(max_steps: int) -> int:
+    """K with 2^K > max_steps: the binary-powering depth."""
+    return max(1, int(max_steps).bit_length())
+
+
+def _prob(problem: Problem):
+    return tuple(jnp.asarray(x) for x in (problem.h, problem.c, problem.m0, problem.loss_weights))
+
+
+def _padded(phases: Phases | None) -> Phases:
+    """Phases padded to a power-of-two count with empty phases before the open last one, so
+    that schedules of similar length share one compiled program."""
+    phases = constant_phases() if phases is None else phases
+    P = len(phases.steps)
+    pad = (1 << (P - 1).bit_length()) - P
+    ins = lambda x, v: np.concatenate([x[:-1], np.full(pad, v, x.dtype), x[-1:]])
+    return Phases(ins(np.asarray(phases.steps, np.int64), 0), ins(np.asarray(phases.lr_mult, np.float64), 1.0),
+                  ins(np.asarray(phases.batch_mult, np.float64), 1.0))
+
+
+def _as_configs(lr, momentum, ema_decay, precond_power):
+    arrs = np.broadcast_arrays(*(np.atleast_1d(np.asarray(x, np.float64))
+                                 for x in (lr, momentum, ema_decay, precond_power)))
+    return [a.ravel() for a in arrs]
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "ema", "K", "window", "chunk"))
+def _grid(prob, cfg, batch, phases, target, max_steps, *, kind, ema, K, window, chunk):
+    def one(x):
+        lr, beta, gamma, power, b = x
+        return dyn.search_steps(prob, lr, beta, gamma, power, b, phases, target, max_steps,
+                                kind=kind, ema=ema, K=K, window=window)
+    lr, beta, gamma, power = cfg
+    return jax.lax.map(one, (lr, beta, gamma, power, batch), batch_size=chunk)
+
+
+def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,
+                  batch_sizes, target: float, max_steps: int, phases: Phases | None = None,
+                  window: int = 16, chunk: int = 64) -> dict[str, np.ndarray]:
+    """Steps to target for every configuration x batch size.
+
+    Args:
+        problem: the NQM.
+        kind: "sgd", "momentum" or "nesterov".
+        lr, momentum, ema_decay, precond_power: broadcastable arrays, flattened to C configs.
+        batch_sizes: (nB,) shared by all configurations, or (C, nB) one row per configuration.
+        target: risk to fall strictly below. max_steps: budget (censoring).
+        phases: the LR / batch schedule (default constant). window: the backward/forward
+            scan around the bisection's crossing (see ``_dynamics.search_steps``).
+
+    Returns:
+        dict of (C, nB) numpy arrays: ``steps`` (first step with risk < target; NaN when not
+        reached within max_steps), ``reached``, ``settle_step`` (one plus the last step with
+        risk >= target in the scanned window; NaN if not reached), ``best`` (smallest risk
+        among all evaluated steps), ``final`` (risk at max_steps).
+    """
+    lr, beta, gamma, power = _as_configs(lr, momentum, ema_decay, precond_power)
+    C = len(lr)
+    batch = np.asarray(batch_sizes, np.float64)
+    batch = np.broadcast_to(batch, (C, batch.shape[-1])) if batch.ndim == 1 else batch
+    phases = _padded(phases)
+    ema = bool(np.any(gamma > 0))
+    with jax.enable_x64(True):
+        out = _grid(_prob(problem), tuple(jnp.asarray(x) for x in (lr, beta, gamma, power)),
+                    jnp.asarray(batch), Phases(*(jnp.asarray(p) for p in phases)),
+                    jnp.float64(target), jnp.int64(max_steps), kind=kind, ema=ema,
+                    K=num_levels(max_steps), window=window, chunk=min(chunk, C))
+        out = jax.tree.map(np.asarray, out)
+    reached = out["steps"] >= 0
+    return dict(steps=np.where(reached, out["steps"], np.nan).astype(np.float64), reached=reached,
+                settle_step=np.where(reached, out["settle"], np.nan).astype(np.float64),
+                best=out["best"], final=out["final"])
+
+
+def steps_to_target(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,
+                    batch_size, target: float, max_steps: int, phases: Phases | None = None,
+                    window: int = 16) -> np.ndarray:
+    """First step t <= max_steps with expected risk strictly below target (NaN if none).
+
+    Exact integer; see ``cbs.nqm._dynamics.search_steps`` for how the first crossing is
+    found when the risk is not monotone. Returns shape (C, nB) like :func:`evaluate_grid`.
+    """
+    return evaluate_grid(problem, kind, lr, momentum, ema_decay, precond_power,
+                         batch_sizes=np.atleast_1d(batch_size), target=target, max_steps=max_steps,
+                         phases=phases, window=window)["steps"]
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "ema", "K"))
+def _curves(prob, cfg, batch, phases, steps, *, kind, ema, K):
+    def one(x):
+        lr, beta, gamma, power, b = x
+        return dyn.expected_risk_curve(prob, lr, beta, gamma, power, b, phases, steps,
+                                       kind=kind, ema=ema, K=K)
+    return jax.lax.map(one, (*cfg, batch), batch_size=64)
+
+
+def expected_risk(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,
+                  batch_sizes, steps, phases: Phases | None = None) -> np.ndarray:
+    """Exact expected risk E[L(theta_t)] at the given steps, shape (C, nB, Q).
+
+    L(t; B) = Det(t) + Noise(t) / B for constant phases; across phases the full second-moment
+    state is carried, so schedules and batch ramps are exact too.
+    """
+    lr, beta, gamma, power = _as_configs(lr, momentum, ema_decay, precond_power)
+    C = len(lr)
+    batch = np.asarray(np.atleast_1d(batch_sizes), np.float64)
+    batch = np.broadcast_to(batch, (C, batch.shape[-1])) if batch.ndim == 1 else batch
+    steps = np.atleast_1d(np.asarray(steps, np.int64))
+    phases = _padded(phases)
+    with jax.enable_x64(True):
+        out = _curves(_prob(problem), tuple(jnp.asarray(x) for x in (lr, beta, gamma, power)),
+                      jnp.asarray(batch), Phases(*(jnp.asarray(p) for p in phases)), jnp.asarray(steps),
+                      kind=kind, ema=bool(np.any(gamma > 0)), K=num_levels(int(steps.max())))
+        return np.asarray(out)

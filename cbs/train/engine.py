@@ -1,0 +1,260 @@
+"""The vmapped training engine: one compiled program per (model, optimizer, batch size).
+
+A *cell* is one training run. Its state is a pure pytree (params, optimizer state, EMA of
+the params, step counter, diverged flag) and its train step is a pure function of that
+state, the batch indices, and the cell's hyperparameters (LR and the optimizer's
+hyperparameters, all traced scalars). The block's cells are stacked along a leading axis
+and the step is ``vmap``-ed over it, so LR x hyperparameters x seed share one program.
+
+Determinism: a cell's initialisation depends only on ``PRNGKey(seed)`` and its data order
+only on ``seed`` (host-side epoch permutations, :class:`IndexStream`), so a cell trained
+alone follows the same trajectory as inside a block. Numerically, vmapping turns matmuls
+into batched matmuls whose summation order XLA may choose differently for different
+widths; at stable LRs the curves agree to ~1e-6, but at near-divergent LRs such rounding
+differences can be amplified and a cell may diverge in one block layout and not another.
+
+Divergence: a step whose loss or updated params are not finite (or whose loss exceeds
+``diverge_loss``) is not applied; the cell is marked diverged and frozen
+(``jnp.where`` on every leaf), so it never affects other cells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cbs.train.models import loss_and_error
+from cbs.train.optimizers import build_optimizer
+
+__all__ = ["Problem", "CellState", "IndexStream", "BlockRun", "make_block_fns", "per_example_metrics",
+           "noise_scale_estimates"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+    """Everything static about a training problem: model, task and data (on device)."""
+    model: nn.Module
+    task: str
+    x_train: jax.Array
+    y_train: jax.Array
+    x_val: jax.Array
+    y_val: jax.Array
+    eval_batch: int = 1024
+    diverge_loss: float = math.inf
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def num_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    def init_params(self, seed: int):
+        """Initial params of a seed: ``model.init(PRNGKey(seed))``, cached.
+
+        One jitted, un-vmapped init serves every seed and block: XLA's CPU compile of
+        Flax's truncated-normal initialisers takes seconds, and a vmapped copy per block
+        width would pay it again each time.
+        """
+        if "init" not in self._cache:
+            x0 = self.x_train[:1]
+            self._cache["init"] = jax.jit(lambda s: self.model.init(jax.random.PRNGKey(s), x0))
+        key = ("params", int(seed))
+        if key not in self._cache:
+            self._cache[key] = self._cache["init"](jnp.int32(seed))
+        return self._cache[key]
+
+
+class CellState(NamedTuple):
+    params: Any
+    opt_state: Any
+    ema: Any               # EMA accumulator of params (zeros at init, bias-corrected at eval)
+    step: jax.Array        # updates applied so far (stops counting when diverged)
+    diverged: jax.Array    # bool
+
+
+class IndexStream:
+    """The training-example order of one seed: concatenated epoch permutations.
+
+    Epoch ``e`` is ``default_rng([seed, e]).permutation(n)``, so the order depends only
+    on the seed and the training-set size, never on the block a cell runs in.
+    """
+
+    def __init__(self, seed: int, n: int):
+        self.seed, self.n, self.epoch, self.buf = int(seed), int(n), 0, np.zeros(0, np.int32)
+
+    def take(self, count: int) -> np.ndarray:
+        parts, have = [self.buf], self.buf.size
+        while have < count:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n).astype(np.int32)
+            self.epoch += 1
+            parts.append(perm)
+            have += perm.size
+        allidx = np.concatenate(parts)
+        self.buf = allidx[count:]
+        return allidx[:count]
+
+
+def per_example_metrics(task: str, outputs, y):
+    """Per-example loss and error (LM: averaged over positions; regression: error NaN)."""
+    if task == "regression":
+        loss = 0.5 * jnp.sum((outputs - y) ** 2, axis=-1)
+        return loss, jnp.full_like(loss, jnp.nan)
+    loss = optax.softmax_cross_entropy_with_integer_labels(outputs, y)
+    err = (jnp.argmax(outputs, axis=-1) != y).astype(jnp.float32)
+    if task == "lm":
+        loss, err = loss.mean(-1), err.mean(-1)
+    return loss, err
+
+
+def _where(pred, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def eval_params(state: CellState, ema_decay) -> Any:
+    """The weights to evaluate: bias-corrected EMA ``ema / (1 - d**t)`` (raw at t = 0).
+    With d = 0 the EMA equals the raw params, so no branch is needed."""
+    t = state.step.astype(jnp.float32)
+    corr = jnp.where(t > 0, 1.0 - ema_decay ** t, 1.0)
+    return jax.tree.map(lambda e, p: jnp.where(t > 0, e / corr, p), state.ema, state.params)
+
+
+def make_block_fns(problem: Problem, kind: str, schedule: Callable, max_steps: int):
+    """Pure per-cell functions of one (problem, optimizer kind, schedule).
+
+    Returns:
+      (init, train_interval, evaluate, grad_fn): ``init(params, hp) -> CellState``;
+      ``train_interval(state, lr, hp, idx[steps, B]) -> (state, mean_loss)`` runs the
+      steps in a ``lax.scan``; ``evaluate(state, hp) -> (val_loss, val_error)``;
+      ``grad_fn(params, idx) -> grads`` (for the noise scale). None is vmapped; the
+      caller vmaps over cells.
+    """
+    model, task = problem.model, problem.task
+
+    def tx_of(lr, hp):
+        return build_optimizer(kind, lambda count: lr * schedule(count), hp)
+
+    def init(params, hp):
+        opt_state = tx_of(jnp.float32(0.0), hp).init(params)
+        return CellState(params, opt_state, jax.tree.map(jnp.zeros_like, params), jnp.int32(0), jnp.array(False))
+
+    def batch_loss(params, idx):
+        x, y = problem.x_train[idx], problem.y_train[idx]
+        return loss_and_error(task, model.apply(params, x), y)[0]
+
+    grad_fn = jax.grad(batch_loss)
+
+    def step(state: CellState, lr, hp, idx):
+        tx = tx_of(lr, hp)
+        loss, grads = jax.value_and_grad(batch_loss)(state.params, idx)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        bad = ~jnp.isfinite(loss) | (loss > problem.diverge_loss) | ~_all_finite(params)
+        # Steps past the budget (the tail of the last scan call) are no-ops too.
+        in_budget = state.step < max_steps
+        live = ~(state.diverged | bad) & in_budget
+        d = hp["ema_decay"]
+        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema, params)
+        new = CellState(params, opt_state, ema, state.step + 1, state.diverged)
+        out = _where(live, new, state)
+        return out._replace(diverged=state.diverged | (bad & in_budget)), loss
+
+    def train_interval(state, lr, hp, idx):
+        state, losses = jax.lax.scan(lambda s, i: step(s, lr, hp, i), state, idx)
+        return state, jnp.mean(losses)
+
+    def evaluate(state, hp):
+        params = eval_params(state, hp["ema_decay"])
+        n, eb = problem.x_val.shape[0], min(problem.eval_batch, problem.x_val.shape[0])
+        pieces = -(-n // eb)
+        pad = pieces * eb - n
+        xs = jnp.concatenate([problem.x_val, jnp.zeros((pad,) + problem.x_val.shape[1:], problem.x_val.dtype)])
+        ys = jnp.concatenate([problem.y_val, jnp.zeros((pad,) + problem.y_val.shape[1:], problem.y_val.dtype)])
+        mask = (jnp.arange(pieces * eb) < n).astype(jnp.float32)
+
+        def piece(args):
+            x, y, m = args
+            loss, err = per_example_metrics(task, model.apply(params, x), y)
+            return jnp.sum(loss * m), jnp.sum(jnp.where(m > 0, err, 0.0))
+
+        if pieces == 1:     # the common small-validation-set case: no loop to compile
+            sl, se = piece((xs, ys, mask))
+            return sl / n, se / n
+        sl, se = jax.lax.map(piece, (xs.reshape(pieces, eb, *xs.shape[1:]), ys.reshape(pieces, eb, *ys.shape[1:]),
+                                     mask.reshape(pieces, eb)))
+        return jnp.sum(sl) / n, jnp.sum(se) / n
+
+    return init, train_interval, evaluate, grad_fn
+
+
+def noise_scale_estimates(grad_fn, params, idx):
+    """Unbiased two-batch-size estimates of |G|^2 and tr(Sigma) (McCandlish et al. App. A.1).
+
+    ``idx`` has shape (k, b): k micro-batches of b examples. B_small = b with |G_small|^2
+    the mean of the k micro-batch squared norms; B_big = k*b with |G_big|^2 the squared
+    norm of their mean (the data-parallel form, no extra gradients needed).
+
+    Returns:
+      (grad_sq, trace_sigma) estimates, fp32.
+    """
+    k, b = idx.shape
+    grads = jax.vmap(lambda i: grad_fn(params, i))(idx)
+    flat = jnp.concatenate([g.reshape(k, -1) for g in jax.tree.leaves(grads)], axis=1).astype(jnp.float32)
+    small_sq = jnp.mean(jnp.sum(flat**2, axis=1))
+    big_sq = jnp.sum(jnp.mean(flat, axis=0) ** 2)
+    b_small, b_big = float(b), float(k * b)
+    grad_sq = (b_big * big_sq - b_small * small_sq) / (b_big - b_small)
+    trace_sigma = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big)
+    return grad_sq, trace_sigma
+
+
+class BlockRun:
+    """Compiled, vmapped functions of one block layout (kind, schedule, budget).
+
+    ``call`` runs ``evals_per_call`` intervals of ``eval_every`` steps for every cell and
+    evaluates after each interval, all in one program; the host checks the stopping rule
+    between calls. jit caches programs by shape, so blocks of the same batch size and
+    width reuse them.
+    """
+
+    def __init__(self, problem: Problem, kind: str, schedule: Callable, max_steps: int):
+        init, train_interval, evaluate, grad_fn = make_block_fns(problem, kind, schedule, max_steps)
+        self.problem = problem
+
+        def call(state, lr, hp, seed_idx, idx_table, noise_table):
+            # idx_table: (n_seeds, evals_per_call, eval_every, B); each cell picks its seed's
+            # rows, so cells that share a seed share the data order without copies.
+            # noise_table: (n_seeds, evals_per_call, num_micro, micro_batch) or None.
+            def one(state, lr, hp, si):
+                def interval(s, xs):
+                    idx, nidx = xs
+                    s, train_loss = train_interval(s, lr, hp, idx)
+                    vl, ve = evaluate(s, hp)
+                    if nidx is None:
+                        gsq = tr = jnp.float32(jnp.nan)
+                    else:
+                        gsq, tr = noise_scale_estimates(grad_fn, s.params, nidx)
+                    return s, dict(train_loss=train_loss, val_loss=vl, val_error=ve, diverged=s.diverged,
+                                   grad_sq=gsq, trace_sigma=tr)
+                nt = None if noise_table is None else noise_table[si]
+                return jax.lax.scan(interval, state, (idx_table[si], nt))
+            return jax.vmap(one)(state, lr, hp, seed_idx)
+
+        self._init = jax.jit(jax.vmap(init))
+        self.call = jax.jit(call, donate_argnums=(0,))
+        self.evaluate = jax.jit(jax.vmap(evaluate))
+
+    def init(self, seeds, hp) -> CellState:
+        """Stacked initial states of cells with these seeds and hyperparameters."""
+        params = [self.problem.init_params(int(sd)) for sd in np.asarray(seeds)]
+        return self._init(jax.tree.map(lambda *xs: jnp.stack(xs), *params), hp)

@@ -1,0 +1,128 @@
+"""K-FAC cells via kfac-jax 0.0.8.
+
+kfac-jax's ``Optimizer.step`` is a jitted Python-level call that takes the global step as
+a Python int and cannot be placed inside ``lax.scan`` or ``vmap``. So a K-FAC block runs
+its cells one after another. The LR, momentum and damping are passed to ``step`` as
+arrays (adaptive LR/momentum/damping are off), so one compiled step serves every cell
+that shares a weight decay (kfac-jax's ``l2_reg`` is a constructor argument: one
+optimizer, hence one compile, per distinct weight decay). Data order and initialisation
+follow the same seed rules as the vmapped path, and the records go through the same
+:class:`~cbs.train.loop.Tracker`.
+
+Layers are found by kfac-jax's automatic graph matching (dense and conv layers of the
+Flax MLP and CNN); the loss is registered in the loss function.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cbs.sweep.backend import Block, BlockResult
+from cbs.train.engine import IndexStream, Problem, _all_finite, make_block_fns
+from cbs.train.loop import RunOptions, Tracker, noise_indices
+from cbs.train.models import loss_and_error
+
+__all__ = ["KfacRunner", "BURNIN"]
+
+BURNIN = 10   # curvature-only burn-in batches before the first update (kfac-jax default)
+
+
+class KfacRunner:
+    """K-FAC optimizers (one per weight decay) and jitted helpers for one problem."""
+
+    def __init__(self, problem: Problem, schedule, max_steps: int):
+        self.problem, self.schedule, self.max_steps = problem, schedule, max_steps
+        # Reuse the vmapped path's evaluation and gradient code (kind "sgd" is only a
+        # placeholder: the optimizer part of these functions is unused here).
+        _, _, evaluate, grad_fn = make_block_fns(problem, "sgd", schedule, max_steps)
+        from cbs.train.engine import CellState, noise_scale_estimates
+
+        def eval_fn(params, ema, step, ema_decay):
+            st = CellState(params, None, ema, step, jnp.array(False))
+            return evaluate(st, dict(ema_decay=ema_decay))
+
+        self._eval = jax.jit(eval_fn)
+        self._ema = jax.jit(lambda e, p, d: jax.tree.map(lambda a, b: d * a + (1 - d) * b, e, p))
+        self._finite = jax.jit(_all_finite)
+        self._noise = jax.jit(lambda p, idx: noise_scale_estimates(grad_fn, p, idx))
+        self._opts: dict[float, object] = {}
+        model, task = problem.model, problem.task
+
+        def loss(params, batch):
+            x, y = batch
+            return loss_and_error(task, model.apply(params, x), y, register_kfac=True)[0]
+
+        self._loss = loss
+
+    def optimizer(self, weight_decay: float):
+        import kfac_jax
+        if weight_decay not in self._opts:
+            self._opts[weight_decay] = kfac_jax.Optimizer(
+                value_and_grad_func=jax.value_and_grad(self._loss), l2_reg=weight_decay,
+                use_adaptive_learning_rate=False, use_adaptive_momentum=False, use_adaptive_damping=False,
+                multi_device=False, inverse_update_period=5, num_burnin_steps=BURNIN)
+        return self._opts[weight_decay]
+
+    def run_block(self, block: Block, opts: RunOptions) -> BlockResult:
+        tracker = Tracker(block, opts)
+        p = self.problem
+        B, n = block.batch_size, p.num_train
+        for i, cell in enumerate(block.cells):
+            hp = {k: jnp.float32(v) for k, v in cell.hparams.items()}
+            opt = self.optimizer(float(cell.hparams.get("weight_decay", 0.0)))
+            stream = IndexStream(cell.seed, n)
+            key = jax.random.PRNGKey(cell.seed)
+            params = p.init_params(cell.seed)
+            ema = jax.tree.map(jnp.zeros_like, params)
+            idx = stream.take(B)
+            state = opt.init(params, jax.random.fold_in(key, 1 << 30), (p.x_train[idx], p.y_train[idx]))
+            stream = IndexStream(cell.seed, n)   # the init batch only shapes the state: restart the order
+            vl, ve = self._eval(params, ema, jnp.int32(0), hp["ema_decay"])
+            tracker.record(i, 0, dict(val_loss=vl, val_error=ve, train_loss=np.nan), False, 0)
+            losses, diverged, step = [], False, 0
+            while step < opts.max_steps and not tracker.done[i]:
+                idx = stream.take(B)
+                lr = jnp.float32(cell.lr * float(self.schedule(step)))
+                # kfac-jax donates params and state; pass a copy of the params so the last
+                # finite ones survive a diverging step.
+                batch = (p.x_train[idx], p.y_train[idx])
+                if step == 0:
+                    # Burn-in: kfac-jax estimates the curvature on BURNIN extra batches before the
+                    # first update (drawn apart from the training order, which stays the same
+                    # as for every other optimizer), then takes the first training batch.
+                    burn = [noise_indices(cell.seed, j, n, 1, B, tag=0xB0B)[0] for j in range(BURNIN)]
+                    feed = dict(data_iterator=iter([(p.x_train[b], p.y_train[b]) for b in burn] + [batch]))
+                else:
+                    feed = dict(batch=batch)
+                with warnings.catch_warnings():
+                    # kfac-jax donates the batch too; XLA cannot reuse it and says so at compile.
+                    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+                    new_params, new_state, stats = opt.step(
+                        jax.tree.map(jnp.copy, params), state, jax.random.fold_in(key, step), **feed,
+                        learning_rate=lr, momentum=hp["momentum"], damping=hp["damping"], global_step_int=step)
+                loss = float(stats["loss"])
+                if not np.isfinite(loss) or loss > p.diverge_loss or not bool(self._finite(new_params)):
+                    diverged = True      # keep the last finite params, stop this cell
+                else:
+                    params, state = new_params, new_state
+                    ema = self._ema(ema, params, hp["ema_decay"])
+                    losses.append(loss)
+                    step += 1
+                if diverged or step % opts.eval_every == 0 or step == opts.max_steps:
+                    # A divergence is reported at the next evaluation step, as in the vmapped path.
+                    at = min((step // opts.eval_every + 1) * opts.eval_every, opts.max_steps) if diverged else step
+                    vl, ve = self._eval(params, ema, jnp.int32(step), hp["ema_decay"])
+                    tl = float(np.mean(losses)) if losses else np.nan
+                    tracker.record(i, at, dict(val_loss=vl, val_error=ve, train_loss=tl), diverged, step)
+                    if opts.noise_scale and not diverged:
+                        nidx = noise_indices(cell.seed, at, n, opts.noise_num_micro, opts.noise_micro_batch or B)
+                        g, t = self._noise(params, jnp.asarray(nidx))
+                        tracker.record_noise(i, at, float(g), float(t))
+                    losses = []
+                if diverged:
+                    break
+        return tracker.result()

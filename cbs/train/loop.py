@@ -1,0 +1,195 @@
+"""Host-side driver of a block: stopping rule, steps-to-target, curves, noise-scale table.
+
+Shared by the vmapped path (:func:`run_vmapped_block`) and the K-FAC path
+(:mod:`cbs.train.kfac`), which both produce evaluations and hand them to
+:class:`Tracker`, so every cell gets the same records whatever its optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from cbs.sweep.backend import Block, BlockResult, CellResult
+from cbs.train.engine import BlockRun, IndexStream, Problem
+
+__all__ = ["RunOptions", "Tracker", "run_vmapped_block"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Per-sweep options of the training loop (from the config's budget/target/section)."""
+    max_steps: int
+    eval_every: int
+    metric: str = "val_loss"          # "val_loss" or "val_error"
+    target: float = 0.0
+    interpolate: bool = False
+    steps_per_call: int = 100         # steps between host-side stop checks (vmapped path)
+    noise_scale: bool = False
+    noise_micro_batch: int | None = None  # default: the block's batch size
+    noise_num_micro: int = 4
+    noise_ema: float = 0.0            # EMA of the two estimates across evaluations (0 = none)
+    diverge_factor: float = 10.0      # val_loss above this times its step-0 value = diverged
+
+    @property
+    def evals_per_call(self) -> int:
+        per = max(1, round(self.steps_per_call / self.eval_every))
+        return int(min(per, math.ceil(self.max_steps / self.eval_every)))
+
+
+class Tracker:
+    """Steps-to-target bookkeeping of a block's cells, evaluation by evaluation.
+
+    Shallue's rule: ``steps_to_target`` is the first evaluated step with the metric
+    strictly below the target. With ``interpolate``, ``steps_interpolated`` is the step at
+    which the straight line between that evaluation and the previous one crosses it.
+    A cell is done when it reached the target or diverged; diverging after reaching the
+    target leaves the record reached (``diverged_after_target`` = 1). Diverged means a
+    non-finite step (frozen in the device program) or an evaluated val_loss that is not
+    finite or above ``diverge_factor`` times the cell's step-0 val_loss.
+    """
+
+    def __init__(self, block: Block, opts: RunOptions):
+        n = len(block.cells)
+        self.block, self.opts = block, opts
+        self.reached = np.zeros(n, bool)
+        self.diverged = np.zeros(n, bool)         # diverged before reaching the target
+        self.div_after = np.zeros(n, bool)
+        self.s_target = np.full(n, np.nan)
+        self.s_interp = np.full(n, np.nan)
+        self.final = np.full(n, np.nan)
+        self.best = np.full(n, np.inf)
+        self.steps_run = np.zeros(n, np.int64)
+        self.prev = np.full((n, 2), np.nan)       # (step, metric) of the previous evaluation
+        self.init_loss = np.full(n, np.inf)
+        self.rows: list[dict] = []
+        self.noise_rows: list[dict] = []
+        self.ema_g = np.zeros(n)
+        self.ema_t = np.zeros(n)
+        self.n_noise = 0
+
+    @property
+    def done(self) -> np.ndarray:
+        return self.reached | self.diverged
+
+    def record(self, i: int, step: int, metrics: dict, diverged: bool, applied: int) -> None:
+        """One evaluation of cell ``i`` after ``step`` block steps (``applied`` updates)."""
+        m = float(metrics[self.opts.metric])
+        vl = float(metrics["val_loss"])
+        if step == 0:
+            self.init_loss[i] = vl
+        # A loss that is not finite or has blown up far above its starting value is a
+        # divergence even while the weights are still finite (e.g. dead ReLUs at huge LRs).
+        diverged = diverged or not np.isfinite(vl) or vl > self.opts.diverge_factor * self.init_loss[i]
+        self.rows.append(dict(cell_id=self.block.cells[i].cell_id, step=step, metric=m,
+                              **{k: float(v) for k, v in metrics.items()}, diverged=bool(diverged)))
+        if not self.diverged[i]:
+            self.steps_run[i] = applied       # frozen at the divergence step afterwards
+        if diverged and not self.done[i]:
+            self.diverged[i] = True
+        elif diverged and self.reached[i]:
+            self.div_after[i] = True
+        if not self.done[i] and m < self.opts.target:
+            self.reached[i] = True
+            self.s_target[i] = step
+            s0, m0 = self.prev[i]
+            if np.isfinite(m0) and m0 > m:
+                self.s_interp[i] = s0 + (m0 - self.opts.target) / (m0 - m) * (step - s0)
+            else:
+                self.s_interp[i] = step
+        self.final[i] = m
+        if np.isfinite(m):
+            self.best[i] = min(self.best[i], m)
+        self.prev[i] = (step, m)
+
+    def record_noise(self, i: int, step: int, grad_sq: float, trace_sigma: float) -> None:
+        """Noise-scale estimates of cell ``i``; B_simple = EMA(trΣ) / EMA(|G|²)."""
+        beta = self.opts.noise_ema
+        self.ema_g[i] = beta * self.ema_g[i] + (1 - beta) * grad_sq
+        self.ema_t[i] = beta * self.ema_t[i] + (1 - beta) * trace_sigma
+        b = self.ema_t[i] / self.ema_g[i] if self.ema_g[i] != 0 else np.nan
+        self.noise_rows.append(dict(cell_id=self.block.cells[i].cell_id, step=step, b_simple=float(b),
+                                    trace_sigma=float(trace_sigma), grad_sq=float(grad_sq)))
+
+    def result(self) -> BlockResult:
+        cells = []
+        for i, c in enumerate(self.block.cells):
+            extra = dict(diverged_after_target=float(self.div_after[i]))
+            if self.opts.interpolate:
+                extra["steps_interpolated"] = float(self.s_interp[i])
+            best = self.best[i] if np.isfinite(self.best[i]) else np.nan
+            cells.append(CellResult(c.cell_id, bool(self.reached[i]), bool(self.diverged[i]),
+                                    float(self.s_target[i]), float(self.final[i]), float(best),
+                                    int(self.steps_run[i]), extra))
+        tables = {}
+        if self.opts.noise_scale:
+            tables["noise_scale"] = pd.DataFrame(self.noise_rows, columns=["cell_id", "step", "b_simple",
+                                                                           "trace_sigma", "grad_sq"])
+        return BlockResult(cells, pd.DataFrame(self.rows), tables)
+
+
+def noise_indices(seed: int, step: int, n: int, num_micro: int, micro: int, tag: int = 0x6E5) -> np.ndarray:
+    """Micro-batches for the noise-scale estimate at ``step``: a fresh draw without
+    replacement that depends only on (seed, step, tag), not on the training order."""
+    rng = np.random.default_rng([seed, step, tag])
+    return rng.permutation(n)[: num_micro * micro].reshape(num_micro, micro).astype(np.int32)
+
+
+def run_vmapped_block(problem: Problem, block: Block, opts: RunOptions, run: BlockRun,
+                      hparam_names: list[str]) -> BlockResult:
+    """Trains every cell of ``block`` in one vmapped program until the stopping rule.
+
+    Args:
+      problem: model and data.
+      block: the cells (one batch size and optimizer kind).
+      opts: loop options.
+      run: the compiled functions for this (problem, kind, schedule).
+      hparam_names: the kind's hyperparameter names (each becomes a traced (cells,) array).
+    """
+    tracker = Tracker(block, opts)
+    B, n = block.batch_size, problem.num_train
+    seeds = [int(c.seed) for c in block.cells]
+    useeds = sorted(set(seeds))
+    seed_idx = jnp.array([useeds.index(s) for s in seeds], jnp.int32)
+    streams = {s: IndexStream(s, n) for s in useeds}
+    lr = jnp.asarray(block.lrs, jnp.float32)
+    hp = {k: jnp.asarray(block.hparam(k), jnp.float32) for k in hparam_names}
+    k, every = opts.evals_per_call, opts.eval_every
+    micro = opts.noise_micro_batch or B
+
+    state = run.init(jnp.array(seeds, jnp.int32), hp)
+    vl, ve = (np.asarray(a) for a in run.evaluate(state, hp))
+    for i in range(len(seeds)):
+        tracker.record(i, 0, dict(val_loss=vl[i], val_error=ve[i], train_loss=np.nan), False, 0)
+
+    step = 0
+    while step < opts.max_steps and not tracker.done.all():
+        table = np.stack([streams[s].take(k * every * B).reshape(k, every, B) for s in useeds])
+        ntable = None
+        if opts.noise_scale:
+            ntable = jnp.asarray(np.stack([np.stack([noise_indices(s, step + (j + 1) * every, n,
+                                                                   opts.noise_num_micro, micro)
+                                                     for j in range(k)]) for s in useeds]))
+        state, out = run.call(state, lr, hp, seed_idx, jnp.asarray(table), ntable)
+        out = {key: np.asarray(v) for key, v in out.items()}
+        applied = np.asarray(state.step)
+        for j in range(k):
+            start = step + j * every
+            if start >= opts.max_steps:
+                break
+            at = min(start + every, opts.max_steps)
+            for i in range(len(seeds)):
+                metrics = dict(val_loss=out["val_loss"][i, j], val_error=out["val_error"][i, j],
+                               train_loss=out["train_loss"][i, j])
+                # Updates applied up to this evaluation: the cell's counter is only known at
+                # the end of the call, so use it for the last evaluation and `at` before.
+                tracker.record(i, at, metrics, bool(out["diverged"][i, j]),
+                               int(min(at, applied[i])))
+                if opts.noise_scale and not out["diverged"][i, j]:
+                    tracker.record_noise(i, at, float(out["grad_sq"][i, j]), float(out["trace_sigma"][i, j]))
+        step += k * every
+    return tracker.result()

@@ -1,0 +1,120 @@
+"""NQMBackend through the sweep config and grid expansion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cbs import nqm
+from cbs.nqm.backend import NQMBackend
+from cbs.sweep.config import load_config
+from cbs.sweep.grid import expand_blocks
+from cbs.sweep.schema import ConfigError
+
+
+def _cfg(**over):
+    cfg = {
+        "name": "nqm-test", "backend": "nqm",
+        "grid": {"batch_sizes": [4, 64, 1024], "learning_rates": {"log10_min": -3, "log10_max": 0.3, "num": 12},
+                 "seeds": [0, 1],
+                 "optimizers": [{"kind": "sgd", "name": "sgd"},
+                                {"kind": "momentum", "name": "mom", "hparams": {"momentum": [0.0, 0.9]}}]},
+        "target": {"metric": "risk", "value": 0.05}, "budget": {"max_steps": 100_000},
+        "nqm": {"dim": 50},
+    }
+    for k, v in over.items():
+        cfg[k] = v
+    return cfg
+
+
+def _run(cfg):
+    config = load_config(cfg)
+    backend = NQMBackend(config)
+    blocks = expand_blocks(config, NQMBackend)
+    return config, backend, blocks, backend.run_blocks(blocks)
+
+
+def test_records_tuned_table_and_curves():
+    config, backend, blocks, results = _run(_cfg())
+    assert len(results) == len(blocks) == 6
+    problem = backend.problem
+    for block, res in zip(blocks, results):
+        assert [c.cell_id for c in res.cells] == [c.cell_id for c in block.cells]
+        # deterministic: both seeds of a configuration agree
+        by_key = {}
+        for cell, rec in zip(block.cells, res.cells):
+            assert rec.reached == np.isfinite(rec.steps_to_target)
+            by_key.setdefault((cell.lr, tuple(cell.hparams.values())), set()).add(rec.steps_to_target)
+        assert all(len(v) == 1 or all(np.isnan(list(v))) for v in by_key.values())
+        # every record equals the direct library call
+        cell, rec = block.cells[5], res.cells[5]
+        want = nqm.steps_to_target(problem, block.kind, cell.lr, cell.hparams.get("momentum", 0.0),
+                                   batch_size=block.batch_size, target=0.05, max_steps=100_000)[0, 0]
+        assert np.array_equal(want, rec.steps_to_target, equal_nan=True)
+        tuned = res.tables["tuned"]
+        assert len(tuned) == 1
+        row = tuned.iloc[0]
+        for col in ("optimizer", "kind", "batch_size", "seed", "steps_to_target", "reached", "lr",
+                    "grid_steps_to_target", "grid_lr", "hp_precond_power", "hp_ema_decay"):
+            assert col in tuned.columns
+        assert row.steps_to_target <= row.grid_steps_to_target
+        grid_best = np.nanmin([r.steps_to_target for r in res.cells])
+        assert row.grid_steps_to_target == grid_best
+        assert set(res.curves.columns) >= {"cell_id", "step", "metric"}
+        assert set(res.curves.cell_id) == {c.cell_id for c in block.cells}
+    ref = backend.reference_curves(np.array([4, 64]))
+    np.testing.assert_allclose(ref["lower_bound"], 50 / (2 * 0.05 * np.array([4, 64])))
+
+
+def test_refined_optimum_is_a_real_improvement():
+    _, backend, blocks, results = _run(_cfg())
+    row = results[0].tables["tuned"].iloc[0]  # sgd, B = 4
+    again = nqm.steps_to_target(backend.problem, "sgd", row.lr, batch_size=4, target=0.05, max_steps=100_000)
+    assert again[0, 0] == row.steps_to_target
+
+
+@pytest.mark.parametrize("schedule", [{"kind": "step", "boundaries": [100], "decay_factor": 0.5, "seesaw": True},
+                                      {"kind": "cosine", "warmup_steps": 10, "horizon": 500},
+                                      {"kind": "piecewise", "pieces": [[50, 1.0], [1, 0.3]], "batch_growth": [1, 4]}])
+def test_schedules_run(schedule):
+    cfg = _cfg()
+    cfg["grid"]["optimizers"] = [{"kind": "nesterov", "hparams": {"momentum": 0.5}, "schedule": schedule}]
+    _, _, blocks, results = _run(cfg)
+    assert any(r.reached for res in results for r in res.cells)
+
+
+def test_optimized_pwc_uses_cell_lr_as_cap():
+    cfg = _cfg()
+    cfg["grid"]["optimizers"] = [{"kind": "sgd", "learning_rates": [1.0, 1.9],
+                                  "schedule": {"kind": "optimized_pwc", "num_pieces": 4}}]
+    cfg["grid"]["batch_sizes"] = [4, 1024]
+    cfg["nqm"]["pwc_opt_steps"] = 60
+    _, _, blocks, results = _run(cfg)
+    for res in results:
+        row = res.tables["tuned"].iloc[0]
+        assert row.reached and len(row.pwc_lrs) == 4
+        assert max(row.pwc_lrs) <= row.lr * (1 + 1e-12)
+        assert row.steps_to_target % 4 == 0
+
+
+@pytest.mark.parametrize("path,value", [("target", {"metric": "risk", "value": 0.0}),
+                                        ("target", {"metric": "risk", "value": -1.0}),
+                                        ("nqm", {"spectrum": "custom"}),
+                                        ("nqm", {"noise": "custom", "noise_values": [1.0]})])
+def test_config_errors(path, value):
+    with pytest.raises(ConfigError):
+        load_config(_cfg(**{path: value}))
+
+
+def test_unsupported_schedule_combination_is_rejected():
+    cfg = _cfg()
+    cfg["grid"]["optimizers"] = [{"kind": "sgd", "schedule": {"kind": "optimized_pwc", "seesaw": True}}]
+    with pytest.raises(ConfigError, match="optimized_pwc"):
+        load_config(cfg)
+
+
+def test_momentum_out_of_range_is_rejected():
+    cfg = _cfg()
+    cfg["grid"]["optimizers"] = [{"kind": "momentum", "hparams": {"momentum": 1.0}}]
+    with pytest.raises(ConfigError):
+        load_config(cfg)

@@ -1,0 +1,125 @@
+"""Tests of the training back end on tiny problems (digits, small MLP; seconds each)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from cbs.sweep.schema import ConfigError
+from cbs.train.backend import TrainBackend
+from cbs.train.optimizers import OPTIMIZERS, soap_available
+from cbs.train.testing import make_block, make_config
+
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+
+TINY = dict(dataset="digits", model="mlp", width=16, depth=1)
+
+# An LR at which each kind makes clear progress on TINY in 40 steps.
+GOOD_LR = dict(sgd=0.3, momentum=0.1, nesterov=0.1, adam=1e-2, adamw=1e-2, adafactor=3e-2, lion=1e-2,
+               signum=1e-2, muon=2e-2, soap=1e-2, kfac=0.1)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    cfg = make_config(TINY, metric="val_loss", value=1e-3, max_steps=40, eval_every=10)
+    return TrainBackend(cfg)
+
+
+def curve(result, cell_id):
+    c = result.curves
+    return c[c.cell_id == cell_id].sort_values("step")
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_every_optimizer_lowers_the_loss(backend, kind):
+    if kind == "soap" and not soap_available():
+        pytest.skip("cbs.train.soap not importable")
+    block = make_block(kind, 32, [GOOD_LR[kind]], seeds=(0,))
+    res = backend.run_blocks([block])[0]
+    cur = curve(res, block.cells[0].cell_id)
+    assert not res.cells[0].diverged
+    assert cur.val_loss.iloc[-1] < 0.8 * cur.val_loss.iloc[0], (kind, cur.val_loss.tolist())
+
+
+def test_vmapped_equals_alone(backend):
+    block = make_block("momentum", 16, [0.03, 0.1], hparams=dict(momentum=[0.5, 0.9]), seeds=(0, 1))
+    res = backend.run_blocks([block])[0]
+    for i in (0, 5, 7):
+        cell = block.cells[i]
+        alone = backend.run_blocks([block.__class__("alone", block.optimizer, block.kind, 16, (cell,), None)])[0]
+        a, v = curve(alone, cell.cell_id), curve(res, cell.cell_id)
+        np.testing.assert_allclose(a.val_loss.to_numpy(), v.val_loss.to_numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(a.train_loss.to_numpy()[1:], v.train_loss.to_numpy()[1:], rtol=1e-6, atol=1e-6)
+
+
+def test_divergence_is_isolated(backend):
+    stable = make_block("sgd", 32, [0.1, 0.3], seeds=(0,))
+    with_bad = make_block("sgd", 32, [0.1, 1e4, 0.3], seeds=(0,))
+    r1 = backend.run_blocks([stable])[0]
+    r2 = backend.run_blocks([with_bad])[0]
+    bad = r2.cells[1]
+    assert bad.diverged and not bad.reached and np.isnan(bad.steps_to_target)
+    assert bad.steps_run < 40
+    for c in stable.cells:
+        a, b = curve(r1, c.cell_id), curve(r2, c.cell_id)
+        np.testing.assert_allclose(a.val_loss.to_numpy(), b.val_loss.to_numpy(), rtol=1e-6, atol=1e-6)
+    assert not any(c.diverged for c in r1.cells)
+
+
+def test_stops_at_target_and_shallue_rule():
+    cfg = make_config(TINY, metric="val_error", value=0.5, max_steps=400, eval_every=5, interpolate=True)
+    be = TrainBackend(cfg)
+    block = make_block("adam", 32, [1e-2, 3e-2], seeds=(0,))
+    res = be.run_blocks([block])[0]
+    assert all(c.reached for c in res.cells)
+    steps = res.curves.step.max()
+    assert steps < 400           # stopped early (at the first call boundary after all reached)
+    for c in res.cells:
+        cur = curve(res, c.cell_id)
+        first = cur[cur.metric < 0.5].step.min()
+        assert c.steps_to_target == first
+        prev = cur[cur.step < first].iloc[-1]
+        assert prev.step < c.extra["steps_interpolated"] <= first
+        assert c.steps_to_target % 5 == 0
+
+
+def test_deterministic(backend):
+    block = make_block("adam", 32, [3e-3], seeds=(3,))
+    a = backend.run_blocks([block])[0]
+    b = TrainBackend(backend.config).run_blocks([block])[0]
+    np.testing.assert_array_equal(a.curves.val_loss.to_numpy(), b.curves.val_loss.to_numpy())
+
+
+def test_ema_and_schedule_run(backend):
+    from cbs.sweep.config import Schedule
+    block = make_block("momentum", 32, [0.1], hparams=dict(ema_decay=[0.0, 0.9]),
+                       schedule=Schedule(kind="cosine", warmup_steps=5))
+    res = backend.run_blocks([block])[0]
+    c0, c1 = (curve(res, c.cell_id).val_loss.to_numpy() for c in block.cells)
+    assert np.all(np.isfinite(c1)) and c1[-1] < c1[0]
+    assert c0[0] == c1[0] and not np.allclose(c0[1:], c1[1:])
+
+
+def test_noise_scale_table():
+    cfg = make_config(dict(TINY, noise_scale=dict(enabled=True, micro_batch=16, num_micro=4)),
+                      value=1e-3, max_steps=20, eval_every=10)
+    res = TrainBackend(cfg).run_blocks([make_block("sgd", 32, [0.1])])[0]
+    t = res.tables["noise_scale"]
+    assert list(t.columns) == ["cell_id", "step", "b_simple", "trace_sigma", "grad_sq"]
+    assert len(t) == 2 and np.all(t.trace_sigma > 0) and np.all(np.isfinite(t.b_simple))
+
+
+@pytest.mark.parametrize("train,target,msg", [
+    (dict(TINY), dict(metric="val_error", value=0.0), "target.value"),
+    (dict(TINY), dict(metric="val_loss", value=-1.0), "target.value"),
+    (dict(dataset="linreg", label_noise=0.5), dict(metric="val_loss", value=0.1), "target.value"),
+    (dict(dataset="linreg"), dict(metric="val_error", value=0.1), "target.metric"),
+    (dict(TINY, max_train=16), dict(metric="val_loss", value=0.1), "grid.batch_sizes"),
+    (dict(dataset="digits", model="transformer"), dict(metric="val_loss", value=0.1), "train.model"),
+])
+def test_check_rejects_unreachable(train, target, msg):
+    with pytest.raises(ConfigError) as e:
+        make_config(train, metric=target["metric"], value=target["value"], batch_sizes=[32])
+    assert e.value.path.startswith(msg)
