@@ -123,3 +123,14 @@ def test_check_rejects_unreachable(train, target, msg):
     with pytest.raises(ConfigError) as e:
         make_config(train, metric=target["metric"], value=target["value"], batch_sizes=[32])
     assert e.value.path.startswith(msg)
+
+
+def test_kfac_cells_run_in_turn_with_the_same_records(backend):
+    block = make_block("kfac", 32, [0.1, 1e4], seeds=(0,))
+    res = backend.run_blocks([block])[0]
+    good, bad = res.cells
+    assert not good.diverged and good.steps_run == 40
+    assert bad.diverged and not bad.reached and bad.steps_run < 40
+    assert set(res.curves.columns) >= {"cell_id", "step", "metric", "val_loss", "val_error", "train_loss"}
+    steps = curve(res, good.cell_id).step.tolist()
+    assert steps == [0, 10, 20, 30, 40]

@@ -287,7 +287,7 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
             cand = _apply_t(Mt, Rt, cur, inv_b)
             rc = _risk_t(cand, read, w)
             inside = off + p2 <= ell
-            best = jnp.minimum(best, jnp.where(inside, rc, jnp.inf))
+            best = jnp.fmin(best, jnp.where(inside, rc, jnp.inf))
             ok = inside & ~(rc < target)
             cur = tuple(jnp.where(ok[:, None], a, b) for a, b in zip(cand, cur))
             return (cur, off + ok * p2, best), None
@@ -305,7 +305,7 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
             below = valid & (rc < target)
             first = jnp.where((first < 0) & below, t, first)
             last_above = jnp.where(valid & ~(rc < target), t, last_above)
-            best = jnp.minimum(best, jnp.where(valid, rc, jnp.inf))
+            best = jnp.fmin(best, jnp.where(valid, rc, jnp.inf))
             return (_apply_t(M1, R1, cur, inv_b), first, last_above, best), None
 
         neg = -jnp.ones(nB, jnp.int64)
@@ -321,7 +321,7 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
     out, _ = jax.lax.scan(phase, init, xs)
     det, noise = risk(out["two"])
     final = det + noise / batch
-    return dict(steps=out["hit"], settle=out["settle"], best=jnp.minimum(out["best"], final), final=final)
+    return dict(steps=out["hit"], settle=out["settle"], best=jnp.fmin(out["best"], final), final=final)
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "ema", "K"))

@@ -10,6 +10,8 @@ configuration's B-independent power tables).
 from __future__ import annotations
 
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +62,7 @@ def _grid(prob, cfg, batch, phases, target, max_steps, *, kind, ema, K, window, 
 
 def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,
                   batch_sizes, target: float, max_steps: int, phases: Phases | None = None,
-                  window: int = 16, chunk: int = 64) -> dict[str, np.ndarray]:
+                  window: int = 16, chunk: int = 64, threads: int | None = None) -> dict[str, np.ndarray]:
     """Steps to target for every configuration x batch size.
 
     Args:
@@ -71,6 +73,7 @@ def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, 
         target: risk to fall strictly below. max_steps: budget (censoring).
         phases: the LR / batch schedule (default constant). window: the backward/forward
             scan around the bisection's crossing (see ``_dynamics.search_steps``).
+        chunk: configurations vmapped together. threads: parallel parts (default: CPU count).
 
     Returns:
         dict of (C, nB) numpy arrays: ``steps`` (first step with risk < target; NaN when not
@@ -84,12 +87,27 @@ def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, 
     batch = np.broadcast_to(batch, (C, batch.shape[-1])) if batch.ndim == 1 else batch
     phases = _padded(phases)
     ema = bool(np.any(gamma > 0))
-    with jax.enable_x64(True):
-        out = _grid(_prob(problem), tuple(jnp.asarray(x) for x in (lr, beta, gamma, power)),
-                    jnp.asarray(batch), Phases(*(jnp.asarray(p) for p in phases)),
-                    jnp.float64(target), jnp.int64(max_steps), kind=kind, ema=ema,
-                    K=num_levels(max_steps), window=window, chunk=min(chunk, C))
-        out = jax.tree.map(np.asarray, out)
+    cols = [lr, beta, gamma, power, batch]
+    # XLA's CPU loops here run on one core: split the configurations into equal parts (the
+    # last padded by repetition, so all parts share one compiled program) run in threads.
+    parts = max(1, min(threads or os.cpu_count() or 1, C // chunk))
+    size = -(-C // parts)
+    idx = np.minimum(np.arange(parts * size), C - 1).reshape(parts, size)
+
+    def run(rows):
+        with jax.enable_x64(True):
+            out = _grid(_prob(problem), tuple(jnp.asarray(x[rows]) for x in cols[:4]),
+                        jnp.asarray(batch[rows]), Phases(*(jnp.asarray(p) for p in phases)),
+                        jnp.float64(target), jnp.int64(max_steps), kind=kind, ema=ema,
+                        K=num_levels(max_steps), window=window, chunk=min(chunk, size))
+            return jax.tree.map(np.asarray, out)
+
+    if parts == 1:
+        outs = [run(idx[0])]
+    else:
+        with ThreadPoolExecutor(parts) as pool:
+            outs = list(pool.map(run, idx))
+    out = {k: np.concatenate([o[k] for o in outs])[:C] for k in outs[0]}
     reached = out["steps"] >= 0
     return dict(steps=np.where(reached, out["steps"], np.nan).astype(np.float64), reached=reached,
                 settle_step=np.where(reached, out["settle"], np.nan).astype(np.float64),

@@ -90,7 +90,7 @@ def pwc_lr_cap(problem: Problem, precond_power: float) -> float:
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "ema", "K", "num_pieces", "opt_steps"))
-def _pwc_final(prob, cap, beta, gamma, power, batch, piece_steps, *, kind, ema, K, num_pieces, opt_steps):
+def _pwc_final(prob, cap, beta, gamma, power, batch, piece_steps, z_init, *, kind, ema, K, num_pieces, opt_steps):
     """Optimized final risk and log LR multipliers for each (batch, piece_steps) row."""
     opt = optax.adam(0.1)
 
@@ -99,8 +99,7 @@ def _pwc_final(prob, cap, beta, gamma, power, batch, piece_steps, *, kind, ema, 
         return jnp.log(dyn.final_risk(prob, cap, beta, gamma, power, b, jnp.exp(z), k,
                                       kind=kind, ema=ema, K=K))
 
-    def solve(b, k):
-        z0 = jnp.full((num_pieces,), -1.0)
+    def solve(b, k, z0):
 
         def step(carry, _):
             z, state, best_l, best_z = carry
@@ -115,19 +114,20 @@ def _pwc_final(prob, cap, beta, gamma, power, batch, piece_steps, *, kind, ema, 
         last = loss(z, b, k)
         return jnp.where(last < best_l, last, best_l), jnp.where(last < best_l, z, best_z)
 
-    return jax.vmap(solve)(batch, piece_steps)
+    return jax.vmap(solve)(batch, piece_steps, z_init)
 
 
 def optimize_pwc(problem: Problem, kind: str, batch_sizes, *, target: float, max_steps: int,
                  num_pieces: int = 10, lr_cap=None, momentum: float = 0.0, ema_decay: float = 0.0,
-                 precond_power: float = 0.0, opt_steps: int = 300,
+                 precond_power: float = 0.0, opt_steps: int = 150,
                  rel_tol: float = 1e-3) -> dict[str, np.ndarray]:
     """Optimal piecewise-constant LR schedules (paper Fig. 3b), batched over batch sizes.
 
     For a piece length k, the num_pieces log-LRs (each <= log lr_cap) minimize the exact
     final log-risk after num_pieces * k steps, by projected Adam with jax.grad through the
     closed-form phases (the reference uses L-BFGS-B from log LR = -5; we start every piece at
-    cap / e). Then integer bisection on k finds the smallest k whose optimized final risk is
+    cap / e for the longest horizon, then warm-start each bisection step from the schedule of
+    the shortest horizon found to reach the target so far). Then integer bisection on k finds the smallest k whose optimized final risk is
     below the target, assuming (like the reference) that the optimized risk falls with k.
 
     Args:
@@ -147,19 +147,19 @@ def optimize_pwc(problem: Problem, kind: str, batch_sizes, *, target: float, max
     K = num_levels(kmax)
     ema = ema_decay > 0
 
-    def run(k):
+    def run(k, z_init):
         with jax.enable_x64(True):
             prob = _prob(problem)
-            fn = jax.vmap(lambda c, b, kk: _pwc_final(
-                prob, c, momentum, ema_decay, precond_power, b[None], kk[None], kind=kind, ema=ema,
+            fn = jax.vmap(lambda c, b, kk, z: _pwc_final(
+                prob, c, momentum, ema_decay, precond_power, b[None], kk[None], z[None], kind=kind, ema=ema,
                 K=K, num_pieces=num_pieces, opt_steps=opt_steps))
-            l, z = fn(jnp.asarray(cap), jnp.asarray(batch), jnp.asarray(k, jnp.int64))
+            l, z = fn(jnp.asarray(cap), jnp.asarray(batch), jnp.asarray(k, jnp.int64), jnp.asarray(z_init))
             return np.asarray(l)[:, 0], np.asarray(z)[:, 0]
 
     log_t = math.log(target)
     lo = np.zeros(nB, np.int64)            # invariant: k = lo does not reach (k = 0: initial risk)
     hi = np.full(nB, kmax, np.int64)       # candidate that reaches
-    l_hi, z_hi = run(hi)
+    l_hi, z_hi = run(hi, np.full((nB, num_pieces), -1.0))
     reached = l_hi < log_t
     best_z = z_hi
     while True:
@@ -167,7 +167,8 @@ def optimize_pwc(problem: Problem, kind: str, batch_sizes, *, target: float, max
         if not open_.any():
             break
         mid = np.where(open_, (lo + hi) // 2, hi)
-        l_mid, z_mid = run(mid)
+        # warm start from the schedule of the nearest horizon known to reach the target
+        l_mid, z_mid = run(mid, best_z)
         ok = l_mid < log_t
         hi = np.where(open_ & ok, mid, hi)
         lo = np.where(open_ & ~ok, mid, lo)

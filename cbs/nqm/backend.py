@@ -49,7 +49,7 @@ class NQMSection:
     refine_iters: int = spec(25, doc="golden-section iterations (each shrinks the bracket by 0.618)", ge=1)
     scan_window: int = spec(16, doc="steps scanned either side of the bisection's crossing", ge=1)
     max_phases: int = spec(256, doc="phases used for a per-step-varying schedule stretch", ge=1)
-    pwc_opt_steps: int = spec(300, doc="Adam steps per optimized piecewise-constant schedule", ge=1)
+    pwc_opt_steps: int = spec(150, doc="Adam steps per optimized piecewise-constant schedule", ge=1)
     curves: Literal["auto", "all", "best", "none"] = spec(
         "auto", doc="risk curves for all cells, the best cell per hyperparameter, or none (auto: all up to 4096 cells)")
     curve_points: int = spec(24, doc="log-spaced steps per curve", ge=2)

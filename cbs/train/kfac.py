@@ -31,6 +31,9 @@ __all__ = ["KfacRunner", "BURNIN"]
 BURNIN = 10   # curvature-only burn-in batches before the first update (kfac-jax default)
 
 
+_step_keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
+
+
 class KfacRunner:
     """K-FAC optimizers (one per weight decay) and jitted helpers for one problem."""
 
@@ -71,15 +74,19 @@ class KfacRunner:
         tracker = Tracker(block, opts)
         p = self.problem
         B, n = block.batch_size, p.num_train
+        # Host copies: batches are gathered with numpy (one transfer per step instead of
+        # several small device dispatches), and per-step keys are made in one call.
+        xt, yt = np.asarray(p.x_train), np.asarray(p.y_train)
         for i, cell in enumerate(block.cells):
             hp = {k: jnp.float32(v) for k, v in cell.hparams.items()}
             opt = self.optimizer(float(cell.hparams.get("weight_decay", 0.0)))
             stream = IndexStream(cell.seed, n)
             key = jax.random.PRNGKey(cell.seed)
+            step_keys = _step_keys(key, jnp.arange(opts.max_steps))
             params = p.init_params(cell.seed)
             ema = jax.tree.map(jnp.zeros_like, params)
             idx = stream.take(B)
-            state = opt.init(params, jax.random.fold_in(key, 1 << 30), (p.x_train[idx], p.y_train[idx]))
+            state = opt.init(params, jax.random.fold_in(key, 1 << 30), (xt[idx], yt[idx]))
             stream = IndexStream(cell.seed, n)   # the init batch only shapes the state: restart the order
             vl, ve = self._eval(params, ema, jnp.int32(0), hp["ema_decay"])
             tracker.record(i, 0, dict(val_loss=vl, val_error=ve, train_loss=np.nan), False, 0)
@@ -89,20 +96,20 @@ class KfacRunner:
                 lr = jnp.float32(cell.lr * float(self.schedule(step)))
                 # kfac-jax donates params and state; pass a copy of the params so the last
                 # finite ones survive a diverging step.
-                batch = (p.x_train[idx], p.y_train[idx])
+                batch = (xt[idx], yt[idx])
                 if step == 0:
                     # Burn-in: kfac-jax estimates the curvature on BURNIN extra batches before the
                     # first update (drawn apart from the training order, which stays the same
                     # as for every other optimizer), then takes the first training batch.
                     burn = [noise_indices(cell.seed, j, n, 1, B, tag=0xB0B)[0] for j in range(BURNIN)]
-                    feed = dict(data_iterator=iter([(p.x_train[b], p.y_train[b]) for b in burn] + [batch]))
+                    feed = dict(data_iterator=iter([(xt[b], yt[b]) for b in burn] + [batch]))
                 else:
                     feed = dict(batch=batch)
                 with warnings.catch_warnings():
                     # kfac-jax donates the batch too; XLA cannot reuse it and says so at compile.
                     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
                     new_params, new_state, stats = opt.step(
-                        jax.tree.map(jnp.copy, params), state, jax.random.fold_in(key, step), **feed,
+                        jax.tree.map(jnp.copy, params), state, step_keys[step], **feed,
                         learning_rate=lr, momentum=hp["momentum"], damping=hp["damping"], global_step_int=step)
                 loss = float(stats["loss"])
                 if not np.isfinite(loss) or loss > p.diverge_loss or not bool(self._finite(new_params)):
