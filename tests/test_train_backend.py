@@ -118,6 +118,8 @@ def test_noise_scale_table():
     (dict(dataset="linreg"), dict(metric="val_error", value=0.1), "target.metric"),
     (dict(TINY, max_train=16), dict(metric="val_loss", value=0.1), "grid.batch_sizes"),
     (dict(dataset="digits", model="transformer"), dict(metric="val_loss", value=0.1), "train.model"),
+    (dict(dataset="text", model="transformer", seq_len=16), dict(metric="val_loss", value=1.0),
+     "analysis.tokens_per_example"),
 ])
 def test_check_rejects_unreachable(train, target, msg):
     with pytest.raises(ConfigError) as e:

@@ -411,3 +411,308 @@ def risk_by_recurrence(h, c_noise, m0, count, kind: str, lr, beta, gamma, power,
         S = A @ S @ np.swapaxes(A, 1, 2) + n[:, None, None] * b[:, :, None] * b[:, None, :]
         out.append(np.sum(w * np.einsum("i,bij,j->b", c, S, c)))
     return np.array(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Certified first crossing: modal lower bounds of the risk on intervals.
+
+def _reduction_system(kind: str, ema: bool, a, beta, gamma):
+    """E = I - A built directly from (a, beta, gamma) (no 1 - (1 - a) rounding)."""
+    one = jnp.ones_like(a)
+    if kind == "sgd":
+        rows = [[a]]
+        A0 = [1 - a]
+    elif kind == "momentum":
+        rows = [[a, -beta * one], [a, (1 - beta) * one]]
+        A0 = [1 - a, beta * one]
+    else:
+        rows = [[a * (1 + beta), (beta**2) * one], [-a, (1 - beta) * one]]
+        A0 = [1 - a * (1 + beta), -(beta**2) * one]
+    if ema:
+        zero = jnp.zeros_like(a)
+        rows = [r + [zero] for r in rows] + [[-(1 - gamma) * x for x in A0] + [(1 - gamma) * one]]
+    return jnp.stack([jnp.stack(r, -1) for r in rows], -2)
+
+
+def _stationary(kind, ema, a, beta, gamma, r):
+    """s_inf = (I - M)^-1 r per bin, with I - M built from E = I - A: (I - M) S = E S + S E^T - E S E^T."""
+    E = _reduction_system(kind, ema, a, beta, gamma)          # (nb, k, k)
+    k = E.shape[-1]
+    I, J = _vech_pairs(k)
+    m = len(I)
+    eye = jnp.broadcast_to(jnp.eye(k), E.shape)
+    # column q of (I - M): apply the map to the symmetric basis matrix of vech index q
+    cols = []
+    for q in range(m):
+        S = np.zeros((k, k))
+        S[I[q], J[q]] = S[J[q], I[q]] = 1.0
+        S = jnp.asarray(S)
+        out = E @ S + S @ jnp.swapaxes(E, -1, -2) - E @ S @ jnp.swapaxes(E, -1, -2)
+        cols.append(out[:, I, J])
+    IM = jnp.stack(cols, -1)                                   # (nb, m, m)
+    del eye
+    return jnp.linalg.solve(IM, jnp.moveaxis(r, 0, -1)[..., None])[..., 0].T   # (m, nb)
+
+
+def _modes(kind, ema, a, beta, gamma, c):
+    """Eigenvalues lam_i of A (complex, (k, nb)) and vectors h_i with c^T A^t = sum_i lam_i^t h_i^T."""
+    A, _, _, _ = linear_system(kind, ema, a, beta, gamma)
+    A = A.astype(jnp.complex128)
+    k = A.shape[-1]
+    if k == 1:
+        lam = [A[:, 0, 0]]
+    else:
+        tr = A[:, 0, 0] + A[:, 1, 1]
+        det = A[:, 0, 0] * A[:, 1, 1] - A[:, 0, 1] * A[:, 1, 0]
+        sq = jnp.sqrt(tr * tr - 4 * det)
+        sgn = jnp.where(jnp.real(tr) >= 0, 1.0, -1.0)
+        l1 = (tr + sgn * sq) / 2
+        l2 = jnp.where(jnp.abs(l1) > 0, det / jnp.where(jnp.abs(l1) > 0, l1, 1.0), (tr - sgn * sq) / 2)
+        lam = [l1, l2] + ([A[:, 2, 2]] if k == 3 else [])
+    AT = jnp.swapaxes(A, -1, -2)
+    cv = jnp.asarray(c, jnp.complex128)
+    hs = []
+    for i in range(k):
+        v = jnp.broadcast_to(cv, (A.shape[0], k))
+        den = jnp.ones_like(lam[0])
+        for j in range(k):
+            if j != i:
+                v = jnp.einsum("bpq,bq->bp", AT, v) - lam[j][:, None] * v
+                den = den * (lam[i] - lam[j])
+        hs.append(v / den[:, None])
+    return jnp.stack(lam), jnp.stack(hs)      # (k, nb), (k, nb, k)
+
+
+def _mode_pairs(k):
+    return [(i, j) for i in range(k) for j in range(i, k)]
+
+
+def _modal_coeffs(hs, s, k):
+    """K_ij = (2 - [i == j]) h_i^T X h_j for the symmetric X of vech s (m, nb) -> (npairs, nb)."""
+    I, J = _vech_pairs(k)
+    X = [[None] * k for _ in range(k)]
+    for q, (p, r) in enumerate(zip(I, J)):
+        X[p][r] = X[r][p] = s[q]
+    Xh = [[sum(X[p][r] * hs[j][:, r] for r in range(k)) for p in range(k)] for j in range(k)]
+    out = []
+    for i, j in _mode_pairs(k):
+        v = sum(hs[i][:, p] * Xh[j][p] for p in range(k))
+        out.append(v * (1.0 if i == j else 2.0))
+    return jnp.stack(out)
+
+
+def _interval_lb(Kc, real_mode, span, pw, const):
+    """Lower bound, per bin, of const + sum_ij Re(K_ij z_ij^s) over s in [0, L), clamped at 0.
+
+    pw = |z|^(L-1), span = (L-1) |arg z|. Real z >= 0: the term is monotone in s, so its
+    minimum is min(K, K |z|^(L-1)). Otherwise Re(K z^s) = |K| |z|^s cos(arg K + s arg z):
+    the cosine's minimum over the arc [arg K, arg K + span] (-1 when the arc reaches an odd
+    multiple of pi, else the smaller end) times |z|^s at its least favourable end. A relative
+    margin of 1e-10 of the terms' magnitudes (and 1e-15 (1 + span) on the cosines) covers
+    rounding. The result is clamped at 0 because it bounds a second moment.
+    """
+    Kr = jnp.real(Kc)
+    Ka = jnp.abs(Kc)
+    th = jnp.angle(Kc) * jnp.sign(span[1])            # orientation so that the arc increases
+    sp = span[0]
+    d = jnp.mod(jnp.pi - th, 2 * jnp.pi)
+    cmin = jnp.where(d <= sp, -1.0, jnp.minimum(jnp.cos(th), jnp.cos(th + sp)))
+    cmin = jnp.maximum(cmin - 1e-15 * (1.0 + sp), -1.0)
+    osc = Ka * cmin * jnp.where(cmin >= 0, jnp.minimum(1.0, pw), jnp.maximum(1.0, pw))
+    term = jnp.where(real_mode, jnp.minimum(Kr, Kr * pw), osc)
+    mag = jnp.sum(Ka * jnp.maximum(1.0, pw), 0) + jnp.abs(const)
+    lb = const + jnp.sum(term, 0) - 1e-10 * mag
+    return jnp.fmax(lb, 0.0)      # a second moment: >= 0 (also replaces NaN by 0)
+
+
+def _osc_terms(Kc, span, pw):
+    """Lower bounds of Re(K z^s), s in [0, L), for oscillating (complex or negative) modes."""
+    Ka = jnp.abs(Kc)
+    th = jnp.angle(Kc) * span[1]
+    sp = span[0]
+    d = jnp.mod(jnp.pi - th, 2 * jnp.pi)
+    cmin = jnp.where(d <= sp, -1.0, jnp.minimum(jnp.cos(th), jnp.cos(th + sp)))
+    cmin = jnp.maximum(cmin - 1e-15 * (1.0 + sp), -1.0)
+    return Ka * cmin * jnp.where(cmin >= 0, jnp.minimum(1.0, pw), jnp.maximum(1.0, pw))
+
+
+def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, unit_steps=8, unit_lvl=3):
+    """Certified forward scan over local steps [0, ell] of one phase, shared by all batch sizes.
+
+    two: tuple over m of (2, nb) [Det, Noise at B = 1]; Tt: tuple tables (M^(2^j), R_j) with
+    the noise scaled by 1 / batch_mult (R at B = 1); sinf the matching stationary Noise.
+    Returns (hit (nB,) local step or -1, certified (nB,) bool).
+    """
+    k = lam.shape[0]
+    pairs = _mode_pairs(k)
+    z = jnp.stack([lam[i] * lam[j] for i, j in pairs])                         # (np, nb)
+    za = jnp.abs(z)
+    real_mode = (jnp.abs(jnp.imag(z)) <= 1e-13 * za) & (jnp.real(z) >= 0)
+    Lm1 = (2.0 ** jnp.arange(K) - 1.0)
+    pw_tab = jnp.power(za[None], Lm1[:, None, None])                            # (K, np, nb)
+    phi = jnp.angle(z)
+    sp_tab = Lm1[:, None, None] * jnp.abs(phi)[None]                             # (K, np, nb)
+    sgn = jnp.where(phi >= 0, 1.0, -1.0)
+    hs_t = [hs[i] for i in range(k)]
+    const_n = sum(read[i] * sinf[i] for i in range(len(read)) if read[i] != 0)   # (nb,)
+    nB = batch.shape[0]
+    Ms, Rs = Tt
+    m = len(Rs)
+
+    def bounds(st, lvl):
+        """Lower bound of the risk over [t, t + 2^lvl) for every batch size, (nB,)."""
+        pw = pw_tab[lvl]
+        D = jnp.stack([x[0] for x in st])
+        N = jnp.stack([x[1] for x in st]) - sinf
+        Kd = _modal_coeffs(hs_t, D.astype(jnp.complex128), k)
+        Kn = _modal_coeffs(hs_t, N.astype(jnp.complex128), k)
+        span = (sp_tab[lvl], sgn)
+        # oscillating modes: Det and Noise bounded separately (shared by all B); real modes
+        # z >= 0: the combined coefficient Kd + Kn / B per B (monotone term, exact minimum)
+        oscD = _osc_terms(Kd, span, pw) * ~real_mode
+        oscN = _osc_terms(Kn, span, pw) * ~real_mode
+        Krd = jnp.where(real_mode, jnp.real(Kd), 0.0)
+        Krn = jnp.where(real_mode, jnp.real(Kn), 0.0)
+        ib = (1.0 / batch)[:, None, None]
+        v = Krd[None] + Krn[None] * ib                                            # (nB, np, nb)
+        lb = (jnp.sum(oscD, 0)[None] + jnp.sum(oscN, 0)[None] * ib[:, 0] + const_n[None] * ib[:, 0]
+              + jnp.sum(jnp.minimum(v, v * pw[None]), 1))
+        mag = (jnp.sum((jnp.abs(Kd) + jnp.abs(Kn)) * jnp.maximum(1.0, pw), 0) + jnp.abs(const_n))
+        lb = jnp.fmax(lb - 1e-10 * mag[None], 0.0)
+        return jnp.sum(lb * w, -1)
+
+    def exact(st):
+        v = sum(read[i] * st[i] for i in range(m) if read[i] != 0)               # (2, nb)
+        return jnp.sum(v * w, -1)
+
+    def apply(st, lvl):
+        Mt = tuple(tuple(Ms[i][j][lvl] for j in range(m)) for i in range(m))
+        Rt = tuple(Rs[i][lvl] for i in range(m))
+        coef = jnp.array([0.0, 1.0])[:, None]
+        return tuple(sum(Mt[i][j][None] * st[j] for j in range(m)) + Rt[i][None] * coef for i in range(m))
+
+    def cond(c):
+        t, lvl, st, active, hit, it = c
+        return jnp.any(active) & (t <= ell) & (it < max_iter)
+
+    def body(c):
+        t, lvl, st, active, hit, it = c
+
+        def unit(_):
+            # U exact steps (the bound failed at the smallest interval): first hits per batch size
+            def one(c, _):
+                tt, st, active, hit = c
+                dn = exact(st)
+                below = active & (tt <= ell) & (dn[0] + dn[1] / batch < target)
+                return (tt + 1, apply(st, 0), active & ~below, jnp.where(below, tt, hit)), None
+            (tt, st2, act2, hit2), _ = jax.lax.scan(one, (t, st, active, hit), None, length=unit_steps)
+            return (tt, jnp.int64(min(unit_lvl, K - 1)), st2, act2, hit2)
+
+        def try_jump(_):
+            lb = bounds(st, lvl)
+            ok = (t + (1 << lvl) - 1 <= ell) & jnp.all(~active | (lb >= target))
+            new = apply(st, lvl)
+            st2 = tuple(jnp.where(ok, a, b) for a, b in zip(new, st))
+            return (jnp.where(ok, t + (1 << lvl), t), jnp.where(ok, jnp.minimum(lvl + 1, K - 1), lvl - 1),
+                    st2, active, hit)
+
+        t, lvl, st, active, hit = jax.lax.cond(lvl == 0, unit, try_jump, None)
+        return t, lvl, st, active, hit, it + 1
+
+    init = (jnp.int64(0), jnp.int64(K - 1), two, jnp.ones(nB, bool), -jnp.ones(nB, jnp.int64), jnp.int64(0))
+    t, lvl, st, active, hit, it = jax.lax.while_loop(cond, body, init)
+    certified = ~active | (t > ell)
+    return hit, certified, t
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "ema", "K", "window", "max_iter"))
+def search_steps_v2(prob, lr, beta, gamma, power, batch, phases: Phases, target, max_steps, *,
+                    kind: str, ema: bool, K: int, window: int, max_iter: int = 0):
+    w = prob[3]
+    h, c_noise, _, _ = prob
+    start, length = _phase_budget(phases.steps, max_steps)
+    pow2 = 2 ** jnp.arange(K, dtype=jnp.int64)
+    nB = batch.shape[0]
+    max_iter = max_iter or 4 * K + 2 * window
+
+    def risk(s):
+        return _risk(s, read, w)
+
+    _, _, s0, read = _config_system(kind, ema, prob, lr, beta, gamma, power)
+    k = state_dim(kind, ema)
+    c_read = np.eye(k)[k - 1 if ema else 0]
+    two = jnp.stack([s0, jnp.zeros_like(s0)], 1)
+    risk0 = jnp.broadcast_to(risk(s0[:, None]), (nB,))
+    init = dict(two=two, hit=jnp.where(risk0 < target, 0, -1).astype(jnp.int64),
+                settle=jnp.where(risk0 < target, 0, -1).astype(jnp.int64), best=risk0,
+                cert=jnp.ones(nB, bool))
+
+    def phase(carry, xs):
+        t0, ell, lr_m, b_m = xs
+        inv_b = 1.0 / (batch * b_m)
+        M, r, _, _ = _config_system(kind, ema, prob, lr * lr_m, beta, gamma, power)
+        Ms, Rs = _tables(M, r, K)
+        two, hit, settle, best, cert = carry["two"], carry["hit"], carry["settle"], carry["best"], carry["cert"]
+        s = two[:, :1] + two[:, 1:] / batch[None, :, None]
+        rs = risk(s)
+        fresh = (hit < 0) & (rs < target)
+        hit = jnp.where(fresh, t0, hit)
+        settle = jnp.where(fresh, t0, settle)
+        active = hit < 0
+
+        Tt = _as_tuple_tables(Ms, Rs)
+        M1 = tuple(tuple(x[0] for x in row) for row in Tt[0])
+        R1 = tuple(x[0] for x in Tt[1])
+
+        # (1) bisection by binary lifting (per batch size)
+        def lift(c, xs):
+            cur, off, best = c
+            Mt, Rt, p2 = xs
+            cand = _apply_t(Mt, Rt, cur, inv_b)
+            rc = _risk_t(cand, read, w)
+            inside = off + p2 <= ell
+            best = jnp.fmin(best, jnp.where(inside, rc, jnp.inf))
+            ok = inside & ~(rc < target)
+            cur = tuple(jnp.where(ok[:, None], a, b) for a, b in zip(cand, cur))
+            return (cur, off + ok * p2, best), None
+
+        rev = jax.tree.map(lambda a: a[::-1], (*Tt, pow2))
+        (cur, off, best), _ = jax.lax.scan(lift, (tuple(s), jnp.zeros(nB, jnp.int64), best), rev)
+
+        # (2) exact forward scan of [off, off + window]: the bisection's crossing and the settle step
+        def scan_step(c, i):
+            cur, first, last_above, best = c
+            t = off + i
+            valid = t <= ell
+            rc = _risk_t(cur, read, w)
+            below = valid & (rc < target)
+            first = jnp.where((first < 0) & below, t, first)
+            last_above = jnp.where(valid & ~(rc < target), t, last_above)
+            best = jnp.fmin(best, jnp.where(valid, rc, jnp.inf))
+            return (_apply_t(M1, R1, cur, inv_b), first, last_above, best), None
+
+        neg = -jnp.ones(nB, jnp.int64)
+        (_, first, last_above, best), _ = jax.lax.scan(scan_step, (cur, neg, neg, best),
+                                                       jnp.arange(window + 1))
+
+        # (3) certified first crossing: galloping scan with modal lower bounds
+        lam, hs = _modes(kind, ema, lr * lr_m * h ** (1.0 - power), beta, gamma, c_read)
+        sinf = _stationary(kind, ema, lr * lr_m * h ** (1.0 - power), beta, gamma, r) / b_m
+        Tpair = (Tt[0], tuple(x / b_m for x in Tt[1]))
+        ghit, gcert, gt = _gallop(Tpair, tuple(two[i] for i in range(two.shape[0])), lam, hs, sinf, read, w,
+                              batch, ell, target, K, max_iter)
+        gfound = active & gcert & (ghit >= 0)
+        bfound = active & ~gcert & (first >= 0) & (off < ell)
+        hit = jnp.where(gfound, t0 + ghit, jnp.where(bfound, t0 + first, hit))
+        found = gfound | bfound
+        settle = jnp.where(found, t0 + jnp.maximum(last_above + 1, hit - t0), settle)
+        cert = cert & (~active | gcert)
+        two = _expand(Ms, Rs, two, jnp.broadcast_to(ell, (2,)), jnp.stack([0.0, 1.0 / b_m]))
+        return dict(two=two, hit=hit, settle=settle, best=best, cert=cert), gt
+
+    xs = (start, length, jnp.asarray(phases.lr_mult), jnp.asarray(phases.batch_mult))
+    out, _ = jax.lax.scan(phase, init, xs)
+    det, noise = risk(out["two"])
+    final = det + noise / batch
+    return dict(steps=out["hit"], settle=out["settle"], best=jnp.fmin(out["best"], final), final=final,
+                certified=out["cert"])

@@ -54,7 +54,7 @@ def _as_configs(lr, momentum, ema_decay, precond_power):
 def _grid(prob, cfg, batch, phases, target, max_steps, *, kind, ema, K, window, chunk):
     def one(x):
         lr, beta, gamma, power, b = x
-        return dyn.search_steps(prob, lr, beta, gamma, power, b, phases, target, max_steps,
+        return dyn.search_steps_v2(prob, lr, beta, gamma, power, b, phases, target, max_steps,
                                 kind=kind, ema=ema, K=K, window=window)
     lr, beta, gamma, power = cfg
     return jax.lax.map(one, (lr, beta, gamma, power, batch), batch_size=chunk)
@@ -111,7 +111,7 @@ def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, 
     reached = out["steps"] >= 0
     return dict(steps=np.where(reached, out["steps"], np.nan).astype(np.float64), reached=reached,
                 settle_step=np.where(reached, out["settle"], np.nan).astype(np.float64),
-                best=out["best"], final=out["final"])
+                best=out["best"], final=out["final"], crossing_certified=out["certified"])
 
 
 def steps_to_target(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,

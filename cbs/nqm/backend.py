@@ -185,7 +185,7 @@ class NQMBackend(Backend):
         records = [CellResult(cell_id=c.cell_id, reached=bool(reached[j]), diverged=bool(diverged[j]),
                               steps_to_target=float(steps[j]), final_metric=float(final[j]),
                               best_metric=float(best[j]), steps_run=int(steps[j]) if reached[j] else int(max_steps),
-                              extra={"settle_step": float(settle[j]),
+                              extra={"settle_step": float(settle[j]), "crossing_certified": float(pick("crossing_certified")[j]),
                                      # 0 when a smooth schedule stretch was coarse-grained (max_phases)
                                      "schedule_exact": float(exact)})
                    for j, c in enumerate(cells)]

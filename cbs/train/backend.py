@@ -126,6 +126,10 @@ class TrainBackend(Backend):
             raise ConfigError("train.model", s.model, "allowed with dataset linreg: 'mlp' (depth 0 = linear)")
         if s.model == "transformer" and s.width % s.heads:
             raise ConfigError("train.heads", s.heads, f"allowed: a divisor of train.width = {s.width}")
+        if s.dataset == "text" and config.analysis.tokens_per_example != s.seq_len:
+            raise ConfigError("analysis.tokens_per_example", config.analysis.tokens_per_example,
+                              f"allowed with dataset text: train.seq_len = {s.seq_len}",
+                              "batch sizes are counted in sequences; this reports them in tokens")
         if t.metric == "val_error" and s.dataset == "linreg":
             raise ConfigError("target.metric", t.metric, "allowed for dataset linreg: 'val_loss' (no error rate)")
         if t.value <= 0:

@@ -1,0 +1,115 @@
+"""Certified first crossing (steps_to_target) and long-horizon / delicate-regime accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cbs import nqm
+from cbs.nqm import _dynamics as dyn
+
+
+def _brute(problem, kind, lr, beta, gamma, power, B, T):
+    return nqm.risk_by_recurrence(problem.h, problem.c, problem.m0, problem.count, kind, lr, beta, gamma,
+                                  power, np.full(T, float(B)))
+
+
+def test_early_dip_far_before_the_bisection_crossing_is_found():
+    """Under-damped momentum on two coordinates: the risk first dips below target at t ~ 2, rises
+    back above it and stays above until t ~ 60 (the crossing the bisection finds), far outside
+    the +-16-step window of the uncertified scan. The certified scan must report the first dip."""
+    problem = nqm.custom_problem([1.0, 0.9])
+    kind, lr, beta, B, T = "momentum", 0.5, 0.95, 1e6, 400
+    r = _brute(problem, kind, lr, beta, 0.0, 0.0, B, T)
+    target = 0.05 * r[0]
+    below = r < target
+    want = int(np.flatnonzero(below)[0])
+    settle = int(np.flatnonzero(~below)[-1]) + 1
+    assert settle - want > 32 and not below[want + 1:settle].all()   # really non-monotone, far apart
+    out = nqm.evaluate_grid(problem, kind, lr, beta, batch_sizes=[B], target=target, max_steps=T)
+    assert out["steps"][0, 0] == want
+    assert out["crossing_certified"][0, 0]
+    # the same with a target that is first reached only by the late crossing's neighbourhood dips
+    for tgt in np.geomspace(r.min() * 1.01, r[0] * 0.9, 9):
+        got = nqm.evaluate_grid(problem, kind, lr, beta, batch_sizes=[B], target=tgt, max_steps=T)
+        idx = np.flatnonzero(r < tgt)
+        assert got["steps"][0, 0] == idx[0]
+        assert got["crossing_certified"][0, 0]
+
+
+def test_quickstart_cells_are_certified():
+    """The default quickstart grid (configs/nqm_quickstart.yaml): SGD, p in {0, .25, .5, .75},
+    100 LRs, B = 2^2..2^20, target 0.01, budget 1e9: every cell's first crossing is certified."""
+    problem = nqm.bin_problem(nqm.harmonic_problem())
+    lrs = np.logspace(-5, 0.5, 100)
+    powers = np.array([0.0, 0.25, 0.5, 0.75])
+    lr, pw = np.tile(lrs, 4), np.repeat(powers, 100)
+    bs = 2.0 ** np.arange(2, 21)
+    out = nqm.evaluate_grid(problem, "sgd", lr, 0.0, 0.0, pw, batch_sizes=bs, target=0.01, max_steps=10**9)
+    assert out["crossing_certified"].all()
+    assert out["reached"].sum() > 1000
+
+
+def test_uncertified_cells_keep_the_bisection_answer():
+    """With no iteration budget the scan certifies nothing and the bisection + window answer
+    is returned unchanged (flagged)."""
+    problem = nqm.harmonic_problem(30)
+    kind, lr, beta, B, T = "momentum", 0.1, 0.9, 256.0, 2000
+    r = _brute(problem, kind, lr, beta, 0.0, 0.0, B, T)
+    target = r[0] * 0.2
+    import jax
+    import jax.numpy as jnp
+    from cbs.nqm._grid import _padded, _prob
+    with jax.enable_x64(True):
+        out = dyn.search_steps_v2(_prob(problem), jnp.float64(lr), jnp.float64(beta), jnp.float64(0.0),
+                                  jnp.float64(0.0), jnp.asarray([B]), dyn.Phases(*(jnp.asarray(p) for p in _padded(None))),
+                                  jnp.float64(target), jnp.int64(T), kind=kind, ema=False, K=11, window=16,
+                                  max_iter=1)
+    assert not bool(out["certified"][0])
+    assert int(out["steps"][0]) == np.flatnonzero(r < target)[0]   # monotone here: the bisection is right
+
+
+def _affine_power_longdouble(kind, ema, h, c, m0, lr, beta, gamma, power, B, t):
+    """Reference at large t: binary powering of the moment map in extended precision."""
+    import jax
+    with jax.enable_x64(True):
+        M, r, s0, read = dyn.moment_system(kind, ema, *(np.asarray(x, np.float64) for x in (h, c, m0)),
+                                           lr, beta, gamma, power)
+    M = np.moveaxis(np.asarray(M), -1, 0).astype(np.longdouble)
+    r = (np.asarray(r).T / B).astype(np.longdouble)
+    s = np.asarray(s0).T.astype(np.longdouble)
+    # exact (M, r) in long double from the float64 parameters (the float64 rounding of M's
+    # entries is shared with the tested code; what differs is everything after)
+    Pm, Pr = M.copy(), r.copy()
+    while t:
+        if t & 1:
+            s = np.einsum("bij,bj->bi", Pm, s) + Pr
+        Pr = np.einsum("bij,bj->bi", Pm, Pr) + Pr
+        Pm = np.einsum("bij,bjk->bik", Pm, Pm)
+        t >>= 1
+    w = (0.5 * np.asarray(h) * np.asarray(1.0)).astype(np.longdouble)
+    return s, read
+
+
+@pytest.mark.parametrize("case", [
+    ("momentum", 1e-3, 1 - 1e-5, 0.0, 0.0),        # beta -> 1
+    ("momentum", 0.25, 0.25, 0.0, 0.0),            # exact critical damping at h = 1
+    ("momentum", 0.25 * (1 + 1e-9), 0.25, 0.0, 0.0),   # near-critical
+    ("sgd", 1e-4, 0.0, 1 - 1e-5, 0.5),             # EMA with gamma -> 1
+], ids=["beta1", "critical", "near-critical", "ema-gamma1"])
+def test_long_horizon_and_delicate_regimes(case):
+    kind, lr, beta, gamma, power = case
+    H = np.array([1.0, 0.5, 0.1, 1e-2, 1e-4])
+    problem = nqm.custom_problem(H)
+    B = 16.0
+    steps = np.array([0, 1, 7, 1000, 123_457, 10**6, 10**7 - 1, 10**7])
+    got = nqm.expected_risk(problem, kind, lr, beta, gamma, power, batch_sizes=[B], steps=steps)[0, 0]
+    want = []
+    for t in steps:
+        s, read = _affine_power_longdouble(kind, gamma > 0, problem.h, problem.c, problem.m0, lr, beta, gamma,
+                                           power, B, int(t))
+        want.append(float(np.sum(problem.loss_weights * (s @ read.astype(np.longdouble)))))
+    np.testing.assert_allclose(got, np.array(want), rtol=1e-9, atol=0)
+    # and the short-horizon part against the step-by-step recurrence
+    r = _brute(problem, kind, lr, beta, gamma, power, B, 1000)
+    np.testing.assert_allclose(got[:4], r[steps[:4]], rtol=1e-9, atol=0)
