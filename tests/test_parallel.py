@@ -1,9 +1,12 @@
 """Sharding the cell axis over several (simulated) devices gives the single-device numbers."""
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+
+import numpy as np
 
 
 def test_sharded_cells_match_single_device():
@@ -24,3 +27,27 @@ def test_sharded_cells_match_single_device():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_train_block_sharded_over_devices_matches_one_device():
+    """A training block whose cells are spread over 4 (simulated) devices, with padding
+    (6 cells -> 8 lanes), records the same curves as on one device."""
+    code = textwrap.dedent("""
+        import sys, json, numpy as np
+        from cbs.train.backend import TrainBackend
+        from cbs.train.testing import make_block, make_config
+        cfg = make_config(dict(dataset="digits", model="mlp", width=16, depth=1), value=1e-3,
+                          max_steps=30, eval_every=10)
+        block = make_block("momentum", 16, [0.03, 0.1, 0.3], hparams=dict(momentum=[0.5, 0.9]))
+        res = TrainBackend(cfg).run_blocks([block])[0]
+        c = res.curves.sort_values(["cell_id", "step"])
+        print(json.dumps(c.val_loss.tolist()))
+    """)
+    outs = []
+    for n in (1, 4):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert len(outs[0]) == 6 * 4
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5)

@@ -633,7 +633,7 @@ def search_steps_v2(prob, lr, beta, gamma, power, batch, phases: Phases, target,
     start, length = _phase_budget(phases.steps, max_steps)
     pow2 = 2 ** jnp.arange(K, dtype=jnp.int64)
     nB = batch.shape[0]
-    max_iter = max_iter or 4 * K + 2 * window
+    max_iter = max_iter or 4 * K + 2 * window + 2 * K * nB
 
     def risk(s):
         return _risk(s, read, w)

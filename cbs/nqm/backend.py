@@ -180,12 +180,13 @@ class NQMBackend(Backend):
                             max_steps=max_steps, phases=phases, window=self.section.scan_window,
                             chunk=self.section.chunk)
         pick = lambda name: res[name][inv, binv.ravel()]
-        steps, reached, settle, best, final = (pick(n) for n in ("steps", "reached", "settle_step", "best", "final"))
+        steps, reached, settle, best, final, cert = (pick(n) for n in ("steps", "reached", "settle_step", "best", "final",
+                                                                      "crossing_certified"))
         diverged = ~reached & (~np.isfinite(final) | (final > 10 * self.problem.initial_risk))
         records = [CellResult(cell_id=c.cell_id, reached=bool(reached[j]), diverged=bool(diverged[j]),
                               steps_to_target=float(steps[j]), final_metric=float(final[j]),
                               best_metric=float(best[j]), steps_run=int(steps[j]) if reached[j] else int(max_steps),
-                              extra={"settle_step": float(settle[j]), "crossing_certified": float(pick("crossing_certified")[j]),
+                              extra={"settle_step": float(settle[j]), "crossing_certified": float(cert[j]),
                                      # 0 when a smooth schedule stretch was coarse-grained (max_phases)
                                      "schedule_exact": float(exact)})
                    for j, c in enumerate(cells)]

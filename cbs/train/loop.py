@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
 from cbs.sweep.backend import Block, BlockResult, CellResult
+from cbs.parallel import padded_size, shard_cells
 from cbs.train.engine import BlockRun, IndexStream, Problem
 
 __all__ = ["RunOptions", "Tracker", "run_vmapped_block"]
@@ -161,7 +163,16 @@ def run_vmapped_block(problem: Problem, block: Block, opts: RunOptions, run: Blo
     k, every = opts.evals_per_call, opts.eval_every
     micro = opts.noise_micro_batch or B
 
-    state = run.init(jnp.array(seeds, jnp.int32), hp)
+    # Spread the cells over the local devices (a no-op on one device): pad the cell axis
+    # to a multiple of the device count by repeating the last cell and shard it; padded
+    # lanes are never recorded.
+    n_cells = len(seeds)
+    pad = padded_size(n_cells) - n_cells
+    state = run.init(jnp.array(seeds + seeds[-1:] * pad, jnp.int32),
+                     {k: jnp.concatenate([v, jnp.repeat(v[-1:], pad)]) for k, v in hp.items()})
+    if jax.local_device_count() > 1:
+        lr, hp, seed_idx = shard_cells((lr, hp, seed_idx), n_cells)
+        state = jax.device_put(state, lr.sharding)
     vl, ve = (np.asarray(a) for a in run.evaluate(state, hp))
     for i in range(len(seeds)):
         tracker.record(i, 0, dict(val_loss=vl[i], val_error=ve[i], train_loss=np.nan), False, 0)
