@@ -50,19 +50,20 @@ def _as_configs(lr, momentum, ema_decay, precond_power):
     return [a.ravel() for a in arrs]
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "ema", "K", "window", "chunk"))
-def _grid(prob, cfg, batch, phases, target, max_steps, *, kind, ema, K, window, chunk):
+@functools.partial(jax.jit, static_argnames=("kind", "ema", "K", "window", "chunk", "certify"))
+def _grid(prob, cfg, batch, phases, target, max_steps, *, kind, ema, K, window, chunk, certify=True):
     def one(x):
         lr, beta, gamma, power, b = x
-        return dyn.search_steps_v2(prob, lr, beta, gamma, power, b, phases, target, max_steps,
-                                kind=kind, ema=ema, K=K, window=window)
+        return dyn.search_steps(prob, lr, beta, gamma, power, b, phases, target, max_steps,
+                                kind=kind, ema=ema, K=K, window=window, certify=certify)
     lr, beta, gamma, power = cfg
     return jax.lax.map(one, (lr, beta, gamma, power, batch), batch_size=chunk)
 
 
 def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,
                   batch_sizes, target: float, max_steps: int, phases: Phases | None = None,
-                  window: int = 16, chunk: int = 64, threads: int | None = None) -> dict[str, np.ndarray]:
+                  window: int = 16, chunk: int = 64, threads: int | None = None,
+                  certify: bool = True) -> dict[str, np.ndarray]:
     """Steps to target for every configuration x batch size.
 
     Args:
@@ -72,14 +73,19 @@ def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, 
         batch_sizes: (nB,) shared by all configurations, or (C, nB) one row per configuration.
         target: risk to fall strictly below. max_steps: budget (censoring).
         phases: the LR / batch schedule (default constant). window: the backward/forward
-            scan around the bisection's crossing (see ``_dynamics.search_steps``).
+            scan around the bisection's crossing (settle step; the answer of uncertified
+            cells; see ``_dynamics.search_steps``).
         chunk: configurations vmapped together. threads: parallel parts (default: CPU count).
+        certify: run the certified first-crossing scan (default; False is faster and flags
+            every cell uncertified).
 
     Returns:
         dict of (C, nB) numpy arrays: ``steps`` (first step with risk < target; NaN when not
         reached within max_steps), ``reached``, ``settle_step`` (one plus the last step with
         risk >= target in the scanned window; NaN if not reached), ``best`` (smallest risk
-        among all evaluated steps), ``final`` (risk at max_steps).
+        among all evaluated steps), ``final`` (risk at max_steps), ``crossing_certified``
+        (True when the certified scan proved ``steps`` is the first crossing, or that there is
+        none within max_steps; see ``_dynamics.search_steps``).
     """
     lr, beta, gamma, power = _as_configs(lr, momentum, ema_decay, precond_power)
     C = len(lr)
@@ -92,14 +98,18 @@ def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, 
     # last padded by repetition, so all parts share one compiled program) run in threads.
     parts = max(1, min(threads or os.cpu_count() or 1, C // chunk))
     size = -(-C // parts)
-    idx = np.minimum(np.arange(parts * size), C - 1).reshape(parts, size)
+    # The certified scan (a while loop) runs per chunk until its slowest configuration is
+    # done: order configurations by (momentum, EMA decay, LR, power) so that similar ones
+    # (similar iteration counts) share chunks, and deal them round-robin to the parts.
+    order = np.lexsort((power, lr, gamma, beta))
+    idx = order[np.minimum(np.arange(parts * size), C - 1)].reshape(size, parts).T
 
     def run(rows):
         with jax.enable_x64(True):
             out = _grid(_prob(problem), tuple(jnp.asarray(x[rows]) for x in cols[:4]),
                         jnp.asarray(batch[rows]), Phases(*(jnp.asarray(p) for p in phases)),
                         jnp.float64(target), jnp.int64(max_steps), kind=kind, ema=ema,
-                        K=num_levels(max_steps), window=window, chunk=min(chunk, size))
+                        K=num_levels(max_steps), window=window, chunk=min(chunk, size), certify=certify)
             return jax.tree.map(np.asarray, out)
 
     if parts == 1:
@@ -107,7 +117,12 @@ def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, 
     else:
         with ThreadPoolExecutor(parts) as pool:
             outs = list(pool.map(run, idx))
-    out = {k: np.concatenate([o[k] for o in outs])[:C] for k in outs[0]}
+    out = {}
+    for k in outs[0]:
+        vals = np.concatenate([o[k] for o in outs])
+        res = np.empty((C,) + vals.shape[1:], vals.dtype)
+        res[idx.ravel()] = vals          # repeated padding rows write the same values
+        out[k] = res
     reached = out["steps"] >= 0
     return dict(steps=np.where(reached, out["steps"], np.nan).astype(np.float64), reached=reached,
                 settle_step=np.where(reached, out["settle"], np.nan).astype(np.float64),
@@ -120,7 +135,8 @@ def steps_to_target(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0
     """First step t <= max_steps with expected risk strictly below target (NaN if none).
 
     Exact integer; see ``cbs.nqm._dynamics.search_steps`` for how the first crossing is
-    found when the risk is not monotone. Returns shape (C, nB) like :func:`evaluate_grid`.
+    guaranteed (certified) when the risk is not monotone; ``evaluate_grid`` returns the
+    per-cell flag ``crossing_certified``. Returns shape (C, nB) like :func:`evaluate_grid`.
     """
     return evaluate_grid(problem, kind, lr, momentum, ema_decay, precond_power,
                          batch_sizes=np.atleast_1d(batch_size), target=target, max_steps=max_steps,
