@@ -121,3 +121,21 @@ def test_long_horizon_and_delicate_regimes(case):
     # and the short-horizon part against the step-by-step recurrence
     r = _brute(problem, kind, lr, beta, gamma, power, B, 1000)
     np.testing.assert_allclose(got[:4], r[steps[:4]], rtol=1e-9, atol=0)
+
+
+def test_unstable_configuration_is_never_reached():
+    """Regression: an unstable heavy-ball configuration (a = lr * h_max > 2 (1 + beta)) whose
+    moments overflow must not be counted as reaching the target (overflow made the risk -inf,
+    which compared below the target)."""
+    import numpy as np
+    from cbs.nqm import evaluate_grid
+    from cbs.nqm._problem import bin_problem, harmonic_problem
+    problem = bin_problem(harmonic_problem())
+    lr, beta = 4.328761281083062, 0.9784556530996812  # a = 4.33 > 2 (1 + beta) = 3.96
+    out = evaluate_grid(problem, "momentum", [lr, 0.5], [beta, beta], 0.0, 0.0,
+                        batch_sizes=2.0 ** np.arange(2, 21, 6), target=0.01, max_steps=10**9)
+    assert not out["reached"][0].any() and np.isnan(out["steps"][0]).all()
+    alone = evaluate_grid(problem, "momentum", [0.5], [beta], 0.0, 0.0,
+                          batch_sizes=2.0 ** np.arange(2, 21, 6), target=0.01, max_steps=10**9)
+    assert out["reached"][1].any()  # a stable neighbour in the same call is unaffected
+    np.testing.assert_array_equal(out["steps"][1], alone["steps"][0])

@@ -482,7 +482,7 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter):
         def one(cc, _):
             tt, s1, act, hh = cc
             dn = exact(s1)
-            below = act & (tt <= ell) & (dn[0] + dn[1] / batch < target)
+            below = act & (tt <= ell) & _below(dn[0] + dn[1] / batch, target)
             return (tt + 1, apply(s1, 0), act & ~below, jnp.where(below, tt, hh)), None
 
         (tu, su, au, hu), _ = jax.lax.scan(one, (t, st, active, hit), None, length=UNIT)
@@ -501,6 +501,16 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter):
     t, lvl, st, active, hit, it = jax.lax.while_loop(cond, body, init)
     certified = ~active | (t > ell)
     return hit, certified, t
+
+
+def _below(risk, target):
+    """risk < target, for a risk that is exact in exact arithmetic.
+
+    The expected risk is a sum of second moments, never negative. An unstable
+    configuration's moments overflow, and the matrix powers' mixed-sign entries can then
+    give NaN or -inf; neither may count as reaching the target.
+    """
+    return (risk < target) & (risk >= 0)
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "ema", "K", "window", "max_iter", "certify"))
@@ -579,8 +589,8 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
     c_read = np.eye(k)[k - 1 if ema else 0]
     two = jnp.stack([s0, jnp.zeros_like(s0)], 1)
     risk0 = jnp.broadcast_to(risk(s0[:, None]), (nB,))
-    init = dict(two=two, hit=jnp.where(risk0 < target, 0, -1).astype(jnp.int64),
-                settle=jnp.where(risk0 < target, 0, -1).astype(jnp.int64), best=risk0,
+    init = dict(two=two, hit=jnp.where(_below(risk0, target), 0, -1).astype(jnp.int64),
+                settle=jnp.where(_below(risk0, target), 0, -1).astype(jnp.int64), best=risk0,
                 cert=jnp.ones(nB, bool))
 
     def phase(carry, xs):
@@ -591,7 +601,7 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
         two, hit, settle, best, cert = carry["two"], carry["hit"], carry["settle"], carry["best"], carry["cert"]
         s = two[:, :1] + two[:, 1:] / batch[None, :, None]
         rs = risk(s)
-        fresh = (hit < 0) & (rs < target)
+        fresh = (hit < 0) & _below(rs, target)
         hit = jnp.where(fresh, t0, hit)
         settle = jnp.where(fresh, t0, settle)
         active = hit < 0
@@ -608,7 +618,7 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
             rc = _risk_t(cand, read, w)
             inside = off + p2 <= ell
             best = jnp.fmin(best, jnp.where(inside, rc, jnp.inf))
-            ok = inside & ~(rc < target)
+            ok = inside & ~_below(rc, target)
             cur = tuple(jnp.where(ok[:, None], a, b) for a, b in zip(cand, cur))
             return (cur, off + ok * p2, best), None
 
@@ -625,9 +635,9 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
             t = lo + i
             valid = t <= ell
             rc = _risk_t(cur, read, w)
-            below = valid & (rc < target)
+            below = valid & _below(rc, target)
             first = jnp.where((first < 0) & below, t, first)
-            last_above = jnp.where(valid & ~(rc < target), t, last_above)
+            last_above = jnp.where(valid & ~_below(rc, target), t, last_above)
             best = jnp.fmin(best, jnp.where(valid, rc, jnp.inf))
             return (_apply_t(M1, R1, cur, inv_b), first, last_above, best), None
 
