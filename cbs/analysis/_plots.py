@@ -82,6 +82,20 @@ def _draw_fit(ax, fit, color, label_prefix="", band=True, show_lines=True):
                     ls="none", markeredgecolor="k", label=f"B* (δ={fit.delta:g}) = {_fmt(fit.b_star)}")
 
 
+
+def _finish_single(fig, ax, path: Path, unit: str, ylabel: str, title: str) -> Path:
+    """Log axes, labels, grid and legend of a one-panel batch-size plot; saves and closes it."""
+    _log_axes(ax)
+    ax.set_xlabel(f"batch size ({unit})")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.25)
+    _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return path
+
 def plot_steps_vs_batch(path: Path, fits: dict, per_seed: pd.DataFrame, unit: str, scale: float,
                         reference: pd.DataFrame | None = None, title: str = "") -> Path:
     """Steps to target vs batch size, log-log, one panel per optimizer.
@@ -156,16 +170,7 @@ def plot_best_lr(path: Path, per_b: pd.DataFrame, unit: str, scale: float, title
     ax.plot([], [], "k:", alpha=0.5, label="linear scaling (from smallest B)")
     ax.plot([], [], "k-.", alpha=0.5, label="square-root scaling")
     ax.plot([], [], "rx", label="best LR at the edge of the LR grid")
-    _log_axes(ax)
-    ax.set_xlabel(f"batch size ({unit})")
-    ax.set_ylabel("learning rate")
-    ax.set_title(title or "best learning rate per batch size")
-    ax.grid(True, which="both", alpha=0.25)
-    _legend(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
-    return path
+    return _finish_single(fig, ax, path, unit, "learning rate", title or "best learning rate per batch size")
 
 
 def plot_data_efficiency(path: Path, fits: dict, unit: str, title: str = "") -> Path:
@@ -185,16 +190,7 @@ def plot_data_efficiency(path: Path, fits: dict, unit: str, title: str = "") -> 
                 ax.axvline(fit.b_crit, color=color, ls="-.", lw=1)
     ax.plot([], [], "k--", alpha=0.6, label="E_min (fit)")
     ax.plot([], [], "k-.", label="B_crit (E = 2 E_min)")
-    _log_axes(ax)
-    ax.set_xlabel(f"batch size ({unit})")
-    ax.set_ylabel(f"{unit} to target (B x S)")
-    ax.set_title(title or "data efficiency")
-    ax.grid(True, which="both", alpha=0.25)
-    _legend(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
-    return path
+    return _finish_single(fig, ax, path, unit, f"{unit} to target (B x S)", title or "data efficiency")
 
 
 def plot_compare(path: Path, runs: dict, unit: str) -> Path:
