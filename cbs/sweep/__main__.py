@@ -19,10 +19,10 @@ def _help_epilog() -> str:
     from cbs.sweep.schema import describe
     lines = ["config keys (YAML; any of them can be overridden as key.path=value):"]
     lines += describe(SweepConfig)
-    lines += ["  grid.optimizers[i]: kind, name, hparams{...}, learning_rates, schedule{...}",
-              "  schedule keys: kind, warmup_steps, horizon, final_lr_fraction, boundaries, decay_factor,",
-              "                 pieces, batch_growth, seesaw, num_pieces",
-              "", "back ends, their sections, metrics and optimizer kinds:"]
+    from cbs.sweep.config import OptimizerEntry
+    lines.append("  each entry of grid.optimizers (grid.optimizers.I.KEY=value on the command line):")
+    lines += describe(OptimizerEntry, prefix="grid.optimizers[i].")
+    lines += ["", "back ends, their sections, metrics and optimizer kinds:"]
     from cbs.sweep.backend import BACKENDS, get_backend
     from cbs.sweep.schema import describe as describe_section
     for name in BACKENDS:

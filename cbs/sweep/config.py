@@ -150,7 +150,7 @@ class SweepConfig:
     budget: Budget = spec(doc="step budget")
     output: Output = spec(factory=Output, doc="where and what to write")
     analysis: AnalysisOptions = spec(factory=AnalysisOptions, doc="critical-batch-size extraction")
-    section: Any = spec(None, doc="the back end's own section (YAML key: the back end name)")
+    section: Any = spec(None, doc="the back end's own section (YAML key: the back end name)", hidden=True)
 
     @property
     def out_dir(self) -> Path:

@@ -44,9 +44,10 @@ def _show(value: Any) -> str:
 
 
 def spec(default: Any = dataclasses.MISSING, *, doc: str = "", ge=None, gt=None,
-                  le=None, lt=None, min_len: int | None = None, factory=None) -> Any:
-    """A dataclass field with bounds (numbers, or every number in a list) and a doc."""
-    meta = dict(doc=doc, ge=ge, gt=gt, le=le, lt=lt, min_len=min_len)
+                  le=None, lt=None, min_len: int | None = None, factory=None, hidden: bool = False) -> Any:
+    """A dataclass field with bounds (numbers, or every number in a list) and a doc;
+    ``hidden`` keeps it out of --help (fields filled by code, not by users)."""
+    meta = dict(doc=doc, ge=ge, gt=gt, le=le, lt=lt, min_len=min_len, hidden=hidden)
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     if isinstance(default, (list, dict)):
@@ -216,6 +217,8 @@ def describe(cls, prefix: str = "") -> list[str]:
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.metadata.get("hidden"):
+            continue
         tp = hints[f.name]
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(tp):
@@ -227,6 +230,7 @@ def describe(cls, prefix: str = "") -> list[str]:
         bounds = " ".join(f"{k}{v}" for k, v in (("≥", f.metadata.get("ge")), (">", f.metadata.get("gt")),
                                                                                         ("≤", f.metadata.get("le")), ("<", f.metadata.get("lt")))
                                             if v is not None)
-        lines.append(f"  {key} ({_type_name(tp)}{'; ' + bounds if bounds else ''}; default {to_dict(default)!r}): "
-                                  f"{f.metadata.get('doc', '')}")
+        default_text = "required" if default == "required" else f"default {to_dict(default)!r}"
+        lines.append(f"  {key} ({_type_name(tp)}{'; ' + bounds if bounds else ''}; {default_text}): "
+                     f"{f.metadata.get('doc', '')}")
     return lines
