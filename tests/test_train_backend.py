@@ -136,3 +136,25 @@ def test_kfac_cells_run_in_turn_with_the_same_records(backend):
     assert set(res.curves.columns) >= {"cell_id", "step", "metric", "val_loss", "val_error", "train_loss"}
     steps = curve(res, good.cell_id).step.tolist()
     assert steps == [0, 10, 20, 30, 40]
+
+
+def test_compacting_finished_cells_changes_no_record():
+    """Dropping finished cells from the vmap mid-block (compact) gives every cell the same
+    steps to target, and the same curve up to the point it was dropped, as keeping them."""
+    cfg = make_config(dict(TINY, steps_per_call=20), metric="val_loss", value=1.2, max_steps=300,
+                      eval_every=10)
+    block = make_block("sgd", 32, [0.003, 0.01, 0.3, 0.5, 1.0, 0.03, 0.1, 0.2], seeds=(0,))
+    compacted = TrainBackend(cfg).run_blocks([block])[0]
+    plain_cfg = make_config(dict(TINY, steps_per_call=20, compact=False), metric="val_loss", value=1.2,
+                            max_steps=300, eval_every=10)
+    plain = TrainBackend(plain_cfg).run_blocks([block])[0]
+    reached = [r.reached for r in plain.cells]
+    assert any(reached) and not all(reached)  # the case compaction is for
+    for a, b in zip(compacted.cells, plain.cells):
+        assert (a.reached, a.diverged) == (b.reached, b.diverged)
+        np.testing.assert_equal(a.steps_to_target, b.steps_to_target)
+        ca, cb = curve(compacted, a.cell_id), curve(plain, b.cell_id)
+        np.testing.assert_allclose(ca.val_loss.to_numpy(), cb.val_loss.to_numpy()[: len(ca)], rtol=1e-6)
+    # Compaction happened (dropped cells' curves end early) and slow cells ran the full budget.
+    assert len(compacted.curves) < len(plain.curves)
+    assert max(r.steps_run for r in compacted.cells) == 300

@@ -59,6 +59,7 @@ class TrainSection:
     label_noise: float = spec(0.1, doc="linreg: label noise standard deviation", ge=0)
     eval_batch: int = spec(1024, doc="validation examples per evaluation piece (memory only)", ge=1)
     steps_per_call: int = spec(100, doc="steps per compiled call; the stop check runs between calls", ge=1)
+    compact: bool = spec(True, doc="drop finished cells from a running block once half of them are done")
     diverge_loss: float | None = spec(None, doc="also call a cell diverged when its training loss exceeds this", gt=0)
     diverge_factor: float = spec(10.0, doc="a cell whose val_loss exceeds this times its initial val_loss is "
                                  "recorded diverged", gt=1)
@@ -189,7 +190,7 @@ class TrainBackend(Backend):
                           target=c.target.value, interpolate=c.target.interpolate, steps_per_call=s.steps_per_call,
                           noise_scale=s.noise_scale.enabled, noise_micro_batch=s.noise_scale.micro_batch,
                           noise_num_micro=s.noise_scale.num_micro, noise_ema=s.noise_scale.ema,
-                          diverge_factor=s.diverge_factor)
+                          diverge_factor=s.diverge_factor, compact=s.compact)
 
     def _run_for(self, kind: str, schedule) -> BlockRun:
         key = (kind, repr(schedule))

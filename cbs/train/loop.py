@@ -36,6 +36,7 @@ class RunOptions:
     noise_num_micro: int = 4
     noise_ema: float = 0.0            # EMA of the two estimates across evaluations (0 = none)
     diverge_factor: float = 10.0      # val_loss above this times its step-0 value = diverged
+    compact: bool = True              # drop finished cells from the vmap once half are done
 
     @property
     def evals_per_call(self) -> int:
@@ -177,6 +178,8 @@ def run_vmapped_block(problem: Problem, block: Block, opts: RunOptions, run: Blo
     for i in range(len(seeds)):
         tracker.record(i, 0, dict(val_loss=vl[i], val_error=ve[i], train_loss=np.nan), False, 0)
 
+    # lane_cell[l] is the cell that vmap lane l trains; lanes past n_live are padding.
+    lane_cell, n_live = np.arange(n_cells), n_cells
     step = 0
     while step < opts.max_steps and not tracker.done.all():
         table = np.stack([streams[s].take(k * every * B).reshape(k, every, B) for s in useeds])
@@ -193,14 +196,34 @@ def run_vmapped_block(problem: Problem, block: Block, opts: RunOptions, run: Blo
             if start >= opts.max_steps:
                 break
             at = min(start + every, opts.max_steps)
-            for i in range(len(seeds)):
-                metrics = dict(val_loss=out["val_loss"][i, j], val_error=out["val_error"][i, j],
-                               train_loss=out["train_loss"][i, j])
+            for lane in range(n_live):
+                i = int(lane_cell[lane])
+                metrics = dict(val_loss=out["val_loss"][lane, j], val_error=out["val_error"][lane, j],
+                               train_loss=out["train_loss"][lane, j])
                 # Updates applied up to this evaluation: the cell's counter is only known at
                 # the end of the call, so use it for the last evaluation and `at` before.
-                tracker.record(i, at, metrics, bool(out["diverged"][i, j]),
-                               int(min(at, applied[i])))
-                if opts.noise_scale and not out["diverged"][i, j]:
-                    tracker.record_noise(i, at, float(out["grad_sq"][i, j]), float(out["trace_sigma"][i, j]))
+                tracker.record(i, at, metrics, bool(out["diverged"][lane, j]),
+                               int(min(at, applied[lane])))
+                if opts.noise_scale and not out["diverged"][lane, j]:
+                    tracker.record_noise(i, at, float(out["grad_sq"][lane, j]), float(out["trace_sigma"][lane, j]))
         step += k * every
+        live = np.flatnonzero(~tracker.done[lane_cell[:n_live]])
+        # Finished cells would otherwise ride along (and cost compute) until the block's
+        # slowest cell is done. Once at most half the lanes are live and at least two more
+        # calls remain, gather the live cells into a narrower vmap (widths are powers of
+        # two, so a block compiles at most log2(cells) extra programs). A cell's own
+        # arithmetic does not depend on its lane, so its trajectory is unchanged.
+        width = lr.shape[0]
+        if (opts.compact and len(live) and 2 * len(live) <= width
+                and opts.max_steps - step >= 2 * k * every):
+            new_width = padded_size(1 << (len(live) - 1).bit_length())
+            if new_width < width:
+                sel = np.concatenate([live, np.repeat(live[-1:], new_width - len(live))])
+                take = lambda x: x[sel]
+                state, lr, seed_idx = jax.tree.map(take, state), lr[sel], seed_idx[sel]
+                hp = {name: v[sel] for name, v in hp.items()}
+                if jax.local_device_count() > 1:
+                    lr, hp, seed_idx = shard_cells((lr, hp, seed_idx), new_width)
+                    state = jax.device_put(state, lr.sharding)
+                lane_cell, n_live = lane_cell[live], len(live)
     return tracker.result()
