@@ -141,11 +141,11 @@ def test_kfac_cells_run_in_turn_with_the_same_records(backend):
 def test_compacting_finished_cells_changes_no_record():
     """Dropping finished cells from the vmap mid-block (compact) gives every cell the same
     steps to target, and the same curve up to the point it was dropped, as keeping them."""
-    cfg = make_config(dict(TINY, steps_per_call=20), metric="val_loss", value=1.2, max_steps=300,
+    cfg = make_config(dict(TINY, steps_per_call=20, compact="always"), metric="val_loss", value=1.2, max_steps=300,
                       eval_every=10)
     block = make_block("sgd", 32, [0.003, 0.01, 0.3, 0.5, 1.0, 0.03, 0.1, 0.2], seeds=(0,))
     compacted = TrainBackend(cfg).run_blocks([block])[0]
-    plain_cfg = make_config(dict(TINY, steps_per_call=20, compact=False), metric="val_loss", value=1.2,
+    plain_cfg = make_config(dict(TINY, steps_per_call=20, compact="never"), metric="val_loss", value=1.2,
                             max_steps=300, eval_every=10)
     plain = TrainBackend(plain_cfg).run_blocks([block])[0]
     reached = [r.reached for r in plain.cells]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,7 @@ class RunOptions:
     noise_num_micro: int = 4
     noise_ema: float = 0.0            # EMA of the two estimates across evaluations (0 = none)
     diverge_factor: float = 10.0      # val_loss above this times its step-0 value = diverged
-    compact: bool = True              # drop finished cells from the vmap once half are done
+    compact: str = "auto"             # drop finished cells from the vmap: "auto", "always", "never"
 
     @property
     def evals_per_call(self) -> int:
@@ -180,6 +181,8 @@ def run_vmapped_block(problem: Problem, block: Block, opts: RunOptions, run: Blo
 
     # lane_cell[l] is the cell that vmap lane l trains; lanes past n_live are padding.
     lane_cell, n_live = np.arange(n_cells), n_cells
+    call_times: list[float] = []
+    fresh = {0}  # calls that include a compile (measured: call time minus a later call's)
     step = 0
     while step < opts.max_steps and not tracker.done.all():
         table = np.stack([streams[s].take(k * every * B).reshape(k, every, B) for s in useeds])
@@ -188,8 +191,10 @@ def run_vmapped_block(problem: Problem, block: Block, opts: RunOptions, run: Blo
             ntable = jnp.asarray(np.stack([np.stack([noise_indices(s, step + (j + 1) * every, n,
                                                                    opts.noise_num_micro, micro)
                                                      for j in range(k)]) for s in useeds]))
+        t_call = time.perf_counter()
         state, out = run.call(state, lr, hp, seed_idx, jnp.asarray(table), ntable)
         out = {key: np.asarray(v) for key, v in out.items()}
+        call_times.append(time.perf_counter() - t_call)
         applied = np.asarray(state.step)
         for j in range(k):
             start = step + j * every
@@ -209,21 +214,28 @@ def run_vmapped_block(problem: Problem, block: Block, opts: RunOptions, run: Blo
         step += k * every
         live = np.flatnonzero(~tracker.done[lane_cell[:n_live]])
         # Finished cells would otherwise ride along (and cost compute) until the block's
-        # slowest cell is done. Once at most half the lanes are live and at least two more
-        # calls remain, gather the live cells into a narrower vmap (widths are powers of
-        # two, so a block compiles at most log2(cells) extra programs). A cell's own
-        # arithmetic does not depend on its lane, so its trajectory is unchanged.
+        # slowest cell is done. Once at most half the lanes are live, gather the live cells
+        # into a narrower vmap (widths are powers of two) -- but only when the compute it
+        # saves over the remaining calls beats the compile of the narrower program, both
+        # measured on this block (first call = compile + run; later calls = run). On CPU
+        # with small models the compile usually wins; with bigger models or budgets, not.
+        # A cell's own arithmetic does not depend on its lane, so its trajectory is unchanged.
         width = lr.shape[0]
-        if (opts.compact and len(live) and 2 * len(live) <= width
-                and opts.max_steps - step >= 2 * k * every):
-            new_width = padded_size(1 << (len(live) - 1).bit_length())
-            if new_width < width:
-                sel = np.concatenate([live, np.repeat(live[-1:], new_width - len(live))])
-                take = lambda x: x[sel]
-                state, lr, seed_idx = jax.tree.map(take, state), lr[sel], seed_idx[sel]
-                hp = {name: v[sel] for name, v in hp.items()}
-                if jax.local_device_count() > 1:
-                    lr, hp, seed_idx = shard_cells((lr, hp, seed_idx), new_width)
-                    state = jax.device_put(state, lr.sharding)
-                lane_cell, n_live = lane_cell[live], len(live)
+        new_width = padded_size(1 << max(len(live) - 1, 0).bit_length())
+        worth = opts.compact == "always"
+        if opts.compact == "auto" and len(call_times) > len(fresh):
+            run_s = min(t for c, t in enumerate(call_times) if c not in fresh)
+            compile_s = max(call_times[c] - run_s for c in fresh if c < len(call_times))
+            calls_left = math.ceil((opts.max_steps - step) / (k * every))
+            worth = calls_left * run_s * (1 - new_width / width) > 2 * compile_s
+        if opts.compact != "never" and len(live) and new_width < width and worth:
+            sel = np.concatenate([live, np.repeat(live[-1:], new_width - len(live))])
+            take = lambda x: x[sel]
+            state, lr, seed_idx = jax.tree.map(take, state), lr[sel], seed_idx[sel]
+            hp = {name: v[sel] for name, v in hp.items()}
+            if jax.local_device_count() > 1:
+                lr, hp, seed_idx = shard_cells((lr, hp, seed_idx), new_width)
+                state = jax.device_put(state, lr.sharding)
+            lane_cell, n_live = lane_cell[live], len(live)
+            fresh.add(len(call_times))  # the next call compiles the narrower program
     return tracker.result()
