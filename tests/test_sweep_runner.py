@@ -106,3 +106,13 @@ def test_sigkill_mid_sweep_then_resume_gives_the_uninterrupted_table(tmp_path):
     assert again["cell_id"].is_unique and len(again) == len(whole)
     cols = [c for c in whole.columns if c != "host"]
     pd.testing.assert_frame_equal(whole[cols], again[cols])
+
+
+def test_calls_respect_blocks_per_call_and_never_mix_optimizers(fake_backend, tmp_path):
+    run_sweep(load_config(fake_config(tmp_path)), progress=False)
+    assert FakeBackend.calls, "the back end was never called"
+    for call in FakeBackend.calls:
+        assert len(call) <= FakeBackend.blocks_per_call
+        assert len({block_id.split("__")[0] for block_id in call}) == 1
+    assert sorted(b for call in FakeBackend.calls for b in call) == sorted(
+        f"{o}__B{b}" for o in ("plain", "heavy") for b in (1, 4, 16))
