@@ -49,26 +49,23 @@ def read_run_table(run_dir, name: str) -> pd.DataFrame | None:
 
 
 def read_run_config(run_dir) -> dict:
-    """The resolved config.yaml as a plain mapping ({} when absent or unreadable)."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        return {}
+    """The resolved config.yaml as a plain mapping ({} when absent)."""
+    from cbs.store import read_config
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_config(run_dir)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise AnalysisError(f"{str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise AnalysisError(f"{str(Path(run_dir) / 'config.yaml')!r} is not valid YAML: "
+                            f"{str(e).splitlines()[0]}") from None
     return data if isinstance(data, dict) else {}
 
 
 def read_run_manifest(run_dir) -> dict:
     """manifest.json as a mapping ({} when absent)."""
-    path = Path(run_dir) / "manifest.json"
-    if not path.exists():
-        return {}
+    from cbs.store import read_manifest
     try:
-        data = json.loads(path.read_text())
+        data = read_manifest(run_dir)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AnalysisError(f"{str(path)!r} is not valid JSON: {e}") from None
+        raise AnalysisError(f"{str(Path(run_dir) / 'manifest.json')!r} is not valid JSON: {e}") from None
     return data if isinstance(data, dict) else {}
 
 
