@@ -83,18 +83,28 @@ def _draw_fit(ax, fit, color, label_prefix="", band=True, show_lines=True):
 
 
 
-def _finish_single(fig, ax, path: Path, unit: str, ylabel: str, title: str) -> Path:
-    """Log axes, labels, grid and legend of a one-panel batch-size plot; saves and closes it."""
-    _log_axes(ax)
-    ax.set_xlabel(f"batch size ({unit})")
+def _label(ax, xlabel: str, ylabel: str, title: str, **legend) -> None:
+    """Axis labels, title, log grid and legend of one panel."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.25)
-    _legend(ax)
+    _legend(ax, **legend)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
     plt.close(fig)
     return path
+
+
+def _finish_single(fig, ax, path: Path, unit: str, ylabel: str, title: str) -> Path:
+    """Finishes a one-panel batch-size plot (log axes) and saves it."""
+    _log_axes(ax)
+    _label(ax, f"batch size ({unit})", ylabel, title)
+    return _save(fig, path)
+
 
 def plot_steps_vs_batch(path: Path, fits: dict, per_seed: pd.DataFrame, unit: str, scale: float,
                         reference: pd.DataFrame | None = None, title: str = "") -> Path:
@@ -133,17 +143,10 @@ def plot_steps_vs_batch(path: Path, fits: dict, per_seed: pd.DataFrame, unit: st
         _log_axes(ax)
         if floor and ax.get_yscale() == "log":
             ax.set_ylim(bottom=0.5 * min(floor))
-        ax.set_xlabel(f"batch size ({unit})")
-        ax.set_ylabel("steps to target")
-        ax.set_title(f"{name}")
-        ax.grid(True, which="both", alpha=0.25)
-        _legend(ax, loc="best")
+        _label(ax, f"batch size ({unit})", "steps to target", f"{name}", loc="best")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_best_lr(path: Path, per_b: pd.DataFrame, unit: str, scale: float, title: str = "") -> Path:
@@ -207,15 +210,8 @@ def plot_compare(path: Path, runs: dict, unit: str) -> Path:
             ax.plot(fit.batch_sizes[good], fit.steps[good], "o", color=color, markeredgecolor="k", ms=5)
             _draw_fit(ax, fit, color, label_prefix=f"{run} ", band=True, show_lines=False)
         _log_axes(ax)
-        ax.set_xlabel(f"batch size ({unit})")
-        ax.set_ylabel("steps to target")
-        ax.set_title(name)
-        ax.grid(True, which="both", alpha=0.25)
-        _legend(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
-    return path
+        _label(ax, f"batch size ({unit})", "steps to target", name)
+    return _save(fig, path)
 
 
 def plot_scaling(path: Path, table: pd.DataFrame, fits: dict, scale_key: str, unit: str) -> Path:
@@ -237,15 +233,8 @@ def plot_scaling(path: Path, table: pd.DataFrame, fits: dict, scale_key: str, un
             ax.plot(xx, pl.predict(xx), "-", color=color,
                     label=f"{name}: B_crit = {pl.coef:.3g} x^{pl.exponent:.3f}")
     _log_axes(ax, xbase=10)
-    ax.set_xlabel(scale_key)
-    ax.set_ylabel(f"B_crit ({unit})")
-    ax.set_title("critical batch size vs scale")
-    ax.grid(True, which="both", alpha=0.25)
-    _legend(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
-    return path
+    _label(ax, scale_key, f"B_crit ({unit})", "critical batch size vs scale")
+    return _save(fig, path)
 
 
 def plot_targets(path: Path, table: pd.DataFrame, unit: str, metric: str = "target") -> Path:
@@ -268,15 +257,6 @@ def plot_targets(path: Path, table: pd.DataFrame, unit: str, metric: str = "targ
             ax2.annotate(f"{xi:.3g}", (ei, si), fontsize=6, xytext=(3, 3), textcoords="offset points")
     for ax in (ax1, ax2):
         _log_axes(ax, xbase=10)
-        ax.grid(True, which="both", alpha=0.25)
-        _legend(ax)
-    ax1.set_xlabel(f"target {metric}")
-    ax1.set_ylabel(f"B_crit ({unit})")
-    ax1.set_title("critical batch size vs target (band: bootstrap CI)")
-    ax2.set_xlabel(f"E_min ({unit} to target)")
-    ax2.set_ylabel("S_min (steps to target)")
-    ax2.set_title("Pareto front, one point per target (labels)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
-    return path
+    _label(ax1, f"target {metric}", f"B_crit ({unit})", "critical batch size vs target (band: bootstrap CI)")
+    _label(ax2, f"E_min ({unit} to target)", "S_min (steps to target)", "Pareto front, one point per target (labels)")
+    return _save(fig, path)
