@@ -120,9 +120,3 @@ def loss_and_error(task: str, outputs: jax.Array, y: jax.Array, register_kfac: b
     err = jnp.mean(jnp.argmax(outputs, axis=-1) != y)
     return loss, err
 
-
-def loss_fn(model: nn.Module, task: str, register_kfac: bool = False) -> Callable:
-    """``f(params, x, y) -> (loss, error)`` for a model and task."""
-    def f(params, x, y):
-        return loss_and_error(task, model.apply(params, x), y, register_kfac)
-    return f
