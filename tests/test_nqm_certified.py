@@ -139,3 +139,20 @@ def test_unstable_configuration_is_never_reached():
                           batch_sizes=2.0 ** np.arange(2, 21, 6), target=0.01, max_steps=10**9)
     assert out["reached"][1].any()  # a stable neighbour in the same call is unaffected
     np.testing.assert_array_equal(out["steps"][1], alone["steps"][0])
+
+
+@pytest.mark.parametrize("m", [1, 3, 6])
+def test_small_solver_matches_lapack(m):
+    """The unrolled pivoted elimination used for the stationary moments (m = 1, 3, 6 for
+    SGD, momentum, momentum + EMA) against numpy's LAPACK solve, including a system that
+    needs pivoting (zero leading entry)."""
+    import jax
+    import jax.numpy as jnp
+    rng = np.random.default_rng(m)
+    A = rng.normal(size=(m, m, 40))
+    A[0, 0, :5] = 0.0
+    b = rng.normal(size=(m, 40))
+    with jax.enable_x64(True):
+        got = np.asarray(dyn._solve_small(jnp.asarray(A), jnp.asarray(b)))
+    want = np.linalg.solve(np.moveaxis(A, -1, 0), b.T[..., None])[..., 0].T
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)

@@ -338,7 +338,31 @@ def _stationary(kind, ema, a, beta, gamma, r):
         out = E @ S + S @ jnp.swapaxes(E, -1, -2) - E @ S @ jnp.swapaxes(E, -1, -2)
         cols.append(out[:, I, J])
     IM = jnp.stack(cols, -1)                                   # (nb, m, m)
-    return jnp.linalg.solve(IM, jnp.moveaxis(r, 0, -1)[..., None])[..., 0].T   # (m, nb)
+    return _solve_small(jnp.moveaxis(IM, 0, -1), r)             # (m, nb)
+
+
+def _solve_small(A, b):
+    """Solve A x = b for many tiny systems: A (m, m, n), b (m, n) -> x (m, n).
+
+    Gaussian elimination with partial pivoting, unrolled over the m <= 6 rows. Under vmap,
+    jnp.linalg.solve becomes one LAPACK call per 3x3 system (~20x slower here).
+    """
+    m = A.shape[0]
+    rows = [[A[i, j] for j in range(m)] + [b[i]] for i in range(m)]
+    for col in range(m):
+        # partial pivoting: bring the largest remaining |entry| of this column to row col
+        for i in range(col + 1, m):
+            swap = jnp.abs(rows[i][col]) > jnp.abs(rows[col][col])
+            rows[col], rows[i] = ([jnp.where(swap, x, y) for x, y in zip(rows[i], rows[col])],
+                                  [jnp.where(swap, y, x) for x, y in zip(rows[i], rows[col])])
+        for i in range(col + 1, m):
+            f = rows[i][col] / rows[col][col]
+            rows[i] = [x - f * y for x, y in zip(rows[i], rows[col])]
+    x = [None] * m
+    for i in reversed(range(m)):
+        acc = rows[i][m] - sum(rows[i][j] * x[j] for j in range(i + 1, m))
+        x[i] = acc / rows[i][i]
+    return jnp.stack(x)
 
 
 def _modes(kind, ema, a, beta, gamma, c):
@@ -388,7 +412,7 @@ def _modal_coeffs(hs, s, k):
     return jnp.stack(out)
 
 
-def _osc_terms(Kc, rot, arc, pw):
+def _osc_terms(Kc, rot, arc, pw, ang_err=0.0):
     """Lower bounds of Re(K z^s) = |K| |z|^s cos(arg K + s arg z), s in [0, L), for oscillating
     (complex or negative) modes, without transcendentals: Kc is already conjugated where
     arg z < 0, rot = exp(i sp) with sp = (L-1) |arg z| the arc swept, arc = 0, 1, 2 for
@@ -402,11 +426,11 @@ def _osc_terms(Kc, rot, arc, pw):
     up0, up1 = jnp.imag(Kc), jnp.imag(end)
     reach = jnp.where(arc == 0, (up0 > 0) & (up1 < 0), jnp.where(arc == 1, ~((up0 < 0) & (up1 > 0)), True))
     cm = jnp.where(reach, -Ka, jnp.minimum(jnp.real(Kc), jnp.real(end)))
-    cm = cm - 1e-12 * Ka
+    cm = cm - (1e-12 + ang_err) * Ka
     return cm * jnp.where(cm >= 0, jnp.minimum(1.0, pw), jnp.maximum(1.0, pw))
 
 
-UNIT, UNIT_LVL = 8, 3   # exact steps per level-0 iteration; the level tried next
+UNIT_LVL = 1   # every iteration evaluates the exact risk at 2^UNIT_LVL consecutive steps
 
 
 def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter):
@@ -414,7 +438,13 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter):
 
     two: tuple over m of (2, nb) [Det, Noise at B = 1]; Tt: tuple tables (M^(2^j), R_j) with
     the noise scaled by 1 / batch_mult (R at B = 1); sinf the matching stationary Noise.
-    Returns (hit (nB,) local step or -1, certified (nB,) bool).
+    Returns (hit (nB,) local step or -1, certified (nB,) bool, iterations used).
+
+    The modal coefficients of Det and Noise - sinf are computed once and then carried along:
+    advancing by s steps multiplies each by z^s (a table of z^(2^j)), which is exact up to
+    rounding, so an iteration costs a few complex products per bin instead of a change of
+    basis. Rounding of the carried coefficients (relative ~1e-16 per product, < 1e-13 after
+    the iteration budget) is far inside the bound's 1e-10 relative margin.
     """
     k = lam.shape[0]
     pairs = _mode_pairs(k)
@@ -426,35 +456,42 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter):
     za = jnp.abs(z)
     real_mode = ((jnp.imag(z) == 0) | is01) & (jnp.real(z) >= 0)
     Lm1 = (2.0 ** jnp.arange(K) - 1.0)
-    pw_tab = jnp.power(za[None], Lm1[:, None, None])                            # (K, np, nb)
     phi = jnp.angle(z)
     sp_tab = Lm1[:, None, None] * jnp.abs(phi)[None]                             # (K, np, nb)
-    rot_tab = jnp.exp(1j * sp_tab)
     arc_tab = (sp_tab >= jnp.pi).astype(jnp.int8) + (sp_tab >= 2 * jnp.pi).astype(jnp.int8)
+    # Tables by repeated squaring (x^(2^(j+1) - 1) = (x^(2^j - 1))^2 x), not by pow / exp per
+    # level, which dominated the setup: |z|^(2^j - 1), exp(i (2^j - 1) |arg z|) and z^(2^j)
+    # (the carried coefficients' step tables). Squaring doubles the relative error per level,
+    # as rounding (2^j - 1) |arg z| does: the bound's angular margin below covers it.
+    unit_rot = jnp.exp(1j * jnp.abs(phi))
+
+    def squarings(c, _):
+        p, r, q = c
+        return (p * p * za, r * r * unit_rot, q * q), c
+    _, (pw_tab, rot_tab, zp_tab) = jax.lax.scan(squarings, (jnp.ones_like(za), jnp.ones_like(z), z), None,
+                                                length=K)                       # (K, np, nb) each
+    ang_err = 16 * np.finfo(np.float64).eps * (2.0 ** np.arange(K)) * np.pi   # angular margin per level
     flip = phi < 0
     hs_t = [hs[i] for i in range(k)]
     const_n = sum(read[i] * sinf[i] for i in range(len(read)) if read[i] != 0)   # (nb,)
     nB = batch.shape[0]
+    ib = (1.0 / batch)[:, None, None]
     Ms, Rs = Tt
     m = len(Rs)
+    unit = 1 << UNIT_LVL
 
-    def bounds(st, lvl):
+    def bounds(Kd, Kn, lvl):
         """Lower bound of the risk over [t, t + 2^lvl) for every batch size, (nB,)."""
         pw = pw_tab[lvl]
-        D = jnp.stack([x[0] for x in st])
-        N = jnp.stack([x[1] for x in st]) - sinf
-        Kd = _modal_coeffs(hs_t, D.astype(jnp.complex128), k)
-        Kn = _modal_coeffs(hs_t, N.astype(jnp.complex128), k)
-        rot, arc = rot_tab[lvl], arc_tab[lvl]
+        rot, arc, da = rot_tab[lvl], arc_tab[lvl], jnp.asarray(ang_err)[lvl]
         # oscillating modes: Det and Noise bounded separately (shared by all B); real modes
         # z >= 0: the combined coefficient Kd + Kn / B per B (monotone term, exact minimum)
-        oscD = jnp.where(real_mode, 0.0, _osc_terms(jnp.where(flip, jnp.conj(Kd), Kd), rot, arc, pw))
-        oscN = jnp.where(real_mode, 0.0, _osc_terms(jnp.where(flip, jnp.conj(Kn), Kn), rot, arc, pw))
+        oscD = jnp.where(real_mode, 0.0, _osc_terms(jnp.where(flip, jnp.conj(Kd), Kd), rot, arc, pw, da))
+        oscN = jnp.where(real_mode, 0.0, _osc_terms(jnp.where(flip, jnp.conj(Kn), Kn), rot, arc, pw, da))
         Krd = jnp.where(real_mode, jnp.real(Kd), 0.0)
         Krn = jnp.where(real_mode, jnp.real(Kn), 0.0)
-        ib = (1.0 / batch)[:, None, None]
         v = Krd[None] + Krn[None] * ib                                            # (nB, np, nb)
-        lb = (jnp.sum(oscD, 0)[None] + jnp.sum(oscN, 0)[None] * ib[:, 0] + const_n[None] * ib[:, 0]
+        lb = (jnp.sum(oscD, 0)[None] + (jnp.sum(oscN, 0) + const_n)[None] * ib[:, 0]
               + jnp.sum(jnp.minimum(v, v * pw[None]), 1))
         mag = (jnp.sum((jnp.abs(Kd) + jnp.abs(Kn)) * jnp.maximum(1.0, pw), 0) + jnp.abs(const_n))
         lb = jnp.fmax(lb - 1e-10 * mag[None], 0.0)
@@ -471,36 +508,43 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter):
         return tuple(sum(Mt[i][j][None] * st[j] for j in range(m)) + Rt[i][None] * coef for i in range(m))
 
     def cond(c):
-        t, lvl, st, active, hit, it = c
+        t, lvl, st, Kd, Kn, active, hit, it = c
         return jnp.any(active) & (t <= ell) & (it < max_iter)
 
     def body(c):
-        t, lvl, st, active, hit, it = c
-        at0 = lvl == 0
-
-        # level 0: the exact risk at UNIT consecutive steps from t (first hit per batch size)
-        def one(cc, _):
-            tt, s1, act, hh = cc
+        t, lvl, st, Kd, Kn, active, hit, it = c
+        # the exact risk at the next `unit` steps (first hit per batch size)
+        s1, hit1, act1 = st, hit, active
+        for u in range(unit):
             dn = exact(s1)
-            below = act & (tt <= ell) & _below(dn[0] + dn[1] / batch, target)
-            return (tt + 1, apply(s1, 0), act & ~below, jnp.where(below, tt, hh)), None
+            below = act1 & (t + u <= ell) & _below(dn[0] + dn[1] / batch, target)
+            hit1 = jnp.where(below, t + u, hit1)
+            act1 = act1 & ~below
+            if u + 1 < unit:
+                s1 = apply(s1, 0)
+        # intervals no longer than `unit` are covered by those exact values; longer ones need
+        # the lower bound to clear the target for every batch size not yet resolved
+        lb = bounds(Kd, Kn, lvl)
+        short = lvl <= UNIT_LVL
+        # (a short step may run past ell: its steps beyond ell were not evaluated, and the scan ends)
+        ok = short | ((t + (1 << lvl) - 1 <= ell) & jnp.all(~act1 | (lb >= target)))
+        step = jnp.where(short, UNIT_LVL, lvl)
+        new = apply(st, step)
+        zp = zp_tab[step]
+        st = tuple(jnp.where(ok, x, y) for x, y in zip(new, st))
+        Kd = jnp.where(ok, Kd * zp, Kd)
+        Kn = jnp.where(ok, Kn * zp, Kn)
+        t = jnp.where(ok, t + (1 << step), t)
+        lvl = jnp.where(ok, jnp.minimum(step + 1, K - 1), jnp.maximum(lvl - 1, UNIT_LVL))
+        return t, lvl, st, Kd, Kn, act1, hit1, it + 1
 
-        (tu, su, au, hu), _ = jax.lax.scan(one, (t, st, active, hit), None, length=UNIT)
-        # level k > 0: the lower bound on [t, t + 2^k)
-        lb = bounds(st, lvl)
-        ok = (t + (1 << lvl) - 1 <= ell) & jnp.all(~active | (lb >= target))
-        new = apply(st, lvl)
-        st = tuple(jnp.where(at0, u, jnp.where(ok, x, y)) for u, x, y in zip(su, new, st))
-        t = jnp.where(at0, tu, jnp.where(ok, t + (1 << lvl), t))
-        active = jnp.where(at0, au, active)
-        hit = jnp.where(at0, hu, hit)
-        lvl = jnp.where(at0, min(UNIT_LVL, K - 1), jnp.where(ok, jnp.minimum(lvl + 1, K - 1), lvl - 1))
-        return t, lvl, st, active, hit, it + 1
-
-    init = (jnp.int64(0), jnp.int64(K - 1), two, jnp.ones(nB, bool), -jnp.ones(nB, jnp.int64), jnp.int64(0))
-    t, lvl, st, active, hit, it = jax.lax.while_loop(cond, body, init)
+    Kd0 = _modal_coeffs(hs_t, jnp.stack([x[0] for x in two]).astype(jnp.complex128), k)
+    Kn0 = _modal_coeffs(hs_t, (jnp.stack([x[1] for x in two]) - sinf).astype(jnp.complex128), k)
+    init = (jnp.int64(0), jnp.int64(K - 1), two, Kd0, Kn0, jnp.ones(nB, bool), -jnp.ones(nB, jnp.int64),
+            jnp.int64(0))
+    t, lvl, st, Kd, Kn, active, hit, it = jax.lax.while_loop(cond, body, init)
     certified = ~active | (t > ell)
-    return hit, certified, t
+    return hit, certified, it
 
 
 def _below(risk, target):
@@ -525,8 +569,8 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
     1. Bisection by binary lifting on the exact risk: from the phase start add 2^j steps
        (j = K-1..0) whenever the risk there is still >= target. It ends at ``off`` with
        risk(off) >= target > risk(off + 1): a genuine crossing, not necessarily the first.
-       An exact scan of [off + 1 - window, off + 1 + window] gives its first step below
-       target and ``settle`` (one plus the last step in it with risk >= target).
+       An exact scan of [off, off + window], continuing from the bisection's state at off,
+       gives ``settle`` (one plus the last step in it with risk >= target).
     2. Certified scan (``_gallop``), shared by all batch sizes, from the phase start. Within
        a phase the risk is a finite sum of exponentials per bin,
            L(t0 + s; B) = sum_b w_b [c^T A^s X_b A^sT c] + const,   X_b = S_b(t0) - S_inf,b / B,
@@ -537,22 +581,23 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
        minimum of |K| |z|^s cos(arg K + s arg z) over the arc swept, and each bin's sum is
        clamped at 0 (a second moment). Oscillating terms of Det and Noise are bounded
        separately (shared by all B), real modes with the combined coefficient
-       K_det + K_noise / B for every B. Relative margins (1e-10 of the terms' magnitudes,
-       1e-12 on the cosines) cover rounding. The scan keeps a step t and a level k: if the bound
-       on [t, t + 2^k) is >= target for every batch size not yet resolved, no crossing can
-       lie there, so it jumps (state advanced with the exact M^(2^k) table) and tries k + 1;
-       otherwise it tries k - 1; at k = 0 it evaluates the exact risk at 8 consecutive steps,
-       records per unresolved B the first one below target, and tries k = 3 next. Every step
-       of [0, ell] is thus either
-       excluded by a bound or evaluated exactly, in increasing order, so the first recorded
-       step is the first crossing.
+       K_det + K_noise / B for every B. Relative margins (1e-10 of the terms' magnitudes;
+       1e-12 plus the tables' angular rounding on the cosines) cover rounding. The modal
+       coefficients are computed once per phase and carried (times z^(2^k) per jump). The
+       scan keeps a step t and a level k. Every iteration evaluates the exact risk at
+       t, t + 1 (``UNIT_LVL``) and records per unresolved B the first step below target;
+       if the bound on [t, t + 2^k) is >= target for every batch size not yet resolved, no
+       crossing can lie there, so it jumps (state advanced with the exact M^(2^k) table) and
+       tries k + 1; otherwise it tries k - 1, down to the two exactly evaluated steps, which
+       it then passes. Every step of [0, ell] is thus either excluded by a bound or evaluated
+       exactly, in increasing order, so the first recorded step is the first crossing.
     3. If the scan covers the phase (or resolves every B) within ``max_iter`` iterations the
        cell is ``certified`` and its answer is the scan's. Otherwise (iteration budget spent,
        e.g. very slowly decaying oscillations at beta -> 1 whose dips approach the target many
        times, or a diverging cell whose state overflows, where no bound exists) the answer
-       is the first step below target in that window (the answer this function gave before
-       certification existed), flagged ``certified = False``: it is the first crossing only
-       if no dip lies more than ``window`` steps before the bisection's crossing.
+       is the bisection's crossing off + 1, flagged ``certified = False``: it is the first
+       crossing when the risk does not dip below target before it (the reference's
+       assumption).
     The flag is the AND over the phases the cell was still searching in.
 
     Args:
@@ -563,8 +608,8 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
         target: the target risk; max_steps: the budget (censoring).
         kind, ema, K, window: static; 2^K > max_steps. max_iter: the certified scan's
             iteration budget (0: 4 K + 2 window, plus 2 K nB for plain SGD). certify: False
-            skips the certified scan (every cell uncertified, answers as the bisection +
-            window alone; about 4.5x faster on the Fig. 3a momentum grid).
+            skips the certified scan (every cell uncertified, answers the bisection's
+            crossing; about 6x faster on the Fig. 3a momentum grid).
 
     Returns:
         dict of (nB,) arrays: steps (int, -1 if not reached), settle, best, final, certified.
@@ -623,16 +668,14 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
             return (cur, off + ok * p2, best), None
 
         rev = jax.tree.map(lambda a: a[::-1], (*Tt, pow2))
-        (_, off, best), _ = jax.lax.scan(lift, (tuple(s), jnp.zeros(nB, jnp.int64), best), rev)
+        (cur, off, best), _ = jax.lax.scan(lift, (tuple(s), jnp.zeros(nB, jnp.int64), best), rev)
 
-        # (2) exact scan of [off + 1 - window, off + 1 + window] around the bisection's crossing:
-        # the answer of uncertified cells (as before certification existed) and the settle step
-        lo = jnp.maximum(off + 1 - window, 0)
-        s_lo = _expand_t(Tt, tuple(s), lo, inv_b)
-
+        # (2) exact forward scan of [off, off + window] from the bisection's state at off
+        # (risk(off) >= target): the answer of uncertified cells (off + 1, the bisection's
+        # crossing) and the settle step
         def scan_step(c, i):
             cur, first, last_above, best = c
-            t = lo + i
+            t = off + i
             valid = t <= ell
             rc = _risk_t(cur, read, w)
             below = valid & _below(rc, target)
@@ -642,8 +685,8 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
             return (_apply_t(M1, R1, cur, inv_b), first, last_above, best), None
 
         neg = -jnp.ones(nB, jnp.int64)
-        (_, first, last_above, best), _ = jax.lax.scan(scan_step, (s_lo, neg, neg, best),
-                                                       jnp.arange(2 * window + 1))
+        (_, first, last_above, best), _ = jax.lax.scan(scan_step, (cur, neg, neg, best),
+                                                       jnp.arange(window + 1))
 
         # (3) certified first crossing: galloping scan with modal lower bounds
         if certify:

@@ -62,7 +62,7 @@ def _grid(prob, cfg, batch, phases, target, max_steps, *, kind, ema, K, window, 
 
 def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,
                   batch_sizes, target: float, max_steps: int, phases: Phases | None = None,
-                  window: int = 16, chunk: int = 64, threads: int | None = None,
+                  window: int = 16, chunk: int | None = None, threads: int | None = None,
                   certify: bool = True) -> dict[str, np.ndarray]:
     """Steps to target for every configuration x batch size.
 
@@ -72,10 +72,11 @@ def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, 
         lr, momentum, ema_decay, precond_power: broadcastable arrays, flattened to C configs.
         batch_sizes: (nB,) shared by all configurations, or (C, nB) one row per configuration.
         target: risk to fall strictly below. max_steps: budget (censoring).
-        phases: the LR / batch schedule (default constant). window: the backward/forward
-            scan around the bisection's crossing (settle step; the answer of uncertified
-            cells; see ``_dynamics.search_steps``).
-        chunk: configurations vmapped together. threads: parallel parts (default: CPU count).
+        phases: the LR / batch schedule (default constant). window: the exact scan after
+            the bisection's crossing (settle step; see ``_dynamics.search_steps``).
+        chunk: configurations vmapped together (default: 4 on CPU, 64 on accelerators; on
+            CPU small chunks keep the per-iteration state in cache: 0.55 s at 4 vs 1.4 s at 64
+            for the Fig. 3a momentum grid). threads: parallel parts (default: CPU count).
         certify: run the certified first-crossing scan (default; False is faster and flags
             every cell uncertified).
 
@@ -93,6 +94,7 @@ def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, 
     batch = np.broadcast_to(batch, (C, batch.shape[-1])) if batch.ndim == 1 else batch
     phases = _padded(phases)
     ema = bool(np.any(gamma > 0))
+    chunk = chunk or (4 if jax.default_backend() == "cpu" else 64)
     cols = [lr, beta, gamma, power, batch]
     # XLA's CPU loops here run on one core: split the configurations into equal parts (the
     # last padded by repetition, so all parts share one compiled program) run in threads.

@@ -47,15 +47,17 @@ class NQMSection:
     num_bins: int = spec(100, doc="number of log-spaced bins when binned", ge=2)
     refine: bool = spec(True, doc="refine the grid-optimal LR per hyperparameter by golden-section search")
     refine_iters: int = spec(25, doc="golden-section iterations (each shrinks the bracket by 0.618)", ge=1)
-    scan_window: int = spec(16, doc="steps scanned either side of the bisection's crossing", ge=1)
+    scan_window: int = spec(16, doc="exact steps scanned after the bisection's crossing (settle step)", ge=1)
     certify: bool = spec(True, doc="certify each first crossing with interval lower bounds (column "
-                         "crossing_certified); false is ~4x faster for momentum and trusts the scan window")
+                         "crossing_certified); false is ~6x faster for momentum and reports the "
+                         "bisection's crossing, assuming the risk is monotone before it")
     max_phases: int = spec(256, doc="phases used for a per-step-varying schedule stretch", ge=1)
     pwc_opt_steps: int = spec(150, doc="Adam steps per optimized piecewise-constant schedule", ge=1)
     curves: Literal["auto", "all", "best", "none"] = spec(
         "auto", doc="risk curves for all cells, the best cell per hyperparameter, or none (auto: all up to 4096 cells)")
     curve_points: int = spec(24, doc="log-spaced steps per curve", ge=2)
-    chunk: int = spec(64, doc="configurations vmapped together (memory vs speed)", ge=1)
+    chunk: int | None = spec(None, doc="configurations vmapped together (default: 4 on CPU, where small "
+                             "chunks stay in cache; 64 on GPU/TPU)", ge=1)
 
 
 def problem_from_section(s: NQMSection) -> Problem:
