@@ -433,11 +433,15 @@ def _osc_terms(Kc, rot, arc, pw, ang_err=0.0):
 UNIT_LVL = 1   # every iteration evaluates the exact risk at 2^UNIT_LVL consecutive steps
 
 
-def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter):
+def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, goal):
     """Certified forward scan over local steps [0, ell] of one phase, shared by all batch sizes.
 
     two: tuple over m of (2, nb) [Det, Noise at B = 1]; Tt: tuple tables (M^(2^j), R_j) with
     the noise scaled by 1 / batch_mult (R at B = 1); sinf the matching stationary Noise.
+    goal: (nB,) the bisection's crossing per batch size (local; > ell if none). The risk
+    there is below target, so an interval reaching it cannot be excluded: intervals are
+    capped to end before the nearest unresolved goal (fewer failed bounds; a cap only
+    shortens intervals, so it never affects validity).
     Returns (hit (nB,) local step or -1, certified (nB,) bool, iterations used).
 
     The modal coefficients of Det and Noise - sinf are computed once and then carried along:
@@ -524,6 +528,8 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter):
                 s1 = apply(s1, 0)
         # intervals no longer than `unit` are covered by those exact values; longer ones need
         # the lower bound to clear the target for every batch size not yet resolved
+        room = jnp.maximum(jnp.min(jnp.where(act1, goal, ell + 1)) - t, 1)
+        lvl = jnp.maximum(jnp.minimum(lvl, 63 - jax.lax.clz(room)), UNIT_LVL)
         lb = bounds(Kd, Kn, lvl)
         short = lvl <= UNIT_LVL
         # (a short step may run past ell: its steps beyond ell were not evaluated, and the scan ends)
@@ -694,7 +700,7 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
             sinf = _stationary(kind, ema, lr * lr_m * h ** (1.0 - power), beta, gamma, r) / b_m
             Tpair = (Tt[0], tuple(x / b_m for x in Tt[1]))
             ghit, gcert, gt = _gallop(Tpair, tuple(two[i] for i in range(two.shape[0])), lam, hs, sinf, read, w,
-                                  batch, ell, target, K, max_iter)
+                                  batch, ell, target, K, max_iter, jnp.where(off < ell, off + 1, ell + 1))
         else:
             ghit, gcert, gt = -jnp.ones(nB, jnp.int64), jnp.zeros(nB, bool), jnp.int64(0)
         gfound = active & gcert & (ghit >= 0)
