@@ -433,7 +433,7 @@ def _osc_terms(Kc, rot, arc, pw, ang_err=0.0):
 UNIT_LVL = 1   # every iteration evaluates the exact risk at 2^UNIT_LVL consecutive steps
 
 
-def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, goal):
+def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, goal, fresh_noise):
     """Certified forward scan over local steps [0, ell] of one phase, shared by all batch sizes.
 
     two: tuple over m of (2, nb) [Det, Noise at B = 1]; Tt: tuple tables (M^(2^j), R_j) with
@@ -442,6 +442,8 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
     there is below target, so an interval reaching it cannot be excluded: intervals are
     capped to end before the nearest unresolved goal (fewer failed bounds; a cap only
     shortens intervals, so it never affects validity).
+    fresh_noise: whether the phase starts with zero noise moments (the first phase), which
+    makes the noise moments nondecreasing within the phase (a second bound, see ``bounds``).
     Returns (hit (nB,) local step or -1, certified (nB,) bool, iterations used).
 
     The modal coefficients of Det and Noise - sinf are computed once and then carried along:
@@ -484,7 +486,7 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
     m = len(Rs)
     unit = 1 << UNIT_LVL
 
-    def bounds(Kd, Kn, lvl):
+    def bounds(Kd, Kn, st, lvl):
         """Lower bound of the risk over [t, t + 2^lvl) for every batch size, (nB,)."""
         pw = pw_tab[lvl]
         rot, arc, da = rot_tab[lvl], arc_tab[lvl], jnp.asarray(ang_err)[lvl]
@@ -497,9 +499,19 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
         v = Krd[None] + Krn[None] * ib                                            # (nB, np, nb)
         lb = (jnp.sum(oscD, 0)[None] + (jnp.sum(oscN, 0) + const_n)[None] * ib[:, 0]
               + jnp.sum(jnp.minimum(v, v * pw[None]), 1))
-        mag = (jnp.sum((jnp.abs(Kd) + jnp.abs(Kn)) * jnp.maximum(1.0, pw), 0) + jnp.abs(const_n))
-        lb = jnp.fmax(lb - 1e-10 * mag[None], 0.0)
-        return jnp.sum(lb * w, -1)
+        grow = jnp.maximum(1.0, pw)
+        magD = jnp.sum(jnp.abs(Kd) * grow, 0)
+        mag = magD + jnp.sum(jnp.abs(Kn) * grow, 0) + jnp.abs(const_n)
+        lb = lb - 1e-10 * mag[None]
+        # Second bound, when this phase's noise started from zero: every bin's Noise is then
+        # n sum_{k<s} (impulse response_k)^2, nondecreasing, so Noise >= its exact value at t;
+        # and Det (a second moment) >= max(0, its modal bound). Far better than the modal
+        # bound when fast oscillations of Det and Noise would each be bounded by -|K|.
+        lbD = (jnp.sum(oscD, 0) + jnp.sum(jnp.minimum(Krd, Krd * pw), 0)) - 1e-10 * magD
+        noise_t = sum(read[i] * st[i][1] for i in range(m) if read[i] != 0) * (1 - 1e-12)
+        lb2 = jnp.fmax(lbD, 0.0)[None] + noise_t[None] * ib[:, 0]
+        lb = jnp.where(fresh_noise, jnp.fmax(lb, lb2), lb)
+        return jnp.sum(jnp.fmax(lb, 0.0) * w, -1)
 
     def exact(st):
         v = sum(read[i] * st[i] for i in range(m) if read[i] != 0)               # (2, nb)
@@ -530,7 +542,7 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
         # the lower bound to clear the target for every batch size not yet resolved
         room = jnp.maximum(jnp.min(jnp.where(act1, goal, ell + 1)) - t, 1)
         lvl = jnp.maximum(jnp.minimum(lvl, 63 - jax.lax.clz(room)), UNIT_LVL)
-        lb = bounds(Kd, Kn, lvl)
+        lb = bounds(Kd, Kn, st, lvl)
         short = lvl <= UNIT_LVL
         # (a short step may run past ell: its steps beyond ell were not evaluated, and the scan ends)
         ok = short | ((t + (1 << lvl) - 1 <= ell) & jnp.all(~act1 | (lb >= target)))
@@ -700,7 +712,8 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
             sinf = _stationary(kind, ema, lr * lr_m * h ** (1.0 - power), beta, gamma, r) / b_m
             Tpair = (Tt[0], tuple(x / b_m for x in Tt[1]))
             ghit, gcert, gt = _gallop(Tpair, tuple(two[i] for i in range(two.shape[0])), lam, hs, sinf, read, w,
-                                  batch, ell, target, K, max_iter, jnp.where(off < ell, off + 1, ell + 1))
+                                  batch, ell, target, K, max_iter, jnp.where(off < ell, off + 1, ell + 1),
+                                  jnp.all(two[:, 1] == 0))
         else:
             ghit, gcert, gt = -jnp.ones(nB, jnp.int64), jnp.zeros(nB, bool), jnp.int64(0)
         gfound = active & gcert & (ghit >= 0)
