@@ -54,8 +54,10 @@ def test_quickstart_cells_are_certified():
     diverged = ~np.isfinite(out["final"]) | (out["final"] > 10 * problem.initial_risk)
     assert out["crossing_certified"][~diverged].all()
     assert out["reached"].sum() > 1000
-    # diverging cells (a > 2) overflow to inf / NaN, where no bound is available: flagged
-    assert not out["crossing_certified"][diverged & ~np.isfinite(out["final"])].any()
+    # diverging cells (a > 2): certified only through the nondecreasing noise bound (once the
+    # noise alone exceeds the target, no later step can be below it); never reached
+    assert not out["reached"][diverged].any()
+    assert out["crossing_certified"].mean() > 0.98
 
 
 def test_uncertified_cells_keep_the_bisection_answer():
