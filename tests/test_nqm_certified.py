@@ -159,3 +159,34 @@ def test_small_solver_matches_lapack(m):
         got = np.asarray(dyn._solve_small(jnp.asarray(A), jnp.asarray(b)))
     want = np.linalg.solve(np.moveaxis(A, -1, 0), b.T[..., None])[..., 0].T
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,ema", [("sgd", False), ("momentum", False), ("nesterov", False), ("momentum", True)])
+def test_certified_answers_equal_brute_force_on_random_cells(kind, ema):
+    """Random small problems and configurations (incl. oscillating, noisy and diverging ones):
+    every certified answer is the brute-force first crossing of the step-by-step recurrence,
+    and most cells are certified."""
+    rng = np.random.default_rng(7)
+    T, n = 300, 24
+    h = np.sort(rng.uniform(0.01, 1.0, 4))[::-1]
+    problem = nqm.custom_problem(h)
+    lr = np.exp(rng.uniform(np.log(0.02), np.log(2.5), n))
+    beta = 0.0 if kind == "sgd" else rng.uniform(0.0, 0.99, n)
+    gamma = rng.uniform(0.5, 0.99, n) if ema else 0.0
+    power = rng.choice([0.0, 0.5], n)
+    bs = np.array([1.0, 16.0, 1024.0])
+    target = 0.05 * problem.initial_risk
+    out = nqm.evaluate_grid(problem, kind, lr, beta, gamma, power, batch_sizes=bs, target=target, max_steps=T)
+    certified = 0
+    for i in range(n):
+        b = 0.0 if kind == "sgd" else beta[i]
+        g = gamma[i] if ema else 0.0
+        for j, B in enumerate(bs):
+            r = _brute(problem, kind, lr[i], b, g, power[i], B, T)
+            below = np.flatnonzero((r < target) & np.isfinite(r))
+            want = below[0] if len(below) else np.nan
+            if out["crossing_certified"][i, j]:
+                certified += 1
+                got = out["steps"][i, j]
+                assert (np.isnan(want) and np.isnan(got)) or got == want, (i, j, got, want)
+    assert certified >= 0.7 * n * len(bs)
