@@ -442,8 +442,8 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
     there is below target, so an interval reaching it cannot be excluded: intervals are
     capped to end before the nearest unresolved goal (fewer failed bounds; a cap only
     shortens intervals, so it never affects validity).
-    fresh_noise: whether the phase starts with zero noise moments (the first phase), which
-    makes the noise moments nondecreasing within the phase (a second bound, see ``bounds``).
+    fresh_noise (static): whether the phase starts with zero noise moments (the first phase),
+    which makes them nondecreasing within the phase and allows a cheaper bound (``bounds``).
     Returns (hit (nB,) local step or -1, certified (nB,) bool, iterations used).
 
     The modal coefficients of Det and Noise - sinf are computed once and then carried along:
@@ -479,7 +479,7 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
     ang_err = 16 * np.finfo(np.float64).eps * (2.0 ** np.arange(K)) * np.pi   # angular margin per level
     flip = phi < 0
     hs_t = [hs[i] for i in range(k)]
-    const_n = sum(read[i] * sinf[i] for i in range(len(read)) if read[i] != 0)   # (nb,)
+    const_n = 0.0 if fresh_noise else sum(read[i] * sinf[i] for i in range(len(read)) if read[i] != 0)
     nB = batch.shape[0]
     ib = (1.0 / batch)[:, None, None]
     Ms, Rs = Tt
@@ -490,28 +490,30 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
         """Lower bound of the risk over [t, t + 2^lvl) for every batch size, (nB,)."""
         pw = pw_tab[lvl]
         rot, arc, da = rot_tab[lvl], arc_tab[lvl], jnp.asarray(ang_err)[lvl]
+        grow = jnp.maximum(1.0, pw)
+        oscD = jnp.where(real_mode, 0.0, _osc_terms(jnp.where(flip, jnp.conj(Kd), Kd), rot, arc, pw, da))
+        Krd = jnp.where(real_mode, jnp.real(Kd), 0.0)
+        magD = jnp.sum(jnp.abs(Kd) * grow, 0)
+        if fresh_noise:
+            # This phase's noise started from zero: every bin's Noise is n sum_{k<s}
+            # (impulse response_k)^2, nondecreasing, so Noise >= its exact value at t; and Det
+            # (a second moment) >= max(0, its modal bound). Shared by all B, and on the paper's
+            # grids as tight as the general bound below (measured: same cells certified).
+            lbD = (jnp.sum(oscD, 0) + jnp.sum(jnp.minimum(Krd, Krd * pw), 0)) - 1e-10 * magD
+            noise_t = sum(read[i] * st[i][1] for i in range(m) if read[i] != 0) * (1 - 1e-12)
+            lb = jnp.fmax(lbD, 0.0)[None] + noise_t[None] * ib[:, 0]
+            # (fmax: a bin whose moments overflowed to NaN still contributes >= 0)
+            return jnp.sum(jnp.fmax(lb, 0.0) * w, -1)
         # oscillating modes: Det and Noise bounded separately (shared by all B); real modes
         # z >= 0: the combined coefficient Kd + Kn / B per B (monotone term, exact minimum)
-        oscD = jnp.where(real_mode, 0.0, _osc_terms(jnp.where(flip, jnp.conj(Kd), Kd), rot, arc, pw, da))
         oscN = jnp.where(real_mode, 0.0, _osc_terms(jnp.where(flip, jnp.conj(Kn), Kn), rot, arc, pw, da))
-        Krd = jnp.where(real_mode, jnp.real(Kd), 0.0)
         Krn = jnp.where(real_mode, jnp.real(Kn), 0.0)
         v = Krd[None] + Krn[None] * ib                                            # (nB, np, nb)
         lb = (jnp.sum(oscD, 0)[None] + (jnp.sum(oscN, 0) + const_n)[None] * ib[:, 0]
               + jnp.sum(jnp.minimum(v, v * pw[None]), 1))
-        grow = jnp.maximum(1.0, pw)
-        magD = jnp.sum(jnp.abs(Kd) * grow, 0)
         mag = magD + jnp.sum(jnp.abs(Kn) * grow, 0) + jnp.abs(const_n)
-        lb = lb - 1e-10 * mag[None]
-        # Second bound, when this phase's noise started from zero: every bin's Noise is then
-        # n sum_{k<s} (impulse response_k)^2, nondecreasing, so Noise >= its exact value at t;
-        # and Det (a second moment) >= max(0, its modal bound). Far better than the modal
-        # bound when fast oscillations of Det and Noise would each be bounded by -|K|.
-        lbD = (jnp.sum(oscD, 0) + jnp.sum(jnp.minimum(Krd, Krd * pw), 0)) - 1e-10 * magD
-        noise_t = sum(read[i] * st[i][1] for i in range(m) if read[i] != 0) * (1 - 1e-12)
-        lb2 = jnp.fmax(lbD, 0.0)[None] + noise_t[None] * ib[:, 0]
-        lb = jnp.where(fresh_noise, jnp.fmax(lb, lb2), lb)
-        return jnp.sum(jnp.fmax(lb, 0.0) * w, -1)
+        lb = jnp.fmax(lb - 1e-10 * mag[None], 0.0)
+        return jnp.sum(lb * w, -1)
 
     def exact(st):
         v = sum(read[i] * st[i] for i in range(m) if read[i] != 0)               # (2, nb)
@@ -551,13 +553,14 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
         zp = zp_tab[step]
         st = tuple(jnp.where(ok, x, y) for x, y in zip(new, st))
         Kd = jnp.where(ok, Kd * zp, Kd)
-        Kn = jnp.where(ok, Kn * zp, Kn)
+        Kn = Kn if fresh_noise else jnp.where(ok, Kn * zp, Kn)
         t = jnp.where(ok, t + (1 << step), t)
         lvl = jnp.where(ok, jnp.minimum(step + 1, K - 1), jnp.maximum(lvl - 1, UNIT_LVL))
         return t, lvl, st, Kd, Kn, act1, hit1, it + 1
 
     Kd0 = _modal_coeffs(hs_t, jnp.stack([x[0] for x in two]).astype(jnp.complex128), k)
-    Kn0 = _modal_coeffs(hs_t, (jnp.stack([x[1] for x in two]) - sinf).astype(jnp.complex128), k)
+    Kn0 = (jnp.zeros((), jnp.complex128) if fresh_noise else    # (unused by the fresh-noise bound)
+           _modal_coeffs(hs_t, (jnp.stack([x[1] for x in two]) - sinf).astype(jnp.complex128), k))
     init = (jnp.int64(0), jnp.int64(K - 1), two, Kd0, Kn0, jnp.ones(nB, bool), -jnp.ones(nB, jnp.int64),
             jnp.int64(0))
     t, lvl, st, Kd, Kn, active, hit, it = jax.lax.while_loop(cond, body, init)
@@ -656,7 +659,7 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
                 settle=jnp.where(_below(risk0, target), 0, -1).astype(jnp.int64), best=risk0,
                 cert=jnp.ones(nB, bool))
 
-    def phase(carry, xs):
+    def phase(carry, xs, first_phase=False):
         t0, ell, lr_m, b_m = xs
         inv_b = 1.0 / (batch * b_m)
         M, r, _, _ = _config_system(kind, ema, prob, lr * lr_m, beta, gamma, power)
@@ -709,11 +712,11 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
         # (3) certified first crossing: galloping scan with modal lower bounds
         if certify:
             lam, hs = _modes(kind, ema, lr * lr_m * h ** (1.0 - power), beta, gamma, c_read)
-            sinf = _stationary(kind, ema, lr * lr_m * h ** (1.0 - power), beta, gamma, r) / b_m
+            sinf = None if first_phase else _stationary(kind, ema, lr * lr_m * h ** (1.0 - power), beta, gamma, r) / b_m
             Tpair = (Tt[0], tuple(x / b_m for x in Tt[1]))
             ghit, gcert, gt = _gallop(Tpair, tuple(two[i] for i in range(two.shape[0])), lam, hs, sinf, read, w,
                                   batch, ell, target, K, max_iter, jnp.where(off < ell, off + 1, ell + 1),
-                                  jnp.all(two[:, 1] == 0))
+                                  first_phase)
         else:
             ghit, gcert, gt = -jnp.ones(nB, jnp.int64), jnp.zeros(nB, bool), jnp.int64(0)
         gfound = active & gcert & (ghit >= 0)
@@ -726,7 +729,11 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
         return dict(two=two, hit=hit, settle=settle, best=best, cert=cert), gt
 
     xs = (start, length, jnp.asarray(phases.lr_mult), jnp.asarray(phases.batch_mult))
-    out, _ = jax.lax.scan(phase, init, xs)
+    # the first phase starts with zero noise moments: its certified scan uses the cheaper
+    # fresh-noise bound (static, so the later phases' general bound is not computed for it)
+    out, _ = phase(init, jax.tree.map(lambda a: a[0], xs), first_phase=True)
+    if len(phases.steps) > 1:
+        out, _ = jax.lax.scan(phase, out, jax.tree.map(lambda a: a[1:], xs))
     det, noise = risk(out["two"])
     final = det + noise / batch
     return dict(steps=out["hit"], settle=out["settle"], best=jnp.fmin(out["best"], final), final=final,

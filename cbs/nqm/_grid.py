@@ -50,12 +50,12 @@ def _as_configs(lr, momentum, ema_decay, precond_power):
     return [a.ravel() for a in arrs]
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "ema", "K", "window", "chunk", "certify"))
-def _grid(prob, cfg, batch, phases, target, max_steps, *, kind, ema, K, window, chunk, certify=True):
+@functools.partial(jax.jit, static_argnames=("kind", "ema", "K", "window", "chunk", "certify", "max_iter"))
+def _grid(prob, cfg, batch, phases, target, max_steps, *, kind, ema, K, window, chunk, certify=True, max_iter=0):
     def one(x):
         lr, beta, gamma, power, b = x
         return dyn.search_steps(prob, lr, beta, gamma, power, b, phases, target, max_steps,
-                                kind=kind, ema=ema, K=K, window=window, certify=certify)
+                                kind=kind, ema=ema, K=K, window=window, certify=certify, max_iter=max_iter)
     lr, beta, gamma, power = cfg
     return jax.lax.map(one, (lr, beta, gamma, power, batch), batch_size=chunk)
 
@@ -63,7 +63,7 @@ def _grid(prob, cfg, batch, phases, target, max_steps, *, kind, ema, K, window, 
 def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,
                   batch_sizes, target: float, max_steps: int, phases: Phases | None = None,
                   window: int = 16, chunk: int | None = None, threads: int | None = None,
-                  certify: bool = True) -> dict[str, np.ndarray]:
+                  certify: bool = True, certify_iters: int | None = None) -> dict[str, np.ndarray]:
     """Steps to target for every configuration x batch size.
 
     Args:
@@ -78,7 +78,8 @@ def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, 
             CPU small chunks keep the per-iteration state in cache: 0.55 s at 4 vs 1.4 s at 64
             for the Fig. 3a momentum grid). threads: parallel parts (default: CPU count).
         certify: run the certified first-crossing scan (default; False is faster and flags
-            every cell uncertified).
+            every cell uncertified). certify_iters: its iteration budget per configuration and
+            phase (default 4 K + 2 window; see ``_dynamics.search_steps``).
 
     Returns:
         dict of (C, nB) numpy arrays: ``steps`` (first step with risk < target; NaN when not
@@ -111,7 +112,8 @@ def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, 
             out = _grid(_prob(problem), tuple(jnp.asarray(x[rows]) for x in cols[:4]),
                         jnp.asarray(batch[rows]), Phases(*(jnp.asarray(p) for p in phases)),
                         jnp.float64(target), jnp.int64(max_steps), kind=kind, ema=ema,
-                        K=num_levels(max_steps), window=window, chunk=min(chunk, size), certify=certify)
+                        K=num_levels(max_steps), window=window, chunk=min(chunk, size), certify=certify,
+                        max_iter=certify_iters or 0)
             return jax.tree.map(np.asarray, out)
 
     if parts == 1:

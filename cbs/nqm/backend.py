@@ -49,8 +49,11 @@ class NQMSection:
     refine_iters: int = spec(25, doc="golden-section iterations (each shrinks the bracket by 0.618)", ge=1)
     scan_window: int = spec(16, doc="exact steps scanned after the bisection's crossing (settle step)", ge=1)
     certify: bool = spec(True, doc="certify each first crossing with interval lower bounds (column "
-                         "crossing_certified); false is ~6x faster for momentum and reports the "
+                         "crossing_certified); false is ~5x faster for momentum and reports the "
                          "bisection's crossing, assuming the risk is monotone before it")
+    certify_iters: int | None = spec(None, doc="iteration budget of the certified scan per configuration and "
+                                     "phase (default 4 K + 2 scan_window, K = bits of max_steps; more "
+                                     "certifies more slowly-oscillating cells)", ge=1)
     max_phases: int = spec(256, doc="phases used for a per-step-varying schedule stretch", ge=1)
     pwc_opt_steps: int = spec(150, doc="Adam steps per optimized piecewise-constant schedule", ge=1)
     curves: Literal["auto", "all", "best", "none"] = spec(
@@ -182,7 +185,7 @@ class NQMBackend(Backend):
         ub, binv = np.unique(bsz, return_inverse=True)
         res = evaluate_grid(self.problem, kind, *uniq.T, batch_sizes=ub, target=target,
                             max_steps=max_steps, phases=phases, window=self.section.scan_window,
-                            certify=self.section.certify,
+                            certify=self.section.certify, certify_iters=self.section.certify_iters,
                             chunk=self.section.chunk)
         pick = lambda name: res[name][inv, binv.ravel()]
         steps, reached, settle, best, final, cert = (pick(n) for n in ("steps", "reached", "settle_step", "best", "final",
