@@ -561,6 +561,10 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
         # intervals no longer than `unit` are covered by those exact values; longer ones need
         # the lower bound to clear the target for every batch size not yet resolved
         room = jnp.maximum(jnp.min(jnp.where(act1, goal, ell + 1)) - t, 1)
+        # right after a batch size is resolved (at its crossing, so at a low level), try the
+        # largest interval that ends before the next goal instead of climbing one level
+        # per iteration: the descent to that goal then takes one iteration per set bit
+        lvl = jnp.where(jnp.any(active & ~act1), K - 1, lvl)
         lvl = jnp.maximum(jnp.minimum(lvl, 63 - jax.lax.clz(room)), UNIT_LVL)
         lb = bounds(Kd, Kn, st, lvl)
         short = lvl <= UNIT_LVL
