@@ -652,7 +652,7 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
         kind, ema, K, window: static; 2^K > max_steps. max_iter: the certified scan's
             iteration budget (0: 4 K + 2 window, plus 2 K nB for plain SGD). certify: False
             skips the certified scan (every cell uncertified, answers the bisection's
-            crossing; about 6x faster on the Fig. 3a momentum grid).
+            crossing; about 3x faster on the Fig. 3a momentum grid).
 
     Returns:
         dict of (nB,) arrays: steps (int, -1 if not reached), settle, best, final, certified.

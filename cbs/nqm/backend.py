@@ -49,7 +49,7 @@ class NQMSection:
     refine_iters: int = spec(25, doc="golden-section iterations (each shrinks the bracket by 0.618)", ge=1)
     scan_window: int = spec(16, doc="exact steps scanned after the bisection's crossing (settle step)", ge=1)
     certify: bool = spec(True, doc="certify each first crossing with interval lower bounds (column "
-                         "crossing_certified); false is ~5x faster for momentum and reports the "
+                         "crossing_certified); false is ~3x faster for momentum and reports the "
                          "bisection's crossing, assuming the risk is monotone before it")
     certify_iters: int | None = spec(None, doc="iteration budget of the certified scan per configuration and "
                                      "phase (default 4 K + 2 scan_window, K = bits of max_steps; more "
