@@ -388,7 +388,9 @@ def _modes(kind, ema, a, beta, gamma, c):
         den = jnp.ones_like(lam[0])
         for j in range(k):
             if j != i:
-                v = jnp.einsum("bpq,bq->bp", AT, v) - lam[j][:, None] * v
+                # (elementwise: a batched complex einsum of 2x2 blocks is slow on CPU under vmap)
+                v = jnp.stack([sum(AT[:, p, q] * v[:, q] for q in range(k)) for p in range(k)], -1) \
+                    - lam[j][:, None] * v
                 den = den * (lam[i] - lam[j])
         hs.append(v / den[:, None])
     return jnp.stack(lam), jnp.stack(hs)      # (k, nb), (k, nb, k)
