@@ -190,3 +190,59 @@ def test_certified_answers_equal_brute_force_on_random_cells(kind, ema):
                 got = out["steps"][i, j]
                 assert (np.isnan(want) and np.isnan(got)) or got == want, (i, j, got, want)
     assert certified >= 0.7 * n * len(bs)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "momentum"])
+def test_certified_answers_equal_brute_force_with_schedules(kind):
+    """Multi-phase schedules (LR step decay + batch ramp): later phases start with nonzero
+    noise moments and use the general bound. Every certified answer is the brute-force first
+    crossing of the step-by-step recurrence, including crossings in later phases."""
+    rng = np.random.default_rng(11)
+    T, n = 240, 16
+    problem = nqm.custom_problem(np.array([1.0, 0.3, 0.05]))
+    phases = nqm.Phases(np.array([40, 60, 1], np.int64), np.array([1.0, 0.3, 0.1]), np.array([1.0, 4.0, 16.0]))
+    lr = np.exp(rng.uniform(np.log(0.05), np.log(1.5), n))
+    beta = 0.0 if kind == "sgd" else rng.uniform(0.0, 0.95, n)
+    bs = np.array([1.0, 8.0, 256.0])
+    lr_m = np.repeat(phases.lr_mult, [40, 60, T - 100])
+    b_m = np.repeat(phases.batch_mult, [40, 60, T - 100])
+    certified, late = 0, 0
+    for target in (0.3 * problem.initial_risk, 0.03 * problem.initial_risk):
+        out = nqm.evaluate_grid(problem, kind, lr, beta, batch_sizes=bs, target=target, max_steps=T,
+                                phases=phases)
+        for i in range(n):
+            for j, B in enumerate(bs):
+                r = nqm.risk_by_recurrence(problem.h, problem.c, problem.m0, problem.count, kind, lr[i],
+                                           0.0 if kind == "sgd" else beta[i], 0.0, 0.0, B * b_m, lr_m)
+                below = np.flatnonzero((r < target) & np.isfinite(r))
+                want = below[0] if len(below) else np.nan
+                if out["crossing_certified"][i, j]:
+                    certified += 1
+                    late += bool(want >= 40)
+                    got = out["steps"][i, j]
+                    assert (np.isnan(want) and np.isnan(got)) or got == want, (target, i, j, got, want)
+    assert certified >= 0.7 * 2 * n * len(bs) and late > 5
+
+
+def test_early_dip_in_a_later_phase_is_found():
+    """Under-damped momentum whose oscillating dips start in the second phase of a schedule
+    (nonzero noise moments at the phase start, so the general bound is used): certified
+    answers equal the brute-force first crossing, and some of them are dips earlier than
+    the bisection's crossing."""
+    problem = nqm.custom_problem([1.0, 0.9])
+    kind, lr, beta, B, T = "momentum", 0.5, 0.95, 1e6, 400
+    phases = nqm.Phases(np.array([6, 1], np.int64), np.array([0.02, 1.0]), np.array([1.0, 1.0]))
+    lr_m = np.repeat(phases.lr_mult, [6, T - 6])
+    r = nqm.risk_by_recurrence(problem.h, problem.c, problem.m0, problem.count, kind, lr, beta, 0.0, 0.0,
+                               np.full(T, B), lr_m)
+    earlier = 0
+    for tgt in np.geomspace(r.min() * 1.05, r[:7].min() * 0.95, 12):
+        want = np.flatnonzero(r < tgt)[0]
+        got = nqm.evaluate_grid(problem, kind, lr, beta, batch_sizes=[B], target=tgt, max_steps=T, phases=phases)
+        fast = nqm.evaluate_grid(problem, kind, lr, beta, batch_sizes=[B], target=tgt, max_steps=T, phases=phases,
+                                 certify=False)
+        assert want >= 6
+        if got["crossing_certified"][0, 0]:
+            assert got["steps"][0, 0] == want
+            earlier += bool(got["steps"][0, 0] < fast["steps"][0, 0])
+    assert earlier >= 2
