@@ -246,3 +246,32 @@ def test_early_dip_in_a_later_phase_is_found():
             assert got["steps"][0, 0] == want
             earlier += bool(got["steps"][0, 0] < fast["steps"][0, 0])
     assert earlier >= 2
+
+
+@pytest.mark.parametrize("kind", ["sgd", "momentum"])
+def test_lower_bound_brackets_the_first_crossing(kind):
+    """With a tiny certified-scan budget most cells stay uncertified; for every cell the
+    brute-force first crossing lies in [steps_lower_bound, steps] (the lower bound is what
+    the scan proved before its budget ran out; steps is a genuine crossing)."""
+    rng = np.random.default_rng(3)
+    T, n = 300, 24
+    problem = nqm.custom_problem(np.array([1.0, 0.6, 0.2, 0.05]))
+    lr = np.exp(rng.uniform(np.log(0.02), np.log(1.8), n))
+    beta = 0.0 if kind == "sgd" else rng.uniform(0.5, 0.97, n)
+    bs = np.array([1.0, 32.0, 4096.0])
+    target = 0.05 * problem.initial_risk
+    out = nqm.evaluate_grid(problem, kind, lr, beta, batch_sizes=bs, target=target, max_steps=T,
+                            certify_iters=3)
+    lower, steps = out["steps_lower_bound"], out["steps"]
+    assert (~out["crossing_certified"]).sum() > 10 and (lower[~out["crossing_certified"]] > 0).any()
+    for i in range(n):
+        for j, B in enumerate(bs):
+            r = _brute(problem, kind, lr[i], 0.0 if kind == "sgd" else beta[i], 0.0, 0.0, B, T)
+            below = np.flatnonzero((r < target) & np.isfinite(r))
+            if out["crossing_certified"][i, j]:
+                want = below[0] if len(below) else np.nan
+                np.testing.assert_equal(lower[i, j], want)
+            elif len(below):
+                assert lower[i, j] <= below[0] and (np.isnan(steps[i, j]) or below[0] <= steps[i, j])
+            else:
+                assert np.isnan(steps[i, j])

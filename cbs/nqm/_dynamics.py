@@ -446,7 +446,8 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
     shortens intervals, so it never affects validity).
     fresh_noise (static): whether the phase starts with zero noise moments (the first phase),
     which makes them nondecreasing within the phase and allows a cheaper bound (``bounds``).
-    Returns (hit (nB,) local step or -1, certified (nB,) bool, iterations used).
+    Returns (hit (nB,) local step or -1, certified (nB,) bool, iterations used, the scan's
+    final step t: no step in [0, t) is below target for a batch size still unresolved).
 
     The modal coefficients of Det and Noise - sinf are computed once and then carried along:
     advancing by s steps multiplies each by z^s (a table of z^(2^j)), which is exact up to
@@ -589,7 +590,7 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
             jnp.int64(0))
     t, lvl, st, Kd, Kn, active, hit, it = jax.lax.while_loop(cond, body, init)
     certified = ~active | (t > ell)
-    return hit, certified, it
+    return hit, certified, it, t
 
 
 def _below(risk, target):
@@ -657,7 +658,9 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
             crossing; about 3x faster on the Fig. 3a momentum grid).
 
     Returns:
-        dict of (nB,) arrays: steps (int, -1 if not reached), settle, best, final, certified.
+        dict of (nB,) arrays: steps (int, -1 if not reached), settle, best, final, certified,
+        lower (no step before it has risk below target: proven by the certified scan; equal to
+        steps when certified and reached).
     """
     w = prob[3]
     h, c_noise, _, _ = prob
@@ -681,7 +684,7 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
     risk0 = jnp.broadcast_to(risk(s0[:, None]), (nB,))
     init = dict(two=two, hit=jnp.where(_below(risk0, target), 0, -1).astype(jnp.int64),
                 settle=jnp.where(_below(risk0, target), 0, -1).astype(jnp.int64), best=risk0,
-                cert=jnp.ones(nB, bool))
+                cert=jnp.ones(nB, bool), lower=jnp.zeros(nB, jnp.int64))
 
     def phase(carry, xs, first_phase=False):
         t0, ell, lr_m, b_m = xs
@@ -689,6 +692,7 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
         M, r, _, _ = _config_system(kind, ema, prob, lr * lr_m, beta, gamma, power)
         Ms, Rs = _tables(M, r, K)
         two, hit, settle, best, cert = carry["two"], carry["hit"], carry["settle"], carry["best"], carry["cert"]
+        lower = carry["lower"]
         s = two[:, :1] + two[:, 1:] / batch[None, :, None]
         rs = risk(s)
         fresh = (hit < 0) & _below(rs, target)
@@ -738,19 +742,23 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
             lam, hs = _modes(kind, ema, lr * lr_m * h ** (1.0 - power), beta, gamma, c_read)
             sinf = None if first_phase else _stationary(kind, ema, lr * lr_m * h ** (1.0 - power), beta, gamma, r) / b_m
             Tpair = (Tt[0], tuple(x / b_m for x in Tt[1]))
-            ghit, gcert, gt = _gallop(Tpair, tuple(two[i] for i in range(two.shape[0])), lam, hs, sinf, read, w,
+            ghit, gcert, gt, gstop = _gallop(Tpair, tuple(two[i] for i in range(two.shape[0])), lam, hs, sinf, read, w,
                                   batch, ell, target, K, max_iter, jnp.where(off < ell, off + 1, ell + 1),
                                   first_phase)
         else:
-            ghit, gcert, gt = -jnp.ones(nB, jnp.int64), jnp.zeros(nB, bool), jnp.int64(0)
+            ghit, gcert, gt, gstop = -jnp.ones(nB, jnp.int64), jnp.zeros(nB, bool), jnp.int64(0), jnp.int64(0)
         gfound = active & gcert & (ghit >= 0)
         bfound = active & ~gcert & (first >= 0) & (off < ell)
         hit = jnp.where(gfound, t0 + ghit, jnp.where(bfound, t0 + first, hit))
         found = gfound | bfound
         settle = jnp.where(found, t0 + jnp.maximum(last_above + 1, hit - t0), settle)
+        # certified lower bound of the first crossing: extended only while every earlier
+        # phase was certified; an unresolved phase leaves [t0, t0 + gstop) proven clear
+        lower = jnp.where(cert & active, jnp.where(gcert, jnp.where(gfound, hit, t0 + ell + 1), t0 + gstop),
+                          jnp.where(cert & (hit >= 0), hit, lower))
         cert = cert & (~active | gcert)
         two = _expand(Ms, Rs, two, jnp.broadcast_to(ell, (2,)), jnp.stack([0.0, 1.0 / b_m]))
-        return dict(two=two, hit=hit, settle=settle, best=best, cert=cert), gt
+        return dict(two=two, hit=hit, settle=settle, best=best, cert=cert, lower=lower), gt
 
     xs = (start, length, jnp.asarray(phases.lr_mult), jnp.asarray(phases.batch_mult))
     # the first phase starts with zero noise moments: its certified scan uses the cheaper
@@ -761,4 +769,4 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
     det, noise = risk(out["two"])
     final = det + noise / batch
     return dict(steps=out["hit"], settle=out["settle"], best=jnp.fmin(out["best"], final), final=final,
-                certified=out["cert"])
+                certified=out["cert"], lower=out["lower"])

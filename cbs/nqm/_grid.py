@@ -87,7 +87,10 @@ def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, 
         risk >= target in the scanned window; NaN if not reached), ``best`` (smallest risk
         among all evaluated steps), ``final`` (risk at max_steps), ``crossing_certified``
         (True when the certified scan proved ``steps`` is the first crossing, or that there is
-        none within max_steps; see ``_dynamics.search_steps``).
+        none within max_steps; see ``_dynamics.search_steps``), ``steps_lower_bound`` (proven:
+        no step before it has risk below target; equals ``steps`` for certified cells, NaN for
+        certified censored ones; for uncertified cells the first crossing lies in
+        [steps_lower_bound, steps]).
     """
     lr, beta, gamma, power = _as_configs(lr, momentum, ema_decay, precond_power)
     C = len(lr)
@@ -130,7 +133,9 @@ def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, 
     reached = out["steps"] >= 0
     return dict(steps=np.where(reached, out["steps"], np.nan).astype(np.float64), reached=reached,
                 settle_step=np.where(reached, out["settle"], np.nan).astype(np.float64),
-                best=out["best"], final=out["final"], crossing_certified=out["certified"])
+                best=out["best"], final=out["final"], crossing_certified=out["certified"],
+                steps_lower_bound=np.where(out["certified"], np.where(reached, out["steps"], np.nan),
+                                           out["lower"]).astype(np.float64))
 
 
 def steps_to_target(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,

@@ -188,13 +188,15 @@ class NQMBackend(Backend):
                             certify=self.section.certify, certify_iters=self.section.certify_iters,
                             chunk=self.section.chunk)
         pick = lambda name: res[name][inv, binv.ravel()]
-        steps, reached, settle, best, final, cert = (pick(n) for n in ("steps", "reached", "settle_step", "best", "final",
-                                                                      "crossing_certified"))
+        steps, reached, settle, best, final, cert, lower = (
+            pick(n) for n in ("steps", "reached", "settle_step", "best", "final", "crossing_certified",
+                              "steps_lower_bound"))
         diverged = ~reached & (~np.isfinite(final) | (final > 10 * self.problem.initial_risk))
         records = [CellResult(cell_id=c.cell_id, reached=bool(reached[j]), diverged=bool(diverged[j]),
                               steps_to_target=float(steps[j]), final_metric=float(final[j]),
                               best_metric=float(best[j]), steps_run=int(steps[j]) if reached[j] else int(max_steps),
                               extra={"settle_step": float(settle[j]), "crossing_certified": float(cert[j]),
+                                     "steps_lower_bound": float(lower[j]),
                                      # 0 when a smooth schedule stretch was coarse-grained (max_phases)
                                      "schedule_exact": float(exact)})
                    for j, c in enumerate(cells)]
