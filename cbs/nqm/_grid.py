@@ -174,8 +174,16 @@ def expected_risk(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, 
     batch = np.broadcast_to(batch, (C, batch.shape[-1])) if batch.ndim == 1 else batch
     steps = np.atleast_1d(np.asarray(steps, np.int64))
     phases = _padded(phases)
+    # Pad the configurations (repeating the last) to a power of two >= 64: calls with similar
+    # counts share one compiled program (a compile costs ~1.5 s, evaluating 200 curves ~0.07 s).
+    pad = _bucket(C) - C
+    cfg = [np.concatenate([x, np.repeat(x[-1:], pad, 0)]) for x in (lr, beta, gamma, power, batch)]
     with jax.enable_x64(True):
-        out = _curves(_prob(problem), tuple(jnp.asarray(x) for x in (lr, beta, gamma, power)),
-                      jnp.asarray(batch), Phases(*(jnp.asarray(p) for p in phases)), jnp.asarray(steps),
+        out = _curves(_prob(problem), tuple(jnp.asarray(x) for x in cfg[:4]),
+                      jnp.asarray(cfg[4]), Phases(*(jnp.asarray(p) for p in phases)), jnp.asarray(steps),
                       kind=kind, ema=bool(np.any(gamma > 0)), K=num_levels(int(steps.max())))
-        return np.asarray(out)
+        return np.asarray(out)[:C]
+
+
+def _bucket(n: int, least: int = 64) -> int:
+    return max(least, 1 << (int(n) - 1).bit_length())
