@@ -446,8 +446,8 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
     shortens intervals, so it never affects validity).
     fresh_noise (static): whether the phase starts with zero noise moments (the first phase),
     which makes them nondecreasing within the phase and allows a cheaper bound (``bounds``).
-    Returns (hit (nB,) local step or -1, certified (nB,) bool, iterations used, the scan's
-    final step t: no step in [0, t) is below target for a batch size still unresolved).
+    Returns (hit (nB,) local step or -1, certified (nB,) bool, the scan's final step t: no
+    step in [0, t) is below target for a batch size still unresolved).
 
     The modal coefficients of Det and Noise - sinf are computed once and then carried along:
     advancing by s steps multiplies each by z^s (a table of z^(2^j)), which is exact up to
@@ -570,17 +570,15 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
         lvl = jnp.where(jnp.any(active & ~act1), K - 1, lvl)
         lvl = jnp.maximum(jnp.minimum(lvl, 63 - jax.lax.clz(room)), UNIT_LVL)
         lb = bounds(Kd, Kn, st, lvl)
-        short = lvl <= UNIT_LVL
         # (a short step may run past ell: its steps beyond ell were not evaluated, and the scan ends)
-        ok = short | ((t + (1 << lvl) - 1 <= ell) & jnp.all(~act1 | (lb >= target)))
-        step = jnp.where(short, UNIT_LVL, lvl)
-        new = apply(st, step)
-        zp = zp_tab[step]
+        ok = (lvl == UNIT_LVL) | ((t + (1 << lvl) - 1 <= ell) & jnp.all(~act1 | (lb >= target)))
+        new = apply(st, lvl)
+        zp = zp_tab[lvl]
         st = tuple(jnp.where(ok, x, y) for x, y in zip(new, st))
         Kd = jnp.where(ok, Kd * zp, Kd)
         Kn = Kn if fresh_noise else jnp.where(ok, Kn * zp, Kn)
-        t = jnp.where(ok, t + (1 << step), t)
-        lvl = jnp.where(ok, jnp.minimum(step + 1, K - 1), jnp.maximum(lvl - 1, UNIT_LVL))
+        t = jnp.where(ok, t + (1 << lvl), t)
+        lvl = jnp.where(ok, jnp.minimum(lvl + 1, K - 1), jnp.maximum(lvl - 1, UNIT_LVL))
         return t, lvl, st, Kd, Kn, act1, hit1, it + 1
 
     Kd0 = _modal_coeffs(hs_t, jnp.stack([x[0] for x in two]).astype(jnp.complex128), k)
@@ -590,7 +588,7 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
             jnp.int64(0))
     t, lvl, st, Kd, Kn, active, hit, it = jax.lax.while_loop(cond, body, init)
     certified = ~active | (t > ell)
-    return hit, certified, it, t
+    return hit, certified, t
 
 
 def _below(risk, target):
@@ -742,11 +740,11 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
             lam, hs = _modes(kind, ema, lr * lr_m * h ** (1.0 - power), beta, gamma, c_read)
             sinf = None if first_phase else _stationary(kind, ema, lr * lr_m * h ** (1.0 - power), beta, gamma, r) / b_m
             Tpair = (Tt[0], tuple(x / b_m for x in Tt[1]))
-            ghit, gcert, gt, gstop = _gallop(Tpair, tuple(two[i] for i in range(two.shape[0])), lam, hs, sinf, read, w,
+            ghit, gcert, gstop = _gallop(Tpair, tuple(two[i] for i in range(two.shape[0])), lam, hs, sinf, read, w,
                                   batch, ell, target, K, max_iter, jnp.where(off < ell, off + 1, ell + 1),
                                   first_phase)
         else:
-            ghit, gcert, gt, gstop = -jnp.ones(nB, jnp.int64), jnp.zeros(nB, bool), jnp.int64(0), jnp.int64(0)
+            ghit, gcert, gstop = -jnp.ones(nB, jnp.int64), jnp.zeros(nB, bool), jnp.int64(0)
         gfound = active & gcert & (ghit >= 0)
         bfound = active & ~gcert & (first >= 0) & (off < ell)
         hit = jnp.where(gfound, t0 + ghit, jnp.where(bfound, t0 + first, hit))
@@ -757,8 +755,8 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
         lower = jnp.where(cert & active, jnp.where(gcert, jnp.where(gfound, hit, t0 + ell + 1), t0 + gstop),
                           jnp.where(cert & (hit >= 0), hit, lower))
         cert = cert & (~active | gcert)
-        two = _expand(Ms, Rs, two, jnp.broadcast_to(ell, (2,)), jnp.stack([0.0, 1.0 / b_m]))
-        return dict(two=two, hit=hit, settle=settle, best=best, cert=cert, lower=lower), gt
+        two = jnp.stack(_expand_t(Tt, tuple(two), jnp.broadcast_to(ell, (2,)), jnp.stack([0.0, 1.0 / b_m])))
+        return dict(two=two, hit=hit, settle=settle, best=best, cert=cert, lower=lower), None
 
     xs = (start, length, jnp.asarray(phases.lr_mult), jnp.asarray(phases.batch_mult))
     # the first phase starts with zero noise moments: its certified scan uses the cheaper
