@@ -143,6 +143,10 @@ def _fit_vectorized(batch_sizes: np.ndarray, y: np.ndarray, w: np.ndarray, form:
         best_offset = np.where(better, offset[np.arange(n_rep), k], best_offset)
 
     # Golden-section refinement of log B_crit between the grid neighbours of the best point.
+    # Not shared with cbs.nqm._tuning.refine_lr's golden section on purpose: that one
+    # minimizes an integer, tie-prone objective (exact step counts, one costly evaluation
+    # per iteration, best point seen kept); this one a smooth, cheap SSE evaluated at both
+    # interior points, and its exact arithmetic is part of the published fits.
     finite = (best_k >= 1) & (best_k <= _GRID_POINTS)
     log_c = np.full(n_rep, np.nan)
     if finite.any():

@@ -22,7 +22,12 @@ from cbs.nqm._moments import (Phases, _apply_t, _as_tuple_tables, _config_system
 __all__ = ["search_steps"]
 
 def _reduction_system(kind: str, ema: bool, a, beta, gamma):
-    """E = I - A built directly from (a, beta, gamma) (no 1 - (1 - a) rounding)."""
+    """E = I - A built directly from (a, beta, gamma) (no 1 - (1 - a) rounding).
+
+    A second encoding of the system of ``_moments.linear_system`` on purpose: I - A formed
+    from A loses every digit of a (or 1 - beta) below 1e-16, and the stationary moments
+    (I - M)^-1 r divide by exactly those small quantities. ``_modes`` uses A itself.
+    """
     one = jnp.ones_like(a)
     if kind == "sgd":
         rows = [[a]]

@@ -60,6 +60,9 @@ def refine_lr(problem: NQMProblem, kind: str, lr0, momentum, ema_decay, precond_
                             phases=phases, window=window)["steps"][:, 0]
         return np.where(np.isnan(out), np.inf, out)
 
+    # (A golden section of its own, not the S(B) fitter's in cbs.analysis._model: here each
+    # evaluation is a full exact step count, so one new point per iteration is reused,
+    # ties are common (integer objective) and the best point seen is what is returned.)
     a = np.log(lr0) - np.log(ratio)
     b = np.log(lr0) + np.log(ratio)
     x1 = b - _INV_PHI * (b - a)
