@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 
 from cbs.sweep.config import load_config
-from cbs.sweep.schema import ConfigError
 from cbs.train import sources
 from cbs.train.backend import TrainSection
 from cbs.train.make_example_data import digits_splits, write_all

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cbs.train.backend import TrainBackend
+from cbs.train.direct import make_block, make_config
 from cbs.train.streaming import ChunkFeeder, device_budget_bytes, should_stream
-from cbs.train.testing import make_block, make_config
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 TINY = dict(dataset="digits", model="mlp", width=16, depth=1)

@@ -9,15 +9,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pandas as pd
 import pytest
 from flax import nnx
 
+from cbs.errors import ConfigError
 from cbs.sweep.config import load_config
-from cbs.sweep.schema import ConfigError
 from cbs.train.backend import TrainBackend
-from cbs.train.testing import make_block, make_config
+from cbs.train.direct import make_block, make_config
 from cbs.train.user import CustomLoss, NnxModel
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +21,11 @@ from cbs.sweep.backend import Backend, Block, BlockResult
 from cbs.sweep.schema import ConfigError, spec
 from cbs.train import data as data_mod
 from cbs.train import sources
-from cbs.train.engine import BlockRun, Problem
+from cbs.train.engine import BlockRun, TrainProblem
 from cbs.train.loop import RunOptions, run_vmapped_block
 from cbs.train.models import make_model
-from cbs.train.streaming import device_budget_bytes, should_stream
 from cbs.train.optimizers import OPTIMIZERS, schedule_fn, soap_available
+from cbs.train.streaming import device_budget_bytes, should_stream
 
 __all__ = ["NoiseScale", "TrainSection", "TrainBackend"]
 
@@ -90,6 +91,8 @@ BUILTIN_MODELS = ("mlp", "cnn", "transformer")
 
 
 def _load(section: TrainSection) -> data_mod.Dataset:
+    """The section's data set, read and validated by the source registry
+    (:mod:`cbs.train.sources`; built-in names go through ``data.load_dataset``)."""
     return sources.load(section)
 
 
@@ -262,16 +265,17 @@ class TrainBackend(Backend):
         return self._data
 
     @property
-    def problem(self) -> Problem:
+    def problem(self) -> TrainProblem:
         if self._problem is None:
             d, s = self.dataset, self.section
             stream = should_stream(d.x_train, d.y_train, s.device_budget_mb)
             # Streamed training sets stay on the host (memory-mapped when the source is);
             # the loop gathers each compiled call's examples (cbs.train.streaming).
             xt, yt = (d.x_train, d.y_train) if stream else (jnp.asarray(d.x_train), jnp.asarray(d.y_train))
-            self._problem = Problem(_build_model(s, d), _task_of(s, d), xt, yt, jnp.asarray(d.x_val),
-                                    jnp.asarray(d.y_val), s.eval_batch,
-                                    s.diverge_loss if s.diverge_loss is not None else math.inf, streaming=stream)
+            self._problem = TrainProblem(_build_model(s, d), _task_of(s, d), xt, yt, jnp.asarray(d.x_val),
+                                         jnp.asarray(d.y_val), s.eval_batch,
+                                         s.diverge_loss if s.diverge_loss is not None else math.inf,
+                                         streaming=stream)
         return self._problem
 
     def options(self) -> RunOptions:

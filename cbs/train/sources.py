@@ -43,12 +43,13 @@ import importlib.util
 import inspect
 import os
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
-from cbs.sweep.schema import ConfigError
+from cbs.errors import ConfigError
 from cbs.train import data as data_mod
 from cbs.train.data import Dataset
 
@@ -225,18 +226,22 @@ def _task(name, section, xt, yt, xv, yv, key):
 
 
 # ---------------------------------------------------------------------------- the sources
+_DEFAULT_SAMPLES = {"mnist1d": 5000, "linreg": 4096}
+
+
 def _builtin(name: str, section) -> Dataset:
+    """The section's keys mapped onto the built-in loader's arguments (the dispatch by
+    name is ``data.load_dataset``)."""
     _args(section, (), "built-in")
     kw = dict(val_fraction=section.val_fraction, split_seed=section.split_seed, max_train=section.max_train)
-    if name == "mnist1d":
-        return data_mod.mnist1d(num_samples=section.num_samples or 5000, **kw)
-    if name == "digits":
-        return data_mod.digits(**kw)
+    if name in _DEFAULT_SAMPLES:
+        kw["num_samples"] = section.num_samples or _DEFAULT_SAMPLES[name]
     if name == "linreg":
-        return data_mod.linreg(num_samples=section.num_samples or 4096, dim=section.linreg_dim,
-                               spectrum_power=section.spectrum_power, label_noise=section.label_noise,
-                               data_seed=section.data_seed, **kw)
-    return data_mod.text(seq_len=section.seq_len, **kw)
+        kw.update(dim=section.linreg_dim, spectrum_power=section.spectrum_power,
+                  label_noise=section.label_noise, data_seed=section.data_seed)
+    elif name == "text":
+        kw.update(seq_len=section.seq_len)
+    return data_mod.load_dataset(name, **kw)
 
 
 def _exists(name: str, what: str) -> Path:

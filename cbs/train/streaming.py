@@ -2,7 +2,7 @@
 
 When the training set exceeds the device budget (``train.device_budget_mb``; default a
 quarter of the device memory JAX reports, unlimited where it reports none, as on CPU),
-the :class:`~cbs.train.engine.Problem` keeps ``x_train``/``y_train`` on the host (a
+the :class:`~cbs.train.engine.TrainProblem` keeps ``x_train``/``y_train`` on the host (a
 ``.npy`` folder stays memory-mapped) and every compiled call receives the examples it
 will consume:
 
@@ -23,13 +23,13 @@ Each step then reads ``chunk[position]``, the very values the in-memory path rea
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbs.train.engine import IndexStream, Problem
+from cbs.train.engine import IndexStream, TrainProblem
 
 __all__ = ["device_budget_bytes", "should_stream", "ChunkFeeder", "host_batch"]
 
@@ -62,7 +62,7 @@ class ChunkFeeder:
     chunk itself; the next call's chunk is prepared in a background thread.
     """
 
-    def __init__(self, problem: Problem, seeds: Sequence[int], per_call: tuple[int, int, int],
+    def __init__(self, problem: TrainProblem, seeds: Sequence[int], per_call: tuple[int, int, int],
                  noise=None):
         """``per_call = (evals_per_call, eval_every, batch_size)``; ``noise(step)`` gives the
         ``(n_seeds, evals_per_call, num_micro, micro)`` noise-scale indices of the call
@@ -122,7 +122,7 @@ class ChunkFeeder:
         self.close()
 
 
-def host_batch(problem: Problem, idx: np.ndarray):
+def host_batch(problem: TrainProblem, idx: np.ndarray):
     """``(idx, None)`` for an in-memory problem; for a streamed one, positions into the
     gathered rows and those rows ``(x, y)`` on the device (same values as indexing)."""
     idx = np.asarray(idx)

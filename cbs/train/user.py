@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbs.sweep.schema import ConfigError
+from cbs.errors import ConfigError
 from cbs.train.sources import _short, import_object
 
 __all__ = ["LinenModel", "NnxModel", "CustomLoss", "build_user_model", "load_loss", "check_model",
@@ -213,6 +214,7 @@ def kfac_unregistered(model, task: str, x, y) -> list[str]:
     """Parameter paths kfac-jax cannot place in a structured layer (it would fall back to
     a diagonal 'generic' block, which is not K-FAC): traced abstractly, no compute."""
     import kfac_jax
+
     from cbs.train.models import loss_and_error
     xs, ys = _spec(x), _spec(y)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), xs)
