@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--floor", type=float, default=_DEFAULTS.floor, help="drop directions flatter than floor*h_max")
     p.add_argument("--max-memory-mb", type=float, default=_DEFAULTS.max_memory_mb,
                    help="refuse measurements whose buffers exceed this")
+    p.add_argument("--lr-grid", default=_DEFAULTS.lr_grid,
+                   help="sweep: SGD/momentum forecasts pick the best of the sweep's own LRs (the NQM LR is the "
+                        "network's there); continuous: tune the LR continuously")
+    p.add_argument("--noise-at", default=_DEFAULTS.noise_at,
+                   help="target: gradient noise measured where the anchor run reaches the target; init")
     p.add_argument("--no-plot", action="store_true", help="skip prediction.png")
     return p
 
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                           lanczos_iters=args.lanczos_iters, slq_probes=args.slq_probes, slq_iters=args.slq_iters,
                           noise_examples=args.noise_examples, chunk=args.chunk, curvature=args.curvature,
                           bulk_noise=args.bulk_noise, bins=args.bins, floor=args.floor,
-                          max_memory_mb=args.max_memory_mb)
+                          max_memory_mb=args.max_memory_mb, lr_grid=args.lr_grid, noise_at=args.noise_at)
     try:
         opts.check()
         from cbs.sweep.config import load_config

@@ -38,15 +38,22 @@ def _lr_grid(problem, kind, momentum, power, num):
 
 
 def tuned_steps(problem, kind, momentum, power, batch_sizes, target, *, max_steps=10**8, num_lrs=41,
-                refine=True):
-    """Steps to target with the LR tuned per batch size: (steps (nB,), lr (nB,)); NaN = never."""
-    lrs = _lr_grid(problem, kind, momentum, power, num_lrs)
+                refine=True, lrs=None):
+    """Steps to target with the LR tuned per batch size: (steps (nB,), lr (nB,)); NaN = never.
+
+    ``lrs``: tune over exactly these LRs (no refinement) instead of a log grid up to the
+    stability edge refined by golden-section search.
+    """
+    if lrs is not None:
+        lrs, refine = np.sort(np.asarray(lrs, np.float64)), False
+    else:
+        lrs = _lr_grid(problem, kind, momentum, power, num_lrs)
     out = evaluate_grid(problem, kind, lrs, momentum, 0.0, power, batch_sizes=np.asarray(batch_sizes, np.float64),
                         target=target, max_steps=max_steps, certify=False)
     idx = best_on_grid(out["steps"])
     steps = np.where(idx >= 0, out["steps"][np.maximum(idx, 0), np.arange(len(idx))], np.nan)
     lr = np.where(idx >= 0, lrs[np.maximum(idx, 0)], np.nan)
-    if refine and np.any(idx >= 0):
+    if refine and np.any(idx >= 0) and len(lrs) > 1:
         ok = idx >= 0
         ratio = lrs[1] / lrs[0]
         s_ref, lr_ref = refine_lr(problem, kind, lr[ok], momentum, 0.0, power, np.asarray(batch_sizes)[ok],
@@ -57,7 +64,8 @@ def tuned_steps(problem, kind, momentum, power, batch_sizes, target, *, max_step
     return steps, lr
 
 
-def anchor_target(problem, kind, momentum, power, anchor_batch, anchor_steps, *, iters=40, max_steps=10**8):
+def anchor_target(problem, kind, momentum, power, anchor_batch, anchor_steps, *, iters=40, max_steps=10**8,
+                  lrs=None):
     """The NQM target risk whose tuned steps at anchor_batch equal anchor_steps.
 
     Steps to target fall as the target rises, so bisection on log target brackets the
@@ -67,7 +75,8 @@ def anchor_target(problem, kind, momentum, power, anchor_batch, anchor_steps, *,
     b = np.atleast_1d(float(anchor_batch))
     hi = problem.initial_risk             # risk < initial risk: a few steps suffice
     lo = hi * 1e-12
-    f = lambda t: tuned_steps(problem, kind, momentum, power, b, t, max_steps=max_steps, refine=False)[0][0]
+    f = lambda t: tuned_steps(problem, kind, momentum, power, b, t, max_steps=max_steps, refine=False,
+                              lrs=lrs)[0][0]
     s_hi = f(hi)
     for _ in range(iters):
         mid = np.sqrt(lo * hi)
@@ -96,11 +105,16 @@ class Forecast:
 
 
 def forecast(problem, kind, momentum, power, batch_sizes, anchor_batch, anchor_steps, *, num_train=None,
-             max_steps=10**8) -> Forecast:
-    """Anchor at (anchor_batch, anchor_steps), then tuned NQM steps at every batch size."""
+             max_steps=10**8, lrs=None) -> Forecast:
+    """Anchor at (anchor_batch, anchor_steps), then tuned NQM steps at every batch size.
+
+    ``lrs``: the sweep's own LR grid, for optimizers whose NQM LR is in the network's units
+    (SGD and heavy-ball on the measured curvature, P = I); None tunes continuously.
+    """
     b_eff = effective_batch(batch_sizes, num_train)
     a_eff = float(effective_batch([anchor_batch], num_train)[0])
-    target, a_steps = anchor_target(problem, kind, momentum, power, a_eff, anchor_steps, max_steps=max_steps)
-    steps, lr = tuned_steps(problem, kind, momentum, power, b_eff, target, max_steps=max_steps)
+    target, a_steps = anchor_target(problem, kind, momentum, power, a_eff, anchor_steps, max_steps=max_steps,
+                                    lrs=lrs)
+    steps, lr = tuned_steps(problem, kind, momentum, power, b_eff, target, max_steps=max_steps, lrs=lrs)
     return Forecast(np.asarray(batch_sizes, np.float64), steps, lr, target, float(anchor_batch),
                     float(anchor_steps), float(a_steps))

@@ -39,6 +39,8 @@ class PredictOptions:
     bins: int = 40
     floor: float = 1e-6
     max_memory_mb: float = 2048.0
+    lr_grid: str = "sweep"             # "sweep": SGD/momentum pick from the sweep's LRs; "continuous"
+    noise_at: str = "target"           # "target": noise where the anchor run reaches the target; "init"
 
     def check(self) -> None:
         """One-line ValueError naming the flag, before any compute."""
@@ -53,6 +55,10 @@ class PredictOptions:
             raise ValueError(f"--curvature: got {self.curvature!r}; allowed: 'ggn', 'hessian'")
         if self.bulk_noise not in ("trace", "curvature"):
             raise ValueError(f"--bulk-noise: got {self.bulk_noise!r}; allowed: 'trace', 'curvature'")
+        if self.lr_grid not in ("sweep", "continuous"):
+            raise ValueError(f"--lr-grid: got {self.lr_grid!r}; allowed: 'sweep', 'continuous'")
+        if self.noise_at not in ("target", "init"):
+            raise ValueError(f"--noise-at: got {self.noise_at!r}; allowed: 'target', 'init'")
         if not 0 < self.floor < 1:
             raise ValueError(f"--floor: got {self.floor!r}; allowed: 0 < floor < 1")
         if self.anchor is not None and self.anchor < 1:
@@ -70,34 +76,73 @@ class Prediction:
     files: list[Path]
 
 
-def measure_network(backend, seed: int, options: PredictOptions):
-    """cbs.train.spectrum.measure on the train back end's model at init(seed)."""
+def _network(backend, seed: int, examples: int):
+    """(apply, loss, flatten, x, y): the back end's model on flat float64 parameters, and the
+    measured examples (a seeded subsample of the training set)."""
     import jax
     from jax.flatten_util import ravel_pytree
 
     from cbs.train.engine import per_example_metrics
-    from cbs.train.spectrum import measure
 
     prob = backend.problem
-    params = prob.init_params(seed)
     n = prob.num_train
-    take = np.sort(np.random.default_rng(seed).permutation(n)[:min(options.examples, n)])
+    take = np.sort(np.random.default_rng(seed).permutation(n)[:min(examples, n)])
     x, y = np.asarray(prob.x_train)[take], np.asarray(prob.y_train)[take]
     with jax.enable_x64(True):
-        params64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-        theta, unravel = ravel_pytree(params64)
-        model, task = prob.model, prob.task
+        _, unravel = ravel_pytree(jax.tree.map(lambda a: np.asarray(a, np.float64), prob.init_params(seed)))
+    model, task = prob.model, prob.task
 
-        def apply(th, xb):
-            return model.apply(unravel(th), xb)
+    def flatten(params):
+        with jax.enable_x64(True):
+            return ravel_pytree(jax.tree.map(lambda a: np.asarray(a, np.float64), params))[0]
 
-        def loss(out, yb):
-            return per_example_metrics(task, out, yb)[0]
+    def apply(th, xb):
+        return model.apply(unravel(th), xb)
 
-        return measure(apply, loss, theta, x, y, top_k=options.top_k, lanczos_iters=options.lanczos_iters,
-                       slq_probes=options.slq_probes, slq_iters=options.slq_iters,
-                       noise_examples=options.noise_examples, chunk=options.chunk, curvature=options.curvature,
-                       seed=seed, max_memory_mb=options.max_memory_mb)
+    def loss(out, yb):
+        return per_example_metrics(task, out, yb)[0]
+    return apply, loss, flatten, x, y
+
+
+def measure_network(backend, seed: int, options: PredictOptions):
+    """cbs.train.spectrum.measure on the train back end's model at init(seed)."""
+    from cbs.train.spectrum import measure
+    apply, loss, flatten, x, y = _network(backend, seed, options.examples)
+    return measure(apply, loss, flatten(backend.problem.init_params(seed)), x, y, top_k=options.top_k,
+                   lanczos_iters=options.lanczos_iters, slq_probes=options.slq_probes, slq_iters=options.slq_iters,
+                   noise_examples=options.noise_examples, chunk=options.chunk, curvature=options.curvature,
+                   seed=seed, max_memory_mb=options.max_memory_mb)
+
+
+def _train_to(backend, entry, hp: dict, lr: float, batch: int, steps: int, seed: int):
+    """The parameters of one cell (the anchor's best LR and hyperparameters, this seed)
+    after ``steps`` steps at ``batch``: the engine's own step and data order, un-vmapped."""
+    import jax
+    import jax.numpy as jnp
+
+    from cbs.train.engine import IndexStream, make_block_fns
+    from cbs.train.optimizers import schedule_fn
+    prob, budget = backend.problem, backend.config.budget.max_steps
+    init, train_interval, _, _ = make_block_fns(prob, entry.kind, schedule_fn(entry.schedule, budget), budget)
+    hpj = {k: jnp.float32(v) for k, v in hp.items()}
+    state = init(prob.init_params(seed), hpj)
+    idx = IndexStream(seed, prob.num_train).take(steps * batch).reshape(steps, batch)
+    state, _ = jax.jit(train_interval)(state, jnp.float32(lr), hpj, jnp.asarray(idx))
+    return state.params
+
+
+def noise_at_target(backend, meas, entry, hp, lr, batch, steps, seed, options: PredictOptions):
+    """The measurement with its noise (c along the top directions, tr Sigma, tr C Sigma
+    scaled alike) taken where the anchor run reaches the target: the gradient noise of a
+    loss shrinks with the loss (linear regression: Sigma ~ (2 L) H), and the noise that sets
+    how small a step must be to reach the target is the noise near the target."""
+    from cbs.train.spectrum import noise_along
+    apply, loss, flatten, x, y = _network(backend, seed, options.examples)
+    params = _train_to(backend, entry, hp, lr, batch, steps, seed)
+    tr, var = noise_along(apply, loss, flatten(params), x, y, meas.top_vectors, options.chunk)
+    scale = tr / meas.trace_sigma if meas.trace_sigma > 0 else 1.0
+    return dataclasses.replace(meas, top_var=var, trace_sigma=tr, trace_c_sigma=meas.trace_c_sigma * scale,
+                               trace_c_sigma_se=meas.trace_c_sigma_se * scale)
 
 
 def sweep_is_finished(cfg) -> bool:
@@ -167,11 +212,12 @@ def _fmt(x, digits=3):
 
 
 def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | None = None, plots: bool = True,
-            log=print) -> Prediction:
+            measurement=None, log=print) -> Prediction:
     """Measure, calibrate, anchor and forecast for every optimizer entry of a train config.
 
     If ``cfg``'s output folder holds the finished sweep, the anchor is read from it (no
     training) and the measured S(B), B_crit (with its interval) are set beside the forecast.
+    ``measurement`` reuses an earlier :func:`measure_network` result of the same config.
     """
     from cbs.analysis import fit_critical_batch_size
     from cbs.sweep.config import ConfigError
@@ -192,18 +238,35 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
     finished = sweep_is_finished(cfg)
 
     backend = TrainBackend(cfg)
-    meas = measure_network(backend, seed, options)
+    meas = measurement if measurement is not None else measure_network(backend, seed, options)
     log(f"measured d = {meas.dim} parameters on {meas.num_examples} examples in {meas.seconds:.1f} s: "
         f"h_max = {meas.top_h[0]:.4g}, tr Sigma = {meas.trace_sigma:.4g}, |G|^2 = {meas.grad_sq:.4g}, "
         f"B_simple = {meas.b_simple:.4g}, B_noise = {meas.b_noise:.4g}")
-    cal = nqm_from_measurement(meas, num_bins=options.bins, floor=options.floor, bulk_noise=options.bulk_noise)
-
     if finished and anchor in set(batch_sizes.astype(int)):
         anchor_df, anchor_seconds = _anchor_from_results(out_dir, anchor), float("nan")
         anchor_source = "finished sweep"
     else:
         anchor_df, anchor_seconds = _run_anchor(cfg, anchor, out_dir, log)
         anchor_source = "trained"
+
+    noise_meas, noise_seconds, noise_from = meas, 0.0, "init"
+    if options.noise_at == "target":
+        reached = [e for e in cfg.grid.optimizers if e.kind != "kfac" and e.label in anchor_df.index
+                   and np.isfinite(anchor_df.loc[e.label, "steps"])]
+        if reached:
+            e = reached[0]
+            row = anchor_df.loc[e.label]
+            t_noise = time.perf_counter()
+            noise_meas = noise_at_target(backend, meas, e, _hparams(e, row), float(row["best_lr"]), anchor,
+                                         int(np.ceil(row["steps"])), seed, options)
+            noise_seconds = time.perf_counter() - t_noise
+            noise_from = f"{e.label} at B={anchor} after {int(np.ceil(row['steps']))} steps"
+            log(f"noise at the target ({noise_from}): tr Sigma = {noise_meas.trace_sigma:.4g} "
+                f"(init {meas.trace_sigma:.4g}), {noise_seconds:.1f} s")
+        else:
+            log("no optimizer reached the target at the anchor: noise measured at init")
+    cal = nqm_from_measurement(noise_meas, num_bins=options.bins, floor=options.floor,
+                               bulk_noise=options.bulk_noise)
 
     measured = None
     if finished:
@@ -221,10 +284,19 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
         a_steps = float(anchor_df.loc[name, "steps"])
         a_lr = float(anchor_df.loc[name, "best_lr"])
         omap = map_optimizer(entry.kind, hp, meas, anchor)
+        # SGD / heavy-ball on the measured curvature (P = I): the NQM's LR is the network's LR.
+        same_units = omap.precond_power == 0.0
+        lrs = None
+        if same_units and options.lr_grid == "sweep":
+            grid = entry.learning_rates if entry.learning_rates is not None else cfg.grid.learning_rates
+            lrs = grid.values() if hasattr(grid, "values") else list(grid)
         fc = forecast(cal.problem, omap.kind, omap.momentum, omap.precond_power, batch_sizes, anchor, a_steps,
-                      num_train=n_train)
+                      num_train=n_train, lrs=lrs)
         a_idx = int(np.argmin(np.abs(batch_sizes - anchor)))
-        lr_scale = fc.nqm_lr / fc.nqm_lr[a_idx] if batch_sizes[a_idx] == anchor else fc.nqm_lr * np.nan
+        if same_units:
+            lr_scale = fc.nqm_lr / a_lr
+        else:      # P = H^p: NQM LR units differ; scale the anchor's measured LR
+            lr_scale = fc.nqm_lr / fc.nqm_lr[a_idx] if batch_sizes[a_idx] == anchor else fc.nqm_lr * np.nan
         fit = fit_critical_batch_size(batch_sizes, fc.steps, n_boot=0)
         m_steps = np.full(len(batch_sizes), np.nan)
         m_bcrit, m_ci = np.nan, (np.nan, np.nan)
@@ -239,7 +311,7 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
         summary.append(dict(
             optimizer=name, kind=entry.kind, nqm_kind=omap.kind, nqm_momentum=omap.momentum,
             precond_power=omap.precond_power, mapping=omap.rule, anchor_batch=anchor, anchor_steps=a_steps,
-            anchor_lr=a_lr, anchor_source=anchor_source, nqm_target=fc.target, b_crit_forecast=fit.b_crit,
+            anchor_lr=a_lr, lr_grid="sweep" if lrs is not None else "continuous", anchor_source=anchor_source, nqm_target=fc.target, b_crit_forecast=fit.b_crit,
             s_min_forecast=fit.s_min, b_star_forecast=fit.b_star, b_crit_measured=m_bcrit,
             b_crit_measured_lo=m_ci[0], b_crit_measured_hi=m_ci[1],
             ratio=fit.b_crit / m_bcrit if np.isfinite(m_bcrit) else np.nan,
@@ -250,7 +322,8 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
     forecast_seconds = time.perf_counter() - t0
     table, summ = pd.DataFrame(rows), pd.DataFrame(summary)
     sweep_s = _sweep_seconds(out_dir) if finished else float("nan")
-    costs = dict(measure_s=meas.seconds, anchor_s=anchor_seconds, forecast_s=forecast_seconds,
+    costs = dict(measure_s=meas.seconds + noise_seconds, noise_from=noise_from,
+                 anchor_s=anchor_seconds, forecast_s=forecast_seconds,
                  sweep_s=sweep_s, anchor_source=anchor_source)
     text = _text(table, summ, meas, cal, costs)
     files = _write(out_dir, table, summ, meas, cal, costs, plots)
@@ -261,6 +334,7 @@ def _text(table, summ, meas, cal, costs) -> str:
     lines = [f"NQM calibrated from the network: {cal.num_top} top directions + {cal.problem.h.size - cal.num_top} "
              f"bulk bins ({cal.bulk_count:.0f} eigenvalues; {cal.dropped_flat_mass:.0f} flatter than the floor "
              f"left out), bulk noise c = {cal.kappa:.3g} h"]
+    lines[0] += f"; noise measured at {costs['noise_from']}"
     lines += [f"  note: {n}" for n in cal.notes]
     if table.empty:
         return "\n".join(lines + ["no forecast (no optimizer reached the target at the anchor)"])

@@ -53,6 +53,7 @@ __all__ = [
     "lanczos",
     "measure",
     "memory_estimate",
+    "noise_along",
     "ritz_pairs",
     "slq",
 ]
@@ -253,6 +254,26 @@ class Measurement:
     def b_noise(self) -> float:
         """McCandlish's noise scale tr(C Sigma) / G^T C G (C the measured curvature)."""
         return self.trace_c_sigma / self.gcg
+
+
+def noise_along(apply: Apply, loss: Loss, theta, x, y, vectors, chunk: int = 128):
+    """(tr Sigma, v_i^T Sigma v_i for each row of ``vectors``) at theta, in float64: the
+    gradient noise at another point (e.g. where training reached the target) along
+    directions measured elsewhere."""
+    with jax.enable_x64(True):
+        theta = jnp.asarray(theta, jnp.float64)
+        x = jnp.asarray(x, jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x)
+        y = jnp.asarray(y, jnp.float64) if jnp.issubdtype(y.dtype, jnp.floating) else jnp.asarray(y)
+        tr, proj = _noise_jit(apply, loss, theta, x, y, jnp.asarray(vectors, jnp.float64), chunk=chunk)
+        return float(tr), np.asarray(proj).var(1)
+
+
+def _noise_impl(apply, loss, theta, x, y, vectors, *, chunk):
+    _, tr, _ = gradient_moments(apply, loss, theta, x, y, chunk)
+    return tr, directional_gradients(apply, loss, theta, x, y, vectors)
+
+
+_noise_jit = jax.jit(_noise_impl, static_argnums=(0, 1), static_argnames=("chunk",))
 
 
 def memory_estimate(dim: int, *, top_k: int, lanczos_iters: int, chunk: int) -> int:
