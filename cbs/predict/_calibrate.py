@@ -79,7 +79,9 @@ def nqm_from_measurement(meas, *, num_bins: int = 40, floor: float = 1e-6,
     h_b, count_b, dropped = _bulk_bins(meas.slq_nodes, meas.slq_weights, meas.dim, float(top_h[-1]) * (1 - 1e-6),
                                        h_floor, num_bins)
     room = max(meas.dim - k, 0)
-    if count_b.sum() > room > 0:
+    if room == 0:                      # every direction is a top one: no bulk
+        h_b, count_b = h_b[:0], count_b[:0]
+    elif count_b.sum() > room:
         count_b = count_b * room / count_b.sum()
     # Bulk noise c = kappa h.
     if bulk_noise == "trace":
