@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from cbs import nqm
-from cbs.predict import adam_power, anchor_target, effective_batch, nqm_from_measurement, tuned_steps
+from cbs.predict import (
+    adam_power,
+    anchor_target,
+    effective_batch,
+    nqm_from_measurement,
+    tuned_steps,
+)
 from cbs.train.spectrum import Measurement
 
 
@@ -99,7 +105,7 @@ def test_adam_power_recovers_a_planted_preconditioner(power):
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "cbs.predict", *args], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
 
 
 def test_cli_refuses_nqm_config_and_bad_flags():

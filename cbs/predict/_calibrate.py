@@ -35,7 +35,7 @@ import numpy as np
 
 from cbs.nqm import custom_problem
 
-__all__ = ["Calibration", "OptimizerMap", "nqm_from_measurement", "map_optimizer", "adam_power"]
+__all__ = ["Calibration", "OptimizerMap", "adam_power", "map_optimizer", "nqm_from_measurement"]
 
 ADAM_LIKE = ("adam", "adamw", "adafactor", "lion", "signum", "muon", "soap")
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from cbs.nqm import best_on_grid, evaluate_grid, refine_lr
 
-__all__ = ["effective_batch", "tuned_steps", "anchor_target", "Forecast", "forecast"]
+__all__ = ["Forecast", "anchor_target", "effective_batch", "forecast", "tuned_steps"]
 
 
 def effective_batch(batch_sizes, num_train: int | None):

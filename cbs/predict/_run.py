@@ -306,34 +306,34 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
             mf = measured.fits[name]
             m_bcrit, m_ci = float(mf.b_crit), tuple(float(v) for v in mf.b_crit_ci)
         for i, b in enumerate(batch_sizes):
-            rows.append(dict(optimizer=name, kind=entry.kind, batch_size=int(b), steps_forecast=fc.steps[i],
-                             lr_forecast=a_lr * lr_scale[i], nqm_lr=fc.nqm_lr[i], steps_measured=m_steps[i]))
-        summary.append(dict(
-            optimizer=name, kind=entry.kind, nqm_kind=omap.kind, nqm_momentum=omap.momentum,
-            precond_power=omap.precond_power, mapping=omap.rule, anchor_batch=anchor, anchor_steps=a_steps,
-            anchor_lr=a_lr, lr_grid="sweep" if lrs is not None else "continuous", anchor_source=anchor_source, nqm_target=fc.target, b_crit_forecast=fit.b_crit,
-            s_min_forecast=fit.s_min, b_star_forecast=fit.b_star, b_crit_measured=m_bcrit,
-            b_crit_measured_lo=m_ci[0], b_crit_measured_hi=m_ci[1],
-            ratio=fit.b_crit / m_bcrit if np.isfinite(m_bcrit) else np.nan,
-            inside_ci=bool(m_ci[0] <= fit.b_crit <= m_ci[1]) if np.isfinite(m_ci[0]) else None,
-            b_simple=meas.b_simple, b_noise=meas.b_noise,
-            b_simple_ratio=meas.b_simple / m_bcrit if np.isfinite(m_bcrit) else np.nan,
-            b_noise_ratio=meas.b_noise / m_bcrit if np.isfinite(m_bcrit) else np.nan))
+            rows.append({"optimizer": name, "kind": entry.kind, "batch_size": int(b), "steps_forecast": fc.steps[i],
+                             "lr_forecast": a_lr * lr_scale[i], "nqm_lr": fc.nqm_lr[i], "steps_measured": m_steps[i]})
+        summary.append({
+            "optimizer": name, "kind": entry.kind, "nqm_kind": omap.kind, "nqm_momentum": omap.momentum,
+            "precond_power": omap.precond_power, "mapping": omap.rule, "anchor_batch": anchor, "anchor_steps": a_steps,
+            "anchor_lr": a_lr, "lr_grid": "sweep" if lrs is not None else "continuous", "anchor_source": anchor_source, "nqm_target": fc.target, "b_crit_forecast": fit.b_crit,
+            "s_min_forecast": fit.s_min, "b_star_forecast": fit.b_star, "b_crit_measured": m_bcrit,
+            "b_crit_measured_lo": m_ci[0], "b_crit_measured_hi": m_ci[1],
+            "ratio": fit.b_crit / m_bcrit if np.isfinite(m_bcrit) else np.nan,
+            "inside_ci": bool(m_ci[0] <= fit.b_crit <= m_ci[1]) if np.isfinite(m_ci[0]) else None,
+            "b_simple": meas.b_simple, "b_noise": meas.b_noise,
+            "b_simple_ratio": meas.b_simple / m_bcrit if np.isfinite(m_bcrit) else np.nan,
+            "b_noise_ratio": meas.b_noise / m_bcrit if np.isfinite(m_bcrit) else np.nan})
     forecast_seconds = time.perf_counter() - t0
     table, summ = pd.DataFrame(rows), pd.DataFrame(summary)
     sweep_s = _sweep_seconds(out_dir) if finished else float("nan")
-    costs = dict(measure_s=meas.seconds + noise_seconds, noise_from=noise_from,
-                 anchor_s=anchor_seconds, forecast_s=forecast_seconds,
-                 sweep_s=sweep_s, anchor_source=anchor_source)
+    costs = {"measure_s": meas.seconds + noise_seconds, "noise_from": noise_from,
+                 "anchor_s": anchor_seconds, "forecast_s": forecast_seconds,
+                 "sweep_s": sweep_s, "anchor_source": anchor_source}
     text = _text(table, summ, meas, cal, costs)
     files = _write(out_dir, table, summ, meas, cal, costs, plots)
     return Prediction(table, summ, meas, costs, text, files)
 
 
 def _text(table, summ, meas, cal, costs) -> str:
-    lines = [f"NQM calibrated from the network: {cal.num_top} top directions + {cal.problem.h.size - cal.num_top} "
+    lines = [(f"NQM calibrated from the network: {cal.num_top} top directions + {cal.problem.h.size - cal.num_top} "
              f"bulk bins ({cal.bulk_count:.0f} eigenvalues; {cal.dropped_flat_mass:.0f} flatter than the floor "
-             f"left out), bulk noise c = {cal.kappa:.3g} h"]
+             f"left out), bulk noise c = {cal.kappa:.3g} h")]
     lines[0] += f"; noise measured at {costs['noise_from']}"
     lines += [f"  note: {n}" for n in cal.notes]
     if table.empty:
@@ -369,14 +369,14 @@ def _write(out_dir: Path, table, summ, meas, cal, costs, plots) -> list[Path]:
     p = out_dir / "prediction.parquet"
     atomic_write_bytes(p, table.to_parquet(index=False))
     files.append(p)
-    info = dict(summary=summ.to_dict(orient="records"), costs=costs,
-                measurement=dict(dim=meas.dim, num_examples=meas.num_examples, curvature=meas.curvature,
-                                 top_h=meas.top_h.tolist(), top_var=meas.top_var.tolist(),
-                                 top_grad=meas.top_grad.tolist(), trace_sigma=meas.trace_sigma,
-                                 trace_c_sigma=meas.trace_c_sigma, grad_sq=meas.grad_sq, gcg=meas.gcg,
-                                 b_simple=meas.b_simple, b_noise=meas.b_noise, loss=meas.loss),
-                nqm=dict(h=cal.problem.h.tolist(), c=cal.problem.c.tolist(), m0=cal.problem.m0.tolist(),
-                         count=cal.problem.count.tolist(), kappa=cal.kappa, notes=list(cal.notes)))
+    info = {"summary": summ.to_dict(orient="records"), "costs": costs,
+                "measurement": {"dim": meas.dim, "num_examples": meas.num_examples, "curvature": meas.curvature,
+                                 "top_h": meas.top_h.tolist(), "top_var": meas.top_var.tolist(),
+                                 "top_grad": meas.top_grad.tolist(), "trace_sigma": meas.trace_sigma,
+                                 "trace_c_sigma": meas.trace_c_sigma, "grad_sq": meas.grad_sq, "gcg": meas.gcg,
+                                 "b_simple": meas.b_simple, "b_noise": meas.b_noise, "loss": meas.loss},
+                "nqm": {"h": cal.problem.h.tolist(), "c": cal.problem.c.tolist(), "m0": cal.problem.m0.tolist(),
+                         "count": cal.problem.count.tolist(), "kappa": cal.kappa, "notes": list(cal.notes)}}
     p = out_dir / "prediction.json"
     atomic_write_bytes(p, json.dumps(info, indent=1, default=lambda o: None if o is None else float(o)).encode())
     files.append(p)
