@@ -56,8 +56,7 @@ def _fail(msg: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from cbs.sweep.schema import ConfigError
-    from cbs.train.spectrum import MeasurementTooLarge
+    from cbs.errors import CbsError, ConfigError
     opts = PredictOptions(anchor=args.anchor, seed=args.seed, examples=args.examples, top_k=args.top_k,
                           lanczos_iters=args.lanczos_iters, slq_probes=args.slq_probes, slq_iters=args.slq_iters,
                           noise_examples=args.noise_examples, chunk=args.chunk, curvature=args.curvature,
@@ -71,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         result = predict(cfg, opts, out_dir=Path(args.out) if args.out else None, plots=not args.no_plot)
     except ConfigError as e:
         return _fail(f"{args.config}: {e}")
-    except MeasurementTooLarge as e:
-        return _fail(str(e))
-    except ValueError as e:
+    except CbsError as e:
         return _fail(str(e).splitlines()[0])
     print(result.text)
     print("wrote " + ", ".join(str(f) for f in result.files))

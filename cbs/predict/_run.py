@@ -16,8 +16,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cbs.errors import CbsError
 from cbs.predict._calibrate import map_optimizer, nqm_from_measurement
 from cbs.predict._forecast import forecast
+
+
+class PredictOptionError(CbsError, ValueError):
+    """A cbs.predict option (or the config it is given) outside what is allowed."""
+
 
 __all__ = ["PredictOptions", "Prediction", "measure_network", "predict", "sweep_is_finished"]
 
@@ -48,21 +54,21 @@ class PredictOptions:
                          ("noise_examples", 2), ("chunk", 1), ("bins", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or v < lo:
-                raise ValueError(f"--{name.replace('_', '-')}: got {v!r}; allowed: an integer >= {lo}")
+                raise PredictOptionError(f"--{name.replace('_', '-')}: got {v!r}; allowed: an integer >= {lo}")
         if self.top_k > self.lanczos_iters:
-            raise ValueError(f"--top-k: got {self.top_k}; allowed: <= --lanczos-iters ({self.lanczos_iters})")
+            raise PredictOptionError(f"--top-k: got {self.top_k}; allowed: <= --lanczos-iters ({self.lanczos_iters})")
         if self.curvature not in ("ggn", "hessian"):
-            raise ValueError(f"--curvature: got {self.curvature!r}; allowed: 'ggn', 'hessian'")
+            raise PredictOptionError(f"--curvature: got {self.curvature!r}; allowed: 'ggn', 'hessian'")
         if self.bulk_noise not in ("trace", "curvature"):
-            raise ValueError(f"--bulk-noise: got {self.bulk_noise!r}; allowed: 'trace', 'curvature'")
+            raise PredictOptionError(f"--bulk-noise: got {self.bulk_noise!r}; allowed: 'trace', 'curvature'")
         if self.lr_grid not in ("sweep", "continuous"):
-            raise ValueError(f"--lr-grid: got {self.lr_grid!r}; allowed: 'sweep', 'continuous'")
+            raise PredictOptionError(f"--lr-grid: got {self.lr_grid!r}; allowed: 'sweep', 'continuous'")
         if self.noise_at not in ("target", "init"):
-            raise ValueError(f"--noise-at: got {self.noise_at!r}; allowed: 'target', 'init'")
+            raise PredictOptionError(f"--noise-at: got {self.noise_at!r}; allowed: 'target', 'init'")
         if not 0 < self.floor < 1:
-            raise ValueError(f"--floor: got {self.floor!r}; allowed: 0 < floor < 1")
+            raise PredictOptionError(f"--floor: got {self.floor!r}; allowed: 0 < floor < 1")
         if self.anchor is not None and self.anchor < 1:
-            raise ValueError(f"--anchor: got {self.anchor!r}; allowed: a batch size >= 1")
+            raise PredictOptionError(f"--anchor: got {self.anchor!r}; allowed: a batch size >= 1")
 
 
 @dataclasses.dataclass
@@ -220,7 +226,7 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
     ``measurement`` reuses an earlier :func:`measure_network` result of the same config.
     """
     from cbs.analysis import fit_critical_batch_size
-    from cbs.sweep.config import ConfigError
+    from cbs.errors import ConfigError
     from cbs.train.backend import TrainBackend, train_size
 
     if cfg.backend != "train":
@@ -232,7 +238,7 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
     anchor = int(options.anchor if options.anchor is not None else batch_sizes[0])
     n_train = train_size(section)
     if anchor > n_train:
-        raise ValueError(f"--anchor: got {anchor}; allowed: a batch size <= the training-set size {n_train}")
+        raise PredictOptionError(f"--anchor: got {anchor}; allowed: a batch size <= the training-set size {n_train}")
     seed = int(options.seed if options.seed is not None else cfg.grid.seeds[0])
     out_dir = Path(out_dir or cfg.out_dir)
     finished = sweep_is_finished(cfg)

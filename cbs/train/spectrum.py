@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cbs.errors import CbsError
+
 __all__ = [
     "Measurement",
     "MeasurementTooLarge",
@@ -62,7 +64,7 @@ Apply = Callable[[jax.Array, jax.Array], jax.Array]
 Loss = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-class MeasurementTooLarge(ValueError):
+class MeasurementTooLarge(CbsError, ValueError):
     """The chosen measurement does not fit the memory limit; the message names the option."""
 
 
