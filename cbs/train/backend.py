@@ -161,7 +161,7 @@ class TrainBackend(Backend):
         if builtin_data and s.dataset_args:
             raise ConfigError("train.dataset_args", s.dataset_args, f"allowed only with a file or factory dataset "
                               f"(built-in {s.dataset!r} takes its own train.* options)")
-        if builtin_data and not user_model:
+        if builtin_data and not user_model and s.loss is None and s.task == "auto":
             task = "lm" if s.dataset == "text" else "regression" if s.dataset == "linreg" else "classification"
         else:
             task = cls._check_data_and_model(s, config)
