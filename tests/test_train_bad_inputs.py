@@ -63,6 +63,13 @@ def broken_model(**kw):
     raise ValueError("width must be even")
 
 
+def mse_on_logits(outputs, y):
+    """A valid custom loss (mean over examples, error rate)."""
+    import jax
+    import jax.numpy as jnp
+    return jnp.mean((outputs - jax.nn.one_hot(y, outputs.shape[-1])) ** 2), jnp.mean(outputs.argmax(-1) != y)
+
+
 def scalar_loss(outputs, y):
     return outputs.mean()
 
@@ -122,6 +129,8 @@ CASES = {
     "model typo": (lambda t: {"dataset": "digits", "model": "mpl"}, "train.model", "did you mean 'mlp'"),
     "loss wrong return": (lambda t: {"dataset": "digits", "loss": "test_train_bad_inputs:scalar_loss"},
                           "train.loss", "two scalars"),
+    "kfac with a custom loss": (lambda t: {"dataset": "digits", "loss": "test_train_bad_inputs:mse_on_logits"},
+                                "grid.optimizers[1].kind", "custom function", ("sgd", "kfac")),
     "regression with classification task": (
         lambda t: {"dataset": _npz(t, x=np.zeros((9, 2)), y=np.linspace(0, 1, 9)), "task": "classification"},
         "train.task", "fractional"),
@@ -130,8 +139,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, capsys):
-    make, key, found = CASES[case]
-    err = run_cli(tmp_path, make(tmp_path), capsys)
+    make, key, found, *optimizers = CASES[case]
+    err = run_cli(tmp_path, make(tmp_path), capsys, *optimizers)
     assert f"'{key}'" in err and found in err, err
 
 
