@@ -12,7 +12,7 @@ from cbs.train.testing import make_block, make_config
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
-TINY = dict(dataset="digits", model="mlp", width=16, depth=1, steps_per_call=30)
+TINY = {"dataset": "digits", "model": "mlp", "width": 16, "depth": 1, "steps_per_call": 30}
 
 
 def steps(kind, lrs, eval_every, exact=True, metric="val_loss", value=0.6, **hp):

@@ -107,6 +107,7 @@ class TrainBackend(Backend):
     metrics = {"val_loss": "validation loss (cross-entropy; 0.5 * squared error for linreg)",
                "val_error": "validation error rate (top-1; next-byte error for text)"}
     blocks_per_call = 1
+    adaptive_default = True
 
     def __init__(self, config):
         super().__init__(config)
