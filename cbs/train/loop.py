@@ -76,6 +76,8 @@ class Tracker:
         self.exact = np.zeros(n, bool)
         self.t_before = np.full(n, -1, np.int64)   # evaluation step before the crossing one
         self.replay_seconds = 0.0
+        self.n_replayed = 0
+        self.t_start = time.perf_counter()
         self.final = np.full(n, np.nan)
         self.best = np.full(n, np.inf)
         self.steps_run = np.zeros(n, np.int64)
@@ -126,6 +128,7 @@ class Tracker:
     def set_exact(self, i: int, step: int | None) -> None:
         """The replay's answer for cell ``i``: the first step below target in
         (t0, t1], or None when the replay saw none (rounding; t1 then stands, not exact)."""
+        self.n_replayed += 1
         if step is not None:
             self.s_target[i] = step
             self.exact[i] = True
@@ -150,7 +153,10 @@ class Tracker:
             cells.append(CellResult(c.cell_id, bool(self.reached[i]), bool(self.diverged[i]),
                                     float(self.s_target[i]), float(self.final[i]), float(best),
                                     int(self.steps_run[i]), extra))
-        tables = {}
+        # Wall time of the block and of its exact-crossing replays (the replay's cost).
+        tables = {"timing": pd.DataFrame([dict(seconds=time.perf_counter() - self.t_start,
+                                               replay_seconds=self.replay_seconds,
+                                               replayed_cells=int(self.n_replayed))])}
         if self.opts.noise_scale:
             tables["noise_scale"] = pd.DataFrame(self.noise_rows, columns=["cell_id", "step", "b_simple",
                                                                            "trace_sigma", "grad_sq"])
