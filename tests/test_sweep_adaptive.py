@@ -7,13 +7,13 @@ import math
 
 import numpy as np
 import pandas as pd
+from cbs_test_backends import FakeBackend
 
 from cbs.store import read_table
 from cbs.sweep import backend as backend_mod
 from cbs.sweep.backend import BlockResult, CellResult
 from cbs.sweep.config import load_config
 from cbs.sweep.runner import run_sweep
-from cbs_test_backends import FakeBackend
 
 
 class BowlBackend(FakeBackend):

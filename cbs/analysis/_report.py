@@ -173,8 +173,9 @@ def _fit_optimizer(name, steps_df, per_b, *, scale, unit, delta, b0, n_boot, see
     if len(most):
         warnings.append("most seeds censored (target not reached within the budget) at B = "
                         + ", ".join(format_number(b * scale) for b in most["batch_size"]))
-    if eval_every > 1 and not ("exact" in g and g["exact"].astype(bool).all()
-                               and (g["n_uncertified"] == 0).all()):
+    proven = "proof" in g and (g["proof"] != "").all() and g["exact"].astype(bool).all() \
+        and (g["n_uncertified"] == 0).all()
+    if eval_every > 1 and not proven:
         # S is quantized to evaluation steps: up to one interval too high, which matters most
         # at large B where S is small (docs/cbs.md 1.3).
         s = pb["steps"].to_numpy(float)

@@ -104,8 +104,9 @@ def steps_table(results: pd.DataFrame, tuned: pd.DataFrame | None = None, *, use
         and exact: True when the steps are a proven first crossing -- the best cell's
         ``crossing_exact`` (train) or ``crossing_certified`` (NQM) is 1 and no uncertified
         cell could be faster (its ``steps_lower_bound``, where known, is not below the best);
-        True for censored points and for results without such columns. ``n_uncertified``
-        counts reached cells whose crossing is not proven.
+        True for censored points and for results without such columns (``proof`` names the
+        column used, "" when there is none). ``n_uncertified`` counts reached cells whose
+        crossing is not proven.
     """
     missing = [c for c in _REQUIRED if c not in results.columns]
     if missing:
@@ -128,7 +129,8 @@ def steps_table(results: pd.DataFrame, tuned: pd.DataFrame | None = None, *, use
                    n_diverged=int(diverged.sum()), n_censored_cells=int((~reached & ~diverged).sum()),
                    max_steps=float(cells["max_steps"].max()) if "max_steps" in cells else np.nan,
                    kind=str(cells["kind"].iloc[0]) if "kind" in cells else opt,
-                   n_uncertified=int((reached & ~proven).sum()), exact=True, source="results")
+                   n_uncertified=int((reached & ~proven).sum()), exact=True, proof=flag_col or "",
+                   source="results")
         if reached.any():
             sub = cells[reached].assign(_s=steps[reached])
             order = ["_s"] + (["final_metric"] if "final_metric" in sub else [])

@@ -30,7 +30,7 @@ import pandas as pd
 
 from cbs.sweep.backend import Block, Cell
 
-__all__ = ["Round", "adaptive_rounds", "round_block_id", "group_edges"]
+__all__ = ["Round", "adaptive_rounds", "group_edges", "round_block_id"]
 
 _REL = 1e-9
 

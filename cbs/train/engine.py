@@ -250,34 +250,15 @@ class BlockRun:
                 return jax.lax.scan(interval, state, (idx_table[si], nt))
             return jax.vmap(one)(state, lr, hp, seed_idx)
 
-        def replay(state, lr, hp, seed_idx, idx_table, skip, window):
-            # Exact first crossing (see cbs.train.loop): from the states at the start of a
-            # call, each cell trains ``skip`` steps unevaluated (masked, so cells with
-            # different skips share the program), then ``window`` steps each followed by an
-            # evaluation. idx_table: (n_seeds, steps of the call, B), the call's own rows,
-            # so the replay is the same trajectory as the run.
-            def one(state, lr, hp, si, skip):
-                idx = idx_table[si]
-                pre_len = idx.shape[0] - window
-
-                def pre(s, xs):
-                    t, i = xs
-                    s_new, _ = train_interval(s, lr, hp, i[None])
-                    return _where(t < skip, s_new, s), None
-
-                state, _ = jax.lax.scan(pre, state, (jnp.arange(pre_len), idx[:pre_len]))
-
-                def post(s, i):
-                    s, _ = train_interval(s, lr, hp, i[None])
-                    return s, evaluate(s, hp)
-
-                win = jax.lax.dynamic_slice_in_dim(idx, skip, window, axis=0)
-                return jax.lax.scan(post, state, win)[1]
-            return jax.vmap(one)(state, lr, hp, seed_idx, skip)
+        # Exact first crossing (cbs.train.loop): one cell's step and evaluation, not
+        # vmapped. A replay is a short host loop over these; they compile in a fraction of
+        # the block program's time (a vmapped replay program per width and batch size cost
+        # more compile than its whole compute).
+        self.step_one = jax.jit(lambda s, lr, hp, idx: train_interval(s, lr, hp, idx[None])[0])
+        self.evaluate_one = jax.jit(evaluate)
 
         self._init = jax.jit(jax.vmap(init))
         self.call = jax.jit(call, donate_argnums=(0,))
-        self.replay = jax.jit(replay, static_argnames=("window",))
         self.evaluate = jax.jit(jax.vmap(evaluate))
 
     def init(self, seeds, hp) -> CellState:

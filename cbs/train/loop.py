@@ -175,27 +175,28 @@ def _replay(run: BlockRun, snap, lr, hp, seed_idx, table: np.ndarray, lanes: lis
     """Exact first crossings of the cells in ``lanes``, which first evaluated below target
     during the call that started at step ``call_start`` from states ``snap``.
 
-    The lanes are gathered into one vmapped replay (width padded to a power of two, so
-    few programs compile) that retrains each from the call's start over the call's own
-    data rows, unevaluated up to its last evaluation above target, then evaluates after
-    every step of the crossing interval.
+    Each cell is retrained from the call's start over the call's own data rows (so it is
+    the same trajectory), unevaluated up to its last evaluation above target t0, then
+    evaluated after every step until the first one below target.
     """
-    every = opts.eval_every
-    cells = [int(lane_cell[lane]) for lane in lanes]
-    skip = np.array([tracker.t_before[i] - call_start for i in cells], np.int32)
-    width = padded_size(1 << max(len(lanes) - 1, 0).bit_length())
-    sel = np.array(lanes + lanes[-1:] * (width - len(lanes)))
-    skip = np.concatenate([skip, np.repeat(skip[-1:], width - len(lanes))])
-    take = lambda x: x[sel]
     flat = table.reshape(table.shape[0], -1, table.shape[-1])       # (n_seeds, k * every, B)
-    vl, ve = run.replay(jax.tree.map(take, snap), lr[sel], {n: v[sel] for n, v in hp.items()}, seed_idx[sel],
-                        jnp.asarray(flat), jnp.asarray(skip), window=every)
-    metric = np.asarray(vl if opts.metric == "val_loss" else ve)
-    for r, i in enumerate(cells):
-        t0 = int(tracker.t_before[i])
-        n_win = int(tracker.s_target[i]) - t0        # < every only at the budget's end
-        below = np.flatnonzero(metric[r, :n_win] < opts.target)
-        tracker.set_exact(i, t0 + 1 + int(below[0]) if below.size else None)
+    seed_idx = np.asarray(seed_idx)
+    for lane in lanes:
+        i = int(lane_cell[lane])
+        t0, t1 = int(tracker.t_before[i]), int(tracker.s_target[i])
+        state = jax.tree.map(lambda x, lane=lane: x[lane], snap)
+        lr_i, hp_i = lr[lane], {name: v[lane] for name, v in hp.items()}
+        rows = flat[seed_idx[lane]]
+        found = None
+        for t in range(t0 - call_start):
+            state = run.step_one(state, lr_i, hp_i, rows[t])
+        for t in range(t0 - call_start, t1 - call_start):
+            state = run.step_one(state, lr_i, hp_i, rows[t])
+            vl, ve = run.evaluate_one(state, hp_i)
+            if float(vl if opts.metric == "val_loss" else ve) < opts.target:
+                found = call_start + t + 1
+                break
+        tracker.set_exact(i, found)
 
 
 def run_vmapped_block(problem: Problem, block: Block, opts: RunOptions, run: BlockRun,
