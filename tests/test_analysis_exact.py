@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from cbs.analysis import analyze_run, steps_table
-from cbs.analysis.synthetic import write_synthetic_run
+from synthetic_runs import write_synthetic_run
 
 
 def test_unproven_points_are_excluded_counted_and_reported(tmp_path):

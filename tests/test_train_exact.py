@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cbs.train.backend import TrainBackend
-from cbs.train.testing import make_block, make_config
+from cbs.train.direct import make_block, make_config
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
