@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from cbs.sweep.backend import Block, BlockResult, CellResult
 from cbs.parallel import padded_size, shard_cells
-from cbs.train.engine import BlockRun, IndexStream, TrainProblem
+from cbs.sweep.backend import Block, BlockResult, CellResult
+from cbs.train.engine import BlockRun, TrainProblem
+from cbs.train.streaming import ChunkFeeder
 
 __all__ = ["RunOptions", "Tracker", "run_vmapped_block"]
 
@@ -170,15 +171,16 @@ def noise_indices(seed: int, step: int, n: int, num_micro: int, micro: int, tag:
     return rng.permutation(n)[: num_micro * micro].reshape(num_micro, micro).astype(np.int32)
 
 
-def _replay(run: BlockRun, snap, lr, hp, seed_idx, table: np.ndarray, lanes: list[int],
+def _replay(run: BlockRun, snap, lr, hp, seed_idx, table, data, lanes: list[int],
             lane_cell: np.ndarray, call_start: int, tracker: Tracker, opts: RunOptions) -> None:
     """Exact first crossings of the cells in ``lanes``, which first evaluated below target
     during the call that started at step ``call_start`` from states ``snap``.
 
-    Each cell is retrained from the call's start over the call's own data rows (so it is
-    the same trajectory), unevaluated up to its last evaluation above target t0, then
+    Each cell is retrained from the call's start over the call's own data rows (and
+    streamed chunk ``data``, if any; so it is the same trajectory), unevaluated up to its last evaluation above target t0, then
     evaluated after every step until the first one below target.
     """
+    table = np.asarray(table)
     flat = table.reshape(table.shape[0], -1, table.shape[-1])       # (n_seeds, k * every, B)
     seed_idx = np.asarray(seed_idx)
     for lane in lanes:
@@ -189,9 +191,9 @@ def _replay(run: BlockRun, snap, lr, hp, seed_idx, table: np.ndarray, lanes: lis
         rows = flat[seed_idx[lane]]
         found = None
         for t in range(t0 - call_start):
-            state = run.step_one(state, lr_i, hp_i, rows[t])
+            state = run.step_one(state, lr_i, hp_i, rows[t], data)
         for t in range(t0 - call_start, t1 - call_start):
-            state = run.step_one(state, lr_i, hp_i, rows[t])
+            state = run.step_one(state, lr_i, hp_i, rows[t], data)
             vl, ve = run.evaluate_one(state, hp_i)
             if float(vl if opts.metric == "val_loss" else ve) < opts.target:
                 found = call_start + t + 1
@@ -215,7 +217,6 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
     seeds = [int(c.seed) for c in block.cells]
     useeds = sorted(set(seeds))
     seed_idx = jnp.array([useeds.index(s) for s in seeds], jnp.int32)
-    streams = {s: IndexStream(s, n) for s in useeds}
     lr = jnp.asarray(block.lrs, jnp.float32)
     hp = {k: jnp.asarray(block.hparam(k), jnp.float32) for k in hparam_names}
     k, every = opts.evals_per_call, opts.eval_every
@@ -240,18 +241,21 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
     call_times: list[float] = []
     fresh = {0}  # calls that include a compile (measured: call time minus a later call's)
     step = 0
+
+    def noise_table(step):
+        return np.stack([np.stack([noise_indices(s, step + (j + 1) * every, n, opts.noise_num_micro, micro)
+                                   for j in range(k)]) for s in useeds])
+
+    # Index tables per call (and, for a streamed training set, the gathered examples,
+    # prepared one call ahead in a background thread).
+    feeder = ChunkFeeder(problem, useeds, (k, every, B), noise_table if opts.noise_scale else None)
     while step < opts.max_steps and not tracker.done.all():
-        table = np.stack([streams[s].take(k * every * B).reshape(k, every, B) for s in useeds])
-        ntable = None
-        if opts.noise_scale:
-            ntable = jnp.asarray(np.stack([np.stack([noise_indices(s, step + (j + 1) * every, n,
-                                                                   opts.noise_num_micro, micro)
-                                                     for j in range(k)]) for s in useeds]))
+        table, ntable, data = feeder.get(step)
         # The call donates its input state; keep a copy to replay crossing intervals from.
         snap = jax.tree.map(jnp.copy, state) if opts.exact and every > 1 else None
         reached_before = tracker.reached.copy()
         t_call = time.perf_counter()
-        state, out = run.call(state, lr, hp, seed_idx, jnp.asarray(table), ntable)
+        state, out = run.call(state, lr, hp, seed_idx, table, ntable, data)
         out = {key: np.asarray(v) for key, v in out.items()}
         call_times.append(time.perf_counter() - t_call)
         applied = np.asarray(state.step)
@@ -276,7 +280,7 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
                         and not tracker.exact[lane_cell[lane]]]
             if crossing:
                 t_rep = time.perf_counter()
-                _replay(run, snap, lr, hp, seed_idx, table, crossing, lane_cell, step, tracker, opts)
+                _replay(run, snap, lr, hp, seed_idx, table, data, crossing, lane_cell, step, tracker, opts)
                 tracker.replay_seconds += time.perf_counter() - t_rep
         del snap
         step += k * every
@@ -306,4 +310,5 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
                 state = jax.device_put(state, lr.sharding)
             lane_cell, n_live = lane_cell[live], len(live)
             fresh.add(len(call_times))  # the next call compiles the narrower program
+    feeder.close()
     return tracker.result()
