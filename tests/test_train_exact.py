@@ -24,8 +24,7 @@ def steps(kind, lrs, eval_every, exact=True, metric="val_loss", value=0.6, **hp)
             np.array([c.extra["crossing_exact"] for c in res.cells]))
 
 
-@pytest.mark.parametrize("kind,lrs,metric,value", [("sgd", [0.2, 0.3], "val_loss", 0.9),
-                                                    ("adam", [1e-2, 2e-2], "val_loss", 0.7)])
+@pytest.mark.parametrize("kind,lrs,metric,value", [("sgd", [0.2, 0.3], "val_loss", 0.9)])
 def test_exact_crossing_equals_every_step_run(kind, lrs, metric, value):
     every, flag1 = steps(kind, lrs, 1, metric=metric, value=value)
     coarse, flag = steps(kind, lrs, 7, metric=metric, value=value)
