@@ -126,6 +126,7 @@ class Backend(abc.ABC):
     optimizers: ClassVar[Mapping[str, OptimizerSpec]]
     metrics: ClassVar[Mapping[str, str]]            # metric name -> description; lower is better
     blocks_per_call: ClassVar[int] = 1              # how many blocks run_blocks may receive at once
+    adaptive_default: ClassVar[bool] = False        # grid.adaptive.enabled when the config leaves it unset
 
     def __init__(self, config):
         self.config = config

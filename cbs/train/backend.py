@@ -83,6 +83,8 @@ class TrainSection:
     diverge_loss: float | None = spec(None, doc="also call a cell diverged when its training loss exceeds this", gt=0)
     diverge_factor: float = spec(10.0, doc="a cell whose val_loss exceeds this times its initial val_loss is "
                                  "recorded diverged", gt=1)
+    exact_crossing: bool = spec(True, doc="replay each cell's crossing interval with an evaluation after every "
+                                "step, so steps_to_target is exact whatever eval_every (crossing_exact = 1)")
     noise_scale: NoiseScale = spec(factory=NoiseScale, doc="gradient noise scale measurement")
 
 
@@ -133,6 +135,7 @@ class TrainBackend(Backend):
     metrics = {"val_loss": "validation loss (cross-entropy; 0.5 * squared error for linreg)",
                "val_error": "validation error rate (top-1; next-byte error for text)"}
     blocks_per_call = 1
+    adaptive_default = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -284,7 +287,7 @@ class TrainBackend(Backend):
                           target=c.target.value, interpolate=c.target.interpolate, steps_per_call=s.steps_per_call,
                           noise_scale=s.noise_scale.enabled, noise_micro_batch=s.noise_scale.micro_batch,
                           noise_num_micro=s.noise_scale.num_micro, noise_ema=s.noise_scale.ema,
-                          diverge_factor=s.diverge_factor, compact=s.compact)
+                          diverge_factor=s.diverge_factor, compact=s.compact, exact=s.exact_crossing)
 
     def _run_for(self, kind: str, schedule) -> BlockRun:
         key = (kind, repr(schedule))
