@@ -129,6 +129,7 @@ class Backend(abc.ABC):
     # whether one call may hold blocks of several optimizer entries (a back end that batches
     # work across them, e.g. the NQM's LR refinement); otherwise each call holds one entry
     calls_span_optimizers: ClassVar[bool] = False
+    adaptive_default: ClassVar[bool] = False        # grid.adaptive.enabled when the config leaves it unset
 
     def __init__(self, config):
         self.config = config
