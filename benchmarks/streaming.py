@@ -16,7 +16,7 @@ Each is run twice on one back end; the first run includes compilation, the secon
 compiled programs) is reported as steady state. The target is unreachable so every cell runs the full budget.
 The script checks that the streamed curves equal the in-memory ones bit for bit.
 
-    python benchmarks/streaming.py            # 20000 x 1024 float32 (80 MB), 8 cells x 600 steps
+    python benchmarks/streaming.py            # 20000 x 512 float32 (35 MB), 8 cells x 400 steps
     python benchmarks/streaming.py --quick    # 8000 x 256, 4 cells x 300 steps
 Last line: ``RESULT streamed_over_in_memory=... in_memory_ex_s=... streamed_ex_s=...``.
 """
@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     n, dim, cells, steps, batch, width = (8000, 256, 4, 300, 128, 128) if args.quick else \
-        (20000, 1024, 8, 600, 256, 256)
+        (20000, 512, 8, 400, 128, 128)
     dev = jax.devices()[0]
     print(f"device: {dev.platform}:{dev.device_kind} x{len(jax.devices())}, jax {jax.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
