@@ -78,3 +78,23 @@ def test_budget_rule():
     y = np.zeros(1000, np.int64)  # int32: 4 kB
     assert not should_stream(x, y, 2.0) and should_stream(x, y, 0.5) and should_stream(x, y, 0)
     assert device_budget_bytes(3) == 3 * 2**20
+
+
+def test_streaming_exact_crossing_matches_in_memory():
+    """A reachable target: the exact-crossing replay re-reads the call's streamed chunk,
+    so the recorded first crossings equal the in-memory ones."""
+    block = make_block("adam", 32, [1e-2, 3e-2], seeds=(0,))
+    out = []
+    for budget in (None, 0):
+        cfg = make_config(
+            dict(TINY, device_budget_mb=budget),
+            metric="val_error",
+            value=0.5,
+            max_steps=60,
+            eval_every=10,
+        )
+        out.append(TrainBackend(cfg).run_blocks([block])[0])
+    for a, b in zip(*(r.cells for r in out)):
+        assert a.reached == b.reached and a.steps_run == b.steps_run
+        assert (a.steps_to_target, a.extra) == (b.steps_to_target, b.extra) or not a.reached
+    assert any(c.reached and c.extra.get("crossing_exact") == 1 for c in out[0].cells)
