@@ -88,6 +88,9 @@ _HPARAMS = {"sgd": ("precond_power", "ema_decay"),
             "nesterov": ("momentum", "precond_power", "ema_decay")}
 
 
+_MAX_SMOOTH_STEPS = 10_000_000
+
+
 class NQMBackend(Backend):
     """Exact noisy-quadratic-model engine (Zhang et al. 2019), float64, closed form per phase."""
     name = "nqm"
@@ -129,6 +132,14 @@ class NQMBackend(Backend):
             for j, piece in enumerate(sch.pieces):
                 if len(piece) != 2 or piece[0] < 1 or piece[1] <= 0:
                     raise ConfigError(f"{where}.pieces[{j}]", piece, "allowed: [steps >= 1, lr_mult > 0]")
+            # warm-ups and cosine / linear decays are discretised step by step before being
+            # merged into phases, so their length must fit in memory
+            smooth = (sch.horizon or config.budget.max_steps) if sch.kind in ("cosine", "linear_decay") else 0
+            for key, steps in (("warmup_steps", sch.warmup_steps), ("horizon", smooth)):
+                if steps > _MAX_SMOOTH_STEPS:
+                    raise ConfigError(f"{where}.{key}", steps, f"allowed: at most {_MAX_SMOOTH_STEPS} steps for "
+                                      "the NQM back end (smooth schedules are tabulated per step; "
+                                      "set schedule.horizon for a shorter decay than budget.max_steps)")
             if sch.kind == "optimized_pwc" and (sch.warmup_steps or sch.seesaw or sch.batch_growth):
                 raise ConfigError(f"{where}.kind", sch.kind,
                                   "optimized_pwc supports no warmup_steps, seesaw or batch_growth")

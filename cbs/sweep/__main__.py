@@ -67,7 +67,7 @@ def _parser(full_help: bool) -> argparse.ArgumentParser:
 
 
 def _fail(msg: str, code: int = 2) -> int:
-    print(f"cbs.sweep: {msg}", file=sys.stderr)
+    print(f"cbs.sweep: {_one_line(msg)}", file=sys.stderr)
     return code
 
 
@@ -139,10 +139,57 @@ def best_per_batch_size(run_dir) -> str:
     return "\n".join(lines)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status: 0 done, 2 bad input or a file-system problem
+    (one line on stderr, before any compute when the config is at fault), 130 interrupted,
+    1 an internal error (one line; CBS_TRACEBACK=1 shows the traceback)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return _fail("interrupted; finished blocks are saved, run the same command again to resume", 130)
+    except BrokenPipeError:   # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the CLI's contract is one line, never a traceback
+        if os.environ.get("CBS_TRACEBACK"):
+            raise
+        return _fail(_describe_error(e), _exit_code(e))
+
+
+def _exit_code(e: BaseException) -> int:
+    from cbs.analysis import AnalysisError
+    from cbs.sweep.runner import RunFolderConflict, RunFolderError
+    user = (OSError, ImportError, MemoryError, AnalysisError, RunFolderConflict, RunFolderError)
+    return 2 if isinstance(e, user) else 1
+
+
+def _describe_error(e: BaseException) -> str:
+    if isinstance(e, MemoryError):
+        return "out of memory (reduce the grid, the model or the batch sizes)"
+    if isinstance(e, OSError):
+        where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+        return f"file system error at{where}: {e.strerror or e}" if where else f"file system error: {e}"
+    if isinstance(e, ImportError):
+        return f"import failed: {e}"
+    from cbs.analysis import AnalysisError
+    from cbs.sweep.runner import RunFolderConflict, RunFolderError
+    if isinstance(e, (AnalysisError, RunFolderConflict, RunFolderError)):
+        return str(e)
+    return (f"internal error ({type(e).__name__}: {e}); please report it, with the traceback from "
+            "CBS_TRACEBACK=1")
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     full_help = any(a in ("-h", "--help") for a in argv)
-    args = _parser(full_help).parse_args(argv)
+    # intermixed: option flags may come before, between or after the config and overrides
+    args = _parser(full_help).parse_intermixed_args(argv)
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).exists():
         config, overrides = None, [config] + overrides
@@ -159,23 +206,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return _fail(str(e))
 
-    from cbs.sweep.runner import RunFolderConflict, plan, run_sweep
+    from cbs.sweep.runner import plan, run_sweep
     if args.dry_run:
         print_plan(cfg, plan(cfg))
         return 0
     _enable_compilation_cache()
     try:
         summary = run_sweep(cfg, progress=not args.no_progress, shard=shard)
-    except RunFolderConflict as e:
-        return _fail(str(e))
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished blocks are saved; run the same command again to resume", file=sys.stderr)
-        return 130
+    except ConfigError as e:   # a back end's check that needs the data or the model
+        return _fail(f"{config}: {e}")
     if summary.complete:
         print(best_per_batch_size(summary.out_dir))
     if summary.complete and not args.no_analysis:
         from cbs.analysis import print_summary
-        print_summary(summary.out_dir, plots=cfg.output.plots)
+        a = cfg.analysis
+        print_summary(summary.out_dir, plots=cfg.output.plots, delta=a.delta, b0=a.b0, n_boot=a.bootstrap,
+                      tokens_per_example=a.tokens_per_example)
     print(summary.line())
     return 0
 

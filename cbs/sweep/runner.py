@@ -19,16 +19,42 @@ import numpy as np
 import pandas as pd
 
 import cbs
-from cbs.store import RESULTS, RunStore
+from cbs.store import RESULTS, RunStore, read_config
 from cbs.sweep.backend import Block, BlockResult, get_backend
-from cbs.sweep.config import SweepConfig, config_dict, config_hash
+from cbs.sweep.config import SweepConfig, config_dict, config_differences, config_hash, identity_dict
 from cbs.sweep.grid import expand_blocks
 
-__all__ = ["RunFolderConflict", "SweepSummary", "run_sweep", "plan", "provenance", "shard_blocks"]
+__all__ = ["RunFolderConflict", "RunFolderError", "check_output_dir", "SweepSummary", "run_sweep", "plan", "provenance", "shard_blocks"]
 
 
 class RunFolderConflict(RuntimeError):
     """The output folder holds a different sweep; we refuse to mix rows."""
+
+
+class RunFolderError(RuntimeError):
+    """The output folder cannot be created or written (a file in the way, no permission)."""
+
+
+def check_output_dir(path: Path) -> None:
+    """Raises RunFolderError unless ``path`` is, or can be created as, a writable folder.
+
+    Run before anything is computed or written, so a bad output.dir costs nothing.
+    """
+    import os
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"output.dir {str(path)!r} is a file; allowed: a folder, or a path where one can "
+                             "be created")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe != path and not probe.is_dir():
+        raise RunFolderError(f"output.dir {str(path)!r} cannot be created: {str(probe)!r} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "write in" if probe == path else f"create {str(path)!r} in"
+        raise RunFolderError(f"output.dir: no permission to {what} {str(probe)!r}")
 
 
 @dataclasses.dataclass
@@ -145,15 +171,26 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
     from tqdm.auto import tqdm
 
     backend_cls = get_backend(cfg.backend)
+    check_output_dir(cfg.out_dir)
     all_blocks = expand_blocks(cfg, backend_cls)
     blocks = shard_blocks(all_blocks, shard) if shard[1] > 1 else all_blocks
     store = RunStore(cfg.out_dir)
     chash = config_hash(cfg)
     existing = store.existing_hash()
-    if existing is not None and existing != chash:
-        raise RunFolderConflict(
-            f"output folder {store.dir} holds sweep {existing}, but this config hashes to {chash}; "
-            f"refusing to mix results. Choose another folder (output.dir=PATH) or delete that one.")
+    resolved = config_dict(cfg)
+    if existing is not None:
+        stored = read_config(store.dir)
+        changed = config_differences(identity_dict(stored), identity_dict(resolved))
+        if changed or existing != chash:
+            what = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+            raise RunFolderConflict(
+                f"output folder {store.dir} holds a different sweep ({what or f'config hash {existing} vs {chash}'}); "
+                "only analysis options may change on an existing folder. Choose another folder "
+                "(output.dir=PATH), undo the change, or delete that folder.")
+    # Everything that can still fail on the config (data, model, schedules) fails here,
+    # before the first file is written: a refused config leaves the folder as it was.
+    backend = backend_cls(cfg)
+    backend_details = backend.manifest()
     stamp = {"config_hash": chash, **provenance()}
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     from cbs.store import read_manifest
@@ -163,15 +200,19 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
         "blocks": [{"block_id": b.block_id, "cells": len(b.cells)} for b in all_blocks],
         "cells": sum(len(b.cells) for b in all_blocks)}
     manifest.setdefault("sessions", []).append({"started": started, "shard": list(shard), **stamp})
-    if existing is None:
-        store.initialise(config_dict(cfg), manifest)
+    manifest["backend_details"] = backend_details
+    try:
+        if existing is None:
+            store.initialise(resolved, manifest)
+        elif read_config(store.dir) != resolved:
+            # same sweep, new analysis options: config.yaml records the ones last used
+            store.write_config(resolved)
+        store.write_manifest(manifest)
+    except OSError as e:
+        raise RunFolderError(f"cannot write into output.dir {str(store.dir)!r}: {e.strerror or e}") from None
     done = store.finished_blocks()
     pending = [b for b in blocks if b.block_id not in done]
     skipped = sum(len(b.cells) for b in blocks if b.block_id in done)
-
-    backend = backend_cls(cfg)
-    manifest["backend_details"] = backend.manifest()
-    store.write_manifest(manifest)
     t0 = time.perf_counter()
     total = sum(len(b.cells) for b in blocks)
     bar = tqdm(total=total, initial=skipped, unit="cell", disable=not progress, desc=cfg.name, dynamic_ncols=True)

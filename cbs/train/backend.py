@@ -144,6 +144,14 @@ class TrainBackend(Backend):
             raise ConfigError("target.value", t.value, f"allowed: a loss above the Bayes risk "
                               f"0.5 * label_noise**2 = {0.5 * s.label_noise**2:g}")
         n = train_size(s)
+        if n < 2:
+            if s.dataset == "text":
+                corpus = len(data_mod.text_corpus())
+                raise ConfigError("train.seq_len", s.seq_len, f"allowed: a length that leaves at least 2 training "
+                                  f"sequences of seq_len + 1 bytes in the {corpus}-byte corpus after the validation "
+                                  f"split (at most about {int(corpus * (1 - s.val_fraction)) // 2 - 1} here)")
+            raise ConfigError("train.val_fraction", s.val_fraction,
+                              f"allowed: a fraction that leaves at least 2 training examples (this leaves {n})")
         for b in config.grid.batch_size_values():
             if b > n:
                 raise ConfigError("grid.batch_sizes", b, f"allowed: batch sizes <= the training-set size {n}")
