@@ -193,7 +193,12 @@ class NQMBackend(Backend):
         uniq, inv = np.unique(keys, axis=0, return_inverse=True)
         inv = inv.ravel()
         bsz = np.array([c.batch_size for c in cells], np.float64)
-        ub, binv = np.unique(bsz, return_inverse=True)
+        # Always every batch size of the sweep, whichever blocks this call holds: the
+        # certified scan is shared by the batch sizes of a configuration (its iteration
+        # budget and where it stops depend on them), so a sharded or resumed run that
+        # brings a subset would otherwise certify or bound differently.
+        ub = np.array(sorted(set(cfg.grid.batch_size_values())), np.float64)
+        binv = np.searchsorted(ub, bsz)
         res = evaluate_grid(self.problem, kind, *uniq.T, batch_sizes=ub, target=target,
                             max_steps=max_steps, phases=phases, window=self.section.scan_window,
                             certify=self.section.certify, certify_iters=self.section.certify_iters,
@@ -273,7 +278,9 @@ class NQMBackend(Backend):
         if not self.config.output.curves or mode == "none":
             return None
         if mode == "auto":
-            mode = "all" if len(cells) <= 4096 else "best"
+            # decided on the optimizer's whole grid, not on this call's blocks, so that
+            # sharded and resumed runs store the same curves
+            mode = "all" if len(group[0].cells) * len(self.config.grid.batch_size_values()) <= 4096 else "best"
         sel = np.arange(len(cells))
         if mode == "best":
             keep = []
