@@ -33,7 +33,7 @@ def _help_epilog() -> str:
             continue
         lines.append(f"  backend {name!r}: section '{name}:'")
         lines += ["  " + l for l in describe_section(backend.Section, prefix=f"{name}.")]
-        lines.append(f"    metrics: " + ", ".join(backend.metrics))
+        lines.append("    metrics: " + ", ".join(backend.metrics))
         for kind, spec in backend.optimizers.items():
             hps = ", ".join(f"{k}={v.default:g}" for k, v in spec.hparams.items()) or "no hyperparameters"
             lines.append(f"    kind {kind}: {spec.doc} [{hps}]")
@@ -163,10 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _exit_code(e: BaseException) -> int:
-    from cbs.analysis import AnalysisError
-    from cbs.sweep.runner import RunFolderConflict, RunFolderError
-    user = (OSError, ImportError, MemoryError, AnalysisError, RunFolderConflict, RunFolderError)
-    return 2 if isinstance(e, user) else 1
+    from cbs.errors import CbsError
+    return 2 if isinstance(e, (CbsError, OSError, ImportError, MemoryError)) else 1
 
 
 def _describe_error(e: BaseException) -> str:
@@ -177,9 +175,8 @@ def _describe_error(e: BaseException) -> str:
         return f"file system error at{where}: {e.strerror or e}" if where else f"file system error: {e}"
     if isinstance(e, ImportError):
         return f"import failed: {e}"
-    from cbs.analysis import AnalysisError
-    from cbs.sweep.runner import RunFolderConflict, RunFolderError
-    if isinstance(e, (AnalysisError, RunFolderConflict, RunFolderError)):
+    from cbs.errors import CbsError
+    if isinstance(e, CbsError):
         return str(e)
     return (f"internal error ({type(e).__name__}: {e}); please report it, with the traceback from "
             "CBS_TRACEBACK=1")
@@ -195,7 +192,7 @@ def _main(argv: list[str] | None) -> int:
         config, overrides = None, [config] + overrides
     config = Path(config) if config is not None else DEFAULT_CONFIG
 
-    from cbs.sweep.schema import ConfigError
+    from cbs.errors import CbsError, ConfigError
     try:
         from cbs.sweep.config import load_config
         cfg = load_config(config, overrides)
@@ -203,7 +200,7 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as e:
         where = f"{config}: " if e.path != "<file>" else ""
         return _fail(f"{where}{e}")
-    except ValueError as e:
+    except (CbsError, ValueError) as e:
         return _fail(str(e))
 
     from cbs.sweep.runner import plan, run_sweep

@@ -11,28 +11,32 @@ import platform
 import socket
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 import cbs
+from cbs.errors import RunFolderError
 from cbs.store import RESULTS, RunStore, read_config
 from cbs.sweep.backend import Block, BlockResult, get_backend
-from cbs.sweep.config import SweepConfig, config_dict, config_differences, config_hash, identity_dict
+from cbs.sweep.config import (
+    SweepConfig,
+    config_dict,
+    config_differences,
+    config_hash,
+    identity_dict,
+)
 from cbs.sweep.grid import expand_blocks
 
-__all__ = ["RunFolderConflict", "RunFolderError", "check_output_dir", "SweepSummary", "run_sweep", "plan", "provenance", "shard_blocks"]
+__all__ = ["RunFolderError", "RunFolderConflict", "check_output_dir", "SweepSummary", "run_sweep", "plan",
+           "provenance", "shard_blocks"]
 
 
-class RunFolderConflict(RuntimeError):
-    """The output folder holds a different sweep; we refuse to mix rows."""
-
-
-class RunFolderError(RuntimeError):
-    """The output folder cannot be created or written (a file in the way, no permission)."""
+# The old name of RunFolderError, kept for callers that import it from here.
+RunFolderConflict = RunFolderError
 
 
 def check_output_dir(path: Path) -> None:
@@ -166,7 +170,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
     """Runs (or resumes) the sweep described by ``cfg``; returns its summary.
 
     Raises:
-      RunFolderConflict: the output folder holds a sweep with a different config hash.
+      RunFolderError: the output folder holds a sweep with a different config hash.
     """
     from tqdm.auto import tqdm
 
@@ -183,7 +187,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
         changed = config_differences(identity_dict(stored), identity_dict(resolved))
         if changed or existing != chash:
             what = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
-            raise RunFolderConflict(
+            raise RunFolderError(
                 f"output folder {store.dir} holds a different sweep ({what or f'config hash {existing} vs {chash}'}); "
                 "only analysis options may change on an existing folder. Choose another folder "
                 "(output.dir=PATH), undo the change, or delete that folder.")
@@ -192,7 +196,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
     backend = backend_cls(cfg)
     backend_details = backend.manifest()
     stamp = {"config_hash": chash, **provenance()}
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     from cbs.store import read_manifest
     manifest = read_manifest(store.dir) if existing else {
         "config_hash": chash, "sweep": cfg.name, "backend": cfg.backend, "started": started,
@@ -236,7 +240,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
             [{"name": k, "batch_size": int(b), "steps": float(s)} for k, v in refs.items() for b, s in zip(bs, v)]))
     if complete:
         store.merge(order=[b.block_id for b in all_blocks])
-        manifest["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        manifest["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         store.write_manifest(manifest)
     from cbs.store import read_table
     rows = read_table(store.dir, RESULTS)
