@@ -220,6 +220,11 @@ def _resolve_backend(name: Any):
         if not (isinstance(cls, type) and issubclass(cls, Backend)):
             raise ConfigError("backend", name, "allowed: a subclass of cbs.sweep.backend.Backend "
                               f"(this names {type(cls).__name__} {getattr(cls, '__name__', cls)!r})")
+        import inspect
+        missing = [a for a in ("name", "Section", "optimizers", "metrics") if not hasattr(cls, a)]
+        if missing or inspect.isabstract(cls):
+            what = f"it lacks {', '.join(missing)}" if missing else "it is abstract (run_blocks not implemented)"
+            raise ConfigError("backend", name, f"allowed: a complete Backend subclass; {what}")
         return cls
     close = difflib.get_close_matches(str(name), list(BACKENDS), n=1) if isinstance(name, str) else []
     raise ConfigError("backend", name, "allowed: " + ", ".join(map(repr, BACKENDS)) + " or a 'package.module:Class' path",
@@ -392,7 +397,8 @@ def read_yaml(path: str | Path) -> Any:
     if path.is_dir():
         raise ConfigError("<file>", str(path), "expected a YAML file, got a folder")
     try:
-        return yaml.safe_load(path.read_text())
+        # libyaml's parser when PyYAML was built with it (same safe schema, ~10x faster)
+        return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
