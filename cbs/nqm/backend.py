@@ -167,8 +167,13 @@ class NQMBackend(Backend):
         groups: dict[tuple, list[int]] = {}
         for i, block in enumerate(blocks):
             pwc = block.schedule is not None and block.schedule.kind == "optimized_pwc"
-            groups.setdefault((block.kind, block.optimizer if pwc else "", repr(block.schedule)), []).append(i)
-        for (kind, _, _), idx in groups.items():
+            # EMA entries apart: the EMA flag selects the moment system and the certified
+            # scan's iteration budget, so a cell's numbers must not depend on whether an
+            # EMA entry shares its call (which sharding and resuming change)
+            ema = any(c.hparams.get("ema_decay", 0.0) > 0 for c in block.cells)
+            groups.setdefault((block.kind, block.optimizer if pwc else "", repr(block.schedule), ema),
+                              []).append(i)
+        for (kind, *_), idx in groups.items():
             group = [blocks[i] for i in idx]
             sch = group[0].schedule
             if sch is not None and sch.kind == "optimized_pwc":
@@ -283,23 +288,11 @@ class NQMBackend(Backend):
         mode = self.section.curves
         if not self.config.output.curves or mode == "none":
             return None
-<<<<<<< HEAD
-        if mode == "auto":
-            # decided on the optimizer's whole grid, not on this call's blocks, so that
-            # sharded and resumed runs store the same curves
-            mode = "all" if len(group[0].cells) * len(self.config.grid.batch_size_values()) <= 4096 else "best"
-        sel = np.arange(len(cells))
-        if mode == "best":
-            keep = []
-            offsets = np.cumsum([0] + [len(b.cells) for b in group])
-            for bi in range(len(group)):
-                idx = np.arange(offsets[bi], offsets[bi + 1])
-=======
         # auto: every cell of an optimizer entry with at most 4096 cells, else the best cell
-        # per block and hyperparameter tuple
-        per_opt: dict[str, int] = {}
-        for b in group:
-            per_opt[b.optimizer] = per_opt.get(b.optimizer, 0) + len(b.cells)
+        # per block and hyperparameter tuple; counted on the entry's whole grid, not on this
+        # call's blocks, so that sharded and resumed runs store the same curves
+        n_bs = len(self.config.grid.batch_size_values())
+        per_opt = {b.optimizer: len(b.cells) * n_bs for b in group}
         keep = []
         offsets = np.cumsum([0] + [len(b.cells) for b in group])
         for bi, block in enumerate(group):
@@ -307,7 +300,6 @@ class NQMBackend(Backend):
             if mode == "all" or (mode == "auto" and per_opt[block.optimizer] <= 4096):
                 keep.extend(idx)
             else:
->>>>>>> main
                 hk = np.stack([mom[idx], ema[idx], pw[idx]], 1)
                 for k in np.unique(hk, axis=0):
                     sub = idx[np.all(hk == k, axis=1)]

@@ -135,12 +135,9 @@ class Grid:
     learning_rates: list[float] | LogRange = spec(doc="LRs: a list, or {log10_min, log10_max, num}", gt=0)
     optimizers: list[OptimizerEntry] = spec(doc="optimizers, each with its own hyperparameter grid", min_len=1)
     seeds: list[int] = spec([0], doc="seeds (initialisation, data order, noise)", ge=0, min_len=1)
-<<<<<<< HEAD
+    adaptive: Adaptive = spec(factory=Adaptive, doc="adaptive LR grid: extend edge optima, zoom once")
     max_cells: int = spec(1_000_000, doc="refuse grids with more cells than this (a guard against typos such "
                           "as num: 100000000; raise it for a sweep that is meant to be that big)", ge=1)
-=======
-    adaptive: Adaptive = spec(factory=Adaptive, doc="adaptive LR grid: extend edge optima, zoom once")
->>>>>>> main
 
     def batch_size_values(self) -> list[int]:
         return self.batch_sizes.values() if isinstance(self.batch_sizes, Log2Range) else list(self.batch_sizes)

@@ -22,7 +22,6 @@ import cbs
 from cbs.errors import RunFolderError
 from cbs.store import RESULTS, RunStore, read_config
 from cbs.sweep.backend import Block, BlockResult, get_backend
-<<<<<<< HEAD
 from cbs.sweep.config import (
     SweepConfig,
     config_dict,
@@ -30,11 +29,7 @@ from cbs.sweep.config import (
     config_hash,
     identity_dict,
 )
-from cbs.sweep.grid import expand_blocks
-=======
-from cbs.sweep.config import SweepConfig, config_dict, config_hash
 from cbs.sweep.grid import cell_id, expand_blocks
->>>>>>> main
 
 __all__ = ["RunFolderError", "RunFolderConflict", "check_output_dir", "SweepSummary", "run_sweep", "plan",
            "provenance", "shard_blocks"]
@@ -289,13 +284,8 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
         store.write_table("reference", pd.DataFrame(
             [{"name": k, "batch_size": int(b), "steps": float(s)} for k, v in refs.items() for b, s in zip(bs, v)]))
     if complete:
-<<<<<<< HEAD
-        store.merge(order=[b.block_id for b in all_blocks])
-        manifest["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-=======
         store.merge(order=order)
-        manifest["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
->>>>>>> main
+        manifest["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         store.write_manifest(manifest)
     from cbs.store import read_table
     rows = read_table(store.dir, RESULTS)

@@ -78,8 +78,8 @@ class TrainSection:
     eval_batch: int = spec(1024, doc="validation examples per evaluation piece (memory only)", ge=1)
     steps_per_call: int = spec(100, doc="steps per compiled call; the stop check runs between calls", ge=1)
     compact: Literal["auto", "always", "never"] = spec(
-        "auto", doc="drop finished cells from a running block once half are done: auto = when the measured "
-                    "compute saved beats the measured compile of the narrower program")
+        "auto", doc="drop finished cells from a running block once half are done: auto = when the compute "
+                    "saved beats a compile by a fixed FLOP cost model (never timings: results stay reproducible)")
     diverge_loss: float | None = spec(None, doc="also call a cell diverged when its training loss exceeds this", gt=0)
     diverge_factor: float = spec(10.0, doc="a cell whose val_loss exceeds this times its initial val_loss is "
                                  "recorded diverged", gt=1)
