@@ -6,6 +6,7 @@ Kept short on purpose: parsing and printing only; the work is in cbs.sweep.runne
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from pathlib import Path

@@ -209,7 +209,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
             what = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
             raise RunFolderError(
                 f"output folder {store.dir} holds a different sweep ({what or f'config hash {existing} vs {chash}'}); "
-                "only analysis options may change on an existing folder. Choose another folder "
+                "refusing to mix results (only analysis options may change on an existing folder). Choose another folder "
                 "(output.dir=PATH), undo the change, or delete that folder.")
     # Everything that can still fail on the config (data, model, schedules) fails here,
     # before the first file is written: a refused config leaves the folder as it was.
