@@ -46,7 +46,7 @@ class PredictOptions:
     floor: float = 1e-6
     max_memory_mb: float = 2048.0
     lr_grid: str = "sweep"             # "sweep": SGD/momentum pick from the sweep's LRs; "continuous"
-    measure_at: str = "init"           # "target": curvature, noise and start measured at theta_T
+    measure_at: str = "target"         # curvature, noise and start measured at theta_T ("init": at theta_0)
     noise_at: str = "target"           # "target": noise where the anchor run reaches the target; "init"
 
     def check(self) -> None:
@@ -79,7 +79,8 @@ class Prediction:
     """The forecast of one config (and the measured sweep beside it, when there is one)."""
     table: pd.DataFrame        # per (optimizer, batch size)
     summary: pd.DataFrame      # per optimizer
-    measurement: object
+    measurement: object        # at initialisation (B_simple, B_noise)
+    calibrated_on: object      # the measurement the NQM was built from
     costs: dict
     text: str
     files: list[Path]
@@ -234,7 +235,7 @@ def _fmt(x, digits=3):
 
 
 def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | None = None, plots: bool = True,
-            measurement=None, log=print) -> Prediction:
+            measurement=None, target_measurement=None, log=print) -> Prediction:
     """Measure, calibrate, anchor and forecast for every optimizer entry of a train config.
 
     If ``cfg``'s output folder holds the finished sweep, the anchor is read from it (no
@@ -281,7 +282,10 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
             t_noise = time.perf_counter()
             steps_t = int(np.ceil(row["steps"]))
             where = f"{e.label} at B={anchor} after {steps_t} steps"
-            if options.measure_at == "target":
+            if options.measure_at == "target" and target_measurement is not None:
+                noise_meas = target_measurement
+                noise_from = f"everything measured at the target ({where})"
+            elif options.measure_at == "target":
                 noise_meas = measure_at_target(backend, e, _hparams(e, row), float(row["best_lr"]), anchor,
                                                steps_t, seed, options)
                 noise_from = f"everything measured at the target ({where})"
@@ -356,7 +360,7 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
                  "sweep_s": sweep_s, "anchor_source": anchor_source}
     text = _text(table, summ, meas, cal, costs)
     files = _write(out_dir, table, summ, meas, cal, costs, plots)
-    return Prediction(table, summ, meas, costs, text, files)
+    return Prediction(table, summ, meas, noise_meas, costs, text, files)
 
 
 def _text(table, summ, meas, cal, costs) -> str:
