@@ -318,7 +318,7 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
         a_lr = float(anchor_df.loc[name, "best_lr"])
         omap = map_optimizer(entry.kind, hp, noise_meas, anchor)
         # SGD / heavy-ball on the measured curvature (P = I): the NQM's LR is the network's LR.
-        same_units = omap.precond_power == 0.0
+        same_units = entry.kind in ("sgd", "momentum", "nesterov")
         lrs = None
         if same_units and options.lr_grid == "sweep":
             grid = entry.learning_rates if entry.learning_rates is not None else cfg.grid.learning_rates
