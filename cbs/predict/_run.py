@@ -137,7 +137,12 @@ def _train_to(backend, entry, hp: dict, lr: float, batch: int, steps: int, seed:
     hpj = {k: jnp.float32(v) for k, v in hp.items()}
     state = init(prob.init_params(seed), hpj)
     idx = IndexStream(seed, prob.num_train).take(steps * batch).reshape(steps, batch)
-    state, _ = jax.jit(train_interval)(state, jnp.float32(lr), hpj, jnp.asarray(idx))
+    data = None
+    if getattr(prob, "streaming", False):      # host-resident training set: hand over the examples
+        flat = idx.reshape(-1)
+        data = (jnp.asarray(np.asarray(prob.x_train)[flat]), jnp.asarray(np.asarray(prob.y_train)[flat]))
+        idx = np.arange(flat.size, dtype=np.int32).reshape(steps, batch)
+    state, _ = jax.jit(train_interval)(state, jnp.float32(lr), hpj, jnp.asarray(idx), data)
     return state.params
 
 
