@@ -123,13 +123,14 @@ def _block_tables(cfg: SweepConfig, block: Block, result: BlockResult, stamp: di
     return tables
 
 
-def _calls(blocks: Sequence[Block], per_call: int) -> list[list[Block]]:
+def _calls(blocks: Sequence[Block], per_call: int, span_optimizers: bool = False) -> list[list[Block]]:
     """Groups pending blocks into back-end calls: never more than ``per_call`` blocks, and
-    never two optimizer entries in one call, so finished work reaches disk (and the
-    progress bar) at least once per optimizer even for back ends that take everything."""
+    (unless the back end batches work across optimizer entries) never two optimizer entries
+    in one call, so finished work reaches disk (and the progress bar) at least once per
+    optimizer even for back ends that take everything."""
     calls: list[list[Block]] = []
     for block in blocks:
-        if calls and len(calls[-1]) < per_call and calls[-1][-1].optimizer == block.optimizer:
+        if calls and len(calls[-1]) < per_call and (span_optimizers or calls[-1][-1].optimizer == block.optimizer):
             calls[-1].append(block)
         else:
             calls.append([block])
@@ -197,7 +198,8 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
     bar = tqdm(total=total, initial=skipped, unit="cell", disable=not progress, desc=cfg.name, dynamic_ncols=True)
 
     def run(pending_blocks):
-        for chunk in _calls(pending_blocks, max(1, int(backend.blocks_per_call))):
+        for chunk in _calls(pending_blocks, max(1, int(backend.blocks_per_call)),
+                            bool(backend.calls_span_optimizers)):
             results = backend.run_blocks(chunk)
             if len(results) != len(chunk):
                 raise RuntimeError(f"back end returned {len(results)} results for {len(chunk)} blocks")

@@ -164,7 +164,7 @@ class TrainBackend(Backend):
         if builtin_data and s.dataset_args:
             raise ConfigError("train.dataset_args", s.dataset_args, f"allowed only with a file or factory dataset "
                               f"(built-in {s.dataset!r} takes its own train.* options)")
-        if builtin_data and not user_model:
+        if builtin_data and not user_model and s.loss is None and s.task == "auto":
             task = "lm" if s.dataset == "text" else "regression" if s.dataset == "linreg" else "classification"
         else:
             task = cls._check_data_and_model(s, config)
@@ -215,7 +215,7 @@ class TrainBackend(Backend):
             if opt.kind == "kfac" and s.model == "transformer":
                 raise ConfigError(f"{where}.kind", "kfac", "allowed with model mlp or cnn (kfac-jax layer "
                                   "registration and per-example loss scaling)")
-            if opt.kind == "kfac" and user_model:
+            if opt.kind == "kfac" and (user_model or s.loss is not None):
                 cls._check_kfac(s, where, task)
             sch = opt.schedule
             if sch.kind == "optimized_pwc":
@@ -329,7 +329,8 @@ class TrainBackend(Backend):
                          dtypes=dict(x=str(d.x_train.dtype), y=str(d.y_train.dtype)),
                          **{k: v for k, v in d.info.items() if k not in ("num_train", "num_val", "shapes", "dtypes", "task")}),
             data_placement=dict(streaming=self.problem.streaming,
-                                device_budget_bytes=device_budget_bytes(s.device_budget_mb),
+                                device_budget_bytes=(None if math.isinf(budget := device_budget_bytes(
+                                    s.device_budget_mb)) else budget),
                                 train_bytes=int(d.x_train.nbytes + d.y_train.nbytes)),
             model=dict(kind=s.model, parameters=int(sum(np.size(x) for x in jax.tree.leaves(params))),
                        **(dict(model_args={k: repr(v) for k, v in s.model_args.items()}, wrapper=repr(
