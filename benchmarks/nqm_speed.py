@@ -1,6 +1,6 @@
 """NQM grid evaluation: cbs.nqm (JAX, exact, vectorized) vs the reference notebook's method.
 
-Grid (paper Fig. 3a, nqm.md section 5): binned default problem, target 0.01, 4 powers p x 10
+Grid (paper Fig. 3a, docs/nqm.md section 6): binned default problem, target 0.01, 4 powers p x 10
 batch sizes x (100 SGD LRs + 100 LRs x 20 momenta). Ours: one compiled program per kind,
 timed after compilation. Baselines, both in NumPy, measured on a random subset of cells and
 extrapolated linearly to the full grid (printed as such):

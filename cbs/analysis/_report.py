@@ -91,7 +91,7 @@ def _fit_optimizer(name, steps_df, per_b, *, scale, unit, delta, b0, n_boot, see
                         + ", ".join(format_number(b * scale) for b in most["batch_size"]))
     if eval_every > 1:
         # S is quantized to evaluation steps: up to one interval too high, which matters most
-        # at large B where S is small (docs/cbs.md 1.3).
+        # at large B where S is small (docs/cbs.md section 1, item 4).
         s = pb["steps"].to_numpy(float)
         coarse = pb.loc[np.isfinite(s) & (eval_every / np.where(np.isfinite(s), s, 1.0) > 0.1), "batch_size"]
         if len(coarse):

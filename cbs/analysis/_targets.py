@@ -1,7 +1,7 @@
 """The critical batch size as a function of the target, from the stored metric curves.
 
 McCandlish et al. and Kaplan et al. fit S_min and E_min separately for each target loss
-and trace how B_crit grows as the target tightens (docs/cbs.md 2.1 step 4 and 2.4). A sweep
+and trace how B_crit grows as the target tightens (docs/cbs.md section 2.4). A sweep
 stores one target in results.parquet but the whole metric curve of every cell in
 curves.parquet, so steps to any other target can be read off the curves and refitted.
 """
