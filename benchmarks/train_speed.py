@@ -27,9 +27,9 @@ import numpy as np
 import optax
 
 from cbs.train.backend import TrainBackend
+from cbs.train.direct import make_block, make_config
 from cbs.train.engine import IndexStream
 from cbs.train.models import loss_and_error
-from cbs.train.direct import make_block, make_config
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
@@ -62,7 +62,7 @@ def baseline(be: TrainBackend, block, max_steps: int, eval_every: int) -> tuple[
             def loss(pr):
                 return loss_and_error(p.task, p.model.apply(pr, xt[idx]), yt[idx])[0]
             l, g = jax.value_and_grad(loss)(params)
-            u, opt_state = tx.update(g, opt_state, params)
+            u, opt_state = tx.update(g, opt_state, params)  # noqa: B023 - traced once per tx
             return optax.apply_updates(params, u), opt_state, l
 
         @jax.jit

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
 from cbs.analysis._format import format_number  # noqa: E402
 
 __all__ = ["plot_steps_vs_batch", "plot_best_lr", "plot_data_efficiency", "plot_compare",

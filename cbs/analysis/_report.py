@@ -18,8 +18,14 @@ from cbs.analysis._fit import CriticalBatchSizeFit, fit_critical_batch_size
 from cbs.analysis._format import format_number
 from cbs.analysis._options import resolve_options
 from cbs.analysis._render import run_text, short_summary
-from cbs.analysis._tables import (check_run_dir, per_batch_table, read_run_config, read_run_manifest,
-                                  read_run_table, steps_table)
+from cbs.analysis._tables import (
+    check_run_dir,
+    per_batch_table,
+    read_run_config,
+    read_run_manifest,
+    read_run_table,
+    steps_table,
+)
 from cbs.analysis._write import write_run_files
 from cbs.errors import AnalysisError
 

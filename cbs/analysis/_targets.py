@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from cbs.analysis._fit import CriticalBatchSizeFit
-from cbs.analysis._tables import (AnalysisError, check_run_dir, per_batch_table, read_run_config, read_run_table,
-                                  steps_table)
+from cbs.analysis._tables import (
+    AnalysisError,
+    check_run_dir,
+    per_batch_table,
+    read_run_config,
+    read_run_table,
+    steps_table,
+)
 
 __all__ = ["TargetSweep", "steps_from_curves", "analyze_targets"]
 

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cbs.nqm._moments import final_risk
 from cbs.nqm._grid import _prob, evaluate_grid, num_levels
+from cbs.nqm._moments import final_risk
 from cbs.nqm._problem import NQMProblem
 
 __all__ = ["best_on_grid", "refine_lr", "optimize_pwc", "pwc_lr_cap", "lower_bound_steps"]

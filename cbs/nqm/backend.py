@@ -226,7 +226,7 @@ class NQMBackend(Backend):
             r_steps, r_lr = refine_lr(self.problem, kind, R[:, 1], R[:, 2], R[:, 3], R[:, 4], R[:, 5],
                                       target=target, max_steps=max_steps, phases=phases, ratio=R[:, 6],
                                       iters=self.section.refine_iters, window=self.section.scan_window)
-            for (bi, lr0, *hk), s_r, lr_r in zip(R[:, :5], r_steps, r_lr):
+            for (bi, _lr0, *hk), s_r, lr_r in zip(R[:, :5], r_steps, r_lr):
                 row = rows[int(bi)]
                 cur = row["steps_to_target"]
                 if np.isfinite(s_r) and (not np.isfinite(cur) or s_r < cur):

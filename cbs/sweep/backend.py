@@ -12,7 +12,8 @@ import abc
 import dataclasses
 import importlib
 import math
-from typing import Any, ClassVar, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -134,7 +135,7 @@ class Backend(abc.ABC):
     def __init__(self, config):
         self.config = config
 
-    @classmethod
+    @classmethod  # noqa: B027 - an optional hook, empty by default
     def check(cls, config) -> None:
         """Cross-field checks beyond types and bounds; raises ConfigError. No compute."""
 

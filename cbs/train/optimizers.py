@@ -17,7 +17,7 @@ Python step counter, so the back end runs its cells one after another (see
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
