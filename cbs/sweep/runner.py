@@ -11,9 +11,9 @@ import platform
 import socket
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -176,7 +176,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
             f"output folder {store.dir} holds sweep {existing}, but this config hashes to {chash}; "
             f"refusing to mix results. Choose another folder (output.dir=PATH) or delete that one.")
     stamp = {"config_hash": chash, **provenance()}
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     from cbs.store import read_manifest
     manifest = read_manifest(store.dir) if existing else {
         "config_hash": chash, "sweep": cfg.name, "backend": cfg.backend, "started": started,
@@ -241,7 +241,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
             [{"name": k, "batch_size": int(b), "steps": float(s)} for k, v in refs.items() for b, s in zip(bs, v)]))
     if complete:
         store.merge(order=order)
-        manifest["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        manifest["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         store.write_manifest(manifest)
     from cbs.store import read_table
     rows = read_table(store.dir, RESULTS)
