@@ -246,7 +246,9 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
 
     session_id = f"{started.replace(':', '')}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     session = {"session_id": session_id, "started": started, "shard": list(shard), "pid": os.getpid(),
-               "blocks": len(blocks), "block_seconds": {}, **stamp}
+               "blocks": len(blocks), "block_seconds": {}, **stamp,
+               **{k.lower(): os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+                  if k in os.environ}}
     store.write_session(session_id, session)
     done = store.finished_blocks()
     pending = [b for b in blocks if b.block_id not in done]

@@ -153,7 +153,7 @@ def dry_run(opts: SlurmOptions, config: Path, overrides: Sequence[str], name: st
         " --merge-only --no-progress"
     submit_cmd = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
     array = _make_sbatch_string(submit_cmd, folder, map_count=opts.array, **_parameters(opts, name, False))
-    merge = _make_sbatch_string(submit_cmd, folder, dependency="afterok:<ARRAY_JOB_ID>",
+    merge = _make_sbatch_string(submit_cmd, folder, dependency="afterok:ARRAY_JOB_ID",
                                 **_parameters(opts, name + "-merge", True))
     return "\n".join([
         f"# {opts.array}-task array: task i runs (through submitit's pickled call of cbs.sweep.slurm.run_shard)",
