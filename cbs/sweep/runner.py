@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 import cbs
+from cbs.errors import RunFolderError
 from cbs.store import RESULTS, LockBusy, RunStore, read_sessions, read_table
 from cbs.sweep.backend import Backend, Block, BlockResult, get_backend
 from cbs.sweep.config import SweepConfig, config_dict, config_hash
@@ -27,12 +28,12 @@ from cbs.sweep.grid import expand_blocks
 from cbs.sweep.memory import memory_budget, run_with_memory
 from cbs.sweep.shards import cost_assignment, hash_assignment, refine_costs
 
-__all__ = ["RunFolderConflict", "SweepSummary", "run_sweep", "plan", "provenance", "shard_blocks",
-           "block_costs", "merge_run"]
+__all__ = ["RunFolderError", "RunFolderConflict", "SweepSummary", "run_sweep", "plan", "provenance",
+           "shard_blocks", "block_costs", "merge_run"]
 
 
-class RunFolderConflict(RuntimeError):
-    """The output folder holds a different sweep; we refuse to mix rows."""
+# The old name of RunFolderError, kept for callers that import it from here.
+RunFolderConflict = RunFolderError
 
 
 @dataclasses.dataclass
@@ -214,7 +215,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
         multi-process job's barrier).
 
     Raises:
-      RunFolderConflict: the output folder holds a sweep with a different config hash.
+      RunFolderError: the output folder holds a sweep with a different config hash.
     """
     from tqdm.auto import tqdm
 
@@ -305,6 +306,6 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
 def _check_hash(store: RunStore, chash: str) -> None:
     existing = store.existing_hash()
     if existing is not None and existing != chash:
-        raise RunFolderConflict(
+        raise RunFolderError(
             f"output folder {store.dir} holds sweep {existing}, but this config hashes to {chash}; "
             f"refusing to mix results. Choose another folder (output.dir=PATH) or delete that one.")

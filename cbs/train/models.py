@@ -49,7 +49,7 @@ class CNN(nn.Module):
         return nn.Dense(self.num_outputs)(x)
 
 
-class Block(nn.Module):
+class TransformerBlock(nn.Module):
     """Pre-LayerNorm Transformer block: causal self-attention then a 4x GELU MLP."""
     width: int
     heads: int
@@ -79,8 +79,10 @@ class Transformer(nn.Module):
         pos = self.param("pos_embedding", nn.initializers.normal(0.02), (self.seq_len, self.width))
         x = x + pos[:t]
         mask = nn.make_causal_mask(tokens)
-        for _ in range(self.depth):
-            x = Block(self.width, self.heads)(x, mask)
+        for i in range(self.depth):
+            # explicit names keep the parameter paths (and the init RNG folded from them)
+            # those of the class's former name Block
+            x = TransformerBlock(self.width, self.heads, name=f"Block_{i}")(x, mask)
         return nn.Dense(self.num_outputs)(nn.LayerNorm()(x))
 
 
