@@ -101,7 +101,7 @@ def initialize(spec: ProcessSpec) -> tuple[int, int]:
 
 
 def _client():
-    from jax._src import distributed as jd   # the public API offers no plain (device-free) barrier
+    from jax._src import distributed as jd  # the public API offers no plain (device-free) barrier
     return jd.global_state.client
 
 

@@ -75,6 +75,7 @@ def nqm_check(seconds: float = 1.0) -> dict:
     """Steps to target of an NQM grid, timed, and one configuration recomputed by a plain
     float64 NumPy recurrence of the second moments (an independent computation)."""
     import numpy as np
+
     from cbs.nqm._grid import evaluate_grid
     from cbs.nqm._problem import custom_problem
     h = 1.0 / np.arange(1, 51)
@@ -103,6 +104,7 @@ def nqm_check(seconds: float = 1.0) -> dict:
 def report(seconds: float = 1.0) -> tuple[list[str], bool]:
     """The doctor's lines and whether every check passed."""
     import jax
+
     from cbs import devices
     lines = ["versions: " + ", ".join(f"{p} {_version(p)}" for p in PACKAGES)
              + f", python {sys.version.split()[0]}"]

@@ -12,12 +12,12 @@ import time
 import pandas as pd
 import pytest
 import yaml
+from conftest import fake_config
 
 from cbs.store import RunStore, read_sessions
 from cbs.sweep.config import load_config
 from cbs.sweep.runner import run_sweep, shard_blocks
 from cbs.sweep.shards import cost_assignment, hash_assignment, imbalance, refine_costs
-from conftest import fake_config
 
 TESTS = os.path.dirname(__file__)
 

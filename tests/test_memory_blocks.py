@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from cbs_test_backends import FakeBackend
+from conftest import fake_config
 
 from cbs.sweep import backend as backend_mod
 from cbs.sweep.config import load_config
 from cbs.sweep.memory import parse_bytes, split_block
 from cbs.sweep.runner import plan, run_sweep
-from cbs_test_backends import FakeBackend
-from conftest import fake_config
 
 
 class OomBackend(FakeBackend):

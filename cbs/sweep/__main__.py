@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _merge_only(cfg, finalize) -> int:
     from cbs.store import RunStore
-    from cbs.sweep.runner import merge_run, plan
     from cbs.sweep.config import config_hash
+    from cbs.sweep.runner import merge_run, plan
     store = RunStore(cfg.out_dir)
     if store.existing_hash() != config_hash(cfg):
         return _fail(f"--merge-only: {store.dir} holds no run of this config (config hash "

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import platform
 import socket
 import time
-import os
 import uuid
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -185,7 +185,7 @@ def merge_run(store: RunStore, cfg: SweepConfig, all_blocks: Sequence[Block],
                 manifest["sessions"] = [{k: v for k, v in r.items() if k != "block_seconds"} for r in sessions]
                 manifest["block_seconds"] = {b: v for r in sessions for b, v in
                                              (r.get("block_seconds") or {}).items()}
-                manifest["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+                manifest["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
                 manifest["merged"] = {"parts": store.parts_signature()}
                 store.write_manifest(manifest)
                 merged = True
@@ -225,7 +225,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
     chash = config_hash(cfg)
     _check_hash(store, chash)
     stamp = {"config_hash": chash, **provenance()}
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     backend = backend_cls(cfg)
     if not (store.dir / "manifest.json").exists():
         costs = block_costs(cfg, all_blocks, backend, costs_from)
@@ -292,7 +292,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
     merged = False
     if complete and merge:
         merged = merge_run(store, cfg, all_blocks, finalize, force_finalize=not pending)
-    session["ended"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    session["ended"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     session["merged"] = merged
     store.write_session(session_id, session)
     rows = read_table(store.dir, RESULTS)

@@ -17,8 +17,8 @@ import dataclasses
 import re
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["SlurmOptions", "parse_slurm", "submit", "dry_run", "run_shard", "run_merge"]
 
