@@ -39,7 +39,13 @@ __all__ = ["TrainProblem", "CellState", "IndexStream", "BlockRun", "make_block_f
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrainProblem:
-    """Everything static about a training problem: model, task and data (on device)."""
+    """Everything static about a training problem: model, task and data.
+
+    The validation set is on the device. The training set is on the device too unless
+    ``streaming``: then ``x_train``/``y_train`` are host (possibly memory-mapped) NumPy
+    arrays and every compiled call receives the examples it consumes as its ``data``
+    argument (:mod:`cbs.train.streaming`).
+    """
     model: nn.Module
     task: str
     x_train: jax.Array
@@ -48,6 +54,7 @@ class TrainProblem:
     y_val: jax.Array
     eval_batch: int = 1024
     diverge_loss: float = math.inf
+    streaming: bool = False
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -62,7 +69,7 @@ class TrainProblem:
         width would pay it again each time.
         """
         if "init" not in self._cache:
-            x0 = self.x_train[:1]
+            x0 = jnp.asarray(np.asarray(self.x_train[:1]))
             self._cache["init"] = jax.jit(lambda s: self.model.init(jax.random.PRNGKey(s), x0))
         key = ("params", int(seed))
         if key not in self._cache:
@@ -101,7 +108,10 @@ class IndexStream:
 
 
 def per_example_metrics(task: str, outputs, y):
-    """Per-example loss and error (LM: averaged over positions; regression: error NaN)."""
+    """Per-example loss and error (LM: averaged over positions; regression: error NaN;
+    a :class:`cbs.train.user.CustomLoss` task: its loss on one-example batches)."""
+    if not isinstance(task, str):
+        return task.per_example(outputs, y)
     if task == "regression":
         loss = 0.5 * jnp.sum((outputs - y) ** 2, axis=-1)
         return loss, jnp.full_like(loss, jnp.nan)
@@ -134,10 +144,11 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
 
     Returns:
       (init, train_interval, evaluate, grad_fn): ``init(params, hp) -> CellState``;
-      ``train_interval(state, lr, hp, idx[steps, B]) -> (state, mean_loss)`` runs the
-      steps in a ``lax.scan``; ``evaluate(state, hp) -> (val_loss, val_error)``;
-      ``grad_fn(params, idx) -> grads`` (for the noise scale). None is vmapped; the
-      caller vmaps over cells.
+      ``train_interval(state, lr, hp, idx[steps, B], data=None) -> (state, mean_loss)``
+      runs the steps in a ``lax.scan``; ``evaluate(state, hp) -> (val_loss, val_error)``;
+      ``grad_fn(params, idx, data=None) -> grads`` (for the noise scale). ``idx`` indexes
+      the training set, or ``data = (x, y)`` when given (a streamed chunk). None is
+      vmapped; the caller vmaps over cells.
     """
     model, task = problem.model, problem.task
 
@@ -148,15 +159,16 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
         opt_state = tx_of(jnp.float32(0.0), hp).init(params)
         return CellState(params, opt_state, jax.tree.map(jnp.zeros_like, params), jnp.int32(0), jnp.array(False))
 
-    def batch_loss(params, idx):
-        x, y = problem.x_train[idx], problem.y_train[idx]
+    def batch_loss(params, idx, data=None):
+        xs, ys = (problem.x_train, problem.y_train) if data is None else data
+        x, y = xs[idx], ys[idx]
         return loss_and_error(task, model.apply(params, x), y)[0]
 
     grad_fn = jax.grad(batch_loss)
 
-    def step(state: CellState, lr, hp, idx):
+    def step(state: CellState, lr, hp, idx, data=None):
         tx = tx_of(lr, hp)
-        loss, grads = jax.value_and_grad(batch_loss)(state.params, idx)
+        loss, grads = jax.value_and_grad(batch_loss)(state.params, idx, data)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         bad = ~jnp.isfinite(loss) | (loss > problem.diverge_loss) | ~_all_finite(params)
@@ -169,8 +181,8 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
         out = _where(live, new, state)
         return out._replace(diverged=state.diverged | (bad & in_budget)), loss
 
-    def train_interval(state, lr, hp, idx):
-        state, losses = jax.lax.scan(lambda s, i: step(s, lr, hp, i), state, idx)
+    def train_interval(state, lr, hp, idx, data=None):
+        state, losses = jax.lax.scan(lambda s, i: step(s, lr, hp, i, data), state, idx)
         return state, jnp.mean(losses)
 
     def evaluate(state, hp):
@@ -231,19 +243,21 @@ class BlockRun:
         init, train_interval, evaluate, grad_fn = make_block_fns(problem, kind, schedule, max_steps)
         self.problem = problem
 
-        def call(state, lr, hp, seed_idx, idx_table, noise_table):
+        def call(state, lr, hp, seed_idx, idx_table, noise_table, data=None):
             # idx_table: (n_seeds, evals_per_call, eval_every, B); each cell picks its seed's
             # rows, so cells that share a seed share the data order without copies.
             # noise_table: (n_seeds, evals_per_call, num_micro, micro_batch) or None.
+            # data: None (indices into the device-resident training set) or the streamed
+            # chunk (x, y) the indices point into, shared by all cells (not vmapped).
             def one(state, lr, hp, si):
                 def interval(s, xs):
                     idx, nidx = xs
-                    s, train_loss = train_interval(s, lr, hp, idx)
+                    s, train_loss = train_interval(s, lr, hp, idx, data)
                     vl, ve = evaluate(s, hp)
                     if nidx is None:
                         gsq = tr = jnp.float32(jnp.nan)
                     else:
-                        gsq, tr = noise_scale_estimates(grad_fn, s.params, nidx)
+                        gsq, tr = noise_scale_estimates(lambda p, i: grad_fn(p, i, data), s.params, nidx)
                     return s, dict(train_loss=train_loss, val_loss=vl, val_error=ve, diverged=s.diverged,
                                    grad_sq=gsq, trace_sigma=tr)
                 nt = None if noise_table is None else noise_table[si]

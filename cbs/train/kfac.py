@@ -25,6 +25,7 @@ from cbs.sweep.backend import Block, BlockResult
 from cbs.train.engine import IndexStream, TrainProblem, _all_finite, make_block_fns
 from cbs.train.loop import RunOptions, Tracker, noise_indices
 from cbs.train.models import loss_and_error
+from cbs.train.streaming import host_batch
 
 __all__ = ["KfacRunner", "BURNIN"]
 
@@ -51,7 +52,7 @@ class KfacRunner:
         self._eval = jax.jit(eval_fn)
         self._ema = jax.jit(lambda e, p, d: jax.tree.map(lambda a, b: d * a + (1 - d) * b, e, p))
         self._finite = jax.jit(_all_finite)
-        self._noise = jax.jit(lambda p, idx: noise_scale_estimates(grad_fn, p, idx))
+        self._noise = jax.jit(lambda p, idx, data: noise_scale_estimates(lambda q, i: grad_fn(q, i, data), p, idx))
         self._opts: dict[float, object] = {}
         model, task = problem.model, problem.task
 
@@ -127,7 +128,7 @@ class KfacRunner:
                     tracker.record(i, at, dict(val_loss=vl, val_error=ve, train_loss=tl), diverged, step)
                     if opts.noise_scale and not diverged:
                         nidx = noise_indices(cell.seed, at, n, opts.noise_num_micro, opts.noise_micro_batch or B)
-                        g, t = self._noise(params, jnp.asarray(nidx))
+                        g, t = self._noise(params, *host_batch(p, nidx))
                         tracker.record_noise(i, at, float(g), float(t))
                     losses = []
                 if diverged:

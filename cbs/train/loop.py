@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from cbs.sweep.backend import Block, BlockResult, CellResult
 from cbs.parallel import padded_size, shard_cells
-from cbs.train.engine import BlockRun, IndexStream, TrainProblem
+from cbs.sweep.backend import Block, BlockResult, CellResult
+from cbs.train.engine import BlockRun, TrainProblem
+from cbs.train.streaming import ChunkFeeder
 
 __all__ = ["RunOptions", "Tracker", "run_vmapped_block"]
 
@@ -159,7 +160,6 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
     seeds = [int(c.seed) for c in block.cells]
     useeds = sorted(set(seeds))
     seed_idx = jnp.array([useeds.index(s) for s in seeds], jnp.int32)
-    streams = {s: IndexStream(s, n) for s in useeds}
     lr = jnp.asarray(block.lrs, jnp.float32)
     hp = {k: jnp.asarray(block.hparam(k), jnp.float32) for k in hparam_names}
     k, every = opts.evals_per_call, opts.eval_every
@@ -184,15 +184,18 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
     call_times: list[float] = []
     fresh = {0}  # calls that include a compile (measured: call time minus a later call's)
     step = 0
+
+    def noise_table(step):
+        return np.stack([np.stack([noise_indices(s, step + (j + 1) * every, n, opts.noise_num_micro, micro)
+                                   for j in range(k)]) for s in useeds])
+
+    # Index tables per call (and, for a streamed training set, the gathered examples,
+    # prepared one call ahead in a background thread).
+    feeder = ChunkFeeder(problem, useeds, (k, every, B), noise_table if opts.noise_scale else None)
     while step < opts.max_steps and not tracker.done.all():
-        table = np.stack([streams[s].take(k * every * B).reshape(k, every, B) for s in useeds])
-        ntable = None
-        if opts.noise_scale:
-            ntable = jnp.asarray(np.stack([np.stack([noise_indices(s, step + (j + 1) * every, n,
-                                                                   opts.noise_num_micro, micro)
-                                                     for j in range(k)]) for s in useeds]))
+        table, ntable, data = feeder.get(step)
         t_call = time.perf_counter()
-        state, out = run.call(state, lr, hp, seed_idx, jnp.asarray(table), ntable)
+        state, out = run.call(state, lr, hp, seed_idx, table, ntable, data)
         out = {key: np.asarray(v) for key, v in out.items()}
         call_times.append(time.perf_counter() - t_call)
         applied = np.asarray(state.step)
@@ -238,4 +241,5 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
                 state = jax.device_put(state, lr.sharding)
             lane_cell, n_live = lane_cell[live], len(live)
             fresh.add(len(call_times))  # the next call compiles the narrower program
+    feeder.close()
     return tracker.result()
