@@ -349,14 +349,20 @@ class TrainBackend(Backend):
             state = jax.eval_shape(init, self.problem.init_params(0), hp)
             state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
             idx = jax.ShapeDtypeStruct((opts.eval_every, block.batch_size), jnp.int32)
+            data = None
+            p = self.problem
+            if getattr(p, "streaming", False):   # a streamed chunk: the examples themselves
+                data = tuple(jax.ShapeDtypeStruct((opts.eval_every, block.batch_size, *a.shape[1:]), a.dtype)
+                             for a in (p.x_train, p.y_train))
 
             def temp(fn, *args):
                 analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
                 return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
 
-            self._cell_bytes[key] = int(2 * state_bytes + temp(train_interval, state, jnp.float32(0.1), hp, idx)
-                                        + temp(evaluate, state, hp) + 4 * opts.eval_every * block.batch_size
-                                        * opts.evals_per_call)
+            batch_bytes = (4 * opts.eval_every * block.batch_size if data is None else
+                           sum(x.size * x.dtype.itemsize for x in data)) * opts.evals_per_call
+            self._cell_bytes[key] = int(2 * state_bytes + temp(train_interval, state, jnp.float32(0.1), hp, idx, data)
+                                        + temp(evaluate, state, hp) + batch_bytes)
         return self._cell_bytes[key]
 
     def manifest(self) -> dict:
