@@ -126,8 +126,8 @@ def report(seconds: float = 1.0) -> tuple[list[str], bool]:
         lines.append(f"  device {d.id}: {d.platform}:{d.device_kind}, {_bytes(mem)} {where}")
     x64 = x64_check()
     lines.append(f"float64 (x64): {'works' if x64['ok'] else 'FAILS'} ({x64['dtype']}); the NQM back end needs it")
-    from cbs.sweep.__main__ import _enable_compilation_cache
-    _enable_compilation_cache()
+    from cbs.compile_cache import enable_compilation_cache
+    enable_compilation_cache()
     cache = jax.config.jax_compilation_cache_dir
     lines.append(f"compile cache: {cache or 'off'} (CBS_JAX_CACHE=PATH to set, CBS_JAX_CACHE=off to disable)")
     lines.append("defaults: " + ", ".join(f"{k}={v}" for k, v in devices.defaults().items()))

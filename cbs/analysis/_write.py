@@ -6,7 +6,7 @@ import json
 from typing import TYPE_CHECKING
 
 from cbs.analysis._format import jsonable_deep
-from cbs.analysis._render import report_markdown
+from cbs.analysis._render import exclusion_notes, report_markdown
 
 if TYPE_CHECKING:
     from cbs.analysis._report import RunAnalysis
@@ -40,6 +40,8 @@ def write_run_files(a: RunAnalysis, cfg, manifest, reference, scale, plots):
            _plots.plot_best_lr(run_dir / "best_lr.png", a.per_batch, a.unit, scale, title=f"{title}: best LR"),
            _plots.plot_data_efficiency(run_dir / "data_efficiency.png", a.fits, a.unit,
                                        title=f"{title}: data efficiency")]
+    png.insert(0, _plots.plot_all_optimizers(run_dir / "steps_all_optimizers.png", a.fits, a.unit,
+                                             title=f"{title}: all optimizers", notes=exclusion_notes(a.summary)))
     a.files += png
     (run_dir / "report.md").write_text(report_markdown(a, scale))
     a.files.append(run_dir / "report.md")

@@ -6,7 +6,6 @@ Kept short on purpose: parsing and printing only; the work is in cbs.sweep.runne
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -105,25 +104,6 @@ def _parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def _enable_compilation_cache() -> None:
-    """Persistent XLA cache, so repeated sweeps skip compilation.
-
-    On by default on GPU/TPU. On CPU only when CBS_JAX_CACHE names a folder: XLA:CPU's
-    cached executables are tied to the exact CPU features of the machine that compiled
-    them, and loading them elsewhere (a shared home on a heterogeneous cluster) logs
-    errors and can crash, while CPU compiles of our programs take seconds anyway.
-    """
-    import jax
-    explicit = os.environ.get("CBS_JAX_CACHE")
-    if explicit is not None and explicit.lower() in ("", "0", "off", "none"):
-        return
-    if explicit is None and jax.default_backend() == "cpu":
-        return
-    cache = explicit or str(Path.home() / ".cache" / "cbs" / "jax")
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def print_plan(cfg, blocks) -> None:
     from collections import Counter
     cells = sum(len(b.cells) for b in blocks)
@@ -201,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         return _slurm(slurm, args, config, overrides, cfg)
     if spec is not None:
         shard = distributed.initialize(spec)
-    _enable_compilation_cache()
+    from cbs.compile_cache import enable_compilation_cache
+    enable_compilation_cache()
 
     def finalize():
         print(best_per_batch_size(cfg.out_dir))
@@ -232,18 +213,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _merge_only(cfg, finalize) -> int:
     from cbs.store import RunStore
+    from cbs.sweep.backend import get_backend
     from cbs.sweep.config import config_hash
-    from cbs.sweep.runner import merge_run, plan
+    from cbs.sweep.runner import merge_plan, merge_run, plan
     store = RunStore(cfg.out_dir)
     if store.existing_hash() != config_hash(cfg):
         return _fail(f"--merge-only: {store.dir} holds no run of this config (config hash "
                      f"{config_hash(cfg)}); run the sweep first", 1)
     blocks = plan(cfg)
-    missing = [b.block_id for b in blocks if b.block_id not in store.finished_blocks()]
-    if missing:
-        return _fail(f"--merge-only: {len(missing)} of {len(blocks)} blocks are not finished (first: "
-                     f"{missing[0]}); re-run the failed shards, then merge again", 1)
-    merged = merge_run(store, cfg, blocks, finalize, force_finalize=True, wait_s=3600)
+    complete, order, extra = merge_plan(store, cfg, blocks, get_backend(cfg.backend))
+    if not complete:
+        missing = [b.block_id for b in blocks if b.block_id not in store.finished_blocks()]
+        where = f"{len(missing)} of {len(blocks)} blocks are not finished (first: {missing[0]})" if missing \
+            else "adaptive learning-rate rounds are still pending"
+        return _fail(f"--merge-only: {where}; re-run the failed shards, then merge again", 1)
+    merged = merge_run(store, order, finalize, force_finalize=True, wait_s=3600, extra=extra)
     print(f"merged {store.dir}" if merged else f"{store.dir} was already merged; analysis re-run")
     return 0
 

@@ -130,6 +130,10 @@ class Backend(abc.ABC):
     # and tables are concatenated (False when a block yields block-level tables, e.g. NQM's
     # tuned optimum). Splittable back ends get memory-aware splitting and out-of-memory retry.
     splittable: ClassVar[bool] = False
+    # whether one call may hold blocks of several optimizer entries (a back end that batches
+    # work across them, e.g. the NQM's LR refinement); otherwise each call holds one entry
+    calls_span_optimizers: ClassVar[bool] = False
+    adaptive_default: ClassVar[bool] = False        # grid.adaptive.enabled when the config leaves it unset
 
     def __init__(self, config):
         self.config = config

@@ -24,12 +24,12 @@ from cbs.errors import RunFolderError
 from cbs.store import RESULTS, LockBusy, RunStore, read_sessions, read_table
 from cbs.sweep.backend import Backend, Block, BlockResult, get_backend
 from cbs.sweep.config import SweepConfig, config_dict, config_hash
-from cbs.sweep.grid import expand_blocks
+from cbs.sweep.grid import cell_id, expand_blocks
 from cbs.sweep.memory import memory_budget, run_with_memory
 from cbs.sweep.shards import cost_assignment, hash_assignment, refine_costs
 
 __all__ = ["RunFolderError", "RunFolderConflict", "SweepSummary", "run_sweep", "plan", "provenance",
-           "shard_blocks", "block_costs", "merge_run"]
+           "shard_blocks", "block_costs", "merge_plan", "merge_run"]
 
 
 # The old name of RunFolderError, kept for callers that import it from here.
@@ -150,22 +150,40 @@ def _block_tables(cfg: SweepConfig, block: Block, result: BlockResult, stamp: di
     return tables
 
 
-def _calls(blocks: Sequence[Block], per_call: int) -> list[list[Block]]:
+def _calls(blocks: Sequence[Block], per_call: int, span_optimizers: bool = False) -> list[list[Block]]:
     """Groups pending blocks into back-end calls: never more than ``per_call`` blocks, and
-    never two optimizer entries in one call, so finished work reaches disk (and the
-    progress bar) at least once per optimizer even for back ends that take everything."""
+    (unless the back end batches work across optimizer entries) never two optimizer entries
+    in one call, so finished work reaches disk (and the progress bar) at least once per
+    optimizer even for back ends that take everything."""
     calls: list[list[Block]] = []
     for block in blocks:
-        if calls and len(calls[-1]) < per_call and calls[-1][-1].optimizer == block.optimizer:
+        if calls and len(calls[-1]) < per_call and (span_optimizers or calls[-1][-1].optimizer == block.optimizer):
             calls[-1].append(block)
         else:
             calls.append([block])
     return calls
 
 
-def merge_run(store: RunStore, cfg: SweepConfig, all_blocks: Sequence[Block],
-              finalize: Callable[[], None] | None = None, force_finalize: bool = False,
-              wait_s: float = 0.0) -> bool:
+def merge_plan(store: RunStore, cfg: SweepConfig, all_blocks: Sequence[Block],
+               backend_cls) -> tuple[bool, list[str], dict]:
+    """Whether the sweep is complete, its blocks in merge order (adaptive rounds after their
+    base block) and the manifest entries the merge records (adaptive status); all derived
+    from the stored parts, so every process computes the same."""
+    complete = store.finished_blocks() >= {b.block_id for b in all_blocks}
+    order = [b.block_id for b in all_blocks]
+    extra: dict = {}
+    adaptive = cfg.grid.adaptive
+    if adaptive.enabled if adaptive.enabled is not None else backend_cls.adaptive_default:
+        status, rounds = _adaptive_state(store, all_blocks, adaptive)
+        complete = complete and all(r is None for r in rounds)
+        order = [bid for b in all_blocks for bid in [b.block_id] + status[b.block_id].get("block_ids", [])]
+        extra["adaptive"] = dict(max_extend=adaptive.max_extend, points=adaptive.points, zoom=adaptive.zoom,
+                                 families=status, flagged=sorted(k for k, v in status.items() if v.get("edge")))
+    return complete, order, extra
+
+
+def merge_run(store: RunStore, order: Sequence[str], finalize: Callable[[], None] | None = None,
+              force_finalize: bool = False, wait_s: float = 0.0, extra: dict | None = None) -> bool:
     """Merges the tables of a complete sweep exactly once; returns True when this call merged.
 
     Runs under the folder's merge lock: the merged files and the manifest are rewritten
@@ -180,7 +198,8 @@ def merge_run(store: RunStore, cfg: SweepConfig, all_blocks: Sequence[Block],
             manifest = read_manifest(store.dir)
             merged = False
             if not store.merged_is_current(manifest):
-                store.merge(order=[b.block_id for b in all_blocks])
+                store.merge(order=list(order))
+                manifest.update(extra or {})
                 sessions = read_sessions(store.dir)
                 manifest["sessions"] = [{k: v for k, v in r.items() if k != "block_seconds"} for r in sessions]
                 manifest["block_seconds"] = {b: v for r in sessions for b, v in
@@ -194,6 +213,25 @@ def merge_run(store: RunStore, cfg: SweepConfig, all_blocks: Sequence[Block],
             return merged
     except LockBusy:
         return False
+
+
+def _adaptive_state(store: RunStore, bases: Sequence[Block], adaptive) -> tuple[dict, list]:
+    """Per base block: its adaptive status (rounds run, edges left) and the next round to
+    run (None when finished or waiting), both recomputed from the stored results."""
+    from cbs.store import RESULTS
+    from cbs.sweep.adaptive import adaptive_rounds
+    finished = store.finished_blocks()
+    status, nxt = {}, []
+    for base in bases:
+        stored = {bid: pd.read_parquet(store.dir / "parts" / RESULTS / f"{bid}.parquet")
+                  for bid in finished if bid == base.block_id or bid.startswith(base.block_id + "__a")}
+        done, pending, st = adaptive_rounds(base, stored, max_extend=adaptive.max_extend, points=adaptive.points,
+                                            zoom=adaptive.zoom, cell_id=cell_id)
+        st["block_ids"] = [r.block.block_id for r in done]
+        st["history"] = [r.record() for r in done]
+        status[base.block_id] = st
+        nxt.append(pending)
+    return status, nxt
 
 
 def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int] = (0, 1),
@@ -260,8 +298,10 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
     t0 = time.perf_counter()
     total = sum(len(b.cells) for b in blocks)
     bar = tqdm(total=total, initial=skipped, unit="cell", disable=not progress, desc=cfg.name, dynamic_ncols=True)
-    try:
-        for chunk in _calls(pending, max(1, int(backend.blocks_per_call))):
+
+    def run(pending_blocks):
+        for chunk in _calls(pending_blocks, max(1, int(backend.blocks_per_call)),
+                            bool(backend.calls_span_optimizers)):
             t_call = time.perf_counter()
             results = run_with_memory(backend.run_blocks, chunk, splittable=backend.splittable,
                                       cell_bytes=backend.cell_memory_bytes, budget=budget,
@@ -277,6 +317,20 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
                                                             len(block.cells)]
                 bar.update(len(block.cells))
             store.write_session(session_id, session)
+
+    adaptive = cfg.grid.adaptive
+    adaptive_on = adaptive.enabled if adaptive.enabled is not None else backend_cls.adaptive_default
+    try:
+        run(pending)
+        # Adaptive LR rounds, one round of every family at a time; each round's blocks
+        # follow from the stored rows, so the loop ends after at most max_extend + 1 rounds.
+        while adaptive_on:
+            _, rounds = _adaptive_state(store, blocks, adaptive)
+            todo = [r.block for r in rounds if r is not None]
+            if not todo:
+                break
+            bar.total += sum(len(b.cells) for b in todo)
+            run(todo)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -288,16 +342,18 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
             [{"name": k, "batch_size": int(b), "steps": float(s)} for k, v in refs.items() for b, s in zip(bs, v)]))
     if before_merge is not None:
         before_merge()
-    complete = store.finished_blocks() >= {b.block_id for b in all_blocks}
+    complete, order, extra = merge_plan(store, cfg, all_blocks, backend_cls)
     merged = False
     if complete and merge:
-        merged = merge_run(store, cfg, all_blocks, finalize, force_finalize=not pending)
+        merged = merge_run(store, order, finalize, force_finalize=not pending, extra=extra)
     session["ended"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     session["merged"] = merged
     store.write_session(session_id, session)
     rows = read_table(store.dir, RESULTS)
-    mine = rows[rows["block_id"].isin({b.block_id for b in blocks})] if rows is not None else pd.DataFrame(
+    ids = {b.block_id for b in blocks}
+    mine = rows[rows["block_id"].str.split("__a").str[0].isin(ids)] if rows is not None else pd.DataFrame(
         columns=["reached", "diverged", "censored"])
+    total = int(bar.total)      # adaptive rounds add cells as they go
     return SweepSummary(cfg.name, store.dir, chash, total, total - skipped, skipped,
                         int(mine["reached"].sum()), int(mine["diverged"].sum()), int(mine["censored"].sum()),
                         seconds, stamp["device_kind"], complete, merged)

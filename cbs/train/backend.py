@@ -83,6 +83,8 @@ class TrainSection:
     diverge_loss: float | None = spec(None, doc="also call a cell diverged when its training loss exceeds this", gt=0)
     diverge_factor: float = spec(10.0, doc="a cell whose val_loss exceeds this times its initial val_loss is "
                                  "recorded diverged", gt=1)
+    exact_crossing: bool = spec(True, doc="replay each cell's crossing interval with an evaluation after every "
+                                "step, so steps_to_target is exact whatever eval_every (crossing_exact = 1)")
     noise_scale: NoiseScale = spec(factory=NoiseScale, doc="gradient noise scale measurement")
 
 
@@ -133,6 +135,7 @@ class TrainBackend(Backend):
     metrics = {"val_loss": "validation loss (cross-entropy; 0.5 * squared error for linreg)",
                "val_error": "validation error rate (top-1; next-byte error for text)"}
     blocks_per_call = 1
+    adaptive_default = True
     splittable = True        # cells are independent; tables (curves, noise_scale) are per cell
     # K-FAC cells run one after another (no vmap amortization) and pay curvature estimates
     # and periodic inverses: a prior for their per-cell cost relative to a vmapped cell,
@@ -167,7 +170,7 @@ class TrainBackend(Backend):
         if builtin_data and s.dataset_args:
             raise ConfigError("train.dataset_args", s.dataset_args, f"allowed only with a file or factory dataset "
                               f"(built-in {s.dataset!r} takes its own train.* options)")
-        if builtin_data and not user_model:
+        if builtin_data and not user_model and s.loss is None and s.task == "auto":
             task = "lm" if s.dataset == "text" else "regression" if s.dataset == "linreg" else "classification"
         else:
             task = cls._check_data_and_model(s, config)
@@ -218,7 +221,7 @@ class TrainBackend(Backend):
             if opt.kind == "kfac" and s.model == "transformer":
                 raise ConfigError(f"{where}.kind", "kfac", "allowed with model mlp or cnn (kfac-jax layer "
                                   "registration and per-example loss scaling)")
-            if opt.kind == "kfac" and user_model:
+            if opt.kind == "kfac" and (user_model or s.loss is not None):
                 cls._check_kfac(s, where, task)
             sch = opt.schedule
             if sch.kind == "optimized_pwc":
@@ -290,7 +293,7 @@ class TrainBackend(Backend):
                           target=c.target.value, interpolate=c.target.interpolate, steps_per_call=s.steps_per_call,
                           noise_scale=s.noise_scale.enabled, noise_micro_batch=s.noise_scale.micro_batch,
                           noise_num_micro=s.noise_scale.num_micro, noise_ema=s.noise_scale.ema,
-                          diverge_factor=s.diverge_factor, compact=s.compact)
+                          diverge_factor=s.diverge_factor, compact=s.compact, exact=s.exact_crossing)
 
     def _run_for(self, kind: str, schedule) -> BlockRun:
         key = (kind, repr(schedule))
@@ -376,7 +379,8 @@ class TrainBackend(Backend):
                          dtypes=dict(x=str(d.x_train.dtype), y=str(d.y_train.dtype)),
                          **{k: v for k, v in d.info.items() if k not in ("num_train", "num_val", "shapes", "dtypes", "task")}),
             data_placement=dict(streaming=self.problem.streaming,
-                                device_budget_bytes=device_budget_bytes(s.device_budget_mb),
+                                device_budget_bytes=(None if math.isinf(budget := device_budget_bytes(
+                                    s.device_budget_mb)) else budget),
                                 train_bytes=int(d.x_train.nbytes + d.y_train.nbytes)),
             model=dict(kind=s.model, parameters=int(sum(np.size(x) for x in jax.tree.leaves(params))),
                        **(dict(model_args={k: repr(v) for k, v in s.model_args.items()}, wrapper=repr(

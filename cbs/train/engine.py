@@ -264,6 +264,13 @@ class BlockRun:
                 return jax.lax.scan(interval, state, (idx_table[si], nt))
             return jax.vmap(one)(state, lr, hp, seed_idx)
 
+        # Exact first crossing (cbs.train.loop): one cell's step and evaluation, not
+        # vmapped. A replay is a short host loop over these; they compile in a fraction of
+        # the block program's time (a vmapped replay program per width and batch size cost
+        # more compile than its whole compute).
+        self.step_one = jax.jit(lambda s, lr, hp, idx, data=None: train_interval(s, lr, hp, idx[None], data)[0])
+        self.evaluate_one = jax.jit(evaluate)
+
         self._init = jax.jit(jax.vmap(init))
         self.call = jax.jit(call, donate_argnums=(0,))
         self.evaluate = jax.jit(jax.vmap(evaluate))

@@ -15,6 +15,7 @@ Flax MLP and CNN); the loss is registered in the loss function.
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import jax
@@ -91,12 +92,10 @@ class KfacRunner:
             stream = IndexStream(cell.seed, n)   # the init batch only shapes the state: restart the order
             vl, ve = self._eval(params, ema, jnp.int32(0), hp["ema_decay"])
             tracker.record(i, 0, dict(val_loss=vl, val_error=ve, train_loss=np.nan), False, 0)
-            losses, diverged, step = [], False, 0
-            while step < opts.max_steps and not tracker.done[i]:
-                idx = stream.take(B)
+
+            def kstep(params, state, step, idx):
+                """One K-FAC update at ``step`` on the examples ``idx``: (params, state, loss)."""
                 lr = jnp.float32(cell.lr * float(self.schedule(step)))
-                # kfac-jax donates params and state; pass a copy of the params so the last
-                # finite ones survive a diverging step.
                 batch = (xt[idx], yt[idx])
                 if step == 0:
                     # Burn-in: kfac-jax estimates the curvature on BURNIN extra batches before the
@@ -109,10 +108,36 @@ class KfacRunner:
                 with warnings.catch_warnings():
                     # kfac-jax donates the batch too; XLA cannot reuse it and says so at compile.
                     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+                    # kfac-jax donates params and state; pass a copy of the params so the last
+                    # finite ones survive a diverging step.
                     new_params, new_state, stats = opt.step(
                         jax.tree.map(jnp.copy, params), state, step_keys[step], **feed,
                         learning_rate=lr, momentum=hp["momentum"], damping=hp["damping"], global_step_int=step)
-                loss = float(stats["loss"])
+                return new_params, new_state, float(stats["loss"])
+
+            def replay(snapshot, t0: int, t1: int):
+                """Exact first crossing in (t0, t1]: retrain from the state kept at the
+                evaluation t0 with an evaluation after every step (the same trajectory:
+                the data order and step keys are functions of the seed and step)."""
+                params, state, ema = jax.tree.map(jnp.copy, snapshot)
+                stream = IndexStream(cell.seed, n)
+                stream.take(t0 * B)
+                for step in range(t0, t1):
+                    params, state, _ = kstep(params, state, step, stream.take(B))
+                    ema = self._ema(ema, params, hp["ema_decay"])
+                    vl, ve = self._eval(params, ema, jnp.int32(step + 1), hp["ema_decay"])
+                    if float(vl if opts.metric == "val_loss" else ve) < opts.target:
+                        return step + 1
+                return None
+
+            losses, diverged, step = [], False, 0
+            snapshot = None
+            while step < opts.max_steps and not tracker.done[i]:
+                if opts.exact and opts.eval_every > 1 and step % opts.eval_every == 0:
+                    snapshot = jax.tree.map(jnp.copy, (params, state, ema))   # state at evaluation `step`
+                    t_snap = step
+                idx = stream.take(B)
+                new_params, new_state, loss = kstep(params, state, step, idx)
                 if not np.isfinite(loss) or loss > p.diverge_loss or not bool(self._finite(new_params)):
                     diverged = True      # keep the last finite params, stop this cell
                 else:
@@ -126,6 +151,10 @@ class KfacRunner:
                     vl, ve = self._eval(params, ema, jnp.int32(step), hp["ema_decay"])
                     tl = float(np.mean(losses)) if losses else np.nan
                     tracker.record(i, at, dict(val_loss=vl, val_error=ve, train_loss=tl), diverged, step)
+                    if tracker.reached[i] and not tracker.exact[i] and snapshot is not None:
+                        t_rep = time.perf_counter()
+                        tracker.set_exact(i, replay(snapshot, t_snap, at))
+                        tracker.replay_seconds += time.perf_counter() - t_rep
                     if opts.noise_scale and not diverged:
                         nidx = noise_indices(cell.seed, at, n, opts.noise_num_micro, opts.noise_micro_batch or B)
                         g, t = self._noise(params, *host_batch(p, nidx))

@@ -62,6 +62,8 @@ class ChunkFeeder:
     chunk itself; the next call's chunk is prepared in a background thread.
     """
 
+    prefetch = True   # prepare the next chunk in a background thread (False: on demand; benchmarks)
+
     def __init__(self, problem: TrainProblem, seeds: Sequence[int], per_call: tuple[int, int, int],
                  noise=None):
         """``per_call = (evals_per_call, eval_every, batch_size)``; ``noise(step)`` gives the
@@ -70,7 +72,7 @@ class ChunkFeeder:
         self.problem, self.seeds, self.noise = problem, list(seeds), noise
         self.k, self.every, self.batch = per_call
         self.streams = {s: IndexStream(s, problem.num_train) for s in self.seeds}
-        self._pool = concurrent.futures.ThreadPoolExecutor(1) if problem.streaming else None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1) if problem.streaming and self.prefetch else None
         self._next: tuple[int, concurrent.futures.Future] | None = None
         self._positions = None
 
