@@ -14,29 +14,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "nqm_quicksta
 
 
 def _help_epilog() -> str:
-    from cbs.sweep.config import SweepConfig
-    from cbs.sweep.schema import describe
-    lines = ["config keys (YAML; any of them can be overridden as key.path=value):"]
-    lines += describe(SweepConfig)
-    from cbs.sweep.config import OptimizerEntry
-    lines.append("  each entry of grid.optimizers (grid.optimizers.I.KEY=value on the command line):")
-    lines += describe(OptimizerEntry, prefix="grid.optimizers[i].")
-    lines += ["", "back ends, their sections, metrics and optimizer kinds:"]
-    from cbs.sweep.backend import BACKENDS, get_backend
-    from cbs.sweep.schema import describe as describe_section
-    for name in BACKENDS:
-        try:
-            backend = get_backend(name)
-        except Exception as e:  # a back end that cannot import still leaves --help usable
-            lines.append(f"  {name}: unavailable ({type(e).__name__}: {e})")
-            continue
-        lines.append(f"  backend {name!r}: section '{name}:'")
-        lines += ["  " + l for l in describe_section(backend.Section, prefix=f"{name}.")]
-        lines.append(f"    metrics: " + ", ".join(backend.metrics))
-        for kind, spec in backend.optimizers.items():
-            hps = ", ".join(f"{k}={v.default:g}" for k, v in spec.hparams.items()) or "no hyperparameters"
-            lines.append(f"    kind {kind}: {spec.doc} [{hps}]")
-    return "\n".join(lines)
+    # The same text as docs/config.md (cbs.sweep.reference), so --help and the docs agree.
+    from cbs.sweep.reference import config_reference
+    return config_reference()
 
 
 def _parser(full_help: bool) -> argparse.ArgumentParser:

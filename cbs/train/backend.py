@@ -33,7 +33,7 @@ __all__ = ["NoiseScale", "TrainSection", "TrainBackend"]
 @dataclasses.dataclass(frozen=True)
 class NoiseScale:
     """Gradient noise scale B_simple = tr(Σ)/|G|², measured at every evaluation with the
-    unbiased two-batch-size estimator (cbs.md 3.2): num_micro micro-batches of
+    unbiased two-batch-size estimator (docs/cbs.md section 6): num_micro micro-batches of
     micro_batch examples give |G_small|² (mean of their squared norms) and |G_big|²
     (squared norm of their mean)."""
     enabled: bool = spec(False, doc="measure the gradient noise scale (table noise_scale)")
@@ -230,8 +230,6 @@ class TrainBackend(Backend):
             if sch.batch_growth or sch.seesaw:
                 raise ConfigError(f"{where}.schedule", "batch_growth/seesaw", "batch-size schedules are not "
                                   "supported by the train back end (one program per batch size)")
-            if sch.kind == "piecewise" and not sch.pieces:
-                raise ConfigError(f"{where}.schedule.pieces", [], "allowed: [[steps, lr_multiplier], ...]")
 
     @staticmethod
     def _check_data_and_model(s: TrainSection, config) -> str:
