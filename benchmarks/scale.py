@@ -123,9 +123,9 @@ def _measured(name: str, runs: Path) -> dict[str, float]:
 
 
 def _estimates(name: str) -> dict[str, float]:
+    from cbs.sweep.backend import get_backend
     from cbs.sweep.config import load_config
     from cbs.sweep.runner import block_costs, plan
-    from cbs.sweep.backend import get_backend
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     return block_costs(cfg, plan(cfg), get_backend(cfg.backend)(cfg))
 
