@@ -81,9 +81,10 @@ def test_two_shards_at_once_one_sigkilled_and_rerun_give_the_single_process_tabl
     assert len(sessions) == 3 and sum("ended" in s for s in sessions) == 2   # the killed one never ended
     manifest = json.loads((out / "manifest.json").read_text())
     # The merge records the sessions that existed when it ran (all three when shard 1 was
-    # killed early, else perhaps before the re-run) and every block's measured time.
+    # killed early, else perhaps before the re-run) and the measured block times (all but at
+    # most the one block whose part landed between the kill's last session update and the kill).
     assert len(manifest["sessions"]) == (3 if killed_early else len(manifest["sessions"]))
-    assert len(manifest["sessions"]) >= 2 and len(manifest["block_seconds"]) == 32
+    assert len(manifest["sessions"]) >= 2 and len(manifest["block_seconds"]) >= 31
 
 
 def test_two_identical_unsharded_processes_never_duplicate_or_lose_rows(tmp_path):
