@@ -118,7 +118,9 @@ def _measured(name: str, runs: Path) -> dict[str, float]:
     seconds: dict[str, float] = {}
     for s in read_sessions(out):
         for b, (sec, _) in (s.get("block_seconds") or {}).items():
-            seconds[b] = float(sec)
+            # An adaptive LR round (block id BASE__aK) runs in its base block's shard.
+            base = b.split("__a")[0]
+            seconds[base] = seconds.get(base, 0.0) + float(sec)
     return seconds
 
 
