@@ -7,9 +7,9 @@ import os
 import stat
 
 import yaml
+from conftest import fake_config
 
 from cbs.sweep.__main__ import main
-from conftest import fake_config
 
 
 def _write(tmp_path, raw):

@@ -173,8 +173,8 @@ def test_issue_cases_name_the_real_cause(tmp_path, capsys, no_compute):
         "grid.learning_rates={log10_min: -3, log10_max: 0, num: 100000000}": "grid.max_cells",
         "grid.learning_rates={log10_min: 300, log10_max: 400, num: 3}": "not a finite",
         "grid.learning_rates={log10_min: 0, log10_max: -3, num: 3}": "log10_max >= log10_min",
-        "budget.eval_every=5000": "at most budget.max_steps = 3000",
-        "grid.optimizers.0.schedule={kind: cosine, warmup_steps: 3000}": "warm-up must end",
+        "budget.eval_every=50000": "at most budget.max_steps =",
+        "grid.optimizers.0.schedule={kind: cosine, warmup_steps: 50000}": "warm-up must end",
         "grid.optimizers.0.schedule={kind: step, boundaries: [300, 100]}": "strictly increasing",
         "grid.optimizers.0.schedule={kind: piecewise, pieces: [[1]]}": "pieces[0]",
         "backend=os:getcwd": "subclass of cbs.sweep.backend.Backend",
@@ -240,9 +240,10 @@ def test_changed_config_on_existing_folder_names_the_keys(tmp_path, capsys, no_c
     out = tmp_path / "run"
     cfg = load_config(ROOT / "configs/train_digits_cpu.yaml", [f"output.dir={out}"])
     RunStore(out).initialise(config_dict(cfg), {"config_hash": config_hash(cfg)})
+    steps, width = cfg.budget.max_steps, cfg.section.width
     line = _check(capsys, [str(ROOT / "configs/train_digits_cpu.yaml"), f"output.dir={out}",
-                           "budget.max_steps=4000", "train.width=32"], out, "changed config")
-    assert "budget.max_steps: 3000 → 4000" in line and "train.width: 64 → 32" in line, line
+                           f"budget.max_steps={steps + 1000}", f"train.width={width + 1}"], out, "changed config")
+    assert f"budget.max_steps: {steps} → {steps + 1000}" in line and f"train.width: {width} → {width + 1}" in line, line
 
 
 def test_option_flags_may_follow_overrides(tmp_path, capsys):
@@ -254,8 +255,9 @@ def test_option_flags_may_follow_overrides(tmp_path, capsys):
 
 
 def test_interrupt_during_analysis_is_one_line_exit_130(tmp_path, capsys, monkeypatch, fake_backend):
-    import cbs.analysis
     from conftest import fake_config
+
+    import cbs.analysis
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
