@@ -101,3 +101,42 @@ def test_muon_adam_lr_ratio_scales_only_the_adamw_group():
     ker = "['params']['Block_0']['Dense_0']['kernel']"
     np.testing.assert_allclose(np.asarray(b[emb]), 0.1 * np.asarray(a[emb]), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(b[ker]), np.asarray(a[ker]), rtol=1e-6)
+
+
+def test_kfac_example_count_includes_its_curvature_batches(monkeypatch):
+    """Every batch kfac-jax's step consumes (burn-in included) is counted: spy on the
+    batches handed to kfac-jax and compare with steps_to_target * B."""
+    import kfac_jax
+
+    from cbs.train.backend import TrainBackend
+    from cbs.train.testing import make_block, make_config
+
+    consumed = []
+    real_step = kfac_jax.Optimizer.step
+
+    def counting_step(self, params, state, rng, data_iterator=None, batch=None, **kw):
+        if data_iterator is not None:
+            def spy(it):
+                for b in it:
+                    consumed.append(len(b[0]))
+                    yield b
+            data_iterator = spy(data_iterator)
+        else:
+            consumed.append(len(batch[0]))
+        return real_step(self, params, state, rng, data_iterator=data_iterator, batch=batch, **kw)
+
+    monkeypatch.setattr(kfac_jax.Optimizer, "step", counting_step)
+    cfg = make_config(dict(dataset="digits", model="mlp", width=16, depth=1), metric="val_loss", value=1.0,
+                      max_steps=60, eval_every=1)
+    backend = TrainBackend(cfg)
+    for burnin in (0, 7):
+        consumed.clear()
+        block = make_block("kfac", 32, [0.1], hparams=dict(burnin_steps=[burnin]), seeds=(0,))
+        (cell,) = backend.run_blocks([block])[0].cells
+        assert cell.reached
+        # the cell stops at its first evaluation below target (every step here)
+        assert sum(consumed) == cell.steps_to_target * 32 == cell.extra["examples_to_target"]
+        assert len(consumed) == cell.steps_to_target == cell.steps_run
+        assert cell.extra["burnin_steps"] == burnin
+        if burnin:
+            assert cell.steps_to_target > burnin

@@ -44,7 +44,9 @@ class NoiseScale:
 class TrainSection:
     """The ``train:`` section: data set, model, evaluation and measurement options."""
     dataset: Literal["mnist1d", "digits", "linreg", "text"] = spec("mnist1d", doc="data set (all generated or read offline)")
-    model: Literal["mlp", "cnn", "transformer"] = spec("mlp", doc="model family (transformer: text only)")
+    model: Literal["mlp", "cnn", "mnist1d_cnn", "transformer"] = spec(
+        "mlp", doc="model family (transformer: text only; mnist1d_cnn: the MNIST-1D paper's CNN, 5/3/3-wide "
+                   "stride-2 convolutions then a linear read-out of the flattened features)")
     width: int = spec(64, doc="hidden units / channels / model width", ge=1)
     depth: int = spec(2, doc="hidden layers / conv layers / Transformer blocks (mlp depth 0 = linear)", ge=0)
     heads: int = spec(4, doc="attention heads (transformer)", ge=1)
@@ -97,6 +99,16 @@ def train_size(section: TrainSection) -> int:
     return min(n, section.max_train) if section.max_train else n
 
 
+def _check_burnin(value, where: str, max_steps: int) -> None:
+    """K-FAC's burn-in is a count of batches: whole numbers that leave room for an update."""
+    if value is None:
+        return
+    values = value.values() if hasattr(value, "log10_min") else value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if float(v) != int(v) or v >= max_steps:
+            raise ConfigError(where, v, f"allowed: a whole number of batches below budget.max_steps = {max_steps}")
+
+
 class TrainBackend(Backend):
     """Trains real networks (Flax + Optax) and records steps to a validation target."""
     name = "train"
@@ -121,11 +133,11 @@ class TrainBackend(Backend):
         s: TrainSection = config.section or TrainSection()
         t = config.target
         if s.model == "transformer" and s.dataset != "text":
-            raise ConfigError("train.model", s.model, "allowed with this dataset: 'mlp', 'cnn'",
+            raise ConfigError("train.model", s.model, "allowed with this dataset: 'mlp', 'cnn', 'mnist1d_cnn'",
                               "the transformer needs dataset: text")
         if s.dataset == "text" and s.model != "transformer":
             raise ConfigError("train.model", s.model, "allowed with dataset text: 'transformer'")
-        if s.model == "cnn" and s.dataset == "linreg":
+        if s.model in ("cnn", "mnist1d_cnn") and s.dataset == "linreg":
             raise ConfigError("train.model", s.model, "allowed with dataset linreg: 'mlp' (depth 0 = linear)")
         if s.model == "transformer" and s.width % s.heads:
             raise ConfigError("train.heads", s.heads, f"allowed: a divisor of train.width = {s.width}")
@@ -156,9 +168,12 @@ class TrainBackend(Backend):
             where = f"grid.optimizers[{i}]"
             if opt.kind == "soap" and not soap_available():
                 raise ConfigError(f"{where}.kind", "soap", "cbs.train.soap is not importable in this install")
-            if opt.kind == "kfac" and s.model not in ("mlp", "cnn"):
-                raise ConfigError(f"{where}.kind", "kfac", "allowed with model mlp or cnn (kfac-jax layer "
+            if opt.kind == "kfac" and s.model not in ("mlp", "cnn", "mnist1d_cnn"):
+                raise ConfigError(f"{where}.kind", "kfac", "allowed with model mlp, cnn or mnist1d_cnn (kfac-jax layer "
                                   "registration and per-example loss scaling)")
+            if opt.kind == "kfac":
+                _check_burnin(opt.hparams.get("burnin_steps"), f"{where}.hparams.burnin_steps",
+                              config.budget.max_steps)
             sch = opt.schedule
             if sch.kind == "optimized_pwc":
                 raise ConfigError(f"{where}.schedule.kind", sch.kind, "allowed for the train back end: constant, "

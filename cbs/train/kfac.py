@@ -11,6 +11,16 @@ follow the same seed rules as the vmapped path, and the records go through the s
 
 Layers are found by kfac-jax's automatic graph matching (dense and conv layers of the
 Flax MLP and CNN); the loss is registered in the loss function.
+
+Counting: every batch K-FAC consumes is a step of ``batch_size`` examples. Each update
+estimates the curvature on its own gradient batch (no extra examples). kfac-jax's
+optional burn-in (hyperparameter ``burnin_steps``, off by default) estimates the curvature
+on that many extra batches before the first update; those batches count as steps (and
+their examples as examples), so a cell with burn-in ``b`` that reaches the target after
+``k`` updates reports ``steps_to_target = b + k`` (evaluations stay on multiples of
+``eval_every`` of this count; the burn-in steps leave the weights unchanged), and the budget
+``max_steps`` covers them too. The LR schedule is indexed by updates. Rows carry
+``burnin_steps`` and ``examples_to_target`` (= ``steps_to_target * batch_size``).
 """
 
 from __future__ import annotations
@@ -26,9 +36,12 @@ from cbs.train.engine import IndexStream, Problem, _all_finite, make_block_fns
 from cbs.train.loop import RunOptions, Tracker, noise_indices
 from cbs.train.models import loss_and_error
 
-__all__ = ["KfacRunner", "BURNIN"]
+__all__ = ["KfacRunner", "burnin_steps"]
 
-BURNIN = 10   # curvature-only burn-in batches before the first update (kfac-jax default)
+
+def burnin_steps(hparams) -> int:
+    """The cell's curvature-only burn-in batches (hyperparameter ``burnin_steps``)."""
+    return int(round(float(hparams.get("burnin_steps", 0.0))))
 
 
 _step_keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
@@ -61,14 +74,16 @@ class KfacRunner:
 
         self._loss = loss
 
-    def optimizer(self, weight_decay: float):
+    def optimizer(self, weight_decay: float, burnin: int = 0):
+        """kfac-jax's optimizer for a weight decay and burn-in (both constructor arguments)."""
         import kfac_jax
-        if weight_decay not in self._opts:
-            self._opts[weight_decay] = kfac_jax.Optimizer(
+        key = (weight_decay, burnin)
+        if key not in self._opts:
+            self._opts[key] = kfac_jax.Optimizer(
                 value_and_grad_func=jax.value_and_grad(self._loss), l2_reg=weight_decay,
                 use_adaptive_learning_rate=False, use_adaptive_momentum=False, use_adaptive_damping=False,
-                multi_device=False, inverse_update_period=5, num_burnin_steps=BURNIN)
-        return self._opts[weight_decay]
+                multi_device=False, inverse_update_period=5, num_burnin_steps=burnin)
+        return self._opts[key]
 
     def run_block(self, block: Block, opts: RunOptions) -> BlockResult:
         tracker = Tracker(block, opts)
@@ -77,9 +92,11 @@ class KfacRunner:
         # Host copies: batches are gathered with numpy (one transfer per step instead of
         # several small device dispatches), and per-step keys are made in one call.
         xt, yt = np.asarray(p.x_train), np.asarray(p.y_train)
+        extras = []
         for i, cell in enumerate(block.cells):
             hp = {k: jnp.float32(v) for k, v in cell.hparams.items()}
-            opt = self.optimizer(float(cell.hparams.get("weight_decay", 0.0)))
+            burnin = burnin_steps(cell.hparams)
+            opt = self.optimizer(float(cell.hparams.get("weight_decay", 0.0)), burnin)
             stream = IndexStream(cell.seed, n)
             key = jax.random.PRNGKey(cell.seed)
             step_keys = _step_keys(key, jnp.arange(opts.max_steps))
@@ -90,18 +107,19 @@ class KfacRunner:
             stream = IndexStream(cell.seed, n)   # the init batch only shapes the state: restart the order
             vl, ve = self._eval(params, ema, jnp.int32(0), hp["ema_decay"])
             tracker.record(i, 0, dict(val_loss=vl, val_error=ve, train_loss=np.nan), False, 0)
-            losses, diverged, step = [], False, 0
-            while step < opts.max_steps and not tracker.done[i]:
+            # step: batches consumed (burn-in included); updates: updates applied.
+            losses, diverged, step, updates = [], False, 0, 0
+            while step + (burnin if updates == 0 else 0) < opts.max_steps and not tracker.done[i]:
                 idx = stream.take(B)
-                lr = jnp.float32(cell.lr * float(self.schedule(step)))
+                lr = jnp.float32(cell.lr * float(self.schedule(updates)))
                 # kfac-jax donates params and state; pass a copy of the params so the last
                 # finite ones survive a diverging step.
                 batch = (xt[idx], yt[idx])
-                if step == 0:
-                    # Burn-in: kfac-jax estimates the curvature on BURNIN extra batches before the
-                    # first update (drawn apart from the training order, which stays the same
-                    # as for every other optimizer), then takes the first training batch.
-                    burn = [noise_indices(cell.seed, j, n, 1, B, tag=0xB0B)[0] for j in range(BURNIN)]
+                if updates == 0 and burnin:
+                    # Burn-in: kfac-jax estimates the curvature on `burnin` extra batches before
+                    # the first update (drawn apart from the training order, which stays the
+                    # same as for every other optimizer), then takes the first training batch.
+                    burn = [noise_indices(cell.seed, j, n, 1, B, tag=0xB0B)[0] for j in range(burnin)]
                     feed = dict(data_iterator=iter([(xt[b], yt[b]) for b in burn] + [batch]))
                 else:
                     feed = dict(batch=batch)
@@ -109,8 +127,9 @@ class KfacRunner:
                     # kfac-jax donates the batch too; XLA cannot reuse it and says so at compile.
                     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
                     new_params, new_state, stats = opt.step(
-                        jax.tree.map(jnp.copy, params), state, step_keys[step], **feed,
-                        learning_rate=lr, momentum=hp["momentum"], damping=hp["damping"], global_step_int=step)
+                        jax.tree.map(jnp.copy, params), state, step_keys[updates], **feed,
+                        learning_rate=lr, momentum=hp["momentum"], damping=hp["damping"],
+                        global_step_int=updates)
                 loss = float(stats["loss"])
                 if not np.isfinite(loss) or loss > p.diverge_loss or not bool(self._finite(new_params)):
                     diverged = True      # keep the last finite params, stop this cell
@@ -118,11 +137,13 @@ class KfacRunner:
                     params, state = new_params, new_state
                     ema = self._ema(ema, params, hp["ema_decay"])
                     losses.append(loss)
-                    step += 1
-                if diverged or step % opts.eval_every == 0 or step == opts.max_steps:
+                    step += 1 + (burnin if updates == 0 else 0)
+                    updates += 1
+                if diverged or step % opts.eval_every == 0 or step >= opts.max_steps:
                     # A divergence is reported at the next evaluation step, as in the vmapped path.
                     at = min((step // opts.eval_every + 1) * opts.eval_every, opts.max_steps) if diverged else step
-                    vl, ve = self._eval(params, ema, jnp.int32(step), hp["ema_decay"])
+                    # The EMA's bias correction counts updates (the burn-in moved nothing).
+                    vl, ve = self._eval(params, ema, jnp.int32(updates), hp["ema_decay"])
                     tl = float(np.mean(losses)) if losses else np.nan
                     tracker.record(i, at, dict(val_loss=vl, val_error=ve, train_loss=tl), diverged, step)
                     if opts.noise_scale and not diverged:
@@ -132,4 +153,8 @@ class KfacRunner:
                     losses = []
                 if diverged:
                     break
-        return tracker.result()
+            extras.append(dict(burnin_steps=float(burnin)))
+        result = tracker.result()
+        for rec, extra in zip(result.cells, extras):
+            rec.extra.update(extra, examples_to_target=float(rec.steps_to_target) * B)
+        return result

@@ -212,6 +212,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         momentum=HParamSpec(0.0, "momentum of the K-FAC update", ge=0, lt=1),
         damping=HParamSpec(1e-2, "Tikhonov damping of the curvature", gt=0),
         weight_decay=HParamSpec(0.0, "L2 regularisation (kfac-jax l2_reg)", ge=0),
+        burnin_steps=HParamSpec(0.0, "curvature-only batches before the first update (an integer; each counts "
+                                "as a step of batch_size examples; 0 = off)", ge=0),
         ema_decay=_EMA)),
 }
 
