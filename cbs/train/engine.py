@@ -134,15 +134,16 @@ def make_block_fns(problem: Problem, kind: str, schedule: Callable, max_steps: i
 
     Returns:
       (init, train_interval, evaluate, grad_fn): ``init(params, hp) -> CellState``;
-      ``train_interval(state, lr, hp, idx[steps, B]) -> (state, mean_loss)`` runs the
-      steps in a ``lax.scan``; ``evaluate(state, hp) -> (val_loss, val_error)``;
+      ``train_interval(state, lr, hp, idx[steps, B], step0=None) -> (state, mean_loss)``
+      runs the steps in a ``lax.scan`` (``step0``: the block's step at the start, shared
+      by all cells, so step-dependent optimizer branches stay conditionals under vmap); ``evaluate(state, hp) -> (val_loss, val_error)``;
       ``grad_fn(params, idx) -> grads`` (for the noise scale). None is vmapped; the
       caller vmaps over cells.
     """
     model, task = problem.model, problem.task
 
-    def tx_of(lr, hp):
-        return build_optimizer(kind, lambda count: lr * schedule(count), hp)
+    def tx_of(lr, hp, block_step=None):
+        return build_optimizer(kind, lambda count: lr * schedule(count), hp, block_step=block_step)
 
     def init(params, hp):
         opt_state = tx_of(jnp.float32(0.0), hp).init(params)
@@ -154,8 +155,9 @@ def make_block_fns(problem: Problem, kind: str, schedule: Callable, max_steps: i
 
     grad_fn = jax.grad(batch_loss)
 
-    def step(state: CellState, lr, hp, idx):
-        tx = tx_of(lr, hp)
+    def step(state: CellState, lr, hp, idx, block_step=None):
+        # block_step: the block's step (unbatched; equals every live cell's state.step).
+        tx = tx_of(lr, hp, block_step)
         loss, grads = jax.value_and_grad(batch_loss)(state.params, idx)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -169,8 +171,13 @@ def make_block_fns(problem: Problem, kind: str, schedule: Callable, max_steps: i
         out = _where(live, new, state)
         return out._replace(diverged=state.diverged | (bad & in_budget)), loss
 
-    def train_interval(state, lr, hp, idx):
-        state, losses = jax.lax.scan(lambda s, i: step(s, lr, hp, i), state, idx)
+    def train_interval(state, lr, hp, idx, step0=None):
+        # step0: the block step at the interval's start (unbatched), or None.
+        if step0 is None:
+            state, losses = jax.lax.scan(lambda s, i: step(s, lr, hp, i), state, idx)
+        else:
+            ts = step0 + jnp.arange(idx.shape[0], dtype=jnp.int32)
+            state, losses = jax.lax.scan(lambda s, xs: step(s, lr, hp, *xs), state, (idx, ts))
         return state, jnp.mean(losses)
 
     def evaluate(state, hp):
@@ -231,14 +238,18 @@ class BlockRun:
         init, train_interval, evaluate, grad_fn = make_block_fns(problem, kind, schedule, max_steps)
         self.problem = problem
 
-        def call(state, lr, hp, seed_idx, idx_table, noise_table):
+        def call(state, lr, hp, seed_idx, idx_table, noise_table, step0):
             # idx_table: (n_seeds, evals_per_call, eval_every, B); each cell picks its seed's
             # rows, so cells that share a seed share the data order without copies.
             # noise_table: (n_seeds, evals_per_call, num_micro, micro_batch) or None.
+            # step0: the block step at the call's start (a scalar shared by all cells).
+            every = idx_table.shape[2]
+            starts = step0 + every * jnp.arange(idx_table.shape[1], dtype=jnp.int32)
+
             def one(state, lr, hp, si):
                 def interval(s, xs):
-                    idx, nidx = xs
-                    s, train_loss = train_interval(s, lr, hp, idx)
+                    idx, nidx, t0 = xs
+                    s, train_loss = train_interval(s, lr, hp, idx, t0)
                     vl, ve = evaluate(s, hp)
                     if nidx is None:
                         gsq = tr = jnp.float32(jnp.nan)
@@ -247,7 +258,7 @@ class BlockRun:
                     return s, dict(train_loss=train_loss, val_loss=vl, val_error=ve, diverged=s.diverged,
                                    grad_sq=gsq, trace_sigma=tr)
                 nt = None if noise_table is None else noise_table[si]
-                return jax.lax.scan(interval, state, (idx_table[si], nt))
+                return jax.lax.scan(interval, state, (idx_table[si], nt, starts))
             return jax.vmap(one)(state, lr, hp, seed_idx)
 
         self._init = jax.jit(jax.vmap(init))

@@ -192,7 +192,7 @@ def run_vmapped_block(problem: Problem, block: Block, opts: RunOptions, run: Blo
                                                                    opts.noise_num_micro, micro)
                                                      for j in range(k)]) for s in useeds]))
         t_call = time.perf_counter()
-        state, out = run.call(state, lr, hp, seed_idx, jnp.asarray(table), ntable)
+        state, out = run.call(state, lr, hp, seed_idx, jnp.asarray(table), ntable, jnp.int32(step))
         out = {key: np.asarray(v) for key, v in out.items()}
         call_times.append(time.perf_counter() - t_call)
         applied = np.asarray(state.step)

@@ -42,9 +42,12 @@ def _sgd(lr, hp, momentum=False, nesterov=False):
                        optax.sgd(lr, momentum=hp["momentum"] if momentum else None, nesterov=nesterov))
 
 
-def _soap(lr, hp):
+def _soap(lr, hp, block_step=None):
     from cbs.train.soap import soap
-    return soap(lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], weight_decay=hp["weight_decay"])
+    # block_step: the block's shared step, so a vmapped block refreshes SOAP's basis only on
+    # refresh steps (see cbs.train.soap.scale_by_soap).
+    return soap(lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], weight_decay=hp["weight_decay"],
+                block_step=block_step)
 
 
 def _muon_readout(tree) -> str | None:
@@ -218,11 +221,24 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 }
 
 
-def build_optimizer(kind: str, learning_rate: Callable, hp: Mapping[str, jax.Array]) -> optax.GradientTransformation:
-    """The Optax transform of ``kind`` with (possibly traced) hyperparameters ``hp``."""
+# Kinds whose builder takes the block's shared step (see build_optimizer).
+STEP_AWARE = frozenset({"soap"})
+
+
+def build_optimizer(kind: str, learning_rate: Callable, hp: Mapping[str, jax.Array],
+                    block_step: jax.Array | None = None) -> optax.GradientTransformation:
+    """The Optax transform of ``kind`` with (possibly traced) hyperparameters ``hp``.
+
+    ``block_step``: the step shared by all cells of a vmapped block (unbatched), which
+    equals each live cell's own update count. Kinds in :data:`STEP_AWARE` use it to keep
+    step-dependent branching (SOAP's basis refresh) a real conditional under ``vmap``;
+    the others ignore it.
+    """
     builder = BUILDERS[kind]
     if builder is None:
         raise ValueError(f"optimizer kind {kind!r} has no Optax transform (runs through its own loop)")
+    if kind in STEP_AWARE:
+        return builder(learning_rate, hp, block_step=block_step)
     return builder(learning_rate, hp)
 
 
