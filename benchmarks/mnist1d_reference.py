@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 
 from cbs.train.backend import TrainBackend
-from cbs.train.testing import make_block, make_config
+from cbs.train.direct import make_block, make_config
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 

@@ -73,7 +73,7 @@ TRAIN_QUICK = [
 
 
 def fmt(x) -> str:
-    from cbs.analysis._report import format_number
+    from cbs.analysis import format_number
     return format_number(x)
 
 

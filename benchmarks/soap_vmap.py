@@ -29,7 +29,7 @@ import jax
 import cbs.train.optimizers as optimizers
 from cbs.train.backend import TrainBackend
 from cbs.sweep.config import load_config
-from cbs.train.testing import make_block
+from cbs.train.direct import make_block
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 

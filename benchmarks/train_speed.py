@@ -29,7 +29,7 @@ import optax
 from cbs.train.backend import TrainBackend
 from cbs.train.engine import IndexStream
 from cbs.train.models import loss_and_error
-from cbs.train.testing import make_block, make_config
+from cbs.train.direct import make_block, make_config
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 

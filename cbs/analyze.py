@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from cbs.analysis import AnalysisError, analyze_run, compare_runs, short_summary
+    from cbs.analysis import analyze_run, compare_runs, short_summary
+    from cbs.errors import AnalysisError, CbsError
 
     options = dict(delta=args.delta, b0=args.b0, n_boot=args.bootstrap, tokens_per_example=args.tokens_per_example,
                    unit=args.units, form=args.form, use_tuned=not args.no_tuned, interpolated=args.interpolated,
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                                         form=args.form, ci_level=args.ci, seed=args.seed,
                                         plots=not args.no_plots, write=not args.no_write)
                 print(sweep.text)
-    except AnalysisError as e:
+    except CbsError as e:   # AnalysisError, or a config error met while reading a run folder
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:   # output piped into `head` and the like

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from cbs.analysis import AnalysisError, analyze_run, compare_runs, print_summary
-from cbs.analysis.synthetic import write_synthetic_run
+from synthetic_runs import write_synthetic_run
 
 PLANTED = {"sgd": (800.0, 800.0 * 256), "adam": (400.0, 400.0 * 1024)}   # (S_min, E_min)
 

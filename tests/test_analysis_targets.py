@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from cbs.analysis import AnalysisError, analyze_targets, steps_from_curves
-from cbs.analysis.synthetic import write_synthetic_run
+from synthetic_runs import write_synthetic_run
 
 
 def _write_power_law_curves(run, target=0.1):

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from cbs import nqm
-from cbs.nqm import _dynamics as dyn
+from cbs.nqm import _crossing, _moments
+from nqm_reference import risk_by_recurrence
 
 
 def _brute(problem, kind, lr, beta, gamma, power, B, T):
-    return nqm.risk_by_recurrence(problem.h, problem.c, problem.m0, problem.count, kind, lr, beta, gamma,
+    return risk_by_recurrence(problem.h, problem.c, problem.m0, problem.count, kind, lr, beta, gamma,
                                   power, np.full(T, float(B)))
 
 
@@ -71,8 +72,8 @@ def test_uncertified_cells_keep_the_bisection_answer():
     import jax.numpy as jnp
     from cbs.nqm._grid import _padded, _prob
     with jax.enable_x64(True):
-        out = dyn.search_steps(_prob(problem), jnp.float64(lr), jnp.float64(beta), jnp.float64(0.0),
-                                  jnp.float64(0.0), jnp.asarray([B]), dyn.Phases(*(jnp.asarray(p) for p in _padded(None))),
+        out = _crossing.search_steps(_prob(problem), jnp.float64(lr), jnp.float64(beta), jnp.float64(0.0),
+                                  jnp.float64(0.0), jnp.asarray([B]), _moments.Phases(*(jnp.asarray(p) for p in _padded(None))),
                                   jnp.float64(target), jnp.int64(T), kind=kind, ema=False, K=11, window=16,
                                   max_iter=1)
     assert not bool(out["certified"][0])
@@ -83,7 +84,7 @@ def _affine_power_longdouble(kind, ema, h, c, m0, lr, beta, gamma, power, B, t):
     """Reference at large t: binary powering of the moment map in extended precision."""
     import jax
     with jax.enable_x64(True):
-        M, r, s0, read = dyn.moment_system(kind, ema, *(np.asarray(x, np.float64) for x in (h, c, m0)),
+        M, r, s0, read = _moments.moment_system(kind, ema, *(np.asarray(x, np.float64) for x in (h, c, m0)),
                                            lr, beta, gamma, power)
     M = np.moveaxis(np.asarray(M), -1, 0).astype(np.longdouble)
     r = (np.asarray(r).T / B).astype(np.longdouble)
@@ -97,7 +98,6 @@ def _affine_power_longdouble(kind, ema, h, c, m0, lr, beta, gamma, power, B, t):
         Pr = np.einsum("bij,bj->bi", Pm, Pr) + Pr
         Pm = np.einsum("bij,bjk->bik", Pm, Pm)
         t >>= 1
-    w = (0.5 * np.asarray(h) * np.asarray(1.0)).astype(np.longdouble)
     return s, read
 
 
@@ -156,7 +156,7 @@ def test_small_solver_matches_lapack(m):
         A[0, 0, :5] = 0.0
     b = rng.normal(size=(m, 40))
     with jax.enable_x64(True):
-        got = np.asarray(dyn._solve_small(jnp.asarray(A), jnp.asarray(b)))
+        got = np.asarray(_crossing._solve_small(jnp.asarray(A), jnp.asarray(b)))
     want = np.linalg.solve(np.moveaxis(A, -1, 0), b.T[..., None])[..., 0].T
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
@@ -212,7 +212,7 @@ def test_certified_answers_equal_brute_force_with_schedules(kind):
                                 phases=phases)
         for i in range(n):
             for j, B in enumerate(bs):
-                r = nqm.risk_by_recurrence(problem.h, problem.c, problem.m0, problem.count, kind, lr[i],
+                r = risk_by_recurrence(problem.h, problem.c, problem.m0, problem.count, kind, lr[i],
                                            0.0 if kind == "sgd" else beta[i], 0.0, 0.0, B * b_m, lr_m)
                 below = np.flatnonzero((r < target) & np.isfinite(r))
                 want = below[0] if len(below) else np.nan
@@ -233,7 +233,7 @@ def test_early_dip_in_a_later_phase_is_found():
     kind, lr, beta, B, T = "momentum", 0.5, 0.95, 1e6, 400
     phases = nqm.Phases(np.array([6, 1], np.int64), np.array([0.02, 1.0]), np.array([1.0, 1.0]))
     lr_m = np.repeat(phases.lr_mult, [6, T - 6])
-    r = nqm.risk_by_recurrence(problem.h, problem.c, problem.m0, problem.count, kind, lr, beta, 0.0, 0.0,
+    r = risk_by_recurrence(problem.h, problem.c, problem.m0, problem.count, kind, lr, beta, 0.0, 0.0,
                                np.full(T, B), lr_m)
     earlier = 0
     for tgt in np.geomspace(r.min() * 1.05, r[:7].min() * 0.95, 12):

@@ -12,6 +12,7 @@ import pytest
 from cbs import nqm
 from cbs.nqm._schedules import schedule_phases
 from cbs.sweep.config import Schedule
+from nqm_reference import risk_by_recurrence
 
 # Eigenvalues chosen to hit the delicate cases: with lr 0.25 and beta 0.25, h = 1 gives
 # a = 0.25 = (1 - sqrt(beta))^2 exactly (critical damping, a double root); small h are
@@ -62,7 +63,7 @@ def test_closed_form_matches_recurrence(case, sched):
     phases, exact = schedule_phases(SCHEDULES[sched], T)
     assert exact
     lr_m, b_m = _per_step(phases, T)
-    ref = nqm.risk_by_recurrence(PROBLEM.h, PROBLEM.c, PROBLEM.m0, PROBLEM.count, kind, lr, beta, gamma,
+    ref = risk_by_recurrence(PROBLEM.h, PROBLEM.c, PROBLEM.m0, PROBLEM.count, kind, lr, beta, gamma,
                                  power, B * b_m, lr_m)
     steps = np.array([0, 1, 2, 3, 7, 14, 15, 16, 40, 41, 63, 64, 89, 90, 91, 127, 150, 199, 200])
     got = nqm.expected_risk(PROBLEM, kind, lr, beta, gamma, power, batch_sizes=[B], steps=steps,

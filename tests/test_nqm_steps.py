@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from cbs import nqm
+from nqm_reference import risk_by_recurrence
 
 PROBLEM = nqm.harmonic_problem(30)
 
 
 def _brute(problem, kind, lr, beta, gamma, power, B, T):
-    r = nqm.risk_by_recurrence(problem.h, problem.c, problem.m0, problem.count, kind, lr, beta, gamma,
+    r = risk_by_recurrence(problem.h, problem.c, problem.m0, problem.count, kind, lr, beta, gamma,
                                power, np.full(T, float(B)))
     return r
 

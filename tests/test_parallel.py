@@ -35,7 +35,7 @@ def test_train_block_sharded_over_devices_matches_one_device():
     code = textwrap.dedent("""
         import sys, json, numpy as np
         from cbs.train.backend import TrainBackend
-        from cbs.train.testing import make_block, make_config
+        from cbs.train.direct import make_block, make_config
         cfg = make_config(dict(dataset="digits", model="mlp", width=16, depth=1), value=1e-3,
                           max_steps=30, eval_every=10)
         block = make_block("momentum", 16, [0.03, 0.1, 0.3], hparams=dict(momentum=[0.5, 0.9]))

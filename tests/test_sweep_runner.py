@@ -10,7 +10,7 @@ import pytest
 
 from cbs.store import RunStore, read_table
 from cbs.sweep.config import load_config
-from cbs.sweep.runner import RunFolderConflict, run_sweep
+from cbs.sweep.runner import RunFolderError, run_sweep
 from cbs_test_backends import FakeBackend
 from conftest import fake_config
 
@@ -53,7 +53,7 @@ def test_resume_skips_finished_blocks_and_matches_uninterrupted(fake_backend, tm
 
 def test_different_config_same_folder_is_refused(fake_backend, tmp_path):
     run_sweep(load_config(fake_config(tmp_path)), progress=False)
-    with pytest.raises(RunFolderConflict, match="refusing to mix"):
+    with pytest.raises(RunFolderError, match="refusing to mix"):
         run_sweep(load_config(fake_config(tmp_path), ["target.value=0.5"]), progress=False)
 
 

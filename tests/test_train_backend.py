@@ -10,7 +10,7 @@ import pytest
 from cbs.sweep.schema import ConfigError
 from cbs.train.backend import TrainBackend
 from cbs.train.optimizers import OPTIMIZERS, soap_available
-from cbs.train.testing import make_block, make_config
+from cbs.train.direct import make_block, make_config
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 

@@ -109,7 +109,7 @@ def test_kfac_example_count_includes_its_curvature_batches(monkeypatch):
     import kfac_jax
 
     from cbs.train.backend import TrainBackend
-    from cbs.train.testing import make_block, make_config
+    from cbs.train.direct import make_block, make_config
 
     consumed = []
     real_step = kfac_jax.Optimizer.step

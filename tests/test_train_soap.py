@@ -366,7 +366,7 @@ def test_vmapped_training_block_refreshes_soap_only_on_refresh_steps(monkeypatch
     """The train back end passes the block step: a SOAP block of several cells computes the
     refresh on steps 0, 10, 20 of 25 (precondition_frequency 10), once for all cells."""
     from cbs.train.backend import TrainBackend
-    from cbs.train.testing import make_block, make_config
+    from cbs.train.direct import make_block, make_config
 
     calls = _count_refreshes(monkeypatch)
     cfg = make_config(dict(dataset="digits", model="mlp", width=16, depth=1, steps_per_call=25),

@@ -1,22 +1,8 @@
-"""Fitting S(B), the critical batch size and its definitions, with bootstrap intervals.
+"""The public S(B) fitter: one (B, S) table to every CBS definition, with bootstrap intervals.
 
-The model is McCandlish et al. (2018), eq. 2.11::
-
-    S(B) = S_min + E_min / B = S_min * (1 + B_crit / B),     B_crit = E_min / S_min
-
-or, optionally, the general form ``S(B) = S_min * (1 + (B_crit / B) ** alpha)``.
-
-The fit minimizes squared error in log S (what Zhang et al. 2024 do with
-``curve_fit(lambda B, a, b: log(a + b / B), B, log S)``): steps-to-target spans orders of
-magnitude across a batch-size sweep and its noise is multiplicative, so an unweighted fit
-in S lets the few small-B points with large S decide the answer.
-
-How the fit is computed: for a fixed B_crit (and alpha) the best log S_min is the mean of
-``log S - log(1 + (B_crit/B)**alpha)``, so the fit is a one-dimensional search over
-log B_crit (a grid, then golden-section refinement). The search includes the two limits
-B_crit = 0 (S flat in B) and B_crit = inf (perfect scaling, S_min = 0), so S_min, E_min >= 0
-always hold and a boundary answer is reported as such instead of as a failed fit. The
-search is vectorized over bootstrap replicates.
+:func:`fit_critical_batch_size` aggregates seeds (``_seeds``), fits the S(B) model in log
+space (``_model``), derives B*, computes the model-free diagnostics (``_diagnostics``),
+bootstraps intervals, refits leaving one batch size out, and phrases warnings.
 
 Definitions derived from one fit (see docs/cbs.md sections 2 and 7):
   * ``b_crit`` = E_min / S_min (primary): S = 2 S_min and E = 2 E_min there.
@@ -37,311 +23,15 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["FORMS", "CriticalBatchSizeFit", "PowerLawFit", "fit_critical_batch_size",
-           "fit_steps_curve", "b_star_closed_form", "steps_model", "raw_knee",
-           "local_efficiencies", "aggregate_seeds", "fit_power_law"]
+from cbs.analysis._diagnostics import local_efficiencies, raw_knee
+from cbs.analysis._format import format_value, jsonable
+from cbs.analysis._model import _b_star, _canonical_form, _fit_vectorized, steps_model
+from cbs.analysis._seeds import aggregate_seeds
 
-FORMS = ("mcCandlish", "general")
+__all__ = ["CriticalBatchSizeFit", "fit_critical_batch_size", "fit_steps_curve"]
 
-_GRID_POINTS = 241          # log-B_crit grid; adjacent points differ by ~12%, then refined
-_GRID_MARGIN = 9.0          # grid reaches e^9 (~8000x) beyond the swept batch sizes
-_GOLDEN_ITERS = 48          # shrinks the bracket by 0.618^48 ~ 1e-10
-_ALPHAS = np.round(np.arange(0.1, 4.0001, 0.02), 4)   # general form's alpha grid
 _MIN_POINTS = {"mcCandlish": 4, "general": 5}          # fewer: warn "too few points"
 _MISFIT_RMS = 0.1           # rms log residual above which the form is suspect (10% typical miss)
-
-
-def _canonical_form(form: str) -> str:
-    for name in FORMS:
-        if form.lower() == name.lower():
-            return name
-    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-
-
-# ----------------------------------------------------------------------------------------
-# The vectorized profile fit.
-
-
-def _log1p_ratio(log_c: np.ndarray, log_b: np.ndarray, alpha) -> np.ndarray:
-    """log(1 + (c / B) ** alpha), stable for very large and very small c / B."""
-    return np.logaddexp(0.0, alpha * (log_c - log_b))
-
-
-def _profile_sse(y: np.ndarray, w: np.ndarray, shapes: np.ndarray):
-    """SSE and best offset of ``y ~ m + shape`` for every replicate and candidate shape.
-
-    Args:
-        y: (R, n) log steps; entries with weight 0 are ignored (may be anything finite).
-        w: (R, n) 0/1 weights.
-        shapes: (K, n) candidate shapes ``log(1 + (c/B)**alpha)``.
-
-    Returns:
-        (sse, offset), each (R, K).
-    """
-    sw = w.sum(axis=1, keepdims=True)
-    wy = w * y
-    swy = wy.sum(axis=1, keepdims=True)
-    swyy = (wy * y).sum(axis=1, keepdims=True)
-    swl = w @ shapes.T
-    swll = w @ (shapes * shapes).T
-    swyl = wy @ shapes.T
-    diff = swy - swl
-    with np.errstate(invalid="ignore", divide="ignore"):
-        offset = diff / sw
-        sse = swyy - 2.0 * swyl + swll - diff * offset
-    return np.maximum(sse, 0.0), offset
-
-
-def _sse_at(y, w, log_b, log_c, alpha):
-    """SSE and offset for one log_c (and alpha) per replicate: y, w (R, n); log_c, alpha (R,)."""
-    shape = _log1p_ratio(log_c[:, None], log_b[None, :], alpha[:, None])
-    resid = y - shape
-    sw = w.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        offset = (w * resid).sum(axis=1) / sw
-    sse = (w * (resid - offset[:, None]) ** 2).sum(axis=1)
-    return sse, offset
-
-
-@dataclasses.dataclass
-class _Fits:
-    """Vectorized fit results, one entry per replicate (arrays of shape (R,))."""
-    s_min: np.ndarray
-    b_crit: np.ndarray
-    alpha: np.ndarray
-    sse: np.ndarray
-    n_points: np.ndarray
-    e_inf: np.ndarray       # E_min where B_crit = inf (S = E_min / B, S_min = 0); NaN elsewhere
-
-    @property
-    def e_min(self) -> np.ndarray:
-        """E_min = S_min B_crit (for alpha = 1 the B -> 0 limit of B S)."""
-        with np.errstate(invalid="ignore"):
-            e = self.s_min * self.b_crit
-        return np.where(np.isinf(self.b_crit), self.e_inf, e)
-
-
-def _fit_vectorized(batch_sizes: np.ndarray, y: np.ndarray, w: np.ndarray, form: str) -> _Fits:
-    """Least squares in log S for R replicates at once.
-
-    Args:
-        batch_sizes: (n,) positive batch sizes.
-        y: (R, n) log steps (any finite filler where w == 0).
-        w: (R, n) 0/1 weights (0 = excluded: censored or missing).
-        form: "mcCandlish" (alpha = 1) or "general" (alpha fitted on a grid in [0.1, 4]).
-    """
-    log_b = np.log(np.asarray(batch_sizes, dtype=np.float64))
-    y = np.where(w > 0, y, 0.0)
-    w = (w > 0).astype(np.float64)
-    n_rep, _ = y.shape
-    grid = np.linspace(log_b.min() - _GRID_MARGIN, log_b.max() + _GRID_MARGIN, _GRID_POINTS)
-    alphas = np.array([1.0]) if form == "mcCandlish" else _ALPHAS
-
-    best_sse = np.full(n_rep, np.inf)
-    best_k = np.zeros(n_rep, dtype=np.int64)
-    best_alpha = np.ones(n_rep)
-    best_offset = np.zeros(n_rep)
-    for alpha in alphas:
-        # Rows: the limit B_crit = 0 (shape 0), the finite grid, and the limit B_crit = inf
-        # (shape -alpha log B; its constant log B_crit is absorbed by the offset).
-        shapes = np.vstack([np.zeros_like(log_b)[None, :],
-                            _log1p_ratio(grid[:, None], log_b[None, :], alpha),
-                            -alpha * log_b[None, :]])
-        sse, offset = _profile_sse(y, w, shapes)
-        k = np.argmin(sse, axis=1)
-        s = sse[np.arange(n_rep), k]
-        better = s < best_sse - 1e-12
-        best_sse = np.where(better, s, best_sse)
-        best_k = np.where(better, k, best_k)
-        best_alpha = np.where(better, alpha, best_alpha)
-        best_offset = np.where(better, offset[np.arange(n_rep), k], best_offset)
-
-    # Golden-section refinement of log B_crit between the grid neighbours of the best point.
-    finite = (best_k >= 1) & (best_k <= _GRID_POINTS)
-    log_c = np.full(n_rep, np.nan)
-    if finite.any():
-        idx = np.clip(best_k[finite] - 1, 0, _GRID_POINTS - 1)
-        lo = grid[np.clip(idx - 1, 0, _GRID_POINTS - 1)]
-        hi = grid[np.clip(idx + 1, 0, _GRID_POINTS - 1)]
-        yf, wf, af = y[finite], w[finite], best_alpha[finite]
-        ratio = (math.sqrt(5.0) - 1.0) / 2.0
-        x1 = hi - ratio * (hi - lo)
-        x2 = lo + ratio * (hi - lo)
-        f1, _ = _sse_at(yf, wf, log_b, x1, af)
-        f2, _ = _sse_at(yf, wf, log_b, x2, af)
-        for _ in range(_GOLDEN_ITERS):
-            left = f1 < f2                      # the minimum lies in [lo, x2]
-            hi = np.where(left, x2, hi)
-            lo = np.where(left, lo, x1)
-            x1, x2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-            f1, _ = _sse_at(yf, wf, log_b, x1, af)
-            f2, _ = _sse_at(yf, wf, log_b, x2, af)
-        xm = 0.5 * (lo + hi)
-        fm, om = _sse_at(yf, wf, log_b, xm, af)
-        keep_grid = fm > best_sse[finite] + 1e-12   # refinement never makes the fit worse
-        log_c_f = np.where(keep_grid, grid[idx], xm)
-        off_f = np.where(keep_grid, best_offset[finite], om)
-        sse_f = np.where(keep_grid, best_sse[finite], fm)
-        log_c[finite] = log_c_f
-        best_offset[finite] = off_f
-        best_sse[finite] = sse_f
-
-    n_points = w.sum(axis=1)
-    at_zero = best_k == 0
-    at_inf = best_k == _GRID_POINTS + 1
-    b_crit = np.where(at_zero, 0.0, np.where(at_inf, np.inf, np.exp(np.where(finite, log_c, 0.0))))
-    s_min = np.where(at_inf, 0.0, np.exp(best_offset))
-    e_inf = np.where(at_inf, np.exp(best_offset), np.nan)
-    bad = n_points < 2
-    for arr in (b_crit, s_min, best_sse, e_inf):
-        arr[bad] = np.nan
-    return _Fits(s_min=s_min, b_crit=b_crit, alpha=np.where(bad, np.nan, best_alpha), sse=best_sse,
-                 n_points=n_points, e_inf=e_inf)
-
-
-def steps_model(batch_sizes, s_min: float, b_crit: float, alpha: float = 1.0,
-                e_min: float | None = None) -> np.ndarray:
-    """The fitted S(B) = S_min (1 + (B_crit / B) ** alpha); handles B_crit = inf (S = E_min / B)."""
-    b = np.asarray(batch_sizes, dtype=np.float64)
-    if math.isinf(b_crit):
-        return (e_min if e_min is not None else np.nan) / b ** alpha
-    return s_min * (1.0 + (b_crit / b) ** alpha)
-
-
-def b_star_closed_form(b_crit: float, b0: float, delta: float) -> float:
-    """B*_delta(B0) = (1 + delta) B0 + delta B_crit (McCandlish form only).
-
-    Derivation: the fitted curve over the linear-scaling line anchored at the fitted curve's
-    B0 is ``S(B) / (S(B0) B0 / B) = (B + B_crit) / (B0 + B_crit)``; set it to 1 + delta.
-    """
-    return (1.0 + delta) * b0 + delta * b_crit
-
-
-def _b_star_numeric(s_min, b_crit, alpha, b0, delta, b_max):
-    """Root of B S(B) / (B0 S(B0)) = 1 + delta above B0, by bisection in log B (general form)."""
-    if not np.isfinite(b_crit):
-        return (1.0 + delta) * b0 if alpha == 1.0 else np.nan
-    def ratio(b):
-        return b * (1.0 + (b_crit / b) ** alpha) / (b0 * (1.0 + (b_crit / b0) ** alpha))
-    hi = max(b_max, b0) * 1e6
-    if ratio(hi) < 1.0 + delta:
-        return np.inf
-    lo = b0
-    for _ in range(200):
-        mid = math.sqrt(lo * hi)
-        if ratio(mid) < 1.0 + delta:
-            lo = mid
-        else:
-            hi = mid
-        if hi / lo < 1 + 1e-12:
-            break
-    return math.sqrt(lo * hi)
-
-
-def _b_star(fits: _Fits, b0: float, delta: float, form: str, b_max: float) -> np.ndarray:
-    if form == "mcCandlish":
-        return b_star_closed_form(fits.b_crit, b0, delta)
-    return np.array([_b_star_numeric(s, c, a, b0, delta, b_max) if np.isfinite(a) else np.nan
-                     for s, c, a in zip(fits.s_min, fits.b_crit, fits.alpha)])
-
-
-# ----------------------------------------------------------------------------------------
-# Model-free diagnostics on the raw (aggregated) table.
-
-
-def local_efficiencies(batch_sizes, steps) -> np.ndarray:
-    """Efficiency per doubling between neighbouring batch sizes of the sweep.
-
-    For a doubling this is ``(S_{i-1} / S_i) / (B_i / B_{i-1})`` (docs/cbs.md 2.3); for other
-    ratios the speed-up is normalized per doubling, ``(S_{i-1} / S_i) ** (1 / k) / 2`` with
-    ``k = log2(B_i / B_{i-1})``, so sweeps with different spacings compare. 1 means perfect
-    scaling, 1/2 no gain in steps; under the McCandlish model a doubling from B has
-    efficiency (B + B_crit) / (2 B + B_crit), 2/3 at B = B_crit.
-
-    Returns:
-        One value per batch size (NaN for the first, and wherever a neighbour is censored).
-    """
-    b = np.asarray(batch_sizes, dtype=np.float64)
-    s = np.asarray(steps, dtype=np.float64)
-    out = np.full(b.shape, np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        doublings = np.log2(b[1:] / b[:-1])
-        out[1:] = (s[:-1] / s[1:]) ** (1.0 / doublings) / 2.0
-    return out
-
-
-def raw_knee(batch_sizes, steps, b0: float, delta: float) -> tuple[float, np.ndarray]:
-    """First B with cumulative data efficiency r(B) = B S(B) / (B0 S(B0)) above 1 + delta.
-
-    S(B0) is interpolated linearly in (log B, log S) between measured points when B0 is not
-    itself measured (the nearest measured end when B0 is outside the measured range). The
-    crossing is interpolated linearly in log B between the last point at or below 1 + delta
-    and the first above it.
-
-    Returns:
-        (knee, r): knee is NaN when r never exceeds 1 + delta within the measured range;
-        r holds r(B) for every batch size (NaN where censored).
-    """
-    b = np.asarray(batch_sizes, dtype=np.float64)
-    s = np.asarray(steps, dtype=np.float64)
-    ok = np.isfinite(s) & (s > 0)
-    r = np.full(b.shape, np.nan)
-    if ok.sum() < 2:
-        return np.nan, r
-    lb, ls = np.log(b[ok]), np.log(s[ok])
-    s0 = math.exp(np.interp(math.log(b0), lb, ls))
-    r[ok] = b[ok] * s[ok] / (b0 * s0)
-    prev_lb, prev_r = math.log(b0), 1.0
-    for bi, ri in zip(b[ok], r[ok]):
-        if bi <= b0:
-            continue
-        if ri > 1.0 + delta:
-            if ri == prev_r:
-                return float(bi), r
-            frac = (1.0 + delta - prev_r) / (ri - prev_r)
-            frac = min(max(frac, 0.0), 1.0)
-            return float(math.exp(prev_lb + frac * (math.log(bi) - prev_lb))), r
-        prev_lb, prev_r = math.log(bi), ri
-    return np.nan, r
-
-
-def aggregate_seeds(log_steps: np.ndarray, censored: np.ndarray, present: np.ndarray | None = None,
-                    axis: int = -2) -> tuple[np.ndarray, np.ndarray]:
-    """Per batch size: the median over seeds of log S, a censored seed counting as +inf.
-
-    With two seeds this is the geometric mean; a batch size is censored when at least half
-    of its seeds are (its median is then infinite), which is the honest answer: the
-    typical seed did not reach the target within the budget.
-
-    Args:
-        log_steps: (..., seeds, batch sizes) log steps (ignored where censored or absent).
-        censored: same shape, True where the target was not reached.
-        present: same shape, False where no measurement exists (default: all present).
-        axis: the seed axis.
-
-    Returns:
-        (log_s, is_censored): per batch size; log_s is NaN where censored or no seed present.
-    """
-    if present is None:
-        present = np.ones_like(censored, dtype=bool)
-    vals = np.where(censored, np.inf, log_steps)
-    vals = np.where(present, vals, np.nan)
-    n = present.sum(axis=axis)
-    with np.errstate(invalid="ignore"):
-        srt = np.sort(vals, axis=axis)               # NaN (absent) sort last
-    lo_i = np.maximum((n - 1) // 2, 0)
-    hi_i = np.maximum(n // 2, 0)
-    lo = np.take_along_axis(srt, np.expand_dims(lo_i, axis), axis=axis).squeeze(axis)
-    hi = np.take_along_axis(srt, np.expand_dims(hi_i, axis), axis=axis).squeeze(axis)
-    with np.errstate(invalid="ignore"):
-        med = np.where(np.isinf(hi), np.inf, 0.5 * (lo + hi))
-    med = np.where(n > 0, med, np.nan)
-    is_censored = np.isinf(med)
-    return np.where(is_censored, np.nan, med), is_censored
-
-
-# ----------------------------------------------------------------------------------------
-# The public fitter.
 
 
 def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
@@ -354,14 +44,6 @@ def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
     # instead of turning into NaN through interpolation.
     return (float(np.quantile(x, a, method="lower")), float(np.quantile(x, 1.0 - a, method="higher")))
 
-
-def _fmt(x: float, unit: str = "") -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    if math.isinf(x):
-        return "inf"
-    text = f"{x:.4g}" if abs(x) < 1e5 else f"{x:.3e}"
-    return f"{text} {unit}".rstrip()
 
 
 @dataclasses.dataclass(repr=False)
@@ -414,12 +96,12 @@ class CriticalBatchSizeFit:
         for f in dataclasses.fields(self):
             if f.name in ("b_crit_samples", "b_star_samples"):
                 continue
-            out[f.name] = _jsonable(getattr(self, f.name))
+            out[f.name] = jsonable(getattr(self, f.name))
         return out
 
     def __repr__(self) -> str:
         def r(x):
-            return "(" + ", ".join(_fmt(v) for v in x) + ")" if isinstance(x, tuple) else _fmt(x)
+            return "(" + ", ".join(format_value(v) for v in x) + ")" if isinstance(x, tuple) else format_value(x)
         return (f"CriticalBatchSizeFit(form={self.form!r}, unit={self.unit!r}, b_crit={r(self.b_crit)}, "
                 f"b_crit_ci={r(self.b_crit_ci)}, s_min={r(self.s_min)}, e_min={r(self.e_min)}, "
                 f"b_star={r(self.b_star)}, b_star_ci={r(self.b_star_ci)}, delta={self.delta:g}, b0={r(self.b0)}, "
@@ -431,44 +113,26 @@ class CriticalBatchSizeFit:
         def ci(pair, unit=""):
             if pair is None or any(isinstance(p, float) and math.isnan(p) for p in pair):
                 return ""
-            return f"  [{_fmt(pair[0])}, {_fmt(pair[1])}]{' ' + unit if unit else ''} ({self.ci_level:.0%} CI)"
+            return f"  [{format_value(pair[0])}, {format_value(pair[1])}]{' ' + unit if unit else ''} ({self.ci_level:.0%} CI)"
         lines = [
             f"Critical batch size fit ({self.form}, log-space least squares, {self.n_points} batch sizes,"
             f" {self.n_seeds} seed{'s' if self.n_seeds != 1 else ''}, bootstrap: {self.bootstrap})",
-            f"  S_min  = {_fmt(self.s_min, 'steps')}{ci(self.s_min_ci)}",
-            f"  E_min  = {_fmt(self.e_min, u)}{ci(self.e_min_ci)}  ({u} to reach the target as B -> 0)",
-            f"  B_crit = {_fmt(self.b_crit, u)}{ci(self.b_crit_ci, u)}",
+            f"  S_min  = {format_value(self.s_min, 'steps')}{ci(self.s_min_ci)}",
+            f"  E_min  = {format_value(self.e_min, u)}{ci(self.e_min_ci)}  ({u} to reach the target as B -> 0)",
+            f"  B_crit = {format_value(self.b_crit, u)}{ci(self.b_crit_ci, u)}",
         ]
         if self.form == "general":
-            lines.append(f"  alpha  = {_fmt(self.alpha)}{ci(self.alpha_ci)}")
+            lines.append(f"  alpha  = {format_value(self.alpha)}{ci(self.alpha_ci)}")
         lines += [
-            f"  B*     = {_fmt(self.b_star, u)}{ci(self.b_star_ci, u)}  (delta={self.delta:g}, B0={_fmt(self.b0)})",
-            f"  knee   = {_fmt(self.knee, u)}  (raw table, first B with B*S/(B0*S0) > {1 + self.delta:g})",
-            f"  leave-one-B-out B_crit range: [{_fmt(self.b_crit_loo[0])}, {_fmt(self.b_crit_loo[1])}]",
-            f"  rms log residual: {_fmt(self.rms_log_residual)}",
+            f"  B*     = {format_value(self.b_star, u)}{ci(self.b_star_ci, u)}  (delta={self.delta:g}, B0={format_value(self.b0)})",
+            f"  knee   = {format_value(self.knee, u)}  (raw table, first B with B*S/(B0*S0) > {1 + self.delta:g})",
+            f"  leave-one-B-out B_crit range: [{format_value(self.b_crit_loo[0])}, {format_value(self.b_crit_loo[1])}]",
+            f"  rms log residual: {format_value(self.rms_log_residual)}",
         ]
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         return "\n".join(lines)
 
-
-def _jsonable(x):
-    if isinstance(x, np.ndarray):
-        return [_jsonable(v) for v in x.tolist()]
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        x = float(x)
-        if math.isnan(x):
-            return None
-        if math.isinf(x):
-            return "inf" if x > 0 else "-inf"
-        return x
-    return x
 
 
 def _steps_matrix(batch_sizes, steps):
@@ -629,14 +293,14 @@ def fit_critical_batch_size(batch_sizes: Sequence[float], steps, *, delta: float
             below, above = int((fitted_b < b_crit).sum()), int((fitted_b > b_crit).sum())
             if below < 2 or above < 2:
                 warnings.append(f"B_crit is extrapolated: {below} fitted batch size(s) below and {above} above "
-                                f"B_crit={_fmt(b_crit)} (want >= 2 on each side)")
+                                f"B_crit={format_value(b_crit)} (want >= 2 on each side)")
     if n_points > n_params and rms > _MISFIT_RMS:
         hint = "; compare form='general'" if form == "mcCandlish" else ""
         warnings.append(f"the fit misses the table by {rms:.0%} rms in log S: the {form} form may not describe "
                         f"this curve{hint}")
     if cens.any():
         warnings.append("censored (excluded from the fit) at B = "
-                        + ", ".join(_fmt(x) for x in b[cens]))
+                        + ", ".join(format_value(x) for x in b[cens]))
     if n_seeds >= 2 and method == "residuals":
         warnings.append("some batch sizes have only one seed: used the residual bootstrap instead of seeds")
     if method != "none" and b_crit_samples.size:
@@ -668,98 +332,3 @@ def fit_steps_curve(batch_sizes, steps, form: str = "mcCandlish") -> dict:
     fit = _fit_vectorized(b, y[None, :], w[None, :].astype(float), form)
     return dict(s_min=float(fit.s_min[0]), e_min=float(fit.e_min[0]), b_crit=float(fit.b_crit[0]),
                 alpha=float(fit.alpha[0]), sse=float(fit.sse[0]))
-
-
-# ----------------------------------------------------------------------------------------
-# Scaling laws across sweeps.
-
-
-@dataclasses.dataclass
-class PowerLawFit:
-    """y = coef * x ** exponent, fitted by least squares in log space."""
-    coef: float
-    exponent: float
-    coef_ci: tuple[float, float]
-    exponent_ci: tuple[float, float]
-    ci_level: float
-    n_points: int
-    rms_log_residual: float
-    bootstrap: str                     # "samples" (per-point draws), "residuals" or "none"
-    warnings: list[str] = dataclasses.field(default_factory=list)
-
-    def predict(self, x) -> np.ndarray:
-        return self.coef * np.asarray(x, dtype=np.float64) ** self.exponent
-
-    def to_dict(self) -> dict:
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    def __str__(self) -> str:
-        def ci(p):
-            return "" if any(math.isnan(v) for v in p) else f" [{_fmt(p[0])}, {_fmt(p[1])}]"
-        text = (f"y = {_fmt(self.coef)}{ci(self.coef_ci)} * x^{self.exponent:.3f}{ci(self.exponent_ci)}"
-                f"  ({self.n_points} points, {self.ci_level:.0%} CI, bootstrap: {self.bootstrap})")
-        return "\n".join([text] + [f"  warning: {w}" for w in self.warnings])
-
-
-def fit_power_law(x, y, *, y_samples: Sequence[np.ndarray] | None = None, n_boot: int = 1000,
-                  seed: int = 0, ci_level: float = 0.95) -> PowerLawFit:
-    """Fits y = coef * x ** exponent by least squares in log space, with bootstrap intervals.
-
-    Used for CBS vs model size N or data size D across sweeps (Zhang et al. 2024 fit
-    CBS = 93.2 N^0.468 this way).
-
-    Args:
-        x: (n,) positive scales (e.g. parameters or tokens).
-        y: (n,) positive values (e.g. B_crit of each sweep); non-finite entries are dropped.
-        y_samples: optional, one array of bootstrap draws of y per point (e.g. each sweep's
-            ``b_crit_samples``). Then each replicate draws one value per point and refits, which
-            carries each point's own uncertainty into the exponent. Otherwise log-space
-            residuals are resampled (needs >= 3 points).
-        n_boot: bootstrap replicates (0 = no intervals).
-        seed: random seed.
-        ci_level: level of the percentile intervals.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    ok = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
-    warnings = []
-    if (~ok).any():
-        warnings.append(f"dropped {int((~ok).sum())} point(s) with a non-positive or non-finite value")
-    lx, ly = np.log(x[ok]), np.log(y[ok])
-    n = int(ok.sum())
-    nan2 = (np.nan, np.nan)
-    if n < 2 or np.ptp(lx) == 0:
-        return PowerLawFit(np.nan, np.nan, nan2, nan2, ci_level, n, np.nan, "none",
-                           warnings + ["too few points with distinct x for a power law"])
-
-    def ols(lxs, lys):   # lys: (R, n)
-        xm = lxs.mean()
-        slope = ((lys - lys.mean(axis=1, keepdims=True)) * (lxs - xm)).sum(axis=1) / ((lxs - xm) ** 2).sum()
-        return lys.mean(axis=1) - slope * xm, slope
-
-    icpt, slope = ols(lx, ly[None, :])
-    icpt, slope = float(icpt[0]), float(slope[0])
-    resid = ly - (icpt + slope * lx)
-    rms = float(np.sqrt(np.mean(resid ** 2)))
-    rng = np.random.default_rng(seed)
-    method, coef_ci, exp_ci = "none", nan2, nan2
-    if n_boot > 0:
-        if y_samples is not None:
-            samples = [np.asarray(s, dtype=np.float64) for s, keep in zip(y_samples, ok) if keep]
-            samples = [s[np.isfinite(s) & (s > 0)] for s in samples]
-            if all(s.size > 0 for s in samples):
-                method = "samples"
-                lys = np.stack([np.log(s[rng.integers(0, s.size, n_boot)]) for s in samples], axis=1)
-        if method == "none" and n >= 3:
-            method = "residuals"
-            r = resid * math.sqrt(n / (n - 2))
-            lys = (icpt + slope * lx)[None, :] + r[rng.integers(0, n, size=(n_boot, n))]
-        if method != "none":
-            bi, bs = ols(lx, lys)
-            coef_ci = tuple(math.exp(v) for v in _interval(bi, ci_level))
-            exp_ci = _interval(bs, ci_level)
-    if n < 3:
-        warnings.append("only two points: the power law passes through both; no residual check")
-    return PowerLawFit(coef=math.exp(icpt), exponent=slope, coef_ci=coef_ci, exponent_ci=exp_ci,
-                       ci_level=ci_level, n_points=n, rms_log_residual=rms, bootstrap=method,
-                       warnings=warnings)

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from cbs.analysis._format import format_number  # noqa: E402
 
 __all__ = ["plot_steps_vs_batch", "plot_best_lr", "plot_data_efficiency", "plot_compare",
            "plot_scaling"]
@@ -54,9 +55,7 @@ def _legend(ax, **kwargs) -> None:
 
 
 def _fmt(x):
-    if x is None or not np.isfinite(x):
-        return "inf" if x is not None and np.isinf(x) else "n/a"
-    return f"{x:.3g}"
+    return format_number(x, 3, missing="n/a")     # legends: 3 digits
 
 
 def _draw_fit(ax, fit, color, label_prefix="", band=True, show_lines=True):

@@ -18,12 +18,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from cbs.errors import AnalysisError
+
 __all__ = ["AnalysisError", "read_run_table", "read_run_config", "read_run_manifest",
            "check_run_dir", "steps_table", "per_batch_table"]
-
-
-class AnalysisError(ValueError):
-    """A problem the user can fix (a missing or invalid run folder, a bad option)."""
 
 
 def check_run_dir(run_dir) -> Path:
@@ -198,7 +196,7 @@ def per_batch_table(steps: pd.DataFrame) -> pd.DataFrame:
     best_effective_lr (geometric mean over seeds), lr_at_edge (most common edge flag),
     and per-seed steps as a list (steps_per_seed).
     """
-    from cbs.analysis._fit import aggregate_seeds
+    from cbs.analysis._seeds import aggregate_seeds
     rows = []
     for (opt, bs), g in steps.groupby(["optimizer", "batch_size"], sort=True):
         s = g["steps"].to_numpy(dtype=np.float64)

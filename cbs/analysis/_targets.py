@@ -121,8 +121,9 @@ def analyze_targets(run_dir, targets: Sequence[float], *, interpolate: bool = Tr
     Other arguments as :func:`cbs.analysis.analyze_run`; tuned.parquet is not used (it
     belongs to the sweep's own target).
     """
-    from cbs.analysis._report import (_fit_optimizer, _resolve_options, _summary_row, _text_table, _ci_text,
-                                      _jsonable_deep, format_number)
+    from cbs.analysis._format import ci_text, format_number, jsonable_deep, text_table
+    from cbs.analysis._options import resolve_options
+    from cbs.analysis._report import _fit_optimizer, _summary_row
     run_dir = check_run_dir(run_dir)
     if not targets:
         raise AnalysisError("no targets given")
@@ -137,7 +138,7 @@ def analyze_targets(run_dir, targets: Sequence[float], *, interpolate: bool = Tr
     if curves is None or curves.empty:
         raise AnalysisError(f"{str(run_dir)!r} has no curves table (the sweep ran with output.curves: false, "
                             f"or its back end stores no curves); per-target analysis needs it")
-    delta, b0, n_boot, tpe, unit = _resolve_options(cfg, results, delta=delta, b0=b0, n_boot=n_boot,
+    delta, b0, n_boot, tpe, unit = resolve_options(cfg, results, delta=delta, b0=b0, n_boot=n_boot,
                                                     tokens_per_example=tokens_per_example, unit=unit)
     scale = tpe if unit == "tokens" else 1
     label = str(cfg.get("name") or run_dir.name)
@@ -163,11 +164,11 @@ def analyze_targets(run_dir, targets: Sequence[float], *, interpolate: bool = Tr
     table = pd.DataFrame(rows)
     header = ["target", "optimizer", "S_min", "E_min", "B_crit", "B_crit CI", "B*", "points"]
     body = [[format_number(r.target), r.optimizer, format_number(r.s_min), format_number(r.e_min),
-             format_number(r.b_crit), _ci_text(r.b_crit_ci_low, r.b_crit_ci_high), format_number(r.b_star),
+             format_number(r.b_crit), ci_text(r.b_crit_ci_low, r.b_crit_ci_high), format_number(r.b_star),
              str(r.n_points)] for r in table.itertuples(index=False)]
     how = "interpolated in (log step, log metric)" if interpolate else "first stored point below the target"
     text = (f"CBS vs target for {label} (steps from curves.parquet, {how}; batch sizes in {unit})\n"
-            + _text_table(header, body) + "\n")
+            + text_table(header, body) + "\n")
     spacing = _curve_spacing(curves)
     warnings = []
     if spacing > 1.3:
@@ -179,7 +180,7 @@ def analyze_targets(run_dir, targets: Sequence[float], *, interpolate: bool = Tr
     if write:
         try:
             table.to_parquet(run_dir / "cbs_targets.parquet", index=False)
-            (run_dir / "cbs_targets.json").write_text(json.dumps(_jsonable_deep(dict(
+            (run_dir / "cbs_targets.json").write_text(json.dumps(jsonable_deep(dict(
                 run=label, unit=unit, interpolate=interpolate, warnings=warnings,
                 rows=table.to_dict(orient="records"))),
                 indent=1, allow_nan=False))

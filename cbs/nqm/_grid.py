@@ -1,6 +1,6 @@
 """Vectorized evaluation of many NQM configurations: risk curves and steps to target.
 
-All functions take a :class:`Problem` and flat per-configuration arrays (LR, momentum,
+All functions take a :class:`NQMProblem` and flat per-configuration arrays (LR, momentum,
 EMA decay, preconditioner power) of one common length C, plus batch sizes, and run every
 configuration x batch size in one compiled program (``lax.map`` over chunks of
 configurations, each chunk vmapped; batch sizes vectorized inside, sharing the
@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbs.nqm import _dynamics as dyn
-from cbs.nqm._dynamics import Phases, constant_phases
-from cbs.nqm._problem import Problem
+from cbs.nqm._crossing import search_steps
+from cbs.nqm._moments import Phases, constant_phases, expected_risk_curve
+from cbs.nqm._problem import NQMProblem
 
 __all__ = ["evaluate_grid", "steps_to_target", "expected_risk", "num_levels"]
 
@@ -29,7 +29,7 @@ def num_levels(max_steps: int) -> int:
     return max(1, int(max_steps).bit_length())
 
 
-def _prob(problem: Problem):
+def _prob(problem: NQMProblem):
     return tuple(jnp.asarray(x) for x in (problem.h, problem.c, problem.m0, problem.loss_weights))
 
 
@@ -54,13 +54,13 @@ def _as_configs(lr, momentum, ema_decay, precond_power):
 def _grid(prob, cfg, batch, phases, target, max_steps, *, kind, ema, K, window, chunk, certify=True, max_iter=0):
     def one(x):
         lr, beta, gamma, power, b = x
-        return dyn.search_steps(prob, lr, beta, gamma, power, b, phases, target, max_steps,
+        return search_steps(prob, lr, beta, gamma, power, b, phases, target, max_steps,
                                 kind=kind, ema=ema, K=K, window=window, certify=certify, max_iter=max_iter)
     lr, beta, gamma, power = cfg
     return jax.lax.map(one, (lr, beta, gamma, power, batch), batch_size=chunk)
 
 
-def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,
+def evaluate_grid(problem: NQMProblem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,
                   batch_sizes, target: float, max_steps: int, phases: Phases | None = None,
                   window: int = 16, chunk: int | None = None, threads: int | None = None,
                   certify: bool = True, certify_iters: int | None = None) -> dict[str, np.ndarray]:
@@ -73,13 +73,13 @@ def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, 
         batch_sizes: (nB,) shared by all configurations, or (C, nB) one row per configuration.
         target: risk to fall strictly below. max_steps: budget (censoring).
         phases: the LR / batch schedule (default constant). window: the exact scan after
-            the bisection's crossing (settle step; see ``_dynamics.search_steps``).
+            the bisection's crossing (settle step; see ``_crossing.search_steps``).
         chunk: configurations vmapped together (default: 4 on CPU, 64 on accelerators; on
             CPU small chunks keep the per-iteration state in cache: 0.55 s at 4 vs 1.4 s at 64
             for the Fig. 3a momentum grid). threads: parallel parts (default: CPU count).
         certify: run the certified first-crossing scan (default; False is faster and flags
             every cell uncertified). certify_iters: its iteration budget per configuration and
-            phase (default 4 K + 2 window; see ``_dynamics.search_steps``).
+            phase (default 4 K + 2 window; see ``_crossing.search_steps``).
 
     Returns:
         dict of (C, nB) numpy arrays: ``steps`` (first step with risk < target; NaN when not
@@ -87,7 +87,7 @@ def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, 
         risk >= target in the scanned window; NaN if not reached), ``best`` (smallest risk
         among all evaluated steps), ``final`` (risk at max_steps), ``crossing_certified``
         (True when the certified scan proved ``steps`` is the first crossing, or that there is
-        none within max_steps; see ``_dynamics.search_steps``), ``steps_lower_bound`` (proven:
+        none within max_steps; see ``_crossing.search_steps``), ``steps_lower_bound`` (proven:
         no step before it has risk below target; equals ``steps`` for certified cells, NaN for
         certified censored ones; for uncertified cells the first crossing lies in
         [steps_lower_bound, steps]).
@@ -138,12 +138,12 @@ def evaluate_grid(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, 
                                            out["lower"]).astype(np.float64))
 
 
-def steps_to_target(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,
+def steps_to_target(problem: NQMProblem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,
                     batch_size, target: float, max_steps: int, phases: Phases | None = None,
                     window: int = 16) -> np.ndarray:
     """First step t <= max_steps with expected risk strictly below target (NaN if none).
 
-    Exact integer; see ``cbs.nqm._dynamics.search_steps`` for how the first crossing is
+    Exact integer; see ``cbs.nqm._crossing.search_steps`` for how the first crossing is
     guaranteed (certified) when the risk is not monotone; ``evaluate_grid`` returns the
     per-cell flag ``crossing_certified``. Returns shape (C, nB) like :func:`evaluate_grid`.
     """
@@ -156,12 +156,12 @@ def steps_to_target(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0
 def _curves(prob, cfg, batch, phases, steps, *, kind, ema, K):
     def one(x):
         lr, beta, gamma, power, b = x
-        return dyn.expected_risk_curve(prob, lr, beta, gamma, power, b, phases, steps,
+        return expected_risk_curve(prob, lr, beta, gamma, power, b, phases, steps,
                                        kind=kind, ema=ema, K=K)
     return jax.lax.map(one, (*cfg, batch), batch_size=64)
 
 
-def expected_risk(problem: Problem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,
+def expected_risk(problem: NQMProblem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,
                   batch_sizes, steps, phases: Phases | None = None) -> np.ndarray:
     """Exact expected risk E[L(theta_t)] at the given steps, shape (C, nB, Q).
 

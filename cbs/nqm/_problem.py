@@ -15,11 +15,11 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["Problem", "harmonic_problem", "power_law_problem", "custom_problem", "bin_problem"]
+__all__ = ["NQMProblem", "harmonic_problem", "power_law_problem", "custom_problem", "bin_problem"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Problem:
+class NQMProblem:
     """A diagonal noisy quadratic, one entry per bin of identical coordinates.
 
     Attributes:
@@ -76,28 +76,28 @@ def _noise(h: np.ndarray, noise: str | np.ndarray, scale: float) -> np.ndarray:
     return scale * np.asarray(noise, dtype=np.float64)
 
 
-def custom_problem(h, c=None, m0=1.0, count=None) -> Problem:
+def custom_problem(h, c=None, m0=1.0, count=None) -> NQMProblem:
     """A problem from user arrays: c defaults to h (C = H), m0 to 1, count to 1."""
     h = np.asarray(h, dtype=np.float64)
     c = h.copy() if c is None else np.broadcast_to(np.asarray(c, np.float64), h.shape)
     m0 = np.broadcast_to(np.asarray(m0, np.float64), h.shape)
     count = np.ones_like(h) if count is None else np.asarray(count, np.float64)
-    return Problem(h=h, c=c, m0=m0, count=count)
+    return NQMProblem(h=h, c=c, m0=m0, count=count)
 
 
 def power_law_problem(dim: int = 10_000, power: float = 1.0, noise: str | np.ndarray = "hessian",
-                      noise_scale: float = 1.0, m0: float = 1.0) -> Problem:
+                      noise_scale: float = 1.0, m0: float = 1.0) -> NQMProblem:
     """h_i = i^-power, i = 1..dim; noise c = noise_scale * h ("hessian") or * 1 ("identity")."""
     h = np.arange(1, dim + 1, dtype=np.float64) ** (-power)
     return custom_problem(h, _noise(h, noise, noise_scale), m0)
 
 
-def harmonic_problem(dim: int = 10_000, **kw) -> Problem:
+def harmonic_problem(dim: int = 10_000, **kw) -> NQMProblem:
     """The paper's default h_i = 1/i (condition number d)."""
     return power_law_problem(dim, 1.0, **kw)
 
 
-def bin_problem(problem: Problem, num_bins: int = 100, drop_empty: bool = True) -> Problem:
+def bin_problem(problem: NQMProblem, num_bins: int = 100, drop_empty: bool = True) -> NQMProblem:
     """The reference notebook's binning (docs/nqm.md section 5).
 
     Bin values are ``geomspace(h_max, h_max / cond, num_bins)``; each coordinate goes to the
@@ -116,4 +116,4 @@ def bin_problem(problem: Problem, num_bins: int = 100, drop_empty: bool = True) 
     c = np.bincount(idx, weights=problem.count * problem.c * ratio, minlength=num_bins) / safe
     m0 = np.bincount(idx, weights=problem.count * problem.m0, minlength=num_bins) / safe
     keep = count > 0 if drop_empty else np.ones(num_bins, bool)
-    return Problem(h=values[keep], c=c[keep], m0=m0[keep], count=count[keep])
+    return NQMProblem(h=values[keep], c=c[keep], m0=m0[keep], count=count[keep])

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from cbs.nqm._dynamics import Phases
+from cbs.nqm._moments import Phases
 
 __all__ = ["schedule_phases", "merge_phases"]
 

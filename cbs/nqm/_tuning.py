@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cbs.nqm import _dynamics as dyn
+from cbs.nqm._moments import final_risk
 from cbs.nqm._grid import _prob, evaluate_grid, num_levels
-from cbs.nqm._problem import Problem
+from cbs.nqm._problem import NQMProblem
 
 __all__ = ["best_on_grid", "refine_lr", "optimize_pwc", "pwc_lr_cap", "pwc_piece_lengths",
            "best_constant_below_cap", "lower_bound_steps"]
@@ -21,7 +21,7 @@ __all__ = ["best_on_grid", "refine_lr", "optimize_pwc", "pwc_lr_cap", "pwc_piece
 _INV_PHI = (math.sqrt(5) - 1) / 2
 
 
-def lower_bound_steps(problem: Problem, target: float, batch_sizes) -> np.ndarray:
+def lower_bound_steps(problem: NQMProblem, target: float, batch_sizes) -> np.ndarray:
     """d / (2 L* B): no estimator reaches L* from fewer than d / (2 L*) examples (nqm.md 5)."""
     return problem.lower_bound_steps(target, batch_sizes)
 
@@ -36,7 +36,7 @@ def best_on_grid(steps: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(np.min(filled, axis=0)), idx, -1)
 
 
-def refine_lr(problem: Problem, kind: str, lr0, momentum, ema_decay, precond_power, batch_size, *,
+def refine_lr(problem: NQMProblem, kind: str, lr0, momentum, ema_decay, precond_power, batch_size, *,
               target: float, max_steps: int, phases=None, ratio: float = 2.0, iters: int = 30,
               window: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Golden-section search on log LR in [lr0 / ratio, lr0 * ratio], all configs at once.
@@ -61,6 +61,9 @@ def refine_lr(problem: Problem, kind: str, lr0, momentum, ema_decay, precond_pow
                             phases=phases, window=window)["steps"][:, 0]
         return np.where(np.isnan(out), np.inf, out)
 
+    # (A golden section of its own, not the S(B) fitter's in cbs.analysis._model: here each
+    # evaluation is a full exact step count, so one new point per iteration is reused,
+    # ties are common (integer objective) and the best point seen is what is returned.)
     a = np.log(lr0) - np.log(ratio)
     b = np.log(lr0) + np.log(ratio)
     x1 = b - _INV_PHI * (b - a)
@@ -84,7 +87,7 @@ def refine_lr(problem: Problem, kind: str, lr0, momentum, ema_decay, precond_pow
     return np.where(np.isfinite(best_f), best_f, np.nan), np.exp(best_x)
 
 
-def pwc_lr_cap(problem: Problem, precond_power: float) -> float:
+def pwc_lr_cap(problem: NQMProblem, precond_power: float) -> float:
     """The reference's PWC cap 2 / (lambda_max + lambda_min) of the preconditioned spectrum."""
     lam = problem.h ** (1 - precond_power)
     return float(2.0 / (lam.max() + lam.min()))
@@ -97,7 +100,7 @@ def _pwc_final(prob, cap, beta, gamma, power, batch, piece_steps, z_init, *, kin
 
     def loss(z, b, k):
         # z = log(lr / cap) <= 0 after projection; optimize the log risk (spans decades).
-        return jnp.log(dyn.final_risk(prob, cap, beta, gamma, power, b, jnp.exp(z), k,
+        return jnp.log(final_risk(prob, cap, beta, gamma, power, b, jnp.exp(z), k,
                                       kind=kind, ema=ema, K=K))
 
     def solve(b, k, z0):
@@ -127,7 +130,7 @@ def pwc_piece_lengths(total_steps, num_pieces: int) -> np.ndarray:
     return t // num_pieces + (i < t % num_pieces)
 
 
-def best_constant_below_cap(problem: Problem, kind: str, batch_sizes, cap, *, target: float, max_steps: int,
+def best_constant_below_cap(problem: NQMProblem, kind: str, batch_sizes, cap, *, target: float, max_steps: int,
                             momentum: float = 0.0, ema_decay: float = 0.0, precond_power: float = 0.0,
                             num: int = 64, decades: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
     """The constant LR <= cap with the fewest exact steps to target, per batch size.
@@ -156,7 +159,7 @@ def best_constant_below_cap(problem: Problem, kind: str, batch_sizes, cap, *, ta
     return np.where(better, r_steps, steps), np.where(better, r_lr, lr)
 
 
-def optimize_pwc(problem: Problem, kind: str, batch_sizes, *, target: float, max_steps: int,
+def optimize_pwc(problem: NQMProblem, kind: str, batch_sizes, *, target: float, max_steps: int,
                  num_pieces: int = 10, lr_cap=None, momentum: float = 0.0, ema_decay: float = 0.0,
                  precond_power: float = 0.0, opt_steps: int = 150,
                  rel_tol: float = 0.0) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from cbs.nqm._grid import evaluate_grid, expected_risk
-from cbs.nqm._problem import Problem, bin_problem, custom_problem
+from cbs.nqm._problem import NQMProblem, bin_problem, custom_problem
 from cbs.nqm._schedules import schedule_phases
 from cbs.nqm._tuning import best_on_grid, optimize_pwc, refine_lr
 from cbs.sweep.backend import Backend, BlockResult, CellResult, HParamSpec, OptimizerSpec
@@ -63,8 +63,8 @@ class NQMSection:
                              "chunks stay in cache; 64 on GPU/TPU)", ge=1)
 
 
-def problem_from_section(s: NQMSection) -> Problem:
-    """The Problem an ``nqm:`` section describes."""
+def problem_from_section(s: NQMSection) -> NQMProblem:
+    """The NQMProblem an ``nqm:`` section describes."""
     if s.spectrum == "custom":
         h = np.asarray(s.eigenvalues, np.float64)
     else:

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         config, overrides = None, [config] + overrides
     config = Path(config) if config is not None else DEFAULT_CONFIG
 
-    from cbs.sweep.schema import ConfigError
+    from cbs.errors import CbsError, ConfigError
     try:
         from cbs.sweep.config import load_config
         cfg = load_config(config, overrides)
@@ -156,17 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         where = f"{config}: " if e.path != "<file>" else ""
         return _fail(f"{where}{e}")
-    except ValueError as e:
+    except (CbsError, ValueError) as e:
         return _fail(str(e))
 
-    from cbs.sweep.runner import RunFolderConflict, plan, run_sweep
+    from cbs.sweep.runner import plan, run_sweep
     if args.dry_run:
         print_plan(cfg, plan(cfg))
         return 0
     _enable_compilation_cache()
     try:
         summary = run_sweep(cfg, progress=not args.no_progress, shard=shard)
-    except RunFolderConflict as e:
+    except CbsError as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         print("\ninterrupted: finished blocks are saved; run the same command again to resume", file=sys.stderr)

@@ -19,16 +19,17 @@ import numpy as np
 import pandas as pd
 
 import cbs
+from cbs.errors import RunFolderError
 from cbs.store import RESULTS, RunStore
 from cbs.sweep.backend import Block, BlockResult, get_backend
 from cbs.sweep.config import SweepConfig, config_dict, config_hash
 from cbs.sweep.grid import expand_blocks
 
-__all__ = ["RunFolderConflict", "SweepSummary", "run_sweep", "plan", "provenance", "shard_blocks"]
+__all__ = ["RunFolderError", "RunFolderConflict", "SweepSummary", "run_sweep", "plan", "provenance", "shard_blocks"]
 
 
-class RunFolderConflict(RuntimeError):
-    """The output folder holds a different sweep; we refuse to mix rows."""
+# The old name of RunFolderError, kept for callers that import it from here.
+RunFolderConflict = RunFolderError
 
 
 @dataclasses.dataclass
@@ -140,7 +141,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
     """Runs (or resumes) the sweep described by ``cfg``; returns its summary.
 
     Raises:
-      RunFolderConflict: the output folder holds a sweep with a different config hash.
+      RunFolderError: the output folder holds a sweep with a different config hash.
     """
     from tqdm.auto import tqdm
 
@@ -151,7 +152,7 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
     chash = config_hash(cfg)
     existing = store.existing_hash()
     if existing is not None and existing != chash:
-        raise RunFolderConflict(
+        raise RunFolderError(
             f"output folder {store.dir} holds sweep {existing}, but this config hashes to {chash}; "
             f"refusing to mix results. Choose another folder (output.dir=PATH) or delete that one.")
     stamp = {"config_hash": chash, **provenance()}

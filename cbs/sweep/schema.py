@@ -24,23 +24,9 @@ import types
 import typing
 from typing import Any, Literal, Union
 
+from cbs.errors import ConfigError
+
 __all__ = ["ConfigError", "spec", "parse", "to_dict", "describe"]
-
-
-class ConfigError(ValueError):
-    """A config problem, phrased for the user: key path, value, what is allowed."""
-
-    def __init__(self, path: str, value: Any, allowed: str, hint: str = ""):
-        self.path, self.value, self.allowed, self.hint = path, value, allowed, hint
-        msg = f"config error at '{path or '<root>'}': got {_show(value)}; {allowed}"
-        if hint:
-            msg += f" ({hint})"
-        super().__init__(msg)
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def spec(default: Any = dataclasses.MISSING, *, doc: str = "", ge=None, gt=None,

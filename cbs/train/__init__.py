@@ -8,5 +8,6 @@ Modules:
   engine      pure per-cell train step / evaluation, vmapped BlockRun, noise-scale estimator.
   loop        host-side stopping rule, steps-to-target (Shallue), curves, noise_scale table.
   kfac        K-FAC cells via kfac-jax, one after another.
-  testing     make_block / make_config to drive the back end without the sweep runner.
+  direct      make_block / make_config: build blocks and configs by hand, to drive the back
+              end without the sweep runner (benchmarks, notebooks, tests).
 """

@@ -19,7 +19,7 @@ import numpy as np
 from cbs.sweep.backend import Backend, Block, BlockResult
 from cbs.sweep.schema import ConfigError, spec
 from cbs.train import data as data_mod
-from cbs.train.engine import BlockRun, Problem
+from cbs.train.engine import BlockRun, TrainProblem
 from cbs.train.loop import RunOptions, run_vmapped_block
 from cbs.train.models import make_model
 from cbs.train.optimizers import OPTIMIZERS, schedule_fn, soap_available
@@ -75,16 +75,17 @@ _UNSUPPORTED_SCHEDULES = {"optimized_pwc": "is NQM-only", }
 
 
 def _load(section: TrainSection) -> data_mod.Dataset:
+    """The section's data set: its keys mapped onto the loader's arguments (the dispatch by
+    name is ``data.load_dataset``)."""
     kw = dict(val_fraction=section.val_fraction, split_seed=section.split_seed, max_train=section.max_train)
-    if section.dataset == "mnist1d":
-        return data_mod.mnist1d(num_samples=section.num_samples or 5000, **kw)
-    if section.dataset == "digits":
-        return data_mod.digits(**kw)
+    if section.dataset in _DEFAULT_SAMPLES:
+        kw["num_samples"] = section.num_samples or _DEFAULT_SAMPLES[section.dataset]
     if section.dataset == "linreg":
-        return data_mod.linreg(num_samples=section.num_samples or 4096, dim=section.linreg_dim,
-                               spectrum_power=section.spectrum_power, label_noise=section.label_noise,
-                               data_seed=section.data_seed, **kw)
-    return data_mod.text(seq_len=section.seq_len, **kw)
+        kw.update(dim=section.linreg_dim, spectrum_power=section.spectrum_power,
+                  label_noise=section.label_noise, data_seed=section.data_seed)
+    elif section.dataset == "text":
+        kw.update(seq_len=section.seq_len)
+    return data_mod.load_dataset(section.dataset, **kw)
 
 
 def train_size(section: TrainSection) -> int:
@@ -192,11 +193,11 @@ class TrainBackend(Backend):
         return self._data
 
     @property
-    def problem(self) -> Problem:
+    def problem(self) -> TrainProblem:
         if self._problem is None:
             d, s = self.dataset, self.section
             model = make_model(s.model, s.width, s.depth, d.num_outputs, s.seq_len, s.heads)
-            self._problem = Problem(model, d.task, jnp.asarray(d.x_train), jnp.asarray(d.y_train),
+            self._problem = TrainProblem(model, d.task, jnp.asarray(d.x_train), jnp.asarray(d.y_train),
                                     jnp.asarray(d.x_val), jnp.asarray(d.y_val), s.eval_batch,
                                     s.diverge_loss if s.diverge_loss is not None else math.inf)
         return self._problem

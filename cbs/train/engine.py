@@ -33,12 +33,12 @@ import optax
 from cbs.train.models import loss_and_error
 from cbs.train.optimizers import build_optimizer
 
-__all__ = ["Problem", "CellState", "IndexStream", "BlockRun", "make_block_fns", "per_example_metrics",
+__all__ = ["TrainProblem", "CellState", "IndexStream", "BlockRun", "make_block_fns", "per_example_metrics",
            "noise_scale_estimates"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Problem:
+class TrainProblem:
     """Everything static about a training problem: model, task and data (on device)."""
     model: nn.Module
     task: str
@@ -129,7 +129,7 @@ def eval_params(state: CellState, ema_decay) -> Any:
     return jax.tree.map(lambda e, p: jnp.where(t > 0, e / corr, p), state.ema, state.params)
 
 
-def make_block_fns(problem: Problem, kind: str, schedule: Callable, max_steps: int):
+def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_steps: int):
     """Pure per-cell functions of one (problem, optimizer kind, schedule).
 
     Returns:
@@ -234,7 +234,7 @@ class BlockRun:
     width reuse them.
     """
 
-    def __init__(self, problem: Problem, kind: str, schedule: Callable, max_steps: int):
+    def __init__(self, problem: TrainProblem, kind: str, schedule: Callable, max_steps: int):
         init, train_interval, evaluate, grad_fn = make_block_fns(problem, kind, schedule, max_steps)
         self.problem = problem
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbs.sweep.backend import Block, BlockResult
-from cbs.train.engine import IndexStream, Problem, _all_finite, make_block_fns
+from cbs.train.engine import IndexStream, TrainProblem, _all_finite, make_block_fns
 from cbs.train.loop import RunOptions, Tracker, noise_indices
 from cbs.train.models import loss_and_error
 
@@ -50,7 +50,7 @@ _step_keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
 class KfacRunner:
     """K-FAC optimizers (one per weight decay) and jitted helpers for one problem."""
 
-    def __init__(self, problem: Problem, schedule, max_steps: int):
+    def __init__(self, problem: TrainProblem, schedule, max_steps: int):
         self.problem, self.schedule, self.max_steps = problem, schedule, max_steps
         # Reuse the vmapped path's evaluation and gradient code (kind "sgd" is only a
         # placeholder: the optimizer part of these functions is unused here).

@@ -18,7 +18,7 @@ import pandas as pd
 
 from cbs.sweep.backend import Block, BlockResult, CellResult
 from cbs.parallel import padded_size, shard_cells
-from cbs.train.engine import BlockRun, IndexStream, Problem
+from cbs.train.engine import BlockRun, IndexStream, TrainProblem
 
 __all__ = ["RunOptions", "Tracker", "run_vmapped_block"]
 
@@ -143,7 +143,7 @@ def noise_indices(seed: int, step: int, n: int, num_micro: int, micro: int, tag:
     return rng.permutation(n)[: num_micro * micro].reshape(num_micro, micro).astype(np.int32)
 
 
-def run_vmapped_block(problem: Problem, block: Block, opts: RunOptions, run: BlockRun,
+def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run: BlockRun,
                       hparam_names: list[str]) -> BlockResult:
     """Trains every cell of ``block`` in one vmapped program until the stopping rule.
 

@@ -74,7 +74,7 @@ class MNIST1DCNN(nn.Module):
         return nn.Dense(self.num_outputs)(x.reshape(x.shape[0], -1))
 
 
-class Block(nn.Module):
+class TransformerBlock(nn.Module):
     """Pre-LayerNorm Transformer block: causal self-attention then a 4x GELU MLP."""
     width: int
     heads: int
@@ -104,8 +104,10 @@ class Transformer(nn.Module):
         pos = self.param("pos_embedding", nn.initializers.normal(0.02), (self.seq_len, self.width))
         x = x + pos[:t]
         mask = nn.make_causal_mask(tokens)
-        for _ in range(self.depth):
-            x = Block(self.width, self.heads)(x, mask)
+        for i in range(self.depth):
+            # explicit names keep the parameter paths (and the init RNG folded from them)
+            # those of the class's former name Block
+            x = TransformerBlock(self.width, self.heads, name=f"Block_{i}")(x, mask)
         return nn.Dense(self.num_outputs)(nn.LayerNorm()(x))
 
 

@@ -1,8 +1,8 @@
-"""Synthetic run folders, laid out as the sweep store writes them, for tests and demos.
+"""Synthetic run folders, laid out as the sweep store writes them (tests only).
 
 The steps follow a planted McCandlish curve, so an analysis has a known answer::
 
-    from cbs.analysis.synthetic import write_synthetic_run
+    from synthetic_runs import write_synthetic_run     # from tests/
     write_synthetic_run(Path("/tmp/demo"))      # then: python -m cbs.analyze /tmp/demo
 """
 

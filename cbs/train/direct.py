@@ -1,4 +1,12 @@
-"""Helpers to build blocks and configs by hand (tests, benchmarks, notebooks).
+"""Build blocks and configs by hand, to drive the train back end directly (public utility).
+
+Used by benchmarks, notebooks and the tests. Example::
+
+    from cbs.train.backend import TrainBackend
+    from cbs.train.direct import make_block, make_config
+    cfg = make_config(dict(dataset="digits", model="mlp", width=16, depth=1), max_steps=40)
+    result = TrainBackend(cfg).run_blocks([make_block("sgd", 32, [0.1, 0.3])])[0]
+    result.cells          # one CellResult per (LR, seed)
 
 The sweep runner builds blocks from a config (cbs.sweep.grid); these helpers build the
 same objects directly so the back end can be driven without the runner.

@@ -1,0 +1,127 @@
+"""Validate cbs.predict: forecast each workload's S(B) and B_crit *before* sweeping it, then
+sweep it (>= 3 seeds) and compare.
+
+Workloads (the shipped CPU configs, seeds overridden to 0, 1, 2):
+  linreg   configs/train_linreg_cpu.yaml      (noisy linear regression: the NQM's twin)
+  digits   configs/train_digits_cpu.yaml      (scikit-learn digits, 1-hidden-layer MLP)
+  mnist1d  configs/train_mnist1d_mlp_cpu.yaml (MNIST-1D, 2-hidden-layer MLP)
+
+Per workload and optimizer: forecast B_crit / measured B_crit (the measured one is the
+analysis's McCandlish fit over seeds, with its 95% seed-bootstrap interval), and the same
+ratio for B_simple and B_noise measured at initialisation. Cost: measurement + anchor
+block + forecast, against the sweep's wall time (same run, same machine).
+
+  python benchmarks/predict.py            # SGD, momentum, Adam; every batch size of the configs
+  python benchmarks/predict.py --quick    # SGD only, every other batch size (power of 4)
+
+Ends with ``RESULT linreg_ratio=... digits_ratio=... mnist1d_ratio=... linreg_inside_ci=yes|no
+bsimple_digits_ratio=... bsimple_mnist1d_ratio=...`` (ratios = forecast / measured B_crit, SGD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WORKLOADS = {"linreg": "configs/train_linreg_cpu.yaml", "digits": "configs/train_digits_cpu.yaml",
+             "mnist1d": "configs/train_mnist1d_mlp_cpu.yaml"}
+
+
+def _overrides(quick: bool, cfg_raw: dict) -> list[str]:
+    ov = ["grid.seeds=[0,1,2]"]
+    opts = cfg_raw["grid"]["optimizers"]
+    keep = [o for o in opts if o["kind"] in (("sgd",) if quick else ("sgd", "momentum", "adam"))]
+    import yaml
+    ov.append("grid.optimizers=" + yaml.safe_dump(keep, default_flow_style=True).strip())
+    if quick:
+        bs = cfg_raw["grid"]["batch_sizes"]
+        ov.append("grid.batch_sizes=" + yaml.safe_dump(dict(bs, step=2), default_flow_style=True).strip())
+    return ov
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default="runs/bench_predict", help="run folders go here (cleared first)")
+    ap.add_argument("--only", default=None, help="comma-separated workloads")
+    args = ap.parse_args()
+
+    import jax
+    import numpy as np
+
+    from cbs.predict import PredictOptions, predict
+    from cbs.sweep.config import load_config, read_yaml
+    from cbs.sweep.runner import run_sweep
+
+    load = os.getloadavg()[0]
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
+          f"jax {jax.__version__}, load {load:.1f} on {os.cpu_count()} cores")
+    out_root = Path(args.out) / ("quick" if args.quick else "full")
+    results, rows = {}, []
+    names = args.only.split(",") if args.only else list(WORKLOADS)
+    t_all = time.perf_counter()
+    for w in names:
+        path = ROOT / WORKLOADS[w]
+        out = out_root / w
+        if out.exists():
+            shutil.rmtree(out)
+        cfg = load_config(path, _overrides(args.quick, read_yaml(path)) + [f"output.dir={out}", "output.plots=false"])
+        # 1. forecast before the sweep: measurement + one anchor block + NQM.
+        pre = predict(cfg, PredictOptions(), plots=False, log=lambda s: None)
+        # 2. the sweep itself.
+        t0 = time.perf_counter()
+        run_sweep(cfg, progress=False, log=lambda s: None)
+        sweep_s = time.perf_counter() - t0
+        # 3. overlay (anchor read from the finished sweep: the same numbers, no training).
+        post = predict(cfg, PredictOptions(), measurement=pre.measurement, log=lambda s: None)
+        print(f"\n== {w}: {path.relative_to(ROOT)} {' '.join(_overrides(args.quick, read_yaml(path)))}")
+        print(post.text.rsplit("\ncost:", 1)[0])
+        own = pre.costs["measure_s"] + pre.costs["anchor_s"] + pre.costs["forecast_s"]
+        print(f"cost: measurement {pre.costs['measure_s']:.1f} s + anchor block {pre.costs['anchor_s']:.1f} s + "
+              f"forecast {pre.costs['forecast_s']:.1f} s = {own:.1f} s vs sweep {sweep_s:.1f} s "
+              f"({100 * own / sweep_s:.0f}%)")
+        results[w] = post.summary.set_index("optimizer")
+        for r in post.summary.itertuples():
+            rows.append((w, r.optimizer, r.b_crit_forecast, r.b_crit_measured, r.b_crit_measured_lo,
+                         r.b_crit_measured_hi, r.ratio, r.b_simple_ratio, r.b_noise_ratio, own, sweep_s))
+
+    print("\n| workload | optimizer | B_crit forecast | measured [95% CI] | forecast/measured | "
+          "B_simple/measured | B_noise/measured | cost predict / sweep |")
+    print("|---|---|---|---|---|---|---|---|")
+    f = lambda x: "-" if not np.isfinite(x) else f"{x:.3g}"
+    for w, o, bf, bm, lo, hi, r, rs, rn, own, sw in rows:
+        print(f"| {w} | {o} | {f(bf)} | {f(bm)} [{f(lo)}, {f(hi)}] | {f(r)} | {f(rs)} | {f(rn)} | "
+              f"{own:.0f} s / {sw:.0f} s |")
+
+    def get(w, col):
+        try:
+            return float(results[w].loc["sgd", col])
+        except KeyError:
+            return float("nan")
+    inside = results.get("linreg") is not None and bool(results["linreg"].loc["sgd", "inside_ci"])
+    print(f"\ntotal {time.perf_counter() - t_all:.0f} s; git {_git()}")
+    print(f"RESULT linreg_ratio={get('linreg', 'ratio'):.3g} digits_ratio={get('digits', 'ratio'):.3g} "
+          f"mnist1d_ratio={get('mnist1d', 'ratio'):.3g} linreg_inside_ci={'yes' if inside else 'no'} "
+          f"bsimple_digits_ratio={get('digits', 'b_simple_ratio'):.3g} "
+          f"bsimple_mnist1d_ratio={get('mnist1d', 'b_simple_ratio'):.3g}")
+    return 0
+
+
+def _git() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=False).stdout.strip()
+    except OSError:
+        return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The files an analysis writes into its run folder (cbs.json, cbs.parquet, PNGs, report.md)."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from cbs.analysis._format import jsonable_deep
+from cbs.analysis._render import report_markdown
+
+if TYPE_CHECKING:
+    from cbs.analysis._report import RunAnalysis
+
+__all__ = ["write_run_files"]
+
+
+def write_run_files(a: RunAnalysis, cfg, manifest, reference, scale, plots):
+    """cbs.json, cbs.parquet and (with plots) the PNGs and report.md into the run folder;
+    appends each path to ``a.files``."""
+    from cbs.analysis import _plots
+    run_dir = a.run_dir
+    payload = dict(
+        run=a.label, run_dir=str(run_dir), config_hash=manifest.get("config_hash"), options=a.options,
+        target=cfg.get("target"), unit=a.unit, tokens_per_example=a.tokens_per_example,
+        warnings=a.warnings, summary=a.summary.to_dict(orient="records"),
+        optimizers={name: dict(fit=fit.to_dict(),
+                               b_crit_samples=fit.b_crit_samples,
+                               per_batch_size=a.per_batch[a.per_batch["optimizer"] == name].to_dict(orient="records"))
+                    for name, fit in a.fits.items()},
+        steps=a.steps.to_dict(orient="records"))
+    (run_dir / "cbs.json").write_text(json.dumps(jsonable_deep(payload), indent=1, allow_nan=False))
+    a.files.append(run_dir / "cbs.json")
+    a.summary.to_parquet(run_dir / "cbs.parquet", index=False)
+    a.files.append(run_dir / "cbs.parquet")
+    if not plots:
+        return
+    title = a.label
+    png = [_plots.plot_steps_vs_batch(run_dir / "steps_vs_batch.png", a.fits, a.steps, a.unit, scale,
+                                      reference=reference, title=title),
+           _plots.plot_best_lr(run_dir / "best_lr.png", a.per_batch, a.unit, scale, title=f"{title}: best LR"),
+           _plots.plot_data_efficiency(run_dir / "data_efficiency.png", a.fits, a.unit,
+                                       title=f"{title}: data efficiency")]
+    a.files += png
+    (run_dir / "report.md").write_text(report_markdown(a, scale))
+    a.files.append(run_dir / "report.md")

@@ -1,0 +1,120 @@
+"""Anchor a calibrated NQM at one measured (batch size, steps) point and forecast S(B).
+
+The NQM's target risk is its only free number: it is set (bisection on log target) so that
+the NQM's LR-tuned steps at the anchor batch size equal the real network's measured steps
+there. Everything else -- S(B) at every other batch size, B_crit, B*, the optimal LR's
+scaling -- follows from the calibrated problem.
+
+Finite training sets: epochs are permutations, so a minibatch of B out of n examples is
+drawn without replacement and its mean gradient has covariance Sigma/B * (n - B)/(n - 1).
+The NQM is therefore run at the effective batch size B (n - 1)/(n - B) (``num_train``);
+at B = n the minibatch gradient is exact (effective batch infinite, capped here at 1e12).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from cbs.nqm import best_on_grid, evaluate_grid, refine_lr
+
+__all__ = ["Forecast", "anchor_target", "effective_batch", "forecast", "tuned_steps"]
+
+
+def effective_batch(batch_sizes, num_train: int | None):
+    """B (n - 1) / (n - B): the with-replacement batch with the same gradient variance."""
+    b = np.asarray(batch_sizes, np.float64)
+    if not num_train:
+        return b
+    n = float(num_train)
+    return np.where(b >= n, 1e12, b * (n - 1) / np.maximum(n - b, 1e-12))
+
+
+def _lr_grid(problem, kind, momentum, power, num):
+    lam_max = float(np.max(problem.h ** (1.0 - power)))
+    hi = 2.0 * (1.0 + momentum) / lam_max * 1.2      # just past the deterministic stability edge
+    return np.geomspace(hi * 1e-6, hi, num)
+
+
+def tuned_steps(problem, kind, momentum, power, batch_sizes, target, *, max_steps=10**8, num_lrs=41,
+                refine=True, lrs=None):
+    """Steps to target with the LR tuned per batch size: (steps (nB,), lr (nB,)); NaN = never.
+
+    ``lrs``: tune over exactly these LRs (no refinement) instead of a log grid up to the
+    stability edge refined by golden-section search.
+    """
+    if lrs is not None:
+        lrs, refine = np.sort(np.asarray(lrs, np.float64)), False
+    else:
+        lrs = _lr_grid(problem, kind, momentum, power, num_lrs)
+    out = evaluate_grid(problem, kind, lrs, momentum, 0.0, power, batch_sizes=np.asarray(batch_sizes, np.float64),
+                        target=target, max_steps=max_steps, certify=False)
+    idx = best_on_grid(out["steps"])
+    steps = np.where(idx >= 0, out["steps"][np.maximum(idx, 0), np.arange(len(idx))], np.nan)
+    lr = np.where(idx >= 0, lrs[np.maximum(idx, 0)], np.nan)
+    if refine and np.any(idx >= 0) and len(lrs) > 1:
+        ok = idx >= 0
+        ratio = lrs[1] / lrs[0]
+        s_ref, lr_ref = refine_lr(problem, kind, lr[ok], momentum, 0.0, power, np.asarray(batch_sizes)[ok],
+                                  target=target, max_steps=max_steps, ratio=ratio, iters=20)
+        better = np.isfinite(s_ref) & (s_ref <= steps[ok])
+        steps[ok] = np.where(better, s_ref, steps[ok])
+        lr[ok] = np.where(better, lr_ref, lr[ok])
+    return steps, lr
+
+
+def anchor_target(problem, kind, momentum, power, anchor_batch, anchor_steps, *, iters=40, max_steps=10**8,
+                  lrs=None):
+    """The NQM target risk whose tuned steps at anchor_batch equal anchor_steps.
+
+    Steps to target fall as the target rises, so bisection on log target brackets the
+    crossing between a target the NQM needs more steps for and one it needs fewer for.
+    Returns (target, nqm steps at the anchor).
+    """
+    b = np.atleast_1d(float(anchor_batch))
+    hi = problem.initial_risk             # risk < initial risk: a few steps suffice
+    lo = hi * 1e-12
+    f = lambda t: tuned_steps(problem, kind, momentum, power, b, t, max_steps=max_steps, refine=False,
+                              lrs=lrs)[0][0]
+    s_hi = f(hi)
+    for _ in range(iters):
+        mid = np.sqrt(lo * hi)
+        s = f(mid)
+        if np.isfinite(s) and s <= anchor_steps:
+            hi, s_hi = mid, s
+            if s == anchor_steps:         # integer steps: any target in this band will do
+                break
+        else:
+            lo = mid
+        if hi / lo < 1.0 + 1e-6:
+            break
+    return hi, s_hi
+
+
+@dataclasses.dataclass
+class Forecast:
+    """S(B) forecast for one optimizer."""
+    batch_sizes: np.ndarray
+    steps: np.ndarray
+    nqm_lr: np.ndarray
+    target: float
+    anchor_batch: float
+    anchor_steps: float
+    anchor_nqm_steps: float
+
+
+def forecast(problem, kind, momentum, power, batch_sizes, anchor_batch, anchor_steps, *, num_train=None,
+             max_steps=10**8, lrs=None) -> Forecast:
+    """Anchor at (anchor_batch, anchor_steps), then tuned NQM steps at every batch size.
+
+    ``lrs``: the sweep's own LR grid, for optimizers whose NQM LR is in the network's units
+    (SGD and heavy-ball on the measured curvature, P = I); None tunes continuously.
+    """
+    b_eff = effective_batch(batch_sizes, num_train)
+    a_eff = float(effective_batch([anchor_batch], num_train)[0])
+    target, a_steps = anchor_target(problem, kind, momentum, power, a_eff, anchor_steps, max_steps=max_steps,
+                                    lrs=lrs)
+    steps, lr = tuned_steps(problem, kind, momentum, power, b_eff, target, max_steps=max_steps, lrs=lrs)
+    return Forecast(np.asarray(batch_sizes, np.float64), steps, lr, target, float(anchor_batch),
+                    float(anchor_steps), float(a_steps))

@@ -1,0 +1,122 @@
+"""cbs.predict: the NQM built from measurements, the anchor, the optimizer mapping, the CLI's
+input errors. The estimators themselves are tested in tests/test_spectrum.py."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cbs import nqm
+from cbs.predict import (
+    adam_power,
+    anchor_target,
+    effective_batch,
+    nqm_from_measurement,
+    tuned_steps,
+)
+from cbs.train.spectrum import Measurement
+
+
+def _measurement(h, c, m0, *, dim=None, k=None, slq=None, second=None, vectors=None):
+    """A Measurement of a diagonal quadratic whose top-k directions are its k largest h."""
+    h, c, m0 = (np.asarray(a, np.float64) for a in (h, c, m0))
+    k = len(h) if k is None else k
+    d = len(h) if dim is None else dim
+    g = h * np.sqrt(m0)
+    nodes, weights = slq if slq is not None else (np.array([h]), np.full((1, len(h)), 1.0 / len(h)))
+    return Measurement(
+        dim=d, num_examples=100, curvature="ggn", top_h=h[:k], top_vectors=np.eye(d)[:k] if vectors is None
+        else vectors, top_grad=g[:k], top_var=c[:k], slq_nodes=nodes, slq_weights=weights,
+        grad_nodes=h, grad_weights=g**2 / np.sum(g**2), grad_sq=float(np.sum(g**2)), trace_sigma=float(c.sum()),
+        trace_c_sigma=float(np.sum(h * c)), trace_c_sigma_se=0.0, gcg=float(np.sum(h * g**2)),
+        second_moment=np.zeros(d) if second is None else second, grad=np.zeros(d) if second is None else g,
+        loss=float(0.5 * np.sum(h * m0)))
+
+
+def test_all_top_directions_reproduce_the_problem():
+    h = np.array([2.0, 1.0, 0.5, 0.1])
+    c, m0 = np.array([0.3, 0.2, 0.4, 0.05]), np.array([1.0, 0.5, 2.0, 3.0])
+    cal = nqm_from_measurement(_measurement(h, c, m0))
+    np.testing.assert_allclose(cal.problem.h, h)
+    np.testing.assert_allclose(cal.problem.c, c)
+    np.testing.assert_allclose(cal.problem.m0, m0)
+    np.testing.assert_allclose(cal.problem.count, 1.0)
+
+
+def test_bulk_noise_rule_matches_trace_and_counts_match_dimension():
+    """Bulk from an SLQ measure: counts add up to d - k, sum count * c = tr(Sigma) (trace rule),
+    c proportional to h in the bulk; with the curvature rule sum count * h * c = tr(C Sigma)."""
+    rng = np.random.default_rng(0)
+    d, k = 200, 5
+    h = np.sort(rng.uniform(0.01, 1.0, d))[::-1]
+    h[:k] *= 10
+    c = 0.3 * h * rng.uniform(0.5, 1.5, d)
+    m0 = rng.uniform(0.5, 2, d)
+    slq = (np.array([h]), np.full((1, d), 1.0 / d))          # one probe that sees every eigenvalue
+    meas = _measurement(h, c, m0, dim=d, k=k, slq=slq)
+    cal = nqm_from_measurement(meas, num_bins=20)
+    p = cal.problem
+    np.testing.assert_allclose(p.count.sum(), d)
+    np.testing.assert_allclose(np.sum(p.count * p.c), c.sum(), rtol=1e-10)
+    np.testing.assert_allclose(np.sum(p.count * p.h), h.sum(), rtol=1e-10)   # bins keep the trace
+    bulk = slice(k, None)
+    np.testing.assert_allclose(p.c[bulk] / p.h[bulk], cal.kappa)
+    cal2 = nqm_from_measurement(meas, num_bins=20, bulk_noise="curvature")
+    p2 = cal2.problem
+    np.testing.assert_allclose(np.sum(p2.count * p2.h * p2.c), np.sum(h * c), rtol=1e-10)
+    # Bulk start: the gradient's energy below h_k is all there (bins hold sum count h^2 m0 of it
+    # up to the bin's spread of h).
+    e_bulk = np.sum((h * np.sqrt(m0))[k:] ** 2)
+    got = np.sum(p.count[bulk] * p.h[bulk] ** 2 * p.m0[bulk])
+    assert 0.5 * e_bulk < got < 2.0 * e_bulk
+
+
+def test_anchor_recovers_the_target_and_the_curve():
+    """Pick a target, compute the tuned steps at B0, give only (B0, S0) to the anchor: the
+    recovered target reproduces S0 at B0 and the whole S(B) curve elsewhere (to the width of
+    the band of targets that give the same integer S0)."""
+    prob = nqm.bin_problem(nqm.harmonic_problem(1000), 30)
+    target = 0.05
+    bs = np.array([4.0, 32.0, 256.0, 2048.0])
+    s_true, _ = tuned_steps(prob, "sgd", 0.0, 0.0, bs, target, refine=False)
+    t, s0 = anchor_target(prob, "sgd", 0.0, 0.0, bs[0], s_true[0])
+    assert s0 == s_true[0]
+    s_fc, _ = tuned_steps(prob, "sgd", 0.0, 0.0, bs, t, refine=False)
+    np.testing.assert_allclose(s_fc, s_true, rtol=0.03)
+    assert abs(np.log(t / target)) < 0.05
+
+
+def test_effective_batch_without_replacement():
+    np.testing.assert_allclose(effective_batch([1, 50, 100], 100)[:2], [1.0, 50 * 99 / 50])
+    assert effective_batch([100], 100)[0] >= 1e12
+    np.testing.assert_allclose(effective_batch([7], None), [7.0])
+
+
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+def test_adam_power_recovers_a_planted_preconditioner(power):
+    """Axis-aligned top directions and sqrt(G^2 + diag(Sigma)/B) = h^power: p = power."""
+    h = np.array([4.0, 2.0, 1.0, 0.5, 0.25])
+    g = np.full(5, 1e-3)
+    diag_sigma = (h ** (2 * power) - g**2) * 64
+    meas = _measurement(h, np.ones(5), (g / h) ** 2, second=g**2 + diag_sigma)
+    assert adam_power(meas, 64, eps=0.0) == pytest.approx(power, abs=1e-9)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "cbs.predict", *args], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_cli_refuses_nqm_config_and_bad_flags():
+    r = _cli("configs/nqm_quickstart.yaml")
+    assert r.returncode == 2 and "backend" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = _cli("configs/train_digits_cpu.yaml", "--lanczos-iters", "0")
+    assert r.returncode == 2 and "--lanczos-iters" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_too_large_model_names_the_option(tmp_path):
+    r = _cli("configs/train_digits_cpu.yaml", f"output.dir={tmp_path}", "--max-memory-mb", "0.01")
+    assert r.returncode == 2 and "--lanczos-iters" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
