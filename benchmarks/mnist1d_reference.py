@@ -38,8 +38,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--batch", type=int, default=100)
     args = ap.parse_args(argv)
-    print(f"| model | paper test acc. | best val. acc. (best LR, seed mean +- sd) | final val. acc. | "
-          f"best LR | wall s |")
+    print("| model | paper test acc. | best val. acc. (best LR, seed mean +- sd) | final val. acc. | "
+          "best LR | wall s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label, arch in MODELS.items():
         cfg = make_config(dict(dataset="mnist1d", **arch), metric="val_error", value=1e-6,

@@ -27,8 +27,8 @@ import warnings
 import jax
 
 import cbs.train.optimizers as optimizers
-from cbs.train.backend import TrainBackend
 from cbs.sweep.config import load_config
+from cbs.train.backend import TrainBackend
 from cbs.train.direct import make_block
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -49,7 +49,7 @@ def timed_block(args, step_aware: bool) -> tuple[float, float]:
             analysis=dict(tokens_per_example=TINY_LM["seq_len"]),
             train=dict(TINY_LM, steps_per_call=args.steps_per_call)))
         be = TrainBackend(cfg)
-        be.problem  # data and model outside the timing (same on both sides)
+        _ = be.problem  # data and model outside the timing (same on both sides)
         lrs = [1e-3 * 2**i for i in range(args.cells)]
         block = make_block("soap", args.batch, lrs, seeds=(0,))
         from cbs.train import loop

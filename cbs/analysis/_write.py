@@ -40,6 +40,10 @@ def write_run_files(a: RunAnalysis, cfg, manifest, reference, scale, plots):
            _plots.plot_best_lr(run_dir / "best_lr.png", a.per_batch, a.unit, scale, title=f"{title}: best LR"),
            _plots.plot_data_efficiency(run_dir / "data_efficiency.png", a.fits, a.unit,
                                        title=f"{title}: data efficiency")]
+    pairs = _plots.schedule_pairs(cfg)     # NQM Fig. 3b: constant LR vs optimized schedule
+    if pairs:
+        png.append(_plots.plot_schedules(run_dir / "schedules.png", a.fits, pairs, a.unit, reference, scale,
+                                         title=f"{title}: constant LR vs optimized schedule"))
     a.files += png
     (run_dir / "report.md").write_text(report_markdown(a, scale))
     a.files.append(run_dir / "report.md")
