@@ -154,13 +154,15 @@ def main(argv=None) -> int:
             s = a.summary.set_index("optimizer")
             ref = s.loc["sgd"] if "sgd" in s.index else None
             header = ["optimizer", "B_crit", "B_crit 95% CI", "S_min", "S_min 95% CI", "B*", "knee",
-                      "CI overlaps SGD's", "warnings"]
+                      "CI overlaps SGD's", "seeds", "bootstrap", "unproven pts", "edge B", "warnings"]
             rows = []
             for name, r in s.iterrows():
                 ov = "-" if ref is None or name == "sgd" else ("yes" if overlaps(r, ref) else "no")
                 rows.append([name, fmt(r.b_crit), f"[{fmt(r.b_crit_ci_low)}, {fmt(r.b_crit_ci_high)}]",
                              fmt(r.s_min), f"[{fmt(r.s_min_ci_low)}, {fmt(r.s_min_ci_high)}]",
-                             fmt(r.b_star), fmt(r.knee), ov, str(int(r.n_warnings))])
+                             fmt(r.b_star), fmt(r.knee), ov, str(int(r.n_seeds)), str(r.bootstrap),
+                             str(int(r.get("n_inexact_points", 0))), str(int(r.get("n_edge_points", 0))),
+                             str(int(r.n_warnings))])
                 if name in keys:
                     result[keys[name]] = r.b_crit
             widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
@@ -172,6 +174,14 @@ def main(argv=None) -> int:
             if lens == "nqm" and "kfaclike_p1" in s.index and not math.isfinite(float(s.loc["kfaclike_p1"].b_crit)):
                 print("  note kfaclike_p1: P = H with C = H is perfectly conditioned: S halves with every doubling "
                       "of B down to 1 step, so there is no finite CBS; kfaclike_p0.75 is the K-FAC-like figure.")
+            timing = Path(d) / "timing.parquet"
+            if timing.exists():
+                import pandas as pd
+                tm = pd.read_parquet(timing)
+                frac = tm["replay_seconds"].sum() / tm["seconds"].sum()
+                result[f"{lens}_replay_frac"] = frac
+                print(f"  exact-crossing replays: {int(tm['replayed_cells'].sum())} cells, "
+                      f"{tm['replay_seconds'].sum():.1f} s of {tm['seconds'].sum():.1f} s block time ({frac:.1%})")
             times[lens] = dt + t_analysis / len(lenses) + (time.perf_counter() - t_lens)
             print(f"{lens} wall time: {times[lens]:.1f} s (sweep {dt:.1f} s incl. compilation + share of analysis)")
         total = time.perf_counter() - t_all

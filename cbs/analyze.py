@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpolated", action="store_true",
                    help="use steps linearly interpolated between evaluations (steps_interpolated) instead "
                         "of the first evaluated crossing")
+    p.add_argument("--uncertified", action="store_true",
+                   help="also fit points whose first crossing is not proven (crossing_exact / crossing_certified "
+                        "0); by default they are excluded and counted in the report")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots and report.md")
     p.add_argument("--no-write", action="store_true",
                    help="write nothing into the run folders (print only; a comparison is written only with --out)")
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     options = dict(delta=args.delta, b0=args.b0, n_boot=args.bootstrap, tokens_per_example=args.tokens_per_example,
                    unit=args.units, form=args.form, use_tuned=not args.no_tuned, interpolated=args.interpolated,
-                   ci_level=args.ci, seed=args.seed, write=not args.no_write)
+                   ci_level=args.ci, seed=args.seed, write=not args.no_write, uncertified=args.uncertified)
     plots = False if args.no_plots else None
     try:
         if not 0 < args.ci < 1:

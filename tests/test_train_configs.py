@@ -27,7 +27,8 @@ def test_linreg_cpu_runs_through_the_runner(tmp_path):
     cfg = load_config(CONFIGS[[Path(p).stem for p in CONFIGS].index("train_linreg_cpu")],
                       ["grid.batch_sizes=[8, 64]", "budget.max_steps=300", "grid.learning_rates=[0.1, 0.3]",
                        "grid.optimizers=[{kind: sgd}, {kind: kfac, learning_rates: [0.1]}]",
-                       f"output.dir={tmp_path}/run", "target.value=0.05"])
+                       f"output.dir={tmp_path}/run", "target.value=0.05", "grid.seeds=[0]",
+                       "grid.adaptive.enabled=false"])
     summary = run_sweep(cfg, progress=False, log=lambda s: None)
     assert summary.complete
     res = pd.read_parquet(tmp_path / "run" / "results.parquet")

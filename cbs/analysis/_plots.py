@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
 from cbs.analysis._format import format_number  # noqa: E402
 
 __all__ = ["plot_steps_vs_batch", "plot_best_lr", "plot_data_efficiency", "plot_compare",
            "plot_scaling"]
 
-_DPI = 120
+_DPI = 100   # 520x420 px per panel: legible, and encoding costs half of 120 dpi
 
 
 def _colors(n):
@@ -45,6 +48,11 @@ def _log_axes(ax, xbase=2) -> None:
     if has_data:
         ax.set_xscale("log", base=xbase)
         ax.set_yscale("log")
+        # a few unlabelled minor ticks: laying out matplotlib's default minor tick labels on
+        # log axes dominated the plotting time
+        ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0), numticks=12))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     else:
         ax.text(0.5, 0.5, "no uncensored data", ha="center", va="center", transform=ax.transAxes)
 
@@ -146,6 +154,39 @@ def plot_steps_vs_batch(path: Path, fits: dict, per_seed: pd.DataFrame, unit: st
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_all_optimizers(path: Path, fits: dict, unit: str, title: str = "", notes: Sequence[str] = ()) -> Path:
+    """Every optimizer's steps-vs-batch-size curve on one log-log axes (as in the NQM
+    paper's figures): measured points (seeds combined), the fitted S(B), and B_crit marked
+    on each curve (where S = 2 S_min) with its bootstrap interval as a horizontal bar.
+    ``notes`` (e.g. how many points were excluded as unproven or on an LR-grid edge) are
+    printed under the axes."""
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    for (name, fit), color in zip(fits.items(), _colors(len(fits))):
+        good = np.isfinite(fit.steps)
+        ax.plot(fit.batch_sizes[good], fit.steps[good], "o", color=color, ms=6, markeredgecolor="k", label=name)
+        if fit.n_points >= 2 and np.isfinite(fit.s_min):
+            bb = np.geomspace(fit.batch_sizes.min() / 1.5, fit.batch_sizes.max() * 1.5, 200)
+            ax.plot(bb, fit.predict(bb), "-", color=color, lw=1.5)
+            if np.isfinite(fit.b_crit) and fit.b_crit > 0:
+                y = float(fit.predict([fit.b_crit])[0])
+                lo, hi = fit.b_crit_ci
+                if np.isfinite(lo) and np.isfinite(hi) and hi > lo > 0:
+                    ax.plot([lo, hi], [y, y], "-", color=color, lw=4, alpha=0.35, solid_capstyle="butt")
+                ax.plot([fit.b_crit], [y], marker="D", ms=9, color=color, markeredgecolor="k", ls="none",
+                        label=f"{name}: B_crit = {_fmt(fit.b_crit)}"
+                              + (f" [{_fmt(lo)}, {_fmt(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else ""))
+    _log_axes(ax)
+    _label(ax, f"batch size ({unit})", "steps to target", title or "steps to target, all optimizers",
+           loc="best")
+    if notes:
+        fig.text(0.01, 0.005, "\n".join(notes), fontsize=7, va="bottom", ha="left")
+        fig.subplots_adjust(bottom=0.12 + 0.03 * len(notes))
+    fig.tight_layout(rect=(0, 0.03 * len(notes), 1, 1))
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return path
 
 
 def plot_best_lr(path: Path, per_b: pd.DataFrame, unit: str, scale: float, title: str = "") -> Path:

@@ -90,6 +90,20 @@ def run_text(a: RunAnalysis, target: dict, scale) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def exclusion_notes(summary: pd.DataFrame) -> list[str]:
+    """One line per optimizer with points left out as unproven or flagged on an LR-grid edge."""
+    notes = []
+    for r in summary.itertuples(index=False):
+        parts = []
+        if getattr(r, "n_inexact_points", 0):
+            parts.append(f"{r.n_inexact_points} (B, seed) point(s) without a proven first crossing (excluded)")
+        if getattr(r, "n_edge_points", 0):
+            parts.append(f"{r.n_edge_points} batch size(s) with the best LR on an LR-grid edge (flagged)")
+        if parts:
+            notes.append(f"{r.optimizer}: " + "; ".join(parts))
+    return notes
+
+
 def report_markdown(a: RunAnalysis, scale) -> str:
     """report.md of one run: definitions, summary, the plots, per-optimizer fits and tables."""
     md = [f"# Critical batch size: {a.label}", "",
@@ -101,6 +115,10 @@ def report_markdown(a: RunAnalysis, scale) -> str:
           "(Zhang et al. 2024). The knee is a model-free diagnostic on the raw table. "
           f"Intervals: percentile bootstrap ({a.summary['ci_level'].iloc[0]:.0%})." if len(a.summary) else "", "",
           "## Summary", "", summary_text(a.summary, markdown=True), "", COLUMNS, "",
+          "## Points left out or flagged", "",
+          *([f"- {n}" for n in exclusion_notes(a.summary)]
+            or ["- none: every point is a proven first crossing with an interior best LR"]), "",
+          "## All optimizers", "", "![all optimizers](steps_all_optimizers.png)", "",
           "## Steps to target vs batch size", "", "![steps vs batch size](steps_vs_batch.png)", "",
           "## Best learning rate", "", "![best LR](best_lr.png)", "",
           "## Data efficiency", "", "![data efficiency](data_efficiency.png)", ""]

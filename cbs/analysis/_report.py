@@ -63,20 +63,31 @@ def _lr_edge_warnings(g: pd.DataFrame, unit_scale: float) -> list[str]:
     return out
 
 
-def _fit_optimizer(name, steps_df, per_b, *, scale, unit, delta, b0, n_boot, seed, form, ci_level, eval_every=1):
+def _fit_optimizer(name, steps_df, per_b, *, scale, unit, delta, b0, n_boot, seed, form, ci_level, eval_every=1,
+                   uncertified=False):
     g = steps_df[steps_df["optimizer"] == name]
+    # Points whose first crossing is not proven (exact replay / certified scan) are left
+    # out of the fit unless asked for; they are counted and named in the warnings.
+    inexact = ~g["exact"].astype(bool) if "exact" in g else pd.Series(False, index=g.index)
     bs = np.sort(g["batch_size"].unique())
     seeds = np.sort(g["seed"].unique())
     mat = np.full((seeds.size, bs.size), np.nan)
     present = np.zeros_like(mat, dtype=bool)
     si = {s: i for i, s in enumerate(seeds)}
     bi = {b: j for j, b in enumerate(bs)}
-    for row in g.itertuples(index=False):
+    for row, bad in zip(g.itertuples(index=False), inexact.to_numpy()):
+        if bad and not uncertified:
+            continue
         i, j = si[row.seed], bi[row.batch_size]
         present[i, j] = True
         mat[i, j] = np.nan if row.censored else row.steps
     pb = per_b[per_b["optimizer"] == name]
     warnings = _lr_edge_warnings(pb, scale)
+    if inexact.any():
+        where = ", ".join(format_number(b * scale) for b in np.unique(g.loc[inexact, "batch_size"]))
+        warnings.append(f"{int(inexact.sum())} (batch size, seed) point(s) without a proven first crossing at "
+                        f"B = {where}: " + ("kept in the fit (uncertified=True)" if uncertified
+                                            else "excluded from the fit"))
     all_div = pb[pb["n_diverged"] >= pb["n_cells"]]
     if len(all_div):
         where = ", ".join(format_number(b * scale) for b in all_div["batch_size"])
@@ -89,7 +100,9 @@ def _fit_optimizer(name, steps_df, per_b, *, scale, unit, delta, b0, n_boot, see
     if len(most):
         warnings.append("most seeds censored (target not reached within the budget) at B = "
                         + ", ".join(format_number(b * scale) for b in most["batch_size"]))
-    if eval_every > 1:
+    proven = "proof" in g and (g["proof"] != "").all() and g["exact"].astype(bool).all() \
+        and (g["n_uncertified"] == 0).all()
+    if eval_every > 1 and not proven:
         # S is quantized to evaluation steps: up to one interval too high, which matters most
         # at large B where S is small (docs/cbs.md 1.3).
         s = pb["steps"].to_numpy(float)
@@ -129,7 +142,10 @@ def _summary_row(label, name, fit: CriticalBatchSizeFit, scale, tpe, unit, pb):
                rms_log_residual=fit.rms_log_residual, ci_level=fit.ci_level, bootstrap=fit.bootstrap,
                n_boot=fit.n_boot, b_crit_examples=fit.b_crit / scale, b_crit_tokens=fit.b_crit / scale * tpe,
                b_star_examples=fit.b_star / scale, b_star_tokens=fit.b_star / scale * tpe,
-               n_diverged=int(pb["n_diverged"].sum()), n_warnings=len(fit.warnings),
+               n_diverged=int(pb["n_diverged"].sum()),
+               n_inexact_points=int(pb["n_inexact_seeds"].sum()) if "n_inexact_seeds" in pb else 0,
+               n_edge_points=int((pb["lr_at_edge"] != "").sum()) if "lr_at_edge" in pb else 0,
+               n_warnings=len(fit.warnings),
                warnings="; ".join(fit.warnings))
     return row
 
@@ -137,7 +153,7 @@ def _summary_row(label, name, fit: CriticalBatchSizeFit, scale, tpe, unit, pb):
 def analyze_run(run_dir, *, delta: float | None = None, b0: float | None = None, n_boot: int | None = None,
                 tokens_per_example: int | None = None, unit: str = "auto", form: str = "mcCandlish",
                 use_tuned: bool = True, interpolated: bool = False, ci_level: float = 0.95, seed: int = 0,
-                plots: bool | None = None, write: bool = True) -> RunAnalysis:
+                plots: bool | None = None, write: bool = True, uncertified: bool = False) -> RunAnalysis:
     """Analyzes one run folder: steps table, S(B) fit per optimizer, CBS, files.
 
     Options left as None come from config.yaml's ``analysis:`` section (delta 0.2, b0 null =
@@ -158,6 +174,9 @@ def analyze_run(run_dir, *, delta: float | None = None, b0: float | None = None,
         seed: bootstrap seed.
         plots: write PNGs and report.md (default: config output.plots, else True).
         write: write cbs.json, cbs.parquet (and plots) into the run folder.
+        uncertified: also fit (batch size, seed) points whose first crossing is not proven
+            (``exact`` False in the steps table: no exact replay, an uncertified NQM scan);
+            by default they are excluded, counted and named in the warnings.
 
     Returns:
         A :class:`RunAnalysis` (``summary, text = analyze_run(...)`` works).
@@ -216,13 +235,14 @@ def analyze_run(run_dir, *, delta: float | None = None, b0: float | None = None,
     for name in names:
         fit = _fit_optimizer(name, steps, per_b, scale=scale, unit=unit, delta=delta, b0=b0, n_boot=n_boot,
                              seed=seed, form=form, ci_level=ci_level,
-                             eval_every=1 if interpolated else eval_every)
+                             eval_every=1 if interpolated else eval_every, uncertified=uncertified)
         fits[name] = fit
         rows.append(_summary_row(label, name, fit, scale, tpe, unit, per_b[per_b["optimizer"] == name]))
     summary = pd.DataFrame(rows)
 
     options = dict(delta=delta, b0_examples=b0, n_boot=n_boot, tokens_per_example=tpe, unit=unit, form=form,
-                   use_tuned=use_tuned, steps_column=steps_column, ci_level=ci_level, seed=seed)
+                   use_tuned=use_tuned, steps_column=steps_column, ci_level=ci_level, seed=seed,
+                   uncertified=uncertified)
     analysis = RunAnalysis(run_dir=run_dir, label=label, unit=unit, tokens_per_example=tpe, summary=summary,
                            text="", fits=fits, steps=steps, per_batch=per_b, options=options,
                            swept_hparams=swept, warnings=run_warnings)

@@ -96,8 +96,15 @@ def steps_table(results: pd.DataFrame, tuned: pd.DataFrame | None = None, *, use
         One row per (optimizer, batch_size, seed) with columns: steps (NaN = censored),
         censored, source ("results" or "tuned"), n_cells, n_diverged, n_censored_cells,
         max_steps, best_lr (refined when tuned), grid_best_lr, best_effective_lr,
-        best_hp_<name>..., lr_grid_min, lr_grid_max, n_lr, and lr_at_edge ("low" or "high"
-        when the grid's best LR is the grid's smallest or largest; "" otherwise).
+        best_hp_<name>..., lr_grid_min, lr_grid_max, n_lr (the LRs tried with the best
+        config's other hyperparameters: adaptive grids differ per group), lr_at_edge ("low"
+        or "high" when the grid's best LR is that grid's smallest or largest; "" otherwise),
+        and exact: True when the steps are a proven first crossing -- the best cell's
+        ``crossing_exact`` (train) or ``crossing_certified`` (NQM) is 1 and no uncertified
+        cell could be faster (its ``steps_lower_bound``, where known, is not below the best);
+        True for censored points and for results without such columns (``proof`` names the
+        column used, "" when there is none). ``n_uncertified`` counts reached cells whose
+        crossing is not proven.
     """
     missing = [c for c in _REQUIRED if c not in results.columns]
     if missing:
@@ -112,18 +119,26 @@ def steps_table(results: pd.DataFrame, tuned: pd.DataFrame | None = None, *, use
         steps = cells[steps_column].to_numpy(dtype=np.float64)
         reached &= np.isfinite(steps)
         ok = cells[~diverged]
-        lr_grid = np.sort(cells["lr"].unique())
+        flag_col = next((c for c in ("crossing_exact", "crossing_certified") if c in cells), None)
+        proven = (cells[flag_col].to_numpy(np.float64) == 1) if flag_col else np.ones(len(cells), bool)
+        lower = (cells["steps_lower_bound"].to_numpy(np.float64) if "steps_lower_bound" in cells
+                 else np.full(len(cells), -np.inf))
         row = dict(optimizer=opt, batch_size=int(bs), seed=int(seed), n_cells=len(cells),
                    n_diverged=int(diverged.sum()), n_censored_cells=int((~reached & ~diverged).sum()),
                    max_steps=float(cells["max_steps"].max()) if "max_steps" in cells else np.nan,
                    kind=str(cells["kind"].iloc[0]) if "kind" in cells else opt,
-                   lr_grid_min=float(lr_grid[0]), lr_grid_max=float(lr_grid[-1]), n_lr=len(lr_grid),
+                   n_uncertified=int((reached & ~proven).sum()), exact=True, proof=flag_col or "",
                    source="results")
         if reached.any():
             sub = cells[reached].assign(_s=steps[reached])
             order = ["_s"] + (["final_metric"] if "final_metric" in sub else [])
             best = sub.sort_values(order, kind="stable").iloc[0]
             row.update(steps=float(best["_s"]), censored=False)
+            pos = int(np.flatnonzero(cells.index == best.name)[0])
+            others = reached & ~proven
+            others[pos] = False
+            row["exact"] = bool(proven[pos]) and bool(np.all(np.nan_to_num(lower[others], nan=-np.inf)
+                                                             >= best["_s"]))
         else:
             # No config reached the target: censored. The "best" config is then the one that
             # got closest (lowest best metric), so its LR still says where the optimum sits.
@@ -132,6 +147,14 @@ def steps_table(results: pd.DataFrame, tuned: pd.DataFrame | None = None, *, use
             if len(ok):
                 key = "best_metric" if "best_metric" in ok else "final_metric" if "final_metric" in ok else None
                 best = ok.sort_values(key, kind="stable").iloc[0] if key else ok.iloc[0]
+        # The LR grid of the best config's hyperparameter group (adaptive rounds extend
+        # each group's grid separately); the whole block's grid when there is no best.
+        same = np.ones(len(cells), bool)
+        if best is not None:
+            for hp in hps:
+                same &= np.isclose(cells[hp].to_numpy(np.float64), float(best[hp]), rtol=1e-12, equal_nan=True)
+        lr_grid = np.sort(cells.loc[same, "lr"].unique())
+        row.update(lr_grid_min=float(lr_grid[0]), lr_grid_max=float(lr_grid[-1]), n_lr=len(lr_grid))
         if best is not None:
             row["best_lr"] = float(best["lr"])
             for hp in hps:
@@ -218,6 +241,8 @@ def per_batch_table(steps: pd.DataFrame) -> pd.DataFrame:
             best_lr=gmean(lrs), best_effective_lr=gmean(elrs),
             lr_at_edge=max(set(edges), key=edges.count) if edges else "",
             source=",".join(sorted(set(g["source"]))),
+            n_uncertified=int(g["n_uncertified"].sum()) if "n_uncertified" in g else 0,
+            n_inexact_seeds=int((~g["exact"].astype(bool)).sum()) if "exact" in g else 0,
             **{c: float(np.nanmedian(g[c].to_numpy(np.float64))) if g[c].notna().any() else np.nan
                for c in g.columns if c.startswith("best_hp_")},
             steps_per_seed=[None if not np.isfinite(v) else float(v) for v in s]))

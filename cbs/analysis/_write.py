@@ -6,7 +6,7 @@ import json
 from typing import TYPE_CHECKING
 
 from cbs.analysis._format import jsonable_deep
-from cbs.analysis._render import report_markdown
+from cbs.analysis._render import exclusion_notes, report_markdown
 
 if TYPE_CHECKING:
     from cbs.analysis._report import RunAnalysis
@@ -40,6 +40,8 @@ def write_run_files(a: RunAnalysis, cfg, manifest, reference, scale, plots):
            _plots.plot_best_lr(run_dir / "best_lr.png", a.per_batch, a.unit, scale, title=f"{title}: best LR"),
            _plots.plot_data_efficiency(run_dir / "data_efficiency.png", a.fits, a.unit,
                                        title=f"{title}: data efficiency")]
+    png.insert(0, _plots.plot_all_optimizers(run_dir / "steps_all_optimizers.png", a.fits, a.unit,
+                                             title=f"{title}: all optimizers", notes=exclusion_notes(a.summary)))
     pairs = _plots.schedule_pairs(cfg)     # NQM Fig. 3b: constant LR vs optimized schedule
     if pairs:
         png.append(_plots.plot_schedules(run_dir / "schedules.png", a.fits, pairs, a.unit, reference, scale,

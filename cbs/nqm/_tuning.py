@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cbs.nqm._moments import final_risk
 from cbs.nqm._grid import _prob, evaluate_grid, num_levels
+from cbs.nqm._moments import final_risk
 from cbs.nqm._problem import NQMProblem
 
 __all__ = ["best_on_grid", "refine_lr", "optimize_pwc", "pwc_lr_cap", "pwc_piece_lengths",
@@ -54,11 +54,17 @@ def refine_lr(problem: NQMProblem, kind: str, lr0, momentum, ema_decay, precond_
     """
     lr0, momentum, ema_decay, precond_power, batch_size, ratio = np.broadcast_arrays(
         *(np.asarray(x, np.float64) for x in (lr0, momentum, ema_decay, precond_power, batch_size, ratio)))
+    R = len(lr0)
+    # Every evaluation is one evaluate_grid call over all R searches, padded (repeating the
+    # last) to a power of two >= 64 rows, so that sweeps of similar size share one program.
+    pad = max(64, 1 << max(R - 1, 0).bit_length()) - R
+    fill = lambda x: np.concatenate([x, np.repeat(x[-1:], pad)])
+    hp = [fill(x) for x in (momentum, ema_decay, precond_power)]
+    batch_col = fill(batch_size)[:, None]
 
     def f(log_lr):
-        out = evaluate_grid(problem, kind, np.exp(log_lr), momentum, ema_decay, precond_power,
-                            batch_sizes=batch_size[:, None], target=target, max_steps=max_steps,
-                            phases=phases, window=window)["steps"][:, 0]
+        out = evaluate_grid(problem, kind, np.exp(fill(log_lr)), *hp, batch_sizes=batch_col, target=target,
+                            max_steps=max_steps, phases=phases, window=window)["steps"][:R, 0]
         return np.where(np.isnan(out), np.inf, out)
 
     # (A golden section of its own, not the S(B) fitter's in cbs.analysis._model: here each

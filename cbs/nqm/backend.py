@@ -105,6 +105,9 @@ class NQMBackend(Backend):
     }
     metrics = {"risk": "exact expected excess risk E[L(theta_t)] = 1/2 sum_i h_i E[theta_i(t)^2]"}
     blocks_per_call = 10_000
+    # one call per sweep: configurations of every optimizer entry of one kind and schedule
+    # share the compiled programs, and all their LR refinements run as one batch
+    calls_span_optimizers = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -151,9 +154,12 @@ class NQMBackend(Backend):
 
     def run_blocks(self, blocks):
         results: list[BlockResult | None] = [None] * len(blocks)
+        # Blocks of one kind and schedule (any optimizer entry, e.g. several preconditioner
+        # powers) run together: one grid call, one batched refinement, one curves call.
         groups: dict[tuple, list[int]] = {}
         for i, block in enumerate(blocks):
-            groups.setdefault((block.kind, block.optimizer, repr(block.schedule)), []).append(i)
+            pwc = block.schedule is not None and block.schedule.kind == "optimized_pwc"
+            groups.setdefault((block.kind, block.optimizer if pwc else "", repr(block.schedule)), []).append(i)
         for (kind, _, _), idx in groups.items():
             group = [blocks[i] for i in idx]
             sch = group[0].schedule
@@ -264,21 +270,25 @@ class NQMBackend(Backend):
         mode = self.section.curves
         if not self.config.output.curves or mode == "none":
             return None
-        if mode == "auto":
-            mode = "all" if len(cells) <= 4096 else "best"
-        sel = np.arange(len(cells))
-        if mode == "best":
-            keep = []
-            offsets = np.cumsum([0] + [len(b.cells) for b in group])
-            for bi in range(len(group)):
-                idx = np.arange(offsets[bi], offsets[bi + 1])
+        # auto: every cell of an optimizer entry with at most 4096 cells, else the best cell
+        # per block and hyperparameter tuple
+        per_opt: dict[str, int] = {}
+        for b in group:
+            per_opt[b.optimizer] = per_opt.get(b.optimizer, 0) + len(b.cells)
+        keep = []
+        offsets = np.cumsum([0] + [len(b.cells) for b in group])
+        for bi, block in enumerate(group):
+            idx = np.arange(offsets[bi], offsets[bi + 1])
+            if mode == "all" or (mode == "auto" and per_opt[block.optimizer] <= 4096):
+                keep.extend(idx)
+            else:
                 hk = np.stack([mom[idx], ema[idx], pw[idx]], 1)
                 for k in np.unique(hk, axis=0):
                     sub = idx[np.all(hk == k, axis=1)]
                     j = best_on_grid(steps[sub])
                     if j >= 0:
                         keep.append(sub[j])
-            sel = np.array(keep, np.int64)
+        sel = np.array(keep, np.int64)
         if len(sel) == 0:
             return None
         ts = self._curve_steps()

@@ -6,7 +6,6 @@ Kept short on purpose: parsing and printing only; the work is in cbs.sweep.runne
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -84,25 +83,6 @@ def _parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def _enable_compilation_cache() -> None:
-    """Persistent XLA cache, so repeated sweeps skip compilation.
-
-    On by default on GPU/TPU. On CPU only when CBS_JAX_CACHE names a folder: XLA:CPU's
-    cached executables are tied to the exact CPU features of the machine that compiled
-    them, and loading them elsewhere (a shared home on a heterogeneous cluster) logs
-    errors and can crash, while CPU compiles of our programs take seconds anyway.
-    """
-    import jax
-    explicit = os.environ.get("CBS_JAX_CACHE")
-    if explicit is not None and explicit.lower() in ("", "0", "off", "none"):
-        return
-    if explicit is None and jax.default_backend() == "cpu":
-        return
-    cache = explicit or str(Path.home() / ".cache" / "cbs" / "jax")
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def print_plan(cfg, blocks) -> None:
     from collections import Counter
     cells = sum(len(b.cells) for b in blocks)
@@ -163,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print_plan(cfg, plan(cfg))
         return 0
-    _enable_compilation_cache()
+    from cbs.compile_cache import enable_compilation_cache
+    enable_compilation_cache()
     try:
         summary = run_sweep(cfg, progress=not args.no_progress, shard=shard)
     except CbsError as e:

@@ -126,6 +126,10 @@ class Backend(abc.ABC):
     optimizers: ClassVar[Mapping[str, OptimizerSpec]]
     metrics: ClassVar[Mapping[str, str]]            # metric name -> description; lower is better
     blocks_per_call: ClassVar[int] = 1              # how many blocks run_blocks may receive at once
+    # whether one call may hold blocks of several optimizer entries (a back end that batches
+    # work across them, e.g. the NQM's LR refinement); otherwise each call holds one entry
+    calls_span_optimizers: ClassVar[bool] = False
+    adaptive_default: ClassVar[bool] = False        # grid.adaptive.enabled when the config leaves it unset
 
     def __init__(self, config):
         self.config = config

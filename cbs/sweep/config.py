@@ -17,7 +17,7 @@ from cbs.sweep.backend import BACKENDS, get_backend
 from cbs.sweep.schema import ConfigError, parse, spec, to_dict
 
 __all__ = ["LogRange", "Log2Range", "HParamRange", "Schedule", "OptimizerEntry", "Grid",
-           "Target", "Budget", "Output", "AnalysisOptions", "SweepConfig", "load_config",
+           "Adaptive", "Target", "Budget", "Output", "AnalysisOptions", "SweepConfig", "load_config",
            "apply_overrides", "config_hash"]
 
 
@@ -103,11 +103,22 @@ class OptimizerEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class Adaptive:
+    """Adaptive LR grid (cbs.sweep.adaptive): extend an edge optimum, then zoom in once."""
+    enabled: bool | None = spec(None, doc="on/off; default: on for backend train, off for nqm (which refines "
+                                "its optimum continuously)")
+    max_extend: int = spec(3, doc="most rounds that extend an edge optimum's LR grid outward", ge=0, le=20)
+    points: int = spec(2, doc="LRs added per side and extension round, at the grid's spacing", ge=1, le=20)
+    zoom: bool = spec(True, doc="one final round adding the midpoints around each best LR")
+
+
+@dataclasses.dataclass(frozen=True)
 class Grid:
     batch_sizes: list[int] | Log2Range = spec(doc="batch sizes: a list, or {log2_min, log2_max, step}", ge=1)
     learning_rates: list[float] | LogRange = spec(doc="LRs: a list, or {log10_min, log10_max, num}", gt=0)
     optimizers: list[OptimizerEntry] = spec(doc="optimizers, each with its own hyperparameter grid", min_len=1)
     seeds: list[int] = spec([0], doc="seeds (initialisation, data order, noise)", ge=0, min_len=1)
+    adaptive: Adaptive = spec(factory=Adaptive, doc="adaptive LR grid: extend edge optima, zoom once")
 
     def batch_size_values(self) -> list[int]:
         return self.batch_sizes.values() if isinstance(self.batch_sizes, Log2Range) else list(self.batch_sizes)

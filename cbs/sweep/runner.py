@@ -23,7 +23,7 @@ from cbs.errors import RunFolderError
 from cbs.store import RESULTS, RunStore
 from cbs.sweep.backend import Block, BlockResult, get_backend
 from cbs.sweep.config import SweepConfig, config_dict, config_hash
-from cbs.sweep.grid import expand_blocks
+from cbs.sweep.grid import cell_id, expand_blocks
 
 __all__ = ["RunFolderError", "RunFolderConflict", "SweepSummary", "run_sweep", "plan", "provenance", "shard_blocks"]
 
@@ -123,17 +123,37 @@ def _block_tables(cfg: SweepConfig, block: Block, result: BlockResult, stamp: di
     return tables
 
 
-def _calls(blocks: Sequence[Block], per_call: int) -> list[list[Block]]:
+def _calls(blocks: Sequence[Block], per_call: int, span_optimizers: bool = False) -> list[list[Block]]:
     """Groups pending blocks into back-end calls: never more than ``per_call`` blocks, and
-    never two optimizer entries in one call, so finished work reaches disk (and the
-    progress bar) at least once per optimizer even for back ends that take everything."""
+    (unless the back end batches work across optimizer entries) never two optimizer entries
+    in one call, so finished work reaches disk (and the progress bar) at least once per
+    optimizer even for back ends that take everything."""
     calls: list[list[Block]] = []
     for block in blocks:
-        if calls and len(calls[-1]) < per_call and calls[-1][-1].optimizer == block.optimizer:
+        if calls and len(calls[-1]) < per_call and (span_optimizers or calls[-1][-1].optimizer == block.optimizer):
             calls[-1].append(block)
         else:
             calls.append([block])
     return calls
+
+
+def _adaptive_state(store: RunStore, bases: Sequence[Block], adaptive) -> tuple[dict, list]:
+    """Per base block: its adaptive status (rounds run, edges left) and the next round to
+    run (None when finished or waiting), both recomputed from the stored results."""
+    from cbs.store import RESULTS
+    from cbs.sweep.adaptive import adaptive_rounds
+    finished = store.finished_blocks()
+    status, nxt = {}, []
+    for base in bases:
+        stored = {bid: pd.read_parquet(store.dir / "parts" / RESULTS / f"{bid}.parquet")
+                  for bid in finished if bid == base.block_id or bid.startswith(base.block_id + "__a")}
+        done, pending, st = adaptive_rounds(base, stored, max_extend=adaptive.max_extend, points=adaptive.points,
+                                            zoom=adaptive.zoom, cell_id=cell_id)
+        st["block_ids"] = [r.block.block_id for r in done]
+        st["history"] = [r.record() for r in done]
+        status[base.block_id] = st
+        nxt.append(pending)
+    return status, nxt
 
 
 def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int] = (0, 1),
@@ -176,32 +196,59 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
     t0 = time.perf_counter()
     total = sum(len(b.cells) for b in blocks)
     bar = tqdm(total=total, initial=skipped, unit="cell", disable=not progress, desc=cfg.name, dynamic_ncols=True)
-    try:
-        for chunk in _calls(pending, max(1, int(backend.blocks_per_call))):
+
+    def run(pending_blocks):
+        for chunk in _calls(pending_blocks, max(1, int(backend.blocks_per_call)),
+                            bool(backend.calls_span_optimizers)):
             results = backend.run_blocks(chunk)
             if len(results) != len(chunk):
                 raise RuntimeError(f"back end returned {len(results)} results for {len(chunk)} blocks")
             for block, result in zip(chunk, results):
                 store.write_block(block.block_id, _block_tables(cfg, block, result, stamp))
                 bar.update(len(block.cells))
+
+    adaptive = cfg.grid.adaptive
+    adaptive_on = adaptive.enabled if adaptive.enabled is not None else backend_cls.adaptive_default
+    try:
+        run(pending)
+        # Adaptive LR rounds, one round of every family at a time; each round's blocks
+        # follow from the stored rows, so the loop ends after at most max_extend + 1 rounds.
+        while adaptive_on:
+            _, rounds = _adaptive_state(store, blocks, adaptive)
+            todo = [r.block for r in rounds if r is not None]
+            if not todo:
+                break
+            bar.total += sum(len(b.cells) for b in todo)
+            run(todo)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
 
     complete = store.finished_blocks() >= {b.block_id for b in all_blocks}
+    order = [b.block_id for b in all_blocks]
+    if adaptive_on:
+        status, rounds = _adaptive_state(store, all_blocks, adaptive)
+        complete = complete and all(r is None for r in rounds)
+        order = [bid for b in all_blocks for bid in [b.block_id] + status[b.block_id].get("block_ids", [])]
+        manifest["adaptive"] = dict(max_extend=adaptive.max_extend, points=adaptive.points, zoom=adaptive.zoom,
+                                    families=status,
+                                    flagged=sorted(k for k, v in status.items() if v.get("edge")))
+        store.write_manifest(manifest)
     bs = np.array(sorted(cfg.grid.batch_size_values()), dtype=np.float64)
     refs = backend.reference_curves(bs)
     if refs:
         store.write_table("reference", pd.DataFrame(
             [{"name": k, "batch_size": int(b), "steps": float(s)} for k, v in refs.items() for b, s in zip(bs, v)]))
     if complete:
-        store.merge(order=[b.block_id for b in all_blocks])
+        store.merge(order=order)
         manifest["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         store.write_manifest(manifest)
     from cbs.store import read_table
     rows = read_table(store.dir, RESULTS)
-    mine = rows[rows["block_id"].isin({b.block_id for b in blocks})] if rows is not None else pd.DataFrame(
+    ids = {b.block_id for b in blocks}
+    mine = rows[rows["block_id"].str.split("__a").str[0].isin(ids)] if rows is not None else pd.DataFrame(
         columns=["reached", "diverged", "censored"])
+    total = int(bar.total)      # adaptive rounds add cells as they go
     return SweepSummary(cfg.name, store.dir, chash, total, total - skipped, skipped,
                         int(mine["reached"].sum()), int(mine["diverged"].sum()), int(mine["censored"].sum()),
                         seconds, stamp["device_kind"], complete)

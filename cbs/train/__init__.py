@@ -3,6 +3,11 @@
 Modules:
   backend     TrainBackend (the cbs.sweep.backend.Backend), TrainSection (YAML ``train:``).
   data        offline data sets: mnist1d, digits, linreg, text (each hashed).
+  sources     the train.dataset registry: built-in names, .npz, .npy folders (memory-mapped),
+              Parquet, Hugging Face save_to_disk folders, Python factories; validation.
+  user        user Flax models (linen / nnx) and losses named "pkg.module:name".
+  streaming   training sets beyond the device budget: host-gathered, prefetched chunks.
+  make_example_data  writes the data of configs/examples/.
   models      Flax MLP, CNN, decoder-only Transformer; losses.
   optimizers  OPTIMIZERS registry (OptimizerSpec per kind), Optax builders, schedule_fn.
   engine      pure per-cell train step / evaluation, vmapped BlockRun, noise-scale estimator.

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +20,12 @@ import numpy as np
 from cbs.sweep.backend import Backend, Block, BlockResult
 from cbs.sweep.schema import ConfigError, spec
 from cbs.train import data as data_mod
+from cbs.train import sources
 from cbs.train.engine import BlockRun, TrainProblem
 from cbs.train.loop import RunOptions, run_vmapped_block
 from cbs.train.models import make_model
 from cbs.train.optimizers import OPTIMIZERS, schedule_fn, soap_available
+from cbs.train.streaming import device_budget_bytes, should_stream
 
 __all__ = ["NoiseScale", "TrainSection", "TrainBackend"]
 
@@ -43,10 +46,23 @@ class NoiseScale:
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
     """The ``train:`` section: data set, model, evaluation and measurement options."""
-    dataset: Literal["mnist1d", "digits", "linreg", "text"] = spec("mnist1d", doc="data set (all generated or read offline)")
-    model: Literal["mlp", "cnn", "mnist1d_cnn", "transformer"] = spec(
-        "mlp", doc="model family (transformer: text only; mnist1d_cnn: the MNIST-1D paper's CNN, 5/3/3-wide "
-                   "stride-2 convolutions then a linear read-out of the flattened features)")
+    dataset: str = spec("mnist1d", doc="data set: a built-in name (mnist1d, digits, linreg, text; generated or "
+                        "read offline), a path (.npz file, folder of .npy files, .parquet file, Hugging Face "
+                        "save_to_disk folder) or 'pkg.module:function' returning arrays (see cbs.train.sources)")
+    dataset_args: dict[str, Any] = spec({}, doc="keyword arguments of a dataset factory; for files: x / y (array "
+                                        "names or columns), parquet also x_shape and split (column)")
+    task: Literal["auto", "classification", "regression", "lm"] = spec(
+        "auto", doc="loss of a file or factory data set: auto = integer labels -> classification (lm when labels "
+                    "are token sequences shaped like the inputs), float labels -> regression")
+    num_outputs: int | None = spec(None, doc="classes / vocabulary size (default: largest label + 1)", ge=1)
+    loss: str | None = spec(None, doc="custom loss 'pkg.module:loss_fn', loss_fn(outputs, y) -> (mean loss, "
+                            "error rate); replaces the task's loss")
+    model: str = spec("mlp", doc="mlp, cnn, mnist1d_cnn (the MNIST-1D paper's CNN: 5/3/3-wide stride-2 convolutions, flatten, linear read-out), transformer (text / lm only), or 'pkg.module:Factory' building a "
+                      "Flax linen or nnx module (see cbs.train.user)")
+    model_args: dict[str, Any] = spec({}, doc="keyword arguments of a 'pkg.module:Factory' model")
+    device_budget_mb: float | None = spec(
+        None, doc="training sets larger than this (MiB) stay on the host and stream per compiled call "
+                  "(default: a quarter of the device memory; unlimited on CPU; 0 = always stream)", ge=0)
     width: int = spec(64, doc="hidden units / channels / model width", ge=1)
     depth: int = spec(2, doc="hidden layers / conv layers / Transformer blocks (mlp depth 0 = linear)", ge=0)
     heads: int = spec(4, doc="attention heads (transformer)", ge=1)
@@ -67,29 +83,40 @@ class TrainSection:
     diverge_loss: float | None = spec(None, doc="also call a cell diverged when its training loss exceeds this", gt=0)
     diverge_factor: float = spec(10.0, doc="a cell whose val_loss exceeds this times its initial val_loss is "
                                  "recorded diverged", gt=1)
+    exact_crossing: bool = spec(True, doc="replay each cell's crossing interval with an evaluation after every "
+                                "step, so steps_to_target is exact whatever eval_every (crossing_exact = 1)")
     noise_scale: NoiseScale = spec(factory=NoiseScale, doc="gradient noise scale measurement")
 
 
 _DEFAULT_SAMPLES = dict(mnist1d=5000, linreg=4096)
-_UNSUPPORTED_SCHEDULES = {"optimized_pwc": "is NQM-only", }
+BUILTIN_MODELS = ("mlp", "cnn", "mnist1d_cnn", "transformer")
 
 
 def _load(section: TrainSection) -> data_mod.Dataset:
-    """The section's data set: its keys mapped onto the loader's arguments (the dispatch by
-    name is ``data.load_dataset``)."""
-    kw = dict(val_fraction=section.val_fraction, split_seed=section.split_seed, max_train=section.max_train)
-    if section.dataset in _DEFAULT_SAMPLES:
-        kw["num_samples"] = section.num_samples or _DEFAULT_SAMPLES[section.dataset]
-    if section.dataset == "linreg":
-        kw.update(dim=section.linreg_dim, spectrum_power=section.spectrum_power,
-                  label_noise=section.label_noise, data_seed=section.data_seed)
-    elif section.dataset == "text":
-        kw.update(seq_len=section.seq_len)
-    return data_mod.load_dataset(section.dataset, **kw)
+    """The section's data set, read and validated by the source registry
+    (:mod:`cbs.train.sources`; built-in names go through ``data.load_dataset``)."""
+    return sources.load(section)
+
+
+def _task_of(section: TrainSection, d: data_mod.Dataset):
+    if section.loss is not None:
+        from cbs.train.user import load_loss
+        return load_loss(section.loss)
+    return d.task
+
+
+def _build_model(section: TrainSection, d: data_mod.Dataset):
+    if section.model in BUILTIN_MODELS:
+        return make_model(section.model, section.width, section.depth, d.num_outputs, section.seq_len, section.heads)
+    from cbs.train.user import build_user_model
+    return build_user_model(section.model, section.model_args, d.num_outputs)
 
 
 def train_size(section: TrainSection) -> int:
-    """Training-set size without generating the data (same rounding as the split)."""
+    """Training-set size (built-in data sets: without generating the data, same rounding
+    as the split; other sources: read and validated, cached)."""
+    if section.dataset not in sources.BUILTIN:
+        return _load(section).num_train
     if section.dataset == "digits":
         total = 1797
     elif section.dataset == "text":
@@ -118,6 +145,7 @@ class TrainBackend(Backend):
     metrics = {"val_loss": "validation loss (cross-entropy; 0.5 * squared error for linreg)",
                "val_error": "validation error rate (top-1; next-byte error for text)"}
     blocks_per_call = 1
+    adaptive_default = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -133,11 +161,29 @@ class TrainBackend(Backend):
     def check(cls, config) -> None:
         s: TrainSection = config.section or TrainSection()
         t = config.target
-        if s.model == "transformer" and s.dataset != "text":
+        user_model = s.model not in BUILTIN_MODELS
+        if user_model and ":" not in s.model:
+            import difflib
+            close = difflib.get_close_matches(s.model, BUILTIN_MODELS, n=1)
+            raise ConfigError("train.model", s.model, "allowed: " + ", ".join(map(repr, BUILTIN_MODELS)) +
+                              " or 'pkg.module:Factory'", f"did you mean {close[0]!r}?" if close else "")
+        if s.model_args and not user_model:
+            raise ConfigError("train.model_args", s.model_args, "allowed only with a 'pkg.module:Factory' model "
+                              f"(built-in {s.model!r} takes train.width, depth, heads)")
+        builtin_data = sources.source_kind(s.dataset) == "builtin"
+        if builtin_data and s.dataset_args:
+            raise ConfigError("train.dataset_args", s.dataset_args, f"allowed only with a file or factory dataset "
+                              f"(built-in {s.dataset!r} takes its own train.* options)")
+        if builtin_data and not user_model and s.loss is None and s.task == "auto":
+            task = "lm" if s.dataset == "text" else "regression" if s.dataset == "linreg" else "classification"
+        else:
+            task = cls._check_data_and_model(s, config)
+        if s.model == "transformer" and task != "lm":
             raise ConfigError("train.model", s.model, "allowed with this dataset: 'mlp', 'cnn', 'mnist1d_cnn'",
-                              "the transformer needs dataset: text")
-        if s.dataset == "text" and s.model != "transformer":
-            raise ConfigError("train.model", s.model, "allowed with dataset text: 'transformer'")
+                              "the transformer needs token sequences (dataset text, or train.task lm)")
+        if task == "lm" and not user_model and s.model != "transformer":
+            raise ConfigError("train.model", s.model, f"allowed with {'dataset text' if builtin_data else 'task lm'}"
+                              ": 'transformer'")
         if s.model in ("cnn", "mnist1d_cnn") and s.dataset == "linreg":
             raise ConfigError("train.model", s.model, "allowed with dataset linreg: 'mlp' (depth 0 = linear)")
         if s.model == "transformer" and s.width % s.heads:
@@ -146,8 +192,15 @@ class TrainBackend(Backend):
             raise ConfigError("analysis.tokens_per_example", config.analysis.tokens_per_example,
                               f"allowed with dataset text: train.seq_len = {s.seq_len}",
                               "batch sizes are counted in sequences; this reports them in tokens")
-        if t.metric == "val_error" and s.dataset == "linreg":
-            raise ConfigError("target.metric", t.metric, "allowed for dataset linreg: 'val_loss' (no error rate)")
+        if task == "lm" and not builtin_data:
+            seq = int(_load(s).y_train.shape[1])
+            if config.analysis.tokens_per_example != seq:
+                raise ConfigError("analysis.tokens_per_example", config.analysis.tokens_per_example,
+                                  f"allowed with task lm on this data set: its sequence length {seq}",
+                                  "batch sizes are counted in sequences; this reports them in tokens")
+        if t.metric == "val_error" and task == "regression":
+            raise ConfigError("target.metric", t.metric, f"allowed for {s.dataset!r} (regression): 'val_loss' "
+                              "(no error rate)")
         if t.value <= 0:
             raise ConfigError("target.value", t.value, f"allowed: a value > 0 ({t.metric} is never below 0, "
                               "and the target must be strictly undercut)")
@@ -169,9 +222,11 @@ class TrainBackend(Backend):
             where = f"grid.optimizers[{i}]"
             if opt.kind == "soap" and not soap_available():
                 raise ConfigError(f"{where}.kind", "soap", "cbs.train.soap is not importable in this install")
-            if opt.kind == "kfac" and s.model not in ("mlp", "cnn", "mnist1d_cnn"):
-                raise ConfigError(f"{where}.kind", "kfac", "allowed with model mlp, cnn or mnist1d_cnn (kfac-jax layer "
+            if opt.kind == "kfac" and s.model == "transformer":
+                raise ConfigError(f"{where}.kind", "kfac", "allowed with model mlp or cnn (kfac-jax layer "
                                   "registration and per-example loss scaling)")
+            if opt.kind == "kfac" and (user_model or s.loss is not None):
+                cls._check_kfac(s, where, task)
             if opt.kind == "kfac":
                 _check_burnin(opt.hparams.get("burnin_steps"), f"{where}.hparams.burnin_steps",
                               config.budget.max_steps)
@@ -185,6 +240,39 @@ class TrainBackend(Backend):
             if sch.kind == "piecewise" and not sch.pieces:
                 raise ConfigError(f"{where}.schedule.pieces", [], "allowed: [[steps, lr_multiplier], ...]")
 
+    @staticmethod
+    def _check_data_and_model(s: TrainSection, config) -> str:
+        """Reads and validates the data set, builds the model and traces it abstractly
+        (shapes only) against the labels; returns the task. Raises ConfigError."""
+        from cbs.train.user import CustomLoss, check_model
+        d = _load(s)
+        if s.task != "auto" and s.dataset in sources.BUILTIN and s.task != d.task:
+            raise ConfigError("train.task", s.task, f"allowed with dataset {s.dataset}: 'auto' or {d.task!r}")
+        task = _task_of(s, d)
+        model = _build_model(s, d)
+        check_model(model, s.model, task, d.x_train, d.y_train, d.num_outputs)
+        return "custom" if isinstance(task, CustomLoss) else task
+
+    @staticmethod
+    def _check_kfac(s: TrainSection, where: str, task: str) -> None:
+        from cbs.train.user import kfac_unregistered
+        if s.loss is not None:
+            raise ConfigError(f"{where}.kind", "kfac", f"allowed with the built-in losses only: kfac-jax must "
+                              f"register the loss, and train.loss = {s.loss!r} is a custom function")
+        d = _load(s)
+        try:
+            generic = kfac_unregistered(_build_model(s, d), task, d.x_train, d.y_train)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - kfac-jax's graph matcher refused the model
+            raise ConfigError(f"{where}.kind", "kfac", f"allowed where kfac-jax can register the model's layers; "
+                              f"its graph matcher raised {type(e).__name__}: {' '.join(str(e).split())[:200]}") \
+                from None
+        if generic:
+            raise ConfigError(f"{where}.kind", "kfac", "allowed where kfac-jax can register every layer (dense, "
+                              f"conv, scale-and-shift); {s.model} has parameters it cannot place in one: "
+                              + ", ".join(generic[:5]) + (" ..." if len(generic) > 5 else ""))
+
     # ------------------------------------------------------------------ lazily built state
     @property
     def dataset(self) -> data_mod.Dataset:
@@ -196,10 +284,14 @@ class TrainBackend(Backend):
     def problem(self) -> TrainProblem:
         if self._problem is None:
             d, s = self.dataset, self.section
-            model = make_model(s.model, s.width, s.depth, d.num_outputs, s.seq_len, s.heads)
-            self._problem = TrainProblem(model, d.task, jnp.asarray(d.x_train), jnp.asarray(d.y_train),
-                                    jnp.asarray(d.x_val), jnp.asarray(d.y_val), s.eval_batch,
-                                    s.diverge_loss if s.diverge_loss is not None else math.inf)
+            stream = should_stream(d.x_train, d.y_train, s.device_budget_mb)
+            # Streamed training sets stay on the host (memory-mapped when the source is);
+            # the loop gathers each compiled call's examples (cbs.train.streaming).
+            xt, yt = (d.x_train, d.y_train) if stream else (jnp.asarray(d.x_train), jnp.asarray(d.y_train))
+            self._problem = TrainProblem(_build_model(s, d), _task_of(s, d), xt, yt, jnp.asarray(d.x_val),
+                                         jnp.asarray(d.y_val), s.eval_batch,
+                                         s.diverge_loss if s.diverge_loss is not None else math.inf,
+                                         streaming=stream)
         return self._problem
 
     def options(self) -> RunOptions:
@@ -208,7 +300,7 @@ class TrainBackend(Backend):
                           target=c.target.value, interpolate=c.target.interpolate, steps_per_call=s.steps_per_call,
                           noise_scale=s.noise_scale.enabled, noise_micro_batch=s.noise_scale.micro_batch,
                           noise_num_micro=s.noise_scale.num_micro, noise_ema=s.noise_scale.ema,
-                          diverge_factor=s.diverge_factor, compact=s.compact)
+                          diverge_factor=s.diverge_factor, compact=s.compact, exact=s.exact_crossing)
 
     def _run_for(self, kind: str, schedule) -> BlockRun:
         key = (kind, repr(schedule))
@@ -244,9 +336,20 @@ class TrainBackend(Backend):
         params = self.problem.init_params(0)
         return dict(
             dataset=dict(name=d.name, sha256=d.sha256, num_train=d.num_train, num_val=int(d.x_val.shape[0]),
-                         **{k: v for k, v in d.info.items() if k not in ("num_train", "num_val")}),
-            model=dict(kind=s.model, width=s.width, depth=s.depth, heads=s.heads,
-                       parameters=int(sum(np.size(x) for x in jax.tree.leaves(params)))),
+                         task=d.task, num_outputs=d.num_outputs,
+                         shapes=dict(x_train=list(d.x_train.shape), y_train=list(d.y_train.shape),
+                                     x_val=list(d.x_val.shape), y_val=list(d.y_val.shape)),
+                         dtypes=dict(x=str(d.x_train.dtype), y=str(d.y_train.dtype)),
+                         **{k: v for k, v in d.info.items() if k not in ("num_train", "num_val", "shapes", "dtypes", "task")}),
+            data_placement=dict(streaming=self.problem.streaming,
+                                device_budget_bytes=(None if math.isinf(budget := device_budget_bytes(
+                                    s.device_budget_mb)) else budget),
+                                train_bytes=int(d.x_train.nbytes + d.y_train.nbytes)),
+            model=dict(kind=s.model, parameters=int(sum(np.size(x) for x in jax.tree.leaves(params))),
+                       **(dict(model_args={k: repr(v) for k, v in s.model_args.items()}, wrapper=repr(
+                           self.problem.model)) if s.model not in BUILTIN_MODELS else
+                          dict(width=s.width, depth=s.depth, heads=s.heads))),
+            loss=s.loss or "task",
             jax=dict(version=jax.__version__, backend=jax.default_backend(), devices=len(jax.devices())),
             determinism=("init = PRNGKey(seed); data order = numpy default_rng([seed, epoch]) permutations; "
                          "a cell alone matches its vmapped run at stable LRs (~1e-6); at near-divergent LRs "

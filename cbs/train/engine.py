@@ -39,7 +39,13 @@ __all__ = ["TrainProblem", "CellState", "IndexStream", "BlockRun", "make_block_f
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrainProblem:
-    """Everything static about a training problem: model, task and data (on device)."""
+    """Everything static about a training problem: model, task and data.
+
+    The validation set is on the device. The training set is on the device too unless
+    ``streaming``: then ``x_train``/``y_train`` are host (possibly memory-mapped) NumPy
+    arrays and every compiled call receives the examples it consumes as its ``data``
+    argument (:mod:`cbs.train.streaming`).
+    """
     model: nn.Module
     task: str
     x_train: jax.Array
@@ -48,6 +54,7 @@ class TrainProblem:
     y_val: jax.Array
     eval_batch: int = 1024
     diverge_loss: float = math.inf
+    streaming: bool = False
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -62,7 +69,7 @@ class TrainProblem:
         width would pay it again each time.
         """
         if "init" not in self._cache:
-            x0 = self.x_train[:1]
+            x0 = jnp.asarray(np.asarray(self.x_train[:1]))
             self._cache["init"] = jax.jit(lambda s: self.model.init(jax.random.PRNGKey(s), x0))
         key = ("params", int(seed))
         if key not in self._cache:
@@ -101,7 +108,10 @@ class IndexStream:
 
 
 def per_example_metrics(task: str, outputs, y):
-    """Per-example loss and error (LM: averaged over positions; regression: error NaN)."""
+    """Per-example loss and error (LM: averaged over positions; regression: error NaN;
+    a :class:`cbs.train.user.CustomLoss` task: its loss on one-example batches)."""
+    if not isinstance(task, str):
+        return task.per_example(outputs, y)
     if task == "regression":
         loss = 0.5 * jnp.sum((outputs - y) ** 2, axis=-1)
         return loss, jnp.full_like(loss, jnp.nan)
@@ -134,11 +144,13 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
 
     Returns:
       (init, train_interval, evaluate, grad_fn): ``init(params, hp) -> CellState``;
-      ``train_interval(state, lr, hp, idx[steps, B], step0=None) -> (state, mean_loss)``
-      runs the steps in a ``lax.scan`` (``step0``: the block's step at the start, shared
-      by all cells, so step-dependent optimizer branches stay conditionals under vmap); ``evaluate(state, hp) -> (val_loss, val_error)``;
-      ``grad_fn(params, idx) -> grads`` (for the noise scale). None is vmapped; the
-      caller vmaps over cells.
+      ``train_interval(state, lr, hp, idx[steps, B], data=None, step0=None) -> (state, mean_loss)``
+      runs the steps in a ``lax.scan``; ``evaluate(state, hp) -> (val_loss, val_error)``;
+      ``grad_fn(params, idx, data=None) -> grads`` (for the noise scale). ``idx`` indexes
+      the training set, or ``data = (x, y)`` when given (a streamed chunk). ``step0``: the
+      block's step at the start, shared by all cells (unbatched), so step-dependent
+      optimizer branches (SOAP's basis refresh) stay conditionals under vmap. None is
+      vmapped; the caller vmaps over cells.
     """
     model, task = problem.model, problem.task
 
@@ -149,16 +161,17 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
         opt_state = tx_of(jnp.float32(0.0), hp).init(params)
         return CellState(params, opt_state, jax.tree.map(jnp.zeros_like, params), jnp.int32(0), jnp.array(False))
 
-    def batch_loss(params, idx):
-        x, y = problem.x_train[idx], problem.y_train[idx]
+    def batch_loss(params, idx, data=None):
+        xs, ys = (problem.x_train, problem.y_train) if data is None else data
+        x, y = xs[idx], ys[idx]
         return loss_and_error(task, model.apply(params, x), y)[0]
 
     grad_fn = jax.grad(batch_loss)
 
-    def step(state: CellState, lr, hp, idx, block_step=None):
+    def step(state: CellState, lr, hp, idx, data=None, block_step=None):
         # block_step: the block's step (unbatched; equals every live cell's state.step).
         tx = tx_of(lr, hp, block_step)
-        loss, grads = jax.value_and_grad(batch_loss)(state.params, idx)
+        loss, grads = jax.value_and_grad(batch_loss)(state.params, idx, data)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         bad = ~jnp.isfinite(loss) | (loss > problem.diverge_loss) | ~_all_finite(params)
@@ -171,13 +184,13 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
         out = _where(live, new, state)
         return out._replace(diverged=state.diverged | (bad & in_budget)), loss
 
-    def train_interval(state, lr, hp, idx, step0=None):
+    def train_interval(state, lr, hp, idx, data=None, step0=None):
         # step0: the block step at the interval's start (unbatched), or None.
         if step0 is None:
-            state, losses = jax.lax.scan(lambda s, i: step(s, lr, hp, i), state, idx)
+            state, losses = jax.lax.scan(lambda s, i: step(s, lr, hp, i, data), state, idx)
         else:
             ts = step0 + jnp.arange(idx.shape[0], dtype=jnp.int32)
-            state, losses = jax.lax.scan(lambda s, xs: step(s, lr, hp, *xs), state, (idx, ts))
+            state, losses = jax.lax.scan(lambda s, xs: step(s, lr, hp, xs[0], data, xs[1]), state, (idx, ts))
         return state, jnp.mean(losses)
 
     def evaluate(state, hp):
@@ -238,28 +251,38 @@ class BlockRun:
         init, train_interval, evaluate, grad_fn = make_block_fns(problem, kind, schedule, max_steps)
         self.problem = problem
 
-        def call(state, lr, hp, seed_idx, idx_table, noise_table, step0):
+        def call(state, lr, hp, seed_idx, idx_table, noise_table, data=None, step0=None):
             # idx_table: (n_seeds, evals_per_call, eval_every, B); each cell picks its seed's
             # rows, so cells that share a seed share the data order without copies.
             # noise_table: (n_seeds, evals_per_call, num_micro, micro_batch) or None.
+            # data: None (indices into the device-resident training set) or the streamed
+            # chunk (x, y) the indices point into, shared by all cells (not vmapped).
             # step0: the block step at the call's start (a scalar shared by all cells).
             every = idx_table.shape[2]
-            starts = step0 + every * jnp.arange(idx_table.shape[1], dtype=jnp.int32)
+            starts = (None if step0 is None
+                      else step0 + every * jnp.arange(idx_table.shape[1], dtype=jnp.int32))
 
             def one(state, lr, hp, si):
                 def interval(s, xs):
                     idx, nidx, t0 = xs
-                    s, train_loss = train_interval(s, lr, hp, idx, t0)
+                    s, train_loss = train_interval(s, lr, hp, idx, data, t0)
                     vl, ve = evaluate(s, hp)
                     if nidx is None:
                         gsq = tr = jnp.float32(jnp.nan)
                     else:
-                        gsq, tr = noise_scale_estimates(grad_fn, s.params, nidx)
+                        gsq, tr = noise_scale_estimates(lambda p, i: grad_fn(p, i, data), s.params, nidx)
                     return s, dict(train_loss=train_loss, val_loss=vl, val_error=ve, diverged=s.diverged,
                                    grad_sq=gsq, trace_sigma=tr)
                 nt = None if noise_table is None else noise_table[si]
                 return jax.lax.scan(interval, state, (idx_table[si], nt, starts))
             return jax.vmap(one)(state, lr, hp, seed_idx)
+
+        # Exact first crossing (cbs.train.loop): one cell's step and evaluation, not
+        # vmapped. A replay is a short host loop over these; they compile in a fraction of
+        # the block program's time (a vmapped replay program per width and batch size cost
+        # more compile than its whole compute).
+        self.step_one = jax.jit(lambda s, lr, hp, idx, data=None: train_interval(s, lr, hp, idx[None], data)[0])
+        self.evaluate_one = jax.jit(evaluate)
 
         self._init = jax.jit(jax.vmap(init))
         self.call = jax.jit(call, donate_argnums=(0,))

@@ -25,6 +25,7 @@ their examples as examples), so a cell with burn-in ``b`` that reaches the targe
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import jax
@@ -35,8 +36,10 @@ from cbs.sweep.backend import Block, BlockResult
 from cbs.train.engine import IndexStream, TrainProblem, _all_finite, make_block_fns
 from cbs.train.loop import RunOptions, Tracker, noise_indices
 from cbs.train.models import loss_and_error
+from cbs.train.streaming import host_batch
 
 __all__ = ["KfacRunner", "burnin_steps"]
+
 
 
 def burnin_steps(hparams) -> int:
@@ -64,7 +67,7 @@ class KfacRunner:
         self._eval = jax.jit(eval_fn)
         self._ema = jax.jit(lambda e, p, d: jax.tree.map(lambda a, b: d * a + (1 - d) * b, e, p))
         self._finite = jax.jit(_all_finite)
-        self._noise = jax.jit(lambda p, idx: noise_scale_estimates(grad_fn, p, idx))
+        self._noise = jax.jit(lambda p, idx, data: noise_scale_estimates(lambda q, i: grad_fn(q, i, data), p, idx))
         self._opts: dict[float, object] = {}
         model, task = problem.model, problem.task
 
@@ -107,15 +110,12 @@ class KfacRunner:
             stream = IndexStream(cell.seed, n)   # the init batch only shapes the state: restart the order
             vl, ve = self._eval(params, ema, jnp.int32(0), hp["ema_decay"])
             tracker.record(i, 0, dict(val_loss=vl, val_error=ve, train_loss=np.nan), False, 0)
-            # step: batches consumed (burn-in included); updates: updates applied.
-            losses, diverged, step, updates = [], False, 0, 0
-            while step + (burnin if updates == 0 else 0) < opts.max_steps and not tracker.done[i]:
-                idx = stream.take(B)
-                lr = jnp.float32(cell.lr * float(self.schedule(updates)))
-                # kfac-jax donates params and state; pass a copy of the params so the last
-                # finite ones survive a diverging step.
+
+            def kstep(params, state, step, idx):
+                """Update number ``step`` (0-based) on the examples ``idx``: (params, state, loss)."""
+                lr = jnp.float32(cell.lr * float(self.schedule(step)))
                 batch = (xt[idx], yt[idx])
-                if updates == 0 and burnin:
+                if step == 0 and burnin:
                     # Burn-in: kfac-jax estimates the curvature on `burnin` extra batches before
                     # the first update (drawn apart from the training order, which stays the
                     # same as for every other optimizer), then takes the first training batch.
@@ -126,19 +126,53 @@ class KfacRunner:
                 with warnings.catch_warnings():
                     # kfac-jax donates the batch too; XLA cannot reuse it and says so at compile.
                     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+                    # kfac-jax donates params and state; pass a copy of the params so the last
+                    # finite ones survive a diverging step.
                     new_params, new_state, stats = opt.step(
-                        jax.tree.map(jnp.copy, params), state, step_keys[updates], **feed,
-                        learning_rate=lr, momentum=hp["momentum"], damping=hp["damping"],
-                        global_step_int=updates)
-                loss = float(stats["loss"])
+                        jax.tree.map(jnp.copy, params), state, step_keys[step], **feed,
+                        learning_rate=lr, momentum=hp["momentum"], damping=hp["damping"], global_step_int=step)
+                return new_params, new_state, float(stats["loss"])
+
+            def counted(updates: int) -> int:
+                """Steps (batches consumed) after ``updates`` updates: burn-in included."""
+                return updates + burnin if updates else 0
+
+            def replay(snapshot, t0: int, t1: int):
+                """Exact first crossing in (t0, t1]: retrain from the state kept at the
+                evaluation t0 (``u0`` updates) with an evaluation after every update (the same
+                trajectory: the data order and step keys are functions of the seed and step)."""
+                params, state, ema, u0 = snapshot
+                params, state, ema = jax.tree.map(jnp.copy, (params, state, ema))
+                stream = IndexStream(cell.seed, n)
+                stream.take(u0 * B)
+                for u in range(u0, t1):
+                    if counted(u + 1) > t1:
+                        break
+                    params, state, _ = kstep(params, state, u, stream.take(B))
+                    ema = self._ema(ema, params, hp["ema_decay"])
+                    vl, ve = self._eval(params, ema, jnp.int32(u + 1), hp["ema_decay"])
+                    if float(vl if opts.metric == "val_loss" else ve) < opts.target:
+                        return counted(u + 1)
+                return None
+
+            # step: batches consumed (burn-in included); updates: updates applied.
+            losses, diverged, step, updates = [], False, 0, 0
+            snapshot = None
+            while counted(updates + 1) <= opts.max_steps and not tracker.done[i]:
+                if opts.exact and opts.eval_every > 1 and step % opts.eval_every == 0:
+                    # state at evaluation `step`
+                    snapshot = (*jax.tree.map(jnp.copy, (params, state, ema)), updates)
+                    t_snap = step
+                idx = stream.take(B)
+                new_params, new_state, loss = kstep(params, state, updates, idx)
                 if not np.isfinite(loss) or loss > p.diverge_loss or not bool(self._finite(new_params)):
                     diverged = True      # keep the last finite params, stop this cell
                 else:
                     params, state = new_params, new_state
                     ema = self._ema(ema, params, hp["ema_decay"])
                     losses.append(loss)
-                    step += 1 + (burnin if updates == 0 else 0)
                     updates += 1
+                    step = counted(updates)
                 if diverged or step % opts.eval_every == 0 or step >= opts.max_steps:
                     # A divergence is reported at the next evaluation step, as in the vmapped path.
                     at = min((step // opts.eval_every + 1) * opts.eval_every, opts.max_steps) if diverged else step
@@ -146,9 +180,13 @@ class KfacRunner:
                     vl, ve = self._eval(params, ema, jnp.int32(updates), hp["ema_decay"])
                     tl = float(np.mean(losses)) if losses else np.nan
                     tracker.record(i, at, dict(val_loss=vl, val_error=ve, train_loss=tl), diverged, step)
+                    if tracker.reached[i] and not tracker.exact[i] and snapshot is not None:
+                        t_rep = time.perf_counter()
+                        tracker.set_exact(i, replay(snapshot, t_snap, at))
+                        tracker.replay_seconds += time.perf_counter() - t_rep
                     if opts.noise_scale and not diverged:
                         nidx = noise_indices(cell.seed, at, n, opts.noise_num_micro, opts.noise_micro_batch or B)
-                        g, t = self._noise(params, jnp.asarray(nidx))
+                        g, t = self._noise(params, *host_batch(p, nidx))
                         tracker.record_noise(i, at, float(g), float(t))
                     losses = []
                 if diverged:

@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from cbs.sweep.backend import Block, BlockResult, CellResult
 from cbs.parallel import padded_size, shard_cells
-from cbs.train.engine import BlockRun, IndexStream, TrainProblem
+from cbs.sweep.backend import Block, BlockResult, CellResult
+from cbs.train.engine import BlockRun, TrainProblem
+from cbs.train.streaming import ChunkFeeder
 
 __all__ = ["RunOptions", "Tracker", "run_vmapped_block"]
 
@@ -38,6 +39,7 @@ class RunOptions:
     noise_ema: float = 0.0            # EMA of the two estimates across evaluations (0 = none)
     diverge_factor: float = 10.0      # val_loss above this times its step-0 value = diverged
     compact: str = "auto"             # drop finished cells from the vmap: "auto", "always", "never"
+    exact: bool = True                # replay each crossing interval step by step (exact first crossing)
 
     @property
     def evals_per_call(self) -> int:
@@ -48,9 +50,16 @@ class RunOptions:
 class Tracker:
     """Steps-to-target bookkeeping of a block's cells, evaluation by evaluation.
 
-    Shallue's rule: ``steps_to_target`` is the first evaluated step with the metric
-    strictly below the target. With ``interpolate``, ``steps_interpolated`` is the step at
-    which the straight line between that evaluation and the previous one crosses it.
+    Shallue's rule: ``steps_to_target`` is the first step with the metric strictly below
+    the target. The cadence finds the first *evaluation* below it (t1, previous evaluation
+    t0); with ``exact`` the caller then replays (t0, t1] with an evaluation after every step
+    and calls :meth:`set_exact` with the first step below target, so the count does not
+    depend on ``eval_every`` (``crossing_exact`` = 1; 0 when no replay ran or the replay
+    found no step below the target, in which case t1 stands). Exact means: the first step
+    below target after the last evaluation above it; a dip below the target that is over
+    by the next evaluation is not seen (``eval_every: 1`` sees everything).
+    With ``interpolate``, ``steps_interpolated`` is the step at which the straight line
+    between that evaluation and the previous one crosses it.
     A cell is done when it reached the target or diverged; diverging after reaching the
     target leaves the record reached (``diverged_after_target`` = 1). Diverged means a
     non-finite step (frozen in the device program) or an evaluated val_loss that is not
@@ -65,6 +74,11 @@ class Tracker:
         self.div_after = np.zeros(n, bool)
         self.s_target = np.full(n, np.nan)
         self.s_interp = np.full(n, np.nan)
+        self.exact = np.zeros(n, bool)
+        self.t_before = np.full(n, -1, np.int64)   # evaluation step before the crossing one
+        self.replay_seconds = 0.0
+        self.n_replayed = 0
+        self.t_start = time.perf_counter()
         self.final = np.full(n, np.nan)
         self.best = np.full(n, np.inf)
         self.steps_run = np.zeros(n, np.int64)
@@ -101,6 +115,8 @@ class Tracker:
             self.reached[i] = True
             self.s_target[i] = step
             s0, m0 = self.prev[i]
+            self.t_before[i] = int(s0) if np.isfinite(s0) else -1
+            self.exact[i] = step == 0 or (np.isfinite(s0) and step - s0 == 1)
             if np.isfinite(m0) and m0 > m:
                 self.s_interp[i] = s0 + (m0 - self.opts.target) / (m0 - m) * (step - s0)
             else:
@@ -109,6 +125,14 @@ class Tracker:
         if np.isfinite(m):
             self.best[i] = min(self.best[i], m)
         self.prev[i] = (step, m)
+
+    def set_exact(self, i: int, step: int | None) -> None:
+        """The replay's answer for cell ``i``: the first step below target in
+        (t0, t1], or None when the replay saw none (rounding; t1 then stands, not exact)."""
+        self.n_replayed += 1
+        if step is not None:
+            self.s_target[i] = step
+            self.exact[i] = True
 
     def record_noise(self, i: int, step: int, grad_sq: float, trace_sigma: float) -> None:
         """Noise-scale estimates of cell ``i``; B_simple = EMA(trΣ) / EMA(|G|²)."""
@@ -122,14 +146,18 @@ class Tracker:
     def result(self) -> BlockResult:
         cells = []
         for i, c in enumerate(self.block.cells):
-            extra = dict(diverged_after_target=float(self.div_after[i]))
+            extra = dict(diverged_after_target=float(self.div_after[i]),
+                         crossing_exact=float(self.exact[i]) if self.reached[i] else np.nan)
             if self.opts.interpolate:
                 extra["steps_interpolated"] = float(self.s_interp[i])
             best = self.best[i] if np.isfinite(self.best[i]) else np.nan
             cells.append(CellResult(c.cell_id, bool(self.reached[i]), bool(self.diverged[i]),
                                     float(self.s_target[i]), float(self.final[i]), float(best),
                                     int(self.steps_run[i]), extra))
-        tables = {}
+        # Wall time of the block and of its exact-crossing replays (the replay's cost).
+        tables = {"timing": pd.DataFrame([dict(seconds=time.perf_counter() - self.t_start,
+                                               replay_seconds=self.replay_seconds,
+                                               replayed_cells=int(self.n_replayed))])}
         if self.opts.noise_scale:
             tables["noise_scale"] = pd.DataFrame(self.noise_rows, columns=["cell_id", "step", "b_simple",
                                                                            "trace_sigma", "grad_sq"])
@@ -141,6 +169,36 @@ def noise_indices(seed: int, step: int, n: int, num_micro: int, micro: int, tag:
     replacement that depends only on (seed, step, tag), not on the training order."""
     rng = np.random.default_rng([seed, step, tag])
     return rng.permutation(n)[: num_micro * micro].reshape(num_micro, micro).astype(np.int32)
+
+
+def _replay(run: BlockRun, snap, lr, hp, seed_idx, table, data, lanes: list[int],
+            lane_cell: np.ndarray, call_start: int, tracker: Tracker, opts: RunOptions) -> None:
+    """Exact first crossings of the cells in ``lanes``, which first evaluated below target
+    during the call that started at step ``call_start`` from states ``snap``.
+
+    Each cell is retrained from the call's start over the call's own data rows (and
+    streamed chunk ``data``, if any; so it is the same trajectory), unevaluated up to its last evaluation above target t0, then
+    evaluated after every step until the first one below target.
+    """
+    table = np.asarray(table)
+    flat = table.reshape(table.shape[0], -1, table.shape[-1])       # (n_seeds, k * every, B)
+    seed_idx = np.asarray(seed_idx)
+    for lane in lanes:
+        i = int(lane_cell[lane])
+        t0, t1 = int(tracker.t_before[i]), int(tracker.s_target[i])
+        state = jax.tree.map(lambda x, lane=lane: x[lane], snap)
+        lr_i, hp_i = lr[lane], {name: v[lane] for name, v in hp.items()}
+        rows = flat[seed_idx[lane]]
+        found = None
+        for t in range(t0 - call_start):
+            state = run.step_one(state, lr_i, hp_i, rows[t], data)
+        for t in range(t0 - call_start, t1 - call_start):
+            state = run.step_one(state, lr_i, hp_i, rows[t], data)
+            vl, ve = run.evaluate_one(state, hp_i)
+            if float(vl if opts.metric == "val_loss" else ve) < opts.target:
+                found = call_start + t + 1
+                break
+        tracker.set_exact(i, found)
 
 
 def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run: BlockRun,
@@ -159,7 +217,6 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
     seeds = [int(c.seed) for c in block.cells]
     useeds = sorted(set(seeds))
     seed_idx = jnp.array([useeds.index(s) for s in seeds], jnp.int32)
-    streams = {s: IndexStream(s, n) for s in useeds}
     lr = jnp.asarray(block.lrs, jnp.float32)
     hp = {k: jnp.asarray(block.hparam(k), jnp.float32) for k in hparam_names}
     k, every = opts.evals_per_call, opts.eval_every
@@ -184,15 +241,21 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
     call_times: list[float] = []
     fresh = {0}  # calls that include a compile (measured: call time minus a later call's)
     step = 0
+
+    def noise_table(step):
+        return np.stack([np.stack([noise_indices(s, step + (j + 1) * every, n, opts.noise_num_micro, micro)
+                                   for j in range(k)]) for s in useeds])
+
+    # Index tables per call (and, for a streamed training set, the gathered examples,
+    # prepared one call ahead in a background thread).
+    feeder = ChunkFeeder(problem, useeds, (k, every, B), noise_table if opts.noise_scale else None)
     while step < opts.max_steps and not tracker.done.all():
-        table = np.stack([streams[s].take(k * every * B).reshape(k, every, B) for s in useeds])
-        ntable = None
-        if opts.noise_scale:
-            ntable = jnp.asarray(np.stack([np.stack([noise_indices(s, step + (j + 1) * every, n,
-                                                                   opts.noise_num_micro, micro)
-                                                     for j in range(k)]) for s in useeds]))
+        table, ntable, data = feeder.get(step)
+        # The call donates its input state; keep a copy to replay crossing intervals from.
+        snap = jax.tree.map(jnp.copy, state) if opts.exact and every > 1 else None
+        reached_before = tracker.reached.copy()
         t_call = time.perf_counter()
-        state, out = run.call(state, lr, hp, seed_idx, jnp.asarray(table), ntable, jnp.int32(step))
+        state, out = run.call(state, lr, hp, seed_idx, table, ntable, data, jnp.int32(step))
         out = {key: np.asarray(v) for key, v in out.items()}
         call_times.append(time.perf_counter() - t_call)
         applied = np.asarray(state.step)
@@ -211,6 +274,15 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
                                int(min(at, applied[lane])))
                 if opts.noise_scale and not out["diverged"][lane, j]:
                     tracker.record_noise(i, at, float(out["grad_sq"][lane, j]), float(out["trace_sigma"][lane, j]))
+        if snap is not None:
+            crossing = [lane for lane in range(n_live)
+                        if tracker.reached[lane_cell[lane]] and not reached_before[lane_cell[lane]]
+                        and not tracker.exact[lane_cell[lane]]]
+            if crossing:
+                t_rep = time.perf_counter()
+                _replay(run, snap, lr, hp, seed_idx, table, data, crossing, lane_cell, step, tracker, opts)
+                tracker.replay_seconds += time.perf_counter() - t_rep
+        del snap
         step += k * every
         live = np.flatnonzero(~tracker.done[lane_cell[:n_live]])
         # Finished cells would otherwise ride along (and cost compute) until the block's
@@ -238,4 +310,5 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
                 state = jax.device_put(state, lr.sharding)
             lane_cell, n_live = lane_cell[live], len(live)
             fresh.add(len(call_times))  # the next call compiles the narrower program
+    feeder.close()
     return tracker.result()

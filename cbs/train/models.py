@@ -136,7 +136,12 @@ def loss_and_error(task: str, outputs: jax.Array, y: jax.Array, register_kfac: b
       outputs: model outputs.
       y: integer labels / next tokens, or float targets.
       register_kfac: register the loss with kfac-jax (only inside a K-FAC loss function).
+
+    ``task`` may also be a :class:`cbs.train.user.CustomLoss` (``train.loss``), whose
+    function returns both numbers itself.
     """
+    if not isinstance(task, str):
+        return task.batch(outputs, y)
     if task == "regression":
         if register_kfac:
             import kfac_jax
