@@ -37,11 +37,15 @@ def main(argv=None):
     ap.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--only", choices=["logistic", "mlp", "cnn"], nargs="+", help="models to run (default all)")
     args = ap.parse_args(argv)
     print("| model | paper test acc. | best val. acc. (best LR, seed mean +- sd) | final val. acc. | "
           "best LR | wall s |")
     print("| --- | --- | --- | --- | --- | --- |")
+    keys = dict(zip(("logistic", "mlp", "cnn"), MODELS))
     for label, arch in MODELS.items():
+        if args.only and label not in [keys[k] for k in args.only]:
+            continue
         cfg = make_config(dict(dataset="mnist1d", **arch), metric="val_error", value=1e-6,
                           max_steps=args.steps, eval_every=args.eval_every, batch_sizes=[args.batch])
         block = make_block("adam", args.batch, args.lrs, seeds=args.seeds)

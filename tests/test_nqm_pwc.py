@@ -47,3 +47,14 @@ def test_optimized_schedule_beats_or_ties_constant_with_exact_counts():
         risk = risk_by_recurrence(PROBLEM.h, PROBLEM.c, PROBLEM.m0, PROBLEM.count, "sgd", cap, 0.0, 0.0, p,
                                   np.full(T, b), _per_step(r["lrs"][j] / cap, T))
         assert risk[T] < TARGET
+
+
+def test_fig3b_config_pairs_each_constant_with_its_optimized_schedule():
+    from pathlib import Path
+
+    import yaml
+
+    from cbs.analysis._plots import schedule_pairs
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "nqm_fig3b.yaml").read_text())
+    pairs = schedule_pairs(cfg)
+    assert [(c, o) for _, c, o in pairs] == [(f"sgd_p{p}", f"pwc_p{p}") for p in ("0", "0.25", "0.5", "0.75")]
