@@ -80,8 +80,15 @@ def main() -> int:
         t0 = time.perf_counter()
         run_sweep(cfg, progress=False, log=lambda s: None)
         sweep_s = time.perf_counter() - t0
-        # 3. overlay (anchor read from the finished sweep: the same numbers, no training).
-        post = predict(cfg, PredictOptions(), measurement=pre.measurement, log=lambda s: None)
+        # 3. overlay (anchor read from the finished sweep: the same numbers, no training), and
+        #    two ablations: curvature and start at init with the noise at the target; all at init.
+        post = predict(cfg, PredictOptions(), measurement=pre.measurement, target_measurement=pre.calibrated_on,
+                       log=lambda s: None)
+        abl = {}
+        for label, o in (("init_noise_target", PredictOptions(measure_at="init")),
+                         ("all_init", PredictOptions(measure_at="init", noise_at="init"))):
+            abl[label] = predict(cfg, o, measurement=pre.measurement, plots=False, log=lambda s: None,
+                                 out_dir=out / f"ablation_{label}").summary.set_index("optimizer")["ratio"]
         print(f"\n== {w}: {path.relative_to(ROOT)} {' '.join(_overrides(args.quick, read_yaml(path)))}")
         print(post.text.rsplit("\ncost:", 1)[0])
         own = pre.costs["measure_s"] + pre.costs["anchor_s"] + pre.costs["forecast_s"]
@@ -91,15 +98,18 @@ def main() -> int:
         results[w] = post.summary.set_index("optimizer")
         for r in post.summary.itertuples():
             rows.append((w, r.optimizer, r.b_crit_forecast, r.b_crit_measured, r.b_crit_measured_lo,
-                         r.b_crit_measured_hi, r.ratio, r.b_simple_ratio, r.b_noise_ratio, own, sweep_s))
+                         r.b_crit_measured_hi, r.ratio, r.b_simple_ratio, r.b_noise_ratio,
+                         abl["init_noise_target"].get(r.optimizer, np.nan), abl["all_init"].get(r.optimizer, np.nan),
+                         r.precond_power, own, sweep_s))
 
     print("\n| workload | optimizer | B_crit forecast | measured [95% CI] | forecast/measured | "
-          "B_simple/measured | B_noise/measured | cost predict / sweep |")
-    print("|---|---|---|---|---|---|---|---|")
-    f = lambda x: "-" if not np.isfinite(x) else f"{x:.3g}"
-    for w, o, bf, bm, lo, hi, r, rs, rn, own, sw in rows:
-        print(f"| {w} | {o} | {f(bf)} | {f(bm)} [{f(lo)}, {f(hi)}] | {f(r)} | {f(rs)} | {f(rn)} | "
-              f"{own:.0f} s / {sw:.0f} s |")
+          "B_simple/measured | B_noise/measured | ablation: C, m0 at init | ablation: all at init | p | "
+          "cost predict / sweep |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    f = lambda x: "-" if x is None or not np.isfinite(x) else f"{x:.3g}"
+    for w, o, bf, bm, lo, hi, r, rs, rn, a1, a2, p, own, sw in rows:
+        print(f"| {w} | {o} | {f(bf)} | {f(bm)} [{f(lo)}, {f(hi)}] | {f(r)} | {f(rs)} | {f(rn)} | {f(a1)} | "
+              f"{f(a2)} | {f(p)} | {own:.0f} s / {sw:.0f} s ({100 * own / sw:.0f}%) |")
 
     def get(w, col):
         try:
