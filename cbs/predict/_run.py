@@ -45,7 +45,7 @@ class PredictOptions:
     bins: int = 40
     floor: float = 1e-6
     max_memory_mb: float = 2048.0
-    lr_grid: str = "sweep"             # "sweep": SGD/momentum pick from the sweep's LRs; "continuous"
+    lr_grid: str = "continuous"        # or "sweep": SGD/momentum pick from the config's LR grid
     measure_at: str = "target"         # curvature, noise and start measured at theta_T ("init": at theta_0)
     noise_at: str = "target"           # "target": noise where the anchor run reaches the target; "init"
 
