@@ -9,16 +9,12 @@ import pytest
 
 from cbs.sweep.schema import ConfigError
 from cbs.train.backend import TrainBackend
-from cbs.train.optimizers import OPTIMIZERS, soap_available
 from cbs.train.direct import make_block, make_config
+from cbs.train.optimizers import OPTIMIZERS, soap_available
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 TINY = dict(dataset="digits", model="mlp", width=16, depth=1)
-
-# An LR at which each kind makes clear progress on TINY in 40 steps.
-GOOD_LR = dict(sgd=0.3, momentum=0.1, nesterov=0.1, adam=1e-2, adamw=1e-2, adafactor=3e-2, lion=1e-2,
-               signum=1e-2, muon=2e-2, soap=1e-2, kfac=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +32,9 @@ def curve(result, cell_id):
 def test_every_optimizer_lowers_the_loss(backend, kind):
     if kind == "soap" and not soap_available():
         pytest.skip("cbs.train.soap not importable")
-    block = make_block(kind, 32, [GOOD_LR[kind]], seeds=(0,))
+    # each registry entry names an LR at which it makes clear progress on TINY in 40 steps
+    assert OPTIMIZERS[kind].example_lr, f"{kind}: OptimizerSpec.example_lr is not set"
+    block = make_block(kind, 32, [OPTIMIZERS[kind].example_lr], seeds=(0,))
     res = backend.run_blocks([block])[0]
     cur = curve(res, block.cells[0].cell_id)
     assert not res.cells[0].diverged

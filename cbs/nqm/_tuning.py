@@ -21,7 +21,7 @@ _INV_PHI = (math.sqrt(5) - 1) / 2
 
 
 def lower_bound_steps(problem: NQMProblem, target: float, batch_sizes) -> np.ndarray:
-    """d / (2 L* B): no estimator reaches L* from fewer than d / (2 L*) examples (nqm.md 5)."""
+    """d / (2 L* B): no estimator reaches L* from fewer than d / (2 L*) examples (docs/nqm.md section 1)."""
     return problem.lower_bound_steps(target, batch_sizes)
 
 

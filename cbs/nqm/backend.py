@@ -43,7 +43,7 @@ class NQMSection:
     noise_values: list[float] = spec([], doc="custom c, one per eigenvalue (noise: custom)", ge=0)
     init: float = spec(1.0, doc="initial second moment E[theta_i(0)^2] of every coordinate", ge=0)
     init_values: list[float] = spec([], doc="custom initial second moments, one per eigenvalue", ge=0)
-    binned: bool = spec(False, doc="quantize the spectrum into the reference's log bins (nqm.md 5)")
+    binned: bool = spec(False, doc="quantize the spectrum into the reference's log bins (docs/nqm.md section 1)")
     num_bins: int = spec(100, doc="number of log-spaced bins when binned", ge=2)
     refine: bool = spec(True, doc="refine the grid-optimal LR per hyperparameter by golden-section search")
     refine_iters: int = spec(25, doc="golden-section iterations (each shrinks the bracket by 0.618)", ge=1)
@@ -124,17 +124,9 @@ class NQMBackend(Backend):
             raise ConfigError("nqm.noise_values", s.noise_values, f"allowed: a list of {n} values (one per eigenvalue)")
         if s.init_values and len(s.init_values) != n:
             raise ConfigError("nqm.init_values", s.init_values, f"allowed: a list of {n} values (one per eigenvalue)")
-        for i, opt in enumerate(config.grid.optimizers):
+        for opt in config.grid.optimizers:
             sch = opt.schedule
-            where = f"grid.optimizers[{i}].schedule"
-            if sch.kind == "piecewise" and not sch.pieces:
-                raise ConfigError(f"{where}.pieces", sch.pieces, "allowed: a non-empty list [[steps, lr_mult], ...]")
-            for j, piece in enumerate(sch.pieces):
-                if len(piece) != 2 or piece[0] < 1 or piece[1] <= 0:
-                    raise ConfigError(f"{where}.pieces[{j}]", piece, "allowed: [steps >= 1, lr_mult > 0]")
-            if sch.kind == "optimized_pwc" and (sch.warmup_steps or sch.seesaw or sch.batch_growth):
-                raise ConfigError(f"{where}.kind", sch.kind,
-                                  "optimized_pwc supports no warmup_steps, seesaw or batch_growth")
+            # (keys per schedule kind, pieces and boundaries: cbs.sweep.config._check_schedule)
             if sch.kind == "optimized_pwc" and config.budget.max_steps < sch.num_pieces:
                 raise ConfigError("budget.max_steps", config.budget.max_steps,
                                   f"allowed: at least num_pieces = {sch.num_pieces} steps")
@@ -240,7 +232,7 @@ class NQMBackend(Backend):
             r_steps, r_lr = refine_lr(self.problem, kind, R[:, 1], R[:, 2], R[:, 3], R[:, 4], R[:, 5],
                                       target=target, max_steps=max_steps, phases=phases, ratio=R[:, 6],
                                       iters=self.section.refine_iters, window=self.section.scan_window)
-            for (bi, lr0, *hk), s_r, lr_r in zip(R[:, :5], r_steps, r_lr):
+            for (bi, _lr0, *hk), s_r, lr_r in zip(R[:, :5], r_steps, r_lr):
                 row = rows[int(bi)]
                 cur = row["steps_to_target"]
                 if np.isfinite(s_r) and (not np.isfinite(cur) or s_r < cur):

@@ -87,6 +87,51 @@ class Schedule:
     num_pieces: int = spec(10, doc="optimized_pwc: number of equal-length pieces", ge=1)
 
 
+# Which schedule keys each kind reads; a key set to anything but its default under another
+# kind would be silently ignored, so it is rejected instead (warmup_steps: every kind but
+# optimized_pwc, which optimizes the whole schedule itself).
+_SCHEDULE_KEYS = {
+    "warmup_steps": ("constant", "step", "cosine", "linear_decay", "piecewise"),
+    "horizon": ("cosine", "linear_decay"),
+    "final_lr_fraction": ("cosine", "linear_decay"),
+    "boundaries": ("step",),
+    "decay_factor": ("step",),
+    "pieces": ("piecewise",),
+    "batch_growth": ("step", "piecewise"),
+    "seesaw": ("step", "cosine", "linear_decay", "piecewise"),
+    "num_pieces": ("optimized_pwc",),
+}
+
+
+def _check_schedule(where: str, sch: Schedule) -> None:
+    """Per-kind validation of a schedule: only the kind's own keys, and the ones it needs."""
+    defaults = Schedule()
+    for key, kinds in _SCHEDULE_KEYS.items():
+        value = getattr(sch, key)
+        if sch.kind not in kinds and value != getattr(defaults, key):
+            raise ConfigError(f"{where}.{key}", value,
+                              f"kind {sch.kind!r} does not use this key; it applies to kinds "
+                              + ", ".join(kinds))
+    if sch.kind == "step":
+        if not sch.boundaries:
+            raise ConfigError(f"{where}.boundaries", sch.boundaries,
+                              "allowed: at least one step at which the LR decays (kind 'step')")
+        if list(sch.boundaries) != sorted(set(sch.boundaries)):
+            raise ConfigError(f"{where}.boundaries", sch.boundaries, "allowed: increasing steps")
+    if sch.kind == "piecewise":
+        if not sch.pieces:
+            raise ConfigError(f"{where}.pieces", sch.pieces,
+                              "allowed: a non-empty list [[steps, lr_mult], ...] (kind 'piecewise')")
+        for j, piece in enumerate(sch.pieces):
+            if len(piece) != 2 or piece[0] < 1 or piece[1] <= 0 or piece[0] != int(piece[0]):
+                raise ConfigError(f"{where}.pieces[{j}]", piece,
+                                  "allowed: [steps (an integer >= 1), lr_mult > 0]")
+    phases = {"step": len(sch.boundaries) + 1, "piecewise": len(sch.pieces)}.get(sch.kind)
+    if phases is not None and len(sch.batch_growth) > phases:
+        raise ConfigError(f"{where}.batch_growth", sch.batch_growth,
+                          f"allowed: at most one multiplier per phase ({phases} phases)")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerEntry:
     """One optimizer of the sweep: a kind, a name, and its hyperparameter grid."""
@@ -253,6 +298,7 @@ def _check(cfg: SweepConfig, backend) -> None:
             for v in values:
                 if not specs[hp].admits(v):
                     raise ConfigError(f"{where}.hparams.{hp}", v, f"allowed: {specs[hp].allowed()}")
+        _check_schedule(f"{where}.schedule", opt.schedule)
         if isinstance(opt.learning_rates, list) and not opt.learning_rates:
             raise ConfigError(f"{where}.learning_rates", [], "allowed: at least one learning rate")
         for key, lrs in ((f"{where}.learning_rates", opt.learning_rates), ("grid.learning_rates", cfg.grid.learning_rates)):

@@ -302,7 +302,7 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
             worth = calls_left * run_s * (1 - new_width / width) > 2 * compile_s
         if opts.compact != "never" and len(live) and new_width < width and worth:
             sel = np.concatenate([live, np.repeat(live[-1:], new_width - len(live))])
-            take = lambda x: x[sel]
+            take = lambda x: x[sel]  # noqa: B023 - applied right below
             state, lr, seed_idx = jax.tree.map(take, state), lr[sel], seed_idx[sel]
             hp = {name: v[sel] for name, v in hp.items()}
             if jax.local_device_count() > 1:

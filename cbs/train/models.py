@@ -7,8 +7,6 @@ them into the per-batch mean loss and error rate, the quantities the back end ev
 
 from __future__ import annotations
 
-from typing import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

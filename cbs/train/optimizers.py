@@ -17,7 +17,7 @@ Python step counter, so the back end runs its cells one after another (see
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -76,44 +76,45 @@ BUILDERS: dict[str, Callable | None] = {
 }
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "sgd": OptimizerSpec("plain SGD (optax.sgd), optional coupled L2", dict(weight_decay=_L2, ema_decay=_EMA)),
+    "sgd": OptimizerSpec("plain SGD (optax.sgd), optional coupled L2",
+                         dict(weight_decay=_L2, ema_decay=_EMA), example_lr=0.3),
     "momentum": OptimizerSpec("heavy-ball momentum SGD (optax.sgd(momentum=...))",
-                              dict(momentum=_MOM, weight_decay=_L2, ema_decay=_EMA)),
+                              dict(momentum=_MOM, weight_decay=_L2, ema_decay=_EMA), example_lr=0.1),
     "nesterov": OptimizerSpec("Nesterov momentum SGD (optax.sgd(nesterov=True))",
-                              dict(momentum=_MOM, weight_decay=_L2, ema_decay=_EMA)),
+                              dict(momentum=_MOM, weight_decay=_L2, ema_decay=_EMA), example_lr=0.1),
     "adam": OptimizerSpec("Adam (optax.adam)", dict(
         b1=HParamSpec(0.9, "first-moment decay", ge=0, lt=1),
         b2=HParamSpec(0.999, "second-moment decay", ge=0, lt=1),
-        eps=HParamSpec(1e-8, "denominator epsilon", gt=0), ema_decay=_EMA)),
+        eps=HParamSpec(1e-8, "denominator epsilon", gt=0), ema_decay=_EMA), example_lr=0.01),
     "adamw": OptimizerSpec("AdamW (optax.adamw), decoupled weight decay", dict(
         b1=HParamSpec(0.9, "first-moment decay", ge=0, lt=1),
         b2=HParamSpec(0.999, "second-moment decay", ge=0, lt=1),
         eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
-        weight_decay=HParamSpec(1e-4, "decoupled weight decay (times the LR)", ge=0), ema_decay=_EMA)),
+        weight_decay=HParamSpec(1e-4, "decoupled weight decay (times the LR)", ge=0), ema_decay=_EMA), example_lr=0.01),
     "adafactor": OptimizerSpec("Adafactor (optax.adafactor; relative step size, update clipping 1)", dict(
         decay_rate=HParamSpec(0.8, "second-moment decay exponent (beta2_t = 1 - t**-decay_rate)", ge=0, le=1),
         eps=HParamSpec(1e-30, "regulariser of the squared gradient", gt=0),
-        weight_decay=_WD, ema_decay=_EMA)),
+        weight_decay=_WD, ema_decay=_EMA), example_lr=0.03),
     "lion": OptimizerSpec("Lion (optax.lion)", dict(
         b1=HParamSpec(0.9, "interpolation of the update direction", ge=0, le=1),
         b2=HParamSpec(0.99, "momentum decay", ge=0, le=1),
-        weight_decay=_WD, ema_decay=_EMA)),
+        weight_decay=_WD, ema_decay=_EMA), example_lr=0.01),
     "signum": OptimizerSpec("Signum: sign of momentum (optax.signum)",
-                            dict(momentum=HParamSpec(0.9, "momentum decay", ge=0, lt=1), ema_decay=_EMA)),
+                            dict(momentum=HParamSpec(0.9, "momentum decay", ge=0, lt=1), ema_decay=_EMA), example_lr=0.01),
     "muon": OptimizerSpec("Muon (optax.contrib.muon): orthogonalised momentum on 2-D weights, Adam elsewhere", dict(
         momentum=HParamSpec(0.95, "Muon momentum (Nesterov)", ge=0, lt=1),
         b1=HParamSpec(0.9, "Adam b1 for non-matrix parameters", ge=0, lt=1),
         b2=HParamSpec(0.999, "Adam b2 for non-matrix parameters", ge=0, lt=1),
-        eps=HParamSpec(1e-8, "epsilon", gt=0), weight_decay=_WD, ema_decay=_EMA)),
+        eps=HParamSpec(1e-8, "epsilon", gt=0), weight_decay=_WD, ema_decay=_EMA), example_lr=0.02),
     "soap": OptimizerSpec("SOAP (cbs.train.soap): Adam in Shampoo's eigenbasis", dict(
         b1=HParamSpec(0.95, "first-moment decay", ge=0, lt=1),
         b2=HParamSpec(0.95, "second-moment decay", ge=0, lt=1),
-        eps=HParamSpec(1e-8, "denominator epsilon", gt=0), weight_decay=_WD, ema_decay=_EMA)),
+        eps=HParamSpec(1e-8, "denominator epsilon", gt=0), weight_decay=_WD, ema_decay=_EMA), example_lr=0.01),
     "kfac": OptimizerSpec("K-FAC (kfac-jax 0.0.8), fixed LR/momentum/damping; cells run one after another", dict(
         momentum=HParamSpec(0.0, "momentum of the K-FAC update", ge=0, lt=1),
         damping=HParamSpec(1e-2, "Tikhonov damping of the curvature", gt=0),
         weight_decay=HParamSpec(0.0, "L2 regularisation (kfac-jax l2_reg)", ge=0),
-        ema_decay=_EMA)),
+        ema_decay=_EMA), example_lr=0.1),
 }
 
 
