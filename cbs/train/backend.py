@@ -136,10 +136,16 @@ class TrainBackend(Backend):
                "val_error": "validation error rate (top-1; next-byte error for text)"}
     blocks_per_call = 1
     adaptive_default = True
+    splittable = True        # cells are independent; tables (curves, noise_scale) are per cell
+    # K-FAC cells run one after another (no vmap amortization) and pay curvature estimates
+    # and periodic inverses: a prior for their per-cell cost relative to a vmapped cell,
+    # replaced by measured block times when --costs-from is given.
+    KFAC_COST_FACTOR = 3.0
 
     def __init__(self, config):
         super().__init__(config)
         self.section: TrainSection = config.section or TrainSection()
+        self._cell_bytes: dict = {}
         self._data = None
         self._problem = None
         self._runs: dict = {}
@@ -315,6 +321,50 @@ class TrainBackend(Backend):
                                      batch_size=block.batch_size, cells=len(block.cells), layout=layout))
             results.append(res)
         return results
+
+    def block_cost(self, block: Block) -> float:
+        """cells x steps budget x examples per step (3x the batch for forward + backward, plus
+        the validation set amortized over eval_every) x forward FLOPs per example."""
+        c = self.config
+        p = self.problem
+        n_params = sum(int(np.size(x)) for x in jax.tree.leaves(p.init_params(0)))
+        positions = self.section.seq_len if self.section.model == "transformer" else 1
+        flops = 2.0 * n_params * positions
+        per_step = 3.0 * block.batch_size + int(p.x_val.shape[0]) / c.budget.eval_every
+        factor = self.KFAC_COST_FACTOR if block.kind == "kfac" else 1.0
+        return float(len(block.cells) * c.budget.max_steps * per_step * flops * factor)
+
+    def cell_memory_bytes(self, block: Block) -> int | None:
+        """Device bytes per vmapped cell, as XLA reports them for a one-cell program: the
+        cell state (params, optimizer state, EMA; twice, input and output) plus the
+        temporaries of one training call at this batch size and of one evaluation."""
+        if block.kind == "kfac":      # K-FAC cells run one at a time already
+            return None
+        key = (block.kind, repr(block.schedule), block.batch_size)
+        if key not in self._cell_bytes:
+            from cbs.train.engine import make_block_fns
+            opts = self.options()
+            init, train_interval, evaluate, _ = make_block_fns(
+                self.problem, block.kind, schedule_fn(block.schedule, opts.max_steps), opts.max_steps)
+            hp = {k: jnp.float32(block.cells[0].hparams[k]) for k in OPTIMIZERS[block.kind].hparams}
+            state = jax.eval_shape(init, self.problem.init_params(0), hp)
+            state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+            idx = jax.ShapeDtypeStruct((opts.eval_every, block.batch_size), jnp.int32)
+            data = None
+            p = self.problem
+            if getattr(p, "streaming", False):   # a streamed chunk: the examples themselves
+                data = tuple(jax.ShapeDtypeStruct((opts.eval_every, block.batch_size, *a.shape[1:]), a.dtype)
+                             for a in (p.x_train, p.y_train))
+
+            def temp(fn, *args):
+                analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+                return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
+
+            batch_bytes = (4 * opts.eval_every * block.batch_size if data is None else
+                           sum(x.size * x.dtype.itemsize for x in data)) * opts.evals_per_call
+            self._cell_bytes[key] = int(2 * state_bytes + temp(train_interval, state, jnp.float32(0.1), hp, idx, data)
+                                        + temp(evaluate, state, hp) + batch_bytes)
+        return self._cell_bytes[key]
 
     def manifest(self) -> dict:
         d, s = self.dataset, self.section

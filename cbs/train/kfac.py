@@ -93,7 +93,7 @@ class KfacRunner:
             vl, ve = self._eval(params, ema, jnp.int32(0), hp["ema_decay"])
             tracker.record(i, 0, dict(val_loss=vl, val_error=ve, train_loss=np.nan), False, 0)
 
-            def kstep(params, state, step, idx):
+            def kstep(params, state, step, idx, cell=cell, opt=opt, step_keys=step_keys, hp=hp):
                 """One K-FAC update at ``step`` on the examples ``idx``: (params, state, loss)."""
                 lr = jnp.float32(cell.lr * float(self.schedule(step)))
                 batch = (xt[idx], yt[idx])
@@ -115,7 +115,7 @@ class KfacRunner:
                         learning_rate=lr, momentum=hp["momentum"], damping=hp["damping"], global_step_int=step)
                 return new_params, new_state, float(stats["loss"])
 
-            def replay(snapshot, t0: int, t1: int):
+            def replay(snapshot, t0: int, t1: int, cell=cell, hp=hp, kstep=kstep):
                 """Exact first crossing in (t0, t1]: retrain from the state kept at the
                 evaluation t0 with an evaluation after every step (the same trajectory:
                 the data order and step keys are functions of the seed and step)."""
