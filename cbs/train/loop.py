@@ -277,7 +277,7 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
         # The call donates its input state; keep a copy to replay crossing intervals from.
         snap = jax.tree.map(jnp.copy, state) if opts.exact and every > 1 else None
         reached_before = tracker.reached.copy()
-        state, out = run.call(state, lr, hp, seed_idx, table, ntable, data)
+        state, out = run.call(state, lr, hp, seed_idx, table, ntable, data, jnp.int32(step))
         out = {key: np.asarray(v) for key, v in out.items()}
         applied = np.asarray(state.step)
         for j in range(k):
