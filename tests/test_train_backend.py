@@ -163,7 +163,9 @@ def test_compacting_finished_cells_changes_no_record():
     # a reached cell's record ends at its crossing; slow cells ran the full budget
     for r in plain.cells:
         if r.reached:
-            assert r.steps_run == r.steps_to_target and r.final_metric < 1.2 and r.best_metric == r.final_metric
+            # (the exact step may lie before the evaluation that saw the crossing)
+            assert 0 <= r.steps_run - r.steps_to_target < 10 and r.steps_run % 10 == 0
+            assert r.final_metric < 1.2 and r.best_metric == r.final_metric
     assert max(r.steps_run for r in compacted.cells) == 300
 
 
