@@ -52,12 +52,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="runs/bench_predict", help="run folders go here (cleared first)")
     ap.add_argument("--only", default=None, help="comma-separated workloads")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep a finished sweep in the folder: forecast over it (anchor read from it, its "
+                         "block time from the timing table) instead of forecasting first and sweeping")
     args = ap.parse_args()
 
     import jax
     import numpy as np
 
     from cbs.predict import PredictOptions, predict
+    from cbs.predict._run import sweep_is_finished
     from cbs.sweep.config import load_config, read_yaml
     from cbs.sweep.runner import run_sweep
 
@@ -71,15 +75,19 @@ def main() -> int:
     for w in names:
         path = ROOT / WORKLOADS[w]
         out = out_root / w
-        if out.exists():
-            shutil.rmtree(out)
         cfg = load_config(path, _overrides(args.quick, read_yaml(path)) + [f"output.dir={out}", "output.plots=false"])
-        # 1. forecast before the sweep: measurement + one anchor block + NQM.
-        pre = predict(cfg, PredictOptions(), plots=False, log=lambda s: None)
-        # 2. the sweep itself.
-        t0 = time.perf_counter()
-        run_sweep(cfg, progress=False, log=lambda s: None)
-        sweep_s = time.perf_counter() - t0
+        if args.resume and sweep_is_finished(cfg):
+            pre = predict(cfg, PredictOptions(), plots=False, log=lambda s: None)
+            sweep_s = pre.costs["sweep_s"]
+        else:
+            if out.exists():
+                shutil.rmtree(out)
+            # 1. forecast before the sweep: measurement + one anchor block + NQM.
+            pre = predict(cfg, PredictOptions(), plots=False, log=lambda s: None)
+            # 2. the sweep itself.
+            t0 = time.perf_counter()
+            run_sweep(cfg, progress=False, log=lambda s: None)
+            sweep_s = time.perf_counter() - t0
         # 3. overlay (anchor read from the finished sweep: the same numbers, no training), and
         #    two ablations: curvature and start at init with the noise at the target; all at init.
         post = predict(cfg, PredictOptions(), measurement=pre.measurement, target_measurement=pre.calibrated_on,

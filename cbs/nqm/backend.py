@@ -9,6 +9,9 @@ Schedule kind ``optimized_pwc``: each cell's LR is the *cap* of its num_pieces o
 piecewise-constant LRs (the reference uses 2 / (lambda_max + lambda_min), see
 :func:`cbs.nqm.pwc_lr_cap`); the cell's steps are those of its optimized schedule, and
 tables["tuned"] holds the best cell of the block with its schedule (column ``pwc_lrs``).
+Its steps are exact (any horizon T, split into num_pieces pieces of as equal as possible
+length), and the search starts from the best constant LR <= the cap (column
+``pwc_constant_steps``), a feasible schedule, so it never needs more steps than that.
 """
 
 from __future__ import annotations
@@ -303,6 +306,7 @@ class NQMBackend(Backend):
         steps = np.full(len(cells), np.nan)
         reached = np.zeros(len(cells), bool)
         lrs = np.full((len(cells), sch.num_pieces), np.nan)
+        const = np.full(len(cells), np.nan)     # best constant LR <= the cap: the seed of the search
         hk = np.stack([mom, ema, pw], 1)
         for k in np.unique(hk, axis=0):
             m = np.all(hk == k, axis=1)
@@ -310,7 +314,7 @@ class NQMBackend(Backend):
                              num_pieces=sch.num_pieces, lr_cap=lr[m], momentum=float(k[0]),
                              ema_decay=float(k[1]), precond_power=float(k[2]),
                              opt_steps=self.section.pwc_opt_steps)
-            steps[m], reached[m], lrs[m] = r["steps"], r["reached"], r["lrs"]
+            steps[m], reached[m], lrs[m], const[m] = r["steps"], r["reached"], r["lrs"], r["constant_steps"]
         offsets = np.cumsum([0] + [len(b.cells) for b in group])
         out = []
         for bi, block in enumerate(group):
@@ -318,7 +322,8 @@ class NQMBackend(Backend):
             recs = [CellResult(cell_id=c.cell_id, reached=bool(reached[j]), diverged=False,
                                steps_to_target=float(steps[j]), final_metric=np.nan, best_metric=np.nan,
                                steps_run=int(steps[j]) if reached[j] else int(max_steps),
-                               extra={"pwc_piece_steps": float(steps[j] / sch.num_pieces)})
+                               extra={"pwc_piece_steps": float(steps[j] / sch.num_pieces),
+                                      "pwc_constant_steps": float(const[j])})
                     for j, c in zip(range(sl.start, sl.stop), block.cells)]
             ib = best_on_grid(steps[sl])
             j = sl.start + max(ib, 0)

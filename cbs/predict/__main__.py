@@ -41,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory-mb", type=float, default=_DEFAULTS.max_memory_mb,
                    help="refuse measurements whose buffers exceed this")
     p.add_argument("--lr-grid", default=_DEFAULTS.lr_grid,
-                   help="sweep: SGD/momentum forecasts pick the best of the sweep's own LRs (the NQM LR is the "
-                        "network's there); continuous: tune the LR continuously")
+                   help="continuous: tune the LR continuously; sweep: SGD/momentum forecasts pick the best of the "
+                        "config's LR grid (the NQM LR is the network's there)")
     p.add_argument("--measure-at", default=_DEFAULTS.measure_at,
                    help="init: curvature and start at initialisation; target: curvature, noise and start "
                         "(theta_0 - theta_T) measured where the anchor run reaches the target")

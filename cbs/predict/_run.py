@@ -45,7 +45,7 @@ class PredictOptions:
     bins: int = 40
     floor: float = 1e-6
     max_memory_mb: float = 2048.0
-    lr_grid: str = "sweep"             # "sweep": SGD/momentum pick from the sweep's LRs; "continuous"
+    lr_grid: str = "continuous"        # or "sweep": SGD/momentum pick from the config's LR grid
     measure_at: str = "target"         # curvature, noise and start measured at theta_T ("init": at theta_0)
     noise_at: str = "target"           # "target": noise where the anchor run reaches the target; "init"
 
@@ -224,6 +224,18 @@ def _hparams(entry, anchor_row) -> dict[str, float]:
     return hp
 
 
+def _block_seconds(run_dir: Path, batch: int) -> float:
+    """Wall time the sweep spent on the blocks of one batch size (timing table), NaN if unknown."""
+    import re
+
+    from cbs.analysis import read_run_table
+    t = read_run_table(run_dir, "timing")
+    if t is None or "block_id" not in t or "seconds" not in t:
+        return float("nan")
+    sel = t.block_id.astype(str).str.contains(re.compile(rf"__B{int(batch)}(?:__|$)"))
+    return float(t.seconds[sel].sum()) if sel.any() else float("nan")
+
+
 def _sweep_seconds(run_dir: Path) -> float:
     from cbs.store import read_manifest
     m = read_manifest(run_dir)
@@ -262,7 +274,8 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
     if anchor > n_train:
         raise PredictOptionError(f"--anchor: got {anchor}; allowed: a batch size <= the training-set size {n_train}")
     seed = int(options.seed if options.seed is not None else cfg.grid.seeds[0])
-    out_dir = Path(out_dir or cfg.out_dir)
+    sweep_dir = Path(cfg.out_dir)
+    out_dir = Path(out_dir or sweep_dir)
     finished = sweep_is_finished(cfg)
 
     backend = TrainBackend(cfg)
@@ -271,7 +284,7 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
         f"h_max = {meas.top_h[0]:.4g}, tr Sigma = {meas.trace_sigma:.4g}, |G|^2 = {meas.grad_sq:.4g}, "
         f"B_simple = {meas.b_simple:.4g}, B_noise = {meas.b_noise:.4g}")
     if finished and anchor in set(batch_sizes.astype(int)):
-        anchor_df, anchor_seconds = _anchor_from_results(out_dir, anchor), float("nan")
+        anchor_df, anchor_seconds = _anchor_from_results(sweep_dir, anchor), _block_seconds(sweep_dir, anchor)
         anchor_source = "finished sweep"
     else:
         anchor_df, anchor_seconds = _run_anchor(cfg, anchor, out_dir, log)
@@ -309,7 +322,7 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
     measured = None
     if finished:
         from cbs.analysis import analyze_run
-        measured = analyze_run(out_dir, write=False, plots=False)
+        measured = analyze_run(sweep_dir, write=False, plots=False)
 
     t0 = time.perf_counter()
     rows, summary = [], []
@@ -359,7 +372,7 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
             "b_noise_ratio": meas.b_noise / m_bcrit if np.isfinite(m_bcrit) else np.nan})
     forecast_seconds = time.perf_counter() - t0
     table, summ = pd.DataFrame(rows), pd.DataFrame(summary)
-    sweep_s = _sweep_seconds(out_dir) if finished else float("nan")
+    sweep_s = _sweep_seconds(sweep_dir) if finished else float("nan")
     costs = {"measure_s": meas.seconds + noise_seconds, "noise_from": noise_from,
                  "anchor_s": anchor_seconds, "forecast_s": forecast_seconds,
                  "sweep_s": sweep_s, "anchor_source": anchor_source}

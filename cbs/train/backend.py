@@ -57,7 +57,7 @@ class TrainSection:
     num_outputs: int | None = spec(None, doc="classes / vocabulary size (default: largest label + 1)", ge=1)
     loss: str | None = spec(None, doc="custom loss 'pkg.module:loss_fn', loss_fn(outputs, y) -> (mean loss, "
                             "error rate); replaces the task's loss")
-    model: str = spec("mlp", doc="mlp, cnn, transformer (text / lm only), or 'pkg.module:Factory' building a "
+    model: str = spec("mlp", doc="mlp, cnn, mnist1d_cnn (the MNIST-1D paper's CNN: 5/3/3-wide stride-2 convolutions, flatten, linear read-out), transformer (text / lm only), or 'pkg.module:Factory' building a "
                       "Flax linen or nnx module (see cbs.train.user)")
     model_args: dict[str, Any] = spec({}, doc="keyword arguments of a 'pkg.module:Factory' model")
     device_budget_mb: float | None = spec(
@@ -89,7 +89,7 @@ class TrainSection:
 
 
 _DEFAULT_SAMPLES = dict(mnist1d=5000, linreg=4096)
-BUILTIN_MODELS = ("mlp", "cnn", "transformer")
+BUILTIN_MODELS = ("mlp", "cnn", "mnist1d_cnn", "transformer")
 
 
 def _load(section: TrainSection) -> data_mod.Dataset:
@@ -125,6 +125,16 @@ def train_size(section: TrainSection) -> int:
         total = section.num_samples or _DEFAULT_SAMPLES[section.dataset]
     n = total - max(1, int(round(section.val_fraction * total)))
     return min(n, section.max_train) if section.max_train else n
+
+
+def _check_burnin(value, where: str, max_steps: int) -> None:
+    """K-FAC's burn-in is a count of batches: whole numbers that leave room for an update."""
+    if value is None:
+        return
+    values = value.values() if hasattr(value, "log10_min") else value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if float(v) != int(v) or v >= max_steps:
+            raise ConfigError(where, v, f"allowed: a whole number of batches below budget.max_steps = {max_steps}")
 
 
 class TrainBackend(Backend):
@@ -175,12 +185,12 @@ class TrainBackend(Backend):
         else:
             task = cls._check_data_and_model(s, config)
         if s.model == "transformer" and task != "lm":
-            raise ConfigError("train.model", s.model, "allowed with this dataset: 'mlp', 'cnn'",
+            raise ConfigError("train.model", s.model, "allowed with this dataset: 'mlp', 'cnn', 'mnist1d_cnn'",
                               "the transformer needs token sequences (dataset text, or train.task lm)")
         if task == "lm" and not user_model and s.model != "transformer":
             raise ConfigError("train.model", s.model, f"allowed with {'dataset text' if builtin_data else 'task lm'}"
                               ": 'transformer'")
-        if s.model == "cnn" and s.dataset == "linreg":
+        if s.model in ("cnn", "mnist1d_cnn") and s.dataset == "linreg":
             raise ConfigError("train.model", s.model, "allowed with dataset linreg: 'mlp' (depth 0 = linear)")
         if s.model == "transformer" and s.width % s.heads:
             raise ConfigError("train.heads", s.heads, f"allowed: a divisor of train.width = {s.width}")
@@ -223,6 +233,9 @@ class TrainBackend(Backend):
                                   "registration and per-example loss scaling)")
             if opt.kind == "kfac" and (user_model or s.loss is not None):
                 cls._check_kfac(s, where, task)
+            if opt.kind == "kfac":
+                _check_burnin(opt.hparams.get("burnin_steps"), f"{where}.hparams.burnin_steps",
+                              config.budget.max_steps)
             sch = opt.schedule
             if sch.kind == "optimized_pwc":
                 raise ConfigError(f"{where}.schedule.kind", sch.kind, "allowed for the train back end: constant, "

@@ -255,7 +255,7 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
         snap = jax.tree.map(jnp.copy, state) if opts.exact and every > 1 else None
         reached_before = tracker.reached.copy()
         t_call = time.perf_counter()
-        state, out = run.call(state, lr, hp, seed_idx, table, ntable, data)
+        state, out = run.call(state, lr, hp, seed_idx, table, ntable, data, jnp.int32(step))
         out = {key: np.asarray(v) for key, v in out.items()}
         call_times.append(time.perf_counter() - t_call)
         applied = np.asarray(state.step)
