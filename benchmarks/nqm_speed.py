@@ -1,7 +1,7 @@
 """NQM grid evaluation: cbs.nqm (JAX, exact, vectorized) vs the reference notebook's method
 and a vectorized per-step simulation.
 
-Grid (paper Fig. 3a, nqm.md section 5): binned default problem, target 0.01, 4 powers p x 10
+Grid (paper Fig. 3a, docs/nqm.md section 6): binned default problem, target 0.01, 4 powers p x 10
 batch sizes x (100 SGD LRs + 100 LRs x 20 momenta). Ours (``cbs.nqm.evaluate_grid``, one
 compiled program per kind) is timed
 
@@ -211,6 +211,7 @@ def main():
         beta = np.tile(bet, len(powers))
         pw = np.repeat(powers, len(lrs))
         for certify in (True, False):
+            # called right away, inside this iteration: the late binding is intended
             run = lambda: nqm.evaluate_grid(problem, kind, lr, beta, 0.0, pw, batch_sizes=bs, target=TARGET,  # noqa: B023
                                             max_steps=t_max - 1, certify=certify)  # noqa: B023
             t0 = time.perf_counter()

@@ -118,6 +118,7 @@ def main(argv=None) -> int:
         p.error("--skip-train and --skip-nqm together leave nothing to run")
 
     import jax
+
     from cbs.analysis import compare_runs
 
     dev = jax.devices()[0]
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
         print(f"analysis (bootstrap fits + files for {len(lenses)} runs) in {t_analysis:.1f} s")
 
         result, times = {}, {}
-        for (lens, d, keys, dt), a in zip(lenses, cmp.runs):
+        for (lens, _d, keys, dt), a in zip(lenses, cmp.runs):
             t_lens = time.perf_counter()
             print()
             print(f"== {lens} lens: {a.label} ({a.unit}; McCandlish fit, {a.options.get('n_boot')} bootstrap "

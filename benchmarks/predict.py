@@ -52,12 +52,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="runs/bench_predict", help="run folders go here (cleared first)")
     ap.add_argument("--only", default=None, help="comma-separated workloads")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep a finished sweep in the folder: forecast over it (anchor read from it, its "
+                         "block time from the timing table) instead of forecasting first and sweeping")
     args = ap.parse_args()
 
     import jax
     import numpy as np
 
     from cbs.predict import PredictOptions, predict
+    from cbs.predict._run import sweep_is_finished
     from cbs.sweep.config import load_config, read_yaml
     from cbs.sweep.runner import run_sweep
 
@@ -71,17 +75,28 @@ def main() -> int:
     for w in names:
         path = ROOT / WORKLOADS[w]
         out = out_root / w
-        if out.exists():
-            shutil.rmtree(out)
         cfg = load_config(path, _overrides(args.quick, read_yaml(path)) + [f"output.dir={out}", "output.plots=false"])
-        # 1. forecast before the sweep: measurement + one anchor block + NQM.
-        pre = predict(cfg, PredictOptions(), plots=False, log=lambda s: None)
-        # 2. the sweep itself.
-        t0 = time.perf_counter()
-        run_sweep(cfg, progress=False, log=lambda s: None)
-        sweep_s = time.perf_counter() - t0
-        # 3. overlay (anchor read from the finished sweep: the same numbers, no training).
-        post = predict(cfg, PredictOptions(), measurement=pre.measurement, log=lambda s: None)
+        if args.resume and sweep_is_finished(cfg):
+            pre = predict(cfg, PredictOptions(), plots=False, log=lambda s: None)
+            sweep_s = pre.costs["sweep_s"]
+        else:
+            if out.exists():
+                shutil.rmtree(out)
+            # 1. forecast before the sweep: measurement + one anchor block + NQM.
+            pre = predict(cfg, PredictOptions(), plots=False, log=lambda s: None)
+            # 2. the sweep itself.
+            t0 = time.perf_counter()
+            run_sweep(cfg, progress=False, log=lambda s: None)
+            sweep_s = time.perf_counter() - t0
+        # 3. overlay (anchor read from the finished sweep: the same numbers, no training), and
+        #    two ablations: curvature and start at init with the noise at the target; all at init.
+        post = predict(cfg, PredictOptions(), measurement=pre.measurement, target_measurement=pre.calibrated_on,
+                       log=lambda s: None)
+        abl = {}
+        for label, o in (("init_noise_target", PredictOptions(measure_at="init")),
+                         ("all_init", PredictOptions(measure_at="init", noise_at="init"))):
+            abl[label] = predict(cfg, o, measurement=pre.measurement, plots=False, log=lambda s: None,
+                                 out_dir=out / f"ablation_{label}").summary.set_index("optimizer")["ratio"]
         print(f"\n== {w}: {path.relative_to(ROOT)} {' '.join(_overrides(args.quick, read_yaml(path)))}")
         print(post.text.rsplit("\ncost:", 1)[0])
         own = pre.costs["measure_s"] + pre.costs["anchor_s"] + pre.costs["forecast_s"]
@@ -91,15 +106,18 @@ def main() -> int:
         results[w] = post.summary.set_index("optimizer")
         for r in post.summary.itertuples():
             rows.append((w, r.optimizer, r.b_crit_forecast, r.b_crit_measured, r.b_crit_measured_lo,
-                         r.b_crit_measured_hi, r.ratio, r.b_simple_ratio, r.b_noise_ratio, own, sweep_s))
+                         r.b_crit_measured_hi, r.ratio, r.b_simple_ratio, r.b_noise_ratio,
+                         abl["init_noise_target"].get(r.optimizer, np.nan), abl["all_init"].get(r.optimizer, np.nan),
+                         r.precond_power, own, sweep_s))
 
     print("\n| workload | optimizer | B_crit forecast | measured [95% CI] | forecast/measured | "
-          "B_simple/measured | B_noise/measured | cost predict / sweep |")
-    print("|---|---|---|---|---|---|---|---|")
-    f = lambda x: "-" if not np.isfinite(x) else f"{x:.3g}"
-    for w, o, bf, bm, lo, hi, r, rs, rn, own, sw in rows:
-        print(f"| {w} | {o} | {f(bf)} | {f(bm)} [{f(lo)}, {f(hi)}] | {f(r)} | {f(rs)} | {f(rn)} | "
-              f"{own:.0f} s / {sw:.0f} s |")
+          "B_simple/measured | B_noise/measured | ablation: C, m0 at init | ablation: all at init | p | "
+          "cost predict / sweep |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    f = lambda x: "-" if x is None or not np.isfinite(x) else f"{x:.3g}"
+    for w, o, bf, bm, lo, hi, r, rs, rn, a1, a2, p, own, sw in rows:
+        print(f"| {w} | {o} | {f(bf)} | {f(bm)} [{f(lo)}, {f(hi)}] | {f(r)} | {f(rs)} | {f(rn)} | {f(a1)} | "
+              f"{f(a2)} | {f(p)} | {own:.0f} s / {sw:.0f} s ({100 * own / sw:.0f}%) |")
 
     def get(w, col):
         try:

@@ -3,7 +3,10 @@
 Layout of a run folder::
 
     config.yaml              resolved config (what was actually run)
-    manifest.json            config hash, versions, device, host, start/end times
+    manifest.json            config hash, versions, device, block layout and costs; created once
+                             (exclusively), rewritten only by the one merge, under merge.lock
+    sessions/<id>.json       one record per process that ran (shard, host, pid, times, measured
+                             block seconds); each written only by its own process
     parts/<table>/<block>.parquet   one file per finished block and table
     results.parquet          one row per cell (merged from parts when the sweep ends)
     curves.parquet, tuned.parquet, reference.parquet, ...   other tables, same rule
@@ -12,22 +15,43 @@ Every file is written to a temporary name and renamed into place, so a crash (ev
 ``kill -9``) loses at most the block being computed; a block is finished exactly when
 its results part exists. Readers use :func:`read_table`, which prefers the merged file
 and otherwise concatenates the parts, so an interrupted sweep can be analysed too.
+
+Concurrency: any number of processes (shards, or identical copies) may work on one folder
+at once. No shared file is read-modified-written: the manifest is created with an
+exclusive link, each process writes its own session record, a block's parts are written
+atomically (two processes computing the same block write identical bytes), and the merge
+runs under an exclusive lock file (with stale-lock recovery: a lock whose process is gone
+or that is older than ``CBS_LOCK_STALE_S`` seconds, default 3600, is broken), skipping the
+work when the merged files already reflect exactly the current parts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 import yaml
 
-__all__ = ["RunStore", "read_table", "read_manifest", "read_config", "atomic_write_bytes"]
+__all__ = ["RunStore", "read_table", "read_manifest", "read_config", "read_sessions", "atomic_write_bytes",
+           "LockBusy"]
 
 RESULTS = "results"
+
+
+def _umask() -> int:
+    """The process umask (read by setting it, so set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -35,6 +59,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600; a run folder is shared (colleagues, other jobs), so give the
+        # file the mode open() would have: 0666 minus the user's umask.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -43,6 +70,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _json_bytes(obj) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
 
 
 def _parquet_bytes(df: pd.DataFrame) -> bytes:
@@ -73,6 +104,33 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def read_sessions(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every process's session record, oldest first (unreadable records are skipped: a record
+    is written atomically, so only foreign files can be unreadable)."""
+    folder = Path(run_dir) / "sessions"
+    out = []
+    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            out.append(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return sorted(out, key=lambda r: (str(r.get("started", "")), str(r.get("session_id", ""))))
+
+
+class LockBusy(RuntimeError):
+    """Another live process holds the lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def read_config(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "config.yaml"
     return yaml.safe_load(path.read_text()) if path.exists() else {}
@@ -88,14 +146,113 @@ class RunStore:
     def existing_hash(self) -> str | None:
         return read_manifest(self.dir).get("config_hash")
 
-    def initialise(self, config: dict, manifest: dict) -> None:
+    def initialise(self, config: dict, manifest: dict) -> dict:
+        """Creates the folder's config and manifest unless another process already did;
+        returns the manifest in force (ours, or the one that won the race).
+
+        The manifest appears with an exclusive hard link of a complete temporary file, so
+        of several processes starting at once exactly one creates it and none sees a torn
+        one.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / "manifest.json"
+        if path.exists():
+            return read_manifest(self.dir)
         atomic_write_bytes(self.dir / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
-        self.write_manifest(manifest)
+        tmp = self.dir / f".manifest.json.{uuid.uuid4().hex}.tmp"
+        atomic_write_bytes(tmp, _json_bytes(manifest))
+        try:
+            os.link(tmp, path)
+            return manifest
+        except FileExistsError:
+            return read_manifest(self.dir)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def write_config(self, config: dict) -> None:
+        atomic_write_bytes(self.dir / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
 
     def write_manifest(self, manifest: dict) -> None:
-        atomic_write_bytes(self.dir / "manifest.json",
-                           json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
+        """Replaces the manifest; only the merging process (holding the merge lock) calls this."""
+        atomic_write_bytes(self.dir / "manifest.json", _json_bytes(manifest))
+
+    # -- sessions -------------------------------------------------------------------
+    def write_session(self, session_id: str, record: dict) -> None:
+        """This process's own record (no other process writes this file)."""
+        atomic_write_bytes(self.dir / "sessions" / f"{session_id}.json", _json_bytes(record))
+
+    # -- locking --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, name: str, wait_s: float = 0.0, stale_s: float | None = None) -> Iterator[None]:
+        """An exclusive lock file ``<name>.lock`` held for the ``with`` body.
+
+        A lock whose holder is a dead process on this host, or older than ``stale_s``
+        (default ``CBS_LOCK_STALE_S`` or 3600 s), is broken. Raises :class:`LockBusy`
+        when a live holder keeps it for more than ``wait_s`` seconds.
+        """
+        stale_s = float(os.environ.get("CBS_LOCK_STALE_S", 3600)) if stale_s is None else stale_s
+        path = self.dir / f"{name}.lock"
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), "token": uuid.uuid4().hex}
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._break_if_stale(path, stale_s):
+                    continue
+                if time.monotonic() >= deadline:
+                    raise LockBusy(f"{path} is held by another process") from None
+                time.sleep(0.05)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            break
+        try:
+            yield
+        finally:
+            try:
+                if json.loads(path.read_text()).get("token") == me["token"]:
+                    path.unlink()
+            except (OSError, json.JSONDecodeError):
+                pass
+
+    @staticmethod
+    def _break_if_stale(path: Path, stale_s: float) -> bool:
+        try:
+            text = path.read_text()
+            holder = json.loads(text)
+        except FileNotFoundError:
+            return True                      # released meanwhile: retry at once
+        except (OSError, json.JSONDecodeError):
+            # Created but not yet written (the holder is between open and write), or junk:
+            # judge by the file's age only.
+            try:
+                if time.time() - path.stat().st_mtime < stale_s:
+                    return False
+            except FileNotFoundError:
+                return True
+            text, holder = None, {}
+        same_host = holder.get("host") == socket.gethostname()
+        dead = same_host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"])
+        old = time.time() - float(holder.get("time", 0)) > stale_s
+        if not (dead or old):
+            return False
+        # Move it aside atomically; if what we moved is not the lock we judged (it was
+        # released and re-taken in between), put it back.
+        aside = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return True
+        try:
+            if text is not None and aside.read_text() != text:
+                try:
+                    os.link(aside, path)
+                except FileExistsError:
+                    pass
+        finally:
+            aside.unlink(missing_ok=True)
+        return True
 
     # -- blocks ---------------------------------------------------------------------
     def finished_blocks(self) -> set[str]:
@@ -116,6 +273,24 @@ class RunStore:
 
     def write_table(self, name: str, df: pd.DataFrame) -> None:
         atomic_write_bytes(self.dir / f"{name}.parquet", _parquet_bytes(df))
+
+    def parts_signature(self) -> list[list]:
+        """(table, block, size) of every part: equal signatures mean equal merged tables
+        (parts are deterministic per block, so a rewrite by a duplicate process keeps it)."""
+        sig = []
+        for name in self.table_names():
+            for p in sorted((self.dir / "parts" / name).glob("*.parquet")):
+                try:
+                    sig.append([name, p.stem, p.stat().st_size])
+                except FileNotFoundError:
+                    continue
+        return sig
+
+    def merged_is_current(self, manifest: dict) -> bool:
+        """True when the merged tables were written from exactly the current parts."""
+        merged = manifest.get("merged") or {}
+        return (merged.get("parts") == self.parts_signature()
+                and all((self.dir / f"{name}.parquet").exists() for name in self.table_names()))
 
     def merge(self, order: Iterable[str] | None = None) -> dict[str, int]:
         """Writes each table's merged file from its parts (rows in block order); returns row counts.

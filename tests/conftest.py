@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from cbs_test_backends import FakeBackend
 
 from cbs.sweep import backend as backend_mod
-from cbs_test_backends import FakeBackend
 
 
 @pytest.fixture

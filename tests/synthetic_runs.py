@@ -20,8 +20,11 @@ __all__ = ["PLANTED", "write_synthetic_run"]
 PLANTED = {"sgd": (800.0, 800.0 * 256), "adam": (400.0, 400.0 * 1024)}   # (S_min, E_min): B_crit 256, 1024
 
 
+_LRS = tuple(np.logspace(-3, 0, 7))
+
+
 def write_synthetic_run(path: Path, *, planted=PLANTED, batch_sizes=tuple(2 ** k for k in range(3, 14)),
-                        lrs=tuple(np.logspace(-3, 0, 7)), seeds=(0, 1), noise=0.05, max_steps=100_000,
+                        lrs=_LRS, seeds=(0, 1), noise=0.05, max_steps=100_000,
                         tokens_per_example=1, name="synthetic", extra_config=None, final=True, rng_seed=0):
     """Writes a run folder as the store does: config.yaml, manifest.json, results.parquet.
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from synthetic_runs import write_synthetic_run
 
 from cbs.analysis import analyze_run, steps_table
-from synthetic_runs import write_synthetic_run
 
 
 def test_unproven_points_are_excluded_counted_and_reported(tmp_path):

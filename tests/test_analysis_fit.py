@@ -7,8 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from cbs.analysis import (aggregate_seeds, b_star_closed_form, fit_critical_batch_size, fit_power_law,
-                          fit_steps_curve, local_efficiencies, raw_knee)
+from cbs.analysis import (
+    aggregate_seeds,
+    b_star_closed_form,
+    fit_critical_batch_size,
+    fit_power_law,
+    fit_steps_curve,
+    local_efficiencies,
+    raw_knee,
+)
 
 B = 2.0 ** np.arange(3, 14)          # 8 .. 8192, B_crit = 300 sits mid-range
 S_MIN, B_CRIT = 500.0, 300.0

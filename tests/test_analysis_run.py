@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic_runs import write_synthetic_run
 
 from cbs.analysis import AnalysisError, analyze_run, compare_runs, print_summary
-from synthetic_runs import write_synthetic_run
 
 PLANTED = {"sgd": (800.0, 800.0 * 256), "adam": (400.0, 400.0 * 1024)}   # (S_min, E_min)
 

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic_runs import write_synthetic_run
 
 from cbs.analysis import AnalysisError, analyze_targets, steps_from_curves
-from synthetic_runs import write_synthetic_run
 
 
 def _write_power_law_curves(run, target=0.1):

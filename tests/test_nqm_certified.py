@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from nqm_reference import risk_by_recurrence
 
 from cbs import nqm
 from cbs.nqm import _crossing, _moments
-from nqm_reference import risk_by_recurrence
 
 
 def _brute(problem, kind, lr, beta, gamma, power, B, T):
@@ -70,6 +70,7 @@ def test_uncertified_cells_keep_the_bisection_answer():
     target = r[0] * 0.2
     import jax
     import jax.numpy as jnp
+
     from cbs.nqm._grid import _padded, _prob
     with jax.enable_x64(True):
         out = _crossing.search_steps(_prob(problem), jnp.float64(lr), jnp.float64(beta), jnp.float64(0.0),
@@ -130,6 +131,7 @@ def test_unstable_configuration_is_never_reached():
     moments overflow must not be counted as reaching the target (overflow made the risk -inf,
     which compared below the target)."""
     import numpy as np
+
     from cbs.nqm import evaluate_grid
     from cbs.nqm._problem import bin_problem, harmonic_problem
     problem = bin_problem(harmonic_problem())

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from nqm_reference import risk_by_recurrence
 
 from cbs import nqm
 from cbs.nqm._schedules import schedule_phases
 from cbs.sweep.config import Schedule
-from nqm_reference import risk_by_recurrence
 
 # Eigenvalues chosen to hit the delicate cases: with lr 0.25 and beta 0.25, h = 1 gives
 # a = 0.25 = (1 - sqrt(beta))^2 exactly (critical damping, a double root); small h are

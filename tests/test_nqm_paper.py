@@ -57,7 +57,7 @@ def test_momentum_matches_sgd_at_small_batch_and_helps_at_large(sgd_steps):
     bs = BS[[0, -1]]
     mom = _best("momentum", MOM_LRS, DECAYS, batch_sizes=bs, max_steps=10**7)
     sgd = sgd_steps[0.0][[0, -1]]
-    # small B: equal up to the ~15% under-damped effect documented in nqm.md 6.5
+    # small B: equal up to the ~15% under-damped effect documented in docs/nqm.md section 6
     assert 0.75 < mom[0] / sgd[0] <= 1.0
     # large B: momentum's larger stable effective LR cuts steps by a large factor
     assert mom[1] / sgd[1] < 0.2

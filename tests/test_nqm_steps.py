@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from nqm_reference import risk_by_recurrence
 
 from cbs import nqm
-from nqm_reference import risk_by_recurrence
 
 PROBLEM = nqm.harmonic_problem(30)
 

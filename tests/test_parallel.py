@@ -33,15 +33,23 @@ def test_train_block_sharded_over_devices_matches_one_device():
     """A training block whose cells are spread over 4 (simulated) devices, with padding
     (6 cells -> 8 lanes), records the same curves as on one device."""
     code = textwrap.dedent("""
-        import sys, json, numpy as np
+        import sys, json, jax, numpy as np
+        import cbs.train.loop as loop
         from cbs.train.backend import TrainBackend
         from cbs.train.direct import make_block, make_config
+        # record how many devices each array the block hands to its compiled program spans
+        placed, shard = [], loop.shard_cells
+        def recording(tree, n):
+            out = shard(tree, n)
+            placed.extend(len(x.sharding.device_set) for x in jax.tree.leaves(out))
+            return out
+        loop.shard_cells = recording
         cfg = make_config(dict(dataset="digits", model="mlp", width=16, depth=1), value=1e-3,
                           max_steps=30, eval_every=10)
         block = make_block("momentum", 16, [0.03, 0.1, 0.3], hparams=dict(momentum=[0.5, 0.9]))
         res = TrainBackend(cfg).run_blocks([block])[0]
         c = res.curves.sort_values(["cell_id", "step"])
-        print(json.dumps(c.val_loss.tolist()))
+        print(json.dumps(dict(val_loss=c.val_loss.tolist(), devices=sorted(set(placed)))))
     """)
     outs = []
     for n in (1, 4):
@@ -49,5 +57,8 @@ def test_train_block_sharded_over_devices_matches_one_device():
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert len(outs[0]) == 6 * 4
-    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5)
+    # the block really was spread: every per-cell array it placed spans all 4 devices
+    # (on one device nothing needs placing, or it lands on the one device)
+    assert outs[0]["devices"] in ([], [1]) and outs[1]["devices"] == [4], [o["devices"] for o in outs]
+    assert len(outs[0]["val_loss"]) == 6 * 4
+    np.testing.assert_allclose(outs[0]["val_loss"], outs[1]["val_loss"], rtol=1e-5)

@@ -44,6 +44,16 @@ def test_all_top_directions_reproduce_the_problem():
     np.testing.assert_allclose(cal.problem.count, 1.0)
 
 
+def test_displacement_start_sets_m0_directly():
+    """Measured at theta_T with delta = theta_0 - theta_T: m_i(0) = (delta . v_i)^2, no 1/h^2."""
+    import dataclasses
+    h = np.array([2.0, 1.0, 0.5])
+    delta = np.array([0.3, -1.0, 2.0])
+    meas = dataclasses.replace(_measurement(h, np.ones(3), np.ones(3)), disp_proj=delta,
+                               disp_sq=float(delta @ delta), disp_nodes=h, disp_weights=delta**2 / (delta @ delta))
+    np.testing.assert_allclose(nqm_from_measurement(meas).problem.m0, delta**2)
+
+
 def test_bulk_noise_rule_matches_trace_and_counts_match_dimension():
     """Bulk from an SLQ measure: counts add up to d - k, sum count * c = tr(Sigma) (trace rule),
     c proportional to h in the bulk; with the curvature rule sum count * h * c = tr(C Sigma)."""

@@ -63,7 +63,12 @@ def measured(small):
     dimension d (exact top-k and gradient measure), every example in tr(C Sigma)."""
     apply, loss, theta, x, y, *_ = small
     return sp.measure(apply, loss, theta, x, y, top_k=4, lanczos_iters=len(theta), slq_probes=400,
-                      slq_iters=len(theta), noise_examples=len(x), chunk=16, curvature="ggn")
+                      slq_iters=len(theta), noise_examples=len(x), chunk=16, curvature="ggn",
+                      displacement=_displacement(len(theta)))
+
+
+def _displacement(d):
+    return np.random.default_rng(5).normal(size=d)
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
@@ -145,3 +150,18 @@ def test_too_large_names_the_option(small):
     apply, loss, theta, x, y, *_ = small
     with pytest.raises(sp.MeasurementTooLarge, match="--lanczos-iters"):
         sp.measure(apply, loss, theta, x, y, max_memory_mb=1e-4)
+
+
+def test_displacement_measure_matches_projections(small, measured):
+    """Lanczos started at a displacement delta with m = d: sum_l w_l f(theta_l) =
+    delta^T f(C) delta / |delta|^2, and its top projections are V delta."""
+    ggn = small[7]
+    m = measured
+    delta = _displacement(len(small[2]))
+    ev, V = np.linalg.eigh(ggn)
+    frac = (V.T @ delta) ** 2 / (delta @ delta)
+    np.testing.assert_allclose(m.disp_sq, delta @ delta, rtol=1e-12)
+    np.testing.assert_allclose(m.disp_proj, m.top_vectors @ delta, rtol=1e-10)
+    for f in (lambda t: t, lambda t: t**2, lambda t: np.exp(-t)):
+        np.testing.assert_allclose(np.sum(m.disp_weights * f(m.disp_nodes)), np.sum(frac * f(ev)),
+                                   rtol=1e-7, atol=1e-10)

@@ -64,7 +64,7 @@ def test_edge_optimum_is_extended_until_interior_then_zoomed(monkeypatch, tmp_pa
     run_sweep(cfg, progress=False)
     df = read_table(tmp_path / "run", "results")
     assert df["cell_id"].is_unique
-    for bs, g in df.groupby("batch_size"):
+    for _bs, g in df.groupby("batch_size"):
         lr, lrs = best_lr(g)
         assert lrs[0] < lr < lrs[-1], (lr, lrs)             # interior now
         assert lr == 1.0                                     # 0.1 * 10**1 (same spacing)

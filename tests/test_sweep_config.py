@@ -7,14 +7,14 @@ import subprocess
 import sys
 
 import pytest
-import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from cbs_test_backends import FakeBackend
+from conftest import fake_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cbs.sweep.config import config_hash, load_config
 from cbs.sweep.grid import expand_blocks
 from cbs.sweep.schema import ConfigError
-from cbs_test_backends import FakeBackend
-from conftest import fake_config
 
 
 def test_valid_config_parses_and_expands(fake_backend, tmp_path):

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from cbs_test_backends import FakeBackend
+from conftest import fake_config
 
 from cbs.store import RunStore, read_table
 from cbs.sweep.config import load_config
 from cbs.sweep.runner import RunFolderError, run_sweep
-from cbs_test_backends import FakeBackend
-from conftest import fake_config
 
 
 def test_rows_carry_coordinates_outcomes_and_provenance(fake_backend, tmp_path):
@@ -75,6 +75,7 @@ def test_sigkill_mid_sweep_then_resume_gives_the_uninterrupted_table(tmp_path):
     import subprocess
     import sys
     import time
+
     import yaml
     tests_dir = os.path.dirname(__file__)
     env = {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""),

@@ -311,3 +311,67 @@ def test_traced_max_precond_dim_is_rejected_clearly():
     state = opt.init(params)
     with pytest.raises(TypeError, match="static_args"):
         jax.jit(opt.update)(params, state, params)
+
+
+def _count_refreshes(monkeypatch):
+    """Counts executed basis refreshes (one per preconditioned side) with a host callback."""
+    import cbs.train.soap as soap_mod
+    calls = []
+    real = soap_mod._refresh_side
+
+    def counted(factor, q_old, nu, axis, method):
+        jax.debug.callback(lambda: calls.append(1))
+        return real(factor, q_old, nu, axis, method)
+
+    monkeypatch.setattr(soap_mod, "_refresh_side", counted)
+    return calls
+
+
+def test_block_step_runs_the_refresh_only_on_refresh_steps(monkeypatch):
+    """Vmapped cells with a batched state: given the shared (unbatched) block step, the
+    basis refresh executes only on refresh steps; without it, every branch runs every
+    step. Both give the same numbers."""
+    calls = _count_refreshes(monkeypatch)
+    _, batch_loss, params = _least_squares()
+    lrs = jnp.array([0.01, 0.03, 0.1])
+    steps, freq = 13, 4
+    sides = sum(len(p.shape) == 2 for p in jax.tree.leaves(params)) * 2
+
+    def run(shared):
+        def one(lr, t, p, s):
+            tx = soap(lr, precondition_frequency=freq, block_step=t if shared else None)
+            u, s = tx.update(jax.grad(batch_loss)(p, t), s, p)
+            return optax.apply_updates(p, u), s
+
+        def body(carry, t):
+            return jax.vmap(one, in_axes=(0, None, 0, 0))(lrs, t, *carry), None
+
+        p0 = jax.tree.map(lambda x: jnp.stack([x] * 3), params)
+        s0 = jax.vmap(lambda lr: soap(lr, precondition_frequency=freq).init(params))(lrs)
+        (p, _), _ = jax.lax.scan(body, (p0, s0), jnp.arange(steps))
+        return jax.block_until_ready(p)
+
+    calls.clear()
+    fast = run(True)
+    refresh_steps = len([t for t in range(steps) if t % freq == 0])    # 0 (initial eigh), 4, 8, 12
+    assert len(calls) == refresh_steps * sides
+    calls.clear()
+    slow = run(False)
+    assert len(calls) == steps * sides * 2      # select: the eigh and the QR branch, every step
+    for name in params:
+        np.testing.assert_allclose(fast[name], slow[name], rtol=1e-5, atol=1e-6)
+
+
+def test_vmapped_training_block_refreshes_soap_only_on_refresh_steps(monkeypatch):
+    """The train back end passes the block step: a SOAP block of several cells computes the
+    refresh on steps 0, 10, 20 of 25 (precondition_frequency 10), once for all cells."""
+    from cbs.train.backend import TrainBackend
+    from cbs.train.direct import make_block, make_config
+
+    calls = _count_refreshes(monkeypatch)
+    cfg = make_config(dict(dataset="digits", model="mlp", width=16, depth=1, steps_per_call=25),
+                      metric="val_loss", value=1e-3, max_steps=25, eval_every=5)
+    block = make_block("soap", 32, [1e-3, 3e-3, 1e-2], seeds=(0,))
+    TrainBackend(cfg).run_blocks([block])
+    sides = 2 * 2      # two Dense kernels, a left and a right factor each
+    assert len(calls) == 3 * sides

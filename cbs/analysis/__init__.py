@@ -13,7 +13,7 @@ Reads only the store's tables (never a back end). The pieces:
 * :func:`compare_runs` -- several run folders side by side, with optional scaling laws.
 * :func:`analyze_targets` -- the CBS at other targets, from the stored metric curves.
 
-The definitions and their sources are in docs/cbs.md (sections 1, 2, 6 and 7).
+The definitions and their sources are in docs/cbs.md (sections 1 to 5).
 """
 
 from cbs.analysis._compare import Comparison, compare_runs, run_scale

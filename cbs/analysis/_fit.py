@@ -4,7 +4,7 @@
 space (``_model``), derives B*, computes the model-free diagnostics (``_diagnostics``),
 bootstraps intervals, refits leaving one batch size out, and phrases warnings.
 
-Definitions derived from one fit (see docs/cbs.md sections 2 and 7):
+Definitions derived from one fit (see docs/cbs.md section 2):
   * ``b_crit`` = E_min / S_min (primary): S = 2 S_min and E = 2 E_min there.
   * ``b_star`` = B*_delta(B0) = (1 + delta) B0 + delta B_crit: the batch size where the fitted
     curve needs (1 + delta) times the steps of perfect linear scaling from the fitted curve
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

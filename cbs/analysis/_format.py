@@ -4,8 +4,8 @@ terminal line of the analysis uses, and the JSON encoding of the written files."
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd

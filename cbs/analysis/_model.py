@@ -17,7 +17,7 @@ log B_crit (a grid, then golden-section refinement). The search includes the two
 B_crit = 0 (S flat in B) and B_crit = inf (perfect scaling, S_min = 0), so S_min, E_min >= 0
 always hold and a boundary answer is reported as such instead of as a failed fit. The
 search is vectorized over bootstrap replicates. B*_delta(B0) from a fit: closed form for
-the McCandlish form, a bisection root for the general one (docs/cbs.md section 2).
+the McCandlish form, a bisection root for the general one (docs/cbs.md sections 2.2 and 3).
 """
 
 from __future__ import annotations

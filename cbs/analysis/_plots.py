@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 import matplotlib.ticker
@@ -300,3 +300,42 @@ def plot_targets(path: Path, table: pd.DataFrame, unit: str, metric: str = "targ
     _label(ax1, f"target {metric}", f"B_crit ({unit})", "critical batch size vs target (band: bootstrap CI)")
     _label(ax2, f"E_min ({unit} to target)", "S_min (steps to target)", "Pareto front, one point per target (labels)")
     return _save(fig, path)
+
+
+def schedule_pairs(cfg: dict) -> list[tuple[str, str, str]]:
+    """(label, constant optimizer, optimized_pwc optimizer) pairs of a config: entries of the
+    same kind and hyperparameters, one with an ``optimized_pwc`` schedule and one without."""
+    entries = (cfg or {}).get("grid", {}).get("optimizers", []) or []
+
+    def key(e):
+        return e.get("kind"), repr(sorted((e.get("hparams") or {}).items()))
+
+    const = {key(e): e.get("name") or e.get("kind") for e in entries
+             if ((e.get("schedule") or {}).get("kind") or "constant") == "constant"}
+    pairs = []
+    for e in entries:
+        if (e.get("schedule") or {}).get("kind") == "optimized_pwc" and key(e) in const:
+            hp = ", ".join(f"{k}={v}" for k, v in sorted((e.get("hparams") or {}).items()))
+            pairs.append((f"{e.get('kind')}" + (f" ({hp})" if hp else ""), const[key(e)], e.get("name") or e.get("kind")))
+    return pairs
+
+
+def plot_schedules(path: Path, fits: dict, pairs: list, unit: str, reference: pd.DataFrame | None = None,
+                   scale: float = 1.0, title: str = "") -> Path:
+    """Constant LR vs optimized piecewise-constant schedule on one log-log axes (the NQM
+    paper's Fig. 3b): one colour per pair, constant LR solid with circles, the optimized
+    schedule dashed with squares, reference curves (the lower bound) in black."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for (label, cname, pname), color in zip(pairs, _colors(len(pairs))):
+        for name, style, marker, what in ((cname, "-", "o", "constant LR"), (pname, "--", "s", "optimized")):
+            fit = fits.get(name)
+            if fit is None:
+                continue
+            good = np.isfinite(fit.steps)
+            ax.plot(fit.batch_sizes[good], fit.steps[good], style, marker=marker, color=color, ms=4,
+                    label=f"{label}: {what}")
+    if reference is not None and len(reference):
+        for rname, rg in reference.groupby("name"):
+            rg = rg.sort_values("batch_size")
+            ax.plot(rg["batch_size"].to_numpy(float) * scale, rg["steps"], ":", color="k", lw=1.2, label=rname)
+    return _finish_single(fig, ax, path, unit, "steps to target", title or "constant LR vs optimized schedule")

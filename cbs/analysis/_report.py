@@ -18,8 +18,14 @@ from cbs.analysis._fit import CriticalBatchSizeFit, fit_critical_batch_size
 from cbs.analysis._format import format_number
 from cbs.analysis._options import resolve_options
 from cbs.analysis._render import run_text, short_summary
-from cbs.analysis._tables import (check_run_dir, per_batch_table, read_run_config, read_run_manifest,
-                                  read_run_table, steps_table)
+from cbs.analysis._tables import (
+    check_run_dir,
+    per_batch_table,
+    read_run_config,
+    read_run_manifest,
+    read_run_table,
+    steps_table,
+)
 from cbs.analysis._write import write_run_files
 from cbs.errors import AnalysisError
 
@@ -104,7 +110,7 @@ def _fit_optimizer(name, steps_df, per_b, *, scale, unit, delta, b0, n_boot, see
         and (g["n_uncertified"] == 0).all()
     if eval_every > 1 and not proven:
         # S is quantized to evaluation steps: up to one interval too high, which matters most
-        # at large B where S is small (docs/cbs.md 1.3).
+        # at large B where S is small (docs/cbs.md section 1, item 4).
         s = pb["steps"].to_numpy(float)
         coarse = pb.loc[np.isfinite(s) & (eval_every / np.where(np.isfinite(s), s, 1.0) > 0.1), "batch_size"]
         if len(coarse):

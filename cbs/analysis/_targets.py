@@ -1,7 +1,7 @@
 """The critical batch size as a function of the target, from the stored metric curves.
 
 McCandlish et al. and Kaplan et al. fit S_min and E_min separately for each target loss
-and trace how B_crit grows as the target tightens (docs/cbs.md 2.1 step 4 and 2.4). A sweep
+and trace how B_crit grows as the target tightens (docs/cbs.md section 2.4). A sweep
 stores one target in results.parquet but the whole metric curve of every cell in
 curves.parquet, so steps to any other target can be read off the curves and refitted.
 """
@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from cbs.analysis._fit import CriticalBatchSizeFit
-from cbs.analysis._tables import (AnalysisError, check_run_dir, per_batch_table, read_run_config, read_run_table,
-                                  steps_table)
+from cbs.analysis._tables import (
+    AnalysisError,
+    check_run_dir,
+    per_batch_table,
+    read_run_config,
+    read_run_table,
+    steps_table,
+)
 
 __all__ = ["TargetSweep", "steps_from_curves", "analyze_targets"]
 

@@ -42,6 +42,10 @@ def write_run_files(a: RunAnalysis, cfg, manifest, reference, scale, plots):
                                        title=f"{title}: data efficiency")]
     png.insert(0, _plots.plot_all_optimizers(run_dir / "steps_all_optimizers.png", a.fits, a.unit,
                                              title=f"{title}: all optimizers", notes=exclusion_notes(a.summary)))
+    pairs = _plots.schedule_pairs(cfg)     # NQM Fig. 3b: constant LR vs optimized schedule
+    if pairs:
+        png.append(_plots.plot_schedules(run_dir / "schedules.png", a.fits, pairs, a.unit, reference, scale,
+                                         title=f"{title}: constant LR vs optimized schedule"))
     a.files += png
     (run_dir / "report.md").write_text(report_markdown(a, scale))
     a.files.append(run_dir / "report.md")

@@ -15,9 +15,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbs.nqm._moments import (Phases, _apply_t, _as_tuple_tables, _config_system, _expand_t,
-                              _phase_budget, _risk, _risk_t, _tables, _vech_pairs, linear_system,
-                              state_dim)
+from cbs.nqm._moments import (
+    Phases,
+    _apply_t,
+    _as_tuple_tables,
+    _config_system,
+    _expand_t,
+    _phase_budget,
+    _risk,
+    _risk_t,
+    _tables,
+    _vech_pairs,
+    linear_system,
+    state_dim,
+)
 
 __all__ = ["search_steps"]
 

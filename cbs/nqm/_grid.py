@@ -10,13 +10,13 @@ configuration's B-independent power tables).
 from __future__ import annotations
 
 import functools
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cbs import devices
 from cbs.nqm._crossing import search_steps
 from cbs.nqm._moments import Phases, constant_phases, expected_risk_curve
 from cbs.nqm._problem import NQMProblem
@@ -76,7 +76,7 @@ def evaluate_grid(problem: NQMProblem, kind: str, lr, momentum=0.0, ema_decay=0.
             the bisection's crossing (settle step; see ``_crossing.search_steps``).
         chunk: configurations vmapped together (default: 4 on CPU, 64 on accelerators; on
             CPU small chunks keep the per-iteration state in cache: 0.55 s at 4 vs 1.4 s at 64
-            for the Fig. 3a momentum grid). threads: parallel parts (default: CPU count).
+            for the Fig. 3a momentum grid). threads: parallel parts (default: :func:`cbs.devices.nqm_threads`).
         certify: run the certified first-crossing scan (default; False is faster and flags
             every cell uncertified). certify_iters: its iteration budget per configuration and
             phase (default 4 K + 2 window; see ``_crossing.search_steps``).
@@ -98,11 +98,11 @@ def evaluate_grid(problem: NQMProblem, kind: str, lr, momentum=0.0, ema_decay=0.
     batch = np.broadcast_to(batch, (C, batch.shape[-1])) if batch.ndim == 1 else batch
     phases = _padded(phases)
     ema = bool(np.any(gamma > 0))
-    chunk = chunk or (4 if jax.default_backend() == "cpu" else 64)
+    chunk = chunk or devices.nqm_chunk()
     cols = [lr, beta, gamma, power, batch]
     # XLA's CPU loops here run on one core: split the configurations into equal parts (the
     # last padded by repetition, so all parts share one compiled program) run in threads.
-    parts = max(1, min(threads or os.cpu_count() or 1, C // chunk))
+    parts = max(1, min(threads or devices.nqm_threads(), C // chunk))
     size = -(-C // parts)
     # The certified scan (a while loop) runs per chunk until its slowest configuration is
     # done: order configurations by (momentum, EMA decay, LR, power) so that similar ones

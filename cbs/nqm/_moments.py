@@ -256,16 +256,19 @@ def expected_risk_curve(prob, lr, beta, gamma, power, batch, phases: Phases, ste
 
 def final_risk(prob, lr, beta, gamma, power, batch, lr_mults, piece_steps, *, kind: str,
                ema: bool, K: int):
-    """Risk after len(lr_mults) pieces of ``piece_steps`` steps each (traceable, differentiable
-    in lr_mults); batch is a scalar. Used to optimize piecewise-constant schedules."""
+    """Risk after len(lr_mults) pieces of ``piece_steps`` steps (traceable, differentiable in
+    lr_mults); ``piece_steps`` is one length for every piece or one per piece (a piece of
+    0 steps is skipped); batch is a scalar. Used to optimize piecewise-constant schedules."""
     w = prob[3]
     _, _, s0, read = _config_system(kind, ema, prob, lr, beta, gamma, power)
     inv_b = jnp.reshape(1.0 / batch, (1,))
+    lengths = jnp.broadcast_to(piece_steps, lr_mults.shape)
 
-    def piece(s, lr_m):
+    def piece(s, xs):
+        lr_m, k = xs
         M, r, _, _ = _config_system(kind, ema, prob, lr * lr_m, beta, gamma, power)
         Ms, Rs = _tables(M, r, K)
-        return _expand(Ms, Rs, s, jnp.reshape(piece_steps, (1,)), inv_b), None
+        return _expand(Ms, Rs, s, jnp.reshape(k, (1,)), inv_b), None
 
-    s, _ = jax.lax.scan(piece, s0[:, None], lr_mults)
+    s, _ = jax.lax.scan(piece, s0[:, None], (lr_mults, lengths))
     return _risk(s, read, w)[0]

@@ -57,7 +57,7 @@ class NQMProblem:
         return float(np.sum(self.loss_weights * self.m0))
 
     def lower_bound_steps(self, target: float, batch_sizes) -> np.ndarray:
-        """Information-theoretic lower bound d / (2 L* B) (docs/nqm.md section 5).
+        """Information-theoretic lower bound d / (2 L* B) (docs/nqm.md section 1).
 
         Exact for C = H (sample-mean estimation); for other noise spectra it is the
         same sample-count argument with d replaced by sum_i c_i / h_i.
@@ -98,7 +98,7 @@ def harmonic_problem(dim: int = 10_000, **kw) -> NQMProblem:
 
 
 def bin_problem(problem: NQMProblem, num_bins: int = 100, drop_empty: bool = True) -> NQMProblem:
-    """The reference notebook's binning (docs/nqm.md section 5).
+    """The reference notebook's binning (docs/nqm.md section 1).
 
     Bin values are ``geomspace(h_max, h_max / cond, num_bins)``; each coordinate goes to the
     first bin value <= its curvature (rounded DOWN by up to one bin ratio) and takes that

@@ -15,13 +15,14 @@ from cbs.nqm._grid import _prob, evaluate_grid, num_levels
 from cbs.nqm._moments import final_risk
 from cbs.nqm._problem import NQMProblem
 
-__all__ = ["best_on_grid", "refine_lr", "optimize_pwc", "pwc_lr_cap", "lower_bound_steps"]
+__all__ = ["best_on_grid", "refine_lr", "optimize_pwc", "pwc_lr_cap", "pwc_piece_lengths",
+           "best_constant_below_cap", "lower_bound_steps"]
 
 _INV_PHI = (math.sqrt(5) - 1) / 2
 
 
 def lower_bound_steps(problem: NQMProblem, target: float, batch_sizes) -> np.ndarray:
-    """d / (2 L* B): no estimator reaches L* from fewer than d / (2 L*) examples (nqm.md 5)."""
+    """d / (2 L* B): no estimator reaches L* from fewer than d / (2 L*) examples (docs/nqm.md section 1)."""
     return problem.lower_bound_steps(target, batch_sizes)
 
 
@@ -126,51 +127,107 @@ def _pwc_final(prob, cap, beta, gamma, power, batch, piece_steps, z_init, *, kin
     return jax.vmap(solve)(batch, piece_steps, z_init)
 
 
+def pwc_piece_lengths(total_steps, num_pieces: int) -> np.ndarray:
+    """Lengths of ``num_pieces`` pieces that sum to ``total_steps`` exactly: as equal as
+    possible, the first ``total_steps % num_pieces`` pieces one step longer (with fewer steps
+    than pieces, the last pieces are empty). ``total_steps``: int or (n,) ints -> (n, P)."""
+    t = np.asarray(total_steps, np.int64)[..., None]
+    i = np.arange(num_pieces)
+    return t // num_pieces + (i < t % num_pieces)
+
+
+def best_constant_below_cap(problem: NQMProblem, kind: str, batch_sizes, cap, *, target: float, max_steps: int,
+                            momentum: float = 0.0, ema_decay: float = 0.0, precond_power: float = 0.0,
+                            num: int = 64, decades: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
+    """The constant LR <= cap with the fewest exact steps to target, per batch size.
+
+    A log grid of ``num`` LRs over ``decades`` below the cap, then golden-section refinement
+    (:func:`refine_lr`) one grid spacing around the best point, kept only where it is below
+    the cap and better. Returns (steps (NaN if none reaches), lr), each (nB,).
+    """
+    batch = np.asarray(batch_sizes, np.float64)
+    cap = np.broadcast_to(np.asarray(cap, np.float64), batch.shape)
+    frac = np.logspace(-decades, 0, num)
+    lrs = (cap[:, None] * frac[None]).ravel()
+    bs = np.repeat(batch, num)
+    out = evaluate_grid(problem, kind, lrs, np.full_like(lrs, momentum), np.full_like(lrs, ema_decay),
+                        np.full_like(lrs, precond_power), batch_sizes=bs[:, None], target=target,
+                        max_steps=max_steps)["steps"][:, 0].reshape(len(batch), num)
+    j = best_on_grid(out.T)
+    steps = np.where(j >= 0, out[np.arange(len(batch)), np.maximum(j, 0)], np.nan)
+    lr = cap * frac[np.maximum(j, 0)]
+    ratio = frac[1] / frac[0]
+    # bracket [lr0 / ratio, lr0 * ratio] kept below the cap
+    lr0 = np.minimum(lr, cap / ratio)
+    r_steps, r_lr = refine_lr(problem, kind, lr0, momentum, ema_decay, precond_power, batch, target=target,
+                              max_steps=max_steps, ratio=ratio, iters=20)
+    better = (j >= 0) & np.isfinite(r_steps) & (r_steps < np.where(np.isnan(steps), np.inf, steps)) & (r_lr <= cap)
+    return np.where(better, r_steps, steps), np.where(better, r_lr, lr)
+
+
 def optimize_pwc(problem: NQMProblem, kind: str, batch_sizes, *, target: float, max_steps: int,
                  num_pieces: int = 10, lr_cap=None, momentum: float = 0.0, ema_decay: float = 0.0,
                  precond_power: float = 0.0, opt_steps: int = 150,
-                 rel_tol: float = 1e-3) -> dict[str, np.ndarray]:
+                 rel_tol: float = 0.0) -> dict[str, np.ndarray]:
     """Optimal piecewise-constant LR schedules (paper Fig. 3b), batched over batch sizes.
 
-    For a piece length k, the num_pieces log-LRs (each <= log lr_cap) minimize the exact
-    final log-risk after num_pieces * k steps, by projected Adam with jax.grad through the
-    closed-form phases (the reference uses L-BFGS-B from log LR = -5; we start every piece at
-    cap / e for the longest horizon, then warm-start each bisection step from the schedule of
-    the shortest horizon found to reach the target so far). Then integer bisection on k finds the smallest k whose optimized final risk is
-    below the target, assuming (like the reference) that the optimized risk falls with k.
+    For a horizon of T steps split into ``num_pieces`` pieces of as equal as possible
+    lengths (:func:`pwc_piece_lengths`; so every T is reachable, not only multiples of
+    num_pieces), the piece log-LRs (each <= log lr_cap) minimize the exact final log-risk
+    after T steps, by projected Adam with jax.grad through the closed-form phases (the
+    reference uses L-BFGS-B from log LR = -5; the optimizer here keeps the best point it
+    visited, its start included). Integer bisection on T then finds the smallest T whose
+    optimized final risk is below the target, assuming (like the reference) that the
+    optimized risk falls with T.
+
+    The best constant LR <= lr_cap (:func:`best_constant_below_cap`, exact step counts)
+    is a feasible schedule of this family, so it seeds the search: the bisection starts
+    from its step count (the upper end of the bracket) and from its schedule (the warm
+    start). Hence the optimized schedule never needs more steps than the best constant LR.
+    Each later bisection step warm-starts from the schedule of the shortest horizon found
+    to reach the target so far.
 
     Args:
         batch_sizes: (nB,). lr_cap: scalar or (nB,); default :func:`pwc_lr_cap`.
+        rel_tol: stop once hi - lo <= max(1, rel_tol * hi); 0 (default) = exact to one step.
 
     Returns:
-        dict with (nB,) arrays ``steps`` (num_pieces * k, NaN if not reached within
-        max_steps), ``reached``, ``piece_steps`` and (nB, num_pieces) ``lrs``. The
-        bisection stops once hi - lo <= rel_tol * hi (the inner optimizer is not exact to
-        better than that anyway), so ``steps`` may exceed the smallest horizon by rel_tol.
+        dict with (nB,) arrays ``steps`` (T, NaN if not reached within max_steps),
+        ``reached``, ``piece_steps`` (T / num_pieces, the mean piece length),
+        ``constant_steps`` and ``constant_lr`` (the best constant LR <= cap and its exact
+        steps), and (nB, num_pieces) ``lrs``. The schedule's piece lengths are
+        ``pwc_piece_lengths(steps, num_pieces)``.
     """
     batch = np.asarray(batch_sizes, np.float64)
     nB = len(batch)
     cap = pwc_lr_cap(problem, precond_power) if lr_cap is None else lr_cap
     cap = np.broadcast_to(np.asarray(cap, np.float64), (nB,))
-    kmax = max(1, max_steps // num_pieces)
-    K = num_levels(kmax)
+    K = num_levels(-(-max_steps // num_pieces))
     ema = ema_decay > 0
 
-    def run(k, z_init):
+    def run(total, z_init):
+        lengths = pwc_piece_lengths(total, num_pieces)
         with jax.enable_x64(True):
             prob = _prob(problem)
             fn = jax.vmap(lambda c, b, kk, z: _pwc_final(
                 prob, c, momentum, ema_decay, precond_power, b[None], kk[None], z[None], kind=kind, ema=ema,
                 K=K, num_pieces=num_pieces, opt_steps=opt_steps))
-            l, z = fn(jnp.asarray(cap), jnp.asarray(batch), jnp.asarray(k, jnp.int64), jnp.asarray(z_init))
+            l, z = fn(jnp.asarray(cap), jnp.asarray(batch), jnp.asarray(lengths, jnp.int64), jnp.asarray(z_init))
             return np.asarray(l)[:, 0], np.asarray(z)[:, 0]
 
     log_t = math.log(target)
-    lo = np.zeros(nB, np.int64)            # invariant: k = lo does not reach (k = 0: initial risk)
-    hi = np.full(nB, kmax, np.int64)       # candidate that reaches
-    l_hi, z_hi = run(hi, np.full((nB, num_pieces), -1.0))
-    reached = l_hi < log_t
-    best_z = z_hi
+    c_steps, c_lr = best_constant_below_cap(problem, kind, batch, cap, target=target, max_steps=max_steps,
+                                            momentum=momentum, ema_decay=ema_decay, precond_power=precond_power)
+    const_ok = np.isfinite(c_steps)
+    lo = np.zeros(nB, np.int64)            # invariant: T = lo does not reach (T = 0: initial risk)
+    hi = np.where(const_ok, np.nan_to_num(c_steps, nan=max_steps), max_steps).astype(np.int64)
+    best_z = np.repeat(np.where(const_ok, np.log(c_lr / cap), -1.0)[:, None], num_pieces, axis=1)
+    reached = const_ok.copy()
+    if not const_ok.all():                 # no constant LR reaches: try the longest horizon
+        l_max, z_max = run(hi, best_z)
+        new = ~const_ok & (l_max < log_t)
+        reached |= new
+        best_z = np.where(new[:, None], z_max, best_z)
     while True:
         open_ = reached & (hi - lo > np.maximum(1, rel_tol * hi))
         if not open_.any():
@@ -182,6 +239,6 @@ def optimize_pwc(problem: NQMProblem, kind: str, batch_sizes, *, target: float, 
         hi = np.where(open_ & ok, mid, hi)
         lo = np.where(open_ & ~ok, mid, lo)
         best_z = np.where((open_ & ok)[:, None], z_mid, best_z)
-    steps = np.where(reached, hi * num_pieces, np.nan).astype(np.float64)
-    return dict(steps=steps, reached=reached, piece_steps=np.where(reached, hi, -1),
-                lrs=cap[:, None] * np.exp(best_z))
+    steps = np.where(reached, hi, np.nan).astype(np.float64)
+    return dict(steps=steps, reached=reached, piece_steps=np.where(reached, hi / num_pieces, -1.0),
+                lrs=cap[:, None] * np.exp(best_z), constant_steps=c_steps, constant_lr=c_lr)

@@ -9,6 +9,9 @@ Schedule kind ``optimized_pwc``: each cell's LR is the *cap* of its num_pieces o
 piecewise-constant LRs (the reference uses 2 / (lambda_max + lambda_min), see
 :func:`cbs.nqm.pwc_lr_cap`); the cell's steps are those of its optimized schedule, and
 tables["tuned"] holds the best cell of the block with its schedule (column ``pwc_lrs``).
+Its steps are exact (any horizon T, split into num_pieces pieces of as equal as possible
+length), and the search starts from the best constant LR <= the cap (column
+``pwc_constant_steps``), a feasible schedule, so it never needs more steps than that.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class NQMSection:
     noise_values: list[float] = spec([], doc="custom c, one per eigenvalue (noise: custom)", ge=0)
     init: float = spec(1.0, doc="initial second moment E[theta_i(0)^2] of every coordinate", ge=0)
     init_values: list[float] = spec([], doc="custom initial second moments, one per eigenvalue", ge=0)
-    binned: bool = spec(False, doc="quantize the spectrum into the reference's log bins (nqm.md 5)")
+    binned: bool = spec(False, doc="quantize the spectrum into the reference's log bins (docs/nqm.md section 1)")
     num_bins: int = spec(100, doc="number of log-spaced bins when binned", ge=2)
     refine: bool = spec(True, doc="refine the grid-optimal LR per hyperparameter by golden-section search")
     refine_iters: int = spec(25, doc="golden-section iterations (each shrinks the bracket by 0.618)", ge=1)
@@ -88,6 +91,9 @@ _HPARAMS = {"sgd": ("precond_power", "ema_decay"),
             "nesterov": ("momentum", "precond_power", "ema_decay")}
 
 
+_MAX_SMOOTH_STEPS = 10_000_000
+
+
 class NQMBackend(Backend):
     """Exact noisy-quadratic-model engine (Zhang et al. 2019), float64, closed form per phase."""
     name = "nqm"
@@ -127,14 +133,15 @@ class NQMBackend(Backend):
         for i, opt in enumerate(config.grid.optimizers):
             sch = opt.schedule
             where = f"grid.optimizers[{i}].schedule"
-            if sch.kind == "piecewise" and not sch.pieces:
-                raise ConfigError(f"{where}.pieces", sch.pieces, "allowed: a non-empty list [[steps, lr_mult], ...]")
-            for j, piece in enumerate(sch.pieces):
-                if len(piece) != 2 or piece[0] < 1 or piece[1] <= 0:
-                    raise ConfigError(f"{where}.pieces[{j}]", piece, "allowed: [steps >= 1, lr_mult > 0]")
-            if sch.kind == "optimized_pwc" and (sch.warmup_steps or sch.seesaw or sch.batch_growth):
-                raise ConfigError(f"{where}.kind", sch.kind,
-                                  "optimized_pwc supports no warmup_steps, seesaw or batch_growth")
+            # (keys per schedule kind, pieces and boundaries: cbs.sweep.config._check_schedule)
+            # warm-ups and cosine / linear decays are discretised step by step before being
+            # merged into phases, so their length must fit in memory
+            smooth = (sch.horizon or config.budget.max_steps) if sch.kind in ("cosine", "linear_decay") else 0
+            for key, steps in (("warmup_steps", sch.warmup_steps), ("horizon", smooth)):
+                if steps > _MAX_SMOOTH_STEPS:
+                    raise ConfigError(f"{where}.{key}", steps, f"allowed: at most {_MAX_SMOOTH_STEPS} steps for "
+                                      "the NQM back end (smooth schedules are tabulated per step; "
+                                      "set schedule.horizon for a shorter decay than budget.max_steps)")
             if sch.kind == "optimized_pwc" and config.budget.max_steps < sch.num_pieces:
                 raise ConfigError("budget.max_steps", config.budget.max_steps,
                                   f"allowed: at least num_pieces = {sch.num_pieces} steps")
@@ -156,8 +163,13 @@ class NQMBackend(Backend):
         groups: dict[tuple, list[int]] = {}
         for i, block in enumerate(blocks):
             pwc = block.schedule is not None and block.schedule.kind == "optimized_pwc"
-            groups.setdefault((block.kind, block.optimizer if pwc else "", repr(block.schedule)), []).append(i)
-        for (kind, _, _), idx in groups.items():
+            # EMA entries apart: the EMA flag selects the moment system and the certified
+            # scan's iteration budget, so a cell's numbers must not depend on whether an
+            # EMA entry shares its call (which sharding and resuming change)
+            ema = any(c.hparams.get("ema_decay", 0.0) > 0 for c in block.cells)
+            groups.setdefault((block.kind, block.optimizer if pwc else "", repr(block.schedule), ema),
+                              []).append(i)
+        for (kind, *_), idx in groups.items():
             group = [blocks[i] for i in idx]
             sch = group[0].schedule
             if sch is not None and sch.kind == "optimized_pwc":
@@ -188,7 +200,12 @@ class NQMBackend(Backend):
         uniq, inv = np.unique(keys, axis=0, return_inverse=True)
         inv = inv.ravel()
         bsz = np.array([c.batch_size for c in cells], np.float64)
-        ub, binv = np.unique(bsz, return_inverse=True)
+        # Always every batch size of the sweep, whichever blocks this call holds: the
+        # certified scan is shared by the batch sizes of a configuration (its iteration
+        # budget and where it stops depend on them), so a sharded or resumed run that
+        # brings a subset would otherwise certify or bound differently.
+        ub = np.array(sorted(set(cfg.grid.batch_size_values())), np.float64)
+        binv = np.searchsorted(ub, bsz)
         res = evaluate_grid(self.problem, kind, *uniq.T, batch_sizes=ub, target=target,
                             max_steps=max_steps, phases=phases, window=self.section.scan_window,
                             certify=self.section.certify, certify_iters=self.section.certify_iters,
@@ -240,7 +257,7 @@ class NQMBackend(Backend):
             r_steps, r_lr = refine_lr(self.problem, kind, R[:, 1], R[:, 2], R[:, 3], R[:, 4], R[:, 5],
                                       target=target, max_steps=max_steps, phases=phases, ratio=R[:, 6],
                                       iters=self.section.refine_iters, window=self.section.scan_window)
-            for (bi, lr0, *hk), s_r, lr_r in zip(R[:, :5], r_steps, r_lr):
+            for (bi, _lr0, *hk), s_r, lr_r in zip(R[:, :5], r_steps, r_lr):
                 row = rows[int(bi)]
                 cur = row["steps_to_target"]
                 if np.isfinite(s_r) and (not np.isfinite(cur) or s_r < cur):
@@ -268,10 +285,10 @@ class NQMBackend(Backend):
         if not self.config.output.curves or mode == "none":
             return None
         # auto: every cell of an optimizer entry with at most 4096 cells, else the best cell
-        # per block and hyperparameter tuple
-        per_opt: dict[str, int] = {}
-        for b in group:
-            per_opt[b.optimizer] = per_opt.get(b.optimizer, 0) + len(b.cells)
+        # per block and hyperparameter tuple; counted on the entry's whole grid, not on this
+        # call's blocks, so that sharded and resumed runs store the same curves
+        n_bs = len(self.config.grid.batch_size_values())
+        per_opt = {b.optimizer: len(b.cells) * n_bs for b in group}
         keep = []
         offsets = np.cumsum([0] + [len(b.cells) for b in group])
         for bi, block in enumerate(group):
@@ -311,6 +328,7 @@ class NQMBackend(Backend):
         steps = np.full(len(cells), np.nan)
         reached = np.zeros(len(cells), bool)
         lrs = np.full((len(cells), sch.num_pieces), np.nan)
+        const = np.full(len(cells), np.nan)     # best constant LR <= the cap: the seed of the search
         hk = np.stack([mom, ema, pw], 1)
         for k in np.unique(hk, axis=0):
             m = np.all(hk == k, axis=1)
@@ -318,7 +336,7 @@ class NQMBackend(Backend):
                              num_pieces=sch.num_pieces, lr_cap=lr[m], momentum=float(k[0]),
                              ema_decay=float(k[1]), precond_power=float(k[2]),
                              opt_steps=self.section.pwc_opt_steps)
-            steps[m], reached[m], lrs[m] = r["steps"], r["reached"], r["lrs"]
+            steps[m], reached[m], lrs[m], const[m] = r["steps"], r["reached"], r["lrs"], r["constant_steps"]
         offsets = np.cumsum([0] + [len(b.cells) for b in group])
         out = []
         for bi, block in enumerate(group):
@@ -326,7 +344,8 @@ class NQMBackend(Backend):
             recs = [CellResult(cell_id=c.cell_id, reached=bool(reached[j]), diverged=False,
                                steps_to_target=float(steps[j]), final_metric=np.nan, best_metric=np.nan,
                                steps_run=int(steps[j]) if reached[j] else int(max_steps),
-                               extra={"pwc_piece_steps": float(steps[j] / sch.num_pieces)})
+                               extra={"pwc_piece_steps": float(steps[j] / sch.num_pieces),
+                                      "pwc_constant_steps": float(const[j])})
                     for j, c in zip(range(sl.start, sl.stop), block.cells)]
             ib = best_on_grid(steps[sl])
             j = sl.start + max(ib, 0)

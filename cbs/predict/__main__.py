@@ -41,8 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory-mb", type=float, default=_DEFAULTS.max_memory_mb,
                    help="refuse measurements whose buffers exceed this")
     p.add_argument("--lr-grid", default=_DEFAULTS.lr_grid,
-                   help="sweep: SGD/momentum forecasts pick the best of the sweep's own LRs (the NQM LR is the "
-                        "network's there); continuous: tune the LR continuously")
+                   help="continuous: tune the LR continuously; sweep: SGD/momentum forecasts pick the best of the "
+                        "config's LR grid (the NQM LR is the network's there)")
+    p.add_argument("--measure-at", default=_DEFAULTS.measure_at,
+                   help="init: curvature and start at initialisation; target: curvature, noise and start "
+                        "(theta_0 - theta_T) measured where the anchor run reaches the target")
     p.add_argument("--noise-at", default=_DEFAULTS.noise_at,
                    help="target: gradient noise measured where the anchor run reaches the target; init")
     p.add_argument("--no-plot", action="store_true", help="skip prediction.png")
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                           lanczos_iters=args.lanczos_iters, slq_probes=args.slq_probes, slq_iters=args.slq_iters,
                           noise_examples=args.noise_examples, chunk=args.chunk, curvature=args.curvature,
                           bulk_noise=args.bulk_noise, bins=args.bins, floor=args.floor,
-                          max_memory_mb=args.max_memory_mb, lr_grid=args.lr_grid, noise_at=args.noise_at)
+                          max_memory_mb=args.max_memory_mb, lr_grid=args.lr_grid, noise_at=args.noise_at,
+                          measure_at=args.measure_at)
     try:
         opts.check()
         from cbs.sweep.config import load_config

@@ -13,7 +13,10 @@ Rules (each a stated modelling choice, none tuned to a workload):
   c = kappa * h (Fisher ~ curvature), with kappa set by ``bulk_noise``: "trace" matches the
   measured tr(Sigma) (kappa = (tr Sigma - sum_top c) / sum_bulk count h), "curvature"
   matches tr(C Sigma) (kappa = (tr C Sigma - sum_top h c) / sum_bulk count h^2).
-* **Start.** m_i(0) = (G . v_i / h_i)^2 along the top directions. In the bulk the gradient's
+* **Start.** Measured at a point theta_T reached by training from theta_0 (``measure_at
+  target``): m_i(0) = (delta . v_i)^2 with delta = theta_0 - theta_T, the bulk from delta's
+  spectral measure (Lanczos started at delta) the same way as below without the 1/phi^2.
+  Measured at theta_0: m_i(0) = (G . v_i / h_i)^2 along the top directions. In the bulk the gradient's
   spectral measure (Lanczos started at G) gives Gauss nodes phi_l with |G|^2 weights; each
   bulk node's energy e_l (rescaled so the bulk holds |G|^2 - sum_top (G . v_i)^2) goes to the
   nearest bin in log h, where it adds e_l / phi_l^2 to the bin's total displacement
@@ -95,19 +98,28 @@ def nqm_from_measurement(meas, *, num_bins: int = 40, floor: float = 1e-6,
     if rest < 0:
         notes.append(f"top directions already hold more noise than the {bulk_noise} total: bulk noise 0")
     kappa = max(rest, 0.0) / denom if denom > 0 else 0.0
-    # Bulk start from the gradient's spectral measure.
-    g_sq = meas.grad_sq
-    gn, gw = np.asarray(meas.grad_nodes, np.float64), np.asarray(meas.grad_weights, np.float64)
+    # Start: from the gradient (G . v = h m^(1/2) on a quadratic) or, when the measurement
+    # carries one, from the displacement delta = theta_0 - theta (delta . v = m^(1/2)).
+    use_disp = meas.disp_sq is not None
+    if use_disp:
+        total, top_e = meas.disp_sq, np.asarray(meas.disp_proj)[keep] ** 2
+        nodes, weights, power = meas.disp_nodes, meas.disp_weights, 0
+        top_m = top_e
+    else:
+        total, top_e = meas.grad_sq, top_g ** 2
+        nodes, weights, power = meas.grad_nodes, meas.grad_weights, 2
+        top_m = (top_g / top_h) ** 2
+    gn, gw = np.asarray(nodes, np.float64), np.asarray(weights, np.float64)
     in_bulk = (gn < float(top_h[-1]) * (1 - 1e-6)) & (gn > h_floor)
-    e_bulk = max(g_sq - float(np.sum(top_g ** 2)), 0.0)
+    e_bulk = max(total - float(np.sum(top_e)), 0.0)
     m_b = np.zeros_like(h_b)
     if h_b.size and in_bulk.any() and gw[in_bulk].sum() > 0:
         e = gw[in_bulk] * e_bulk / gw[in_bulk].sum()
         nearest = np.argmin(np.abs(np.log(gn[in_bulk])[:, None] - np.log(h_b)[None, :]), axis=1)
-        m_b = np.bincount(nearest, weights=e / gn[in_bulk] ** 2, minlength=h_b.size) / count_b
+        m_b = np.bincount(nearest, weights=e / gn[in_bulk] ** power, minlength=h_b.size) / count_b
     h = np.concatenate([top_h, h_b])
     c = np.concatenate([top_c, kappa * h_b])
-    m0 = np.concatenate([(top_g / top_h) ** 2, m_b])
+    m0 = np.concatenate([top_m, m_b])
     count = np.concatenate([np.ones(k), count_b])
     if k < len(meas.top_h):
         notes.append(f"{len(meas.top_h) - k} top eigenvalues <= floor * h_1 left out")

@@ -45,7 +45,8 @@ class PredictOptions:
     bins: int = 40
     floor: float = 1e-6
     max_memory_mb: float = 2048.0
-    lr_grid: str = "sweep"             # "sweep": SGD/momentum pick from the sweep's LRs; "continuous"
+    lr_grid: str = "continuous"        # or "sweep": SGD/momentum pick from the config's LR grid
+    measure_at: str = "target"         # curvature, noise and start measured at theta_T ("init": at theta_0)
     noise_at: str = "target"           # "target": noise where the anchor run reaches the target; "init"
 
     def check(self) -> None:
@@ -63,6 +64,8 @@ class PredictOptions:
             raise PredictOptionError(f"--bulk-noise: got {self.bulk_noise!r}; allowed: 'trace', 'curvature'")
         if self.lr_grid not in ("sweep", "continuous"):
             raise PredictOptionError(f"--lr-grid: got {self.lr_grid!r}; allowed: 'sweep', 'continuous'")
+        if self.measure_at not in ("target", "init"):
+            raise PredictOptionError(f"--measure-at: got {self.measure_at!r}; allowed: 'target', 'init'")
         if self.noise_at not in ("target", "init"):
             raise PredictOptionError(f"--noise-at: got {self.noise_at!r}; allowed: 'target', 'init'")
         if not 0 < self.floor < 1:
@@ -76,7 +79,8 @@ class Prediction:
     """The forecast of one config (and the measured sweep beside it, when there is one)."""
     table: pd.DataFrame        # per (optimizer, batch size)
     summary: pd.DataFrame      # per optimizer
-    measurement: object
+    measurement: object        # at initialisation (B_simple, B_noise)
+    calibrated_on: object      # the measurement the NQM was built from
     costs: dict
     text: str
     files: list[Path]
@@ -133,8 +137,26 @@ def _train_to(backend, entry, hp: dict, lr: float, batch: int, steps: int, seed:
     hpj = {k: jnp.float32(v) for k, v in hp.items()}
     state = init(prob.init_params(seed), hpj)
     idx = IndexStream(seed, prob.num_train).take(steps * batch).reshape(steps, batch)
-    state, _ = jax.jit(train_interval)(state, jnp.float32(lr), hpj, jnp.asarray(idx))
+    data = None
+    if getattr(prob, "streaming", False):      # host-resident training set: hand over the examples
+        flat = idx.reshape(-1)
+        data = (jnp.asarray(np.asarray(prob.x_train)[flat]), jnp.asarray(np.asarray(prob.y_train)[flat]))
+        idx = np.arange(flat.size, dtype=np.int32).reshape(steps, batch)
+    state, _ = jax.jit(train_interval)(state, jnp.float32(lr), hpj, jnp.asarray(idx), data)
     return state.params
+
+
+def measure_at_target(backend, entry, hp, lr, batch, steps, seed, options: PredictOptions):
+    """The full measurement at theta_T, where the anchor run reaches the target, with the
+    displacement theta_0 - theta_T as the NQM's start (see cbs.predict._calibrate)."""
+    from cbs.train.spectrum import measure
+    apply, loss, flatten, x, y = _network(backend, seed, options.examples)
+    theta_t = flatten(_train_to(backend, entry, hp, lr, batch, steps, seed))
+    theta_0 = flatten(backend.problem.init_params(seed))
+    return measure(apply, loss, theta_t, x, y, top_k=options.top_k, lanczos_iters=options.lanczos_iters,
+                   slq_probes=options.slq_probes, slq_iters=options.slq_iters,
+                   noise_examples=options.noise_examples, chunk=options.chunk, curvature=options.curvature,
+                   seed=seed, max_memory_mb=options.max_memory_mb, displacement=np.asarray(theta_0 - theta_t))
 
 
 def noise_at_target(backend, meas, entry, hp, lr, batch, steps, seed, options: PredictOptions):
@@ -202,6 +224,18 @@ def _hparams(entry, anchor_row) -> dict[str, float]:
     return hp
 
 
+def _block_seconds(run_dir: Path, batch: int) -> float:
+    """Wall time the sweep spent on the blocks of one batch size (timing table), NaN if unknown."""
+    import re
+
+    from cbs.analysis import read_run_table
+    t = read_run_table(run_dir, "timing")
+    if t is None or "block_id" not in t or "seconds" not in t:
+        return float("nan")
+    sel = t.block_id.astype(str).str.contains(re.compile(rf"__B{int(batch)}(?:__|$)"))
+    return float(t.seconds[sel].sum()) if sel.any() else float("nan")
+
+
 def _sweep_seconds(run_dir: Path) -> float:
     from cbs.store import read_manifest
     m = read_manifest(run_dir)
@@ -218,7 +252,7 @@ def _fmt(x, digits=3):
 
 
 def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | None = None, plots: bool = True,
-            measurement=None, log=print) -> Prediction:
+            measurement=None, target_measurement=None, log=print) -> Prediction:
     """Measure, calibrate, anchor and forecast for every optimizer entry of a train config.
 
     If ``cfg``'s output folder holds the finished sweep, the anchor is read from it (no
@@ -240,7 +274,8 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
     if anchor > n_train:
         raise PredictOptionError(f"--anchor: got {anchor}; allowed: a batch size <= the training-set size {n_train}")
     seed = int(options.seed if options.seed is not None else cfg.grid.seeds[0])
-    out_dir = Path(out_dir or cfg.out_dir)
+    sweep_dir = Path(cfg.out_dir)
+    out_dir = Path(out_dir or sweep_dir)
     finished = sweep_is_finished(cfg)
 
     backend = TrainBackend(cfg)
@@ -249,35 +284,45 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
         f"h_max = {meas.top_h[0]:.4g}, tr Sigma = {meas.trace_sigma:.4g}, |G|^2 = {meas.grad_sq:.4g}, "
         f"B_simple = {meas.b_simple:.4g}, B_noise = {meas.b_noise:.4g}")
     if finished and anchor in set(batch_sizes.astype(int)):
-        anchor_df, anchor_seconds = _anchor_from_results(out_dir, anchor), float("nan")
+        anchor_df, anchor_seconds = _anchor_from_results(sweep_dir, anchor), _block_seconds(sweep_dir, anchor)
         anchor_source = "finished sweep"
     else:
         anchor_df, anchor_seconds = _run_anchor(cfg, anchor, out_dir, log)
         anchor_source = "trained"
 
     noise_meas, noise_seconds, noise_from = meas, 0.0, "init"
-    if options.noise_at == "target":
+    if options.noise_at == "target" or options.measure_at == "target":
         reached = [e for e in cfg.grid.optimizers if e.kind != "kfac" and e.label in anchor_df.index
                    and np.isfinite(anchor_df.loc[e.label, "steps"])]
         if reached:
             e = reached[0]
             row = anchor_df.loc[e.label]
             t_noise = time.perf_counter()
-            noise_meas = noise_at_target(backend, meas, e, _hparams(e, row), float(row["best_lr"]), anchor,
-                                         int(np.ceil(row["steps"])), seed, options)
+            steps_t = int(np.ceil(row["steps"]))
+            where = f"{e.label} at B={anchor} after {steps_t} steps"
+            if options.measure_at == "target" and target_measurement is not None:
+                noise_meas = target_measurement
+                noise_from = f"everything measured at the target ({where})"
+            elif options.measure_at == "target":
+                noise_meas = measure_at_target(backend, e, _hparams(e, row), float(row["best_lr"]), anchor,
+                                               steps_t, seed, options)
+                noise_from = f"everything measured at the target ({where})"
+            else:
+                noise_meas = noise_at_target(backend, meas, e, _hparams(e, row), float(row["best_lr"]), anchor,
+                                             steps_t, seed, options)
+                noise_from = f"noise measured at the target ({where})"
             noise_seconds = time.perf_counter() - t_noise
-            noise_from = f"{e.label} at B={anchor} after {int(np.ceil(row['steps']))} steps"
-            log(f"noise at the target ({noise_from}): tr Sigma = {noise_meas.trace_sigma:.4g} "
-                f"(init {meas.trace_sigma:.4g}), {noise_seconds:.1f} s")
+            log(f"{noise_from}: tr Sigma = {noise_meas.trace_sigma:.4g} (init {meas.trace_sigma:.4g}), "
+                f"h_max = {noise_meas.top_h[0]:.4g} (init {meas.top_h[0]:.4g}), {noise_seconds:.1f} s")
         else:
-            log("no optimizer reached the target at the anchor: noise measured at init")
+            log("no optimizer reached the target at the anchor: measured at init only")
     cal = nqm_from_measurement(noise_meas, num_bins=options.bins, floor=options.floor,
                                bulk_noise=options.bulk_noise)
 
     measured = None
     if finished:
         from cbs.analysis import analyze_run
-        measured = analyze_run(out_dir, write=False, plots=False)
+        measured = analyze_run(sweep_dir, write=False, plots=False)
 
     t0 = time.perf_counter()
     rows, summary = [], []
@@ -289,9 +334,9 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
         hp = _hparams(entry, anchor_df.loc[name])
         a_steps = float(anchor_df.loc[name, "steps"])
         a_lr = float(anchor_df.loc[name, "best_lr"])
-        omap = map_optimizer(entry.kind, hp, meas, anchor)
+        omap = map_optimizer(entry.kind, hp, noise_meas, anchor)
         # SGD / heavy-ball on the measured curvature (P = I): the NQM's LR is the network's LR.
-        same_units = omap.precond_power == 0.0
+        same_units = entry.kind in ("sgd", "momentum", "nesterov")
         lrs = None
         if same_units and options.lr_grid == "sweep":
             grid = entry.learning_rates if entry.learning_rates is not None else cfg.grid.learning_rates
@@ -327,20 +372,20 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
             "b_noise_ratio": meas.b_noise / m_bcrit if np.isfinite(m_bcrit) else np.nan})
     forecast_seconds = time.perf_counter() - t0
     table, summ = pd.DataFrame(rows), pd.DataFrame(summary)
-    sweep_s = _sweep_seconds(out_dir) if finished else float("nan")
+    sweep_s = _sweep_seconds(sweep_dir) if finished else float("nan")
     costs = {"measure_s": meas.seconds + noise_seconds, "noise_from": noise_from,
                  "anchor_s": anchor_seconds, "forecast_s": forecast_seconds,
                  "sweep_s": sweep_s, "anchor_source": anchor_source}
     text = _text(table, summ, meas, cal, costs)
     files = _write(out_dir, table, summ, meas, cal, costs, plots)
-    return Prediction(table, summ, meas, costs, text, files)
+    return Prediction(table, summ, meas, noise_meas, costs, text, files)
 
 
 def _text(table, summ, meas, cal, costs) -> str:
     lines = [(f"NQM calibrated from the network: {cal.num_top} top directions + {cal.problem.h.size - cal.num_top} "
              f"bulk bins ({cal.bulk_count:.0f} eigenvalues; {cal.dropped_flat_mass:.0f} flatter than the floor "
              f"left out), bulk noise c = {cal.kappa:.3g} h")]
-    lines[0] += f"; noise measured at {costs['noise_from']}"
+    lines[0] += f"; {costs['noise_from']}"
     lines += [f"  note: {n}" for n in cal.notes]
     if table.empty:
         return "\n".join(lines + ["no forecast (no optimizer reached the target at the anchor)"])

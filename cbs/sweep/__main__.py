@@ -6,6 +6,7 @@ Kept short on purpose: parsing and printing only; the work is in cbs.sweep.runne
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -14,29 +15,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "nqm_quicksta
 
 
 def _help_epilog() -> str:
-    from cbs.sweep.config import SweepConfig
-    from cbs.sweep.schema import describe
-    lines = ["config keys (YAML; any of them can be overridden as key.path=value):"]
-    lines += describe(SweepConfig)
-    from cbs.sweep.config import OptimizerEntry
-    lines.append("  each entry of grid.optimizers (grid.optimizers.I.KEY=value on the command line):")
-    lines += describe(OptimizerEntry, prefix="grid.optimizers[i].")
-    lines += ["", "back ends, their sections, metrics and optimizer kinds:"]
-    from cbs.sweep.backend import BACKENDS, get_backend
-    from cbs.sweep.schema import describe as describe_section
-    for name in BACKENDS:
-        try:
-            backend = get_backend(name)
-        except Exception as e:  # a back end that cannot import still leaves --help usable
-            lines.append(f"  {name}: unavailable ({type(e).__name__}: {e})")
-            continue
-        lines.append(f"  backend {name!r}: section '{name}:'")
-        lines += ["  " + l for l in describe_section(backend.Section, prefix=f"{name}.")]
-        lines.append(f"    metrics: " + ", ".join(backend.metrics))
-        for kind, spec in backend.optimizers.items():
-            hps = ", ".join(f"{k}={v.default:g}" for k, v in spec.hparams.items()) or "no hyperparameters"
-            lines.append(f"    kind {kind}: {spec.doc} [{hps}]")
-    return "\n".join(lines)
+    # The same text as docs/config.md (cbs.sweep.reference), so --help and the docs agree.
+    from cbs.sweep.reference import config_reference
+    return config_reference()
 
 
 def _parser(full_help: bool) -> argparse.ArgumentParser:
@@ -61,12 +42,33 @@ def _parser(full_help: bool) -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="run only shard I of N (0-based) of the blocks, e.g. one per cluster job; every shard "
                         "writes into the same output folder and the last one to finish merges the tables "
-                        "(default: one shard per JAX process in a multi-host job, else 0/1)")
+                        "(default: one shard per JAX process in a multi-process job, else 0/1)")
+    g = p.add_argument_group("multi-process JAX job (also detected from srun, or from JAX_COORDINATOR_ADDRESS "
+                             "+ JAX_NUM_PROCESSES + JAX_PROCESS_ID)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="address of process 0's coordination service")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in the job")
+    g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's index, 0..N-1")
+    g = p.add_argument_group("Slurm (through submitit)")
+    g.add_argument("--slurm", default=None, metavar="key=value,...",
+                   help="submit an array job (one shard per task) and a dependent merge-and-analyse task; keys: "
+                        "array (tasks, default 2), partition, gpus_per_task, cpus_per_task, time (minutes or "
+                        "HH:MM:SS), mem, account, qos, constraint, parallelism, merge_time, folder, job_name, "
+                        "setup (';'-separated shell lines), executor (slurm or local)")
+    g.add_argument("--slurm-dry-run", action="store_true", help="print the generated sbatch scripts and exit")
+    g = p.add_argument_group("shards and merging")
+    g.add_argument("--costs-from", action="append", default=[], metavar="RUN_DIR",
+                   help="balance shards by the block times measured in this earlier run folder (repeatable); "
+                        "used by the process that creates the output folder")
+    g.add_argument("--no-merge", action="store_true",
+                   help="do not merge the tables when the last block is done (a separate --merge-only step will)")
+    g.add_argument("--merge-only", action="store_true",
+                   help="compute nothing: merge a finished sweep's tables once and analyse")
     return p
 
 
 def _fail(msg: str, code: int = 2) -> int:
-    print(f"cbs.sweep: {msg}", file=sys.stderr)
+    print(f"cbs.sweep: {_one_line(msg)}", file=sys.stderr)
     return code
 
 
@@ -119,20 +121,77 @@ def best_per_batch_size(run_dir) -> str:
     return "\n".join(lines)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status: 0 done, 2 bad input or a file-system problem
+    (one line on stderr, before any compute when the config is at fault), 130 interrupted,
+    1 an internal error (one line; CBS_TRACEBACK=1 shows the traceback)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return _fail("interrupted; finished blocks are saved, run the same command again to resume", 130)
+    except BrokenPipeError:   # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the CLI's contract is one line, never a traceback
+        if os.environ.get("CBS_TRACEBACK"):
+            raise
+        return _fail(_describe_error(e), _exit_code(e))
+
+
+def _exit_code(e: BaseException) -> int:
+    from cbs.errors import CbsError
+    return 2 if isinstance(e, (CbsError, OSError, ImportError, MemoryError)) else 1
+
+
+def _describe_error(e: BaseException) -> str:
+    if isinstance(e, MemoryError):
+        return "out of memory (reduce the grid, the model or the batch sizes)"
+    if isinstance(e, OSError):
+        where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+        return f"file system error at{where}: {e.strerror or e}" if where else f"file system error: {e}"
+    if isinstance(e, ImportError):
+        return f"import failed: {e}"
+    from cbs.errors import CbsError
+    if isinstance(e, CbsError):
+        return str(e)
+    return (f"internal error ({type(e).__name__}: {e}); please report it, with the traceback from "
+            "CBS_TRACEBACK=1")
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     full_help = any(a in ("-h", "--help") for a in argv)
-    args = _parser(full_help).parse_args(argv)
+    # intermixed: option flags may come before, between or after the config and overrides
+    args = _parser(full_help).parse_intermixed_args(argv)
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).exists():
         config, overrides = None, [config] + overrides
     config = Path(config) if config is not None else DEFAULT_CONFIG
 
+    from cbs import distributed
     from cbs.errors import CbsError, ConfigError
     try:
         from cbs.sweep.config import load_config
         cfg = load_config(config, overrides)
-        shard = _parse_shard(args.shard)
+        spec = distributed.detect(args.coordinator, args.num_processes, args.process_id)
+        if spec is not None and args.shard is not None:
+            raise ValueError(f"--shard: got {args.shard!r} in a multi-process job; allowed: no --shard "
+                             "(each process takes shard process_index/process_count)")
+        slurm = None
+        if args.slurm is not None or args.slurm_dry_run:
+            from cbs.sweep.slurm import parse_slurm
+            slurm = parse_slurm(args.slurm or "")
+            if args.shard is not None or spec is not None or args.merge_only:
+                raise ValueError("--slurm: allowed only without --shard, --merge-only and multi-process flags "
+                                 "(it starts the shards itself)")
+        if spec is None:
+            shard = _parse_shard(args.shard if args.shard is not None else "0/1")
     except ConfigError as e:
         where = f"{config}: " if e.path != "<file>" else ""
         return _fail(f"{where}{e}")
@@ -143,21 +202,72 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print_plan(cfg, plan(cfg))
         return 0
+    if slurm is not None:
+        return _slurm(slurm, args, config, overrides, cfg)
+    if spec is not None:
+        shard = distributed.initialize(spec)
     from cbs.compile_cache import enable_compilation_cache
     enable_compilation_cache()
+
+    def finalize():
+        print(best_per_batch_size(cfg.out_dir))
+        if not args.no_analysis:
+            from cbs.analysis import print_summary
+            a = cfg.analysis
+            print_summary(cfg.out_dir, plots=cfg.output.plots, delta=a.delta, b0=a.b0, n_boot=a.bootstrap,
+                          tokens_per_example=a.tokens_per_example)
+
+    if args.merge_only:
+        return _merge_only(cfg, finalize)
     try:
-        summary = run_sweep(cfg, progress=not args.no_progress, shard=shard)
-    except CbsError as e:
-        return _fail(str(e))
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished blocks are saved; run the same command again to resume", file=sys.stderr)
-        return 130
-    if summary.complete:
-        print(best_per_batch_size(summary.out_dir))
-    if summary.complete and not args.no_analysis:
-        from cbs.analysis import print_summary
-        print_summary(summary.out_dir, plots=cfg.output.plots)
+        summary = run_sweep(cfg, progress=not args.no_progress, shard=shard, finalize=finalize,
+                            costs_from=args.costs_from, merge=not args.no_merge,
+                            before_merge=(lambda: distributed.barrier("computed")) if spec else None)
+    except ConfigError as e:   # a back end's check that needs the data or the model
+        return _fail(f"{config}: {e}")
+    if summary.complete and not summary.merged and not args.no_merge:
+        print("all blocks are done; another process merged the tables and ran the analysis")
     print(summary.line())
+    if spec is not None:
+        # Nobody leaves (taking the coordinator down) before the merging process is done.
+        distributed.barrier("finished")
+        distributed.shutdown()
+    return 0
+
+
+def _merge_only(cfg, finalize) -> int:
+    from cbs.store import RunStore
+    from cbs.sweep.backend import get_backend
+    from cbs.sweep.config import config_hash
+    from cbs.sweep.runner import merge_plan, merge_run, plan
+    store = RunStore(cfg.out_dir)
+    if store.existing_hash() != config_hash(cfg):
+        return _fail(f"--merge-only: {store.dir} holds no run of this config (config hash "
+                     f"{config_hash(cfg)}); run the sweep first", 1)
+    blocks = plan(cfg)
+    complete, order, extra = merge_plan(store, cfg, blocks, get_backend(cfg.backend))
+    if not complete:
+        missing = [b.block_id for b in blocks if b.block_id not in store.finished_blocks()]
+        where = f"{len(missing)} of {len(blocks)} blocks are not finished (first: {missing[0]})" if missing \
+            else "adaptive learning-rate rounds are still pending"
+        return _fail(f"--merge-only: {where}; re-run the failed shards, then merge again", 1)
+    merged = merge_run(store, order, finalize, force_finalize=True, wait_s=3600, extra=extra)
+    print(f"merged {store.dir}" if merged else f"{store.dir} was already merged; analysis re-run")
+    return 0
+
+
+def _slurm(opts, args, config, overrides, cfg) -> int:
+    from cbs.sweep import slurm
+    if args.slurm_dry_run:
+        print(slurm.dry_run(opts, config, overrides, cfg.name, cfg.out_dir))
+        return 0
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        return _fail("--slurm: needs the submitit package (pip install submitit)")
+    jobs, merge_job = slurm.submit(opts, config, overrides, cfg.name, cfg.out_dir)
+    print(f"submitted {len(jobs)} shard tasks (job {jobs[0].job_id.split('_')[0]}) and the merge task "
+          f"(job {merge_job.job_id}, runs after all shards succeed); results -> {cfg.out_dir}")
     return 0
 
 

@@ -12,7 +12,8 @@ import abc
 import dataclasses
 import importlib
 import math
-from typing import Any, ClassVar, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -45,6 +46,10 @@ class OptimizerSpec:
     """An optimizer kind a back end implements and the hyperparameters it takes."""
     doc: str
     hparams: Mapping[str, HParamSpec] = dataclasses.field(default_factory=dict)
+    # A learning rate at which this kind clearly makes progress on the back end's small test
+    # problem (train: a width-16 MLP on digits in 40 steps). The registry-wide tests train
+    # every kind at it, so a new optimizer needs no edit outside its registry entry.
+    example_lr: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +131,10 @@ class Backend(abc.ABC):
     optimizers: ClassVar[Mapping[str, OptimizerSpec]]
     metrics: ClassVar[Mapping[str, str]]            # metric name -> description; lower is better
     blocks_per_call: ClassVar[int] = 1              # how many blocks run_blocks may receive at once
+    # Whether a block's cells may be evaluated as several sub-blocks whose records, curves
+    # and tables are concatenated (False when a block yields block-level tables, e.g. NQM's
+    # tuned optimum). Splittable back ends get memory-aware splitting and out-of-memory retry.
+    splittable: ClassVar[bool] = False
     # whether one call may hold blocks of several optimizer entries (a back end that batches
     # work across them, e.g. the NQM's LR refinement); otherwise each call holds one entry
     calls_span_optimizers: ClassVar[bool] = False
@@ -134,13 +143,25 @@ class Backend(abc.ABC):
     def __init__(self, config):
         self.config = config
 
-    @classmethod
+    @classmethod  # noqa: B027 - an optional hook, empty by default
     def check(cls, config) -> None:
         """Cross-field checks beyond types and bounds; raises ConfigError. No compute."""
 
     @abc.abstractmethod
     def run_blocks(self, blocks: Sequence[Block]) -> list[BlockResult]:
         """Evaluates the blocks; one BlockResult per block, in order."""
+
+    def block_cost(self, block: Block) -> float:
+        """Estimated relative compute of a block, for balancing shards (no compute here).
+
+        Default: cells x steps budget x batch size (examples processed if no cell stops early).
+        """
+        return float(len(block.cells)) * float(self.config.budget.max_steps) * float(block.batch_size)
+
+    def cell_memory_bytes(self, block: Block) -> int | None:
+        """Device memory one more vmapped cell of ``block`` needs, or None when unknown (then
+        the block is never split ahead of time). Called only when a memory budget is set."""
+        return None
 
     def manifest(self) -> dict[str, Any]:
         """Extra facts for the run manifest (dataset hashes, block layout, ...)."""

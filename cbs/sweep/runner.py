@@ -7,29 +7,61 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import platform
 import socket
 import time
-import zlib
+import uuid
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 import cbs
 from cbs.errors import RunFolderError
-from cbs.store import RESULTS, RunStore
-from cbs.sweep.backend import Block, BlockResult, get_backend
-from cbs.sweep.config import SweepConfig, config_dict, config_hash
+from cbs.store import RESULTS, LockBusy, RunStore, read_config, read_sessions, read_table
+from cbs.sweep.backend import Backend, Block, BlockResult, get_backend
+from cbs.sweep.config import (
+    SweepConfig,
+    config_dict,
+    config_differences,
+    config_hash,
+    identity_dict,
+)
 from cbs.sweep.grid import cell_id, expand_blocks
+from cbs.sweep.memory import memory_budget, run_with_memory
+from cbs.sweep.shards import cost_assignment, hash_assignment, refine_costs
 
-__all__ = ["RunFolderError", "RunFolderConflict", "SweepSummary", "run_sweep", "plan", "provenance", "shard_blocks"]
+__all__ = ["RunFolderError", "RunFolderConflict", "check_output_dir", "SweepSummary", "run_sweep", "plan",
+           "provenance", "shard_blocks", "block_costs", "merge_plan", "merge_run"]
 
 
 # The old name of RunFolderError, kept for callers that import it from here.
 RunFolderConflict = RunFolderError
+
+
+def check_output_dir(path: Path) -> None:
+    """Raises RunFolderError unless ``path`` is, or can be created as, a writable folder.
+
+    Run before anything is computed or written, so a bad output.dir costs nothing.
+    """
+    import os
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"output.dir {str(path)!r} is a file; allowed: a folder, or a path where one can "
+                             "be created")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe != path and not probe.is_dir():
+        raise RunFolderError(f"output.dir {str(path)!r} cannot be created: {str(probe)!r} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "write in" if probe == path else f"create {str(path)!r} in"
+        raise RunFolderError(f"output.dir: no permission to {what} {str(probe)!r}")
 
 
 @dataclasses.dataclass
@@ -46,6 +78,7 @@ class SweepSummary:
     seconds: float
     device: str
     complete: bool
+    merged: bool = False          # this process wrote the merged tables (and ran ``finalize``)
 
     def line(self) -> str:
         state = "" if self.complete else " (this shard's blocks only; other shards pending)"
@@ -79,11 +112,33 @@ def provenance() -> dict[str, object]:
     }
 
 
-def shard_blocks(blocks: Sequence[Block], shard: tuple[int, int]) -> list[Block]:
-    """The blocks shard ``(index, count)`` owns; a stable hash spreads batch sizes and
-    optimizers evenly and does not change when the shard count stays the same."""
+def block_costs(cfg: SweepConfig, blocks: Sequence[Block], backend: Backend,
+                costs_from: Sequence[str | Path] = ()) -> dict[str, float]:
+    """Per-block cost for shard balancing: the back end's estimate, refined by the measured
+    block seconds of earlier runs (``costs_from`` run folders), see :mod:`cbs.sweep.shards`."""
+    estimates = {b.block_id: float(backend.block_cost(b)) for b in blocks}
+    measured: dict[str, tuple[float, int]] = {}
+    for run_dir in costs_from:
+        for sess in read_sessions(run_dir):
+            for block_id, rec in (sess.get("block_seconds") or {}).items():
+                measured.setdefault(block_id, (float(rec[0]), int(rec[1])))
+    return refine_costs(estimates, {b.block_id: len(b.cells) for b in blocks},
+                        {b.block_id: b.kind for b in blocks}, measured)
+
+
+def shard_blocks(blocks: Sequence[Block], shard: tuple[int, int],
+                 costs: dict[str, float] | None = None) -> list[Block]:
+    """The blocks shard ``(index, count)`` owns, in sweep order: cost-balanced (longest
+    first to the least-loaded shard) when costs are given, else by a stable hash."""
     index, count = shard
-    return [b for b in blocks if zlib.crc32(b.block_id.encode()) % count == index]
+    if count <= 1:
+        return list(blocks)
+    ids = [b.block_id for b in blocks]
+    if costs is None or any(i not in costs for i in ids):
+        assignment = hash_assignment(ids, count)
+    else:
+        assignment = cost_assignment({i: costs[i] for i in ids}, count)
+    return [b for b in blocks if assignment[b.block_id] == index]
 
 
 def plan(cfg: SweepConfig) -> list[Block]:
@@ -137,6 +192,57 @@ def _calls(blocks: Sequence[Block], per_call: int, span_optimizers: bool = False
     return calls
 
 
+def merge_plan(store: RunStore, cfg: SweepConfig, all_blocks: Sequence[Block],
+               backend_cls) -> tuple[bool, list[str], dict]:
+    """Whether the sweep is complete, its blocks in merge order (adaptive rounds after their
+    base block) and the manifest entries the merge records (adaptive status); all derived
+    from the stored parts, so every process computes the same."""
+    complete = store.finished_blocks() >= {b.block_id for b in all_blocks}
+    order = [b.block_id for b in all_blocks]
+    extra: dict = {}
+    adaptive = cfg.grid.adaptive
+    if adaptive.enabled if adaptive.enabled is not None else backend_cls.adaptive_default:
+        status, rounds = _adaptive_state(store, all_blocks, adaptive)
+        complete = complete and all(r is None for r in rounds)
+        order = [bid for b in all_blocks for bid in [b.block_id] + status[b.block_id].get("block_ids", [])]
+        extra["adaptive"] = dict(max_extend=adaptive.max_extend, points=adaptive.points, zoom=adaptive.zoom,
+                                 families=status, flagged=sorted(k for k, v in status.items() if v.get("edge")))
+    return complete, order, extra
+
+
+def merge_run(store: RunStore, order: Sequence[str], finalize: Callable[[], None] | None = None,
+              force_finalize: bool = False, wait_s: float = 0.0, extra: dict | None = None) -> bool:
+    """Merges the tables of a complete sweep exactly once; returns True when this call merged.
+
+    Runs under the folder's merge lock: the merged files and the manifest are rewritten
+    only when they do not already reflect exactly the current parts, and ``finalize`` (the
+    analysis) runs in the process that merged, or, with ``force_finalize``, also when the
+    merge was already current (a re-run of a finished sweep). A concurrent merger makes
+    this call return False without waiting (unless ``wait_s``): that process finishes the job.
+    """
+    from cbs.store import read_manifest
+    try:
+        with store.lock("merge", wait_s=wait_s):
+            manifest = read_manifest(store.dir)
+            merged = False
+            if not store.merged_is_current(manifest):
+                store.merge(order=list(order))
+                manifest.update(extra or {})
+                sessions = read_sessions(store.dir)
+                manifest["sessions"] = [{k: v for k, v in r.items() if k != "block_seconds"} for r in sessions]
+                manifest["block_seconds"] = {b: v for r in sessions for b, v in
+                                             (r.get("block_seconds") or {}).items()}
+                manifest["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+                manifest["merged"] = {"parts": store.parts_signature()}
+                store.write_manifest(manifest)
+                merged = True
+            if finalize is not None and (merged or force_finalize):
+                finalize()
+            return merged
+    except LockBusy:
+        return False
+
+
 def _adaptive_state(store: RunStore, bases: Sequence[Block], adaptive) -> tuple[dict, list]:
     """Per base block: its adaptive status (rounds run, edges left) and the next round to
     run (None when finished or waiting), both recomputed from the stored results."""
@@ -157,8 +263,22 @@ def _adaptive_state(store: RunStore, bases: Sequence[Block], adaptive) -> tuple[
 
 
 def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int] = (0, 1),
-              log: Callable[[str], None] = print) -> SweepSummary:
-    """Runs (or resumes) the sweep described by ``cfg``; returns its summary.
+              log: Callable[[str], None] = print, finalize: Callable[[], None] | None = None,
+              costs_from: Sequence[str | Path] = (), merge: bool = True,
+              before_merge: Callable[[], None] | None = None) -> SweepSummary:
+    """Runs (or resumes) the sweep described by ``cfg``, or shard ``shard`` of it.
+
+    Any number of processes may run this on one folder at once (shards, or identical
+    copies); see :mod:`cbs.store`. When the last block is done, the tables are merged once
+    (under a lock) and ``finalize`` runs in the merging process.
+
+    Args:
+      finalize: called after this process merged (e.g. the analysis), under the merge lock.
+      costs_from: earlier run folders whose measured block times refine shard balancing
+        (used only by the process that creates the folder's manifest).
+      merge: False leaves the merge to a separate step (a Slurm array's merge task).
+      before_merge: called when this process's blocks are done, before the merge (a
+        multi-process job's barrier).
 
     Raises:
       RunFolderError: the output folder holds a sweep with a different config hash.
@@ -166,33 +286,40 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
     from tqdm.auto import tqdm
 
     backend_cls = get_backend(cfg.backend)
+    check_output_dir(cfg.out_dir)
     all_blocks = expand_blocks(cfg, backend_cls)
-    blocks = shard_blocks(all_blocks, shard) if shard[1] > 1 else all_blocks
     store = RunStore(cfg.out_dir)
     chash = config_hash(cfg)
-    existing = store.existing_hash()
-    if existing is not None and existing != chash:
-        raise RunFolderError(
-            f"output folder {store.dir} holds sweep {existing}, but this config hashes to {chash}; "
-            f"refusing to mix results. Choose another folder (output.dir=PATH) or delete that one.")
+    _check_identity(store, cfg, chash)
     stamp = {"config_hash": chash, **provenance()}
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    # Everything that can still fail on the config (data, model, schedules) fails here,
+    # before the first file is written: a refused config leaves the folder as it was.
+    backend = backend_cls(cfg)
+    details = backend.manifest()
+    resolved = config_dict(cfg)
+    try:
+        _initialise(store, cfg, all_blocks, backend, costs_from, chash, stamp, started, details, resolved)
+    except OSError as e:
+        raise RunFolderError(f"cannot write into output.dir {str(store.dir)!r}: {e.strerror or e}") from None
     from cbs.store import read_manifest
-    manifest = read_manifest(store.dir) if existing else {
-        "config_hash": chash, "sweep": cfg.name, "backend": cfg.backend, "started": started,
-        "python": platform.python_version(), **stamp,
-        "blocks": [{"block_id": b.block_id, "cells": len(b.cells)} for b in all_blocks],
-        "cells": sum(len(b.cells) for b in all_blocks)}
-    manifest.setdefault("sessions", []).append({"started": started, "shard": list(shard), **stamp})
-    if existing is None:
-        store.initialise(config_dict(cfg), manifest)
+    manifest = read_manifest(store.dir)
+    frozen = {b.get("block_id"): b.get("cost") for b in manifest.get("blocks", [])}
+    costs = frozen if all(frozen.get(b.block_id) is not None for b in all_blocks) else None
+    blocks = shard_blocks(all_blocks, shard, costs)
+
+    session_id = f"{started.replace(':', '')}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    session = {"session_id": session_id, "started": started, "shard": list(shard), "pid": os.getpid(),
+               "blocks": len(blocks), "block_seconds": {}, **stamp,
+               **{k.lower(): os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+                  if k in os.environ}}
+    store.write_session(session_id, session)
     done = store.finished_blocks()
     pending = [b for b in blocks if b.block_id not in done]
     skipped = sum(len(b.cells) for b in blocks if b.block_id in done)
 
-    backend = backend_cls(cfg)
-    manifest["backend_details"] = backend.manifest()
-    store.write_manifest(manifest)
+    import jax
+    budget = memory_budget() if backend.splittable else None
     t0 = time.perf_counter()
     total = sum(len(b.cells) for b in blocks)
     bar = tqdm(total=total, initial=skipped, unit="cell", disable=not progress, desc=cfg.name, dynamic_ncols=True)
@@ -200,12 +327,21 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
     def run(pending_blocks):
         for chunk in _calls(pending_blocks, max(1, int(backend.blocks_per_call)),
                             bool(backend.calls_span_optimizers)):
-            results = backend.run_blocks(chunk)
+            t_call = time.perf_counter()
+            results = run_with_memory(backend.run_blocks, chunk, splittable=backend.splittable,
+                                      cell_bytes=backend.cell_memory_bytes, budget=budget,
+                                      devices=jax.local_device_count(), log=log)
             if len(results) != len(chunk):
                 raise RuntimeError(f"back end returned {len(results)} results for {len(chunk)} blocks")
+            # A call's time is shared among its blocks by cell count (the measured cost basis).
+            seconds = time.perf_counter() - t_call
+            cells_in_call = sum(len(b.cells) for b in chunk)
             for block, result in zip(chunk, results):
                 store.write_block(block.block_id, _block_tables(cfg, block, result, stamp))
+                session["block_seconds"][block.block_id] = [seconds * len(block.cells) / cells_in_call,
+                                                            len(block.cells)]
                 bar.update(len(block.cells))
+            store.write_session(session_id, session)
 
     adaptive = cfg.grid.adaptive
     adaptive_on = adaptive.enabled if adaptive.enabled is not None else backend_cls.adaptive_default
@@ -224,26 +360,20 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
         bar.close()
     seconds = time.perf_counter() - t0
 
-    complete = store.finished_blocks() >= {b.block_id for b in all_blocks}
-    order = [b.block_id for b in all_blocks]
-    if adaptive_on:
-        status, rounds = _adaptive_state(store, all_blocks, adaptive)
-        complete = complete and all(r is None for r in rounds)
-        order = [bid for b in all_blocks for bid in [b.block_id] + status[b.block_id].get("block_ids", [])]
-        manifest["adaptive"] = dict(max_extend=adaptive.max_extend, points=adaptive.points, zoom=adaptive.zoom,
-                                    families=status,
-                                    flagged=sorted(k for k, v in status.items() if v.get("edge")))
-        store.write_manifest(manifest)
     bs = np.array(sorted(cfg.grid.batch_size_values()), dtype=np.float64)
     refs = backend.reference_curves(bs)
-    if refs:
+    if refs:   # deterministic: concurrent processes write identical bytes, atomically
         store.write_table("reference", pd.DataFrame(
             [{"name": k, "batch_size": int(b), "steps": float(s)} for k, v in refs.items() for b, s in zip(bs, v)]))
-    if complete:
-        store.merge(order=order)
-        manifest["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        store.write_manifest(manifest)
-    from cbs.store import read_table
+    if before_merge is not None:
+        before_merge()
+    complete, order, extra = merge_plan(store, cfg, all_blocks, backend_cls)
+    merged = False
+    if complete and merge:
+        merged = merge_run(store, order, finalize, force_finalize=not pending, extra=extra)
+    session["ended"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    session["merged"] = merged
+    store.write_session(session_id, session)
     rows = read_table(store.dir, RESULTS)
     ids = {b.block_id for b in blocks}
     mine = rows[rows["block_id"].str.split("__a").str[0].isin(ids)] if rows is not None else pd.DataFrame(
@@ -251,4 +381,45 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
     total = int(bar.total)      # adaptive rounds add cells as they go
     return SweepSummary(cfg.name, store.dir, chash, total, total - skipped, skipped,
                         int(mine["reached"].sum()), int(mine["diverged"].sum()), int(mine["censored"].sum()),
-                        seconds, stamp["device_kind"], complete)
+                        seconds, stamp["device_kind"], complete, merged)
+
+
+def _check_identity(store: RunStore, cfg: SweepConfig, chash: str) -> None:
+    """Refuses a folder that holds another sweep, naming the keys that differ; analysis
+    options (and the other NON_IDENTITY_KEYS) may differ."""
+    existing = store.existing_hash()
+    if existing is None:
+        return
+    changed = config_differences(identity_dict(read_config(store.dir)), identity_dict(config_dict(cfg)))
+    if changed or existing != chash:
+        what = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise RunFolderError(
+            f"output folder {store.dir} holds a different sweep ({what or f'config hash {existing} vs {chash}'}); "
+            "refusing to mix results (only analysis options may change on an existing folder). Choose another "
+            "folder (output.dir=PATH), undo the change, or delete that folder.")
+
+
+def _initialise(store, cfg, all_blocks, backend, costs_from, chash, stamp, started, details, resolved) -> None:
+    if not (store.dir / "manifest.json").exists():
+        costs = block_costs(cfg, all_blocks, backend, costs_from)
+        manifest = {
+            "config_hash": chash, "sweep": cfg.name, "backend": cfg.backend, "started": started,
+            "python": platform.python_version(), **stamp,
+            "blocks": [{"block_id": b.block_id, "cells": len(b.cells), "cost": costs[b.block_id]}
+                       for b in all_blocks],
+            "cost_basis": "measured" if costs_from else "estimate",
+            "cells": sum(len(b.cells) for b in all_blocks), "backend_details": details}
+        manifest = store.initialise(resolved, manifest)
+        if manifest.get("config_hash") != chash:   # another config won the race to create it
+            _check_hash(store, chash)
+    elif read_config(store.dir) != resolved:
+        # the same sweep with new analysis options: config.yaml records the ones last used
+        store.write_config(resolved)
+
+
+def _check_hash(store: RunStore, chash: str) -> None:
+    existing = store.existing_hash()
+    if existing is not None and existing != chash:
+        raise RunFolderError(
+            f"output folder {store.dir} holds sweep {existing}, but this config hashes to {chash}; "
+            f"refusing to mix results. Choose another folder (output.dir=PATH) or delete that one.")

@@ -33,7 +33,7 @@ __all__ = ["NoiseScale", "TrainSection", "TrainBackend"]
 @dataclasses.dataclass(frozen=True)
 class NoiseScale:
     """Gradient noise scale B_simple = tr(Σ)/|G|², measured at every evaluation with the
-    unbiased two-batch-size estimator (cbs.md 3.2): num_micro micro-batches of
+    unbiased two-batch-size estimator (docs/cbs.md section 6): num_micro micro-batches of
     micro_batch examples give |G_small|² (mean of their squared norms) and |G_big|²
     (squared norm of their mean)."""
     enabled: bool = spec(False, doc="measure the gradient noise scale (table noise_scale)")
@@ -57,7 +57,7 @@ class TrainSection:
     num_outputs: int | None = spec(None, doc="classes / vocabulary size (default: largest label + 1)", ge=1)
     loss: str | None = spec(None, doc="custom loss 'pkg.module:loss_fn', loss_fn(outputs, y) -> (mean loss, "
                             "error rate); replaces the task's loss")
-    model: str = spec("mlp", doc="mlp, cnn, transformer (text / lm only), or 'pkg.module:Factory' building a "
+    model: str = spec("mlp", doc="mlp, cnn, mnist1d_cnn (the MNIST-1D paper's CNN: 5/3/3-wide stride-2 convolutions, flatten, linear read-out), transformer (text / lm only), or 'pkg.module:Factory' building a "
                       "Flax linen or nnx module (see cbs.train.user)")
     model_args: dict[str, Any] = spec({}, doc="keyword arguments of a 'pkg.module:Factory' model")
     device_budget_mb: float | None = spec(
@@ -78,8 +78,8 @@ class TrainSection:
     eval_batch: int = spec(1024, doc="validation examples per evaluation piece (memory only)", ge=1)
     steps_per_call: int = spec(100, doc="steps per compiled call; the stop check runs between calls", ge=1)
     compact: Literal["auto", "always", "never"] = spec(
-        "auto", doc="drop finished cells from a running block once half are done: auto = when the measured "
-                    "compute saved beats the measured compile of the narrower program")
+        "auto", doc="drop finished cells from a running block once half are done: auto = when the compute "
+                    "saved beats a compile by a fixed FLOP cost model (never timings: results stay reproducible)")
     diverge_loss: float | None = spec(None, doc="also call a cell diverged when its training loss exceeds this", gt=0)
     diverge_factor: float = spec(10.0, doc="a cell whose val_loss exceeds this times its initial val_loss is "
                                  "recorded diverged", gt=1)
@@ -89,7 +89,7 @@ class TrainSection:
 
 
 _DEFAULT_SAMPLES = dict(mnist1d=5000, linreg=4096)
-BUILTIN_MODELS = ("mlp", "cnn", "transformer")
+BUILTIN_MODELS = ("mlp", "cnn", "mnist1d_cnn", "transformer")
 
 
 def _load(section: TrainSection) -> data_mod.Dataset:
@@ -127,6 +127,16 @@ def train_size(section: TrainSection) -> int:
     return min(n, section.max_train) if section.max_train else n
 
 
+def _check_burnin(value, where: str, max_steps: int) -> None:
+    """K-FAC's burn-in is a count of batches: whole numbers that leave room for an update."""
+    if value is None:
+        return
+    values = value.values() if hasattr(value, "log10_min") else value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if float(v) != int(v) or v >= max_steps:
+            raise ConfigError(where, v, f"allowed: a whole number of batches below budget.max_steps = {max_steps}")
+
+
 class TrainBackend(Backend):
     """Trains real networks (Flax + Optax) and records steps to a validation target."""
     name = "train"
@@ -136,10 +146,16 @@ class TrainBackend(Backend):
                "val_error": "validation error rate (top-1; next-byte error for text)"}
     blocks_per_call = 1
     adaptive_default = True
+    splittable = True        # cells are independent; tables (curves, noise_scale) are per cell
+    # K-FAC cells run one after another (no vmap amortization) and pay curvature estimates
+    # and periodic inverses: a prior for their per-cell cost relative to a vmapped cell,
+    # replaced by measured block times when --costs-from is given.
+    KFAC_COST_FACTOR = 3.0
 
     def __init__(self, config):
         super().__init__(config)
         self.section: TrainSection = config.section or TrainSection()
+        self._cell_bytes: dict = {}
         self._data = None
         self._problem = None
         self._runs: dict = {}
@@ -169,12 +185,12 @@ class TrainBackend(Backend):
         else:
             task = cls._check_data_and_model(s, config)
         if s.model == "transformer" and task != "lm":
-            raise ConfigError("train.model", s.model, "allowed with this dataset: 'mlp', 'cnn'",
+            raise ConfigError("train.model", s.model, "allowed with this dataset: 'mlp', 'cnn', 'mnist1d_cnn'",
                               "the transformer needs token sequences (dataset text, or train.task lm)")
         if task == "lm" and not user_model and s.model != "transformer":
             raise ConfigError("train.model", s.model, f"allowed with {'dataset text' if builtin_data else 'task lm'}"
                               ": 'transformer'")
-        if s.model == "cnn" and s.dataset == "linreg":
+        if s.model in ("cnn", "mnist1d_cnn") and s.dataset == "linreg":
             raise ConfigError("train.model", s.model, "allowed with dataset linreg: 'mlp' (depth 0 = linear)")
         if s.model == "transformer" and s.width % s.heads:
             raise ConfigError("train.heads", s.heads, f"allowed: a divisor of train.width = {s.width}")
@@ -200,6 +216,14 @@ class TrainBackend(Backend):
             raise ConfigError("target.value", t.value, f"allowed: a loss above the Bayes risk "
                               f"0.5 * label_noise**2 = {0.5 * s.label_noise**2:g}")
         n = train_size(s)
+        if n < 2:
+            if s.dataset == "text":
+                corpus = len(data_mod.text_corpus())
+                raise ConfigError("train.seq_len", s.seq_len, f"allowed: a length that leaves at least 2 training "
+                                  f"sequences of seq_len + 1 bytes in the {corpus}-byte corpus after the validation "
+                                  f"split (at most about {int(corpus * (1 - s.val_fraction)) // 2 - 1} here)")
+            raise ConfigError("train.val_fraction", s.val_fraction,
+                              f"allowed: a fraction that leaves at least 2 training examples (this leaves {n})")
         for b in config.grid.batch_size_values():
             if b > n:
                 raise ConfigError("grid.batch_sizes", b, f"allowed: batch sizes <= the training-set size {n}")
@@ -217,6 +241,9 @@ class TrainBackend(Backend):
                                   "registration and per-example loss scaling)")
             if opt.kind == "kfac" and (user_model or s.loss is not None):
                 cls._check_kfac(s, where, task)
+            if opt.kind == "kfac":
+                _check_burnin(opt.hparams.get("burnin_steps"), f"{where}.hparams.burnin_steps",
+                              config.budget.max_steps)
             sch = opt.schedule
             if sch.kind == "optimized_pwc":
                 raise ConfigError(f"{where}.schedule.kind", sch.kind, "allowed for the train back end: constant, "
@@ -224,8 +251,6 @@ class TrainBackend(Backend):
             if sch.batch_growth or sch.seesaw:
                 raise ConfigError(f"{where}.schedule", "batch_growth/seesaw", "batch-size schedules are not "
                                   "supported by the train back end (one program per batch size)")
-            if sch.kind == "piecewise" and not sch.pieces:
-                raise ConfigError(f"{where}.schedule.pieces", [], "allowed: [[steps, lr_multiplier], ...]")
 
     @staticmethod
     def _check_data_and_model(s: TrainSection, config) -> str:
@@ -317,6 +342,50 @@ class TrainBackend(Backend):
                                      batch_size=block.batch_size, cells=len(block.cells), layout=layout))
             results.append(res)
         return results
+
+    def block_cost(self, block: Block) -> float:
+        """cells x steps budget x examples per step (3x the batch for forward + backward, plus
+        the validation set amortized over eval_every) x forward FLOPs per example."""
+        c = self.config
+        p = self.problem
+        n_params = sum(int(np.size(x)) for x in jax.tree.leaves(p.init_params(0)))
+        positions = self.section.seq_len if self.section.model == "transformer" else 1
+        flops = 2.0 * n_params * positions
+        per_step = 3.0 * block.batch_size + int(p.x_val.shape[0]) / c.budget.eval_every
+        factor = self.KFAC_COST_FACTOR if block.kind == "kfac" else 1.0
+        return float(len(block.cells) * c.budget.max_steps * per_step * flops * factor)
+
+    def cell_memory_bytes(self, block: Block) -> int | None:
+        """Device bytes per vmapped cell, as XLA reports them for a one-cell program: the
+        cell state (params, optimizer state, EMA; twice, input and output) plus the
+        temporaries of one training call at this batch size and of one evaluation."""
+        if block.kind == "kfac":      # K-FAC cells run one at a time already
+            return None
+        key = (block.kind, repr(block.schedule), block.batch_size)
+        if key not in self._cell_bytes:
+            from cbs.train.engine import make_block_fns
+            opts = self.options()
+            init, train_interval, evaluate, _ = make_block_fns(
+                self.problem, block.kind, schedule_fn(block.schedule, opts.max_steps), opts.max_steps)
+            hp = {k: jnp.float32(block.cells[0].hparams[k]) for k in OPTIMIZERS[block.kind].hparams}
+            state = jax.eval_shape(init, self.problem.init_params(0), hp)
+            state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+            idx = jax.ShapeDtypeStruct((opts.eval_every, block.batch_size), jnp.int32)
+            data = None
+            p = self.problem
+            if getattr(p, "streaming", False):   # a streamed chunk: the examples themselves
+                data = tuple(jax.ShapeDtypeStruct((opts.eval_every, block.batch_size, *a.shape[1:]), a.dtype)
+                             for a in (p.x_train, p.y_train))
+
+            def temp(fn, *args):
+                analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+                return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
+
+            batch_bytes = (4 * opts.eval_every * block.batch_size if data is None else
+                           sum(x.size * x.dtype.itemsize for x in data)) * opts.evals_per_call
+            self._cell_bytes[key] = int(2 * state_bytes + temp(train_interval, state, jnp.float32(0.1), hp, idx, data)
+                                        + temp(evaluate, state, hp) + batch_bytes)
+        return self._cell_bytes[key]
 
     def manifest(self) -> dict:
         d, s = self.dataset, self.section

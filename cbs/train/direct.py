@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from cbs.sweep.backend import Block, Cell
 from cbs.sweep.config import load_config

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -144,16 +145,18 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
 
     Returns:
       (init, train_interval, evaluate, grad_fn): ``init(params, hp) -> CellState``;
-      ``train_interval(state, lr, hp, idx[steps, B], data=None) -> (state, mean_loss)``
+      ``train_interval(state, lr, hp, idx[steps, B], data=None, step0=None) -> (state, mean_loss)``
       runs the steps in a ``lax.scan``; ``evaluate(state, hp) -> (val_loss, val_error)``;
       ``grad_fn(params, idx, data=None) -> grads`` (for the noise scale). ``idx`` indexes
-      the training set, or ``data = (x, y)`` when given (a streamed chunk). None is
+      the training set, or ``data = (x, y)`` when given (a streamed chunk). ``step0``: the
+      block's step at the start, shared by all cells (unbatched), so step-dependent
+      optimizer branches (SOAP's basis refresh) stay conditionals under vmap. None is
       vmapped; the caller vmaps over cells.
     """
     model, task = problem.model, problem.task
 
-    def tx_of(lr, hp):
-        return build_optimizer(kind, lambda count: lr * schedule(count), hp)
+    def tx_of(lr, hp, block_step=None):
+        return build_optimizer(kind, lambda count: lr * schedule(count), hp, block_step=block_step)
 
     def init(params, hp):
         opt_state = tx_of(jnp.float32(0.0), hp).init(params)
@@ -166,8 +169,9 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
 
     grad_fn = jax.grad(batch_loss)
 
-    def step(state: CellState, lr, hp, idx, data=None):
-        tx = tx_of(lr, hp)
+    def step(state: CellState, lr, hp, idx, data=None, block_step=None):
+        # block_step: the block's step (unbatched; equals every live cell's state.step).
+        tx = tx_of(lr, hp, block_step)
         loss, grads = jax.value_and_grad(batch_loss)(state.params, idx, data)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -181,8 +185,13 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
         out = _where(live, new, state)
         return out._replace(diverged=state.diverged | (bad & in_budget)), loss
 
-    def train_interval(state, lr, hp, idx, data=None):
-        state, losses = jax.lax.scan(lambda s, i: step(s, lr, hp, i, data), state, idx)
+    def train_interval(state, lr, hp, idx, data=None, step0=None):
+        # step0: the block step at the interval's start (unbatched), or None.
+        if step0 is None:
+            state, losses = jax.lax.scan(lambda s, i: step(s, lr, hp, i, data), state, idx)
+        else:
+            ts = step0 + jnp.arange(idx.shape[0], dtype=jnp.int32)
+            state, losses = jax.lax.scan(lambda s, xs: step(s, lr, hp, xs[0], data, xs[1]), state, (idx, ts))
         return state, jnp.mean(losses)
 
     def evaluate(state, hp):
@@ -243,16 +252,21 @@ class BlockRun:
         init, train_interval, evaluate, grad_fn = make_block_fns(problem, kind, schedule, max_steps)
         self.problem = problem
 
-        def call(state, lr, hp, seed_idx, idx_table, noise_table, data=None):
+        def call(state, lr, hp, seed_idx, idx_table, noise_table, data=None, step0=None):
             # idx_table: (n_seeds, evals_per_call, eval_every, B); each cell picks its seed's
             # rows, so cells that share a seed share the data order without copies.
             # noise_table: (n_seeds, evals_per_call, num_micro, micro_batch) or None.
             # data: None (indices into the device-resident training set) or the streamed
             # chunk (x, y) the indices point into, shared by all cells (not vmapped).
+            # step0: the block step at the call's start (a scalar shared by all cells).
+            every = idx_table.shape[2]
+            starts = (None if step0 is None
+                      else step0 + every * jnp.arange(idx_table.shape[1], dtype=jnp.int32))
+
             def one(state, lr, hp, si):
                 def interval(s, xs):
-                    idx, nidx = xs
-                    s, train_loss = train_interval(s, lr, hp, idx, data)
+                    idx, nidx, t0 = xs
+                    s, train_loss = train_interval(s, lr, hp, idx, data, t0)
                     vl, ve = evaluate(s, hp)
                     if nidx is None:
                         gsq = tr = jnp.float32(jnp.nan)
@@ -261,7 +275,7 @@ class BlockRun:
                     return s, dict(train_loss=train_loss, val_loss=vl, val_error=ve, diverged=s.diverged,
                                    grad_sq=gsq, trace_sigma=tr)
                 nt = None if noise_table is None else noise_table[si]
-                return jax.lax.scan(interval, state, (idx_table[si], nt))
+                return jax.lax.scan(interval, state, (idx_table[si], nt, starts))
             return jax.vmap(one)(state, lr, hp, seed_idx)
 
         # Exact first crossing (cbs.train.loop): one cell's step and evaluation, not

@@ -11,6 +11,16 @@ follow the same seed rules as the vmapped path, and the records go through the s
 
 Layers are found by kfac-jax's automatic graph matching (dense and conv layers of the
 Flax MLP and CNN); the loss is registered in the loss function.
+
+Counting: every batch K-FAC consumes is a step of ``batch_size`` examples. Each update
+estimates the curvature on its own gradient batch (no extra examples). kfac-jax's
+optional burn-in (hyperparameter ``burnin_steps``, off by default) estimates the curvature
+on that many extra batches before the first update; those batches count as steps (and
+their examples as examples), so a cell with burn-in ``b`` that reaches the target after
+``k`` updates reports ``steps_to_target = b + k`` (evaluations stay on multiples of
+``eval_every`` of this count; the burn-in steps leave the weights unchanged), and the budget
+``max_steps`` covers them too. The LR schedule is indexed by updates. Rows carry
+``burnin_steps`` and ``examples_to_target`` (= ``steps_to_target * batch_size``).
 """
 
 from __future__ import annotations
@@ -28,9 +38,13 @@ from cbs.train.loop import RunOptions, Tracker, noise_indices
 from cbs.train.models import loss_and_error
 from cbs.train.streaming import host_batch
 
-__all__ = ["KfacRunner", "BURNIN"]
+__all__ = ["KfacRunner", "burnin_steps"]
 
-BURNIN = 10   # curvature-only burn-in batches before the first update (kfac-jax default)
+
+
+def burnin_steps(hparams) -> int:
+    """The cell's curvature-only burn-in batches (hyperparameter ``burnin_steps``)."""
+    return int(round(float(hparams.get("burnin_steps", 0.0))))
 
 
 _step_keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
@@ -63,14 +77,16 @@ class KfacRunner:
 
         self._loss = loss
 
-    def optimizer(self, weight_decay: float):
+    def optimizer(self, weight_decay: float, burnin: int = 0):
+        """kfac-jax's optimizer for a weight decay and burn-in (both constructor arguments)."""
         import kfac_jax
-        if weight_decay not in self._opts:
-            self._opts[weight_decay] = kfac_jax.Optimizer(
+        key = (weight_decay, burnin)
+        if key not in self._opts:
+            self._opts[key] = kfac_jax.Optimizer(
                 value_and_grad_func=jax.value_and_grad(self._loss), l2_reg=weight_decay,
                 use_adaptive_learning_rate=False, use_adaptive_momentum=False, use_adaptive_damping=False,
-                multi_device=False, inverse_update_period=5, num_burnin_steps=BURNIN)
-        return self._opts[weight_decay]
+                multi_device=False, inverse_update_period=5, num_burnin_steps=burnin)
+        return self._opts[key]
 
     def run_block(self, block: Block, opts: RunOptions) -> BlockResult:
         tracker = Tracker(block, opts)
@@ -79,9 +95,11 @@ class KfacRunner:
         # Host copies: batches are gathered with numpy (one transfer per step instead of
         # several small device dispatches), and per-step keys are made in one call.
         xt, yt = np.asarray(p.x_train), np.asarray(p.y_train)
+        extras = []
         for i, cell in enumerate(block.cells):
             hp = {k: jnp.float32(v) for k, v in cell.hparams.items()}
-            opt = self.optimizer(float(cell.hparams.get("weight_decay", 0.0)))
+            burnin = burnin_steps(cell.hparams)
+            opt = self.optimizer(float(cell.hparams.get("weight_decay", 0.0)), burnin)
             stream = IndexStream(cell.seed, n)
             key = jax.random.PRNGKey(cell.seed)
             step_keys = _step_keys(key, jnp.arange(opts.max_steps))
@@ -93,15 +111,15 @@ class KfacRunner:
             vl, ve = self._eval(params, ema, jnp.int32(0), hp["ema_decay"])
             tracker.record(i, 0, dict(val_loss=vl, val_error=ve, train_loss=np.nan), False, 0)
 
-            def kstep(params, state, step, idx):
-                """One K-FAC update at ``step`` on the examples ``idx``: (params, state, loss)."""
+            def kstep(params, state, step, idx, cell=cell, opt=opt, step_keys=step_keys, hp=hp, burnin=burnin):
+                """Update number ``step`` (0-based) on the examples ``idx``: (params, state, loss)."""
                 lr = jnp.float32(cell.lr * float(self.schedule(step)))
                 batch = (xt[idx], yt[idx])
-                if step == 0:
-                    # Burn-in: kfac-jax estimates the curvature on BURNIN extra batches before the
-                    # first update (drawn apart from the training order, which stays the same
-                    # as for every other optimizer), then takes the first training batch.
-                    burn = [noise_indices(cell.seed, j, n, 1, B, tag=0xB0B)[0] for j in range(BURNIN)]
+                if step == 0 and burnin:
+                    # Burn-in: kfac-jax estimates the curvature on `burnin` extra batches before
+                    # the first update (drawn apart from the training order, which stays the
+                    # same as for every other optimizer), then takes the first training batch.
+                    burn = [noise_indices(cell.seed, j, n, 1, B, tag=0xB0B)[0] for j in range(burnin)]
                     feed = dict(data_iterator=iter([(xt[b], yt[b]) for b in burn] + [batch]))
                 else:
                     feed = dict(batch=batch)
@@ -115,40 +133,51 @@ class KfacRunner:
                         learning_rate=lr, momentum=hp["momentum"], damping=hp["damping"], global_step_int=step)
                 return new_params, new_state, float(stats["loss"])
 
-            def replay(snapshot, t0: int, t1: int):
+            def counted(updates: int, burnin=burnin) -> int:
+                """Steps (batches consumed) after ``updates`` updates: burn-in included."""
+                return updates + burnin if updates else 0
+
+            def replay(snapshot, t0: int, t1: int, cell=cell, hp=hp, kstep=kstep, counted=counted):
                 """Exact first crossing in (t0, t1]: retrain from the state kept at the
-                evaluation t0 with an evaluation after every step (the same trajectory:
-                the data order and step keys are functions of the seed and step)."""
-                params, state, ema = jax.tree.map(jnp.copy, snapshot)
+                evaluation t0 (``u0`` updates) with an evaluation after every update (the same
+                trajectory: the data order and step keys are functions of the seed and step)."""
+                params, state, ema, u0 = snapshot
+                params, state, ema = jax.tree.map(jnp.copy, (params, state, ema))
                 stream = IndexStream(cell.seed, n)
-                stream.take(t0 * B)
-                for step in range(t0, t1):
-                    params, state, _ = kstep(params, state, step, stream.take(B))
+                stream.take(u0 * B)
+                for u in range(u0, t1):
+                    if counted(u + 1) > t1:
+                        break
+                    params, state, _ = kstep(params, state, u, stream.take(B))
                     ema = self._ema(ema, params, hp["ema_decay"])
-                    vl, ve = self._eval(params, ema, jnp.int32(step + 1), hp["ema_decay"])
+                    vl, ve = self._eval(params, ema, jnp.int32(u + 1), hp["ema_decay"])
                     if float(vl if opts.metric == "val_loss" else ve) < opts.target:
-                        return step + 1
+                        return counted(u + 1)
                 return None
 
-            losses, diverged, step = [], False, 0
+            # step: batches consumed (burn-in included); updates: updates applied.
+            losses, diverged, step, updates = [], False, 0, 0
             snapshot = None
-            while step < opts.max_steps and not tracker.done[i]:
+            while counted(updates + 1) <= opts.max_steps and not tracker.done[i]:
                 if opts.exact and opts.eval_every > 1 and step % opts.eval_every == 0:
-                    snapshot = jax.tree.map(jnp.copy, (params, state, ema))   # state at evaluation `step`
+                    # state at evaluation `step`
+                    snapshot = (*jax.tree.map(jnp.copy, (params, state, ema)), updates)
                     t_snap = step
                 idx = stream.take(B)
-                new_params, new_state, loss = kstep(params, state, step, idx)
+                new_params, new_state, loss = kstep(params, state, updates, idx)
                 if not np.isfinite(loss) or loss > p.diverge_loss or not bool(self._finite(new_params)):
                     diverged = True      # keep the last finite params, stop this cell
                 else:
                     params, state = new_params, new_state
                     ema = self._ema(ema, params, hp["ema_decay"])
                     losses.append(loss)
-                    step += 1
-                if diverged or step % opts.eval_every == 0 or step == opts.max_steps:
+                    updates += 1
+                    step = counted(updates)
+                if diverged or step % opts.eval_every == 0 or step >= opts.max_steps:
                     # A divergence is reported at the next evaluation step, as in the vmapped path.
                     at = min((step // opts.eval_every + 1) * opts.eval_every, opts.max_steps) if diverged else step
-                    vl, ve = self._eval(params, ema, jnp.int32(step), hp["ema_decay"])
+                    # The EMA's bias correction counts updates (the burn-in moved nothing).
+                    vl, ve = self._eval(params, ema, jnp.int32(updates), hp["ema_decay"])
                     tl = float(np.mean(losses)) if losses else np.nan
                     tracker.record(i, at, dict(val_loss=vl, val_error=ve, train_loss=tl), diverged, step)
                     if tracker.reached[i] and not tracker.exact[i] and snapshot is not None:
@@ -162,4 +191,8 @@ class KfacRunner:
                     losses = []
                 if diverged:
                     break
-        return tracker.result()
+            extras.append(dict(burnin_steps=float(burnin)))
+        result = tracker.result()
+        for rec, extra in zip(result.cells, extras):
+            rec.extra.update(extra, examples_to_target=float(rec.steps_to_target) * B)
+        return result

@@ -1,4 +1,10 @@
-"""Flax models and their losses: MLP, small CNN, small decoder-only Transformer.
+"""Flax models and their losses: MLP, small CNN, the MNIST-1D paper's CNN, small
+decoder-only Transformer.
+
+The MNIST-1D paper's models: its MLP is ``mlp`` with ``width: 100, depth: 2``; its CNN is
+``mnist1d_cnn`` with ``width: 25, depth: 3``; its logistic regression is ``mlp`` with
+``depth: 0``. (Initialisation is Flax's: LeCun-normal kernels and zero biases, where the
+paper's PyTorch layers draw both uniformly in +-1/sqrt(fan_in).)
 
 Sizes come from the config (``width``, ``depth``). Every model maps a batch of inputs to
 logits (classification, LM) or predictions (regression); :func:`loss_and_error` turns
@@ -7,14 +13,12 @@ them into the per-batch mean loss and error rate, the quantities the back end ev
 
 from __future__ import annotations
 
-from typing import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["MLP", "CNN", "Transformer", "make_model", "loss_and_error"]
+__all__ = ["MLP", "CNN", "MNIST1DCNN", "Transformer", "make_model", "loss_and_error"]
 
 
 class MLP(nn.Module):
@@ -47,6 +51,25 @@ class CNN(nn.Module):
             x = nn.relu(nn.Conv(self.width, (3,) * spatial, strides=(stride,) * spatial)(x))
         x = x.mean(axis=tuple(range(1, 1 + spatial)))
         return nn.Dense(self.num_outputs)(x)
+
+
+class MNIST1DCNN(nn.Module):
+    """The MNIST-1D paper's CNN (Greydanus 2020, ``mnist1d/models.py`` ``ConvBase``):
+    ``depth`` ReLU convolutions of ``width`` channels, all stride 2 with padding 1, the
+    first 5 wide and the others 3 wide, then flatten and a linear read-out. The paper's
+    model is ``width=25, depth=3`` (40 -> 19 -> 10 -> 5 positions, 125 features). Works on
+    1-D signals (length, channels) and on images (square windows)."""
+    width: int
+    depth: int
+    num_outputs: int
+
+    @nn.compact
+    def __call__(self, x):
+        spatial = x.ndim - 2
+        for i in range(self.depth):
+            k = 5 if i == 0 else 3
+            x = nn.relu(nn.Conv(self.width, (k,) * spatial, strides=(2,) * spatial, padding=[(1, 1)] * spatial)(x))
+        return nn.Dense(self.num_outputs)(x.reshape(x.shape[0], -1))
 
 
 class TransformerBlock(nn.Module):
@@ -92,6 +115,8 @@ def make_model(kind: str, width: int, depth: int, num_outputs: int, seq_len: int
         return MLP(width, depth, num_outputs)
     if kind == "cnn":
         return CNN(width, depth, num_outputs)
+    if kind == "mnist1d_cnn":
+        return MNIST1DCNN(width, depth, num_outputs)
     if kind == "transformer":
         return Transformer(width, depth, num_outputs, seq_len, heads)
     raise ValueError(f"unknown model {kind!r}")

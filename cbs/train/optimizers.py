@@ -17,7 +17,9 @@ Python step counter, so the back end runs its cells one after another (see
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import math
+import re
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,8 @@ import optax
 
 from cbs.sweep.backend import HParamSpec, OptimizerSpec
 
-__all__ = ["OPTIMIZERS", "BUILDERS", "build_optimizer", "soap_available", "schedule_fn"]
+__all__ = ["OPTIMIZERS", "BUILDERS", "build_optimizer", "muon_dimension_numbers", "soap_available",
+           "schedule_fn"]
 
 _EMA = HParamSpec(0.0, "EMA decay of the evaluated weights (0 = evaluate the raw weights)", ge=0, lt=1)
 _WD = HParamSpec(0.0, "decoupled weight decay (multiplied by the LR, as in AdamW)", ge=0)
@@ -39,9 +42,105 @@ def _sgd(lr, hp, momentum=False, nesterov=False):
                        optax.sgd(lr, momentum=hp["momentum"] if momentum else None, nesterov=nesterov))
 
 
-def _soap(lr, hp):
+def _soap(lr, hp, block_step=None):
     from cbs.train.soap import soap
-    return soap(lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], weight_decay=hp["weight_decay"])
+    # block_step: the block's shared step, so a vmapped block refreshes SOAP's basis only on
+    # refresh steps (see cbs.train.soap.scale_by_soap).
+    return soap(lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], weight_decay=hp["weight_decay"],
+                block_step=block_step)
+
+
+def _muon_readout(tree) -> str | None:
+    """Name of the read-out module: the top-level ``Dense_i`` with the largest ``i``.
+
+    Every model in :mod:`cbs.train.models` ends in one Dense layer created last at the top
+    level, so Flax names it ``Dense_<largest index>`` there.
+    """
+    dense = [k for k in tree if re.fullmatch(r"Dense_\d+", str(k))]
+    return max(dense, key=lambda k: int(str(k).split("_")[1])) if dense else None
+
+
+def muon_dimension_numbers(params):
+    """Which leaves Muon orthogonalises, and how each is viewed as a matrix.
+
+    Returns a tree like ``params`` with, per leaf, an
+    ``optax.contrib.MuonDimensionNumbers`` (Muon) or ``None`` (AdamW). Following the
+    method's reference (K. Jordan's Muon: "only the internal >= 2-D parameters; embeddings,
+    classifier heads and scalar or vector parameters with AdamW"):
+
+    * Muon: every ``kernel`` of a hidden layer. Dense kernels ``(in, out)`` as they are;
+      conv filters ``(*window, in, out)`` as ``(prod(window) * in, out)``; attention's
+      query/key/value kernels ``(in, heads, head_dim)`` as ``(in, heads * head_dim)`` and
+      its output kernel ``(heads, head_dim, out)`` as ``(heads * head_dim, out)``.
+      The first layer of an MLP/CNN on continuous inputs is a hidden matrix in this sense
+      (it is not a lookup table).
+    * AdamW: token and position embeddings, the read-out (the last top-level Dense layer),
+      biases and LayerNorm scales/offsets.
+    """
+    dims = optax.contrib.MuonDimensionNumbers
+    root = params["params"] if isinstance(params, Mapping) and "params" in params else params
+    readout = _muon_readout(root) if isinstance(root, Mapping) else None
+
+    def label(path, leaf):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        if names and names[0] == "params":
+            names = names[1:]
+        if names[-1] != "kernel" or leaf.ndim < 2 or (readout is not None and names[0] == readout):
+            return None
+        if len(names) >= 2 and names[-2] in ("query", "key", "value"):
+            return dims(reduction_axis=0, output_axis=tuple(range(1, leaf.ndim)))
+        return dims(reduction_axis=tuple(range(leaf.ndim - 1)), output_axis=leaf.ndim - 1)
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _is_dims(x) -> bool:
+    return x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)
+
+
+def _muon_width_scale(dims_fn) -> optax.GradientTransformation:
+    """Scales each Muon update by ``sqrt(max(1, fan_out / fan_in))`` of its matrix view,
+    as the reference (and optax.contrib.muon) do, so a wide matrix's update has the RMS
+    of a square one's."""
+
+    def update_fn(updates, state, params=None):
+        del params
+
+        def scale(u, d):
+            if d is None:
+                return u
+            red = (d.reduction_axis,) if isinstance(d.reduction_axis, int) else tuple(d.reduction_axis)
+            out = (d.output_axis,) if isinstance(d.output_axis, int) else tuple(d.output_axis)
+            fan_in = math.prod(u.shape[a] for a in red)
+            fan_out = math.prod(u.shape[a] for a in out)
+            return u * math.sqrt(max(1.0, fan_out / fan_in))
+
+        return jax.tree.map(scale, updates, dims_fn(updates), is_leaf=_is_dims), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _muon(lr, hp):
+    """Muon on hidden matrices, plain AdamW on the rest (see muon_dimension_numbers).
+
+    Built from optax.contrib's Muon pieces rather than ``optax.contrib.muon`` because that
+    one runs its Adam group with Nesterov momentum (NAdamW); the reference uses AdamW.
+    """
+    # The AdamW group's LR is adam_lr_ratio times Muon's (the reference tunes them apart).
+    adam_lr = (lambda count: hp["adam_lr_ratio"] * lr(count)) if callable(lr) else hp["adam_lr_ratio"] * lr
+    muon = optax.chain(
+        optax.contrib.scale_by_muon(beta=hp["momentum"], eps=hp["eps"], nesterov=True,
+                                    weight_dimension_numbers=muon_dimension_numbers),
+        _muon_width_scale(muon_dimension_numbers),
+        optax.add_decayed_weights(hp["weight_decay"]),
+        optax.scale_by_learning_rate(lr))
+    adamw = optax.adamw(adam_lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], weight_decay=hp["weight_decay"])
+
+    def labels(params):
+        return jax.tree.map(lambda d: "adamw" if d is None else "muon", muon_dimension_numbers(params),
+                            is_leaf=_is_dims)
+
+    return optax.partition({"muon": muon, "adamw": adamw}, labels)
 
 
 def soap_available() -> bool:
@@ -66,62 +165,81 @@ BUILDERS: dict[str, Callable | None] = {
                                                 weight_decay_rate=hp["weight_decay"]),
     "lion": lambda lr, hp: optax.lion(lr, b1=hp["b1"], b2=hp["b2"], weight_decay=hp["weight_decay"]),
     "signum": lambda lr, hp: optax.signum(lr, beta=hp["momentum"]),
-    # 2-D weights get Newton-Schulz orthogonalised momentum; biases, norms, embeddings of
-    # other ranks get Adam with the same LR (optax.contrib.muon's default split).
-    "muon": lambda lr, hp: optax.contrib.muon(lr, beta=hp["momentum"], eps=hp["eps"],
-                                              weight_decay=hp["weight_decay"], adam_b1=hp["b1"],
-                                              adam_b2=hp["b2"]),
+    # Hidden weight matrices (attention and MLP kernels, conv filters; reshaped to 2-D)
+    # get Newton-Schulz orthogonalised momentum; embeddings, the read-out, biases and norms
+    # get AdamW (see muon_dimension_numbers).
+    "muon": lambda lr, hp: _muon(lr, hp),
     "soap": _soap,
     "kfac": None,
 }
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "sgd": OptimizerSpec("plain SGD (optax.sgd), optional coupled L2", dict(weight_decay=_L2, ema_decay=_EMA)),
+    "sgd": OptimizerSpec("plain SGD (optax.sgd), optional coupled L2",
+                         dict(weight_decay=_L2, ema_decay=_EMA), example_lr=0.3),
     "momentum": OptimizerSpec("heavy-ball momentum SGD (optax.sgd(momentum=...))",
-                              dict(momentum=_MOM, weight_decay=_L2, ema_decay=_EMA)),
+                              dict(momentum=_MOM, weight_decay=_L2, ema_decay=_EMA), example_lr=0.1),
     "nesterov": OptimizerSpec("Nesterov momentum SGD (optax.sgd(nesterov=True))",
-                              dict(momentum=_MOM, weight_decay=_L2, ema_decay=_EMA)),
+                              dict(momentum=_MOM, weight_decay=_L2, ema_decay=_EMA), example_lr=0.1),
     "adam": OptimizerSpec("Adam (optax.adam)", dict(
         b1=HParamSpec(0.9, "first-moment decay", ge=0, lt=1),
         b2=HParamSpec(0.999, "second-moment decay", ge=0, lt=1),
-        eps=HParamSpec(1e-8, "denominator epsilon", gt=0), ema_decay=_EMA)),
+        eps=HParamSpec(1e-8, "denominator epsilon", gt=0), ema_decay=_EMA), example_lr=0.01),
     "adamw": OptimizerSpec("AdamW (optax.adamw), decoupled weight decay", dict(
         b1=HParamSpec(0.9, "first-moment decay", ge=0, lt=1),
         b2=HParamSpec(0.999, "second-moment decay", ge=0, lt=1),
         eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
-        weight_decay=HParamSpec(1e-4, "decoupled weight decay (times the LR)", ge=0), ema_decay=_EMA)),
+        weight_decay=HParamSpec(1e-4, "decoupled weight decay (times the LR)", ge=0), ema_decay=_EMA), example_lr=0.01),
     "adafactor": OptimizerSpec("Adafactor (optax.adafactor; relative step size, update clipping 1)", dict(
         decay_rate=HParamSpec(0.8, "second-moment decay exponent (beta2_t = 1 - t**-decay_rate)", ge=0, le=1),
         eps=HParamSpec(1e-30, "regulariser of the squared gradient", gt=0),
-        weight_decay=_WD, ema_decay=_EMA)),
+        weight_decay=_WD, ema_decay=_EMA), example_lr=0.03),
     "lion": OptimizerSpec("Lion (optax.lion)", dict(
         b1=HParamSpec(0.9, "interpolation of the update direction", ge=0, le=1),
         b2=HParamSpec(0.99, "momentum decay", ge=0, le=1),
-        weight_decay=_WD, ema_decay=_EMA)),
+        weight_decay=_WD, ema_decay=_EMA), example_lr=0.01),
     "signum": OptimizerSpec("Signum: sign of momentum (optax.signum)",
-                            dict(momentum=HParamSpec(0.9, "momentum decay", ge=0, lt=1), ema_decay=_EMA)),
-    "muon": OptimizerSpec("Muon (optax.contrib.muon): orthogonalised momentum on 2-D weights, Adam elsewhere", dict(
+                            dict(momentum=HParamSpec(0.9, "momentum decay", ge=0, lt=1), ema_decay=_EMA), example_lr=0.01),
+    "muon": OptimizerSpec("Muon (optax.contrib.muon): orthogonalised momentum on hidden weight matrices "
+                          "(attention/MLP kernels, conv filters), AdamW on embeddings, read-out, biases, norms", dict(
         momentum=HParamSpec(0.95, "Muon momentum (Nesterov)", ge=0, lt=1),
-        b1=HParamSpec(0.9, "Adam b1 for non-matrix parameters", ge=0, lt=1),
-        b2=HParamSpec(0.999, "Adam b2 for non-matrix parameters", ge=0, lt=1),
-        eps=HParamSpec(1e-8, "epsilon", gt=0), weight_decay=_WD, ema_decay=_EMA)),
+        b1=HParamSpec(0.9, "AdamW b1 (embeddings, read-out, biases, norms)", ge=0, lt=1),
+        b2=HParamSpec(0.999, "AdamW b2 (embeddings, read-out, biases, norms)", ge=0, lt=1),
+        eps=HParamSpec(1e-8, "epsilon", gt=0),
+        adam_lr_ratio=HParamSpec(1.0, "AdamW group's LR / Muon's LR", gt=0),
+        weight_decay=HParamSpec(0.0, "decoupled weight decay of both groups (multiplied by the LR)", ge=0),
+        ema_decay=_EMA), example_lr=0.02),
     "soap": OptimizerSpec("SOAP (cbs.train.soap): Adam in Shampoo's eigenbasis", dict(
         b1=HParamSpec(0.95, "first-moment decay", ge=0, lt=1),
         b2=HParamSpec(0.95, "second-moment decay", ge=0, lt=1),
-        eps=HParamSpec(1e-8, "denominator epsilon", gt=0), weight_decay=_WD, ema_decay=_EMA)),
+        eps=HParamSpec(1e-8, "denominator epsilon", gt=0), weight_decay=_WD, ema_decay=_EMA), example_lr=0.01),
     "kfac": OptimizerSpec("K-FAC (kfac-jax 0.0.8), fixed LR/momentum/damping; cells run one after another", dict(
         momentum=HParamSpec(0.0, "momentum of the K-FAC update", ge=0, lt=1),
         damping=HParamSpec(1e-2, "Tikhonov damping of the curvature", gt=0),
         weight_decay=HParamSpec(0.0, "L2 regularisation (kfac-jax l2_reg)", ge=0),
-        ema_decay=_EMA)),
+        burnin_steps=HParamSpec(0.0, "curvature-only batches before the first update (an integer; each counts "
+                                "as a step of batch_size examples; 0 = off)", ge=0),
+        ema_decay=_EMA), example_lr=0.1),
 }
 
 
-def build_optimizer(kind: str, learning_rate: Callable, hp: Mapping[str, jax.Array]) -> optax.GradientTransformation:
-    """The Optax transform of ``kind`` with (possibly traced) hyperparameters ``hp``."""
+# Kinds whose builder takes the block's shared step (see build_optimizer).
+STEP_AWARE = frozenset({"soap"})
+
+
+def build_optimizer(kind: str, learning_rate: Callable, hp: Mapping[str, jax.Array],
+                    block_step: jax.Array | None = None) -> optax.GradientTransformation:
+    """The Optax transform of ``kind`` with (possibly traced) hyperparameters ``hp``.
+
+    ``block_step``: the step shared by all cells of a vmapped block (unbatched), which
+    equals each live cell's own update count. Kinds in :data:`STEP_AWARE` use it to keep
+    step-dependent branching (SOAP's basis refresh) a real conditional under ``vmap``;
+    the others ignore it.
+    """
     builder = BUILDERS[kind]
     if builder is None:
         raise ValueError(f"optimizer kind {kind!r} has no Optax transform (runs through its own loop)")
+    if kind in STEP_AWARE:
+        return builder(learning_rate, hp, block_step=block_step)
     return builder(learning_rate, hp)
 
 

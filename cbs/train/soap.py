@@ -64,9 +64,12 @@ Every hyperparameter except ``max_precond_dim`` (shapes depend on it) and
 ``refresh_method`` may be a traced JAX scalar, so the transform can be ``vmap``-ed over
 grid cells and wrapped in ``optax.inject_hyperparams`` (pass
 ``static_args=("max_precond_dim",)`` if you set that argument). Branching on the step
-uses ``lax.switch``; note that under ``vmap`` with a batched optimizer state the step
-counter is batched too, and JAX then evaluates every branch (the refresh's ``eigh``/QR)
-on every step. That is correct but costs ``O(m³ + n³)`` per step instead of per refresh.
+uses ``lax.switch``. Under ``vmap`` with a batched optimizer state the step counter is
+batched too, and JAX then turns the switch into a select that evaluates every branch
+(the refresh's ``eigh``/QR) on every step: correct, but ``O(m³ + n³)`` per step instead
+of per refresh. When every vmapped copy steps together (the cells of a training block),
+pass the shared step as ``block_step`` (an unbatched scalar): the branch is then chosen
+from it, the switch stays a real conditional, and the refresh runs only on refresh steps.
 """
 
 from __future__ import annotations
@@ -221,6 +224,7 @@ def scale_by_soap(
     shampoo_beta: float | jax.Array | None = None,
     *,
     refresh_method: str = "qr",
+    block_step: jax.Array | None = None,
 ) -> optax.GradientTransformation:
     """Rescales updates by Adam in the eigenbasis of Shampoo's preconditioner (SOAP).
 
@@ -251,6 +255,12 @@ def scale_by_soap(
             moves little between refreshes) or ``"eigh"`` (exact eigenvectors at every
             refresh). The very first basis is always ``eigh``: there is no previous
             basis to warm-start from.
+        block_step: the call index shared by every ``vmap``-ed copy of this transform
+            (e.g. the step of a block of cells that train in lockstep), or ``None``.
+            When given it must equal each copy's own ``count`` (this builds a new
+            transform per step: use it where the transform is constructed inside the
+            traced step); only the choice of branch uses it, so with an unbatched
+            ``block_step`` the basis refresh is computed only on refresh steps.
 
     Returns:
         An ``optax.GradientTransformation`` with state :class:`ScaleBySoapState`.
@@ -289,13 +299,16 @@ def scale_by_soap(
         bc1 = 1 - jnp.asarray(b1) ** t
         bc2 = 1 - jnp.asarray(b2) ** t
         freq = jnp.asarray(precondition_frequency).astype(count.dtype)
-        refresh_now = count % freq == 0  # true on the first call (count 0) too
+        # The branch: from the shared block step when given (unbatched under vmap, so the
+        # switch below stays a conditional), else from this copy's own counter.
+        at = count if block_step is None else jnp.asarray(block_step).astype(count.dtype)
+        refresh_now = at % freq == 0  # true on the first call (count 0) too
         if refresh_method == "eigh":
             # 0: eigh (first call or periodic refresh), 1: keep the basis.
             branch = jnp.where(refresh_now, 0, 1)
         else:
             # 0: initial eigh (first call), 1: periodic QR refresh, 2: keep the basis.
-            branch = jnp.where(refresh_now, jnp.where(first, 0, 1), 2)
+            branch = jnp.where(refresh_now, jnp.where(at == 0, 0, 1), 2)
 
         def leaf_update(g, mu, nu, f_l, f_r, q_l, q_r):
             shape, dtype = g.shape, _compute_dtype(g.dtype)
@@ -399,6 +412,7 @@ def soap(
     shampoo_beta: float | jax.Array | None = None,
     *,
     refresh_method: str = "qr",
+    block_step: jax.Array | None = None,
 ) -> optax.GradientTransformation:
     """SOAP optimizer (Vyas et al. 2024): Adam in Shampoo's eigenbasis, AdamW decay.
 
@@ -418,6 +432,7 @@ def soap(
         max_precond_dim: sides larger than this are not rotated (static int).
         shampoo_beta: decay of the Shampoo factors; ``None`` means ``b2``.
         refresh_method: ``"qr"`` (paper) or ``"eigh"``; see :func:`scale_by_soap`.
+        block_step: shared, unbatched call index of vmapped copies; see :func:`scale_by_soap`.
 
     Returns:
         An ``optax.GradientTransformation``.
@@ -425,7 +440,7 @@ def soap(
     return optax.chain(
         scale_by_soap(b1=b1, b2=b2, eps=eps, precondition_frequency=precondition_frequency,
                       max_precond_dim=max_precond_dim, shampoo_beta=shampoo_beta,
-                      refresh_method=refresh_method),
+                      refresh_method=refresh_method, block_step=block_step),
         _decoupled_weight_decay(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )

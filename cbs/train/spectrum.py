@@ -224,6 +224,9 @@ class Measurement:
         second_moment: (d,) mean_n g_n^2 (elementwise; Adam's second-moment statistic).
         grad: (d,) G.
         loss: mean loss at theta.
+        disp_*: with a displacement delta (e.g. initial minus current parameters): its
+            projections on the top vectors, squared norm, and spectral measure (Lanczos
+            started at delta: weights = fractions of |delta|^2 near each node).
         seconds: wall time of the measurement (compile included).
     """
     dim: int
@@ -246,6 +249,11 @@ class Measurement:
     grad: np.ndarray
     loss: float
     seconds: float = float("nan")
+    # Only with ``measure(displacement=delta)``: delta . v_i, |delta|^2 and delta's spectral measure.
+    disp_proj: np.ndarray | None = None
+    disp_sq: float | None = None
+    disp_nodes: np.ndarray | None = None
+    disp_weights: np.ndarray | None = None
 
     @property
     def b_simple(self) -> float:
@@ -287,7 +295,7 @@ def memory_estimate(dim: int, *, top_k: int, lanczos_iters: int, chunk: int) -> 
 def measure(apply: Apply, loss: Loss, theta, x, y, *, top_k: int = 16, lanczos_iters: int = 64,
             slq_probes: int = 4, slq_iters: int = 48, noise_examples: int = 128, chunk: int = 128,
             curvature: Literal["hessian", "ggn"] = "ggn", seed: int = 0,
-            max_memory_mb: float = 2048.0) -> Measurement:
+            max_memory_mb: float = 2048.0, displacement=None) -> Measurement:
     """All measurements at ``theta`` over the examples (x, y), in float64.
 
     Iteration counts are capped at the dimension d (the Krylov space cannot be larger).
@@ -312,9 +320,10 @@ def measure(apply: Apply, loss: Loss, theta, x, y, *, top_k: int = 16, lanczos_i
         theta = jnp.asarray(theta, jnp.float64)
         x = jnp.asarray(x, jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x)
         y = jnp.asarray(y, jnp.float64) if jnp.issubdtype(y.dtype, jnp.floating) else jnp.asarray(y)
-        out = _measure_jit(apply, loss, theta, x, y, m=m, ms=ms, k=k, probes=slq_probes,
+        disp = jnp.zeros_like(theta) if displacement is None else jnp.asarray(displacement, jnp.float64)
+        out = _measure_jit(apply, loss, theta, x, y, disp, m=m, ms=ms, k=k, probes=slq_probes,
                            noise_examples=min(noise_examples, int(x.shape[0])), chunk=chunk,
-                           curvature=curvature, seed=seed)
+                           curvature=curvature, seed=seed, with_disp=displacement is not None)
         out = jax.tree.map(np.asarray, out)
     n_sub = min(noise_examples, int(x.shape[0]))
     quad = out["quad"]
@@ -325,10 +334,14 @@ def measure(apply: Apply, loss: Loss, theta, x, y, *, top_k: int = 16, lanczos_i
         grad_weights=out["g_weights"], grad_sq=float(out["grad_sq"]), trace_sigma=float(out["trace_sigma"]),
         trace_c_sigma=float(quad.mean()), trace_c_sigma_se=float(quad.std(ddof=1) / math.sqrt(n_sub))
         if n_sub > 1 else float("nan"), gcg=float(out["gcg"]), second_moment=out["second"], grad=out["grad"],
-        loss=float(out["loss"]), seconds=time.perf_counter() - t0)
+        loss=float(out["loss"]), seconds=time.perf_counter() - t0,
+        **({} if displacement is None else {
+            "disp_proj": out["disp_proj"], "disp_sq": float(out["disp_sq"]), "disp_nodes": out["d_nodes"],
+            "disp_weights": out["d_weights"]}))
 
 
-def _measure_impl(apply, loss, theta, x, y, *, m, ms, k, probes, noise_examples, chunk, curvature, seed):
+def _measure_impl(apply, loss, theta, x, y, disp, *, m, ms, k, probes, noise_examples, chunk, curvature, seed,
+                  with_disp):
     key = jax.random.PRNGKey(seed)
     k_top, k_slq, k_g, k_sub = jax.random.split(key, 4)
     d = theta.shape[0]
@@ -349,10 +362,17 @@ def _measure_impl(apply, loss, theta, x, y, *, m, ms, k, probes, noise_examples,
         u = one(theta, x[i], y[i]) - G
         return jnp.vdot(u, cvp(u))
     quad = jax.lax.map(quad_form, sub)
-    return {"top_h": top_h, "top_v": top_v, "slq_nodes": slq_nodes, "slq_weights": slq_weights, "grad": G,
+    extra = {}
+    if with_disp:
+        dsq = jnp.sum(disp ** 2)
+        da, db, _ = lanczos(cvp, disp + jnp.where(dsq > 0, 0.0, 1.0), ms, jax.random.fold_in(k_g, 1))
+        d_nodes, dY = _tridiag_eigh(da, db)
+        extra = {"disp_proj": top_v @ disp, "disp_sq": dsq, "d_nodes": d_nodes, "d_weights": dY[0] ** 2}
+    return extra | {"top_h": top_h, "top_v": top_v, "slq_nodes": slq_nodes, "slq_weights": slq_weights, "grad": G,
                 "grad_sq": grad_sq, "trace_sigma": trace_sigma, "second": second, "g_nodes": g_nodes, "g_weights": gY[0] ** 2,
                 "proj": proj, "quad": quad, "gcg": jnp.vdot(G, cvp(G)), "loss": jnp.mean(loss(apply(theta, x), y))}
 
 
 _measure_jit = jax.jit(_measure_impl, static_argnums=(0, 1),
-                       static_argnames=("m", "ms", "k", "probes", "noise_examples", "chunk", "curvature", "seed"))
+                       static_argnames=("m", "ms", "k", "probes", "noise_examples", "chunk", "curvature", "seed",
+                                        "with_disp"))
