@@ -135,11 +135,14 @@ class CustomLoss:
 
 
 def _accepts(fn, name: str) -> bool:
+    # A class is asked through __init__: nnx's metaclass makes the class itself look like
+    # (*args, **kwargs). Only explicit parameters count: a **kwargs factory is not guessed.
+    target = fn.__init__ if inspect.isclass(fn) else fn
     try:
-        params = inspect.signature(fn).parameters
+        params = inspect.signature(target).parameters
     except (TypeError, ValueError):
         return False
-    return name in params  # explicitly: a **kwargs factory is not guessed to take it
+    return name in params
 
 
 def build_user_model(spec: str, model_args: dict, num_outputs: int):
