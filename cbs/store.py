@@ -47,11 +47,21 @@ __all__ = ["RunStore", "read_table", "read_manifest", "read_config", "read_sessi
 RESULTS = "results"
 
 
+def _umask() -> int:
+    """The process umask (read by setting it, so set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` so that readers see the old file or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600; a run folder is shared (colleagues, other jobs), so give the
+        # file the mode open() would have: 0666 minus the user's umask.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -158,6 +168,9 @@ class RunStore:
             return read_manifest(self.dir)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def write_config(self, config: dict) -> None:
+        atomic_write_bytes(self.dir / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
 
     def write_manifest(self, manifest: dict) -> None:
         """Replaces the manifest; only the merging process (holding the merge lock) calls this."""

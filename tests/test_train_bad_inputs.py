@@ -24,8 +24,12 @@ HERE = Path(__file__).resolve().parent
 
 def good_arrays():
     rng = np.random.default_rng(0)
-    return {"x_train": rng.standard_normal((40, 8, 8, 1)).astype(np.float32), "y_train": np.arange(40) % 10,
-            "x_val": rng.standard_normal((10, 8, 8, 1)).astype(np.float32), "y_val": np.arange(10) % 10}
+    return {
+        "x_train": rng.standard_normal((40, 8, 8, 1)).astype(np.float32),
+        "y_train": np.arange(40) % 10,
+        "x_val": rng.standard_normal((10, 8, 8, 1)).astype(np.float32),
+        "y_val": np.arange(10) % 10,
+    }
 
 
 # Bad-data factories live here; configs name them as test_train_bad_inputs:NAME.
@@ -56,6 +60,7 @@ def three_logits(width: int = 4, num_classes: int = 3):
         @nn.compact
         def __call__(self, x):
             return nn.Dense(num_classes)(x.reshape(x.shape[0], -1))
+
     return Three()
 
 
@@ -67,7 +72,10 @@ def mse_on_logits(outputs, y):
     """A valid custom loss (mean over examples, error rate)."""
     import jax
     import jax.numpy as jnp
-    return jnp.mean((outputs - jax.nn.one_hot(y, outputs.shape[-1])) ** 2), jnp.mean(outputs.argmax(-1) != y)
+
+    return jnp.mean((outputs - jax.nn.one_hot(y, outputs.shape[-1])) ** 2), jnp.mean(
+        outputs.argmax(-1) != y
+    )
 
 
 def scalar_loss(outputs, y):
@@ -75,17 +83,26 @@ def scalar_loss(outputs, y):
 
 
 def run_cli(tmp_path, train: dict, capsys, optimizers=("sgd",)):
-    cfg = {"name": "bad", "backend": "train",
-           "grid": {"batch_sizes": [8], "learning_rates": [0.1], "optimizers": [{"kind": k} for k in optimizers]},
-           "target": {"metric": "val_loss", "value": 0.5}, "budget": {"max_steps": 10, "eval_every": 5},
-           "output": {"dir": str(tmp_path / "out")}, "train": train}
+    cfg = {
+        "name": "bad",
+        "backend": "train",
+        "grid": {
+            "batch_sizes": [8],
+            "learning_rates": [0.1],
+            "optimizers": [{"kind": k} for k in optimizers],
+        },
+        "target": {"metric": "val_loss", "value": 0.5},
+        "budget": {"max_steps": 10, "eval_every": 5},
+        "output": {"dir": str(tmp_path / "out")},
+        "train": train,
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     code = main([str(path), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert not (tmp_path / "out").exists()          # nothing written
+    assert not (tmp_path / "out").exists()  # nothing written
     return err
 
 
@@ -96,44 +113,115 @@ def _npz(tmp_path, **arrays):
 
 
 CASES = {
-    "missing file": (lambda t: {"dataset": str(t / "nope" / "missing.npz")}, "train.dataset", "no such file"),
+    "missing file": (
+        lambda t: {"dataset": str(t / "nope" / "missing.npz")},
+        "train.dataset",
+        "no such file",
+    ),
     "missing keys": (lambda t: {"dataset": _npz(t, a=np.zeros(3))}, "train.dataset", "found [a]"),
-    "mismatched lengths": (lambda t: {"dataset": _npz(t, x=np.zeros((5, 2)), y=np.zeros(4, int))},
-                           "train.dataset", "found 5 and 4"),
-    "mismatched example shapes": (lambda t: {"dataset": _npz(t, x_train=np.zeros((5, 2)), y_train=np.arange(5) % 2,
-                                                              x_val=np.zeros((3, 4)), y_val=np.arange(3) % 2)},
-                                  "train.dataset", "found (2,) and (4,)"),
-    "label out of range": (lambda t: {"dataset": _npz(t, x=np.zeros((9, 2)), y=np.arange(9) - 1)},
-                           "train.dataset", "found values in [-1, 7]"),
+    "mismatched lengths": (
+        lambda t: {"dataset": _npz(t, x=np.zeros((5, 2)), y=np.zeros(4, int))},
+        "train.dataset",
+        "found 5 and 4",
+    ),
+    "mismatched example shapes": (
+        lambda t: {
+            "dataset": _npz(
+                t,
+                x_train=np.zeros((5, 2)),
+                y_train=np.arange(5) % 2,
+                x_val=np.zeros((3, 4)),
+                y_val=np.arange(3) % 2,
+            )
+        },
+        "train.dataset",
+        "found (2,) and (4,)",
+    ),
+    "label out of range": (
+        lambda t: {"dataset": _npz(t, x=np.zeros((9, 2)), y=np.arange(9) - 1)},
+        "train.dataset",
+        "found values in [-1, 7]",
+    ),
     "unknown name": (lambda t: {"dataset": "digts"}, "train.dataset", "did you mean 'digits'"),
-    "unknown dataset_args key": (lambda t: {"dataset": _npz(t, **good_arrays()), "dataset_args": {"colum": "x"}},
-                                 "train.dataset_args.colum", "reads only these keys"),
-    "factory not importable": (lambda t: {"dataset": "no_such_pkg.mod:make"}, "train.dataset", "No module"),
-    "factory attribute missing": (lambda t: {"dataset": "test_train_bad_inputs:rasies"}, "train.dataset",
-                                  "did you mean 'raises'"),
-    "factory raises": (lambda t: {"dataset": "test_train_bad_inputs:raises"}, "train.dataset",
-                       "RuntimeError: the bucket is empty"),
-    "factory wrong return": (lambda t: {"dataset": "test_train_bad_inputs:returns_string"}, "train.dataset",
-                             "found str"),
-    "factory bad kwargs": (lambda t: {"dataset": "test_train_bad_inputs:returns_mismatched",
-                                      "dataset_args": {"n": 3}}, "train.dataset_args", "unexpected keyword"),
-    "factory mismatched": (lambda t: {"dataset": "test_train_bad_inputs:returns_mismatched"}, "train.dataset",
-                           "found 40 and 39"),
-    "non-finite value": (lambda t: {"dataset": "test_train_bad_inputs:nan_in_val"}, "train.dataset", "x_val[3]"),
-    "model output shape": (lambda t: {"dataset": "digits", "model": "test_train_bad_inputs:three_logits"},
-                           "train.model", "expected outputs of shape (2, 10)"),
-    "model factory raises": (lambda t: {"dataset": "digits", "model": "test_train_bad_inputs:broken_model"},
-                             "train.model", "width must be even"),
-    "model not a module": (lambda t: {"dataset": "digits", "model": "test_train_bad_inputs:returns_string"},
-                           "train.model", "found str"),
-    "model typo": (lambda t: {"dataset": "digits", "model": "mpl"}, "train.model", "did you mean 'mlp'"),
-    "loss wrong return": (lambda t: {"dataset": "digits", "loss": "test_train_bad_inputs:scalar_loss"},
-                          "train.loss", "two scalars"),
-    "kfac with a custom loss": (lambda t: {"dataset": "digits", "loss": "test_train_bad_inputs:mse_on_logits"},
-                                "grid.optimizers[1].kind", "custom function", ("sgd", "kfac")),
+    "unknown dataset_args key": (
+        lambda t: {"dataset": _npz(t, **good_arrays()), "dataset_args": {"colum": "x"}},
+        "train.dataset_args.colum",
+        "reads only these keys",
+    ),
+    "factory not importable": (
+        lambda t: {"dataset": "no_such_pkg.mod:make"},
+        "train.dataset",
+        "No module",
+    ),
+    "factory attribute missing": (
+        lambda t: {"dataset": "test_train_bad_inputs:rasies"},
+        "train.dataset",
+        "did you mean 'raises'",
+    ),
+    "factory raises": (
+        lambda t: {"dataset": "test_train_bad_inputs:raises"},
+        "train.dataset",
+        "RuntimeError: the bucket is empty",
+    ),
+    "factory wrong return": (
+        lambda t: {"dataset": "test_train_bad_inputs:returns_string"},
+        "train.dataset",
+        "found str",
+    ),
+    "factory bad kwargs": (
+        lambda t: {"dataset": "test_train_bad_inputs:returns_mismatched", "dataset_args": {"n": 3}},
+        "train.dataset_args",
+        "unexpected keyword",
+    ),
+    "factory mismatched": (
+        lambda t: {"dataset": "test_train_bad_inputs:returns_mismatched"},
+        "train.dataset",
+        "found 40 and 39",
+    ),
+    "non-finite value": (
+        lambda t: {"dataset": "test_train_bad_inputs:nan_in_val"},
+        "train.dataset",
+        "x_val[3]",
+    ),
+    "model output shape": (
+        lambda t: {"dataset": "digits", "model": "test_train_bad_inputs:three_logits"},
+        "train.model",
+        "expected outputs of shape (2, 10)",
+    ),
+    "model factory raises": (
+        lambda t: {"dataset": "digits", "model": "test_train_bad_inputs:broken_model"},
+        "train.model",
+        "width must be even",
+    ),
+    "model not a module": (
+        lambda t: {"dataset": "digits", "model": "test_train_bad_inputs:returns_string"},
+        "train.model",
+        "found str",
+    ),
+    "model typo": (
+        lambda t: {"dataset": "digits", "model": "mpl"},
+        "train.model",
+        "did you mean 'mlp'",
+    ),
+    "loss wrong return": (
+        lambda t: {"dataset": "digits", "loss": "test_train_bad_inputs:scalar_loss"},
+        "train.loss",
+        "two scalars",
+    ),
+    "kfac with a custom loss": (
+        lambda t: {"dataset": "digits", "loss": "test_train_bad_inputs:mse_on_logits"},
+        "grid.optimizers[1].kind",
+        "custom function",
+        ("sgd", "kfac"),
+    ),
     "regression with classification task": (
-        lambda t: {"dataset": _npz(t, x=np.zeros((9, 2)), y=np.linspace(0, 1, 9)), "task": "classification"},
-        "train.task", "fractional"),
+        lambda t: {
+            "dataset": _npz(t, x=np.zeros((9, 2)), y=np.linspace(0, 1, 9)),
+            "task": "classification",
+        },
+        "train.task",
+        "fractional",
+    ),
 }
 
 
@@ -147,21 +235,56 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, capsys):
 def test_bad_input_from_the_shell(tmp_path):
     """The same through a real process: exit 2, one line on stderr, no traceback."""
     cfg = HERE.parent / "configs" / "examples" / "npz.yaml"
-    p = subprocess.run([sys.executable, "-m", "cbs.sweep", str(cfg), f"train.dataset={tmp_path}/missing.parquet",
-                        f"output.dir={tmp_path}/out"], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "train.dataset" in p.stderr
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cbs.sweep",
+            str(cfg),
+            f"train.dataset={tmp_path}/missing.parquet",
+            f"output.dir={tmp_path}/out",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        p.returncode == 2
+        and len(p.stderr.strip().splitlines()) == 1
+        and "train.dataset" in p.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 
 # Mutations of a valid set of arrays: every result is either a valid Dataset or a
 # ConfigError naming train.dataset / train.task, never another exception.
-MUTATIONS = ["drop", "truncate", "nan", "inf", "strings", "scalar", "negative_label", "float_label", "reshape_val",
-             "empty_val", "none"]
+MUTATIONS = [
+    "drop",
+    "truncate",
+    "nan",
+    "inf",
+    "strings",
+    "scalar",
+    "negative_label",
+    "float_label",
+    "reshape_val",
+    "empty_val",
+    "none",
+]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.sampled_from(MUTATIONS), st.sampled_from(sources.SPLIT_NAMES),
-                          st.integers(0, 9)), min_size=1, max_size=3))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(MUTATIONS), st.sampled_from(sources.SPLIT_NAMES), st.integers(0, 9)
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_mutated_arrays_give_a_config_error_or_a_dataset(muts):
     a = {k: np.array(v) for k, v in good_arrays().items()}
     broken = False
@@ -169,6 +292,8 @@ def test_mutated_arrays_give_a_config_error_or_a_dataset(muts):
         if key not in a:
             continue
         v = a[key]
+        if np.ndim(v) == 0:
+            continue  # already made a scalar: nothing left to mutate along axis 0
         if kind == "drop":
             del a[key]
         elif kind == "truncate":

@@ -24,6 +24,7 @@ EXAMPLES = ROOT / "configs" / "examples"
 USER_CODE = str(EXAMPLES / "user_code.py")
 try:
     import datasets  # noqa: F401
+
     HAVE_HF = True
 except ImportError:
     HAVE_HF = False
@@ -57,21 +58,25 @@ def test_file_kinds_hold_the_same_numbers(example_dir):
         assert sources.source_kind(path) == kind
         d = sources.load(section(dataset=path, dataset_args=args.get(kind, {})))
         for k in sources.SPLIT_NAMES:
-            np.testing.assert_array_equal(getattr(d, k), ref[k].astype(getattr(d, k).dtype), err_msg=f"{kind} {k}")
+            np.testing.assert_array_equal(
+                getattr(d, k), ref[k].astype(getattr(d, k).dtype), err_msg=f"{kind} {k}"
+            )
         assert d.task == "classification" and d.num_outputs == 10
         assert d.info["source_kind"] == kind
         hashes[kind] = d.sha256
     assert len(set(hashes.values())) == 1, hashes
     mm = sources.load(section(dataset=str(example_dir / "digits_npy")))
-    assert isinstance(mm.x_train, np.memmap)          # stays on disk until the back end decides
+    assert isinstance(mm.x_train, np.memmap)  # stays on disk until the back end decides
 
 
 def test_xy_form_is_split_by_the_options(tmp_path):
     x = np.arange(200, dtype=np.float32).reshape(100, 2)
     y = (np.arange(100) % 3).astype(np.int64)
     np.savez(tmp_path / "xy.npz", x=x, y=y)
-    d = sources.load(section(dataset=str(tmp_path / "xy.npz"), val_fraction=0.25, split_seed=3, max_train=50))
-    perm = np.random.default_rng(3).permutation(100)           # the documented split rule
+    d = sources.load(
+        section(dataset=str(tmp_path / "xy.npz"), val_fraction=0.25, split_seed=3, max_train=50)
+    )
+    perm = np.random.default_rng(3).permutation(100)  # the documented split rule
     np.testing.assert_array_equal(d.x_val, x[perm[:25]])
     np.testing.assert_array_equal(d.x_train, x[perm[25:75]])
     assert d.num_train == 50 and d.info["split"] == "val_fraction"
@@ -89,7 +94,9 @@ def test_task_inference(tmp_path):
 
 
 def test_parquet_scalar_columns(tmp_path):
-    df = pd.DataFrame({"a": np.linspace(0, 1, 30), "b": np.linspace(1, 2, 30), "target": np.arange(30) % 2})
+    df = pd.DataFrame(
+        {"a": np.linspace(0, 1, 30), "b": np.linspace(1, 2, 30), "target": np.arange(30) % 2}
+    )
     df.to_parquet(tmp_path / "t.parquet")
     d = sources.load(section(dataset=str(tmp_path / "t.parquet")))
     assert d.input_shape == (2,) and d.task == "classification"
@@ -106,8 +113,13 @@ def test_factory_kinds():
 
 
 # ------------------------------------------------------------------ each kind trains a sweep
-SWEEP = ["grid.batch_sizes=[32, 128]", "grid.learning_rates=[0.003, 0.01]", "budget.max_steps=60",
-         "budget.eval_every=20", "target.value=0.5"]
+SWEEP = [
+    "grid.batch_sizes=[32, 128]",
+    "grid.learning_rates=[0.003, 0.01]",
+    "budget.max_steps=60",
+    "budget.eval_every=20",
+    "target.value=0.5",
+]
 
 
 @pytest.mark.parametrize("name", ["npz", "npy_folder", "parquet", "hf_disk", "factory"])
@@ -117,6 +129,7 @@ def test_example_config_runs_a_sweep(name, example_dir, tmp_path, monkeypatch):
     if name == "hf_disk" and not HAVE_HF:
         pytest.skip("the optional package datasets is not installed")
     from cbs.sweep.runner import run_sweep
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
     os.symlink(example_dir, tmp_path / "data" / "examples")

@@ -74,19 +74,28 @@ def tiny_config(model, tmp_path, optimizers, loss=None, **over):
     train = {"dataset": "digits", "model": model, "model_args": {"width": 16}}
     if loss:
         train["loss"] = loss
-    raw = dict(name="user", backend="train",
-               grid=dict(batch_sizes=[32, 128], learning_rates=[0.01], optimizers=optimizers, seeds=[0]),
-               target=dict(metric="val_error", value=0.5), budget=dict(max_steps=60, eval_every=20),
-               output=dict(dir=str(tmp_path / "run")), train=train)
+    raw = dict(
+        name="user",
+        backend="train",
+        grid=dict(batch_sizes=[32, 128], learning_rates=[0.01], optimizers=optimizers, seeds=[0]),
+        target=dict(metric="val_error", value=0.5),
+        budget=dict(max_steps=60, eval_every=20),
+        output=dict(dir=str(tmp_path / "run")),
+        train=train,
+    )
     raw.update(over)
     return load_config(raw)
 
 
 def test_nnx_model_and_custom_loss_sweep_with_sgd_adam_muon(tmp_path):
     from cbs.sweep.runner import run_sweep
-    cfg = tiny_config("test_train_user:TinyNnx", tmp_path,
-                      [{"kind": "sgd", "learning_rates": [0.3]}, {"kind": "adam"}, {"kind": "muon"}],
-                      loss="test_train_user:focal_loss")
+
+    cfg = tiny_config(
+        "test_train_user:TinyNnx",
+        tmp_path,
+        [{"kind": "sgd", "learning_rates": [0.3]}, {"kind": "adam"}, {"kind": "muon"}],
+        loss="test_train_user:focal_loss",
+    )
     summary = run_sweep(cfg, progress=False, log=lambda s: None)
     assert summary.complete
     res = pd.read_parquet(tmp_path / "run" / "results.parquet")
@@ -95,15 +104,19 @@ def test_nnx_model_and_custom_loss_sweep_with_sgd_adam_muon(tmp_path):
     curves = pd.read_parquet(tmp_path / "run" / "curves.parquet")
     for cid, c in curves.groupby("cell_id"):
         c = c.sort_values("step")
-        assert c.val_loss.iloc[-1] < 0.9 * c.val_loss.iloc[0], cid     # every optimizer trains it
+        assert c.val_loss.iloc[-1] < 0.9 * c.val_loss.iloc[0], cid  # every optimizer trains it
     assert res.reached.all()
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam", "muon", "kfac"])
 def test_linen_model_every_optimizer(kind):
     lr = dict(sgd=0.3, adam=1e-2, muon=2e-2, kfac=0.1)[kind]
-    cfg = make_config({"dataset": "digits", "model": "test_train_user:TinyLinen"}, max_steps=40, eval_every=20,
-                      kinds=(kind,))
+    cfg = make_config(
+        {"dataset": "digits", "model": "test_train_user:TinyLinen"},
+        max_steps=40,
+        eval_every=20,
+        kinds=(kind,),
+    )
     be = TrainBackend(cfg)
     res = be.run_blocks([make_block(kind, 32, [lr])])[0]
     c = res.curves.sort_values("step")
@@ -138,15 +151,34 @@ def test_custom_loss_per_example_mean_is_the_batch_loss():
 
 def test_kfac_names_the_layer_it_cannot_register(tmp_path):
     with pytest.raises(ConfigError) as e:
-        load_config(dict(
-                name="k", backend="train", grid=dict(batch_sizes=[32], learning_rates=[0.1],
-                                                     optimizers=[{"kind": "sgd"}, {"kind": "kfac"}]),
-                target=dict(metric="val_loss", value=0.5), budget=dict(max_steps=10, eval_every=5),
-                train={"dataset": "digits", "model": "test_train_user:Tempered"}))
+        load_config(
+            dict(
+                name="k",
+                backend="train",
+                grid=dict(
+                    batch_sizes=[32],
+                    learning_rates=[0.1],
+                    optimizers=[{"kind": "sgd"}, {"kind": "kfac"}],
+                ),
+                target=dict(metric="val_loss", value=0.5),
+                budget=dict(max_steps=10, eval_every=5),
+                train={"dataset": "digits", "model": "test_train_user:Tempered"},
+            )
+        )
     assert e.value.path == "grid.optimizers[1].kind"
     assert "['params']['log_temp']" in str(e.value) and "Dense" not in str(e.value)
     # The same model is fine for every other optimizer.
-    load_config(dict(name="k", backend="train", grid=dict(batch_sizes=[32], learning_rates=[0.1],
-                                                          optimizers=[{"kind": "sgd"}, {"kind": "muon"}]),
-                     target=dict(metric="val_loss", value=0.5), budget=dict(max_steps=10, eval_every=5),
-                     train={"dataset": "digits", "model": "test_train_user:Tempered"}))
+    load_config(
+        dict(
+            name="k",
+            backend="train",
+            grid=dict(
+                batch_sizes=[32],
+                learning_rates=[0.1],
+                optimizers=[{"kind": "sgd"}, {"kind": "muon"}],
+            ),
+            target=dict(metric="val_loss", value=0.5),
+            budget=dict(max_steps=10, eval_every=5),
+            train={"dataset": "digits", "model": "test_train_user:Tempered"},
+        )
+    )

@@ -132,9 +132,28 @@ def report_markdown(a: RunAnalysis, scale) -> str:
     return "\n".join(md)
 
 
+def settings_line(analysis: RunAnalysis) -> str:
+    """The CBS definition settings an analysis used, in one line (so a reader of the
+    terminal knows which delta, B0 and interval method the numbers belong to)."""
+    o = analysis.options
+    scale = analysis.tokens_per_example if analysis.unit == "tokens" else 1
+    if o.get("b0_examples") is None:
+        used = sorted({float(f.b0) for f in analysis.fits.values() if np.isfinite(f.b0)})
+        b0 = "smallest swept B" + (f" ({', '.join(format_number(b) for b in used)})" if used else "")
+    else:
+        b0 = format_number(o["b0_examples"] * scale)
+    methods = sorted({f.bootstrap for f in analysis.fits.values()}) or ["none"]
+    boot = ("no intervals (bootstrap 0)" if not o.get("n_boot") else
+            f"{o.get('ci_level', 0.95):.0%} percentile bootstrap intervals, {o['n_boot']} resamples over "
+            + "/".join(methods))
+    return (f"settings: delta = {format_number(o['delta'])}, B0 = {b0}, form {o.get('form')}, {boot}, "
+            f"steps from {o.get('steps_column')}")
+
+
 def short_summary(analysis: RunAnalysis) -> str:
-    """A few lines for the end of a sweep: B_crit with interval and B* per optimizer."""
-    lines = [f"critical batch size ({analysis.unit}), {analysis.label}:"]
+    """A few lines for the end of a sweep: the settings used, then B_crit with interval
+    and B* per optimizer."""
+    lines = [f"critical batch size ({analysis.unit}), {analysis.label}:", "  " + settings_line(analysis)]
     for r in analysis.summary.itertuples(index=False):
         flag = f"  ({r.n_warnings} warning{'s' if r.n_warnings != 1 else ''})" if r.n_warnings else ""
         ci = ci_text(r.b_crit_ci_low, r.b_crit_ci_high)

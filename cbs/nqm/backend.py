@@ -91,6 +91,9 @@ _HPARAMS = {"sgd": ("precond_power", "ema_decay"),
             "nesterov": ("momentum", "precond_power", "ema_decay")}
 
 
+_MAX_SMOOTH_STEPS = 10_000_000
+
+
 class NQMBackend(Backend):
     """Exact noisy-quadratic-model engine (Zhang et al. 2019), float64, closed form per phase."""
     name = "nqm"
@@ -127,9 +130,18 @@ class NQMBackend(Backend):
             raise ConfigError("nqm.noise_values", s.noise_values, f"allowed: a list of {n} values (one per eigenvalue)")
         if s.init_values and len(s.init_values) != n:
             raise ConfigError("nqm.init_values", s.init_values, f"allowed: a list of {n} values (one per eigenvalue)")
-        for opt in config.grid.optimizers:
+        for i, opt in enumerate(config.grid.optimizers):
             sch = opt.schedule
+            where = f"grid.optimizers[{i}].schedule"
             # (keys per schedule kind, pieces and boundaries: cbs.sweep.config._check_schedule)
+            # warm-ups and cosine / linear decays are discretised step by step before being
+            # merged into phases, so their length must fit in memory
+            smooth = (sch.horizon or config.budget.max_steps) if sch.kind in ("cosine", "linear_decay") else 0
+            for key, steps in (("warmup_steps", sch.warmup_steps), ("horizon", smooth)):
+                if steps > _MAX_SMOOTH_STEPS:
+                    raise ConfigError(f"{where}.{key}", steps, f"allowed: at most {_MAX_SMOOTH_STEPS} steps for "
+                                      "the NQM back end (smooth schedules are tabulated per step; "
+                                      "set schedule.horizon for a shorter decay than budget.max_steps)")
             if sch.kind == "optimized_pwc" and config.budget.max_steps < sch.num_pieces:
                 raise ConfigError("budget.max_steps", config.budget.max_steps,
                                   f"allowed: at least num_pieces = {sch.num_pieces} steps")
@@ -151,8 +163,13 @@ class NQMBackend(Backend):
         groups: dict[tuple, list[int]] = {}
         for i, block in enumerate(blocks):
             pwc = block.schedule is not None and block.schedule.kind == "optimized_pwc"
-            groups.setdefault((block.kind, block.optimizer if pwc else "", repr(block.schedule)), []).append(i)
-        for (kind, _, _), idx in groups.items():
+            # EMA entries apart: the EMA flag selects the moment system and the certified
+            # scan's iteration budget, so a cell's numbers must not depend on whether an
+            # EMA entry shares its call (which sharding and resuming change)
+            ema = any(c.hparams.get("ema_decay", 0.0) > 0 for c in block.cells)
+            groups.setdefault((block.kind, block.optimizer if pwc else "", repr(block.schedule), ema),
+                              []).append(i)
+        for (kind, *_), idx in groups.items():
             group = [blocks[i] for i in idx]
             sch = group[0].schedule
             if sch is not None and sch.kind == "optimized_pwc":
@@ -183,7 +200,12 @@ class NQMBackend(Backend):
         uniq, inv = np.unique(keys, axis=0, return_inverse=True)
         inv = inv.ravel()
         bsz = np.array([c.batch_size for c in cells], np.float64)
-        ub, binv = np.unique(bsz, return_inverse=True)
+        # Always every batch size of the sweep, whichever blocks this call holds: the
+        # certified scan is shared by the batch sizes of a configuration (its iteration
+        # budget and where it stops depend on them), so a sharded or resumed run that
+        # brings a subset would otherwise certify or bound differently.
+        ub = np.array(sorted(set(cfg.grid.batch_size_values())), np.float64)
+        binv = np.searchsorted(ub, bsz)
         res = evaluate_grid(self.problem, kind, *uniq.T, batch_sizes=ub, target=target,
                             max_steps=max_steps, phases=phases, window=self.section.scan_window,
                             certify=self.section.certify, certify_iters=self.section.certify_iters,
@@ -263,10 +285,10 @@ class NQMBackend(Backend):
         if not self.config.output.curves or mode == "none":
             return None
         # auto: every cell of an optimizer entry with at most 4096 cells, else the best cell
-        # per block and hyperparameter tuple
-        per_opt: dict[str, int] = {}
-        for b in group:
-            per_opt[b.optimizer] = per_opt.get(b.optimizer, 0) + len(b.cells)
+        # per block and hyperparameter tuple; counted on the entry's whole grid, not on this
+        # call's blocks, so that sharded and resumed runs store the same curves
+        n_bs = len(self.config.grid.batch_size_values())
+        per_opt = {b.optimizer: len(b.cells) * n_bs for b in group}
         keep = []
         offsets = np.cumsum([0] + [len(b.cells) for b in group])
         for bi, block in enumerate(group):

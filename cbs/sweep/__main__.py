@@ -6,6 +6,7 @@ Kept short on purpose: parsing and printing only; the work is in cbs.sweep.runne
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -67,7 +68,7 @@ def _parser(full_help: bool) -> argparse.ArgumentParser:
 
 
 def _fail(msg: str, code: int = 2) -> int:
-    print(f"cbs.sweep: {msg}", file=sys.stderr)
+    print(f"cbs.sweep: {_one_line(msg)}", file=sys.stderr)
     return code
 
 
@@ -120,10 +121,54 @@ def best_per_batch_size(run_dir) -> str:
     return "\n".join(lines)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status: 0 done, 2 bad input or a file-system problem
+    (one line on stderr, before any compute when the config is at fault), 130 interrupted,
+    1 an internal error (one line; CBS_TRACEBACK=1 shows the traceback)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return _fail("interrupted; finished blocks are saved, run the same command again to resume", 130)
+    except BrokenPipeError:   # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the CLI's contract is one line, never a traceback
+        if os.environ.get("CBS_TRACEBACK"):
+            raise
+        return _fail(_describe_error(e), _exit_code(e))
+
+
+def _exit_code(e: BaseException) -> int:
+    from cbs.errors import CbsError
+    return 2 if isinstance(e, (CbsError, OSError, ImportError, MemoryError)) else 1
+
+
+def _describe_error(e: BaseException) -> str:
+    if isinstance(e, MemoryError):
+        return "out of memory (reduce the grid, the model or the batch sizes)"
+    if isinstance(e, OSError):
+        where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+        return f"file system error at{where}: {e.strerror or e}" if where else f"file system error: {e}"
+    if isinstance(e, ImportError):
+        return f"import failed: {e}"
+    from cbs.errors import CbsError
+    if isinstance(e, CbsError):
+        return str(e)
+    return (f"internal error ({type(e).__name__}: {e}); please report it, with the traceback from "
+            "CBS_TRACEBACK=1")
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     full_help = any(a in ("-h", "--help") for a in argv)
-    args = _parser(full_help).parse_args(argv)
+    # intermixed: option flags may come before, between or after the config and overrides
+    args = _parser(full_help).parse_intermixed_args(argv)
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).exists():
         config, overrides = None, [config] + overrides
@@ -168,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         print(best_per_batch_size(cfg.out_dir))
         if not args.no_analysis:
             from cbs.analysis import print_summary
-            print_summary(cfg.out_dir, plots=cfg.output.plots)
+            a = cfg.analysis
+            print_summary(cfg.out_dir, plots=cfg.output.plots, delta=a.delta, b0=a.b0, n_boot=a.bootstrap,
+                          tokens_per_example=a.tokens_per_example)
 
     if args.merge_only:
         return _merge_only(cfg, finalize)
@@ -176,11 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_sweep(cfg, progress=not args.no_progress, shard=shard, finalize=finalize,
                             costs_from=args.costs_from, merge=not args.no_merge,
                             before_merge=(lambda: distributed.barrier("computed")) if spec else None)
-    except CbsError as e:
-        return _fail(str(e))
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished blocks are saved; run the same command again to resume", file=sys.stderr)
-        return 130
+    except ConfigError as e:   # a back end's check that needs the data or the model
+        return _fail(f"{config}: {e}")
     if summary.complete and not summary.merged and not args.no_merge:
         print("all blocks are done; another process merged the tables and ran the analysis")
     print(summary.line())

@@ -30,10 +30,24 @@ class LogRange:
 
     def __post_init__(self):
         if self.num > 1 and self.log10_max < self.log10_min:
-            raise ValueError(f"allowed: log10_max >= log10_min (got {self.log10_min} > {self.log10_max})")
+            raise ValueError(f"allowed: log10_max >= log10_min (got log10_min {self.log10_min} > "
+                             f"log10_max {self.log10_max})")
+        _check_log10_range(self.log10_min, self.log10_max)
 
     def values(self) -> list[float]:
         return [float(v) for v in np.logspace(self.log10_min, self.log10_max, self.num)]
+
+
+# 10**x is a finite, normal float64 for x in this range (float64 overflows above ~308.25
+# and loses precision below ~-307).
+_LOG10_LIMIT = 300
+
+
+def _check_log10_range(lo: float, hi: float) -> None:
+    for key, x in (("log10_min", lo), ("log10_max", hi)):
+        if not -_LOG10_LIMIT <= x <= _LOG10_LIMIT:
+            raise ValueError(f"allowed: {key} between -{_LOG10_LIMIT} and {_LOG10_LIMIT} (got {x}; 10**{x} "
+                             f"is not a finite positive number)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +73,9 @@ class HParamRange:
     log10_max: float = spec(doc="log10 of the largest value (of 1 - value with one_minus)")
     num: int = spec(doc="how many values", ge=1)
     one_minus: bool = spec(False, doc="values are 1 - 10**x")
+
+    def __post_init__(self):
+        _check_log10_range(self.log10_min, self.log10_max)
 
     def values(self) -> list[float]:
         xs = np.logspace(self.log10_min, self.log10_max, self.num)
@@ -164,6 +181,8 @@ class Grid:
     optimizers: list[OptimizerEntry] = spec(doc="optimizers, each with its own hyperparameter grid", min_len=1)
     seeds: list[int] = spec([0], doc="seeds (initialisation, data order, noise)", ge=0, min_len=1)
     adaptive: Adaptive = spec(factory=Adaptive, doc="adaptive LR grid: extend edge optima, zoom once")
+    max_cells: int = spec(1_000_000, doc="refuse grids with more cells than this (a guard against typos such "
+                          "as num: 100000000; raise it for a sweep that is meant to be that big)", ge=1)
 
     def batch_size_values(self) -> list[int]:
         return self.batch_sizes.values() if isinstance(self.batch_sizes, Log2Range) else list(self.batch_sizes)
@@ -247,9 +266,22 @@ def _resolve_backend(name: Any):
         return get_backend(name)
     if isinstance(name, str) and re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", name):
         try:
-            return get_backend(name)
+            cls = get_backend(name)
         except (ImportError, AttributeError) as e:
             raise ConfigError("backend", name, f"could not import this back end ({e})") from None
+        except Exception as e:  # noqa: BLE001 - a user module failing at import time
+            raise ConfigError("backend", name, f"importing this back end failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        from cbs.sweep.backend import Backend
+        if not (isinstance(cls, type) and issubclass(cls, Backend)):
+            raise ConfigError("backend", name, "allowed: a subclass of cbs.sweep.backend.Backend "
+                              f"(this names {type(cls).__name__} {getattr(cls, '__name__', cls)!r})")
+        import inspect
+        missing = [a for a in ("name", "Section", "optimizers", "metrics") if not hasattr(cls, a)]
+        if missing or inspect.isabstract(cls):
+            what = f"it lacks {', '.join(missing)}" if missing else "it is abstract (run_blocks not implemented)"
+            raise ConfigError("backend", name, f"allowed: a complete Backend subclass; {what}")
+        return cls
     close = difflib.get_close_matches(str(name), list(BACKENDS), n=1) if isinstance(name, str) else []
     raise ConfigError("backend", name, "allowed: " + ", ".join(map(repr, BACKENDS)) + " or a 'package.module:Class' path",
                       f"did you mean {close[0]!r}?" if close else "")
@@ -270,6 +302,18 @@ def _check(cfg: SweepConfig, backend) -> None:
         raise ConfigError("grid.batch_sizes", bs, "allowed: distinct batch sizes")
     if isinstance(cfg.grid.learning_rates, list) and not cfg.grid.learning_rates:
         raise ConfigError("grid.learning_rates", [], "allowed: at least one learning rate")
+    if cfg.budget.eval_every > cfg.budget.max_steps:
+        raise ConfigError("budget.eval_every", cfg.budget.eval_every,
+                          f"allowed: at most budget.max_steps = {cfg.budget.max_steps} (otherwise no evaluation "
+                          "happens before the budget ends)")
+    for i, opt in enumerate(cfg.grid.optimizers):
+        _check_schedule_budget(f"grid.optimizers[{i}].schedule", opt.schedule, cfg.budget.max_steps)
+    # Count before expanding: a typo such as num: 100000000 must not allocate the grid.
+    cells = count_cells(cfg, backend)
+    if cells > cfg.grid.max_cells:
+        raise ConfigError("grid", f"{cells} cells", f"allowed: at most grid.max_cells = {cfg.grid.max_cells} "
+                          "cells (batch sizes x learning rates x hyperparameter values x seeds)",
+                          "raise grid.max_cells if the sweep is meant to be this big")
     labels = set()
     for i, opt in enumerate(cfg.grid.optimizers):
         where = f"grid.optimizers[{i}]"
@@ -306,6 +350,48 @@ def _check(cfg: SweepConfig, backend) -> None:
                 raise ConfigError(key, lrs, "allowed: distinct learning rates")
     if len(set(cfg.grid.seeds)) != len(cfg.grid.seeds):
         raise ConfigError("grid.seeds", cfg.grid.seeds, "allowed: distinct seeds")
+
+
+def _axis_len(value) -> int:
+    if isinstance(value, (LogRange, HParamRange)):
+        return value.num
+    return len(value) if isinstance(value, list) else 1
+
+
+def count_cells(cfg: SweepConfig, backend) -> int:
+    """Number of cells of the grid, computed without expanding it."""
+    n_bs = (len(range(cfg.grid.batch_sizes.log2_min, cfg.grid.batch_sizes.log2_max + 1, cfg.grid.batch_sizes.step))
+            if isinstance(cfg.grid.batch_sizes, Log2Range) else len(cfg.grid.batch_sizes))
+    total = 0
+    for opt in cfg.grid.optimizers:
+        lrs = opt.learning_rates if opt.learning_rates is not None else cfg.grid.learning_rates
+        n = _axis_len(lrs) * n_bs * len(cfg.grid.seeds)
+        for value in opt.hparams.values():
+            n *= _axis_len(value)
+        total += n
+    return total
+
+
+def _check_schedule_budget(where: str, sch: Schedule, max_steps: int) -> None:
+    """Schedule checks every back end shares (they need the budget, so not in Schedule)."""
+    if sch.warmup_steps >= max_steps:
+        raise ConfigError(f"{where}.warmup_steps", sch.warmup_steps,
+                          f"allowed: fewer than budget.max_steps = {max_steps} steps (the warm-up must end "
+                          "within the budget)")
+    b = sch.boundaries
+    for j in range(1, len(b)):
+        if b[j] <= b[j - 1]:
+            raise ConfigError(f"{where}.boundaries", b, "allowed: strictly increasing steps")
+    if sch.kind == "piecewise" and not sch.pieces:
+        raise ConfigError(f"{where}.pieces", [], "allowed: a non-empty list [[steps, lr_multiplier], ...]")
+    for j, piece in enumerate(sch.pieces):
+        if (len(piece) != 2 or not float(piece[0]).is_integer() or piece[0] < 1 or not np.isfinite(piece[1])
+                or piece[1] <= 0):
+            raise ConfigError(f"{where}.pieces[{j}]", piece,
+                              "allowed: [steps, lr_multiplier] with steps an integer >= 1 and lr_multiplier > 0")
+    if sch.horizon is not None and sch.horizon <= sch.warmup_steps and sch.kind in ("cosine", "linear_decay"):
+        raise ConfigError(f"{where}.horizon", sch.horizon,
+                          f"allowed: more than warmup_steps = {sch.warmup_steps} (the decay starts after warm-up)")
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -368,7 +454,8 @@ def read_yaml(path: str | Path) -> Any:
     if path.is_dir():
         raise ConfigError("<file>", str(path), "expected a YAML file, got a folder")
     try:
-        return yaml.safe_load(path.read_text())
+        # libyaml's parser when PyYAML was built with it (same safe schema, ~10x faster)
+        return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
@@ -394,11 +481,61 @@ def config_dict(cfg: SweepConfig) -> dict:
     return d
 
 
+# Keys that are not part of a sweep's identity: the analysis options (re-run on an existing
+# folder with new values), where the folder is, whether plots are drawn, and the grid-size
+# guard. Everything else must match for a folder to be resumed.
+NON_IDENTITY_KEYS = ("analysis", "output.dir", "output.plots", "grid.max_cells")
+
+
+def _drop(d: dict, dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        d = d.get(part) if isinstance(d, dict) else None
+        if not isinstance(d, dict):
+            return
+    d.pop(last, None)
+
+
+def identity_dict(config: dict) -> dict:
+    """A resolved config mapping without its :data:`NON_IDENTITY_KEYS`."""
+    import copy
+    d = copy.deepcopy(config)
+    for key in NON_IDENTITY_KEYS:
+        _drop(d, key)
+    return d
+
+
+def _fmt(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old → new`` for every leaf that differs between two config mappings."""
+    out = []
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if key not in new:
+                out.append(f"{where}: {_fmt(old[key])} → (absent)")
+            elif key not in old:
+                out.append(f"{where}: (absent) → {_fmt(new[key])}")
+            else:
+                out += config_differences(old[key], new[key], where)
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            out += config_differences(a, b, f"{prefix}.{i}")
+    elif old != new:
+        out.append(f"{prefix}: {_fmt(old)} → {_fmt(new)}")
+    return out
+
+
 def config_hash(cfg: SweepConfig) -> str:
     """Hash of everything that changes results; the output options are left out so a run
     can be moved or re-plotted without becoming a different sweep."""
     d = config_dict(cfg)
     d.pop("output", None)
     d.pop("analysis", None)
+    _drop(d, "grid.max_cells")
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

@@ -21,19 +21,47 @@ import pandas as pd
 
 import cbs
 from cbs.errors import RunFolderError
-from cbs.store import RESULTS, LockBusy, RunStore, read_sessions, read_table
+from cbs.store import RESULTS, LockBusy, RunStore, read_config, read_sessions, read_table
 from cbs.sweep.backend import Backend, Block, BlockResult, get_backend
-from cbs.sweep.config import SweepConfig, config_dict, config_hash
+from cbs.sweep.config import (
+    SweepConfig,
+    config_dict,
+    config_differences,
+    config_hash,
+    identity_dict,
+)
 from cbs.sweep.grid import cell_id, expand_blocks
 from cbs.sweep.memory import memory_budget, run_with_memory
 from cbs.sweep.shards import cost_assignment, hash_assignment, refine_costs
 
-__all__ = ["RunFolderError", "RunFolderConflict", "SweepSummary", "run_sweep", "plan", "provenance",
-           "shard_blocks", "block_costs", "merge_plan", "merge_run"]
+__all__ = ["RunFolderError", "RunFolderConflict", "check_output_dir", "SweepSummary", "run_sweep", "plan",
+           "provenance", "shard_blocks", "block_costs", "merge_plan", "merge_run"]
 
 
 # The old name of RunFolderError, kept for callers that import it from here.
 RunFolderConflict = RunFolderError
+
+
+def check_output_dir(path: Path) -> None:
+    """Raises RunFolderError unless ``path`` is, or can be created as, a writable folder.
+
+    Run before anything is computed or written, so a bad output.dir costs nothing.
+    """
+    import os
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"output.dir {str(path)!r} is a file; allowed: a folder, or a path where one can "
+                             "be created")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe != path and not probe.is_dir():
+        raise RunFolderError(f"output.dir {str(path)!r} cannot be created: {str(probe)!r} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "write in" if probe == path else f"create {str(path)!r} in"
+        raise RunFolderError(f"output.dir: no permission to {what} {str(probe)!r}")
 
 
 @dataclasses.dataclass
@@ -258,25 +286,22 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
     from tqdm.auto import tqdm
 
     backend_cls = get_backend(cfg.backend)
+    check_output_dir(cfg.out_dir)
     all_blocks = expand_blocks(cfg, backend_cls)
     store = RunStore(cfg.out_dir)
     chash = config_hash(cfg)
-    _check_hash(store, chash)
+    _check_identity(store, cfg, chash)
     stamp = {"config_hash": chash, **provenance()}
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    # Everything that can still fail on the config (data, model, schedules) fails here,
+    # before the first file is written: a refused config leaves the folder as it was.
     backend = backend_cls(cfg)
-    if not (store.dir / "manifest.json").exists():
-        costs = block_costs(cfg, all_blocks, backend, costs_from)
-        manifest = {
-            "config_hash": chash, "sweep": cfg.name, "backend": cfg.backend, "started": started,
-            "python": platform.python_version(), **stamp,
-            "blocks": [{"block_id": b.block_id, "cells": len(b.cells), "cost": costs[b.block_id]}
-                       for b in all_blocks],
-            "cost_basis": "measured" if costs_from else "estimate",
-            "cells": sum(len(b.cells) for b in all_blocks), "backend_details": backend.manifest()}
-        manifest = store.initialise(config_dict(cfg), manifest)
-        if manifest.get("config_hash") != chash:   # another config won the race to create it
-            _check_hash(store, chash)
+    details = backend.manifest()
+    resolved = config_dict(cfg)
+    try:
+        _initialise(store, cfg, all_blocks, backend, costs_from, chash, stamp, started, details, resolved)
+    except OSError as e:
+        raise RunFolderError(f"cannot write into output.dir {str(store.dir)!r}: {e.strerror or e}") from None
     from cbs.store import read_manifest
     manifest = read_manifest(store.dir)
     frozen = {b.get("block_id"): b.get("cost") for b in manifest.get("blocks", [])}
@@ -357,6 +382,39 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
     return SweepSummary(cfg.name, store.dir, chash, total, total - skipped, skipped,
                         int(mine["reached"].sum()), int(mine["diverged"].sum()), int(mine["censored"].sum()),
                         seconds, stamp["device_kind"], complete, merged)
+
+
+def _check_identity(store: RunStore, cfg: SweepConfig, chash: str) -> None:
+    """Refuses a folder that holds another sweep, naming the keys that differ; analysis
+    options (and the other NON_IDENTITY_KEYS) may differ."""
+    existing = store.existing_hash()
+    if existing is None:
+        return
+    changed = config_differences(identity_dict(read_config(store.dir)), identity_dict(config_dict(cfg)))
+    if changed or existing != chash:
+        what = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise RunFolderError(
+            f"output folder {store.dir} holds a different sweep ({what or f'config hash {existing} vs {chash}'}); "
+            "refusing to mix results (only analysis options may change on an existing folder). Choose another "
+            "folder (output.dir=PATH), undo the change, or delete that folder.")
+
+
+def _initialise(store, cfg, all_blocks, backend, costs_from, chash, stamp, started, details, resolved) -> None:
+    if not (store.dir / "manifest.json").exists():
+        costs = block_costs(cfg, all_blocks, backend, costs_from)
+        manifest = {
+            "config_hash": chash, "sweep": cfg.name, "backend": cfg.backend, "started": started,
+            "python": platform.python_version(), **stamp,
+            "blocks": [{"block_id": b.block_id, "cells": len(b.cells), "cost": costs[b.block_id]}
+                       for b in all_blocks],
+            "cost_basis": "measured" if costs_from else "estimate",
+            "cells": sum(len(b.cells) for b in all_blocks), "backend_details": details}
+        manifest = store.initialise(resolved, manifest)
+        if manifest.get("config_hash") != chash:   # another config won the race to create it
+            _check_hash(store, chash)
+    elif read_config(store.dir) != resolved:
+        # the same sweep with new analysis options: config.yaml records the ones last used
+        store.write_config(resolved)
 
 
 def _check_hash(store: RunStore, chash: str) -> None:

@@ -86,6 +86,16 @@ def _check_bounds(path: str, value: Any, meta: dict) -> None:
                                             + ("y" if min_len == 1 else "ies"))
 
 
+def _same_shape(value: Any, tp) -> bool:
+    """Whether ``value`` has the container shape of type ``tp`` (mapping / list)."""
+    origin = typing.get_origin(tp)
+    if isinstance(value, dict):
+        return dataclasses.is_dataclass(tp) or origin is dict
+    if isinstance(value, (list, tuple)):
+        return origin in (list, tuple)
+    return False
+
+
 def _convert(path: str, value: Any, tp) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -114,6 +124,11 @@ def _convert(path: str, value: Any, tp) -> Any:
         deepest = max(errors, key=lambda e: e.path.count(".") + e.path.count("["))
         if deepest.path != path:
             raise deepest
+        # A mapping given where a list or a mapping is allowed is meant as the mapping: its
+        # own error (e.g. a reversed range) names the real cause, not "allowed: a list".
+        shaped = [e for arg, e in zip(typing.get_args(tp), errors) if _same_shape(value, arg)]
+        if len(shaped) == 1:
+            raise shaped[0]
         raise ConfigError(path, value, f"allowed: {_type_name(tp)}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

@@ -78,8 +78,8 @@ class TrainSection:
     eval_batch: int = spec(1024, doc="validation examples per evaluation piece (memory only)", ge=1)
     steps_per_call: int = spec(100, doc="steps per compiled call; the stop check runs between calls", ge=1)
     compact: Literal["auto", "always", "never"] = spec(
-        "auto", doc="drop finished cells from a running block once half are done: auto = when the measured "
-                    "compute saved beats the measured compile of the narrower program")
+        "auto", doc="drop finished cells from a running block once half are done: auto = when the compute "
+                    "saved beats a compile by a fixed FLOP cost model (never timings: results stay reproducible)")
     diverge_loss: float | None = spec(None, doc="also call a cell diverged when its training loss exceeds this", gt=0)
     diverge_factor: float = spec(10.0, doc="a cell whose val_loss exceeds this times its initial val_loss is "
                                  "recorded diverged", gt=1)
@@ -216,6 +216,14 @@ class TrainBackend(Backend):
             raise ConfigError("target.value", t.value, f"allowed: a loss above the Bayes risk "
                               f"0.5 * label_noise**2 = {0.5 * s.label_noise**2:g}")
         n = train_size(s)
+        if n < 2:
+            if s.dataset == "text":
+                corpus = len(data_mod.text_corpus())
+                raise ConfigError("train.seq_len", s.seq_len, f"allowed: a length that leaves at least 2 training "
+                                  f"sequences of seq_len + 1 bytes in the {corpus}-byte corpus after the validation "
+                                  f"split (at most about {int(corpus * (1 - s.val_fraction)) // 2 - 1} here)")
+            raise ConfigError("train.val_fraction", s.val_fraction,
+                              f"allowed: a fraction that leaves at least 2 training examples (this leaves {n})")
         for b in config.grid.batch_size_values():
             if b > n:
                 raise ConfigError("grid.batch_sizes", b, f"allowed: batch sizes <= the training-set size {n}")

@@ -60,10 +60,16 @@ class Tracker:
     by the next evaluation is not seen (``eval_every: 1`` sees everything).
     With ``interpolate``, ``steps_interpolated`` is the step at which the straight line
     between that evaluation and the previous one crosses it.
-    A cell is done when it reached the target or diverged; diverging after reaching the
-    target leaves the record reached (``diverged_after_target`` = 1). Diverged means a
-    non-finite step (frozen in the device program) or an evaluated val_loss that is not
-    finite or above ``diverge_factor`` times the cell's step-0 val_loss.
+    A cell is done when it reached the target or diverged. Diverged means a non-finite
+    step (frozen in the device program) or an evaluated val_loss that is not finite or
+    above ``diverge_factor`` times the cell's step-0 val_loss.
+
+    A cell's record ends at the evaluation where it is done (or at the budget): later
+    evaluations are ignored, because how long a finished cell keeps riding along depends
+    on the other cells of its block and on compaction, not on the cell. So
+    ``final_metric`` is the metric at that evaluation (the first one below target, the
+    divergence, or the budget), ``best_metric`` the minimum up to it, ``steps_run`` the
+    updates applied up to it, and the curve stops there.
     """
 
     def __init__(self, block: Block, opts: RunOptions):
@@ -71,7 +77,6 @@ class Tracker:
         self.block, self.opts = block, opts
         self.reached = np.zeros(n, bool)
         self.diverged = np.zeros(n, bool)         # diverged before reaching the target
-        self.div_after = np.zeros(n, bool)
         self.s_target = np.full(n, np.nan)
         self.s_interp = np.full(n, np.nan)
         self.exact = np.zeros(n, bool)
@@ -82,6 +87,7 @@ class Tracker:
         self.final = np.full(n, np.nan)
         self.best = np.full(n, np.inf)
         self.steps_run = np.zeros(n, np.int64)
+        self.end_step = np.full(n, -1, np.int64)  # evaluation at which the cell was done
         self.prev = np.full((n, 2), np.nan)       # (step, metric) of the previous evaluation
         self.init_loss = np.full(n, np.inf)
         self.rows: list[dict] = []
@@ -96,6 +102,8 @@ class Tracker:
 
     def record(self, i: int, step: int, metrics: dict, diverged: bool, applied: int) -> None:
         """One evaluation of cell ``i`` after ``step`` block steps (``applied`` updates)."""
+        if self.done[i]:
+            return
         m = float(metrics[self.opts.metric])
         vl = float(metrics["val_loss"])
         if step == 0:
@@ -105,13 +113,10 @@ class Tracker:
         diverged = diverged or not np.isfinite(vl) or vl > self.opts.diverge_factor * self.init_loss[i]
         self.rows.append(dict(cell_id=self.block.cells[i].cell_id, step=step, metric=m,
                               **{k: float(v) for k, v in metrics.items()}, diverged=bool(diverged)))
-        if not self.diverged[i]:
-            self.steps_run[i] = applied       # frozen at the divergence step afterwards
-        if diverged and not self.done[i]:
+        self.steps_run[i] = applied
+        if diverged:
             self.diverged[i] = True
-        elif diverged and self.reached[i]:
-            self.div_after[i] = True
-        if not self.done[i] and m < self.opts.target:
+        elif m < self.opts.target:
             self.reached[i] = True
             self.s_target[i] = step
             s0, m0 = self.prev[i]
@@ -121,6 +126,8 @@ class Tracker:
                 self.s_interp[i] = s0 + (m0 - self.opts.target) / (m0 - m) * (step - s0)
             else:
                 self.s_interp[i] = step
+        if self.done[i]:
+            self.end_step[i] = step
         self.final[i] = m
         if np.isfinite(m):
             self.best[i] = min(self.best[i], m)
@@ -136,6 +143,8 @@ class Tracker:
 
     def record_noise(self, i: int, step: int, grad_sq: float, trace_sigma: float) -> None:
         """Noise-scale estimates of cell ``i``; B_simple = EMA(trΣ) / EMA(|G|²)."""
+        if 0 <= self.end_step[i] < step:
+            return
         beta = self.opts.noise_ema
         self.ema_g[i] = beta * self.ema_g[i] + (1 - beta) * grad_sq
         self.ema_t[i] = beta * self.ema_t[i] + (1 - beta) * trace_sigma
@@ -146,8 +155,7 @@ class Tracker:
     def result(self) -> BlockResult:
         cells = []
         for i, c in enumerate(self.block.cells):
-            extra = dict(diverged_after_target=float(self.div_after[i]),
-                         crossing_exact=float(self.exact[i]) if self.reached[i] else np.nan)
+            extra = dict(crossing_exact=float(self.exact[i]) if self.reached[i] else np.nan)
             if self.opts.interpolate:
                 extra["steps_interpolated"] = float(self.s_interp[i])
             best = self.best[i] if np.isfinite(self.best[i]) else np.nan
@@ -162,6 +170,22 @@ class Tracker:
             tables["noise_scale"] = pd.DataFrame(self.noise_rows, columns=["cell_id", "step", "b_simple",
                                                                            "trace_sigma", "grad_sq"])
         return BlockResult(cells, pd.DataFrame(self.rows), tables)
+
+
+# What compiling one narrower block program costs, in FLOPs of training it displaces: a
+# compile of these small programs takes ~1-3 s on a CPU core that does ~10-20 GFLOP/s.
+# A fixed constant (not a measurement) keeps the decision, and so every recorded value,
+# a function of the config.
+COMPILE_COST_FLOPS = 3e10
+
+
+def compaction_pays(lanes_dropped: int, calls_left: int, train_examples_per_call: int,
+                    eval_examples_per_call: int, num_params: int) -> bool:
+    """Whether dropping ``lanes_dropped`` finished lanes saves more than a compile costs,
+    estimating 6 FLOPs per parameter per training example (forward and backward) and 2
+    per evaluation example."""
+    per_lane = 6.0 * num_params * train_examples_per_call + 2.0 * num_params * eval_examples_per_call
+    return lanes_dropped * calls_left * per_lane > COMPILE_COST_FLOPS
 
 
 def noise_indices(seed: int, step: int, n: int, num_micro: int, micro: int, tag: int = 0x6E5) -> np.ndarray:
@@ -238,8 +262,7 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
 
     # lane_cell[l] is the cell that vmap lane l trains; lanes past n_live are padding.
     lane_cell, n_live = np.arange(n_cells), n_cells
-    call_times: list[float] = []
-    fresh = {0}  # calls that include a compile (measured: call time minus a later call's)
+    num_params = int(sum(np.size(x) for x in jax.tree.leaves(problem.init_params(seeds[0]))))
     step = 0
 
     def noise_table(step):
@@ -254,10 +277,8 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
         # The call donates its input state; keep a copy to replay crossing intervals from.
         snap = jax.tree.map(jnp.copy, state) if opts.exact and every > 1 else None
         reached_before = tracker.reached.copy()
-        t_call = time.perf_counter()
         state, out = run.call(state, lr, hp, seed_idx, table, ntable, data, jnp.int32(step))
         out = {key: np.asarray(v) for key, v in out.items()}
-        call_times.append(time.perf_counter() - t_call)
         applied = np.asarray(state.step)
         for j in range(k):
             start = step + j * every
@@ -288,27 +309,25 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
         # Finished cells would otherwise ride along (and cost compute) until the block's
         # slowest cell is done. Once at most half the lanes are live, gather the live cells
         # into a narrower vmap (widths are powers of two) -- but only when the compute it
-        # saves over the remaining calls beats the compile of the narrower program, both
-        # measured on this block (first call = compile + run; later calls = run). On CPU
-        # with small models the compile usually wins; with bigger models or budgets, not.
-        # A cell's own arithmetic does not depend on its lane, so its trajectory is unchanged.
+        # saves over the remaining calls beats the compile of the narrower program. The
+        # decision uses a fixed cost model, never timings: the vmap width can change a
+        # lane's floating-point summation order, so a timing-based choice would make
+        # results depend on machine load. Finished cells are no longer recorded, so what
+        # they compute after finishing never reaches a table either way.
         width = lr.shape[0]
         new_width = padded_size(1 << max(len(live) - 1, 0).bit_length())
         worth = opts.compact == "always"
-        if opts.compact == "auto" and len(call_times) > len(fresh):
-            run_s = min(t for c, t in enumerate(call_times) if c not in fresh)
-            compile_s = max(call_times[c] - run_s for c in fresh if c < len(call_times))
+        if opts.compact == "auto":
             calls_left = math.ceil((opts.max_steps - step) / (k * every))
-            worth = calls_left * run_s * (1 - new_width / width) > 2 * compile_s
+            worth = compaction_pays(width - new_width, calls_left, k * every * B, k * int(problem.x_val.shape[0]),
+                                    num_params)
         if opts.compact != "never" and len(live) and new_width < width and worth:
             sel = np.concatenate([live, np.repeat(live[-1:], new_width - len(live))])
-            take = lambda x: x[sel]  # noqa: B023 - applied right below
-            state, lr, seed_idx = jax.tree.map(take, state), lr[sel], seed_idx[sel]
+            state, lr, seed_idx = jax.tree.map(lambda x, sel=sel: x[sel], state), lr[sel], seed_idx[sel]
             hp = {name: v[sel] for name, v in hp.items()}
             if jax.local_device_count() > 1:
                 lr, hp, seed_idx = shard_cells((lr, hp, seed_idx), new_width)
                 state = jax.device_put(state, lr.sharding)
             lane_cell, n_live = lane_cell[live], len(live)
-            fresh.add(len(call_times))  # the next call compiles the narrower program
     feeder.close()
     return tracker.result()

@@ -31,6 +31,7 @@ __all__ = ["digits_splits", "write_all"]
 def digits_splits() -> dict[str, np.ndarray]:
     """The four arrays every example file holds."""
     from sklearn.datasets import load_digits
+
     d = load_digits()
     x = (d.images / 16.0).astype(np.float32)[..., None]
     y = d.target.astype(np.int64)
@@ -44,6 +45,7 @@ def write_all(out: str | Path) -> list[Path]:
     """Writes every example file under ``out``; returns their paths."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     a = digits_splits()
@@ -63,20 +65,28 @@ def write_all(out: str | Path) -> list[Path]:
     try:
         import datasets
     except ImportError:
-        print("datasets is not installed: skipping digits_hf (pip install 'cbs[hf]')", file=sys.stderr)
+        print(
+            "datasets is not installed: skipping digits_hf (pip install 'cbs[hf]')", file=sys.stderr
+        )
     else:
-        dd = datasets.DatasetDict({
-            "train": datasets.Dataset.from_dict({"x": a["x_train"], "label": a["y_train"]}),
-            "validation": datasets.Dataset.from_dict({"x": a["x_val"], "label": a["y_val"]})})
+        dd = datasets.DatasetDict(
+            {
+                "train": datasets.Dataset.from_dict({"x": a["x_train"], "label": a["y_train"]}),
+                "validation": datasets.Dataset.from_dict({"x": a["x_val"], "label": a["y_val"]}),
+            }
+        )
         dd.save_to_disk(str(out / "digits_hf"))
         written.append(out / "digits_hf")
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cbs.train.make_example_data",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("out", nargs="?", default="data/examples", help="folder to write (default: data/examples)")
+    p = argparse.ArgumentParser(
+        prog="python -m cbs.train.make_example_data", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "out", nargs="?", default="data/examples", help="folder to write (default: data/examples)"
+    )
     args = p.parse_args(argv)
     for path in write_all(args.out):
         print(path)

@@ -49,8 +49,10 @@ def device_budget_bytes(budget_mb: float | None) -> float:
 
 def should_stream(x_train: np.ndarray, y_train: np.ndarray, budget_mb: float | None) -> bool:
     """Whether the training set (at the dtypes the device would hold) exceeds the budget."""
-    nbytes = sum(int(np.prod(a.shape)) * jax.dtypes.canonicalize_dtype(a.dtype).itemsize
-                 for a in (x_train, y_train))
+    nbytes = sum(
+        int(np.prod(a.shape)) * jax.dtypes.canonicalize_dtype(a.dtype).itemsize
+        for a in (x_train, y_train)
+    )
     return nbytes > device_budget_bytes(budget_mb)
 
 
@@ -62,23 +64,34 @@ class ChunkFeeder:
     chunk itself; the next call's chunk is prepared in a background thread.
     """
 
-    prefetch = True   # prepare the next chunk in a background thread (False: on demand; benchmarks)
+    prefetch = True  # prepare the next chunk in a background thread (False: on demand; benchmarks)
 
-    def __init__(self, problem: TrainProblem, seeds: Sequence[int], per_call: tuple[int, int, int],
-                 noise=None):
+    def __init__(
+        self,
+        problem: TrainProblem,
+        seeds: Sequence[int],
+        per_call: tuple[int, int, int],
+        noise=None,
+    ):
         """``per_call = (evals_per_call, eval_every, batch_size)``; ``noise(step)`` gives the
         ``(n_seeds, evals_per_call, num_micro, micro)`` noise-scale indices of the call
         starting at ``step``, or is None."""
         self.problem, self.seeds, self.noise = problem, list(seeds), noise
         self.k, self.every, self.batch = per_call
         self.streams = {s: IndexStream(s, problem.num_train) for s in self.seeds}
-        self._pool = concurrent.futures.ThreadPoolExecutor(1) if problem.streaming and self.prefetch else None
+        self._pool = (
+            concurrent.futures.ThreadPoolExecutor(1)
+            if problem.streaming and self.prefetch
+            else None
+        )
         self._next: tuple[int, concurrent.futures.Future] | None = None
         self._positions = None
 
     def _indices(self, step: int):
         k, every, b = self.k, self.every, self.batch
-        table = np.stack([self.streams[s].take(k * every * b).reshape(k, every, b) for s in self.seeds])
+        table = np.stack(
+            [self.streams[s].take(k * every * b).reshape(k, every, b) for s in self.seeds]
+        )
         ntable = None if self.noise is None else self.noise(step)
         return table, ntable
 
@@ -87,12 +100,16 @@ class ChunkFeeder:
         if not self.problem.streaming:
             return jnp.asarray(table), None if ntable is None else jnp.asarray(ntable), None
         rows = table.ravel() if ntable is None else np.concatenate([table.ravel(), ntable.ravel()])
-        data = tuple(jax.device_put(np.asarray(a[rows], dtype=jax.dtypes.canonicalize_dtype(a.dtype)))
-                     for a in (self.problem.x_train, self.problem.y_train))
+        data = tuple(
+            jax.device_put(np.asarray(a[rows], dtype=jax.dtypes.canonicalize_dtype(a.dtype)))
+            for a in (self.problem.x_train, self.problem.y_train)
+        )
         if self._positions is None:
             pos = np.arange(rows.size, dtype=np.int32)
-            self._positions = (jnp.asarray(pos[: table.size].reshape(table.shape)),
-                               None if ntable is None else jnp.asarray(pos[table.size:].reshape(ntable.shape)))
+            self._positions = (
+                jnp.asarray(pos[: table.size].reshape(table.shape)),
+                None if ntable is None else jnp.asarray(pos[table.size :].reshape(ntable.shape)),
+            )
         return self._positions + (data,)
 
     def get(self, step: int):
@@ -102,7 +119,9 @@ class ChunkFeeder:
         elif self._next[0] == step:
             out = self._next[1].result()
         else:
-            raise RuntimeError(f"calls out of order: prepared step {self._next[0]}, asked for {step}")
+            raise RuntimeError(
+                f"calls out of order: prepared step {self._next[0]}, asked for {step}"
+            )
         if self._pool is not None:
             # Index streams advance in call order: the background thread is the only
             # caller until the next get() collects its result.
@@ -131,6 +150,8 @@ def host_batch(problem: TrainProblem, idx: np.ndarray):
     if not problem.streaming:
         return jnp.asarray(idx), None
     rows = idx.ravel()
-    data = tuple(jax.device_put(np.asarray(a[rows], dtype=jax.dtypes.canonicalize_dtype(a.dtype)))
-                 for a in (problem.x_train, problem.y_train))
+    data = tuple(
+        jax.device_put(np.asarray(a[rows], dtype=jax.dtypes.canonicalize_dtype(a.dtype)))
+        for a in (problem.x_train, problem.y_train)
+    )
     return jnp.arange(rows.size, dtype=jnp.int32).reshape(idx.shape), data

@@ -40,8 +40,15 @@ import numpy as np
 from cbs.errors import ConfigError
 from cbs.train.sources import _short, import_object
 
-__all__ = ["LinenModel", "NnxModel", "CustomLoss", "build_user_model", "load_loss", "check_model",
-           "kfac_unregistered"]
+__all__ = [
+    "LinenModel",
+    "NnxModel",
+    "CustomLoss",
+    "build_user_model",
+    "load_loss",
+    "check_model",
+    "kfac_unregistered",
+]
 
 MODEL = "train.model"
 
@@ -72,25 +79,30 @@ class NnxModel:
 
     def __init__(self, factory: Callable, kwargs: dict):
         from flax import nnx
+
         self.factory, self.kwargs = factory, kwargs
         abstract = nnx.eval_shape(lambda: factory(**kwargs, rngs=nnx.Rngs(0)))
         if not isinstance(abstract, nnx.Module):
             raise TypeError(f"returned {type(abstract).__name__}, not an nnx.Module")
         self.graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-        others = [(".".join(map(str, path)), type(v).__name__) for path, v in nnx.to_flat_state(rest)]
+        others = [
+            (".".join(map(str, path)), type(v).__name__) for path, v in nnx.to_flat_state(rest)
+        ]
         if others:
             raise _StatefulModel(others)
         self._template = params
 
     def init(self, key, x):
         from flax import nnx
-        del x   # nnx modules know their input sizes from their constructor arguments
+
+        del x  # nnx modules know their input sizes from their constructor arguments
         module = self.factory(**self.kwargs, rngs=nnx.Rngs(key))
         _, params, _ = nnx.split(module, nnx.Param, ...)
         return nnx.to_pure_dict(params)
 
     def apply(self, params, x):
         from flax import nnx
+
         state = jax.tree.map(lambda v: v, self._template)
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)(x)
@@ -107,6 +119,7 @@ class _StatefulModel(Exception):
 @dataclasses.dataclass(frozen=True)
 class CustomLoss:
     """A user loss ``fn(outputs, y) -> (mean loss, error rate)``; used as the task."""
+
     spec: str
     fn: Callable
 
@@ -126,16 +139,21 @@ def _accepts(fn, name: str) -> bool:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return name in params     # explicitly: a **kwargs factory is not guessed to take it
+    return name in params  # explicitly: a **kwargs factory is not guessed to take it
 
 
 def build_user_model(spec: str, model_args: dict, num_outputs: int):
     """The wrapped model of ``train.model = spec``; ConfigError on any problem."""
     import flax.linen as nn
+
     factory = import_object(spec, MODEL)
     if not callable(factory):
-        raise ConfigError(MODEL, spec, f"expected a Flax module class or a function building one; found "
-                          f"{type(factory).__name__}")
+        raise ConfigError(
+            MODEL,
+            spec,
+            f"expected a Flax module class or a function building one; found "
+            f"{type(factory).__name__}",
+        )
     kwargs = dict(model_args or {})
     if "num_outputs" not in kwargs and _accepts(factory, "num_outputs"):
         kwargs["num_outputs"] = num_outputs
@@ -145,22 +163,37 @@ def build_user_model(spec: str, model_args: dict, num_outputs: int):
             return NnxModel(factory, kwargs)
         module = factory(**kwargs)
     except _StatefulModel as e:
-        raise ConfigError(MODEL, spec, "expected a module whose only state is nnx.Param (a pure forward pass); "
-                          f"found {', '.join(f'{p} ({t})' for p, t in e.others[:4])}") from None
+        raise ConfigError(
+            MODEL,
+            spec,
+            "expected a module whose only state is nnx.Param (a pure forward pass); "
+            f"found {', '.join(f'{p} ({t})' for p, t in e.others[:4])}",
+        ) from None
     except Exception as e:  # noqa: BLE001 - the user's factory failed
-        raise ConfigError(MODEL, spec, f"expected {spec}(**train.model_args) to build a Flax module; it raised "
-                          f"{type(e).__name__}: {_short(e)}") from None
+        raise ConfigError(
+            MODEL,
+            spec,
+            f"expected {spec}(**train.model_args) to build a Flax module; it raised "
+            f"{type(e).__name__}: {_short(e)}",
+        ) from None
     if not isinstance(module, nn.Module):
-        raise ConfigError(MODEL, spec, "expected a flax.linen Module (or an nnx factory taking rngs); found "
-                          f"{type(module).__name__}")
+        raise ConfigError(
+            MODEL,
+            spec,
+            "expected a flax.linen Module (or an nnx factory taking rngs); found "
+            f"{type(module).__name__}",
+        )
     return LinenModel(module)
 
 
 def load_loss(spec: str) -> CustomLoss:
     fn = import_object(spec, "train.loss")
     if not callable(fn):
-        raise ConfigError("train.loss", spec, f"expected a function loss_fn(outputs, y) -> (loss, error); found "
-                          f"{type(fn).__name__}")
+        raise ConfigError(
+            "train.loss",
+            spec,
+            f"expected a function loss_fn(outputs, y) -> (loss, error); found {type(fn).__name__}",
+        )
     return CustomLoss(spec, fn)
 
 
@@ -177,37 +210,76 @@ def check_model(model, model_spec: str, task, x, y, num_outputs: int) -> None:
     try:
         variables = jax.eval_shape(model.init, key, xs)
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(MODEL, model_spec, f"expected a model that initialises on inputs of shape {xs.shape} "
-                          f"({xs.dtype}); init raised {type(e).__name__}: {_short(e)}") from None
-    if isinstance(model, LinenModel) and isinstance(variables, dict) and set(variables) - {"params"}:
-        raise ConfigError(MODEL, model_spec, "expected variables 'params' only (a pure forward pass); found "
-                          f"collections {sorted(variables)}")
+        raise ConfigError(
+            MODEL,
+            model_spec,
+            f"expected a model that initialises on inputs of shape {xs.shape} "
+            f"({xs.dtype}); init raised {type(e).__name__}: {_short(e)}",
+        ) from None
+    if (
+        isinstance(model, LinenModel)
+        and isinstance(variables, dict)
+        and set(variables) - {"params"}
+    ):
+        raise ConfigError(
+            MODEL,
+            model_spec,
+            "expected variables 'params' only (a pure forward pass); found "
+            f"collections {sorted(variables)}",
+        )
     try:
         out = jax.eval_shape(model.apply, variables, xs)
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(MODEL, model_spec, f"expected a forward pass on inputs of shape {xs.shape}; apply raised "
-                          f"{type(e).__name__}: {_short(e)}") from None
+        raise ConfigError(
+            MODEL,
+            model_spec,
+            f"expected a forward pass on inputs of shape {xs.shape}; apply raised "
+            f"{type(e).__name__}: {_short(e)}",
+        ) from None
     if not isinstance(out, jax.ShapeDtypeStruct):
-        raise ConfigError(MODEL, model_spec, f"expected the model to return one array; found {type(out).__name__}")
+        raise ConfigError(
+            MODEL, model_spec, f"expected the model to return one array; found {type(out).__name__}"
+        )
     if isinstance(task, CustomLoss):
         try:
             res = jax.eval_shape(task.fn, out, ys)
-            ok = isinstance(res, (tuple, list)) and len(res) == 2 and all(
-                getattr(r, "shape", None) == () for r in res)
+            ok = (
+                isinstance(res, (tuple, list))
+                and len(res) == 2
+                and all(getattr(r, "shape", None) == () for r in res)
+            )
         except Exception as e:  # noqa: BLE001
-            raise ConfigError("train.loss", task.spec, f"expected loss_fn(outputs {out.shape}, y {ys.shape}) -> "
-                              f"(loss, error); it raised {type(e).__name__}: {_short(e)}") from None
+            raise ConfigError(
+                "train.loss",
+                task.spec,
+                f"expected loss_fn(outputs {out.shape}, y {ys.shape}) -> "
+                f"(loss, error); it raised {type(e).__name__}: {_short(e)}",
+            ) from None
         if not ok:
-            raise ConfigError("train.loss", task.spec, "expected loss_fn(outputs, y) to return two scalars (mean "
-                              f"loss, error rate); found {jax.tree.map(lambda r: getattr(r, 'shape', r), res)}")
+            raise ConfigError(
+                "train.loss",
+                task.spec,
+                "expected loss_fn(outputs, y) to return two scalars (mean "
+                f"loss, error rate); found {jax.tree.map(lambda r: getattr(r, 'shape', r), res)}",
+            )
         return
-    want = {"classification": (2, num_outputs), "regression": tuple(ys.shape),
-            "lm": tuple(ys.shape) + (num_outputs,)}[task]
+    want = {
+        "classification": (2, num_outputs),
+        "regression": tuple(ys.shape),
+        "lm": tuple(ys.shape) + (num_outputs,),
+    }[task]
     if tuple(out.shape) != want:
-        what = {"classification": f"{num_outputs} logits per example", "regression": "one prediction per target "
-                "value", "lm": f"{num_outputs} logits per position"}[task]
-        raise ConfigError(MODEL, model_spec, f"expected outputs of shape {want} for labels of shape {ys.shape} "
-                          f"({task}: {what}); the model returns {tuple(out.shape)}")
+        what = {
+            "classification": f"{num_outputs} logits per example",
+            "regression": "one prediction per target value",
+            "lm": f"{num_outputs} logits per position",
+        }[task]
+        raise ConfigError(
+            MODEL,
+            model_spec,
+            f"expected outputs of shape {want} for labels of shape {ys.shape} "
+            f"({task}: {what}); the model returns {tuple(out.shape)}",
+        )
 
 
 def kfac_unregistered(model, task: str, x, y) -> list[str]:
@@ -216,6 +288,7 @@ def kfac_unregistered(model, task: str, x, y) -> list[str]:
     import kfac_jax
 
     from cbs.train.models import loss_and_error
+
     xs, ys = _spec(x), _spec(y)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), xs)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
@@ -234,8 +307,12 @@ def kfac_unregistered(model, task: str, x, y) -> list[str]:
         for eq in jaxpr.eqns:
             meta = eq.params.get("meta")
             if eq.primitive.name == "layer_tag" and getattr(meta, "variant", "") == "generic":
-                generic.extend(names.get(v, "?") for v in eq.invars if not isinstance(v, jax.extend.core.Literal)
-                               and v in names)
+                generic.extend(
+                    names.get(v, "?")
+                    for v in eq.invars
+                    if not isinstance(v, jax.extend.core.Literal) and v in names
+                )
+
     visit(closed.jaxpr)
     return generic
 

@@ -31,7 +31,9 @@ class ResidualMLP(nnx.Module):
     """An nnx model: a linear embedding, ``depth`` residual ReLU blocks, a read-out.
     ``num_outputs`` is filled in from the data set by cbs."""
 
-    def __init__(self, in_features: int, width: int, depth: int, num_outputs: int, *, rngs: nnx.Rngs):
+    def __init__(
+        self, in_features: int, width: int, depth: int, num_outputs: int, *, rngs: nnx.Rngs
+    ):
         self.embed = nnx.Linear(in_features, width, rngs=rngs)
         self.blocks = nnx.List([nnx.Linear(width, width, rngs=rngs) for _ in range(depth)])
         self.out = nnx.Linear(width, num_outputs, rngs=rngs)
@@ -45,6 +47,7 @@ class ResidualMLP(nnx.Module):
 
 class GatedMLP(nn.Module):
     """A linen model: one hidden layer whose units are gated by a second projection."""
+
     width: int = 64
     num_outputs: int = 10
 
