@@ -139,7 +139,7 @@ def test_example_config_runs_a_sweep(name, example_dir, tmp_path, monkeypatch):
     summary = run_sweep(cfg, progress=False, log=lambda s: None)
     assert summary.complete
     res = pd.read_parquet(tmp_path / "run" / "results.parquet")
-    assert len(res) == 4 and res.reached.any()
+    assert len(res) >= 4 and res.reached.any()  # >= : the adaptive LR grid may add cells
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     ds = manifest["backend_details"]["dataset"]
     assert ds["source_kind"] == name and len(ds["sha256"]) == 64

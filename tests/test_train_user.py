@@ -99,7 +99,7 @@ def test_nnx_model_and_custom_loss_sweep_with_sgd_adam_muon(tmp_path):
     summary = run_sweep(cfg, progress=False, log=lambda s: None)
     assert summary.complete
     res = pd.read_parquet(tmp_path / "run" / "results.parquet")
-    assert sorted(res.kind.unique()) == ["adam", "muon", "sgd"] and len(res) == 6
+    assert sorted(res.kind.unique()) == ["adam", "muon", "sgd"] and len(res) >= 6
     assert not res.diverged.any()
     curves = pd.read_parquet(tmp_path / "run" / "curves.parquet")
     for cid, c in curves.groupby("cell_id"):
