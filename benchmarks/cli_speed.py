@@ -39,9 +39,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 _QUICK_FIG3A = [
     "grid.batch_sizes=[4, 256, 16384, 1048576]",
-    ("grid.optimizers=[{kind: sgd, name: sgd_p0, hparams: {precond_power: 0.0}}, "
-     "{kind: momentum, name: momentum_p0, hparams: {precond_power: 0.0, momentum: {log10_min: -5, "
-     "log10_max: 0, num: 20, one_minus: true}}, learning_rates: {log10_min: -8, log10_max: 1, num: 100}}]"),
+    (
+        "grid.optimizers=[{kind: sgd, name: sgd_p0, hparams: {precond_power: 0.0}}, "
+        "{kind: momentum, name: momentum_p0, hparams: {precond_power: 0.0, momentum: {log10_min: -5, "
+        "log10_max: 0, num: 20, one_minus: true}}, learning_rates: {log10_min: -8, log10_max: 1, num: 100}}]"
+    ),
 ]
 
 
@@ -49,7 +51,15 @@ def timed_sweep(config: str, overrides: list[str], cache: Path, out: Path) -> tu
     """Wall and CPU (user + system) seconds of one CLI run in a fresh process (raises if it
     fails). On a shared machine the CPU seconds move less with load than the wall time."""
     env = dict(os.environ, CBS_JAX_CACHE=str(cache), PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "cbs.sweep", config, *overrides, f"output.dir={out}", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cbs.sweep",
+        config,
+        *overrides,
+        f"output.dir={out}",
+        "--no-progress",
+    ]
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
@@ -66,11 +76,14 @@ def notebook_fig3a_seconds(per_kind: int) -> float:
     from nqm_speed import notebook_steps
 
     from cbs import nqm
+
     problem = nqm.bin_problem(nqm.harmonic_problem())
     powers, bs = [0.0, 0.25, 0.5, 0.75], 2.0 ** np.arange(2, 21, 2)
     betas = 1 - np.logspace(-5, 0, 20)
-    grids = {"sgd": (np.logspace(-5, 0.5, 100), np.zeros(100)),
-             "momentum": (np.repeat(np.logspace(-8, 1, 100), 20), np.tile(betas, 100))}
+    grids = {
+        "sgd": (np.logspace(-5, 0.5, 100), np.zeros(100)),
+        "momentum": (np.repeat(np.logspace(-8, 1, 100), 20), np.tile(betas, 100)),
+    }
     rng = np.random.default_rng(0)
     total = 0.0
     for kind, (lrs, bet) in grids.items():
@@ -88,30 +101,44 @@ def notebook_fig3a_seconds(per_kind: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller Fig. 3a (p = 0, 4 batch sizes); < 2 min")
-    ap.add_argument("--notebook-cells", type=int, default=None, help="notebook cells timed per kind")
+    ap.add_argument(
+        "--quick", action="store_true", help="smaller Fig. 3a (p = 0, 4 batch sizes); < 2 min"
+    )
+    ap.add_argument(
+        "--notebook-cells", type=int, default=None, help="notebook cells timed per kind"
+    )
     args = ap.parse_args()
     fig3a = _QUICK_FIG3A if args.quick else []
     load0 = os.getloadavg()
-    print(f"{os.cpu_count()} CPU cores; load average at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
+    print(
+        f"{os.cpu_count()} CPU cores; load average at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}"
+    )
     times, cpu_times = {}, {}
     with tempfile.TemporaryDirectory(prefix="cbs_cli_speed_") as tmp:
         tmp = Path(tmp)
-        for name, config, overrides in (("fig3a", "configs/nqm_fig3a.yaml", fig3a),
-                                        ("quickstart", "configs/nqm_quickstart.yaml", [])):
-            cache = tmp / f"cache_{name}"        # empty: the first run compiles everything
+        for name, config, overrides in (
+            ("fig3a", "configs/nqm_fig3a.yaml", fig3a),
+            ("quickstart", "configs/nqm_quickstart.yaml", []),
+        ):
+            cache = tmp / f"cache_{name}"  # empty: the first run compiles everything
             for state in ("cold", "warm"):
                 t, cpu = timed_sweep(config, overrides, cache, tmp / f"{name}_{state}")
                 times[f"{name}_{state}_s"], cpu_times[f"{name}_{state}_cpu_s"] = t, cpu
-                print(f"{name:10s} {state}: {t:6.2f} s wall, {cpu:6.2f} s CPU  "
-                      f"(python -m cbs.sweep {config} {' '.join(overrides)})", flush=True)
+                print(
+                    f"{name:10s} {state}: {t:6.2f} s wall, {cpu:6.2f} s CPU  "
+                    f"(python -m cbs.sweep {config} {' '.join(overrides)})",
+                    flush=True,
+                )
     nb = notebook_fig3a_seconds(args.notebook_cells or (2 if args.quick else 8))
     print(f"reference notebook's procedure, full Fig. 3a grid search (extrapolated): {nb:.0f} s")
     load1 = os.getloadavg()
     print(f"load average at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
-    print("RESULT " + " ".join(f"{k}={v:.2f}" for k, v in {**times, **cpu_times}.items())
-          + f" reference_notebook_s={nb:.0f} load={(load0[0] + load1[0]) / 2:.2f}"
-          + (" quick=1" if args.quick else ""))
+    print(
+        "RESULT "
+        + " ".join(f"{k}={v:.2f}" for k, v in {**times, **cpu_times}.items())
+        + f" reference_notebook_s={nb:.0f} load={(load0[0] + load1[0]) / 2:.2f}"
+        + (" quick=1" if args.quick else "")
+    )
 
 
 if __name__ == "__main__":

@@ -92,7 +92,9 @@ def notebook_steps(problem, kind, lr, beta, power, B):
                     hi = mid
                 else:
                     lo = mid
-        except np.linalg.LinAlgError:  # singular eigenvectors (e.g. beta = 0): the reference fails too
+        except (
+            np.linalg.LinAlgError
+        ):  # singular eigenvectors (e.g. beta = 0): the reference fails too
             return np.nan
     return hi if hi < t_max else np.nan
 
@@ -106,8 +108,11 @@ def per_step_simulation(problem, kind, lr, beta, power, bs, sim_steps):
     h, w, c, m0 = problem.h, problem.loss_weights, problem.c, problem.m0
     C, nB = len(lr), len(bs)
     t0 = time.perf_counter()
-    a = np.repeat(lr[:, None] * h[None] ** (1 - power[:, None]), nB, 0)               # (N, nb)
-    n = np.repeat(lr[:, None] ** 2 * h[None] ** (-2 * power[:, None]) * c[None], nB, 0) / np.tile(bs, C)[:, None]
+    a = np.repeat(lr[:, None] * h[None] ** (1 - power[:, None]), nB, 0)  # (N, nb)
+    n = (
+        np.repeat(lr[:, None] ** 2 * h[None] ** (-2 * power[:, None]) * c[None], nB, 0)
+        / np.tile(bs, C)[:, None]
+    )
     bet = np.repeat(beta, nB)[:, None]
     ids = np.arange(C * nB)
     m = np.broadcast_to(m0, a.shape).copy()
@@ -124,9 +129,11 @@ def per_step_simulation(problem, kind, lr, beta, power, bs, sim_steps):
             if kind == "sgd":
                 m = (1 - a) ** 2 * m + n
             else:
-                m, v, x = ((1 - a) ** 2 * m + bet**2 * v + 2 * bet * (1 - a) * x + n,
-                           a**2 * m + bet**2 * v - 2 * a * bet * x + n,
-                           -a * (1 - a) * m + bet**2 * v + bet * (1 - 2 * a) * x + n)
+                m, v, x = (
+                    (1 - a) ** 2 * m + bet**2 * v + 2 * bet * (1 - a) * x + n,
+                    a**2 * m + bet**2 * v - 2 * a * bet * x + n,
+                    -a * (1 - a) * m + bet**2 * v + bet * (1 - 2 * a) * x + n,
+                )
             risk = m @ w
             cell_steps += len(ids)
             crossed = risk < TARGET
@@ -173,8 +180,13 @@ def ours_cold(quick: bool) -> tuple[float, float]:
     env = dict(os.environ, CBS_JAX_CACHE="off")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", _COLD, "1" if quick else "0"], env=env, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _COLD, "1" if quick else "0"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     wall = time.perf_counter() - t0
     return wall, json.loads(out.strip().splitlines()[-1])["in_process_s"]
 
@@ -182,9 +194,15 @@ def ours_cold(quick: bool) -> tuple[float, float]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="p = 0 only, 4 batch sizes, 10 momenta")
-    ap.add_argument("--sample", type=int, default=None, help="notebook-baseline cells timed per kind")
-    ap.add_argument("--sim-steps", type=int, default=None,
-                    help="steps the per-step baseline simulates for real (default 2000 SGD, 100 momentum)")
+    ap.add_argument(
+        "--sample", type=int, default=None, help="notebook-baseline cells timed per kind"
+    )
+    ap.add_argument(
+        "--sim-steps",
+        type=int,
+        default=None,
+        help="steps the per-step baseline simulates for real (default 2000 SGD, 100 momentum)",
+    )
     args = ap.parse_args()
     problem = nqm.bin_problem(nqm.harmonic_problem())
     powers = [0.0] if args.quick else [0.0, 0.25, 0.5, 0.75]
@@ -195,16 +213,27 @@ def main():
     sample = args.sample or (4 if args.quick else 8)
     grids = {
         "sgd": (sgd_lrs, np.zeros(len(sgd_lrs)), 10**9, args.sim_steps or 2000),
-        "momentum": (np.repeat(mom_lrs, len(betas)), np.tile(betas, len(mom_lrs)), 10**7, args.sim_steps or 100),
+        "momentum": (
+            np.repeat(mom_lrs, len(betas)),
+            np.tile(betas, len(mom_lrs)),
+            10**7,
+            args.sim_steps or 100,
+        ),
     }
     load = os.getloadavg()
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(f"grid: {len(powers)} powers x {len(bs)} batch sizes x ({len(sgd_lrs)} SGD LRs + "
-          f"{len(mom_lrs)} LRs x {len(betas)} momenta)")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    print(
+        f"grid: {len(powers)} powers x {len(bs)} batch sizes x ({len(sgd_lrs)} SGD LRs + "
+        f"{len(mom_lrs)} LRs x {len(betas)} momenta)"
+    )
     cold_wall, cold_inner = ours_cold(args.quick)
-    print(f"ours cold (fresh process, no compilation cache, both kinds, certified): {cold_wall:.2f} s wall "
-          f"({cold_inner:.2f} s after Python start-up: import, compile, run)")
+    print(
+        f"ours cold (fresh process, no compilation cache, both kinds, certified): {cold_wall:.2f} s wall "
+        f"({cold_inner:.2f} s after Python start-up: import, compile, run)"
+    )
     ours, ours_fast, results, certified = 0.0, 0.0, {}, []
     for kind, (lrs, bet, t_max, _) in grids.items():
         lr = np.tile(lrs, len(powers))
@@ -212,13 +241,23 @@ def main():
         pw = np.repeat(powers, len(lrs))
         for certify in (True, False):
             # called right away, inside this iteration: the late binding is intended
-            run = lambda: nqm.evaluate_grid(problem, kind, lr, beta, 0.0, pw, batch_sizes=bs, target=TARGET,  # noqa: B023
-                                            max_steps=t_max - 1, certify=certify)  # noqa: B023
+            run = lambda: nqm.evaluate_grid(
+                problem,
+                kind,
+                lr,
+                beta,
+                0.0,
+                pw,
+                batch_sizes=bs,
+                target=TARGET,  # noqa: B023
+                max_steps=t_max - 1,
+                certify=certify,
+            )  # noqa: B023
             t0 = time.perf_counter()
             run()
             first = time.perf_counter() - t0
             dt = np.inf
-            for _ in range(2):   # best of two: the machine may be shared
+            for _ in range(2):  # best of two: the machine may be shared
                 t0 = time.perf_counter()
                 out = run()
                 dt = min(dt, time.perf_counter() - t0)
@@ -229,11 +268,15 @@ def main():
                 frac = f"{out['crossing_certified'].mean():.1%} of cells certified"
             else:
                 ours_fast += dt
-                same = np.mean((out["steps"] == results[kind]["steps"])
-                               | (np.isnan(out["steps"]) & np.isnan(results[kind]["steps"])))
+                same = np.mean(
+                    (out["steps"] == results[kind]["steps"])
+                    | (np.isnan(out["steps"]) & np.isnan(results[kind]["steps"]))
+                )
                 frac = f"same steps as certified mode in {same:.2%} of cells"
-            print(f"ours warm {kind:8s} certify={certify!s:5s}: {lr.size * len(bs):7d} cells in {dt:.3f} s after "
-                  f"compilation (first call in this process {first:.1f} s); {frac}")
+            print(
+                f"ours warm {kind:8s} certify={certify!s:5s}: {lr.size * len(bs):7d} cells in {dt:.3f} s after "
+                f"compilation (first call in this process {first:.1f} s); {frac}"
+            )
     # Notebook baseline on a random subset, extrapolated to the whole grid; per-step
     # baseline on the whole grid for its first sim_steps, then a lower bound.
     rng = np.random.default_rng(0)
@@ -249,38 +292,60 @@ def main():
             s_nb = notebook_steps(problem, kind, lrs[ci], bet[ci], powers[pi], bs[bi])
             spent += time.perf_counter() - t0
             s_ours = results[kind]["steps"][pi * len(lrs) + ci, bi]
-            mismatches += not (np.isnan(s_nb) and np.isnan(s_ours) or abs(s_nb - s_ours) <= max(5, 1e-3 * s_ours))
+            mismatches += not (
+                np.isnan(s_nb) and np.isnan(s_ours) or abs(s_nb - s_ours) <= max(5, 1e-3 * s_ours)
+            )
         nb = spent / sample * cells
         nb_total += nb
-        print(f"notebook {kind:8s}: {spent / sample * 1e3:.1f} ms/cell on {sample} random cells -> "
-              f"{nb:.0f} s extrapolated to {cells} cells ({mismatches} of {sample} differ from ours by > max(5 steps, 0.1%)")
+        print(
+            f"notebook {kind:8s}: {spent / sample * 1e3:.1f} ms/cell on {sample} random cells -> "
+            f"{nb:.0f} s extrapolated to {cells} cells ({mismatches} of {sample} differ from ours by > max(5 steps, 0.1%)"
+        )
         sec, cell_steps, first, running = per_step_simulation(
-            problem, kind, np.tile(lrs, len(powers)), np.tile(bet, len(powers)), np.repeat(powers, len(lrs)), bs,
-            sim_steps)
-        ref = np.where(np.asarray(results[kind]["steps"]) <= t_max - 1, results[kind]["steps"], np.nan)
+            problem,
+            kind,
+            np.tile(lrs, len(powers)),
+            np.tile(bet, len(powers)),
+            np.repeat(powers, len(lrs)),
+            bs,
+            sim_steps,
+        )
+        ref = np.where(
+            np.asarray(results[kind]["steps"]) <= t_max - 1, results[kind]["steps"], np.nan
+        )
         crossed = np.isfinite(first)
         agree = np.mean(first[crossed] == ref[crossed]) if crossed.any() else np.nan
         per_cell_step = sec / max(cell_steps, 1)
         rest = np.nansum(np.where(running & np.isfinite(ref), ref - sim_steps, 0.0))
         bound = sec + per_cell_step * rest
         ps_total += bound
-        print(f"per-step {kind:8s}: simulated {sim_steps} steps of all {cells} cells in {sec:.1f} s "
-              f"({per_cell_step * 1e9:.0f} ns per cell-step; {crossed.sum()} crossed, same first step as ours in "
-              f"{agree:.2%}); {running.sum()} still running, {int(np.sum(running & np.isfinite(ref)))} of which "
-              f"reach the target after {rest:.3g} more cell-steps -> >= {bound:.3g} s")
+        print(
+            f"per-step {kind:8s}: simulated {sim_steps} steps of all {cells} cells in {sec:.1f} s "
+            f"({per_cell_step * 1e9:.0f} ns per cell-step; {crossed.sum()} crossed, same first step as ours in "
+            f"{agree:.2%}); {running.sum()} still running, {int(np.sum(running & np.isfinite(ref)))} of which "
+            f"reach the target after {rest:.3g} more cell-steps -> >= {bound:.3g} s"
+        )
     cert = np.concatenate(certified).mean()
     strongest, base = min((("notebook", nb_total), ("per_step", ps_total)), key=lambda x: x[1])
-    print(f"ours: cold {cold_wall:.2f} s end to end; warm {ours:.3f} s certified ({cert:.1%} of cells certified), "
-          f"{ours_fast:.3f} s uncertified")
-    print(f"baselines: notebook {nb_total:.0f} s (extrapolated), vectorized per-step >= {ps_total:.3g} s "
-          f"(lower bound); strongest: {strongest}")
-    print(f"speedup vs {strongest}: {base / cold_wall:.1f}x cold end to end, {base / ours:.0f}x warm "
-          f"(notebook {nb_total / cold_wall:.1f}x / {nb_total / ours:.0f}x; per-step >= {ps_total / cold_wall:.3g}x / "
-          f">= {ps_total / ours:.3g}x)")
-    print(f"RESULT speedup={base / cold_wall:.1f} ours_cold_s={cold_wall:.2f} ours_warm_s={ours:.3f} "
-          f"strongest={strongest} notebook_s={nb_total:.1f} per_step_s={ps_total:.4g} "
-          f"speedup_warm={base / ours:.0f} uncertified_warm_s={ours_fast:.3f} certified_fraction={cert:.3f} "
-          f"load={load[0]:.2f}")
+    print(
+        f"ours: cold {cold_wall:.2f} s end to end; warm {ours:.3f} s certified ({cert:.1%} of cells certified), "
+        f"{ours_fast:.3f} s uncertified"
+    )
+    print(
+        f"baselines: notebook {nb_total:.0f} s (extrapolated), vectorized per-step >= {ps_total:.3g} s "
+        f"(lower bound); strongest: {strongest}"
+    )
+    print(
+        f"speedup vs {strongest}: {base / cold_wall:.1f}x cold end to end, {base / ours:.0f}x warm "
+        f"(notebook {nb_total / cold_wall:.1f}x / {nb_total / ours:.0f}x; per-step >= {ps_total / cold_wall:.3g}x / "
+        f">= {ps_total / ours:.3g}x)"
+    )
+    print(
+        f"RESULT speedup={base / cold_wall:.1f} ours_cold_s={cold_wall:.2f} ours_warm_s={ours:.3f} "
+        f"strongest={strongest} notebook_s={nb_total:.1f} per_step_s={ps_total:.4g} "
+        f"speedup_warm={base / ours:.0f} uncertified_warm_s={ours_fast:.3f} certified_fraction={cert:.3f} "
+        f"load={load[0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -50,17 +50,26 @@ NQM_CONFIG = ROOT / "configs" / "compare_nqm_optimizers.yaml"
 TRAIN_CONFIG = ROOT / "configs" / "train_mnist1d_mlp_cpu.yaml"
 
 # optimizer name in the run -> RESULT key
-NQM_KEYS = {"sgd": "nqm_bcrit_sgd", "momentum": "nqm_bcrit_momentum", "adamlike_p0.5": "nqm_bcrit_adamlike",
-            "kfaclike_p0.75": "nqm_bcrit_kfaclike", "kfaclike_p1": "nqm_bcrit_kfaclike_p1"}
-TRAIN_KEYS = {"sgd": "mnist1d_bcrit_sgd", "momentum": "mnist1d_bcrit_momentum", "adam": "mnist1d_bcrit_adam",
-              "kfac": "mnist1d_bcrit_kfac"}
+NQM_KEYS = {
+    "sgd": "nqm_bcrit_sgd",
+    "momentum": "nqm_bcrit_momentum",
+    "adamlike_p0.5": "nqm_bcrit_adamlike",
+    "kfaclike_p0.75": "nqm_bcrit_kfaclike",
+    "kfaclike_p1": "nqm_bcrit_kfaclike_p1",
+}
+TRAIN_KEYS = {
+    "sgd": "mnist1d_bcrit_sgd",
+    "momentum": "mnist1d_bcrit_momentum",
+    "adam": "mnist1d_bcrit_adam",
+    "kfac": "mnist1d_bcrit_kfac",
+}
 
 NQM_QUICK = [
     "grid.batch_sizes={log2_min: 2, log2_max: 20, step: 3}",
     # every other beta and every other momentum LR of the full grid (a subset, so quick cells are full-run cells)
     "grid.optimizers.1.hparams.momentum={log10_min: -5, log10_max: -0.2631578947368421, num: 10, one_minus: true}",
     "grid.optimizers.1.learning_rates={log10_min: -8, log10_max: 0.9090909090909091, num: 50}",
-    "nqm.refine=false",   # grid-optimal LRs only (the full run refines them; B_crit moves by < 3%)
+    "nqm.refine=false",  # grid-optimal LRs only (the full run refines them; B_crit moves by < 3%)
 ]
 TRAIN_QUICK = [
     "grid.batch_sizes=[16, 64, 256, 1024]",
@@ -74,43 +83,68 @@ TRAIN_QUICK = [
 
 def fmt(x) -> str:
     from cbs.analysis import format_number
+
     return format_number(x)
 
 
 def run_lens(label: str, config: Path, overrides: list[str], run_dir: Path):
     """Runs (or resumes) one sweep into run_dir; returns (run_dir, sweep summary, seconds)."""
     from cbs.sweep import load_config, run_sweep
+
     cfg = load_config(config, [*overrides, f"output.dir={run_dir}"])
     t0 = time.perf_counter()
     summary = run_sweep(cfg, progress=False, log=lambda s: None)
     dt = time.perf_counter() - t0
     import pandas as pd
+
     res = pd.read_parquet(Path(run_dir) / "results.parquet", columns=["reached", "final_metric"])
     odd = int((res["reached"] & res["final_metric"].isna()).sum())
-    if odd:   # a cell whose iterate blew up should not count as having reached the target
-        print(f"[{label}] WARNING: {odd} cells are recorded as reached but end with a NaN/inf metric "
-              f"(overflowing unstable cells); their steps may be spurious", flush=True)
-    note = f" ({summary.skipped_cells} cells already in the folder, skipped)" if summary.skipped_cells else ""
-    print(f"[{label}] {summary.cells} cells ({summary.reached} reached, {summary.censored} censored, "
-          f"{summary.diverged} diverged) in {dt:.1f} s on {summary.device}{note} -> {run_dir}", flush=True)
+    if odd:  # a cell whose iterate blew up should not count as having reached the target
+        print(
+            f"[{label}] WARNING: {odd} cells are recorded as reached but end with a NaN/inf metric "
+            f"(overflowing unstable cells); their steps may be spurious",
+            flush=True,
+        )
+    note = (
+        f" ({summary.skipped_cells} cells already in the folder, skipped)"
+        if summary.skipped_cells
+        else ""
+    )
+    print(
+        f"[{label}] {summary.cells} cells ({summary.reached} reached, {summary.censored} censored, "
+        f"{summary.diverged} diverged) in {dt:.1f} s on {summary.device}{note} -> {run_dir}",
+        flush=True,
+    )
     return summary, dt
 
 
 def overlaps(a, b) -> bool:
-    lo1, hi1, lo2, hi2 = (float(v) for v in (a.b_crit_ci_low, a.b_crit_ci_high, b.b_crit_ci_low, b.b_crit_ci_high))
+    lo1, hi1, lo2, hi2 = (
+        float(v) for v in (a.b_crit_ci_low, a.b_crit_ci_high, b.b_crit_ci_low, b.b_crit_ci_high)
+    )
     if any(math.isnan(v) for v in (lo1, hi1, lo2, hi2)):
         return True
     return lo1 <= hi2 and lo2 <= hi1
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Configs: configs/compare_nqm_optimizers.yaml (NQM), "
-                                       "configs/train_mnist1d_mlp_cpu.yaml (MNIST-1D).")
-    p.add_argument("--quick", action="store_true", help="smaller grids on both lenses (about 1.5-2 min on 2 shared CPU cores; compile-bound)")
-    p.add_argument("--out", metavar="DIR", help="keep the run folders under DIR (default: a temporary "
-                   "folder, deleted at the end); re-running into the same DIR resumes/reuses finished blocks")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Configs: configs/compare_nqm_optimizers.yaml (NQM), "
+        "configs/train_mnist1d_mlp_cpu.yaml (MNIST-1D).",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller grids on both lenses (about 1.5-2 min on 2 shared CPU cores; compile-bound)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="keep the run folders under DIR (default: a temporary "
+        "folder, deleted at the end); re-running into the same DIR resumes/reuses finished blocks",
+    )
     p.add_argument("--skip-train", action="store_true", help="skip the MNIST-1D lens")
     p.add_argument("--skip-nqm", action="store_true", help="skip the NQM lens")
     args = p.parse_args(argv)
@@ -122,13 +156,15 @@ def main(argv=None) -> int:
     from cbs.analysis import compare_runs
 
     dev = jax.devices()[0]
-    print(f"device: {dev.platform} ({dev.device_kind}) x {jax.device_count()}, jax {jax.__version__}, "
-          f"{os.cpu_count()} CPU cores visible, python {platform.python_version()}, host {platform.node()}")
+    print(
+        f"device: {dev.platform} ({dev.device_kind}) x {jax.device_count()}, jax {jax.__version__}, "
+        f"{os.cpu_count()} CPU cores visible, python {platform.python_version()}, host {platform.node()}"
+    )
     mode = "quick" if args.quick else "full"
     base = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="optimizer_cbs_"))
     base.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    lenses = []   # (lens, run_dir, result keys, seconds)
+    lenses = []  # (lens, run_dir, result keys, seconds)
     try:
         if not args.skip_nqm:
             d = base / f"nqm_{mode}"
@@ -150,20 +186,47 @@ def main(argv=None) -> int:
         for (lens, _d, keys, dt), a in zip(lenses, cmp.runs):
             t_lens = time.perf_counter()
             print()
-            print(f"== {lens} lens: {a.label} ({a.unit}; McCandlish fit, {a.options.get('n_boot')} bootstrap "
-                  f"resamples, B* with delta={a.summary['delta'].iloc[0]:g}, B0={fmt(a.summary['b0'].iloc[0])}) ==")
+            print(
+                f"== {lens} lens: {a.label} ({a.unit}; McCandlish fit, {a.options.get('n_boot')} bootstrap "
+                f"resamples, B* with delta={a.summary['delta'].iloc[0]:g}, B0={fmt(a.summary['b0'].iloc[0])}) =="
+            )
             s = a.summary.set_index("optimizer")
             ref = s.loc["sgd"] if "sgd" in s.index else None
-            header = ["optimizer", "B_crit", "B_crit 95% CI", "S_min", "S_min 95% CI", "B*", "knee",
-                      "CI overlaps SGD's", "seeds", "bootstrap", "unproven pts", "edge B", "warnings"]
+            header = [
+                "optimizer",
+                "B_crit",
+                "B_crit 95% CI",
+                "S_min",
+                "S_min 95% CI",
+                "B*",
+                "knee",
+                "CI overlaps SGD's",
+                "seeds",
+                "bootstrap",
+                "unproven pts",
+                "edge B",
+                "warnings",
+            ]
             rows = []
             for name, r in s.iterrows():
                 ov = "-" if ref is None or name == "sgd" else ("yes" if overlaps(r, ref) else "no")
-                rows.append([name, fmt(r.b_crit), f"[{fmt(r.b_crit_ci_low)}, {fmt(r.b_crit_ci_high)}]",
-                             fmt(r.s_min), f"[{fmt(r.s_min_ci_low)}, {fmt(r.s_min_ci_high)}]",
-                             fmt(r.b_star), fmt(r.knee), ov, str(int(r.n_seeds)), str(r.bootstrap),
-                             str(int(r.get("n_inexact_points", 0))), str(int(r.get("n_edge_points", 0))),
-                             str(int(r.n_warnings))])
+                rows.append(
+                    [
+                        name,
+                        fmt(r.b_crit),
+                        f"[{fmt(r.b_crit_ci_low)}, {fmt(r.b_crit_ci_high)}]",
+                        fmt(r.s_min),
+                        f"[{fmt(r.s_min_ci_low)}, {fmt(r.s_min_ci_high)}]",
+                        fmt(r.b_star),
+                        fmt(r.knee),
+                        ov,
+                        str(int(r.n_seeds)),
+                        str(r.bootstrap),
+                        str(int(r.get("n_inexact_points", 0))),
+                        str(int(r.get("n_edge_points", 0))),
+                        str(int(r.n_warnings)),
+                    ]
+                )
                 if name in keys:
                     result[keys[name]] = r.b_crit
             widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
@@ -172,22 +235,36 @@ def main(argv=None) -> int:
             for name, fit in a.fits.items():
                 for w in fit.warnings:
                     print(f"  note {name}: {w}")
-            if lens == "nqm" and "kfaclike_p1" in s.index and not math.isfinite(float(s.loc["kfaclike_p1"].b_crit)):
-                print("  note kfaclike_p1: P = H with C = H is perfectly conditioned: S halves with every doubling "
-                      "of B down to 1 step, so there is no finite CBS; kfaclike_p0.75 is the K-FAC-like figure.")
+            if (
+                lens == "nqm"
+                and "kfaclike_p1" in s.index
+                and not math.isfinite(float(s.loc["kfaclike_p1"].b_crit))
+            ):
+                print(
+                    "  note kfaclike_p1: P = H with C = H is perfectly conditioned: S halves with every doubling "
+                    "of B down to 1 step, so there is no finite CBS; kfaclike_p0.75 is the K-FAC-like figure."
+                )
             timing = Path(d) / "timing.parquet"
             if timing.exists():
                 import pandas as pd
+
                 tm = pd.read_parquet(timing)
                 frac = tm["replay_seconds"].sum() / tm["seconds"].sum()
                 result[f"{lens}_replay_frac"] = frac
-                print(f"  exact-crossing replays: {int(tm['replayed_cells'].sum())} cells, "
-                      f"{tm['replay_seconds'].sum():.1f} s of {tm['seconds'].sum():.1f} s block time ({frac:.1%})")
+                print(
+                    f"  exact-crossing replays: {int(tm['replayed_cells'].sum())} cells, "
+                    f"{tm['replay_seconds'].sum():.1f} s of {tm['seconds'].sum():.1f} s block time ({frac:.1%})"
+                )
             times[lens] = dt + t_analysis / len(lenses) + (time.perf_counter() - t_lens)
-            print(f"{lens} wall time: {times[lens]:.1f} s (sweep {dt:.1f} s incl. compilation + share of analysis)")
+            print(
+                f"{lens} wall time: {times[lens]:.1f} s (sweep {dt:.1f} s incl. compilation + share of analysis)"
+            )
         total = time.perf_counter() - t_all
         print()
-        print(f"run folders: {base}" + ("" if args.out else " (temporary, deleted; pass --out DIR to keep)"))
+        print(
+            f"run folders: {base}"
+            + ("" if args.out else " (temporary, deleted; pass --out DIR to keep)")
+        )
         print(f"total wall time {total:.1f} s ({mode})")
         parts = [f"{k}={fmt(v).replace(' ', '')}" for k, v in result.items()]
         if "nqm" in times:

@@ -31,8 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-WORKLOADS = {"linreg": "configs/train_linreg_cpu.yaml", "digits": "configs/train_digits_cpu.yaml",
-             "mnist1d": "configs/train_mnist1d_mlp_cpu.yaml"}
+WORKLOADS = {
+    "linreg": "configs/train_linreg_cpu.yaml",
+    "digits": "configs/train_digits_cpu.yaml",
+    "mnist1d": "configs/train_mnist1d_mlp_cpu.yaml",
+}
 
 
 def _overrides(quick: bool, cfg_raw: dict) -> list[str]:
@@ -40,21 +43,29 @@ def _overrides(quick: bool, cfg_raw: dict) -> list[str]:
     opts = cfg_raw["grid"]["optimizers"]
     keep = [o for o in opts if o["kind"] in (("sgd",) if quick else ("sgd", "momentum", "adam"))]
     import yaml
+
     ov.append("grid.optimizers=" + yaml.safe_dump(keep, default_flow_style=True).strip())
     if quick:
         bs = cfg_raw["grid"]["batch_sizes"]
-        ov.append("grid.batch_sizes=" + yaml.safe_dump(dict(bs, step=2), default_flow_style=True).strip())
+        ov.append(
+            "grid.batch_sizes=" + yaml.safe_dump(dict(bs, step=2), default_flow_style=True).strip()
+        )
     return ov
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="runs/bench_predict", help="run folders go here (cleared first)")
+    ap.add_argument(
+        "--out", default="runs/bench_predict", help="run folders go here (cleared first)"
+    )
     ap.add_argument("--only", default=None, help="comma-separated workloads")
-    ap.add_argument("--resume", action="store_true",
-                    help="keep a finished sweep in the folder: forecast over it (anchor read from it, its "
-                         "block time from the timing table) instead of forecasting first and sweeping")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep a finished sweep in the folder: forecast over it (anchor read from it, its "
+        "block time from the timing table) instead of forecasting first and sweeping",
+    )
     args = ap.parse_args()
 
     import jax
@@ -66,8 +77,10 @@ def main() -> int:
     from cbs.sweep.runner import run_sweep
 
     load = os.getloadavg()[0]
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
-          f"jax {jax.__version__}, load {load:.1f} on {os.cpu_count()} cores")
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
+        f"jax {jax.__version__}, load {load:.1f} on {os.cpu_count()} cores"
+    )
     out_root = Path(args.out) / ("quick" if args.quick else "full")
     results, rows = {}, []
     names = args.only.split(",") if args.only else list(WORKLOADS)
@@ -75,7 +88,10 @@ def main() -> int:
     for w in names:
         path = ROOT / WORKLOADS[w]
         out = out_root / w
-        cfg = load_config(path, _overrides(args.quick, read_yaml(path)) + [f"output.dir={out}", "output.plots=false"])
+        cfg = load_config(
+            path,
+            _overrides(args.quick, read_yaml(path)) + [f"output.dir={out}", "output.plots=false"],
+        )
         if args.resume and sweep_is_finished(cfg):
             pre = predict(cfg, PredictOptions(), plots=False, log=lambda s: None)
             sweep_s = pre.costs["sweep_s"]
@@ -90,53 +106,95 @@ def main() -> int:
             sweep_s = time.perf_counter() - t0
         # 3. overlay (anchor read from the finished sweep: the same numbers, no training), and
         #    two ablations: curvature and start at init with the noise at the target; all at init.
-        post = predict(cfg, PredictOptions(), measurement=pre.measurement, target_measurement=pre.calibrated_on,
-                       log=lambda s: None)
+        post = predict(
+            cfg,
+            PredictOptions(),
+            measurement=pre.measurement,
+            target_measurement=pre.calibrated_on,
+            log=lambda s: None,
+        )
         abl = {}
-        for label, o in (("init_noise_target", PredictOptions(measure_at="init")),
-                         ("all_init", PredictOptions(measure_at="init", noise_at="init"))):
-            abl[label] = predict(cfg, o, measurement=pre.measurement, plots=False, log=lambda s: None,
-                                 out_dir=out / f"ablation_{label}").summary.set_index("optimizer")["ratio"]
-        print(f"\n== {w}: {path.relative_to(ROOT)} {' '.join(_overrides(args.quick, read_yaml(path)))}")
+        for label, o in (
+            ("init_noise_target", PredictOptions(measure_at="init")),
+            ("all_init", PredictOptions(measure_at="init", noise_at="init")),
+        ):
+            abl[label] = predict(
+                cfg,
+                o,
+                measurement=pre.measurement,
+                plots=False,
+                log=lambda s: None,
+                out_dir=out / f"ablation_{label}",
+            ).summary.set_index("optimizer")["ratio"]
+        print(
+            f"\n== {w}: {path.relative_to(ROOT)} {' '.join(_overrides(args.quick, read_yaml(path)))}"
+        )
         print(post.text.rsplit("\ncost:", 1)[0])
         own = pre.costs["measure_s"] + pre.costs["anchor_s"] + pre.costs["forecast_s"]
-        print(f"cost: measurement {pre.costs['measure_s']:.1f} s + anchor block {pre.costs['anchor_s']:.1f} s + "
-              f"forecast {pre.costs['forecast_s']:.1f} s = {own:.1f} s vs sweep {sweep_s:.1f} s "
-              f"({100 * own / sweep_s:.0f}%)")
+        print(
+            f"cost: measurement {pre.costs['measure_s']:.1f} s + anchor block {pre.costs['anchor_s']:.1f} s + "
+            f"forecast {pre.costs['forecast_s']:.1f} s = {own:.1f} s vs sweep {sweep_s:.1f} s "
+            f"({100 * own / sweep_s:.0f}%)"
+        )
         results[w] = post.summary.set_index("optimizer")
         for r in post.summary.itertuples():
-            rows.append((w, r.optimizer, r.b_crit_forecast, r.b_crit_measured, r.b_crit_measured_lo,
-                         r.b_crit_measured_hi, r.ratio, r.b_simple_ratio, r.b_noise_ratio,
-                         abl["init_noise_target"].get(r.optimizer, np.nan), abl["all_init"].get(r.optimizer, np.nan),
-                         r.precond_power, own, sweep_s))
+            rows.append(
+                (
+                    w,
+                    r.optimizer,
+                    r.b_crit_forecast,
+                    r.b_crit_measured,
+                    r.b_crit_measured_lo,
+                    r.b_crit_measured_hi,
+                    r.ratio,
+                    r.b_simple_ratio,
+                    r.b_noise_ratio,
+                    abl["init_noise_target"].get(r.optimizer, np.nan),
+                    abl["all_init"].get(r.optimizer, np.nan),
+                    r.precond_power,
+                    own,
+                    sweep_s,
+                )
+            )
 
-    print("\n| workload | optimizer | B_crit forecast | measured [95% CI] | forecast/measured | "
-          "B_simple/measured | B_noise/measured | ablation: C, m0 at init | ablation: all at init | p | "
-          "cost predict / sweep |")
+    print(
+        "\n| workload | optimizer | B_crit forecast | measured [95% CI] | forecast/measured | "
+        "B_simple/measured | B_noise/measured | ablation: C, m0 at init | ablation: all at init | p | "
+        "cost predict / sweep |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     f = lambda x: "-" if x is None or not np.isfinite(x) else f"{x:.3g}"
     for w, o, bf, bm, lo, hi, r, rs, rn, a1, a2, p, own, sw in rows:
-        print(f"| {w} | {o} | {f(bf)} | {f(bm)} [{f(lo)}, {f(hi)}] | {f(r)} | {f(rs)} | {f(rn)} | {f(a1)} | "
-              f"{f(a2)} | {f(p)} | {own:.0f} s / {sw:.0f} s ({100 * own / sw:.0f}%) |")
+        print(
+            f"| {w} | {o} | {f(bf)} | {f(bm)} [{f(lo)}, {f(hi)}] | {f(r)} | {f(rs)} | {f(rn)} | {f(a1)} | "
+            f"{f(a2)} | {f(p)} | {own:.0f} s / {sw:.0f} s ({100 * own / sw:.0f}%) |"
+        )
 
     def get(w, col):
         try:
             return float(results[w].loc["sgd", col])
         except KeyError:
             return float("nan")
+
     inside = results.get("linreg") is not None and bool(results["linreg"].loc["sgd", "inside_ci"])
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s; git {_git()}")
-    print(f"RESULT linreg_ratio={get('linreg', 'ratio'):.3g} digits_ratio={get('digits', 'ratio'):.3g} "
-          f"mnist1d_ratio={get('mnist1d', 'ratio'):.3g} linreg_inside_ci={'yes' if inside else 'no'} "
-          f"bsimple_digits_ratio={get('digits', 'b_simple_ratio'):.3g} "
-          f"bsimple_mnist1d_ratio={get('mnist1d', 'b_simple_ratio'):.3g}")
+    print(
+        f"RESULT linreg_ratio={get('linreg', 'ratio'):.3g} digits_ratio={get('digits', 'ratio'):.3g} "
+        f"mnist1d_ratio={get('mnist1d', 'ratio'):.3g} linreg_inside_ci={'yes' if inside else 'no'} "
+        f"bsimple_digits_ratio={get('digits', 'b_simple_ratio'):.3g} "
+        f"bsimple_mnist1d_ratio={get('mnist1d', 'b_simple_ratio'):.3g}"
+    )
     return 0
 
 
 def _git() -> str:
     try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=False).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
     except OSError:
         return "?"
 

@@ -29,7 +29,7 @@ def _wrap(module, name: str, stage: str, inner: bool = False):
 
     def timed(*args, **kwargs):
         if _depth[0] and not inner:
-            return fn(*args, **kwargs)          # nested: counted by the outer stage
+            return fn(*args, **kwargs)  # nested: counted by the outer stage
         _depth[0] += 0 if inner else 1
         w, c = time.perf_counter(), time.process_time()
         try:
@@ -38,32 +38,44 @@ def _wrap(module, name: str, stage: str, inner: bool = False):
             STAGES[stage][0] += time.perf_counter() - w
             STAGES[stage][1] += time.process_time() - c
             _depth[0] -= 0 if inner else 1
+
     setattr(module, name, timed)
 
 
 def main() -> int:
     from cbs.sweep import __main__ as cli
+
     imports = (time.perf_counter() - T0_WALL, time.process_time() - T0_CPU)
     import cbs.analysis._plots as plots
     import cbs.nqm.backend as nqm_backend
+
     for fname in ("plot_steps_vs_batch", "plot_best_lr", "plot_data_efficiency"):
         _wrap(plots, fname, "plots (3 PNGs)", inner=True)
     _wrap(nqm_backend, "refine_lr", "LR refinement (batched golden section)")
     _wrap(nqm_backend, "evaluate_grid", "main grid (evaluate_grid)")
     _wrap(nqm_backend, "expected_risk", "risk curves")
     import cbs.analysis._report as report
+
     _wrap(report, "analyze_run", "analysis incl. plots")
     rc = cli.main(sys.argv[1:])
     total = (time.perf_counter() - T0_WALL, time.process_time() - T0_CPU)
     load = os.getloadavg()
-    print(f"\nprofile (load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} cores):")
+    print(
+        f"\nprofile (load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {os.cpu_count()} cores):"
+    )
     rows = [("imports (cbs CLI)", *imports)] + [(k, *v) for k, v in STAGES.items()]
     plots_row = STAGES.get("plots (3 PNGs)", [0.0, 0.0])
     if "analysis incl. plots" in STAGES:
-        rows = [r if r[0] != "analysis incl. plots" else
-                ("analysis without plots", r[1] - plots_row[0], r[2] - plots_row[1]) for r in rows]
+        rows = [
+            r
+            if r[0] != "analysis incl. plots"
+            else ("analysis without plots", r[1] - plots_row[0], r[2] - plots_row[1])
+            for r in rows
+        ]
     accounted = [sum(r[1] for r in rows), sum(r[2] for r in rows)]
-    rows.append(("rest (runner, Parquet I/O, printing)", total[0] - accounted[0], total[1] - accounted[1]))
+    rows.append(
+        ("rest (runner, Parquet I/O, printing)", total[0] - accounted[0], total[1] - accounted[1])
+    )
     for name, w, c in rows:
         print(f"  {name:42s} {w:7.2f} s wall {c:7.2f} s CPU")
     print(f"  {'total (after Python start-up)':42s} {total[0]:7.2f} s wall {total[1]:7.2f} s CPU")

@@ -40,18 +40,40 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIGS = ["train_digits_cpu", "train_linreg_cpu", "train_mnist1d_mlp_cpu", "train_tiny_lm_cpu"]
 FULL_CONFIGS = ["train_digits", "train_linreg", "train_mnist1d_mlp", "train_tiny_lm"]
-OUTCOME = ["cell_id", "optimizer", "batch_size", "lr", "seed", "reached", "diverged", "censored",
-           "steps_to_target", "final_metric", "best_metric", "steps_run"]
-QUICK = ["configs/train_linreg_cpu.yaml", "grid.batch_sizes=[4,16,64,256]",
-         "grid.learning_rates={log10_min: -2, log10_max: -0.5, num: 8}",
-         "grid.optimizers=[{kind: sgd}, {kind: adam, learning_rates: [0.003, 0.01, 0.03, 0.1]}]",
-         "budget.max_steps=600", "budget.eval_every=20", "train.noise_scale.enabled=false",
-         "train.num_samples=2048", "target.value=0.02"]
+OUTCOME = [
+    "cell_id",
+    "optimizer",
+    "batch_size",
+    "lr",
+    "seed",
+    "reached",
+    "diverged",
+    "censored",
+    "steps_to_target",
+    "final_metric",
+    "best_metric",
+    "steps_run",
+]
+QUICK = [
+    "configs/train_linreg_cpu.yaml",
+    "grid.batch_sizes=[4,16,64,256]",
+    "grid.learning_rates={log10_min: -2, log10_max: -0.5, num: 8}",
+    "grid.optimizers=[{kind: sgd}, {kind: adam, learning_rates: [0.003, 0.01, 0.03, 0.1]}]",
+    "budget.max_steps=600",
+    "budget.eval_every=20",
+    "train.noise_scale.enabled=false",
+    "train.num_samples=2048",
+    "target.value=0.02",
+]
 
 
 def _env(devices: int = 1) -> dict:
-    env = {**os.environ, "CBS_JAX_CACHE": "off", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "CBS_JAX_CACHE": "off",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
     if devices > 1:
         flags.append(f"--xla_force_host_platform_device_count={devices}")
@@ -60,9 +82,23 @@ def _env(devices: int = 1) -> dict:
 
 
 def _sweep(args: list[str], out: Path, env: dict, extra: list[str] = ()) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cbs.sweep", *args, f"output.dir={out}", "--no-progress",
-                             "--no-analysis", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cbs.sweep",
+            *args,
+            f"output.dir={out}",
+            "--no-progress",
+            "--no-analysis",
+            *extra,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait(procs) -> None:
@@ -80,8 +116,24 @@ def _timed(args, out, env, n_procs=1) -> float:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        _wait([_sweep(args, out, env, ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n_procs),
-                                       "--process-id", str(i)]) for i in range(n_procs)])
+        _wait(
+            [
+                _sweep(
+                    args,
+                    out,
+                    env,
+                    [
+                        "--coordinator",
+                        f"127.0.0.1:{port}",
+                        "--num-processes",
+                        str(n_procs),
+                        "--process-id",
+                        str(i),
+                    ],
+                )
+                for i in range(n_procs)
+            ]
+        )
     return time.perf_counter() - t0
 
 
@@ -92,6 +144,7 @@ def _outcomes(out: Path) -> pd.DataFrame:
 
 def quick() -> str:
     from cbs.store import read_sessions
+
     with tempfile.TemporaryDirectory(prefix="cbs_scale_") as tmp:
         tmp = Path(tmp)
         t1 = _timed(QUICK, tmp / "d1", _env(1))
@@ -99,18 +152,26 @@ def quick() -> str:
         p2 = _timed(QUICK, tmp / "p2", _env(1), n_procs=2)
         tables = [_outcomes(tmp / d) for d in ("d1", "d2", "p2")]
         identical = all(t.equals(tables[0]) for t in tables[1:])
-        loads = [sum(v[0] for v in (s.get("block_seconds") or {}).values()) for s in read_sessions(tmp / "p2")]
+        loads = [
+            sum(v[0] for v in (s.get("block_seconds") or {}).values())
+            for s in read_sessions(tmp / "p2")
+        ]
         imb = max(loads) / (sum(loads) / len(loads)) if loads and sum(loads) > 0 else float("nan")
     load = os.getloadavg()[0]
-    print(f"1 device {t1:.1f} s, 2 devices {t2:.1f} s, 2 processes {p2:.1f} s (wall, each a fresh "
-          f"process; load average {load:.1f} on {os.cpu_count()} cores)")
-    return (f"RESULT speedup_devices={t1 / t2:.2f} speedup_processes={t1 / p2:.2f} "
-            f"identical={'yes' if identical else 'no'} imbalance={imb:.2f}")
+    print(
+        f"1 device {t1:.1f} s, 2 devices {t2:.1f} s, 2 processes {p2:.1f} s (wall, each a fresh "
+        f"process; load average {load:.1f} on {os.cpu_count()} cores)"
+    )
+    return (
+        f"RESULT speedup_devices={t1 / t2:.2f} speedup_processes={t1 / p2:.2f} "
+        f"identical={'yes' if identical else 'no'} imbalance={imb:.2f}"
+    )
 
 
 def _measured(name: str, runs: Path) -> dict[str, float]:
     """Per-block seconds of one single-process run of configs/NAME.yaml (run if absent)."""
     from cbs.store import read_sessions
+
     out = runs / name
     if not (out / "results.parquet").exists():
         print(f"running {name} once to measure its blocks ...", flush=True)
@@ -128,14 +189,18 @@ def _estimates(name: str) -> dict[str, float]:
     from cbs.sweep.backend import get_backend
     from cbs.sweep.config import load_config
     from cbs.sweep.runner import block_costs, plan
+
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     return block_costs(cfg, plan(cfg), get_backend(cfg.backend)(cfg))
 
 
 def full(runs: Path, configs: list[str]) -> list[str]:
     from cbs.sweep.shards import cost_assignment, hash_assignment, imbalance
-    lines = ["| config | blocks | truth | N | hash | cost (estimate) | cost (measured) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    lines = [
+        "| config | blocks | truth | N | hash | cost (estimate) | cost (measured) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     worst = 0.0
     for name in configs:
         est = _estimates(name)
@@ -147,15 +212,19 @@ def full(runs: Path, configs: list[str]) -> list[str]:
             m = imbalance(cost_assignment(truth, n), truth, n)
             if not full_size:
                 worst = max(worst, c)
-            lines.append(f"| {name} | {len(truth)} | {'estimate' if full_size else 'measured'} | {n} | "
-                         f"{h:.2f} | {c:.2f} | {m:.2f} |")
+            lines.append(
+                f"| {name} | {len(truth)} | {'estimate' if full_size else 'measured'} | {n} | "
+                f"{h:.2f} | {c:.2f} | {m:.2f} |"
+            )
     lines.append(f"worst estimated-cost imbalance over measured configs: {worst:.2f} (goal <= 1.2)")
     return lines
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="1 vs 2 devices and processes on a small sweep")
+    p.add_argument(
+        "--quick", action="store_true", help="1 vs 2 devices and processes on a small sweep"
+    )
     p.add_argument("--runs", default=None, help="folder for (and reuse of) the measuring runs")
     p.add_argument("--configs", nargs="*", default=CPU_CONFIGS + FULL_CONFIGS)
     args = p.parse_args()

@@ -33,8 +33,16 @@ from cbs.train.direct import make_block
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
-TINY_LM = dict(dataset="text", model="transformer", width=32, depth=2, heads=4, seq_len=32, val_fraction=0.1,
-               eval_batch=512)
+TINY_LM = dict(
+    dataset="text",
+    model="transformer",
+    width=32,
+    depth=2,
+    heads=4,
+    seq_len=32,
+    val_fraction=0.1,
+    eval_batch=512,
+)
 
 
 def timed_block(args, step_aware: bool) -> tuple[float, float]:
@@ -42,17 +50,25 @@ def timed_block(args, step_aware: bool) -> tuple[float, float]:
     saved = optimizers.STEP_AWARE
     optimizers.STEP_AWARE = frozenset({"soap"}) if step_aware else frozenset()
     try:
-        cfg = load_config(dict(
-            name="soap_vmap", backend="train",
-            grid=dict(batch_sizes=[args.batch], learning_rates=[1e-3], optimizers=[dict(kind="soap")]),
-            target=dict(metric="val_loss", value=1e-6), budget=dict(max_steps=args.steps, eval_every=args.eval_every),
-            analysis=dict(tokens_per_example=TINY_LM["seq_len"]),
-            train=dict(TINY_LM, steps_per_call=args.steps_per_call)))
+        cfg = load_config(
+            dict(
+                name="soap_vmap",
+                backend="train",
+                grid=dict(
+                    batch_sizes=[args.batch], learning_rates=[1e-3], optimizers=[dict(kind="soap")]
+                ),
+                target=dict(metric="val_loss", value=1e-6),
+                budget=dict(max_steps=args.steps, eval_every=args.eval_every),
+                analysis=dict(tokens_per_example=TINY_LM["seq_len"]),
+                train=dict(TINY_LM, steps_per_call=args.steps_per_call),
+            )
+        )
         be = TrainBackend(cfg)
         _ = be.problem  # data and model outside the timing (same on both sides)
         lrs = [1e-3 * 2**i for i in range(args.cells)]
         block = make_block("soap", args.batch, lrs, seeds=(0,))
         from cbs.train import loop
+
         times = []
         real_call = None
 
@@ -66,12 +82,15 @@ def timed_block(args, step_aware: bool) -> tuple[float, float]:
                 jax.block_until_ready(out)
                 times.append(time.perf_counter() - t)
                 return out
+
             run.call = call
             return run
 
         run = wrap(be._run_for("soap", block.schedule))
         t0 = time.perf_counter()
-        loop.run_vmapped_block(be.problem, block, be.options(), run, list(optimizers.OPTIMIZERS["soap"].hparams))
+        loop.run_vmapped_block(
+            be.problem, block, be.options(), run, list(optimizers.OPTIMIZERS["soap"].hparams)
+        )
         wall = time.perf_counter() - t0
         per_step = min(times[1:]) / args.steps_per_call if len(times) > 1 else float("nan")
         return wall, per_step
@@ -88,15 +107,23 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
-    print(f"device: {dev.platform} {dev.device_kind}; {args.cells} SOAP cells vmapped, batch {args.batch}, "
-          f"{args.steps} steps, refresh every 10 steps")
+    print(
+        f"device: {dev.platform} {dev.device_kind}; {args.cells} SOAP cells vmapped, batch {args.batch}, "
+        f"{args.steps} steps, refresh every 10 steps"
+    )
     ours_wall, ours_step = timed_block(args, True)
     base_wall, base_step = timed_block(args, False)
-    print(f"ours (refresh on refresh steps): block {ours_wall:.2f} s incl. compile, {ours_step * 1e3:.2f} ms/step")
-    print(f"baseline (every branch every step): block {base_wall:.2f} s incl. compile, "
-          f"{base_step * 1e3:.2f} ms/step")
-    print(f"RESULT speedup={base_wall / ours_wall:.2f} step_speedup={base_step / ours_step:.2f} "
-          f"ours_s={ours_wall:.2f} baseline_s={base_wall:.2f}")
+    print(
+        f"ours (refresh on refresh steps): block {ours_wall:.2f} s incl. compile, {ours_step * 1e3:.2f} ms/step"
+    )
+    print(
+        f"baseline (every branch every step): block {base_wall:.2f} s incl. compile, "
+        f"{base_step * 1e3:.2f} ms/step"
+    )
+    print(
+        f"RESULT speedup={base_wall / ours_wall:.2f} step_speedup={base_step / ours_step:.2f} "
+        f"ours_s={ours_wall:.2f} baseline_s={base_wall:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ def baseline(be: TrainBackend, block, max_steps: int, eval_every: int):
         def step(params, opt_state, idx):
             def loss(pr):
                 return loss_and_error(p.task, p.model.apply(pr, xt[idx]), yt[idx])[0]
+
             l, g = jax.value_and_grad(loss)(params)
             # a new closure per configuration, as such loops are written
             u, opt_state = tx.update(g, opt_state, params)  # noqa: B023
@@ -86,10 +87,12 @@ def baseline(be: TrainBackend, block, max_steps: int, eval_every: int):
         t1 = time.perf_counter()
         vals = [float(evaluate(params)[0])]
         for s in range(1, max_steps + 1):
-            params, opt_state, _ = step(params, opt_state, jnp.asarray(stream.take(block.batch_size)))
+            params, opt_state, _ = step(
+                params, opt_state, jnp.asarray(stream.take(block.batch_size))
+            )
             if s == 1:
                 jax.block_until_ready(params)
-                first_calls += time.perf_counter() - t1   # both compiles and one step
+                first_calls += time.perf_counter() - t1  # both compiles and one step
             if s % eval_every == 0:
                 vals.append(float(evaluate(params)[0]))
         curves.append(np.array(vals))
@@ -117,7 +120,9 @@ def strong_baseline(be: TrainBackend, block, max_steps: int, eval_every: int):
 
         def step(carry, ix):
             params, opt_state = carry
-            g = jax.grad(lambda pr: loss_and_error(p.task, p.model.apply(pr, xt[ix]), yt[ix])[0])(params)
+            g = jax.grad(lambda pr: loss_and_error(p.task, p.model.apply(pr, xt[ix]), yt[ix])[0])(
+                params
+            )
             u, opt_state = tx.update(g, opt_state, params)
             return (optax.apply_updates(params, u), opt_state), None
 
@@ -139,9 +144,19 @@ def strong_baseline(be: TrainBackend, block, max_steps: int, eval_every: int):
     for cell in block.cells:
         params = p.model.init(jax.random.PRNGKey(cell.seed), xt[:1])
         stream = IndexStream(cell.seed, p.num_train)
-        idx = np.stack([stream.take(block.batch_size) for _ in range(n_evals * eval_every)]).astype(np.int32)
-        curves.append(np.asarray(compiled(params, jnp.float32(cell.lr), jnp.float32(cell.hparams["momentum"]),
-                                          jnp.asarray(idx.reshape(n_evals, eval_every, -1)))))
+        idx = np.stack([stream.take(block.batch_size) for _ in range(n_evals * eval_every)]).astype(
+            np.int32
+        )
+        curves.append(
+            np.asarray(
+                compiled(
+                    params,
+                    jnp.float32(cell.lr),
+                    jnp.float32(cell.hparams["momentum"]),
+                    jnp.asarray(idx.reshape(n_evals, eval_every, -1)),
+                )
+            )
+        )
     run_s = time.perf_counter() - t1
     return time.perf_counter() - t0, run_s, compile_s, curves
 
@@ -152,7 +167,10 @@ def step_flops(be: TrainBackend, batch_size: int) -> float:
     params = p.init_params(0)
 
     def f(params, idx):
-        return jax.grad(lambda pr: loss_and_error(p.task, p.model.apply(pr, p.x_train[idx]), p.y_train[idx])[0])(params)
+        return jax.grad(
+            lambda pr: loss_and_error(p.task, p.model.apply(pr, p.x_train[idx]), p.y_train[idx])[0]
+        )(params)
+
     cost = jax.jit(f).lower(params, jnp.zeros(batch_size, jnp.int32)).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", np.nan))
@@ -170,26 +188,37 @@ def main():
     # Stable LRs only: near the edge of stability vmapped and single-cell rounding differ
     # and chaotic trajectories amplify it, which would spoil the same-work check.
     lrs = list(np.logspace(-3, -1, n_lr))
-    cfg = make_config(dict(dataset="mnist1d", model="mlp", width=width, depth=2, steps_per_call=steps),
-                      metric="val_loss", value=1e-9, max_steps=steps, eval_every=every,
-                      batch_sizes=[args.batch_size], kinds=["momentum"], name="bench")
+    cfg = make_config(
+        dict(dataset="mnist1d", model="mlp", width=width, depth=2, steps_per_call=steps),
+        metric="val_loss",
+        value=1e-9,
+        max_steps=steps,
+        eval_every=every,
+        batch_sizes=[args.batch_size],
+        kinds=["momentum"],
+        name="bench",
+    )
     be = TrainBackend(cfg)
     _ = be.problem  # data generation is not part of either timing
     block = make_block("momentum", args.batch_size, lrs, hparams=dict(momentum=moms), seeds=seeds)
     n = len(block.cells)
 
     peak = matmul_flops_per_s()
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), measured f32 matmul "
-          f"{peak / 1e9:.1f} GFLOP/s")
-    print(f"workload: MNIST-1D MLP width {width} depth 2, momentum SGD, B={args.batch_size}, {n} cells "
-          f"({n_lr} LRs x {len(moms)} momenta x {len(seeds)} seeds), {steps} steps, eval every {every}")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), measured f32 matmul "
+        f"{peak / 1e9:.1f} GFLOP/s"
+    )
+    print(
+        f"workload: MNIST-1D MLP width {width} depth 2, momentum SGD, B={args.batch_size}, {n} cells "
+        f"({n_lr} LRs x {len(moms)} momenta x {len(seeds)} seeds), {steps} steps, eval every {every}"
+    )
 
     load = os.getloadavg()
     t0 = time.perf_counter()
     res = be.run_blocks([block])[0]
     ours = time.perf_counter() - t0
     t0 = time.perf_counter()
-    be.run_blocks([block])                       # same back end: its programs are cached
+    be.run_blocks([block])  # same back end: its programs are cached
     ours_run = time.perf_counter() - t0
     strong, strong_run, strong_compile, strong_curves = strong_baseline(be, block, steps, every)
     base, base_run, base_curves = baseline(be, block, steps, every)
@@ -198,31 +227,47 @@ def main():
         # Same work: the implementations must agree on the curves (stable LRs).
         diffs = []
         for cell, bc in zip(block.cells, curves):
-            oc = res.curves[res.curves.cell_id == cell.cell_id].sort_values("step").val_loss.to_numpy()
+            oc = (
+                res.curves[res.curves.cell_id == cell.cell_id]
+                .sort_values("step")
+                .val_loss.to_numpy()
+            )
             if np.all(np.isfinite(oc)) and np.all(np.isfinite(bc)):
                 diffs.append(float(np.max(np.abs(oc - bc) / np.maximum(1.0, np.abs(bc)))))
         return np.array(diffs)
 
     flops = step_flops(be, args.batch_size) * n * steps
-    print(f"load average before the timings: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2-core machine: "
-          f"anything above ~2 slows every side)")
-    print(f"{'':34s}{'incl. compile':>14s}{'run only':>10s}{'cells/s':>9s}  {'% of matmul peak (run only)':>28s}")
-    for name, tot, run in (("ours (vmapped block)", ours, ours_run),
-                           ("strong (1 program, scan, traced)", strong, strong_run),
-                           ("naive (per-config jitted loop)", base, base_run)):
-        print(f"{name:34s}{tot:12.2f} s{run:8.2f} s{n / tot:9.2f}  {flops / run / 1e9:10.2f} GFLOP/s = "
-              f"{flops / run / peak:6.1%}")
+    print(
+        f"load average before the timings: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2-core machine: "
+        f"anything above ~2 slows every side)"
+    )
+    print(
+        f"{'':34s}{'incl. compile':>14s}{'run only':>10s}{'cells/s':>9s}  {'% of matmul peak (run only)':>28s}"
+    )
+    for name, tot, run in (
+        ("ours (vmapped block)", ours, ours_run),
+        ("strong (1 program, scan, traced)", strong, strong_run),
+        ("naive (per-config jitted loop)", base, base_run),
+    ):
+        print(
+            f"{name:34s}{tot:12.2f} s{run:8.2f} s{n / tot:9.2f}  {flops / run / 1e9:10.2f} GFLOP/s = "
+            f"{flops / run / peak:6.1%}"
+        )
     print(f"strong baseline compile: {strong_compile:.2f} s (once, for all configurations)")
     # Rounding differs between batched and single matmuls; trajectories at the larger LRs
     # amplify it over many steps (chaotic late training), so report how many agree.
     for name, curves in (("strong", strong_curves), ("naive", base_curves)):
         d = agreement(curves)
-        print(f"curves ours vs {name}: {np.sum(d < 1e-4)}/{n} cells agree to 1e-4 (relative); "
-              f"median difference {np.median(d):.1e}, max {np.max(d):.1e}")
-    print(f"RESULT speedup={base / ours:.2f} speedup_strong={strong / ours:.2f} "
-          f"speedup_run_only={base_run / ours_run:.2f} speedup_strong_run_only={strong_run / ours_run:.2f} "
-          f"ours_s={ours:.2f} strong_s={strong:.2f} baseline_s={base:.2f} ours_run_s={ours_run:.2f} "
-          f"strong_run_s={strong_run:.2f} baseline_run_s={base_run:.2f} load={load[0]:.2f}")
+        print(
+            f"curves ours vs {name}: {np.sum(d < 1e-4)}/{n} cells agree to 1e-4 (relative); "
+            f"median difference {np.median(d):.1e}, max {np.max(d):.1e}"
+        )
+    print(
+        f"RESULT speedup={base / ours:.2f} speedup_strong={strong / ours:.2f} "
+        f"speedup_run_only={base_run / ours_run:.2f} speedup_strong_run_only={strong_run / ours_run:.2f} "
+        f"ours_s={ours:.2f} strong_s={strong:.2f} baseline_s={base:.2f} ours_run_s={ours_run:.2f} "
+        f"strong_run_s={strong_run:.2f} baseline_run_s={base_run:.2f} load={load[0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

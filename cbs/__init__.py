@@ -20,13 +20,22 @@ from cbs.errors import AnalysisError, CbsError, ConfigError, RunFolderError
 
 __version__ = "0.1.0"
 
-__all__ = ["run", "load", "Results", "CbsError", "ConfigError", "AnalysisError", "RunFolderError",
-           "__version__"]
+__all__ = [
+    "run",
+    "load",
+    "Results",
+    "CbsError",
+    "ConfigError",
+    "AnalysisError",
+    "RunFolderError",
+    "__version__",
+]
 
 
 def __getattr__(name: str):
     # run / load / Results import JAX and pandas; `import cbs` stays light until they are used.
     if name in ("run", "load", "Results"):
         from cbs import api
+
         return getattr(api, name)
     raise AttributeError(f"module 'cbs' has no attribute {name!r}")

@@ -43,52 +43,119 @@ exit status: 0 on success, 2 on a usage error or a missing/invalid run folder.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cbs.analyze", description=_DESCRIPTION, epilog=_EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help="run folder(s) written by the sweep runner (results.parquet, or parts/ while running)")
-    p.add_argument("--delta", type=float, default=None,
-                   help="overhead over perfect linear scaling that defines B* and the knee (default: "
-                        "config analysis.delta, else 0.2)")
-    p.add_argument("--b0", type=float, default=None,
-                   help="anchor batch size of B* and the knee, in examples (default: config analysis.b0, "
-                        "else the smallest swept batch size; 256 reproduces Zhang et al.)")
-    p.add_argument("--bootstrap", type=int, default=None, metavar="N",
-                   help="bootstrap resamples for the intervals; 0 = no intervals (default: config "
-                        "analysis.bootstrap, else 1000)")
-    p.add_argument("--ci", type=float, default=0.95, metavar="LEVEL",
-                   help="level of the percentile intervals (default 0.95)")
+    p = argparse.ArgumentParser(
+        prog="python -m cbs.analyze",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run folder(s) written by the sweep runner (results.parquet, or parts/ while running)",
+    )
+    p.add_argument(
+        "--delta",
+        type=float,
+        default=None,
+        help="overhead over perfect linear scaling that defines B* and the knee (default: "
+        "config analysis.delta, else 0.2)",
+    )
+    p.add_argument(
+        "--b0",
+        type=float,
+        default=None,
+        help="anchor batch size of B* and the knee, in examples (default: config analysis.b0, "
+        "else the smallest swept batch size; 256 reproduces Zhang et al.)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=None,
+        metavar="N",
+        help="bootstrap resamples for the intervals; 0 = no intervals (default: config "
+        "analysis.bootstrap, else 1000)",
+    )
+    p.add_argument(
+        "--ci",
+        type=float,
+        default=0.95,
+        metavar="LEVEL",
+        help="level of the percentile intervals (default 0.95)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
-    p.add_argument("--form", choices=["mcCandlish", "general"], default="mcCandlish",
-                   help="S(B) model: mcCandlish = S_min (1 + B_crit/B) (default); general = "
-                        "S_min (1 + (B_crit/B)^alpha) with alpha fitted")
-    p.add_argument("--units", choices=["auto", "examples", "tokens"], default="auto",
-                   help="batch-size unit of every output: examples, or tokens = examples x tokens_per_example "
-                        "(default auto: tokens when tokens_per_example > 1)")
-    p.add_argument("--tokens-per-example", type=int, default=None, metavar="T",
-                   help="tokens per example (sequence length), overriding the results' tokens_per_example column")
-    p.add_argument("--no-tuned", action="store_true",
-                   help="ignore tuned.parquet (the continuously refined LR optimum the NQM back end writes); "
-                        "use the grid's cells only")
-    p.add_argument("--interpolated", action="store_true",
-                   help="use steps linearly interpolated between evaluations (steps_interpolated) instead "
-                        "of the first evaluated crossing")
-    p.add_argument("--uncertified", action="store_true",
-                   help="also fit points whose first crossing is not proven (crossing_exact / crossing_certified "
-                        "0); by default they are excluded and counted in the report")
+    p.add_argument(
+        "--form",
+        choices=["mcCandlish", "general"],
+        default="mcCandlish",
+        help="S(B) model: mcCandlish = S_min (1 + B_crit/B) (default); general = "
+        "S_min (1 + (B_crit/B)^alpha) with alpha fitted",
+    )
+    p.add_argument(
+        "--units",
+        choices=["auto", "examples", "tokens"],
+        default="auto",
+        help="batch-size unit of every output: examples, or tokens = examples x tokens_per_example "
+        "(default auto: tokens when tokens_per_example > 1)",
+    )
+    p.add_argument(
+        "--tokens-per-example",
+        type=int,
+        default=None,
+        metavar="T",
+        help="tokens per example (sequence length), overriding the results' tokens_per_example column",
+    )
+    p.add_argument(
+        "--no-tuned",
+        action="store_true",
+        help="ignore tuned.parquet (the continuously refined LR optimum the NQM back end writes); "
+        "use the grid's cells only",
+    )
+    p.add_argument(
+        "--interpolated",
+        action="store_true",
+        help="use steps linearly interpolated between evaluations (steps_interpolated) instead "
+        "of the first evaluated crossing",
+    )
+    p.add_argument(
+        "--uncertified",
+        action="store_true",
+        help="also fit points whose first crossing is not proven (crossing_exact / crossing_certified "
+        "0); by default they are excluded and counted in the report",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots and report.md")
-    p.add_argument("--no-write", action="store_true",
-                   help="write nothing into the run folders (print only; a comparison is written only with --out)")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="folder for the comparison files of several runs (default: the first run folder)")
-    p.add_argument("--scale-key", default=None, metavar="KEY",
-                   help="dotted key in each run's config.yaml (or manifest.json) giving its model or data "
-                        "size, e.g. train.model.params; fits B_crit = c * scale^beta (and B* likewise) across the runs")
-    p.add_argument("--scale-values", default=None, metavar="X1,X2,...",
-                   help="explicit scales, one per run in order (instead of --scale-key)")
-    p.add_argument("--targets", default=None, metavar="T1,T2,...",
-                   help="also fit the CBS at these targets, with steps read off curves.parquet (McCandlish/Kaplan "
-                        "per-target fits); writes cbs_targets.parquet/.json and cbs_vs_target.png per run")
+    p.add_argument(
+        "--no-write",
+        action="store_true",
+        help="write nothing into the run folders (print only; a comparison is written only with --out)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="folder for the comparison files of several runs (default: the first run folder)",
+    )
+    p.add_argument(
+        "--scale-key",
+        default=None,
+        metavar="KEY",
+        help="dotted key in each run's config.yaml (or manifest.json) giving its model or data "
+        "size, e.g. train.model.params; fits B_crit = c * scale^beta (and B* likewise) across the runs",
+    )
+    p.add_argument(
+        "--scale-values",
+        default=None,
+        metavar="X1,X2,...",
+        help="explicit scales, one per run in order (instead of --scale-key)",
+    )
+    p.add_argument(
+        "--targets",
+        default=None,
+        metavar="T1,T2,...",
+        help="also fit the CBS at these targets, with steps read off curves.parquet (McCandlish/Kaplan "
+        "per-target fits); writes cbs_targets.parquet/.json and cbs_vs_target.png per run",
+    )
     p.add_argument("--quiet", action="store_true", help="print only the short summary")
     return p
 
@@ -100,9 +167,20 @@ def main(argv: list[str] | None = None) -> int:
     from cbs.analysis import analyze_run, compare_runs, short_summary
     from cbs.errors import AnalysisError, CbsError
 
-    options = dict(delta=args.delta, b0=args.b0, n_boot=args.bootstrap, tokens_per_example=args.tokens_per_example,
-                   unit=args.units, form=args.form, use_tuned=not args.no_tuned, interpolated=args.interpolated,
-                   ci_level=args.ci, seed=args.seed, write=not args.no_write, uncertified=args.uncertified)
+    options = dict(
+        delta=args.delta,
+        b0=args.b0,
+        n_boot=args.bootstrap,
+        tokens_per_example=args.tokens_per_example,
+        unit=args.units,
+        form=args.form,
+        use_tuned=not args.no_tuned,
+        interpolated=args.interpolated,
+        ci_level=args.ci,
+        seed=args.seed,
+        write=not args.no_write,
+        uncertified=args.uncertified,
+    )
     plots = False if args.no_plots else None
     try:
         if not 0 < args.ci < 1:
@@ -112,22 +190,31 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 scale_values = [float(v) for v in args.scale_values.split(",")]
             except ValueError:
-                raise AnalysisError(f"--scale-values must be comma-separated numbers; got {args.scale_values!r}") \
-                    from None
+                raise AnalysisError(
+                    f"--scale-values must be comma-separated numbers; got {args.scale_values!r}"
+                ) from None
         targets = None
         if args.targets:
             try:
                 targets = [float(v) for v in args.targets.split(",")]
             except ValueError:
-                raise AnalysisError(f"--targets must be comma-separated numbers; got {args.targets!r}") from None
+                raise AnalysisError(
+                    f"--targets must be comma-separated numbers; got {args.targets!r}"
+                ) from None
         if len(args.run_dirs) == 1 and not (args.scale_key or scale_values):
             analysis = analyze_run(args.run_dirs[0], plots=plots, **options)
             print(short_summary(analysis) if args.quiet else analysis.text)
             if not args.quiet and analysis.files:
                 print("wrote " + ", ".join(str(f) for f in analysis.files))
         else:
-            comp = compare_runs(args.run_dirs, out=args.out, scale_key=args.scale_key, scale_values=scale_values,
-                                plots=plots, **options)
+            comp = compare_runs(
+                args.run_dirs,
+                out=args.out,
+                scale_key=args.scale_key,
+                scale_values=scale_values,
+                plots=plots,
+                **options,
+            )
             for a in comp.runs:
                 print(short_summary(a) if args.quiet else a.text)
             print(comp.text)
@@ -135,16 +222,27 @@ def main(argv: list[str] | None = None) -> int:
                 print("wrote " + ", ".join(str(f) for f in comp.files))
         if targets:
             from cbs.analysis import analyze_targets
+
             for run_dir in args.run_dirs:
-                sweep = analyze_targets(run_dir, targets, delta=args.delta, b0=args.b0, n_boot=args.bootstrap,
-                                        tokens_per_example=args.tokens_per_example, unit=args.units,
-                                        form=args.form, ci_level=args.ci, seed=args.seed,
-                                        plots=not args.no_plots, write=not args.no_write)
+                sweep = analyze_targets(
+                    run_dir,
+                    targets,
+                    delta=args.delta,
+                    b0=args.b0,
+                    n_boot=args.bootstrap,
+                    tokens_per_example=args.tokens_per_example,
+                    unit=args.units,
+                    form=args.form,
+                    ci_level=args.ci,
+                    seed=args.seed,
+                    plots=not args.no_plots,
+                    write=not args.no_write,
+                )
                 print(sweep.text)
-    except CbsError as e:   # AnalysisError, or a config error met while reading a run folder
+    except CbsError as e:  # AnalysisError, or a config error met while reading a run folder
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:   # output piped into `head` and the like
+    except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:

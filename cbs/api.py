@@ -36,6 +36,7 @@ class Results:
             report text), or None when the sweep is unfinished or ``analyze=False``.
         sweep: what :func:`run` did (cells computed, resumed, seconds); None from :func:`load`.
     """
+
     out_dir: Path
     results: pd.DataFrame
     analysis: RunAnalysis | None = None
@@ -64,6 +65,7 @@ class Results:
         """Another table of the run folder by name (``curves``, ``tuned``, ``reference``,
         ``noise_scale``, ...); None if the run has none."""
         from cbs.store import read_table
+
         return read_table(self.out_dir, name)
 
     def __str__(self) -> str:
@@ -73,7 +75,10 @@ class Results:
     def _need_analysis(self) -> None:
         if self.analysis is None:
             from cbs.errors import AnalysisError
-            raise AnalysisError(f"{self.out_dir} has no analysis (unfinished sweep, or analyze=False)")
+
+            raise AnalysisError(
+                f"{self.out_dir} has no analysis (unfinished sweep, or analyze=False)"
+            )
 
 
 def _override_text(key: str, value: Any) -> str:
@@ -81,9 +86,14 @@ def _override_text(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"
 
 
-def run(config: str | Path | Mapping, overrides: Mapping[str, Any] | None = None,
-        output_dir: str | Path | None = None, *, analyze: bool = True,
-        progress: bool = False) -> Results:
+def run(
+    config: str | Path | Mapping,
+    overrides: Mapping[str, Any] | None = None,
+    output_dir: str | Path | None = None,
+    *,
+    analyze: bool = True,
+    progress: bool = False,
+) -> Results:
     """Runs (or resumes) a sweep and analyzes it.
 
     Args:
@@ -134,7 +144,9 @@ def run(config: str | Path | Mapping, overrides: Mapping[str, Any] | None = None
     return results
 
 
-def load(run_dir: str | Path, *, analyze: bool = True, _config: SweepConfig | None = None) -> Results:
+def load(
+    run_dir: str | Path, *, analyze: bool = True, _config: SweepConfig | None = None
+) -> Results:
     """Opens a run folder (finished or not): its results table and, by default, its analysis.
 
     Example:

@@ -7,8 +7,12 @@ named by a hash of the jax / jaxlib versions, the backend and the host CPU's fea
 a run on another CPU model (a heterogeneous cluster with a shared home) gets its own folder
 and never loads an entry compiled elsewhere.
 
-On by default (``~/.cache/cbs/jax/<key>``); ``CBS_JAX_CACHE=PATH`` moves the base folder,
-``CBS_JAX_CACHE=off`` (or ``0``, ``none``, empty) disables it.
+On by default on GPU/TPU (``~/.cache/cbs/jax/<key>``); ``CBS_JAX_CACHE=PATH`` moves the base
+folder (and turns the cache on for CPU runs too), ``CBS_JAX_CACHE=off`` (or ``0``, ``none``,
+empty) disables it. On CPU it is opt-in: XLA:CPU's loader logs two "AOT mismatch" errors per
+loaded program even on the CPU that compiled it (it compares tuning pseudo-features such as
+``+prefer-no-gather`` with the host's instruction flags), which floods stderr and breaks the
+CLI's one-line error contract; with a per-CPU folder the entries are still safe to load.
 """
 
 from __future__ import annotations
@@ -35,7 +39,10 @@ def cpu_features() -> str:
         key, _, value = line.partition(":")
         key = key.strip().lower()
         # x86: "flags" / "model name"; ARM: "Features" / "CPU part"
-        if key in ("flags", "features", "model name", "cpu part", "cpu implementer") and key not in fields:
+        if (
+            key in ("flags", "features", "model name", "cpu part", "cpu implementer")
+            and key not in fields
+        ):
             fields[key] = " ".join(sorted(value.split()))
     if not fields:
         fields["processor"] = platform.processor()
@@ -46,19 +53,28 @@ def cache_key(backend: str | None = None) -> str:
     """Folder name for the current jax / jaxlib versions, backend and host CPU."""
     import jax
     import jaxlib
+
     backend = backend or jax.default_backend()
     text = f"jax={jax.__version__}|jaxlib={jaxlib.__version__}|backend={backend}|{cpu_features()}"
     return f"{backend}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
-def cache_dir(env: dict | None = None) -> Path | None:
-    """The cache folder this process uses, or None when disabled by ``CBS_JAX_CACHE``."""
+def cache_dir(env: dict | None = None, backend: str | None = None) -> Path | None:
+    """The cache folder this process uses, or None when disabled by ``CBS_JAX_CACHE`` (or on
+    CPU when ``CBS_JAX_CACHE`` is unset, see the module docstring)."""
     env = os.environ if env is None else env
     base = env.get("CBS_JAX_CACHE")
     if base is not None and base.strip().lower() in _OFF:
         return None
+    if base is None:
+        if backend is None:
+            import jax
+
+            backend = jax.default_backend()
+        if backend == "cpu":
+            return None
     base = Path(base).expanduser() if base else Path.home() / ".cache" / "cbs" / "jax"
-    return base / cache_key()
+    return base / cache_key(backend)
 
 
 def enable_compilation_cache() -> Path | None:
@@ -68,6 +84,7 @@ def enable_compilation_cache() -> Path | None:
     much). A folder that cannot be created leaves the cache off rather than failing a run.
     """
     import jax
+
     path = cache_dir()
     if path is None:
         return None

@@ -16,6 +16,7 @@ __all__ = ["platform", "usable_cpus", "nqm_chunk", "nqm_threads", "defaults"]
 
 def platform() -> str:
     import jax
+
     return jax.default_backend()
 
 
@@ -23,7 +24,7 @@ def usable_cpus() -> int:
     """CPU cores this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):   # not Linux
+    except (AttributeError, OSError):  # not Linux
         return max(1, os.cpu_count() or 1)
 
 
@@ -41,6 +42,11 @@ def nqm_threads() -> int:
 
 def defaults() -> dict[str, object]:
     """The platform defaults in force (for the manifest and ``python -m cbs.doctor``)."""
-    return {"platform": platform(), "nqm_chunk": nqm_chunk(), "nqm_threads": nqm_threads(),
-            "nqm_dtype": "float64 (exact risk; needs x64)", "train_dtype": "float32",
-            "usable_cpus": usable_cpus()}
+    return {
+        "platform": platform(),
+        "nqm_chunk": nqm_chunk(),
+        "nqm_threads": nqm_threads(),
+        "nqm_dtype": "float64 (exact risk; needs x64)",
+        "train_dtype": "float32",
+        "usable_cpus": usable_cpus(),
+    }

@@ -23,7 +23,8 @@ BARRIER_TIMEOUT_S = 7 * 24 * 3600
 @dataclasses.dataclass(frozen=True)
 class ProcessSpec:
     """How this process joins a multi-process job; None fields are found by JAX (Slurm)."""
-    source: str                    # "flags", "env", "slurm"
+
+    source: str  # "flags", "env", "slurm"
     coordinator: str | None
     num_processes: int | None
     process_id: int | None
@@ -39,8 +40,12 @@ def _int_env(env, key: str) -> int | None:
         raise ValueError(f"{key}: got {value!r}; allowed: an integer") from None
 
 
-def detect(coordinator: str | None = None, num_processes: int | None = None,
-           process_id: int | None = None, env=None) -> ProcessSpec | None:
+def detect(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    env=None,
+) -> ProcessSpec | None:
     """The multi-process job this process belongs to, or None for a single-process run.
 
     Precedence: command-line flags, then ``JAX_COORDINATOR_ADDRESS`` with
@@ -55,16 +60,27 @@ def detect(coordinator: str | None = None, num_processes: int | None = None,
     flags = (coordinator, num_processes, process_id)
     if any(f is not None for f in flags):
         if any(f is None for f in flags):
-            raise ValueError("--coordinator, --num-processes and --process-id: got only some of them; "
-                             "allowed: all three together (or none)")
-        _check(coordinator, num_processes, process_id, "--coordinator", "--num-processes", "--process-id")
+            raise ValueError(
+                "--coordinator, --num-processes and --process-id: got only some of them; "
+                "allowed: all three together (or none)"
+            )
+        _check(
+            coordinator,
+            num_processes,
+            process_id,
+            "--coordinator",
+            "--num-processes",
+            "--process-id",
+        )
         return ProcessSpec("flags", coordinator, num_processes, process_id)
     addr = env.get("JAX_COORDINATOR_ADDRESS")
     n, i = _int_env(env, "JAX_NUM_PROCESSES"), _int_env(env, "JAX_PROCESS_ID")
     if addr or n is not None or i is not None:
         if not addr or n is None or i is None:
-            raise ValueError("JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID: got only some of "
-                             "them; allowed: all three together (or none)")
+            raise ValueError(
+                "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID: got only some of "
+                "them; allowed: all three together (or none)"
+            )
         _check(addr, n, i, "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
         return ProcessSpec("env", addr, n, i)
     tasks = _int_env(env, "SLURM_STEP_NUM_TASKS") or _int_env(env, "SLURM_NTASKS")
@@ -89,19 +105,25 @@ def initialize(spec: ProcessSpec) -> tuple[int, int]:
     Must run before any JAX computation in this process.
     """
     import jax
+
     kw = dict(shutdown_timeout_seconds=3600)
     if spec.source == "slurm":
         jax.distributed.initialize(cluster_detection_method="slurm", **kw)
     else:
         # On CPU each process contributes its own host devices; local_device_ids keeps JAX
         # from assuming one device per process on GPU machines where that is not wanted.
-        jax.distributed.initialize(coordinator_address=spec.coordinator, num_processes=spec.num_processes,
-                                   process_id=spec.process_id, **kw)
+        jax.distributed.initialize(
+            coordinator_address=spec.coordinator,
+            num_processes=spec.num_processes,
+            process_id=spec.process_id,
+            **kw,
+        )
     return jax.process_index(), jax.process_count()
 
 
 def _client():
     from jax._src import distributed as jd  # the public API offers no plain (device-free) barrier
+
     return jd.global_state.client
 
 
@@ -115,5 +137,6 @@ def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
 
 def shutdown() -> None:
     import jax
+
     if _client() is not None:
         jax.distributed.shutdown()

@@ -16,8 +16,18 @@ from importlib import metadata
 
 __all__ = ["main", "report"]
 
-PACKAGES = ("cbs", "jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "flax", "optax", "kfac-jax",
-            "numpy", "submitit")
+PACKAGES = (
+    "cbs",
+    "jax",
+    "jaxlib",
+    "jax-cuda12-plugin",
+    "jax-cuda12-pjrt",
+    "flax",
+    "optax",
+    "kfac-jax",
+    "numpy",
+    "submitit",
+)
 
 
 def _version(pkg: str) -> str:
@@ -52,19 +62,26 @@ def _timed(fn, seconds: float) -> tuple[int, float]:
 def matmul_check(seconds: float = 1.0) -> dict:
     import jax
     import jax.numpy as jnp
+
     n = 1024 if jax.default_backend() == "cpu" else 8192
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     f = jax.jit(lambda x: (x @ x) * (1.0 / n))
     calls, elapsed = _timed(lambda: f(a).block_until_ready(), seconds)
     ref = (a[:4].astype(jnp.float32) @ a) * (1.0 / n)
     err = float(jnp.max(jnp.abs(f(a)[:4] - ref)))
-    return {"size": n, "tflops": 2 * n**3 * calls / elapsed / 1e12, "seconds": elapsed, "ok": err < 1e-2,
-            "max_abs_err": err}
+    return {
+        "size": n,
+        "tflops": 2 * n**3 * calls / elapsed / 1e12,
+        "seconds": elapsed,
+        "ok": err < 1e-2,
+        "max_abs_err": err,
+    }
 
 
 def x64_check() -> dict:
     import jax
     import jax.numpy as jnp
+
     with jax.enable_x64(True):
         x = jnp.asarray(1.0, jnp.float64) + jnp.asarray(2.0**-40, jnp.float64)
         ok = x.dtype == jnp.float64 and float(x) != 1.0
@@ -78,6 +95,7 @@ def nqm_check(seconds: float = 1.0) -> dict:
 
     from cbs.nqm._grid import evaluate_grid
     from cbs.nqm._problem import custom_problem
+
     h = 1.0 / np.arange(1, 51)
     problem = custom_problem(h, h.copy(), 1.0)
     lrs = np.geomspace(0.05, 1.5, 32)
@@ -85,8 +103,17 @@ def nqm_check(seconds: float = 1.0) -> dict:
     batch, target, max_steps = np.array([4.0, 64.0, 1024.0]), 0.05, 20_000
 
     def run():
-        return evaluate_grid(problem, "sgd", lrs, zeros, zeros, zeros, batch_sizes=batch, target=target,
-                             max_steps=max_steps)
+        return evaluate_grid(
+            problem,
+            "sgd",
+            lrs,
+            zeros,
+            zeros,
+            zeros,
+            batch_sizes=batch,
+            target=target,
+            max_steps=max_steps,
+        )
 
     calls, elapsed = _timed(run, seconds)
     res = run()
@@ -94,11 +121,16 @@ def nqm_check(seconds: float = 1.0) -> dict:
     a, b = lrs[10], batch[1]
     m, step = np.ones_like(h), 0
     while 0.5 * np.sum(h * m) >= target and step < max_steps:
-        m = (1 - a * h) ** 2 * m + a * a * h / b       # c_i = h_i
+        m = (1 - a * h) ** 2 * m + a * a * h / b  # c_i = h_i
         step += 1
     ok = bool(res["reached"][10, 1]) and float(res["steps"][10, 1]) == step
-    return {"configs_per_s": len(lrs) * len(batch) * calls / elapsed, "seconds": elapsed, "ok": ok,
-            "steps": float(res["steps"][10, 1]), "reference_steps": step}
+    return {
+        "configs_per_s": len(lrs) * len(batch) * calls / elapsed,
+        "seconds": elapsed,
+        "ok": ok,
+        "steps": float(res["steps"][10, 1]),
+        "reference_steps": step,
+    }
 
 
 def report(seconds: float = 1.0) -> tuple[list[str], bool]:
@@ -106,11 +138,17 @@ def report(seconds: float = 1.0) -> tuple[list[str], bool]:
     import jax
 
     from cbs import devices
-    lines = ["versions: " + ", ".join(f"{p} {_version(p)}" for p in PACKAGES)
-             + f", python {sys.version.split()[0]}"]
+
+    lines = [
+        "versions: "
+        + ", ".join(f"{p} {_version(p)}" for p in PACKAGES)
+        + f", python {sys.version.split()[0]}"
+    ]
     devs = jax.devices()
-    lines.append(f"platform: {jax.default_backend()}; {len(devs)} device(s), {jax.local_device_count()} local; "
-                 f"process {jax.process_index()} of {jax.process_count()}")
+    lines.append(
+        f"platform: {jax.default_backend()}; {len(devs)} device(s), {jax.local_device_count()} local; "
+        f"process {jax.process_index()} of {jax.process_count()}"
+    )
     for d in jax.local_devices():
         try:
             stats = d.memory_stats() or {}
@@ -119,25 +157,35 @@ def report(seconds: float = 1.0) -> tuple[list[str], bool]:
         mem = stats.get("bytes_limit")
         if mem is None and d.platform == "cpu":
             import os
+
             mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             where = "host RAM (shared by the CPU devices)"
         else:
             where = "device memory limit"
         lines.append(f"  device {d.id}: {d.platform}:{d.device_kind}, {_bytes(mem)} {where}")
     x64 = x64_check()
-    lines.append(f"float64 (x64): {'works' if x64['ok'] else 'FAILS'} ({x64['dtype']}); the NQM back end needs it")
+    lines.append(
+        f"float64 (x64): {'works' if x64['ok'] else 'FAILS'} ({x64['dtype']}); the NQM back end needs it"
+    )
     from cbs.compile_cache import enable_compilation_cache
+
     enable_compilation_cache()
     cache = jax.config.jax_compilation_cache_dir
-    lines.append(f"compile cache: {cache or 'off'} (CBS_JAX_CACHE=PATH to set, CBS_JAX_CACHE=off to disable)")
+    lines.append(
+        f"compile cache: {cache or 'off'} (CBS_JAX_CACHE=PATH to set, CBS_JAX_CACHE=off to disable)"
+    )
     lines.append("defaults: " + ", ".join(f"{k}={v}" for k, v in devices.defaults().items()))
     mm = matmul_check(seconds)
-    lines.append(f"matmul {mm['size']}x{mm['size']} float32: {mm['tflops']:.3g} TFLOP/s over {mm['seconds']:.1f} s "
-                 f"({'ok' if mm['ok'] else 'WRONG: max error ' + format(mm['max_abs_err'], '.3g')})")
+    lines.append(
+        f"matmul {mm['size']}x{mm['size']} float32: {mm['tflops']:.3g} TFLOP/s over {mm['seconds']:.1f} s "
+        f"({'ok' if mm['ok'] else 'WRONG: max error ' + format(mm['max_abs_err'], '.3g')})"
+    )
     nq = nqm_check(seconds)
-    lines.append(f"NQM grid (96 configurations x batch sizes): {nq['configs_per_s']:.3g} configurations/s over "
-                 f"{nq['seconds']:.1f} s; steps {nq['steps']:.0f} vs NumPy recurrence {nq['reference_steps']} "
-                 f"({'ok' if nq['ok'] else 'MISMATCH'})")
+    lines.append(
+        f"NQM grid (96 configurations x batch sizes): {nq['configs_per_s']:.3g} configurations/s over "
+        f"{nq['seconds']:.1f} s; steps {nq['steps']:.0f} vs NumPy recurrence {nq['reference_steps']} "
+        f"({'ok' if nq['ok'] else 'MISMATCH'})"
+    )
     ok = x64["ok"] and mm["ok"] and nq["ok"]
     lines.append("all checks passed" if ok else "SOME CHECKS FAILED")
     return lines, ok

@@ -19,8 +19,12 @@ __all__ = ["cell_mesh", "padded_size", "shard_cells", "unpad"]
 def cell_mesh() -> jax.sharding.Mesh:
     # Auto axis: let XLA propagate the cell sharding through the vmapped program (gathers
     # of a replicated data table by a sharded seed index need no annotations).
-    return jax.make_mesh((jax.local_device_count(),), ("cells",), devices=jax.local_devices(),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.make_mesh(
+        (jax.local_device_count(),),
+        ("cells",),
+        devices=jax.local_devices(),
+        axis_types=(jax.sharding.AxisType.Auto,),
+    )
 
 
 def padded_size(n: int, devices: int | None = None) -> int:

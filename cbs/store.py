@@ -41,8 +41,15 @@ from typing import Any
 import pandas as pd
 import yaml
 
-__all__ = ["RunStore", "read_table", "read_manifest", "read_config", "read_sessions", "atomic_write_bytes",
-           "LockBusy"]
+__all__ = [
+    "RunStore",
+    "read_table",
+    "read_manifest",
+    "read_config",
+    "read_sessions",
+    "atomic_write_bytes",
+    "LockBusy",
+]
 
 RESULTS = "results"
 
@@ -78,6 +85,7 @@ def _json_bytes(obj) -> bytes:
 
 def _parquet_bytes(df: pd.DataFrame) -> bytes:
     import io
+
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     return buf.getvalue()
@@ -158,7 +166,9 @@ class RunStore:
         path = self.dir / "manifest.json"
         if path.exists():
             return read_manifest(self.dir)
-        atomic_write_bytes(self.dir / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+        atomic_write_bytes(
+            self.dir / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode()
+        )
         tmp = self.dir / f".manifest.json.{uuid.uuid4().hex}.tmp"
         atomic_write_bytes(tmp, _json_bytes(manifest))
         try:
@@ -170,7 +180,9 @@ class RunStore:
             tmp.unlink(missing_ok=True)
 
     def write_config(self, config: dict) -> None:
-        atomic_write_bytes(self.dir / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+        atomic_write_bytes(
+            self.dir / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode()
+        )
 
     def write_manifest(self, manifest: dict) -> None:
         """Replaces the manifest; only the merging process (holding the merge lock) calls this."""
@@ -192,7 +204,12 @@ class RunStore:
         """
         stale_s = float(os.environ.get("CBS_LOCK_STALE_S", 3600)) if stale_s is None else stale_s
         path = self.dir / f"{name}.lock"
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), "token": uuid.uuid4().hex}
+        me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "time": time.time(),
+            "token": uuid.uuid4().hex,
+        }
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -222,7 +239,7 @@ class RunStore:
             text = path.read_text()
             holder = json.loads(text)
         except FileNotFoundError:
-            return True                      # released meanwhile: retry at once
+            return True  # released meanwhile: retry at once
         except (OSError, json.JSONDecodeError):
             # Created but not yet written (the holder is between open and write), or junk:
             # judge by the file's age only.
@@ -264,8 +281,12 @@ class RunStore:
         means every other part of the block is complete."""
         for name, df in tables.items():
             if name != RESULTS and df is not None:
-                atomic_write_bytes(self.dir / "parts" / name / f"{block_id}.parquet", _parquet_bytes(df))
-        atomic_write_bytes(self.dir / "parts" / RESULTS / f"{block_id}.parquet", _parquet_bytes(tables[RESULTS]))
+                atomic_write_bytes(
+                    self.dir / "parts" / name / f"{block_id}.parquet", _parquet_bytes(df)
+                )
+        atomic_write_bytes(
+            self.dir / "parts" / RESULTS / f"{block_id}.parquet", _parquet_bytes(tables[RESULTS])
+        )
 
     def table_names(self) -> list[str]:
         parts = self.dir / "parts"
@@ -289,8 +310,9 @@ class RunStore:
     def merged_is_current(self, manifest: dict) -> bool:
         """True when the merged tables were written from exactly the current parts."""
         merged = manifest.get("merged") or {}
-        return (merged.get("parts") == self.parts_signature()
-                and all((self.dir / f"{name}.parquet").exists() for name in self.table_names()))
+        return merged.get("parts") == self.parts_signature() and all(
+            (self.dir / f"{name}.parquet").exists() for name in self.table_names()
+        )
 
     def merge(self, order: Iterable[str] | None = None) -> dict[str, int]:
         """Writes each table's merged file from its parts (rows in block order); returns row counts.
@@ -301,8 +323,10 @@ class RunStore:
         counts = {}
         rank = {b: i for i, b in enumerate(order)} if order is not None else None
         for name in self.table_names():
-            files = sorted((self.dir / "parts" / name).glob("*.parquet"),
-                           key=lambda p: (rank.get(p.stem, len(rank)) if rank else 0, p.stem))
+            files = sorted(
+                (self.dir / "parts" / name).glob("*.parquet"),
+                key=lambda p: (rank.get(p.stem, len(rank)) if rank else 0, p.stem),
+            )
             frames = [pd.read_parquet(p) for p in files]
             frames = [f for f in frames if len(f)]
             df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -20,10 +20,13 @@ class FakeSection:
 
 class FakeBackend(Backend):
     """steps(B) = scale*(100 + 1000/B)/lr^0.1 exactly; lr > 10 diverges. No JAX needed."""
+
     name = "fake"
     Section = FakeSection
-    optimizers = {"plain": OptimizerSpec("plain", {}),
-                  "heavy": OptimizerSpec("with a knob", {"momentum": HParamSpec(0.0, "knob", ge=0, lt=1)})}
+    optimizers = {
+        "plain": OptimizerSpec("plain", {}),
+        "heavy": OptimizerSpec("with a knob", {"momentum": HParamSpec(0.0, "knob", ge=0, lt=1)}),
+    }
     metrics = {"loss": "a loss"}
     blocks_per_call = 2
     calls: list = []
@@ -31,7 +34,9 @@ class FakeBackend(Backend):
     @classmethod
     def check(cls, config):
         if config.target.value <= 0:
-            raise ConfigError("target.value", config.target.value, "allowed: > 0 (the loss is positive)")
+            raise ConfigError(
+                "target.value", config.target.value, "allowed: > 0 (the loss is positive)"
+            )
 
     def run_blocks(self, blocks):
         FakeBackend.calls.append([b.block_id for b in blocks])
@@ -39,11 +44,25 @@ class FakeBackend(Backend):
         for b in blocks:
             recs = []
             for c in b.cells:
-                s = self.config.section.scale * (100 + 1000 / c.batch_size) / c.lr**0.1 * (1 - c.hparams.get("momentum", 0) / 2)
+                s = (
+                    self.config.section.scale
+                    * (100 + 1000 / c.batch_size)
+                    / c.lr**0.1
+                    * (1 - c.hparams.get("momentum", 0) / 2)
+                )
                 diverged = c.lr > 10
                 reached = not diverged and s <= self.config.budget.max_steps
-                recs.append(CellResult(c.cell_id, reached, diverged, math.ceil(s) if reached else math.nan,
-                                       math.nan if diverged else 0.5, 0.4, self.config.budget.max_steps))
+                recs.append(
+                    CellResult(
+                        c.cell_id,
+                        reached,
+                        diverged,
+                        math.ceil(s) if reached else math.nan,
+                        math.nan if diverged else 0.5,
+                        0.4,
+                        self.config.budget.max_steps,
+                    )
+                )
             out.append(BlockResult(recs))
         return out
 
@@ -51,9 +70,9 @@ class FakeBackend(Backend):
         return {"floor": 100 + 0 * np.asarray(batch_sizes)}
 
 
-
 class SlowBackend(FakeBackend):
     """FakeBackend that takes 0.1 s per block, one block per call."""
+
     name = "slow"
     blocks_per_call = 1
 

@@ -17,10 +17,19 @@ def fake_backend(monkeypatch):
 
 def fake_config(tmp_path, **over):
     cfg = {
-        "name": "fake-sweep", "backend": "fake",
-        "grid": {"batch_sizes": [1, 4, 16], "learning_rates": [0.1, 1.0, 100.0], "seeds": [0, 1],
-                 "optimizers": [{"kind": "plain"}, {"kind": "heavy", "hparams": {"momentum": [0.0, 0.5]}}]},
-        "target": {"metric": "loss", "value": 0.1}, "budget": {"max_steps": 10_000},
+        "name": "fake-sweep",
+        "backend": "fake",
+        "grid": {
+            "batch_sizes": [1, 4, 16],
+            "learning_rates": [0.1, 1.0, 100.0],
+            "seeds": [0, 1],
+            "optimizers": [
+                {"kind": "plain"},
+                {"kind": "heavy", "hparams": {"momentum": [0.0, 0.5]}},
+            ],
+        },
+        "target": {"metric": "loss", "value": 0.1},
+        "budget": {"max_steps": 10_000},
         "output": {"dir": str(tmp_path / "run")},
     }
     cfg.update(over)

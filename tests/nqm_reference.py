@@ -13,8 +13,9 @@ import numpy as np
 from cbs.nqm._moments import linear_system
 
 
-def risk_by_recurrence(h, c_noise, m0, count, kind: str, lr, beta, gamma, power, batch_per_step,
-                       lr_per_step=None) -> np.ndarray:
+def risk_by_recurrence(
+    h, c_noise, m0, count, kind: str, lr, beta, gamma, power, batch_per_step, lr_per_step=None
+) -> np.ndarray:
     """Step-by-step reference: propagates E[x x^T] with numpy, one step at a time.
 
     Args:
@@ -38,11 +39,12 @@ def risk_by_recurrence(h, c_noise, m0, count, kind: str, lr, beta, gamma, power,
         alpha = lr * lr_per_step[t]
         if alpha not in systems:
             with jax.enable_x64(True):
-                A, b, _, _ = linear_system(kind, ema, jnp.asarray(alpha * h ** (1 - power)), beta, gamma)
+                A, b, _, _ = linear_system(
+                    kind, ema, jnp.asarray(alpha * h ** (1 - power)), beta, gamma
+                )
             systems[alpha] = (np.asarray(A), np.asarray(b))
         A, b = systems[alpha]
         n = alpha**2 * h ** (-2 * power) * c_noise / batch_per_step[t]
         S = A @ S @ np.swapaxes(A, 1, 2) + n[:, None, None] * b[:, :, None] * b[:, None, :]
         out.append(np.sum(w * np.einsum("i,bij,j->b", c, S, c)))
     return np.array(out)
-

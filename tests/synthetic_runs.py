@@ -17,15 +17,30 @@ import yaml
 
 __all__ = ["PLANTED", "write_synthetic_run"]
 
-PLANTED = {"sgd": (800.0, 800.0 * 256), "adam": (400.0, 400.0 * 1024)}   # (S_min, E_min): B_crit 256, 1024
+PLANTED = {
+    "sgd": (800.0, 800.0 * 256),
+    "adam": (400.0, 400.0 * 1024),
+}  # (S_min, E_min): B_crit 256, 1024
 
 
 _LRS = tuple(np.logspace(-3, 0, 7))
 
 
-def write_synthetic_run(path: Path, *, planted=PLANTED, batch_sizes=tuple(2 ** k for k in range(3, 14)),
-                        lrs=_LRS, seeds=(0, 1), noise=0.05, max_steps=100_000,
-                        tokens_per_example=1, name="synthetic", extra_config=None, final=True, rng_seed=0):
+def write_synthetic_run(
+    path: Path,
+    *,
+    planted=PLANTED,
+    batch_sizes=tuple(2**k for k in range(3, 14)),
+    lrs=_LRS,
+    seeds=(0, 1),
+    noise=0.05,
+    max_steps=100_000,
+    tokens_per_example=1,
+    name="synthetic",
+    extra_config=None,
+    final=True,
+    rng_seed=0,
+):
     """Writes a run folder as the store does: config.yaml, manifest.json, results.parquet.
 
     Steps follow S_min (1 + B_crit / B) times an LR penalty exp(0.5 log(lr / lr_opt)^2)
@@ -61,27 +76,54 @@ def write_synthetic_run(path: Path, *, planted=PLANTED, batch_sizes=tuple(2 ** k
                 for lr in lrs:
                     dist = np.log(lr / lr_opt)
                     diverged = dist > 2.5
-                    steps = (s_min + e_min / b) * np.exp(0.5 * dist ** 2 + eps)
+                    steps = (s_min + e_min / b) * np.exp(0.5 * dist**2 + eps)
                     reached = (not diverged) and steps <= max_steps
-                    rows.append(dict(
-                        sweep=name, config_hash="abc123", backend="synthetic", block_id=f"{opt}-{b}",
-                        cell_id=f"{opt}-{b}-{lr:.3g}-{seed}", optimizer=opt, kind=opt, batch_size=int(b),
-                        lr=float(lr), seed=int(seed), hp_momentum=0.9 if opt == "sgd" else 0.0,
-                        metric="loss", target=0.1, max_steps=max_steps, reached=bool(reached),
-                        diverged=bool(diverged), censored=bool(not reached and not diverged),
-                        steps_to_target=float(np.ceil(steps)) if reached else np.nan,
-                        final_metric=0.05 if reached else 0.5, best_metric=0.05 if reached else 0.2 + dist ** 2,
-                        steps_run=int(min(np.ceil(steps), max_steps)) if not diverged else 10,
-                        tokens_per_example=tokens_per_example, cbs_version="0.1.0"))
+                    rows.append(
+                        dict(
+                            sweep=name,
+                            config_hash="abc123",
+                            backend="synthetic",
+                            block_id=f"{opt}-{b}",
+                            cell_id=f"{opt}-{b}-{lr:.3g}-{seed}",
+                            optimizer=opt,
+                            kind=opt,
+                            batch_size=int(b),
+                            lr=float(lr),
+                            seed=int(seed),
+                            hp_momentum=0.9 if opt == "sgd" else 0.0,
+                            metric="loss",
+                            target=0.1,
+                            max_steps=max_steps,
+                            reached=bool(reached),
+                            diverged=bool(diverged),
+                            censored=bool(not reached and not diverged),
+                            steps_to_target=float(np.ceil(steps)) if reached else np.nan,
+                            final_metric=0.05 if reached else 0.5,
+                            best_metric=0.05 if reached else 0.2 + dist**2,
+                            steps_run=int(min(np.ceil(steps), max_steps)) if not diverged else 10,
+                            tokens_per_example=tokens_per_example,
+                            cbs_version="0.1.0",
+                        )
+                    )
     results = pd.DataFrame(rows)
-    config = dict(name=name, backend="nqm",
-                  grid=dict(batch_sizes=list(batch_sizes), learning_rates=[float(x) for x in lrs],
-                            optimizers=[dict(kind=o, name=o) for o in planted], seeds=list(seeds)),
-                  target=dict(metric="loss", value=0.1), budget=dict(max_steps=max_steps),
-                  analysis=dict(delta=0.2, b0=None, bootstrap=200, tokens_per_example=tokens_per_example))
+    config = dict(
+        name=name,
+        backend="nqm",
+        grid=dict(
+            batch_sizes=list(batch_sizes),
+            learning_rates=[float(x) for x in lrs],
+            optimizers=[dict(kind=o, name=o) for o in planted],
+            seeds=list(seeds),
+        ),
+        target=dict(metric="loss", value=0.1),
+        budget=dict(max_steps=max_steps),
+        analysis=dict(delta=0.2, b0=None, bootstrap=200, tokens_per_example=tokens_per_example),
+    )
     config.update(extra_config or {})
     (path / "config.yaml").write_text(yaml.safe_dump(config))
-    (path / "manifest.json").write_text(json.dumps(dict(config_hash="abc123", versions={}, device="cpu")))
+    (path / "manifest.json").write_text(
+        json.dumps(dict(config_hash="abc123", versions={}, device="cpu"))
+    )
     if final:
         results.to_parquet(path / "results.parquet", index=False)
     else:

@@ -10,7 +10,9 @@ from cbs.analysis import analyze_run, steps_table
 
 
 def test_unproven_points_are_excluded_counted_and_reported(tmp_path):
-    run = write_synthetic_run(tmp_path / "run", planted={"sgd": (800.0, 800.0 * 256)}, seeds=(0, 1, 2))
+    run = write_synthetic_run(
+        tmp_path / "run", planted={"sgd": (800.0, 800.0 * 256)}, seeds=(0, 1, 2)
+    )
     df = pd.read_parquet(run / "results.parquet")
     df["crossing_exact"] = np.where(df["reached"], 1.0, np.nan)
     # Make the best cell of (B = 64, seed 0) unproven, and make it much faster than it is.

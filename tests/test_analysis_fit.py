@@ -17,7 +17,7 @@ from cbs.analysis import (
     raw_knee,
 )
 
-B = 2.0 ** np.arange(3, 14)          # 8 .. 8192, B_crit = 300 sits mid-range
+B = 2.0 ** np.arange(3, 14)  # 8 .. 8192, B_crit = 300 sits mid-range
 S_MIN, B_CRIT = 500.0, 300.0
 TRUE = S_MIN * (1.0 + B_CRIT / B)
 
@@ -51,22 +51,26 @@ def test_log_space_fit_differs_from_unweighted_fit_in_s_on_skewed_data():
     # unweighted fit in S is dominated by the few small-B points with large S.
     b = 2.0 ** np.arange(0, 13)
     true = 1000.0 * (1.0 + 64.0 / b)
-    cases = {"smallest B 30% slow": np.r_[1.3, np.ones(b.size - 1)],
-             "alternating +-15%": np.exp(0.15 * (-1.0) ** np.arange(b.size))}
+    cases = {
+        "smallest B 30% slow": np.r_[1.3, np.ones(b.size - 1)],
+        "alternating +-15%": np.exp(0.15 * (-1.0) ** np.arange(b.size)),
+    }
     for name, mult in cases.items():
         steps = true * mult
-        (a, e), *_ = np.linalg.lstsq(np.stack([np.ones_like(b), 1.0 / b], axis=1), steps, rcond=None)
+        (a, e), *_ = np.linalg.lstsq(
+            np.stack([np.ones_like(b), 1.0 / b], axis=1), steps, rcond=None
+        )
         linear_b_crit = e / a
         fit = fit_critical_batch_size(b, steps, n_boot=0)
         assert fit.b_crit == pytest.approx(64.0, rel=0.1), name
-        assert not 0.5 < linear_b_crit / 64.0 < 2.0, name   # off by more than 2x
+        assert not 0.5 < linear_b_crit / 64.0 < 2.0, name  # off by more than 2x
 
 
 @pytest.mark.parametrize("delta,b0", [(0.2, None), (0.2, 256.0), (0.1, 32.0), (0.5, 100.0)])
 def test_b_star_closed_form_matches_root_of_fitted_curve(delta, b0):
     fit = fit_critical_batch_size(B, _noisy(0.05, 1), delta=delta, b0=b0, n_boot=0)
     anchor = B[0] if b0 is None else b0
-    s_lin = lambda x: fit.predict([anchor])[0] * anchor / x          # perfect scaling from B0
+    s_lin = lambda x: fit.predict([anchor])[0] * anchor / x  # perfect scaling from B0
     gap = lambda x: fit.predict([x])[0] - (1 + delta) * s_lin(x)
     lo, hi = anchor, anchor * 1e6
     assert gap(lo) < 0 < gap(hi)
@@ -95,13 +99,15 @@ def test_bootstrap_intervals_cover_planted_b_crit_at_roughly_nominal_rate(n_seed
         f95 = fit_critical_batch_size(B, steps, n_boot=300, seed=r, ci_level=0.95)
         assert f95.bootstrap == method
         hits95.append(f95.b_crit_ci[0] <= B_CRIT <= f95.b_crit_ci[1])
-        lo50, hi50 = np.quantile(f95.b_crit_samples, [0.25, 0.75])   # same replicates, 50% level
+        lo50, hi50 = np.quantile(f95.b_crit_samples, [0.25, 0.75])  # same replicates, 50% level
         hits50.append(lo50 <= B_CRIT <= hi50)
         b_star = 1.2 * B[0] + 0.2 * B_CRIT
         assert f95.b_star_ci[0] <= f95.b_star <= f95.b_star_ci[1]
-        assert (f95.b_star_ci[0] <= b_star <= f95.b_star_ci[1]) == hits95[-1]   # B* is monotone in B_crit
+        assert (f95.b_star_ci[0] <= b_star <= f95.b_star_ci[1]) == hits95[
+            -1
+        ]  # B* is monotone in B_crit
     assert np.mean(hits95) >= 0.82
-    assert 0.25 <= np.mean(hits50) <= 0.8       # calibrated, not just wide
+    assert 0.25 <= np.mean(hits50) <= 0.8  # calibrated, not just wide
 
 
 def test_intervals_narrow_with_less_noise():
@@ -113,7 +119,7 @@ def test_intervals_narrow_with_less_noise():
 
 def test_censored_points_are_excluded_not_used_as_numbers():
     steps = TRUE.copy()
-    steps[:2] = np.nan                       # the budget was too small at the smallest B
+    steps[:2] = np.nan  # the budget was too small at the smallest B
     steps[-1] = np.inf
     fit = fit_critical_batch_size(B, steps, n_boot=0)
     assert fit.n_points == B.size - 3
@@ -127,9 +133,9 @@ def test_seed_aggregation_counts_censored_seeds_as_slow():
     cens = np.array([[False, True], [False, True], [False, False]])
     y, c = aggregate_seeds(log_s, cens, axis=0)
     assert np.exp(y[0]) == pytest.approx(200.0)
-    assert c.tolist() == [False, True]       # two of three seeds censored -> censored
+    assert c.tolist() == [False, True]  # two of three seeds censored -> censored
     y, c = aggregate_seeds(log_s[:2], np.zeros((2, 2), bool), axis=0)
-    assert np.exp(y[0]) == pytest.approx(math.sqrt(100 * 200))   # two seeds: geometric mean
+    assert np.exp(y[0]) == pytest.approx(math.sqrt(100 * 200))  # two seeds: geometric mean
     present = np.array([[True, True], [False, True], [False, True]])
     y, c = aggregate_seeds(log_s, np.zeros((3, 2), bool), present, axis=0)
     assert np.exp(y[0]) == pytest.approx(100.0)
@@ -137,7 +143,7 @@ def test_seed_aggregation_counts_censored_seeds_as_slow():
 
 def test_multi_seed_table_with_a_censored_seed():
     steps = np.vstack([TRUE, TRUE * 1.05, TRUE * 0.95])
-    steps[0, 0] = np.nan                     # one of three seeds censored: median still finite
+    steps[0, 0] = np.nan  # one of three seeds censored: median still finite
     fit = fit_critical_batch_size(B, steps, n_boot=100)
     assert not fit.censored[0]
     assert fit.bootstrap == "seeds"
@@ -145,7 +151,7 @@ def test_multi_seed_table_with_a_censored_seed():
 
 
 def test_warnings_fire():
-    extrap = fit_critical_batch_size(B[:4], TRUE[:4], n_boot=0)           # B_crit above every point
+    extrap = fit_critical_batch_size(B[:4], TRUE[:4], n_boot=0)  # B_crit above every point
     assert any("extrapolated" in w for w in extrap.warnings)
     few = fit_critical_batch_size(B[[0, 5, 10]], TRUE[[0, 5, 10]], n_boot=0)
     assert any("too few points" in w for w in few.warnings)
@@ -163,7 +169,7 @@ def test_warnings_fire():
 
 
 def test_knee_and_local_efficiencies_follow_the_model():
-    b = 2.0 ** np.arange(3, 14, 0.125)       # dense, so log interpolation is nearly exact
+    b = 2.0 ** np.arange(3, 14, 0.125)  # dense, so log interpolation is nearly exact
     steps = S_MIN * (1 + B_CRIT / b)
     knee, r = raw_knee(b, steps, b0=b[0], delta=0.2)
     assert knee == pytest.approx(b_star_closed_form(B_CRIT, b[0], 0.2), rel=0.01)
@@ -208,13 +214,13 @@ def test_input_validation():
 def test_power_law_recovers_exponent_with_intervals():
     n = np.array([85, 151, 302, 604, 1200.0])
     rng = np.random.default_rng(0)
-    cbs = 93.2 * n ** 0.468 * np.exp(rng.normal(0, 0.05, n.size))
+    cbs = 93.2 * n**0.468 * np.exp(rng.normal(0, 0.05, n.size))
     pl = fit_power_law(n, cbs, n_boot=500)
     assert pl.exponent == pytest.approx(0.468, abs=0.06)
     assert pl.exponent_ci[0] < pl.exponent < pl.exponent_ci[1]
     samples = [c * np.exp(rng.normal(0, 0.05, 200)) for c in cbs]
     pl2 = fit_power_law(n, cbs, y_samples=samples, n_boot=500)
     assert pl2.bootstrap == "samples" and pl2.exponent_ci[0] < pl2.exponent < pl2.exponent_ci[1]
-    assert pl.predict(1000.0) == pytest.approx(pl.coef * 1000.0 ** pl.exponent)
+    assert pl.predict(1000.0) == pytest.approx(pl.coef * 1000.0**pl.exponent)
     two = fit_power_law([1, 2], [3, 6], n_boot=100)
     assert two.exponent == pytest.approx(1.0) and any("two points" in w for w in two.warnings)

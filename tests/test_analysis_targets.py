@@ -33,7 +33,9 @@ def test_cbs_per_target_from_curves(tmp_path):
     t = sweep.table.set_index(["target", "optimizer"])
     for opt in ("sgd", "adam"):
         # Tighter targets scale every S(B) by the same factor: S_min scales, B_crit does not.
-        assert t.loc[(0.05, opt), "s_min"] == pytest.approx(2 * t.loc[(0.1, opt), "s_min"], rel=1e-3)
+        assert t.loc[(0.05, opt), "s_min"] == pytest.approx(
+            2 * t.loc[(0.1, opt), "s_min"], rel=1e-3
+        )
         assert t.loc[(0.025, opt), "b_crit"] == pytest.approx(t.loc[(0.1, opt), "b_crit"], rel=1e-3)
     for name in ("cbs_targets.parquet", "cbs_targets.json", "cbs_vs_target.png"):
         assert (run / name).exists()
@@ -41,16 +43,24 @@ def test_cbs_per_target_from_curves(tmp_path):
 
 
 def test_steps_from_curves_matches_results_at_the_sweeps_target(tmp_path):
-    run = write_synthetic_run(tmp_path / "run", planted={"sgd": (800.0, 800.0 * 256)}, seeds=(0,), noise=0.0,
-                              max_steps=10**7)
+    run = write_synthetic_run(
+        tmp_path / "run",
+        planted={"sgd": (800.0, 800.0 * 256)},
+        seeds=(0,),
+        noise=0.0,
+        max_steps=10**7,
+    )
     results = _write_power_law_curves(run)
     curves = pd.read_parquet(run / "curves.parquet")
     again = steps_from_curves(results, curves, 0.1)
     reached = results["reached"].to_numpy()
-    np.testing.assert_allclose(again["steps_to_target"].to_numpy()[reached],
-                               results["steps_to_target"].to_numpy()[reached], rtol=1e-9)
+    np.testing.assert_allclose(
+        again["steps_to_target"].to_numpy()[reached],
+        results["steps_to_target"].to_numpy()[reached],
+        rtol=1e-9,
+    )
     assert (again["diverged"] == results["diverged"]).all()
-    loose = steps_from_curves(results, curves, 1e-9)      # never reached: censored, not NaN steps
+    loose = steps_from_curves(results, curves, 1e-9)  # never reached: censored, not NaN steps
     assert loose["censored"].sum() == (~results["diverged"]).sum()
     coarse = steps_from_curves(results, curves, 0.1, interpolate=False)
     assert (coarse["steps_to_target"][reached] >= results["steps_to_target"][reached] - 1e-9).all()
@@ -60,6 +70,10 @@ def test_targets_need_curves(tmp_path):
     run = write_synthetic_run(tmp_path / "run", seeds=(0,))
     with pytest.raises(AnalysisError, match="curves"):
         analyze_targets(run, [0.05])
-    proc = subprocess.run([sys.executable, "-m", "cbs.analyze", str(run), "--targets", "0.05", "--no-plots"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cbs.analyze", str(run), "--targets", "0.05", "--no-plots"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

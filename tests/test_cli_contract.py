@@ -28,8 +28,19 @@ def test_analysis_options_on_an_existing_folder_rerun_the_analysis(fake_backend,
     calls = len(fake_backend.calls)
 
     # the same sweep with other analysis options: nothing recomputed, the analysis re-run
-    assert main([cfg, "analysis.delta=0.5", "analysis.b0=4", "analysis.bootstrap=0", "--no-progress",
-                 "output.plots=false"]) == 0
+    assert (
+        main(
+            [
+                cfg,
+                "analysis.delta=0.5",
+                "analysis.b0=4",
+                "analysis.bootstrap=0",
+                "--no-progress",
+                "output.plots=false",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert len(fake_backend.calls) == calls
     assert "settings: delta = 0.5, B0 = 4" in out and "no intervals (bootstrap 0)" in out
@@ -39,7 +50,9 @@ def test_analysis_options_on_an_existing_folder_rerun_the_analysis(fake_backend,
     assert (stored["delta"], stored["b0"], stored["bootstrap"]) == (0.5, 4, 0)
 
 
-def test_other_changes_on_an_existing_folder_are_refused_naming_the_keys(fake_backend, tmp_path, capsys):
+def test_other_changes_on_an_existing_folder_are_refused_naming_the_keys(
+    fake_backend, tmp_path, capsys
+):
     cfg = _write(tmp_path, fake_config(tmp_path))
     assert main([cfg, "--no-progress", "--no-analysis"]) == 0
     capsys.readouterr()
@@ -52,7 +65,11 @@ def test_other_changes_on_an_existing_folder_are_refused_naming_the_keys(fake_ba
 
 
 def _modes(folder):
-    return {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode)
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
 
 
 def test_files_respect_the_umask(fake_backend, tmp_path, capsys):
@@ -65,7 +82,10 @@ def test_files_respect_the_umask(fake_backend, tmp_path, capsys):
         assert any(k.startswith("parts/") for k in modes)
         assert set(modes.values()) == {0o644}, modes
         os.umask(0o077)
-        assert main([cfg, "--no-progress", "output.plots=false", f"output.dir={tmp_path / 'private'}"]) == 0
+        assert (
+            main([cfg, "--no-progress", "output.plots=false", f"output.dir={tmp_path / 'private'}"])
+            == 0
+        )
         assert set(_modes(tmp_path / "private").values()) == {0o600}
     finally:
         os.umask(old)

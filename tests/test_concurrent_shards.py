@@ -23,21 +23,33 @@ TESTS = os.path.dirname(__file__)
 
 
 def _env():
-    return {**os.environ, "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "CBS_JAX_CACHE": "off", "JAX_PLATFORMS": "cpu"}
+    return {
+        **os.environ,
+        "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "CBS_JAX_CACHE": "off",
+        "JAX_PLATFORMS": "cpu",
+    }
 
 
 def _slow_config(tmp_path, n_batch=10):
     raw = fake_config(tmp_path, backend="cbs_test_backends:SlowBackend")
-    raw["grid"]["batch_sizes"] = [2**k for k in range(n_batch)]   # 2 * n_batch blocks, 0.1 s each
+    raw["grid"]["batch_sizes"] = [2**k for k in range(n_batch)]  # 2 * n_batch blocks, 0.1 s each
     path = tmp_path / "slow.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
 def _cmd(cfg_path, out, *extra):
-    return [sys.executable, "-m", "cbs.sweep", str(cfg_path), f"output.dir={out}", "--no-progress",
-            "--no-analysis", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "cbs.sweep",
+        str(cfg_path),
+        f"output.dir={out}",
+        "--no-progress",
+        "--no-analysis",
+        *extra,
+    ]
 
 
 def _table(out):
@@ -50,17 +62,28 @@ def _merges(out):
 
 
 def test_two_shards_at_once_one_sigkilled_and_rerun_give_the_single_process_table(tmp_path):
-    cfg_path = _slow_config(tmp_path, n_batch=16)          # 32 blocks of 0.1 s, 16 per shard
+    cfg_path = _slow_config(tmp_path, n_batch=16)  # 32 blocks of 0.1 s, 16 per shard
     env = _env()
-    subprocess.run(_cmd(cfg_path, tmp_path / "whole"), env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        _cmd(cfg_path, tmp_path / "whole"), env=env, check=True, capture_output=True, timeout=300
+    )
     manifest = json.loads((tmp_path / "whole" / "manifest.json").read_text())
     costs = {b["block_id"]: b["cost"] for b in manifest["blocks"]}
     cfg = load_config(cfg_path, [f"output.dir={tmp_path / 'x'}"])
     from cbs.sweep.runner import plan
+
     shard1 = {b.block_id for b in shard_blocks(plan(cfg), (1, 2), costs)}
     out = tmp_path / "sharded"
-    procs = [subprocess.Popen(_cmd(cfg_path, out, "--shard", f"{i}/2"), env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            _cmd(cfg_path, out, "--shard", f"{i}/2"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     parts = out / "parts" / "results"
     deadline = time.time() + 120
     while time.time() < deadline and len({p.stem for p in parts.glob("*.parquet")} & shard1) < 2:
@@ -70,15 +93,18 @@ def test_two_shards_at_once_one_sigkilled_and_rerun_give_the_single_process_tabl
     _, err = procs[0].communicate(timeout=300)
     assert procs[0].returncode == 0, err
     killed_early = not shard1 <= {p.stem for p in parts.glob("*.parquet")}
-    if killed_early:      # (a starved poller may kill shard 1 only after its last block)
-        assert not (out / "results.parquet").exists()      # shard 1 is not done: nothing merged
-    rerun = subprocess.run(_cmd(cfg_path, out, "--shard", "1/2"), env=env, capture_output=True, text=True,
-                           timeout=300)
+    if killed_early:  # (a starved poller may kill shard 1 only after its last block)
+        assert not (out / "results.parquet").exists()  # shard 1 is not done: nothing merged
+    rerun = subprocess.run(
+        _cmd(cfg_path, out, "--shard", "1/2"), env=env, capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stderr
     pd.testing.assert_frame_equal(_table(tmp_path / "whole"), _table(out))
     assert _merges(out) == 1
     sessions = read_sessions(out)
-    assert len(sessions) == 3 and sum("ended" in s for s in sessions) == 2   # the killed one never ended
+    assert (
+        len(sessions) == 3 and sum("ended" in s for s in sessions) == 2
+    )  # the killed one never ended
     manifest = json.loads((out / "manifest.json").read_text())
     # The merge records the sessions that existed when it ran (all three when shard 1 was
     # killed early, else perhaps before the re-run) and the measured block times (all but at
@@ -90,10 +116,16 @@ def test_two_shards_at_once_one_sigkilled_and_rerun_give_the_single_process_tabl
 def test_two_identical_unsharded_processes_never_duplicate_or_lose_rows(tmp_path):
     cfg_path = _slow_config(tmp_path, n_batch=6)
     env = _env()
-    subprocess.run(_cmd(cfg_path, tmp_path / "whole"), env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        _cmd(cfg_path, tmp_path / "whole"), env=env, check=True, capture_output=True, timeout=300
+    )
     out = tmp_path / "twice"
-    procs = [subprocess.Popen(_cmd(cfg_path, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            _cmd(cfg_path, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
@@ -108,6 +140,7 @@ def test_merge_lock_excludes_and_recovers_from_a_dead_holder(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     with store.lock("merge"):
         from cbs.store import LockBusy
+
         with pytest.raises(LockBusy):
             with store.lock("merge", wait_s=0.1):
                 pass
@@ -116,14 +149,20 @@ def test_merge_lock_excludes_and_recovers_from_a_dead_holder(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     import socket
-    (tmp_path / "merge.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid,
-                                                     "time": time.time(), "token": "x"}))
+
+    (tmp_path / "merge.lock").write_text(
+        json.dumps(
+            {"host": socket.gethostname(), "pid": dead.pid, "time": time.time(), "token": "x"}
+        )
+    )
     with store.lock("merge"):
         assert json.loads((tmp_path / "merge.lock").read_text())["pid"] == os.getpid()
     # A live holder on another host is respected until the lock is older than stale_s.
-    (tmp_path / "merge.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "time": time.time() - 50,
-                                                     "token": "y"}))
+    (tmp_path / "merge.lock").write_text(
+        json.dumps({"host": "elsewhere", "pid": 1, "time": time.time() - 50, "token": "y"})
+    )
     from cbs.store import LockBusy
+
     with pytest.raises(LockBusy):
         with store.lock("merge", stale_s=100):
             pass
@@ -138,14 +177,16 @@ def test_rerun_of_a_finished_sweep_does_not_merge_again(fake_backend, tmp_path):
     first = run_sweep(cfg, progress=False, finalize=lambda: calls.append(1))
     again = run_sweep(cfg, progress=False, finalize=lambda: calls.append(2))
     assert first.merged and not again.merged and again.complete
-    assert calls == [1, 2]      # the re-run still shows the analysis (it computed nothing)
+    assert calls == [1, 2]  # the re-run still shows the analysis (it computed nothing)
 
 
 def test_cost_assignment_is_deterministic_balanced_and_covers_every_block():
     rng = __import__("numpy").random.default_rng(0)
     costs = {f"b{i}": float(c) for i, c in enumerate(rng.lognormal(0, 1.5, 60))}
     a = cost_assignment(costs, 4)
-    assert a == cost_assignment(dict(reversed(list(costs.items()))), 4)   # insertion order is irrelevant
+    assert a == cost_assignment(
+        dict(reversed(list(costs.items()))), 4
+    )  # insertion order is irrelevant
     assert set(a) == set(costs) and set(a.values()) == {0, 1, 2, 3}
     assert imbalance(a, costs, 4) < 1.05 < imbalance(hash_assignment(list(costs), 4), costs, 4)
     # LPT on a case with a known optimum: 3,3,2,2,2 on 2 shards -> LPT gives 7 vs optimum 6.
@@ -158,10 +199,12 @@ def test_refined_costs_use_measured_times_and_kind_ratios():
     cells = {"a": 4, "b": 4, "c": 4, "k": 2}
     kinds = {"a": "sgd", "b": "sgd", "c": "sgd", "k": "kfac"}
     out = refine_costs(est, cells, kinds, {"a": (8.0, 2), "b": (4.0, 4)})
-    assert out["a"] == 16.0 and out["b"] == 4.0           # measured, scaled by cells now / then
+    assert out["a"] == 16.0 and out["b"] == 4.0  # measured, scaled by cells now / then
     ratios = sorted([16.0 / 10.0, 4.0 / 20.0])
     assert out["c"] == pytest.approx(5.0 * (ratios[0] + ratios[1]) / 2)
-    assert out["k"] == pytest.approx(1.0 * (ratios[0] + ratios[1]) / 2)   # unmeasured kind: overall median
+    assert out["k"] == pytest.approx(
+        1.0 * (ratios[0] + ratios[1]) / 2
+    )  # unmeasured kind: overall median
     assert refine_costs(est, cells, kinds, {}) == est
 
 
@@ -173,6 +216,9 @@ def test_shards_follow_the_costs_frozen_in_the_manifest(fake_backend, tmp_path):
     # default estimate: cells x budget x batch size
     assert costs["heavy__B16"] == 12 * 10_000 * 16 and costs["plain__B1"] == 6 * 10_000 * 1
     from cbs.sweep.runner import plan
+
     mine = {b.block_id for b in shard_blocks(plan(cfg), (0, 2), costs)}
     assert {b.split("|")[0] for b in RunStore(tmp_path / "run").finished_blocks()} == mine
-    assert "heavy__B16" in mine and "plain__B16" not in mine   # the two largest go to different shards
+    assert (
+        "heavy__B16" in mine and "plain__B16" not in mine
+    )  # the two largest go to different shards

@@ -12,11 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_config_reference_is_generated_from_the_schema():
     committed = (ROOT / "docs" / "config.md").read_text()
     assert committed == config_markdown(), (
-        "docs/config.md is stale: run `python -m cbs.sweep.reference > docs/config.md`")
+        "docs/config.md is stale: run `python -m cbs.sweep.reference > docs/config.md`"
+    )
 
 
 def test_help_prints_the_same_reference(capsys):
     from cbs.sweep.__main__ import main
+
     try:
         main(["--help"])
     except SystemExit as e:
@@ -26,6 +28,7 @@ def test_help_prints_the_same_reference(capsys):
 
 def test_code_cites_only_docs_that_exist():
     import re
+
     cited = set()
     for path in (ROOT / "cbs").rglob("*.py"):
         cited |= set(re.findall(r"docs/([a-z_]+\.md)", path.read_text()))

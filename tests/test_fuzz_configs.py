@@ -92,25 +92,27 @@ def _mutations(raw):
 
 # Bad overrides on any config: the cases of issue 15 and their neighbours.
 OVERRIDES = [
-    ["grid.learning_rates={log10_min: -3, log10_max: 0, num: 100000000}"],     # grid-size cap
-    ["grid.learning_rates={log10_min: 300, log10_max: 400, num: 3}"],           # infinite LRs
-    ["grid.learning_rates={log10_min: 0, log10_max: -3, num: 3}"],              # reversed range
+    ["grid.learning_rates={log10_min: -3, log10_max: 0, num: 100000000}"],  # grid-size cap
+    ["grid.learning_rates={log10_min: 300, log10_max: 400, num: 3}"],  # infinite LRs
+    ["grid.learning_rates={log10_min: 0, log10_max: -3, num: 3}"],  # reversed range
     ["grid.learning_rates=[0.1, .nan]"],
-    ["budget.eval_every=1000000000000"],                                        # eval_every > budget
-    ["grid.optimizers.0.schedule={kind: constant, warmup_steps: 1000000000000}"],  # warm-up > budget
-    ["grid.optimizers.0.schedule={kind: step, boundaries: [300, 100]}"],        # unsorted boundaries
-    ["grid.optimizers.0.schedule={kind: piecewise, pieces: [[1]]}"],            # malformed pieces
+    ["budget.eval_every=1000000000000"],  # eval_every > budget
+    [
+        "grid.optimizers.0.schedule={kind: constant, warmup_steps: 1000000000000}"
+    ],  # warm-up > budget
+    ["grid.optimizers.0.schedule={kind: step, boundaries: [300, 100]}"],  # unsorted boundaries
+    ["grid.optimizers.0.schedule={kind: piecewise, pieces: [[1]]}"],  # malformed pieces
     ["grid.optimizers.0.schedule={kind: piecewise, pieces: [[0.5, 1.0]]}"],
     ["grid.optimizers.0.schedule={kind: piecewise, pieces: []}"],
     ["grid.optimizers.0.hparams={momentum: {log10_min: -3, log10_max: 0, num: 1000000000}}"],
-    ["grid.optimizers.99.kind=sgd"],                                           # index out of range
-    ["grid..batch_sizes=[4]"],                                                  # malformed override
+    ["grid.optimizers.99.kind=sgd"],  # index out of range
+    ["grid..batch_sizes=[4]"],  # malformed override
     ["grid.batch_sizes=[4, 4]"],
     ["grid.seeds=[-1]"],
     ["target=[1, 2]"],
-    ["backend=os:getcwd"],                                                      # not a back end
+    ["backend=os:getcwd"],  # not a back end
     ["backend=no_such_module_zz:Backend"],
-    ["backend=cbs.sweep.backend:Backend"],                                      # abstract class
+    ["backend=cbs.sweep.backend:Backend"],  # abstract class
     ["name=a b"],
     ["budget.max_steps=0"],
 ]
@@ -120,6 +122,7 @@ OVERRIDES = [
 def no_compute(monkeypatch):
     def refuse(self, *args, **kwargs):
         raise AssertionError("an invalid config was accepted and reached the back end")
+
     for cls in (TrainBackend, NQMBackend):
         monkeypatch.setattr(cls, "run_blocks", refuse)
         monkeypatch.setattr(cls, "manifest", refuse)
@@ -130,8 +133,10 @@ def _snapshot(folder: Path):
         return None
     if folder.is_file():
         return ("file", folder.read_bytes(), folder.stat().st_mode)
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None, p.stat().st_mode)
-            for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None, p.stat().st_mode)
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def _check(capsys, argv, folder: Path, what: str) -> str:
@@ -160,8 +165,12 @@ def test_mutated_shipped_configs_are_refused_in_one_line(tmp_path, capsys, no_co
             _check(capsys, [str(path), "--no-progress"], out, f"{config.name}: {what}")
             cases += 1
         for overrides in OVERRIDES:
-            _check(capsys, [str(config), f"output.dir={out}", *overrides, "--no-progress"], out,
-                   f"{config.name}: {overrides}")
+            _check(
+                capsys,
+                [str(config), f"output.dir={out}", *overrides, "--no-progress"],
+                out,
+                f"{config.name}: {overrides}",
+            )
             cases += 1
     print(f"fuzz: {cases} mutated configs refused")
     assert cases > 1000
@@ -182,14 +191,22 @@ def test_issue_cases_name_the_real_cause(tmp_path, capsys, no_compute):
     for override, fragment in cases.items():
         line = _check(capsys, [cfg, override, out], tmp_path / "o", override)
         assert fragment in line, line
-    line = _check(capsys, [str(ROOT / "configs/train_tiny_lm_cpu.yaml"), "train.seq_len=1000000", out],
-                  tmp_path / "o", "seq_len")
+    line = _check(
+        capsys,
+        [str(ROOT / "configs/train_tiny_lm_cpu.yaml"), "train.seq_len=1000000", out],
+        tmp_path / "o",
+        "seq_len",
+    )
     assert "train.seq_len" in line and "-1" not in line, line
 
 
 def test_grid_cap_can_be_raised(tmp_path):
     from cbs.sweep.config import load_config
-    args = ["grid.learning_rates={log10_min: -3, log10_max: 0, num: 2000}", f"output.dir={tmp_path}"]
+
+    args = [
+        "grid.learning_rates={log10_min: -3, log10_max: 0, num: 2000}",
+        f"output.dir={tmp_path}",
+    ]
     with pytest.raises(Exception, match="grid.max_cells"):
         load_config(ROOT / "configs/nqm_quickstart.yaml", args + ["grid.max_cells=100000"])
     cfg = load_config(ROOT / "configs/nqm_quickstart.yaml", args + ["grid.max_cells=1000000"])
@@ -206,8 +223,8 @@ def test_file_system_and_file_cases(tmp_path, capsys, no_compute):
     (tmp_path / "empty.yaml").write_text("")
     (tmp_path / "a_dir").mkdir()
     cases = [
-        ([cfg, f"output.dir={a_file}"], a_file),                         # output.dir is a file
-        ([cfg, f"output.dir={a_file}/sub"], a_file),                     # under a file
+        ([cfg, f"output.dir={a_file}"], a_file),  # output.dir is a file
+        ([cfg, f"output.dir={a_file}/sub"], a_file),  # under a file
         ([str(tmp_path / "missing.yaml")], tmp_path / "o"),
         ([str(tmp_path / "a_dir")], tmp_path / "a_dir"),
         ([str(tmp_path / "bad.yaml")], tmp_path / "o"),
@@ -216,7 +233,7 @@ def test_file_system_and_file_cases(tmp_path, capsys, no_compute):
         ([str(tmp_path / "empty.yaml")], tmp_path / "o"),
         ([cfg, "--shard", "3/2", f"output.dir={tmp_path / 'o'}"], tmp_path / "o"),
     ]
-    if os.geteuid() != 0:   # root may write anywhere
+    if os.geteuid() != 0:  # root may write anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         cases.append(([cfg, f"output.dir={locked}/run"], locked))
@@ -229,38 +246,66 @@ def test_unwritable_output_dir_writes_nothing(tmp_path, capsys, monkeypatch):
     refused even to root) fails in one line at the first write."""
     cfg = str(ROOT / "configs/nqm_quickstart.yaml")
     monkeypatch.setattr(NQMBackend, "run_blocks", lambda self, blocks: pytest.fail("computed"))
-    line = _check(capsys, [cfg, "grid.batch_sizes=[4]", "output.dir=/proc/cbs_no_such/run"],
-                  Path("/proc/cbs_no_such"), "/proc")
+    line = _check(
+        capsys,
+        [cfg, "grid.batch_sizes=[4]", "output.dir=/proc/cbs_no_such/run"],
+        Path("/proc/cbs_no_such"),
+        "/proc",
+    )
     assert "/proc/cbs_no_such/run" in line
 
 
 def test_changed_config_on_existing_folder_names_the_keys(tmp_path, capsys, no_compute):
     from cbs.store import RunStore
     from cbs.sweep.config import config_dict, config_hash, load_config
+
     out = tmp_path / "run"
     cfg = load_config(ROOT / "configs/train_digits_cpu.yaml", [f"output.dir={out}"])
     RunStore(out).initialise(config_dict(cfg), {"config_hash": config_hash(cfg)})
     steps, width = cfg.budget.max_steps, cfg.section.width
-    line = _check(capsys, [str(ROOT / "configs/train_digits_cpu.yaml"), f"output.dir={out}",
-                           f"budget.max_steps={steps + 1000}", f"train.width={width + 1}"], out, "changed config")
-    assert f"budget.max_steps: {steps} → {steps + 1000}" in line and f"train.width: {width} → {width + 1}" in line, line
+    line = _check(
+        capsys,
+        [
+            str(ROOT / "configs/train_digits_cpu.yaml"),
+            f"output.dir={out}",
+            f"budget.max_steps={steps + 1000}",
+            f"train.width={width + 1}",
+        ],
+        out,
+        "changed config",
+    )
+    assert (
+        f"budget.max_steps: {steps} → {steps + 1000}" in line
+        and f"train.width: {width} → {width + 1}" in line
+    ), line
 
 
 def test_option_flags_may_follow_overrides(tmp_path, capsys):
-    rc = main([str(ROOT / "configs/nqm_quickstart.yaml"), "target.value=0.02", "--dry-run",
-               f"output.dir={tmp_path / 'o'}", "grid.batch_sizes=[4,8]", "--no-analysis"])
+    rc = main(
+        [
+            str(ROOT / "configs/nqm_quickstart.yaml"),
+            "target.value=0.02",
+            "--dry-run",
+            f"output.dir={tmp_path / 'o'}",
+            "grid.batch_sizes=[4,8]",
+            "--no-analysis",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "target: risk < 0.02" in out and "batch sizes (2)" in out
     assert not (tmp_path / "o").exists()
 
 
-def test_interrupt_during_analysis_is_one_line_exit_130(tmp_path, capsys, monkeypatch, fake_backend):
+def test_interrupt_during_analysis_is_one_line_exit_130(
+    tmp_path, capsys, monkeypatch, fake_backend
+):
     from conftest import fake_config
 
     import cbs.analysis
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(cbs.analysis, "print_summary", interrupted)
     path = tmp_path / "fake.yaml"
     path.write_text(yaml.safe_dump(fake_config(tmp_path)))
@@ -271,8 +316,14 @@ def test_interrupt_during_analysis_is_one_line_exit_130(tmp_path, capsys, monkey
 
 
 SUBPROCESS = [
-    ["configs/train_digits_cpu.yaml", "grid.optimizers.0.schedule={kind: piecewise, pieces: [[1]]}"],
-    ["configs/nqm_quickstart.yaml", "grid.learning_rates={log10_min: -3, log10_max: 0, num: 100000000}"],
+    [
+        "configs/train_digits_cpu.yaml",
+        "grid.optimizers.0.schedule={kind: piecewise, pieces: [[1]]}",
+    ],
+    [
+        "configs/nqm_quickstart.yaml",
+        "grid.learning_rates={log10_min: -3, log10_max: 0, num: 100000000}",
+    ],
     ["configs/nqm_quickstart.yaml", "backend=os:getcwd"],
     ["configs/train_tiny_lm_cpu.yaml", "train.seq_len=1000000"],
 ]
@@ -281,22 +332,47 @@ SUBPROCESS = [
 @pytest.mark.parametrize("args", SUBPROCESS, ids=lambda a: a[-1][:40])
 def test_cli_process_refuses_in_one_line(tmp_path, args):
     out = tmp_path / "o"
-    proc = subprocess.run([sys.executable, "-m", "cbs.sweep", *args, f"output.dir={out}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "cbs.sweep", *args, f"output.dir={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, (
+        proc.stderr
+    )
     assert not out.exists()
 
 
 def test_sigint_mid_sweep_is_one_line_exit_130_and_resumable(tmp_path):
     out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "cbs.sweep", "configs/train_digits_cpu.yaml", f"output.dir={out}",
-           "grid.batch_sizes=[8,16,32,64]", "grid.optimizers=[{kind: sgd}]", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "cbs.sweep",
+        "configs/train_digits_cpu.yaml",
+        f"output.dir={out}",
+        "grid.batch_sizes=[8,16,32,64]",
+        "grid.optimizers=[{kind: sgd}]",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline and not (out / "parts" / "results").is_dir():
+    while (
+        proc.poll() is None
+        and time.monotonic() < deadline
+        and not (out / "parts" / "results").is_dir()
+    ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

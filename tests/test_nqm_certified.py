@@ -11,8 +11,18 @@ from cbs.nqm import _crossing, _moments
 
 
 def _brute(problem, kind, lr, beta, gamma, power, B, T):
-    return risk_by_recurrence(problem.h, problem.c, problem.m0, problem.count, kind, lr, beta, gamma,
-                                  power, np.full(T, float(B)))
+    return risk_by_recurrence(
+        problem.h,
+        problem.c,
+        problem.m0,
+        problem.count,
+        kind,
+        lr,
+        beta,
+        gamma,
+        power,
+        np.full(T, float(B)),
+    )
 
 
 def test_early_dip_far_before_the_bisection_crossing_is_found():
@@ -26,7 +36,9 @@ def test_early_dip_far_before_the_bisection_crossing_is_found():
     below = r < target
     want = int(np.flatnonzero(below)[0])
     settle = int(np.flatnonzero(~below)[-1]) + 1
-    assert settle - want > 32 and not below[want + 1:settle].all()   # really non-monotone, far apart
+    assert (
+        settle - want > 32 and not below[want + 1 : settle].all()
+    )  # really non-monotone, far apart
     out = nqm.evaluate_grid(problem, kind, lr, beta, batch_sizes=[B], target=target, max_steps=T)
     assert out["steps"][0, 0] == want
     assert out["crossing_certified"][0, 0]
@@ -51,7 +63,9 @@ def test_quickstart_cells_are_certified():
     powers = np.array([0.0, 0.25, 0.5, 0.75])
     lr, pw = np.tile(lrs, 4), np.repeat(powers, 100)
     bs = 2.0 ** np.arange(2, 21)
-    out = nqm.evaluate_grid(problem, "sgd", lr, 0.0, 0.0, pw, batch_sizes=bs, target=0.01, max_steps=10**9)
+    out = nqm.evaluate_grid(
+        problem, "sgd", lr, 0.0, 0.0, pw, batch_sizes=bs, target=0.01, max_steps=10**9
+    )
     diverged = ~np.isfinite(out["final"]) | (out["final"] > 10 * problem.initial_risk)
     assert out["crossing_certified"][~diverged].all()
     assert out["reached"].sum() > 1000
@@ -72,21 +86,38 @@ def test_uncertified_cells_keep_the_bisection_answer():
     import jax.numpy as jnp
 
     from cbs.nqm._grid import _padded, _prob
+
     with jax.enable_x64(True):
-        out = _crossing.search_steps(_prob(problem), jnp.float64(lr), jnp.float64(beta), jnp.float64(0.0),
-                                  jnp.float64(0.0), jnp.asarray([B]), _moments.Phases(*(jnp.asarray(p) for p in _padded(None))),
-                                  jnp.float64(target), jnp.int64(T), kind=kind, ema=False, K=11, window=16,
-                                  max_iter=1)
+        out = _crossing.search_steps(
+            _prob(problem),
+            jnp.float64(lr),
+            jnp.float64(beta),
+            jnp.float64(0.0),
+            jnp.float64(0.0),
+            jnp.asarray([B]),
+            _moments.Phases(*(jnp.asarray(p) for p in _padded(None))),
+            jnp.float64(target),
+            jnp.int64(T),
+            kind=kind,
+            ema=False,
+            K=11,
+            window=16,
+            max_iter=1,
+        )
     assert not bool(out["certified"][0])
-    assert int(out["steps"][0]) == np.flatnonzero(r < target)[0]   # monotone here: the bisection is right
+    assert (
+        int(out["steps"][0]) == np.flatnonzero(r < target)[0]
+    )  # monotone here: the bisection is right
 
 
 def _affine_power_longdouble(kind, ema, h, c, m0, lr, beta, gamma, power, B, t):
     """Reference at large t: binary powering of the moment map in extended precision."""
     import jax
+
     with jax.enable_x64(True):
-        M, r, s0, read = _moments.moment_system(kind, ema, *(np.asarray(x, np.float64) for x in (h, c, m0)),
-                                           lr, beta, gamma, power)
+        M, r, s0, read = _moments.moment_system(
+            kind, ema, *(np.asarray(x, np.float64) for x in (h, c, m0)), lr, beta, gamma, power
+        )
     M = np.moveaxis(np.asarray(M), -1, 0).astype(np.longdouble)
     r = (np.asarray(r).T / B).astype(np.longdouble)
     s = np.asarray(s0).T.astype(np.longdouble)
@@ -102,23 +133,30 @@ def _affine_power_longdouble(kind, ema, h, c, m0, lr, beta, gamma, power, B, t):
     return s, read
 
 
-@pytest.mark.parametrize("case", [
-    ("momentum", 1e-3, 1 - 1e-5, 0.0, 0.0),        # beta -> 1
-    ("momentum", 0.25, 0.25, 0.0, 0.0),            # exact critical damping at h = 1
-    ("momentum", 0.25 * (1 + 1e-9), 0.25, 0.0, 0.0),   # near-critical
-    ("sgd", 1e-4, 0.0, 1 - 1e-5, 0.5),             # EMA with gamma -> 1
-], ids=["beta1", "critical", "near-critical", "ema-gamma1"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("momentum", 1e-3, 1 - 1e-5, 0.0, 0.0),  # beta -> 1
+        ("momentum", 0.25, 0.25, 0.0, 0.0),  # exact critical damping at h = 1
+        ("momentum", 0.25 * (1 + 1e-9), 0.25, 0.0, 0.0),  # near-critical
+        ("sgd", 1e-4, 0.0, 1 - 1e-5, 0.5),  # EMA with gamma -> 1
+    ],
+    ids=["beta1", "critical", "near-critical", "ema-gamma1"],
+)
 def test_long_horizon_and_delicate_regimes(case):
     kind, lr, beta, gamma, power = case
     H = np.array([1.0, 0.5, 0.1, 1e-2, 1e-4])
     problem = nqm.custom_problem(H)
     B = 16.0
     steps = np.array([0, 1, 7, 1000, 123_457, 10**6, 10**7 - 1, 10**7])
-    got = nqm.expected_risk(problem, kind, lr, beta, gamma, power, batch_sizes=[B], steps=steps)[0, 0]
+    got = nqm.expected_risk(problem, kind, lr, beta, gamma, power, batch_sizes=[B], steps=steps)[
+        0, 0
+    ]
     want = []
     for t in steps:
-        s, read = _affine_power_longdouble(kind, gamma > 0, problem.h, problem.c, problem.m0, lr, beta, gamma,
-                                           power, B, int(t))
+        s, read = _affine_power_longdouble(
+            kind, gamma > 0, problem.h, problem.c, problem.m0, lr, beta, gamma, power, B, int(t)
+        )
         want.append(float(np.sum(problem.loss_weights * (s @ read.astype(np.longdouble)))))
     np.testing.assert_allclose(got, np.array(want), rtol=1e-9, atol=0)
     # and the short-horizon part against the step-by-step recurrence
@@ -134,13 +172,32 @@ def test_unstable_configuration_is_never_reached():
 
     from cbs.nqm import evaluate_grid
     from cbs.nqm._problem import bin_problem, harmonic_problem
+
     problem = bin_problem(harmonic_problem())
     lr, beta = 4.328761281083062, 0.9784556530996812  # a = 4.33 > 2 (1 + beta) = 3.96
-    out = evaluate_grid(problem, "momentum", [lr, 0.5], [beta, beta], 0.0, 0.0,
-                        batch_sizes=2.0 ** np.arange(2, 21, 6), target=0.01, max_steps=10**9)
+    out = evaluate_grid(
+        problem,
+        "momentum",
+        [lr, 0.5],
+        [beta, beta],
+        0.0,
+        0.0,
+        batch_sizes=2.0 ** np.arange(2, 21, 6),
+        target=0.01,
+        max_steps=10**9,
+    )
     assert not out["reached"][0].any() and np.isnan(out["steps"][0]).all()
-    alone = evaluate_grid(problem, "momentum", [0.5], [beta], 0.0, 0.0,
-                          batch_sizes=2.0 ** np.arange(2, 21, 6), target=0.01, max_steps=10**9)
+    alone = evaluate_grid(
+        problem,
+        "momentum",
+        [0.5],
+        [beta],
+        0.0,
+        0.0,
+        batch_sizes=2.0 ** np.arange(2, 21, 6),
+        target=0.01,
+        max_steps=10**9,
+    )
     assert out["reached"][1].any()  # a stable neighbour in the same call is unaffected
     np.testing.assert_array_equal(out["steps"][1], alone["steps"][0])
 
@@ -152,6 +209,7 @@ def test_small_solver_matches_lapack(m):
     needs pivoting (zero leading entry)."""
     import jax
     import jax.numpy as jnp
+
     rng = np.random.default_rng(m)
     A = rng.normal(size=(m, m, 40))
     if m > 1:
@@ -163,7 +221,9 @@ def test_small_solver_matches_lapack(m):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind,ema", [("sgd", False), ("momentum", False), ("nesterov", False), ("momentum", True)])
+@pytest.mark.parametrize(
+    "kind,ema", [("sgd", False), ("momentum", False), ("nesterov", False), ("momentum", True)]
+)
 def test_certified_answers_equal_brute_force_on_random_cells(kind, ema):
     """Random small problems and configurations (incl. oscillating, noisy and diverging ones):
     every certified answer is the brute-force first crossing of the step-by-step recurrence,
@@ -178,7 +238,9 @@ def test_certified_answers_equal_brute_force_on_random_cells(kind, ema):
     power = rng.choice([0.0, 0.5], n)
     bs = np.array([1.0, 16.0, 1024.0])
     target = 0.05 * problem.initial_risk
-    out = nqm.evaluate_grid(problem, kind, lr, beta, gamma, power, batch_sizes=bs, target=target, max_steps=T)
+    out = nqm.evaluate_grid(
+        problem, kind, lr, beta, gamma, power, batch_sizes=bs, target=target, max_steps=T
+    )
     certified = 0
     for i in range(n):
         b = 0.0 if kind == "sgd" else beta[i]
@@ -202,7 +264,9 @@ def test_certified_answers_equal_brute_force_with_schedules(kind):
     rng = np.random.default_rng(11)
     T, n = 240, 16
     problem = nqm.custom_problem(np.array([1.0, 0.3, 0.05]))
-    phases = nqm.Phases(np.array([40, 60, 1], np.int64), np.array([1.0, 0.3, 0.1]), np.array([1.0, 4.0, 16.0]))
+    phases = nqm.Phases(
+        np.array([40, 60, 1], np.int64), np.array([1.0, 0.3, 0.1]), np.array([1.0, 4.0, 16.0])
+    )
     lr = np.exp(rng.uniform(np.log(0.05), np.log(1.5), n))
     beta = 0.0 if kind == "sgd" else rng.uniform(0.0, 0.95, n)
     bs = np.array([1.0, 8.0, 256.0])
@@ -210,19 +274,37 @@ def test_certified_answers_equal_brute_force_with_schedules(kind):
     b_m = np.repeat(phases.batch_mult, [40, 60, T - 100])
     certified, late = 0, 0
     for target in (0.3 * problem.initial_risk, 0.03 * problem.initial_risk):
-        out = nqm.evaluate_grid(problem, kind, lr, beta, batch_sizes=bs, target=target, max_steps=T,
-                                phases=phases)
+        out = nqm.evaluate_grid(
+            problem, kind, lr, beta, batch_sizes=bs, target=target, max_steps=T, phases=phases
+        )
         for i in range(n):
             for j, B in enumerate(bs):
-                r = risk_by_recurrence(problem.h, problem.c, problem.m0, problem.count, kind, lr[i],
-                                           0.0 if kind == "sgd" else beta[i], 0.0, 0.0, B * b_m, lr_m)
+                r = risk_by_recurrence(
+                    problem.h,
+                    problem.c,
+                    problem.m0,
+                    problem.count,
+                    kind,
+                    lr[i],
+                    0.0 if kind == "sgd" else beta[i],
+                    0.0,
+                    0.0,
+                    B * b_m,
+                    lr_m,
+                )
                 below = np.flatnonzero((r < target) & np.isfinite(r))
                 want = below[0] if len(below) else np.nan
                 if out["crossing_certified"][i, j]:
                     certified += 1
                     late += bool(want >= 40)
                     got = out["steps"][i, j]
-                    assert (np.isnan(want) and np.isnan(got)) or got == want, (target, i, j, got, want)
+                    assert (np.isnan(want) and np.isnan(got)) or got == want, (
+                        target,
+                        i,
+                        j,
+                        got,
+                        want,
+                    )
     assert certified >= 0.7 * 2 * n * len(bs) and late > 5
 
 
@@ -235,14 +317,36 @@ def test_early_dip_in_a_later_phase_is_found():
     kind, lr, beta, B, T = "momentum", 0.5, 0.95, 1e6, 400
     phases = nqm.Phases(np.array([6, 1], np.int64), np.array([0.02, 1.0]), np.array([1.0, 1.0]))
     lr_m = np.repeat(phases.lr_mult, [6, T - 6])
-    r = risk_by_recurrence(problem.h, problem.c, problem.m0, problem.count, kind, lr, beta, 0.0, 0.0,
-                               np.full(T, B), lr_m)
+    r = risk_by_recurrence(
+        problem.h,
+        problem.c,
+        problem.m0,
+        problem.count,
+        kind,
+        lr,
+        beta,
+        0.0,
+        0.0,
+        np.full(T, B),
+        lr_m,
+    )
     earlier = 0
     for tgt in np.geomspace(r.min() * 1.05, r[:7].min() * 0.95, 12):
         want = np.flatnonzero(r < tgt)[0]
-        got = nqm.evaluate_grid(problem, kind, lr, beta, batch_sizes=[B], target=tgt, max_steps=T, phases=phases)
-        fast = nqm.evaluate_grid(problem, kind, lr, beta, batch_sizes=[B], target=tgt, max_steps=T, phases=phases,
-                                 certify=False)
+        got = nqm.evaluate_grid(
+            problem, kind, lr, beta, batch_sizes=[B], target=tgt, max_steps=T, phases=phases
+        )
+        fast = nqm.evaluate_grid(
+            problem,
+            kind,
+            lr,
+            beta,
+            batch_sizes=[B],
+            target=tgt,
+            max_steps=T,
+            phases=phases,
+            certify=False,
+        )
         assert want >= 6
         if got["crossing_certified"][0, 0]:
             assert got["steps"][0, 0] == want
@@ -262,8 +366,9 @@ def test_lower_bound_brackets_the_first_crossing(kind):
     beta = 0.0 if kind == "sgd" else rng.uniform(0.5, 0.97, n)
     bs = np.array([1.0, 32.0, 4096.0])
     target = 0.05 * problem.initial_risk
-    out = nqm.evaluate_grid(problem, kind, lr, beta, batch_sizes=bs, target=target, max_steps=T,
-                            certify_iters=3)
+    out = nqm.evaluate_grid(
+        problem, kind, lr, beta, batch_sizes=bs, target=target, max_steps=T, certify_iters=3
+    )
     lower, steps = out["steps_lower_bound"], out["steps"]
     assert (~out["crossing_certified"]).sum() > 10 and (lower[~out["crossing_certified"]] > 0).any()
     for i in range(n):
@@ -274,6 +379,8 @@ def test_lower_bound_brackets_the_first_crossing(kind):
                 want = below[0] if len(below) else np.nan
                 np.testing.assert_equal(lower[i, j], want)
             elif len(below):
-                assert lower[i, j] <= below[0] and (np.isnan(steps[i, j]) or below[0] <= steps[i, j])
+                assert lower[i, j] <= below[0] and (
+                    np.isnan(steps[i, j]) or below[0] <= steps[i, j]
+                )
             else:
                 assert np.isnan(steps[i, j])

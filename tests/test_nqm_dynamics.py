@@ -18,7 +18,9 @@ from cbs.sweep.config import Schedule
 # under-damped (complex roots), large ones over-damped; with gamma = 0.75, h = 1 also
 # gives gamma = 1 - a (EMA double root).
 H = np.array([1.0, 0.5, 0.1, 0.01, 1e-3, 3.0])
-PROBLEM = nqm.custom_problem(H, c=H * np.array([1, 2, 1, 0.5, 1, 1]), m0=np.array([1, 2, 0.5, 1, 1, 3]))
+PROBLEM = nqm.custom_problem(
+    H, c=H * np.array([1, 2, 1, 0.5, 1, 1]), m0=np.array([1, 2, 0.5, 1, 1, 3])
+)
 
 CASES = [  # kind, lr, momentum, ema, power
     ("sgd", 0.25, 0.0, 0.0, 0.0),
@@ -34,10 +36,14 @@ CASES = [  # kind, lr, momentum, ema, power
 
 SCHEDULES = {
     "constant": Schedule(),
-    "step_ramp": Schedule(kind="step", boundaries=[40, 90], decay_factor=0.3, batch_growth=[1, 2, 8]),
+    "step_ramp": Schedule(
+        kind="step", boundaries=[40, 90], decay_factor=0.3, batch_growth=[1, 2, 8]
+    ),
     "warmup_cosine": Schedule(kind="cosine", warmup_steps=15, horizon=120, final_lr_fraction=0.1),
     "linear_decay": Schedule(kind="linear_decay", horizon=100),
-    "piecewise": Schedule(kind="piecewise", pieces=[[30, 1.0], [20, 0.5], [1, 0.2]], batch_growth=[1, 4, 16]),
+    "piecewise": Schedule(
+        kind="piecewise", pieces=[[30, 1.0], [20, 0.5], [1, 0.2]], batch_growth=[1, 4, 16]
+    ),
     "seesaw_step": Schedule(kind="step", boundaries=[50, 100], decay_factor=0.5, seesaw=True),
     "seesaw_cosine": Schedule(kind="cosine", horizon=150, seesaw=True),
 }
@@ -51,30 +57,36 @@ def _per_step(phases: nqm.Phases, T: int):
 
 # Every optimizer case under a constant LR, and every schedule under three cases (one per kind,
 # each with EMA or momentum in its delicate regime), keeps the compile count and runtime low.
-PAIRS = ([(c, "constant") for c in CASES]
-         + [(c, s) for s in SCHEDULES if s != "constant" for c in (CASES[5], CASES[7])])
+PAIRS = [(c, "constant") for c in CASES] + [
+    (c, s) for s in SCHEDULES if s != "constant" for c in (CASES[5], CASES[7])
+]
 
 
-@pytest.mark.parametrize("case,sched", PAIRS, ids=lambda x: x if isinstance(x, str) else f"{x[0]}-b{x[2]}-g{x[3]}")
+@pytest.mark.parametrize(
+    "case,sched", PAIRS, ids=lambda x: x if isinstance(x, str) else f"{x[0]}-b{x[2]}-g{x[3]}"
+)
 def test_closed_form_matches_recurrence(case, sched):
     kind, lr, beta, gamma, power = case
     T, B = 200, 8.0
     phases, exact = schedule_phases(SCHEDULES[sched], T)
     assert exact
     lr_m, b_m = _per_step(phases, T)
-    ref = risk_by_recurrence(PROBLEM.h, PROBLEM.c, PROBLEM.m0, PROBLEM.count, kind, lr, beta, gamma,
-                                 power, B * b_m, lr_m)
+    ref = risk_by_recurrence(
+        PROBLEM.h, PROBLEM.c, PROBLEM.m0, PROBLEM.count, kind, lr, beta, gamma, power, B * b_m, lr_m
+    )
     steps = np.array([0, 1, 2, 3, 7, 14, 15, 16, 40, 41, 63, 64, 89, 90, 91, 127, 150, 199, 200])
-    got = nqm.expected_risk(PROBLEM, kind, lr, beta, gamma, power, batch_sizes=[B], steps=steps,
-                            phases=phases)[0, 0]
+    got = nqm.expected_risk(
+        PROBLEM, kind, lr, beta, gamma, power, batch_sizes=[B], steps=steps, phases=phases
+    )[0, 0]
     np.testing.assert_allclose(got, ref[steps], rtol=1e-9, atol=0)
 
 
 def test_det_plus_noise_over_b():
     """L(t; B) = Det(t) + Noise(t) / B exactly."""
     steps = np.array([0, 5, 50, 500])
-    r = nqm.expected_risk(PROBLEM, "momentum", 0.05, 0.9, 0.0, 0.25, batch_sizes=[np.inf, 1.0, 7.0],
-                          steps=steps)[0]
+    r = nqm.expected_risk(
+        PROBLEM, "momentum", 0.05, 0.9, 0.0, 0.25, batch_sizes=[np.inf, 1.0, 7.0], steps=steps
+    )[0]
     np.testing.assert_allclose(r[2], r[0] + (r[1] - r[0]) / 7.0, rtol=1e-12)
 
 
@@ -85,7 +97,9 @@ def test_long_horizon_matches_stationary_risk():
     a = lr * lam
     m_inf = lr**2 * H ** (-2 * p) * PROBLEM.c / B / (a * (2 - a))
     want = np.sum(PROBLEM.loss_weights * m_inf)
-    got = nqm.expected_risk(PROBLEM, "sgd", lr, 0.0, 0.0, p, batch_sizes=[B], steps=[10**9])[0, 0, 0]
+    got = nqm.expected_risk(PROBLEM, "sgd", lr, 0.0, 0.0, p, batch_sizes=[B], steps=[10**9])[
+        0, 0, 0
+    ]
     np.testing.assert_allclose(got, want, rtol=1e-9)
 
 
@@ -95,8 +109,15 @@ def _optax_opt(kind, lr, beta):
     return optax.sgd(lr, momentum=beta, nesterov=kind == "nesterov")
 
 
-@pytest.mark.parametrize("case", [("sgd", 0.3, 0.0, 0.8, 0.5), ("nesterov", 0.1, 0.8, 0.0, 0.5),
-                                  ("momentum", 0.05, 0.95, 0.9, 0.25)], ids=lambda c: c[0])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("sgd", 0.3, 0.0, 0.8, 0.5),
+        ("nesterov", 0.1, 0.8, 0.0, 0.5),
+        ("momentum", 0.05, 0.95, 0.9, 0.25),
+    ],
+    ids=lambda c: c[0],
+)
 def test_exact_risk_matches_monte_carlo(case):
     """Sampled Gaussian-noise training with optax (many runs, vmapped) vs the exact risk."""
     kind, lr, beta, gamma, power = case
@@ -104,7 +125,9 @@ def test_exact_risk_matches_monte_carlo(case):
     problem = nqm.custom_problem(h)
     B, runs, T = 4.0, 10_000, 60
     checks = np.array([1, 5, 20, 60])
-    exact = nqm.expected_risk(problem, kind, lr, beta, gamma, power, batch_sizes=[B], steps=checks)[0, 0]
+    exact = nqm.expected_risk(problem, kind, lr, beta, gamma, power, batch_sizes=[B], steps=checks)[
+        0, 0
+    ]
     opt = _optax_opt(kind, lr, beta)
     prec = h ** (-power)
 
@@ -116,7 +139,7 @@ def test_exact_risk_matches_monte_carlo(case):
         def step(carry, k):
             theta, avg, state = carry
             noise = jax.random.normal(k, h.shape) * jnp.sqrt(h / B)
-            grad = prec * (h * theta + noise)          # P^-1 g with P = H^p
+            grad = prec * (h * theta + noise)  # P^-1 g with P = H^p
             upd, state = opt.update(grad, state, theta)
             theta = optax.apply_updates(theta, upd)
             avg = gamma * avg + (1 - gamma) * theta

@@ -20,8 +20,16 @@ def _best(kind, lrs, hp=None, hp_name="momentum", power=0.0, batch_sizes=BS, max
     if hp is not None:
         L, H = np.meshgrid(lrs, hp, indexing="ij")
         lrs, kw = L.ravel(), {hp_name: H.ravel()}
-    out = nqm.evaluate_grid(PROBLEM, kind, lrs, precond_power=power, batch_sizes=batch_sizes, target=TARGET,
-                            max_steps=max_steps, **kw)
+    out = nqm.evaluate_grid(
+        PROBLEM,
+        kind,
+        lrs,
+        precond_power=power,
+        batch_sizes=batch_sizes,
+        target=TARGET,
+        max_steps=max_steps,
+        **kw,
+    )
     return np.nanmin(out["steps"], axis=0)
 
 
@@ -73,7 +81,9 @@ def test_ema_helps_at_small_batch_not_at_large(sgd_steps):
 
 def test_optimized_schedule_closes_most_of_the_gap_at_small_batch(sgd_steps):
     bs = np.array([4.0, 2.0**20])
-    pwc = nqm.optimize_pwc(PROBLEM, "sgd", bs, target=TARGET, max_steps=2 * 10**6, opt_steps=100, rel_tol=1e-2)
+    pwc = nqm.optimize_pwc(
+        PROBLEM, "sgd", bs, target=TARGET, max_steps=2 * 10**6, opt_steps=100, rel_tol=1e-2
+    )
     const = sgd_steps[0.0][[0, -1]]
     lb = nqm.lower_bound_steps(PROBLEM, TARGET, bs)
     closed = (const[0] - pwc["steps"][0]) / (const[0] - lb[0])

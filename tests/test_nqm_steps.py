@@ -12,8 +12,18 @@ PROBLEM = nqm.harmonic_problem(30)
 
 
 def _brute(problem, kind, lr, beta, gamma, power, B, T):
-    r = risk_by_recurrence(problem.h, problem.c, problem.m0, problem.count, kind, lr, beta, gamma,
-                               power, np.full(T, float(B)))
+    r = risk_by_recurrence(
+        problem.h,
+        problem.c,
+        problem.m0,
+        problem.count,
+        kind,
+        lr,
+        beta,
+        gamma,
+        power,
+        np.full(T, float(B)),
+    )
     return r
 
 
@@ -22,13 +32,17 @@ def _first_below(r, target):
     return float(idx[0]) if len(idx) else np.nan
 
 
-@pytest.mark.parametrize("case", [
-    ("sgd", 0.5, 0.0, 0.0, 0.0, 64.0),
-    ("sgd", 0.2, 0.0, 0.9, 0.5, 16.0),
-    ("momentum", 0.3, 0.9, 0.0, 0.0, 1e4),        # under-damped: the risk oscillates
-    ("nesterov", 0.3, 0.9, 0.0, 0.25, 1e3),
-    ("momentum", 0.1, 0.95, 0.5, 0.0, 256.0),
-], ids=lambda c: f"{c[0]}-b{c[2]}-g{c[3]}")
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("sgd", 0.5, 0.0, 0.0, 0.0, 64.0),
+        ("sgd", 0.2, 0.0, 0.9, 0.5, 16.0),
+        ("momentum", 0.3, 0.9, 0.0, 0.0, 1e4),  # under-damped: the risk oscillates
+        ("nesterov", 0.3, 0.9, 0.0, 0.25, 1e3),
+        ("momentum", 0.1, 0.95, 0.5, 0.0, 256.0),
+    ],
+    ids=lambda c: f"{c[0]}-b{c[2]}-g{c[3]}",
+)
 def test_steps_match_brute_force_for_many_targets(case):
     kind, lr, beta, gamma, power, B = case
     T = 3000
@@ -37,8 +51,14 @@ def test_steps_match_brute_force_for_many_targets(case):
     targets = np.geomspace(r.min() * 1.001, r[0] * 0.99, 17)
     # keep clear of rounding-level ties between the closed form and the recurrence
     targets = np.array([t * (1 + 1e-7) if np.min(np.abs(r / t - 1)) < 1e-9 else t for t in targets])
-    got = np.array([nqm.steps_to_target(PROBLEM, kind, lr, beta, gamma, power, batch_size=B, target=t,
-                                        max_steps=T)[0, 0] for t in targets])
+    got = np.array(
+        [
+            nqm.steps_to_target(
+                PROBLEM, kind, lr, beta, gamma, power, batch_size=B, target=t, max_steps=T
+            )[0, 0]
+            for t in targets
+        ]
+    )
     want = np.array([_first_below(r, t) for t in targets])
     np.testing.assert_array_equal(got, want)
 
@@ -61,9 +81,11 @@ def test_oscillating_dip_is_found_before_the_bisection_crossing():
 
 
 def test_censored_and_immediate():
-    out = nqm.evaluate_grid(PROBLEM, "sgd", [1e-4, 0.5, 3.0], batch_sizes=[4.0], target=0.05, max_steps=100)
-    assert np.isnan(out["steps"][0, 0]) and not out["reached"][0, 0]     # too slow: censored
-    assert np.isnan(out["steps"][2, 0]) and not out["reached"][2, 0]     # a > 2: diverges
+    out = nqm.evaluate_grid(
+        PROBLEM, "sgd", [1e-4, 0.5, 3.0], batch_sizes=[4.0], target=0.05, max_steps=100
+    )
+    assert np.isnan(out["steps"][0, 0]) and not out["reached"][0, 0]  # too slow: censored
+    assert np.isnan(out["steps"][2, 0]) and not out["reached"][2, 0]  # a > 2: diverges
     assert out["final"][2, 0] > 1e6 or not np.isfinite(out["final"][2, 0])
     r0 = PROBLEM.initial_risk
     out = nqm.evaluate_grid(PROBLEM, "sgd", 0.5, batch_sizes=[4.0], target=2 * r0, max_steps=100)
@@ -74,8 +96,12 @@ def test_grid_is_vectorized_over_batch_sizes_and_configs():
     """One call over configs x batch sizes equals per-cell calls."""
     lrs, betas, Bs = np.array([0.05, 0.3]), np.array([0.0, 0.9]), np.array([4.0, 1024.0])
     L, Be = np.meshgrid(lrs, betas, indexing="ij")
-    out = nqm.evaluate_grid(PROBLEM, "momentum", L, Be, batch_sizes=Bs, target=0.02, max_steps=10**6)
+    out = nqm.evaluate_grid(
+        PROBLEM, "momentum", L, Be, batch_sizes=Bs, target=0.02, max_steps=10**6
+    )
     for i, (lr, beta) in enumerate(zip(L.ravel(), Be.ravel())):
         for j, B in enumerate(Bs):
-            one = nqm.steps_to_target(PROBLEM, "momentum", lr, beta, batch_size=B, target=0.02, max_steps=10**6)
+            one = nqm.steps_to_target(
+                PROBLEM, "momentum", lr, beta, batch_size=B, target=0.02, max_steps=10**6
+            )
             assert np.array_equal(one[0, 0], out["steps"][i, j], equal_nan=True)

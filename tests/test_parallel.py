@@ -24,8 +24,14 @@ def test_sharded_cells_match_single_device():
         np.testing.assert_allclose(got, want, rtol=1e-6)
         print("ok")
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
 
 
@@ -53,12 +59,20 @@ def test_train_block_sharded_over_devices_matches_one_device():
     """)
     outs = []
     for n in (1, 4):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        env = {
+            **os.environ,
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+            "JAX_PLATFORMS": "cpu",
+        }
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     # the block really was spread: every per-cell array it placed spans all 4 devices
     # (on one device nothing needs placing, or it lands on the one device)
-    assert outs[0]["devices"] in ([], [1]) and outs[1]["devices"] == [4], [o["devices"] for o in outs]
+    assert outs[0]["devices"] in ([], [1]) and outs[1]["devices"] == [4], [
+        o["devices"] for o in outs
+    ]
     assert len(outs[0]["val_loss"]) == 6 * 4
     np.testing.assert_allclose(outs[0]["val_loss"], outs[1]["val_loss"], rtol=1e-5)

@@ -26,12 +26,26 @@ def _measurement(h, c, m0, *, dim=None, k=None, slq=None, second=None, vectors=N
     g = h * np.sqrt(m0)
     nodes, weights = slq if slq is not None else (np.array([h]), np.full((1, len(h)), 1.0 / len(h)))
     return Measurement(
-        dim=d, num_examples=100, curvature="ggn", top_h=h[:k], top_vectors=np.eye(d)[:k] if vectors is None
-        else vectors, top_grad=g[:k], top_var=c[:k], slq_nodes=nodes, slq_weights=weights,
-        grad_nodes=h, grad_weights=g**2 / np.sum(g**2), grad_sq=float(np.sum(g**2)), trace_sigma=float(c.sum()),
-        trace_c_sigma=float(np.sum(h * c)), trace_c_sigma_se=0.0, gcg=float(np.sum(h * g**2)),
-        second_moment=np.zeros(d) if second is None else second, grad=np.zeros(d) if second is None else g,
-        loss=float(0.5 * np.sum(h * m0)))
+        dim=d,
+        num_examples=100,
+        curvature="ggn",
+        top_h=h[:k],
+        top_vectors=np.eye(d)[:k] if vectors is None else vectors,
+        top_grad=g[:k],
+        top_var=c[:k],
+        slq_nodes=nodes,
+        slq_weights=weights,
+        grad_nodes=h,
+        grad_weights=g**2 / np.sum(g**2),
+        grad_sq=float(np.sum(g**2)),
+        trace_sigma=float(c.sum()),
+        trace_c_sigma=float(np.sum(h * c)),
+        trace_c_sigma_se=0.0,
+        gcg=float(np.sum(h * g**2)),
+        second_moment=np.zeros(d) if second is None else second,
+        grad=np.zeros(d) if second is None else g,
+        loss=float(0.5 * np.sum(h * m0)),
+    )
 
 
 def test_all_top_directions_reproduce_the_problem():
@@ -47,10 +61,16 @@ def test_all_top_directions_reproduce_the_problem():
 def test_displacement_start_sets_m0_directly():
     """Measured at theta_T with delta = theta_0 - theta_T: m_i(0) = (delta . v_i)^2, no 1/h^2."""
     import dataclasses
+
     h = np.array([2.0, 1.0, 0.5])
     delta = np.array([0.3, -1.0, 2.0])
-    meas = dataclasses.replace(_measurement(h, np.ones(3), np.ones(3)), disp_proj=delta,
-                               disp_sq=float(delta @ delta), disp_nodes=h, disp_weights=delta**2 / (delta @ delta))
+    meas = dataclasses.replace(
+        _measurement(h, np.ones(3), np.ones(3)),
+        disp_proj=delta,
+        disp_sq=float(delta @ delta),
+        disp_nodes=h,
+        disp_weights=delta**2 / (delta @ delta),
+    )
     np.testing.assert_allclose(nqm_from_measurement(meas).problem.m0, delta**2)
 
 
@@ -63,13 +83,13 @@ def test_bulk_noise_rule_matches_trace_and_counts_match_dimension():
     h[:k] *= 10
     c = 0.3 * h * rng.uniform(0.5, 1.5, d)
     m0 = rng.uniform(0.5, 2, d)
-    slq = (np.array([h]), np.full((1, d), 1.0 / d))          # one probe that sees every eigenvalue
+    slq = (np.array([h]), np.full((1, d), 1.0 / d))  # one probe that sees every eigenvalue
     meas = _measurement(h, c, m0, dim=d, k=k, slq=slq)
     cal = nqm_from_measurement(meas, num_bins=20)
     p = cal.problem
     np.testing.assert_allclose(p.count.sum(), d)
     np.testing.assert_allclose(np.sum(p.count * p.c), c.sum(), rtol=1e-10)
-    np.testing.assert_allclose(np.sum(p.count * p.h), h.sum(), rtol=1e-10)   # bins keep the trace
+    np.testing.assert_allclose(np.sum(p.count * p.h), h.sum(), rtol=1e-10)  # bins keep the trace
     bulk = slice(k, None)
     np.testing.assert_allclose(p.c[bulk] / p.h[bulk], cal.kappa)
     cal2 = nqm_from_measurement(meas, num_bins=20, bulk_noise="curvature")
@@ -114,8 +134,13 @@ def test_adam_power_recovers_a_planted_preconditioner(power):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "cbs.predict", *args], capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "cbs.predict", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_cli_refuses_nqm_config_and_bad_flags():
@@ -123,7 +148,11 @@ def test_cli_refuses_nqm_config_and_bad_flags():
     assert r.returncode == 2 and "backend" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     r = _cli("configs/train_digits_cpu.yaml", "--lanczos-iters", "0")
-    assert r.returncode == 2 and "--lanczos-iters" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (
+        r.returncode == 2
+        and "--lanczos-iters" in r.stderr
+        and len(r.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_cli_too_large_model_names_the_option(tmp_path):

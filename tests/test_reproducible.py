@@ -25,18 +25,31 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small on purpose (seconds), yet several blocks per optimizer, finished and unfinished
 # cells in one block (so compaction and finished-cell bookkeeping matter), censored cells
 # and, for the NQM, diverged and uncertified cells.
-TRAIN = ["configs/train_digits_cpu.yaml", "grid.batch_sizes=[16,128]",
-         "grid.learning_rates=[0.03,0.3,3.0]", "grid.seeds=[0,1]",
-         "grid.optimizers=[{kind: sgd}, {kind: adam, learning_rates: [0.001, 0.01, 0.3]}]",
-         "budget.max_steps=200", "budget.eval_every=10", "target.value=0.6",
-         "train.width=16", "train.steps_per_call=50"]
-NQM = ["configs/nqm_quickstart.yaml", "grid.batch_sizes=[4,64,1024,16384]",
-       "grid.learning_rates={log10_min: -4, log10_max: 1, num: 8}",
-       "grid.optimizers=[{kind: sgd, name: p0}, {kind: sgd, name: p05, hparams: {precond_power: 0.5}},"
-       " {kind: momentum, name: m999, hparams: {momentum: 0.999}}]",
-       "budget.max_steps=1000000", "nqm.num_bins=20", "nqm.refine_iters=4", "nqm.curve_points=6"]
+TRAIN = [
+    "configs/train_digits_cpu.yaml",
+    "grid.batch_sizes=[16,128]",
+    "grid.learning_rates=[0.03,0.3,3.0]",
+    "grid.seeds=[0,1]",
+    "grid.optimizers=[{kind: sgd}, {kind: adam, learning_rates: [0.001, 0.01, 0.3]}]",
+    "budget.max_steps=200",
+    "budget.eval_every=10",
+    "target.value=0.6",
+    "train.width=16",
+    "train.steps_per_call=50",
+]
+NQM = [
+    "configs/nqm_quickstart.yaml",
+    "grid.batch_sizes=[4,64,1024,16384]",
+    "grid.learning_rates={log10_min: -4, log10_max: 1, num: 8}",
+    "grid.optimizers=[{kind: sgd, name: p0}, {kind: sgd, name: p05, hparams: {precond_power: 0.5}},"
+    " {kind: momentum, name: m999, hparams: {momentum: 0.999}}]",
+    "budget.max_steps=1000000",
+    "nqm.num_bins=20",
+    "nqm.refine_iters=4",
+    "nqm.curve_points=6",
+]
 
-PROVENANCE = {"host"}          # facts about where a row ran, not what it measured
+PROVENANCE = {"host"}  # facts about where a row ran, not what it measured
 TABLES = ("results", "curves", "tuned", "noise_scale", "reference")
 
 
@@ -72,14 +85,24 @@ def _run(args: list[str], out: Path, shard=(0, 1)):
 def _kill(args: list[str], out: Path, rng: random.Random, kills: int) -> None:
     """SIGKILL the CLI at random points (after a random number of finished blocks plus a
     random delay, possibly before any). The caller resumes."""
-    cmd = [sys.executable, "-m", "cbs.sweep", str(ROOT / args[0]), *args[1:], f"output.dir={out}",
-           "--no-progress", "--no-analysis"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cbs.sweep",
+        str(ROOT / args[0]),
+        *args[1:],
+        f"output.dir={out}",
+        "--no-progress",
+        "--no-analysis",
+    ]
     parts = out / "parts" / "results"
     for _ in range(kills):
         done_before = len(list(parts.glob("*.parquet"))) if parts.is_dir() else 0
         wait_for = done_before + rng.randint(0, 2)
         delay = rng.uniform(0, 0.4)
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
             if (len(list(parts.glob("*.parquet"))) if parts.is_dir() else 0) >= wait_for:
@@ -97,7 +120,9 @@ def test_kill_resume_shard_repeat_give_identical_tables(tmp_path, args):
     rng = random.Random(seed)
     ref = tmp_path / "uninterrupted"
     summary = _run(args, ref)
-    assert summary.complete and summary.reached and summary.reached < summary.cells  # a non-trivial table
+    assert (
+        summary.complete and summary.reached and summary.reached < summary.cells
+    )  # a non-trivial table
     expected = _tables(ref)
     assert len(expected["results"]) == summary.cells
 

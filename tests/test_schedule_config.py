@@ -9,30 +9,46 @@ from cbs.sweep.config import load_config
 
 
 def _cfg(schedule):
-    return {"name": "s", "backend": "nqm",
-            "grid": {"batch_sizes": [4], "learning_rates": [0.1],
-                     "optimizers": [{"kind": "sgd", "schedule": schedule}]},
-            "target": {"metric": "risk", "value": 0.05}, "budget": {"max_steps": 1000},
-            "nqm": {"dim": 10}}
+    return {
+        "name": "s",
+        "backend": "nqm",
+        "grid": {
+            "batch_sizes": [4],
+            "learning_rates": [0.1],
+            "optimizers": [{"kind": "sgd", "schedule": schedule}],
+        },
+        "target": {"metric": "risk", "value": 0.05},
+        "budget": {"max_steps": 1000},
+        "nqm": {"dim": 10},
+    }
 
 
-@pytest.mark.parametrize("schedule,path", [
-    ({"kind": "cosine", "boundaries": [100]}, "schedule.boundaries"),
-    ({"kind": "cosine", "decay_factor": 0.5}, "schedule.decay_factor"),
-    ({"kind": "constant", "horizon": 100}, "schedule.horizon"),
-    ({"kind": "step", "final_lr_fraction": 0.1, "boundaries": [10]}, "schedule.final_lr_fraction"),
-    ({"kind": "constant", "pieces": [[10, 1.0]]}, "schedule.pieces"),
-    ({"kind": "cosine", "batch_growth": [2]}, "schedule.batch_growth"),
-    ({"kind": "constant", "seesaw": True}, "schedule.seesaw"),
-    ({"kind": "cosine", "num_pieces": 4}, "schedule.num_pieces"),
-    ({"kind": "optimized_pwc", "warmup_steps": 5}, "schedule.warmup_steps"),
-    ({"kind": "step"}, "schedule.boundaries"),
-    ({"kind": "step", "boundaries": [50, 10]}, "schedule.boundaries"),
-    ({"kind": "piecewise"}, "schedule.pieces"),
-    ({"kind": "piecewise", "pieces": [[0, 1.0]]}, "schedule.pieces[0]"),
-    ({"kind": "piecewise", "pieces": [[10, 1.0], [5]]}, "schedule.pieces[1]"),
-    ({"kind": "piecewise", "pieces": [[10, 1.0]], "batch_growth": [1, 2]}, "schedule.batch_growth"),
-])
+@pytest.mark.parametrize(
+    "schedule,path",
+    [
+        ({"kind": "cosine", "boundaries": [100]}, "schedule.boundaries"),
+        ({"kind": "cosine", "decay_factor": 0.5}, "schedule.decay_factor"),
+        ({"kind": "constant", "horizon": 100}, "schedule.horizon"),
+        (
+            {"kind": "step", "final_lr_fraction": 0.1, "boundaries": [10]},
+            "schedule.final_lr_fraction",
+        ),
+        ({"kind": "constant", "pieces": [[10, 1.0]]}, "schedule.pieces"),
+        ({"kind": "cosine", "batch_growth": [2]}, "schedule.batch_growth"),
+        ({"kind": "constant", "seesaw": True}, "schedule.seesaw"),
+        ({"kind": "cosine", "num_pieces": 4}, "schedule.num_pieces"),
+        ({"kind": "optimized_pwc", "warmup_steps": 5}, "schedule.warmup_steps"),
+        ({"kind": "step"}, "schedule.boundaries"),
+        ({"kind": "step", "boundaries": [50, 10]}, "schedule.boundaries"),
+        ({"kind": "piecewise"}, "schedule.pieces"),
+        ({"kind": "piecewise", "pieces": [[0, 1.0]]}, "schedule.pieces[0]"),
+        ({"kind": "piecewise", "pieces": [[10, 1.0], [5]]}, "schedule.pieces[1]"),
+        (
+            {"kind": "piecewise", "pieces": [[10, 1.0]], "batch_growth": [1, 2]},
+            "schedule.batch_growth",
+        ),
+    ],
+)
 def test_key_foreign_to_the_kind_is_rejected(schedule, path):
     with pytest.raises(ConfigError) as e:
         load_config(_cfg(schedule))
@@ -40,13 +56,27 @@ def test_key_foreign_to_the_kind_is_rejected(schedule, path):
     assert repr(schedule["kind"]) in str(e.value) or "allowed" in str(e.value)
 
 
-@pytest.mark.parametrize("schedule", [
-    {"kind": "constant", "warmup_steps": 5},
-    {"kind": "cosine", "warmup_steps": 5, "horizon": 500, "final_lr_fraction": 0.1, "seesaw": True},
-    {"kind": "linear_decay", "horizon": 50},
-    {"kind": "step", "boundaries": [10, 20], "decay_factor": 0.5, "batch_growth": [1, 2, 4]},
-    {"kind": "piecewise", "pieces": [[10, 1.0], [1, 0.1]], "batch_growth": [1, 4], "seesaw": True},
-    {"kind": "optimized_pwc", "num_pieces": 4},
-])
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        {"kind": "constant", "warmup_steps": 5},
+        {
+            "kind": "cosine",
+            "warmup_steps": 5,
+            "horizon": 500,
+            "final_lr_fraction": 0.1,
+            "seesaw": True,
+        },
+        {"kind": "linear_decay", "horizon": 50},
+        {"kind": "step", "boundaries": [10, 20], "decay_factor": 0.5, "batch_growth": [1, 2, 4]},
+        {
+            "kind": "piecewise",
+            "pieces": [[10, 1.0], [1, 0.1]],
+            "batch_growth": [1, 4],
+            "seesaw": True,
+        },
+        {"kind": "optimized_pwc", "num_pieces": 4},
+    ],
+)
 def test_each_kind_accepts_its_own_keys(schedule):
     load_config(_cfg(schedule))

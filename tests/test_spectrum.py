@@ -24,7 +24,7 @@ def _problem(n=40, d_in=3, hidden=4, out=3, seed=0):
         i, ws = 0, []
         for s in sizes:
             size = int(np.prod(s))
-            ws.append(th[i:i + size].reshape(s))
+            ws.append(th[i : i + size].reshape(s))
             i += size
         return jnp.tanh(xb @ ws[0] + ws[1]) @ ws[2] + ws[3]
 
@@ -37,14 +37,18 @@ def _problem(n=40, d_in=3, hidden=4, out=3, seed=0):
 
 def _exact(apply, loss, theta, x, y):
     with jax.enable_x64(True):
-        return tuple(np.asarray(a) for a in jax.jit(lambda th, xx, yy: _matrices(apply, loss, th, xx, yy))(
-            jnp.asarray(theta), jnp.asarray(x), jnp.asarray(y)))
+        return tuple(
+            np.asarray(a)
+            for a in jax.jit(lambda th, xx, yy: _matrices(apply, loss, th, xx, yy))(
+                jnp.asarray(theta), jnp.asarray(x), jnp.asarray(y)
+            )
+        )
 
 
 def _matrices(apply, loss, th, xx, yy):
     H = jax.hessian(lambda t: jnp.mean(loss(apply(t, xx), yy)))(th)
-    per = jax.jacrev(lambda t: loss(apply(t, xx), yy))(th)            # (N, d) per-example grads
-    J = jax.jacfwd(lambda t: apply(t, xx))(th)                          # (N, out, d)
+    per = jax.jacrev(lambda t: loss(apply(t, xx), yy))(th)  # (N, d) per-example grads
+    J = jax.jacfwd(lambda t: apply(t, xx))(th)  # (N, out, d)
     Ho = jax.vmap(jax.hessian(lambda o, yi: loss(o[None], yi[None])[0]))(apply(th, xx), yy)
     ggn = jnp.einsum("nod,nop,npe->de", J, Ho, J) / xx.shape[0]
     return H, per, ggn
@@ -62,9 +66,21 @@ def measured(small):
     """One GGN measurement serves the tests below (each compile costs seconds): Krylov
     dimension d (exact top-k and gradient measure), every example in tr(C Sigma)."""
     apply, loss, theta, x, y, *_ = small
-    return sp.measure(apply, loss, theta, x, y, top_k=4, lanczos_iters=len(theta), slq_probes=400,
-                      slq_iters=len(theta), noise_examples=len(x), chunk=16, curvature="ggn",
-                      displacement=_displacement(len(theta)))
+    return sp.measure(
+        apply,
+        loss,
+        theta,
+        x,
+        y,
+        top_k=4,
+        lanczos_iters=len(theta),
+        slq_probes=400,
+        slq_iters=len(theta),
+        noise_examples=len(x),
+        chunk=16,
+        curvature="ggn",
+        displacement=_displacement(len(theta)),
+    )
 
 
 def _displacement(d):
@@ -75,9 +91,23 @@ def _displacement(d):
 def test_lanczos_top_eigenpairs_match_eigh(small, measured, curvature):
     apply, loss, theta, x, y, H, _per, ggn = small
     C = H if curvature == "hessian" else ggn
-    m = measured if curvature == "ggn" else sp.measure(
-        apply, loss, theta, x, y, top_k=4, lanczos_iters=len(theta), slq_probes=1, slq_iters=2,
-        noise_examples=2, curvature=curvature)
+    m = (
+        measured
+        if curvature == "ggn"
+        else sp.measure(
+            apply,
+            loss,
+            theta,
+            x,
+            y,
+            top_k=4,
+            lanczos_iters=len(theta),
+            slq_probes=1,
+            slq_iters=2,
+            noise_examples=2,
+            curvature=curvature,
+        )
+    )
     ev, V = np.linalg.eigh(C)
     np.testing.assert_allclose(m.top_h, ev[::-1][:4], rtol=1e-8, atol=1e-10)
     # Ritz vectors span the same directions (up to sign).
@@ -92,10 +122,14 @@ def test_lanczos_survives_breakdown():
         rng = np.random.default_rng(1)
         U = np.linalg.qr(rng.normal(size=(8, 2)))[0]
         C = U @ np.diag([3.0, 1.0]) @ U.T
-        alpha, beta, Q = sp.lanczos(lambda v: jnp.asarray(C) @ v, jnp.ones(8), 8, jax.random.PRNGKey(0))
+        alpha, beta, Q = sp.lanczos(
+            lambda v: jnp.asarray(C) @ v, jnp.ones(8), 8, jax.random.PRNGKey(0)
+        )
         np.testing.assert_allclose(np.asarray(Q @ Q.T), np.eye(8), atol=1e-10)
         T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
-        np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(T)), np.sort(np.linalg.eigvalsh(C)), atol=1e-10)
+        np.testing.assert_allclose(
+            np.sort(np.linalg.eigvalsh(T)), np.sort(np.linalg.eigvalsh(C)), atol=1e-10
+        )
 
 
 def test_slq_moments_match_traces(small, measured):
@@ -124,7 +158,9 @@ def test_noise_and_gradient_statistics_match_per_example_matrix(small, measured)
     np.testing.assert_allclose(m.second_moment, (per**2).mean(0), rtol=1e-9, atol=1e-14)
     V = m.top_vectors
     np.testing.assert_allclose(m.top_grad, V @ G, rtol=1e-8, atol=1e-12)
-    np.testing.assert_allclose(m.top_var, np.einsum("kd,de,ke->k", V, Sigma, V), rtol=1e-8, atol=1e-14)
+    np.testing.assert_allclose(
+        m.top_var, np.einsum("kd,de,ke->k", V, Sigma, V), rtol=1e-8, atol=1e-14
+    )
     # noise_examples = N: the Monte Carlo tr(C Sigma) is the exact sum.
     np.testing.assert_allclose(m.trace_c_sigma, np.trace(ggn @ Sigma), rtol=1e-8)
     np.testing.assert_allclose(m.gcg, G @ ggn @ G, rtol=1e-9)
@@ -142,8 +178,9 @@ def test_gradient_spectral_measure_matches_projections(small, measured):
     ev, V = np.linalg.eigh(ggn)
     frac = (V.T @ G) ** 2 / (G @ G)
     for f in (lambda t: t, lambda t: t**3, lambda t: np.exp(-t)):
-        np.testing.assert_allclose(np.sum(m.grad_weights * f(m.grad_nodes)), np.sum(frac * f(ev)),
-                                   rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(
+            np.sum(m.grad_weights * f(m.grad_nodes)), np.sum(frac * f(ev)), rtol=1e-7, atol=1e-10
+        )
 
 
 def test_too_large_names_the_option(small):
@@ -163,5 +200,6 @@ def test_displacement_measure_matches_projections(small, measured):
     np.testing.assert_allclose(m.disp_sq, delta @ delta, rtol=1e-12)
     np.testing.assert_allclose(m.disp_proj, m.top_vectors @ delta, rtol=1e-10)
     for f in (lambda t: t, lambda t: t**2, lambda t: np.exp(-t)):
-        np.testing.assert_allclose(np.sum(m.disp_weights * f(m.disp_nodes)), np.sum(frac * f(ev)),
-                                   rtol=1e-7, atol=1e-10)
+        np.testing.assert_allclose(
+            np.sum(m.disp_weights * f(m.disp_nodes)), np.sum(frac * f(ev)), rtol=1e-7, atol=1e-10
+        )

@@ -19,6 +19,7 @@ from cbs.sweep.runner import run_sweep
 class BowlBackend(FakeBackend):
     """steps = 100 * (1 + log10(lr / lr_opt)**2) with lr_opt = scale (per seed a tiny shift);
     lr > 50 * scale diverges. Adaptive grids on, as for the train back end."""
+
     name = "bowl"
     adaptive_default = True
 
@@ -32,18 +33,37 @@ class BowlBackend(FakeBackend):
                 s = 100 * (1 + math.log10(c.lr / opt) ** 2)
                 diverged = c.lr > 50 * self.config.section.scale
                 reached = not diverged and s <= self.config.budget.max_steps
-                recs.append(CellResult(c.cell_id, reached, diverged, math.ceil(s) if reached else math.nan,
-                                       math.nan if diverged else 0.5, 0.4, self.config.budget.max_steps))
+                recs.append(
+                    CellResult(
+                        c.cell_id,
+                        reached,
+                        diverged,
+                        math.ceil(s) if reached else math.nan,
+                        math.nan if diverged else 0.5,
+                        0.4,
+                        self.config.budget.max_steps,
+                    )
+                )
             out.append(BlockResult(recs))
         return out
 
 
 def config(tmp_path, scale, adaptive=None):
-    raw = {"name": "bowl", "backend": "bowl",
-           "grid": {"batch_sizes": [4, 16], "learning_rates": [0.01, 0.1], "seeds": [0, 1, 2],
-                    "optimizers": [{"kind": "plain"}], **({"adaptive": adaptive} if adaptive else {})},
-           "target": {"metric": "loss", "value": 0.1}, "budget": {"max_steps": 10_000},
-           "output": {"dir": str(tmp_path / "run")}, "fake": {"scale": scale}}
+    raw = {
+        "name": "bowl",
+        "backend": "bowl",
+        "grid": {
+            "batch_sizes": [4, 16],
+            "learning_rates": [0.01, 0.1],
+            "seeds": [0, 1, 2],
+            "optimizers": [{"kind": "plain"}],
+            **({"adaptive": adaptive} if adaptive else {}),
+        },
+        "target": {"metric": "loss", "value": 0.1},
+        "budget": {"max_steps": 10_000},
+        "output": {"dir": str(tmp_path / "run")},
+        "fake": {"scale": scale},
+    }
     raw["bowl"] = raw.pop("fake")
     return load_config(raw)
 
@@ -60,15 +80,15 @@ def best_lr(df):
 
 def test_edge_optimum_is_extended_until_interior_then_zoomed(monkeypatch, tmp_path):
     _setup(monkeypatch)
-    cfg = config(tmp_path, scale=1.0)           # optimum at lr ~ 1, grid stops at 0.1
+    cfg = config(tmp_path, scale=1.0)  # optimum at lr ~ 1, grid stops at 0.1
     run_sweep(cfg, progress=False)
     df = read_table(tmp_path / "run", "results")
     assert df["cell_id"].is_unique
     for _bs, g in df.groupby("batch_size"):
         lr, lrs = best_lr(g)
-        assert lrs[0] < lr < lrs[-1], (lr, lrs)             # interior now
-        assert lr == 1.0                                     # 0.1 * 10**1 (same spacing)
-        assert np.isclose(lrs, 10**0.5).any() and np.isclose(lrs, 10**-0.5).any()   # zoom midpoints
+        assert lrs[0] < lr < lrs[-1], (lr, lrs)  # interior now
+        assert lr == 1.0  # 0.1 * 10**1 (same spacing)
+        assert np.isclose(lrs, 10**0.5).any() and np.isclose(lrs, 10**-0.5).any()  # zoom midpoints
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     fam = manifest["adaptive"]["families"]["plain__B4"]
     assert [h["kind"] for h in fam["history"]] == ["extend", "zoom"] and fam["finished"]
@@ -87,12 +107,18 @@ def test_non_converging_grid_ends_flagged(monkeypatch, tmp_path):
     summary = run_sweep(cfg, progress=False)
     assert summary.complete
     df = read_table(tmp_path / "run", "results")
-    assert sorted(df["lr"].unique()) == [0.01, 0.1, 1.0, 10.0]   # two single-point extensions, no zoom
+    assert sorted(df["lr"].unique()) == [
+        0.01,
+        0.1,
+        1.0,
+        10.0,
+    ]  # two single-point extensions, no zoom
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["adaptive"]["flagged"] == ["plain__B16", "plain__B4"]
     assert manifest["adaptive"]["families"]["plain__B4"]["edge"] == {"-": ["high"]}
     # The analysis flags the edge.
     from cbs.analysis import steps_table
+
     table = steps_table(df)
     assert (table["lr_at_edge"] == "high").all()
 

@@ -20,7 +20,9 @@ from cbs.sweep.schema import ConfigError
 def test_valid_config_parses_and_expands(fake_backend, tmp_path):
     cfg = load_config(fake_config(tmp_path))
     blocks = expand_blocks(cfg, FakeBackend)
-    assert [b.block_id for b in blocks] == [f"{o}__B{b}" for o in ("plain", "heavy") for b in (1, 4, 16)]
+    assert [b.block_id for b in blocks] == [
+        f"{o}__B{b}" for o in ("plain", "heavy") for b in (1, 4, 16)
+    ]
     assert [len(b.cells) for b in blocks] == [6, 6, 6, 12, 12, 12]
     ids = [c.cell_id for b in blocks for c in b.cells]
     assert len(set(ids)) == len(ids)
@@ -31,7 +33,9 @@ def test_ranges_expand(fake_backend, tmp_path):
     raw = fake_config(tmp_path)
     raw["grid"]["batch_sizes"] = {"log2_min": 2, "log2_max": 8, "step": 2}
     raw["grid"]["learning_rates"] = {"log10_min": -2, "log10_max": 0, "num": 3}
-    raw["grid"]["optimizers"][1]["hparams"] = {"momentum": {"log10_min": -2, "log10_max": 0, "num": 3, "one_minus": True}}
+    raw["grid"]["optimizers"][1]["hparams"] = {
+        "momentum": {"log10_min": -2, "log10_max": 0, "num": 3, "one_minus": True}
+    }
     cfg = load_config(raw)
     assert cfg.grid.batch_size_values() == [4, 16, 64, 256]
     assert cfg.grid.learning_rates.values() == pytest.approx([0.01, 0.1, 1.0])
@@ -39,8 +43,15 @@ def test_ranges_expand(fake_backend, tmp_path):
 
 
 def test_overrides(fake_backend, tmp_path):
-    cfg = load_config(fake_config(tmp_path), ["grid.batch_sizes=[8,16,32]", "target.value=0.02",
-                                              "grid.optimizers.1.hparams.momentum=0.9", "fake.scale=2"])
+    cfg = load_config(
+        fake_config(tmp_path),
+        [
+            "grid.batch_sizes=[8,16,32]",
+            "target.value=0.02",
+            "grid.optimizers.1.hparams.momentum=0.9",
+            "fake.scale=2",
+        ],
+    )
     assert cfg.grid.batch_sizes == [8, 16, 32] and cfg.target.value == 0.02
     assert cfg.grid.optimizers[1].hparams["momentum"] == 0.9 and cfg.section.scale == 2.0
 
@@ -61,7 +72,11 @@ BAD = [
     (["grid.learning_rates=[]"], "grid.learning_rates", "at least one"),
     (["grid.optimizers=[]"], "grid.optimizers", "at least 1"),
     (["grid.optimizers.0.kind=plian"], "grid.optimizers[0].kind", "did you mean 'plain'"),
-    (["grid.optimizers.1.hparams.momentm=0.5"], "grid.optimizers[1].hparams.momentm", "did you mean 'momentum'"),
+    (
+        ["grid.optimizers.1.hparams.momentm=0.5"],
+        "grid.optimizers[1].hparams.momentm",
+        "did you mean 'momentum'",
+    ),
     (["grid.optimizers.1.hparams.momentum=1.5"], "grid.optimizers[1].hparams.momentum", "< 1"),
     (["target.value=0"], "target.value", "> 0"),
     (["target.metric=los"], "target.metric", "did you mean 'loss'"),
@@ -91,16 +106,26 @@ def test_missing_file_and_yaml_syntax(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["{missing}"], "does not exist"),
-    (["configs/nqm_quickstart.yaml", "grid.batch_sizes=[-1]"], "grid.batch_sizes[0]"),
-    (["configs/nqm_quickstart.yaml", "target.value=-1"], "target.value"),
-    (["configs/nqm_quickstart.yaml", "grid.optimizers.0.kind=adamm"], "grid.optimizers[0].kind"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["{missing}"], "does not exist"),
+        (["configs/nqm_quickstart.yaml", "grid.batch_sizes=[-1]"], "grid.batch_sizes[0]"),
+        (["configs/nqm_quickstart.yaml", "target.value=-1"], "target.value"),
+        (
+            ["configs/nqm_quickstart.yaml", "grid.optimizers.0.kind=adamm"],
+            "grid.optimizers[0].kind",
+        ),
+    ],
+)
 def test_cli_errors_are_one_line_exit_2_no_traceback(tmp_path, args, fragment):
     args = [a.replace("{missing}", str(tmp_path / "missing.yaml")) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "cbs.sweep", *args, f"output.dir={tmp_path}/o"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cbs.sweep", *args, f"output.dir={tmp_path}/o"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and fragment in proc.stderr
     assert not (tmp_path / "o").exists()  # nothing ran, nothing written
@@ -108,9 +133,15 @@ def test_cli_errors_are_one_line_exit_2_no_traceback(tmp_path, args, fragment):
 
 # -- property-based: random mutations are either valid or one clean ConfigError ------------
 
-_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                  st.text(max_size=8), st.lists(st.integers(-5, 5), max_size=3),
-                  st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+_JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.lists(st.integers(-5, 5), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
 
 
 def _paths(node, prefix=()):
@@ -123,7 +154,9 @@ def _paths(node, prefix=()):
             yield from _paths(v, prefix + (i,))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_random_mutations_never_crash(fake_backend, tmp_path, data):
     raw = fake_config(tmp_path)

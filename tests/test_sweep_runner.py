@@ -20,8 +20,20 @@ def test_rows_carry_coordinates_outcomes_and_provenance(fake_backend, tmp_path):
     summary = run_sweep(cfg, progress=False)
     df = pd.read_parquet(tmp_path / "run" / "results.parquet")
     assert len(df) == summary.cells == 54 and df["cell_id"].is_unique
-    for col in ("config_hash", "seed", "jax_version", "optax_version", "device_kind", "batch_size", "lr",
-                "hp_momentum", "steps_to_target", "reached", "diverged", "censored"):
+    for col in (
+        "config_hash",
+        "seed",
+        "jax_version",
+        "optax_version",
+        "device_kind",
+        "batch_size",
+        "lr",
+        "hp_momentum",
+        "steps_to_target",
+        "reached",
+        "diverged",
+        "censored",
+    ):
         assert col in df.columns, col
     assert df["diverged"].sum() == 18 == summary.diverged  # lr=100 cells
     assert np.isnan(df.loc[df.diverged, "steps_to_target"]).all()
@@ -77,19 +89,33 @@ def test_sigkill_mid_sweep_then_resume_gives_the_uninterrupted_table(tmp_path):
     import time
 
     import yaml
+
     tests_dir = os.path.dirname(__file__)
-    env = {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "CBS_JAX_CACHE": "off"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "CBS_JAX_CACHE": "off",
+    }
     raw = fake_config(tmp_path, backend="cbs_test_backends:SlowBackend")
     raw["grid"]["batch_sizes"] = [2**k for k in range(12)]  # 24 blocks, 0.1 s each
     cfg_path = tmp_path / "slow.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
 
     def sweep(out):
-        return [sys.executable, "-m", "cbs.sweep", str(cfg_path), f"output.dir={out}", "--no-progress", "--no-analysis"]
+        return [
+            sys.executable,
+            "-m",
+            "cbs.sweep",
+            str(cfg_path),
+            f"output.dir={out}",
+            "--no-progress",
+            "--no-analysis",
+        ]
 
     subprocess.run(sweep(tmp_path / "whole"), env=env, check=True, capture_output=True, timeout=300)
-    proc = subprocess.Popen(sweep(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        sweep(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     parts = tmp_path / "killed" / "parts" / "results"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(parts.glob("*.parquet"))) < 5:
@@ -99,7 +125,9 @@ def test_sigkill_mid_sweep_then_resume_gives_the_uninterrupted_table(tmp_path):
     n_done = len(list(parts.glob("*.parquet")))
     assert 5 <= n_done < 24, n_done
     assert not (tmp_path / "killed" / "results.parquet").exists()
-    resumed = subprocess.run(sweep(tmp_path / "killed"), env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        sweep(tmp_path / "killed"), env=env, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from disk" in resumed.stdout
     whole = pd.read_parquet(tmp_path / "whole" / "results.parquet")
@@ -116,4 +144,5 @@ def test_calls_respect_blocks_per_call_and_never_mix_optimizers(fake_backend, tm
         assert len(call) <= FakeBackend.blocks_per_call
         assert len({block_id.split("__")[0] for block_id in call}) == 1
     assert sorted(b for call in FakeBackend.calls for b in call) == sorted(
-        f"{o}__B{b}" for o in ("plain", "heavy") for b in (1, 4, 16))
+        f"{o}__B{b}" for o in ("plain", "heavy") for b in (1, 4, 16)
+    )

@@ -46,10 +46,16 @@ def test_vmapped_equals_alone(backend):
     res = backend.run_blocks([block])[0]
     for i in (0, 5, 7):
         cell = block.cells[i]
-        alone = backend.run_blocks([block.__class__("alone", block.optimizer, block.kind, 16, (cell,), None)])[0]
+        alone = backend.run_blocks(
+            [block.__class__("alone", block.optimizer, block.kind, 16, (cell,), None)]
+        )[0]
         a, v = curve(alone, cell.cell_id), curve(res, cell.cell_id)
-        np.testing.assert_allclose(a.val_loss.to_numpy(), v.val_loss.to_numpy(), rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(a.train_loss.to_numpy()[1:], v.train_loss.to_numpy()[1:], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            a.val_loss.to_numpy(), v.val_loss.to_numpy(), rtol=1e-6, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            a.train_loss.to_numpy()[1:], v.train_loss.to_numpy()[1:], rtol=1e-6, atol=1e-6
+        )
 
 
 def test_divergence_is_isolated(backend):
@@ -62,25 +68,30 @@ def test_divergence_is_isolated(backend):
     assert bad.steps_run < 40
     for c in stable.cells:
         a, b = curve(r1, c.cell_id), curve(r2, c.cell_id)
-        np.testing.assert_allclose(a.val_loss.to_numpy(), b.val_loss.to_numpy(), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            a.val_loss.to_numpy(), b.val_loss.to_numpy(), rtol=1e-6, atol=1e-6
+        )
     assert not any(c.diverged for c in r1.cells)
 
 
 def test_stops_at_target_and_shallue_rule():
-    cfg = make_config(TINY, metric="val_error", value=0.5, max_steps=400, eval_every=5, interpolate=True)
+    cfg = make_config(
+        TINY, metric="val_error", value=0.5, max_steps=400, eval_every=5, interpolate=True
+    )
     be = TrainBackend(cfg)
     block = make_block("adam", 32, [1e-2, 3e-2], seeds=(0,))
     res = be.run_blocks([block])[0]
     assert all(c.reached for c in res.cells)
     steps = res.curves.step.max()
-    assert steps < 400           # stopped early (at the first call boundary after all reached)
+    assert steps < 400  # stopped early (at the first call boundary after all reached)
     for c in res.cells:
         cur = curve(res, c.cell_id)
+        cur = cur[cur.step % 5 == 0]  # the scheduled evaluations
         first = cur[cur.metric < 0.5].step.min()
-        assert c.steps_to_target == first
         prev = cur[cur.step < first].iloc[-1]
+        # exact crossing (replayed): inside the evaluation interval that saw it
+        assert prev.step < c.steps_to_target <= first
         assert prev.step < c.extra["steps_interpolated"] <= first
-        assert c.steps_to_target % 5 == 0
 
 
 def test_deterministic(backend):
@@ -92,8 +103,14 @@ def test_deterministic(backend):
 
 def test_ema_and_schedule_run(backend):
     from cbs.sweep.config import Schedule
-    block = make_block("momentum", 32, [0.1], hparams=dict(ema_decay=[0.0, 0.9]),
-                       schedule=Schedule(kind="cosine", warmup_steps=5))
+
+    block = make_block(
+        "momentum",
+        32,
+        [0.1],
+        hparams=dict(ema_decay=[0.0, 0.9]),
+        schedule=Schedule(kind="cosine", warmup_steps=5),
+    )
     res = backend.run_blocks([block])[0]
     c0, c1 = (curve(res, c.cell_id).val_loss.to_numpy() for c in block.cells)
     assert np.all(np.isfinite(c1)) and c1[-1] < c1[0]
@@ -101,24 +118,42 @@ def test_ema_and_schedule_run(backend):
 
 
 def test_noise_scale_table():
-    cfg = make_config(dict(TINY, noise_scale=dict(enabled=True, micro_batch=16, num_micro=4)),
-                      value=1e-3, max_steps=20, eval_every=10)
+    cfg = make_config(
+        dict(TINY, noise_scale=dict(enabled=True, micro_batch=16, num_micro=4)),
+        value=1e-3,
+        max_steps=20,
+        eval_every=10,
+    )
     res = TrainBackend(cfg).run_blocks([make_block("sgd", 32, [0.1])])[0]
     t = res.tables["noise_scale"]
     assert list(t.columns) == ["cell_id", "step", "b_simple", "trace_sigma", "grad_sq"]
     assert len(t) == 2 and np.all(t.trace_sigma > 0) and np.all(np.isfinite(t.b_simple))
 
 
-@pytest.mark.parametrize("train,target,msg", [
-    (dict(TINY), dict(metric="val_error", value=0.0), "target.value"),
-    (dict(TINY), dict(metric="val_loss", value=-1.0), "target.value"),
-    (dict(dataset="linreg", label_noise=0.5), dict(metric="val_loss", value=0.1), "target.value"),
-    (dict(dataset="linreg"), dict(metric="val_error", value=0.1), "target.metric"),
-    (dict(TINY, max_train=16), dict(metric="val_loss", value=0.1), "grid.batch_sizes"),
-    (dict(dataset="digits", model="transformer"), dict(metric="val_loss", value=0.1), "train.model"),
-    (dict(dataset="text", model="transformer", seq_len=16), dict(metric="val_loss", value=1.0),
-     "analysis.tokens_per_example"),
-])
+@pytest.mark.parametrize(
+    "train,target,msg",
+    [
+        (dict(TINY), dict(metric="val_error", value=0.0), "target.value"),
+        (dict(TINY), dict(metric="val_loss", value=-1.0), "target.value"),
+        (
+            dict(dataset="linreg", label_noise=0.5),
+            dict(metric="val_loss", value=0.1),
+            "target.value",
+        ),
+        (dict(dataset="linreg"), dict(metric="val_error", value=0.1), "target.metric"),
+        (dict(TINY, max_train=16), dict(metric="val_loss", value=0.1), "grid.batch_sizes"),
+        (
+            dict(dataset="digits", model="transformer"),
+            dict(metric="val_loss", value=0.1),
+            "train.model",
+        ),
+        (
+            dict(dataset="text", model="transformer", seq_len=16),
+            dict(metric="val_loss", value=1.0),
+            "analysis.tokens_per_example",
+        ),
+    ],
+)
 def test_check_rejects_unreachable(train, target, msg):
     with pytest.raises(ConfigError) as e:
         make_config(train, metric=target["metric"], value=target["value"], batch_sizes=[32])
@@ -131,7 +166,14 @@ def test_kfac_cells_run_in_turn_with_the_same_records(backend):
     good, bad = res.cells
     assert not good.diverged and good.steps_run == 40
     assert bad.diverged and not bad.reached and bad.steps_run < 40
-    assert set(res.curves.columns) >= {"cell_id", "step", "metric", "val_loss", "val_error", "train_loss"}
+    assert set(res.curves.columns) >= {
+        "cell_id",
+        "step",
+        "metric",
+        "val_loss",
+        "val_error",
+        "train_loss",
+    }
     steps = curve(res, good.cell_id).step.tolist()
     assert steps == [0, 10, 20, 30, 40]
 
@@ -142,12 +184,20 @@ def test_compacting_finished_cells_changes_no_record():
     block = make_block("sgd", 32, [0.003, 0.01, 0.3, 0.5, 1.0, 0.03, 0.1, 0.2], seeds=(0,))
     results, widths = {}, {}
     for mode in ("always", "never"):
-        cfg = make_config(dict(TINY, steps_per_call=20, compact=mode), metric="val_loss", value=1.2,
-                          max_steps=300, eval_every=10)
+        cfg = make_config(
+            dict(TINY, steps_per_call=20, compact=mode),
+            metric="val_loss",
+            value=1.2,
+            max_steps=300,
+            eval_every=10,
+        )
         backend = TrainBackend(cfg)
         run = backend._run_for("sgd", block.schedule)
         call, seen = run.call, []
-        run.call = lambda state, lr, *a, _call=call, _seen=seen: (_seen.append(lr.shape[0]), _call(state, lr, *a))[1]
+        run.call = lambda state, lr, *a, _call=call, _seen=seen: (
+            _seen.append(lr.shape[0]),
+            _call(state, lr, *a),
+        )[1]
         results[mode], widths[mode] = backend.run_blocks([block])[0], seen
     compacted, plain = results["always"], results["never"]
     reached = [r.reached for r in plain.cells]
@@ -156,7 +206,9 @@ def test_compacting_finished_cells_changes_no_record():
     for a, b in zip(compacted.cells, plain.cells):
         assert (a.reached, a.diverged, a.steps_run) == (b.reached, b.diverged, b.steps_run)
         np.testing.assert_equal(a.steps_to_target, b.steps_to_target)
-        np.testing.assert_allclose([a.final_metric, a.best_metric], [b.final_metric, b.best_metric], rtol=1e-6)
+        np.testing.assert_allclose(
+            [a.final_metric, a.best_metric], [b.final_metric, b.best_metric], rtol=1e-6
+        )
         ca, cb = curve(compacted, a.cell_id), curve(plain, b.cell_id)
         assert ca.step.tolist() == cb.step.tolist()
         np.testing.assert_allclose(ca.val_loss.to_numpy(), cb.val_loss.to_numpy(), rtol=1e-6)
@@ -171,7 +223,10 @@ def test_compacting_finished_cells_changes_no_record():
 
 def test_compaction_decision_is_a_cost_model_not_a_timing():
     from cbs.train.loop import COMPILE_COST_FLOPS, compaction_pays
+
     # 4 lanes x 10 calls x (6 * 1e4 params * 2000 examples) = 4.8e9 < the compile cost
     assert not compaction_pays(4, 10, 2000, 0, 10_000)
-    assert compaction_pays(4, 100, 2000, 0, 10_000) == (4 * 100 * 6 * 1e4 * 2000 > COMPILE_COST_FLOPS)
+    assert compaction_pays(4, 100, 2000, 0, 10_000) == (
+        4 * 100 * 6 * 1e4 * 2000 > COMPILE_COST_FLOPS
+    )
     assert compaction_pays(4, 1000, 2000, 0, 10_000)

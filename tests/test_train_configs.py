@@ -24,11 +24,20 @@ def test_config_validates(path):
 
 def test_linreg_cpu_runs_through_the_runner(tmp_path):
     from cbs.sweep.runner import run_sweep
-    cfg = load_config(CONFIGS[[Path(p).stem for p in CONFIGS].index("train_linreg_cpu")],
-                      ["grid.batch_sizes=[8, 64]", "budget.max_steps=300", "grid.learning_rates=[0.1, 0.3]",
-                       "grid.optimizers=[{kind: sgd}, {kind: kfac, learning_rates: [0.1]}]",
-                       f"output.dir={tmp_path}/run", "target.value=0.05", "grid.seeds=[0]",
-                       "grid.adaptive.enabled=false"])
+
+    cfg = load_config(
+        CONFIGS[[Path(p).stem for p in CONFIGS].index("train_linreg_cpu")],
+        [
+            "grid.batch_sizes=[8, 64]",
+            "budget.max_steps=300",
+            "grid.learning_rates=[0.1, 0.3]",
+            "grid.optimizers=[{kind: sgd}, {kind: kfac, learning_rates: [0.1]}]",
+            f"output.dir={tmp_path}/run",
+            "target.value=0.05",
+            "grid.seeds=[0]",
+            "grid.adaptive.enabled=false",
+        ],
+    )
     summary = run_sweep(cfg, progress=False, log=lambda s: None)
     assert summary.complete
     res = pd.read_parquet(tmp_path / "run" / "results.parquet")

@@ -13,6 +13,7 @@ from cbs.train.optimizers import schedule_fn
 
 def test_mnist1d_is_generated_offline_and_deterministic(monkeypatch):
     import mnist1d.data as md
+
     monkeypatch.setattr(md, "get_dataset", lambda *a, **k: pytest.fail("get_dataset downloads"))
     a = data.mnist1d(num_samples=600)
     b = data.mnist1d(num_samples=600)
@@ -52,7 +53,7 @@ def test_index_stream_depends_only_on_seed():
     whole = a.take(35)
     parts = np.concatenate([b.take(7), b.take(13), b.take(15)])
     np.testing.assert_array_equal(whole, parts)
-    assert sorted(whole[:10]) == list(range(10))            # epochs are permutations
+    assert sorted(whole[:10]) == list(range(10))  # epochs are permutations
     assert not np.array_equal(IndexStream(4, 10).take(35), whole)
 
 
@@ -63,7 +64,11 @@ def test_schedules():
     assert float(m(0)) == pytest.approx(1.0) and float(m(100)) == pytest.approx(0.1)
     assert float(m(50)) == pytest.approx(0.55, abs=1e-3)
     m = schedule_fn(Schedule(kind="linear_decay", warmup_steps=10, horizon=110), 1000)
-    assert float(m(9)) == pytest.approx(1.0) and float(m(60)) == pytest.approx(0.5) and float(m(200)) == 0.0
+    assert (
+        float(m(9)) == pytest.approx(1.0)
+        and float(m(60)) == pytest.approx(0.5)
+        and float(m(200)) == 0.0
+    )
     m = schedule_fn(Schedule(kind="step", boundaries=[10, 20], decay_factor=0.5), 100)
     assert [float(m(t)) for t in (9, 10, 19, 20)] == pytest.approx([1.0, 0.5, 0.5, 0.25])
     m = schedule_fn(Schedule(kind="piecewise", pieces=[[5, 1.0], [5, 0.3], [1, 0.1]]), 100)

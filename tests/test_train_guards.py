@@ -23,8 +23,13 @@ def test_noise_scale_estimator_matches_closed_form_on_linear_regression():
     per-example gradient is r (x, 1), so the gradient G and tr(Sigma) of the training set
     have closed forms. Micro-batches drawn with replacement make the two-batch-size
     estimates unbiased for exactly these; their mean over many draws must match."""
-    cfg = make_config(dict(dataset="linreg", model="mlp", depth=0, num_samples=1280, linreg_dim=8,
-                           label_noise=0.3), metric="val_loss", value=0.1)
+    cfg = make_config(
+        dict(
+            dataset="linreg", model="mlp", depth=0, num_samples=1280, linreg_dim=8, label_noise=0.3
+        ),
+        metric="val_loss",
+        value=0.1,
+    )
     problem = TrainBackend(cfg).problem
     params = problem.init_params(0)
     _, _, _, grad_fn = make_block_fns(problem, "sgd", lambda count: 1.0, 10)
@@ -33,7 +38,7 @@ def test_noise_scale_estimator_matches_closed_form_on_linear_regression():
     X = np.asarray(problem.x_train, np.float64)
     Y = np.asarray(problem.y_train, np.float64)[:, 0]
     r = X @ np.asarray(dense["kernel"], np.float64)[:, 0] + float(dense["bias"][0]) - Y
-    g = np.concatenate([X * r[:, None], r[:, None]], axis=1)          # per-example gradients
+    g = np.concatenate([X * r[:, None], r[:, None]], axis=1)  # per-example gradients
     G = g.mean(axis=0)
     grad_sq = float(G @ G)
     trace_sigma = float(np.mean(np.sum((g - G) ** 2, axis=1)))
@@ -44,7 +49,12 @@ def test_noise_scale_estimator_matches_closed_form_on_linear_regression():
     gsq, tr = (np.asarray(e, np.float64) for e in est)
     for name, samples, exact in (("|G|^2", gsq, grad_sq), ("tr Sigma", tr, trace_sigma)):
         se = samples.std() / np.sqrt(draws)
-        assert abs(samples.mean() - exact) < max(4 * se, 1e-6 * exact), (name, samples.mean(), exact, se)
+        assert abs(samples.mean() - exact) < max(4 * se, 1e-6 * exact), (
+            name,
+            samples.mean(),
+            exact,
+            se,
+        )
         assert abs(samples.mean() / exact - 1) < 0.05, (name, samples.mean(), exact)
     # the quantity the table reports, B_simple = tr(Sigma) / |G|^2, from the averaged estimates
     assert tr.mean() / gsq.mean() == pytest.approx(trace_sigma / grad_sq, rel=0.05)
@@ -66,20 +76,25 @@ def test_one_compiled_program_per_block_layout():
     """A second block with the same layout (kind, batch size, number of cells) but other
     LRs, hyperparameters and seeds reuses the compiled programs: no recompilation (a Python
     scalar leaking into a static argument, or a shape that depends on values, would show)."""
-    cfg = make_config(dict(TINY, compact="never"), metric="val_loss", value=1e-3, max_steps=20, eval_every=10)
+    cfg = make_config(
+        dict(TINY, compact="never"), metric="val_loss", value=1e-3, max_steps=20, eval_every=10
+    )
     backend = TrainBackend(cfg)
     first = make_block("momentum", 32, [0.05, 0.1], hparams=dict(momentum=[0.5, 0.9]), seeds=(0,))
     second = make_block("momentum", 32, [0.2, 0.4], hparams=dict(momentum=[0.8, 0.95]), seeds=(3,))
     compiles = _count_compiles()
     backend.run_blocks([first])
-    assert len(compiles) >= 1          # the listener sees compilations at all
+    assert len(compiles) >= 1  # the listener sees compilations at all
     before = len(compiles)
     backend.run_blocks([second])
-    assert len(compiles) == before, f"{len(compiles) - before} recompilation(s) for an identical layout"
+    assert len(compiles) == before, (
+        f"{len(compiles) - before} recompilation(s) for an identical layout"
+    )
 
 
 def test_nqm_grid_compiles_once_per_shape():
     from cbs import nqm
+
     problem = nqm.bin_problem(nqm.harmonic_problem(1000), num_bins=20)
     kw = dict(batch_sizes=[4.0, 64.0], target=0.05, max_steps=10**5)
     nqm.evaluate_grid(problem, "momentum", np.geomspace(1e-3, 1, 8), 0.5, **kw)
@@ -93,8 +108,12 @@ def test_compaction_auto_changes_no_record():
     without compaction, whatever it decides."""
     kw = dict(metric="val_loss", value=1.2, max_steps=200, eval_every=10)
     block = make_block("sgd", 32, [0.003, 0.01, 0.3, 0.5, 1.0, 0.03, 0.1, 0.2], seeds=(0,))
-    auto = TrainBackend(make_config(dict(TINY, steps_per_call=20, compact="auto"), **kw)).run_blocks([block])[0]
-    plain = TrainBackend(make_config(dict(TINY, steps_per_call=20, compact="never"), **kw)).run_blocks([block])[0]
+    auto = TrainBackend(
+        make_config(dict(TINY, steps_per_call=20, compact="auto"), **kw)
+    ).run_blocks([block])[0]
+    plain = TrainBackend(
+        make_config(dict(TINY, steps_per_call=20, compact="never"), **kw)
+    ).run_blocks([block])[0]
     assert any(r.reached for r in plain.cells) and not all(r.reached for r in plain.cells)
     for a, b in zip(auto.cells, plain.cells):
         assert (a.reached, a.diverged) == (b.reached, b.diverged)

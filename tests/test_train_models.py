@@ -12,7 +12,12 @@ def test_mnist1d_cnn_matches_the_paper_layout():
     model = make_model("mnist1d_cnn", 25, 3, 10)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((2, 40, 1)))["params"]
     shapes = {k: v["kernel"].shape for k, v in params.items()}
-    assert shapes == {"Conv_0": (5, 1, 25), "Conv_1": (3, 25, 25), "Conv_2": (3, 25, 25), "Dense_0": (125, 10)}
+    assert shapes == {
+        "Conv_0": (5, 1, 25),
+        "Conv_1": (3, 25, 25),
+        "Conv_2": (3, 25, 25),
+        "Dense_0": (125, 10),
+    }
     # parameter count of the paper's ConvBase (PyTorch layout, same numbers)
     n = sum(x.size for x in jax.tree.leaves(params))
     assert n == (5 * 25 + 25) + 2 * (3 * 25 * 25 + 25) + (125 * 10 + 10)

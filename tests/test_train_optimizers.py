@@ -21,7 +21,10 @@ def _transformer_params():
 
 def _first_update(lr, grads, **hp_overrides):
     params = _transformer_params()
-    hp = {k: jnp.float32(hp_overrides.get(k, v.default)) for k, v in OPTIMIZERS["muon"].hparams.items()}
+    hp = {
+        k: jnp.float32(hp_overrides.get(k, v.default))
+        for k, v in OPTIMIZERS["muon"].hparams.items()
+    }
     tx = build_optimizer("muon", lr, hp)
     return jax.jit(tx.update)(grads, tx.init(params), params)[0]
 
@@ -35,7 +38,8 @@ def test_muon_routes_hidden_matrices_to_muon_and_the_rest_to_adamw():
     dims = muon_dimension_numbers(params)
     labels = {}
     for p, d in jax.tree_util.tree_flatten_with_path(
-            dims, is_leaf=lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers))[0]:
+        dims, is_leaf=lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers)
+    )[0]:
         labels[jax.tree_util.keystr(p)] = d
     on_muon = {k for k, d in labels.items() if d is not None}
     for blk in ("Block_0",):
@@ -43,18 +47,22 @@ def test_muon_routes_hidden_matrices_to_muon_and_the_rest_to_adamw():
         for part in ("query", "key", "value", "out"):
             assert f"{att}['{part}']['kernel']" in on_muon
             assert f"{att}['{part}']['bias']" not in on_muon
-        for dense in ("Dense_0", "Dense_1"):            # the MLP's two kernels
+        for dense in ("Dense_0", "Dense_1"):  # the MLP's two kernels
             assert f"['params']['{blk}']['{dense}']['kernel']" in on_muon
     # AdamW: embeddings, read-out, every bias and norm.
-    for name in ("['params']['Embed_0']['embedding']", "['params']['pos_embedding']",
-                 "['params']['Dense_0']['kernel']", "['params']['Dense_0']['bias']",
-                 "['params']['LayerNorm_0']['scale']"):
+    for name in (
+        "['params']['Embed_0']['embedding']",
+        "['params']['pos_embedding']",
+        "['params']['Dense_0']['kernel']",
+        "['params']['Dense_0']['bias']",
+        "['params']['LayerNorm_0']['scale']",
+    ):
         assert name in labels and name not in on_muon, name
     assert len(on_muon) == 6
     q = labels["['params']['Block_0']['MultiHeadDotProductAttention_0']['query']['kernel']"]
     o = labels["['params']['Block_0']['MultiHeadDotProductAttention_0']['out']['kernel']"]
-    assert (q.reduction_axis, q.output_axis) == (0, (1, 2))     # (in, heads * head_dim)
-    assert (o.reduction_axis, o.output_axis) == ((0, 1), 2)     # (heads * head_dim, out)
+    assert (q.reduction_axis, q.output_axis) == (0, (1, 2))  # (in, heads * head_dim)
+    assert (o.reduction_axis, o.output_axis) == ((0, 1), 2)  # (heads * head_dim, out)
 
 
 def _polar(m):
@@ -73,24 +81,37 @@ def test_muon_first_update_is_orthogonalised_on_kernels_and_adamw_elsewhere():
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
     # Ill-conditioned gradients (column scales over two decades), so that the polar factor
     # and the raw gradient point in clearly different directions.
-    grads = treedef.unflatten([jax.random.normal(k, x.shape) * jnp.logspace(0, -2, x.shape[-1])
-                               for k, x in zip(keys, leaves)])
+    grads = treedef.unflatten(
+        [
+            jax.random.normal(k, x.shape) * jnp.logspace(0, -2, x.shape[-1])
+            for k, x in zip(keys, leaves)
+        ]
+    )
     updates = _first_update(lr, grads)
     g, u = _paths(grads), _paths(updates)
     att = "['params']['Block_0']['MultiHeadDotProductAttention_0']"
-    for name, shape2 in ((f"{att}['query']['kernel']", (16, 16)), (f"{att}['out']['kernel']", (16, 16)),
-                         ("['params']['Block_0']['Dense_1']['kernel']", (16, 64))):
+    for name, shape2 in (
+        (f"{att}['query']['kernel']", (16, 16)),
+        (f"{att}['out']['kernel']", (16, 16)),
+        ("['params']['Block_0']['Dense_1']['kernel']", (16, 64)),
+    ):
         gm = np.asarray(g[name]).reshape(shape2)
         um = -np.asarray(u[name]).reshape(shape2)
         cos = np.sum(um * _polar(gm)) / np.linalg.norm(um) / np.linalg.norm(_polar(gm))
         assert cos > 0.95, (name, cos)
         # ... and not along the raw gradient (a random matrix is far from orthogonal).
         assert np.sum(um * gm) / np.linalg.norm(um) / np.linalg.norm(gm) < 0.9
-    for name in ("['params']['Embed_0']['embedding']", "['params']['pos_embedding']",
-                 "['params']['Dense_0']['kernel']", "['params']['Block_0']['LayerNorm_0']['scale']",
-                 f"{att}['query']['bias']"):
+    for name in (
+        "['params']['Embed_0']['embedding']",
+        "['params']['pos_embedding']",
+        "['params']['Dense_0']['kernel']",
+        "['params']['Block_0']['LayerNorm_0']['scale']",
+        f"{att}['query']['bias']",
+    ):
         gn = np.asarray(g[name], np.float64)
-        np.testing.assert_allclose(np.asarray(u[name]), -lr * gn / (np.abs(gn) + 1e-8), rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(
+            np.asarray(u[name]), -lr * gn / (np.abs(gn) + 1e-8), rtol=1e-4, err_msg=name
+        )
 
 
 def test_muon_adam_lr_ratio_scales_only_the_adamw_group():
@@ -116,18 +137,25 @@ def test_kfac_example_count_includes_its_curvature_batches(monkeypatch):
 
     def counting_step(self, params, state, rng, data_iterator=None, batch=None, **kw):
         if data_iterator is not None:
+
             def spy(it):
                 for b in it:
                     consumed.append(len(b[0]))
                     yield b
+
             data_iterator = spy(data_iterator)
         else:
             consumed.append(len(batch[0]))
         return real_step(self, params, state, rng, data_iterator=data_iterator, batch=batch, **kw)
 
     monkeypatch.setattr(kfac_jax.Optimizer, "step", counting_step)
-    cfg = make_config(dict(dataset="digits", model="mlp", width=16, depth=1), metric="val_loss", value=1.0,
-                      max_steps=60, eval_every=1)
+    cfg = make_config(
+        dict(dataset="digits", model="mlp", width=16, depth=1),
+        metric="val_loss",
+        value=1.0,
+        max_steps=60,
+        eval_every=1,
+    )
     backend = TrainBackend(cfg)
     for burnin in (0, 7):
         consumed.clear()

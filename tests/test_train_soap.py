@@ -20,9 +20,18 @@ from cbs.train.soap import ScaleBySoapState, scale_by_soap, soap
 # eps is added to the bias-corrected sqrt(v), and weight decay is p - lr * (u + wd * p).
 # --------------------------------------------------------------------------------------
 class NumpySoap:
-
-    def __init__(self, lr, b1, b2, eps, weight_decay, precondition_frequency,
-                 max_precond_dim, shampoo_beta, method):
+    def __init__(
+        self,
+        lr,
+        b1,
+        b2,
+        eps,
+        weight_decay,
+        precondition_frequency,
+        max_precond_dim,
+        shampoo_beta,
+        method,
+    ):
         self.lr, self.b1, self.b2, self.eps, self.wd = lr, b1, b2, eps, weight_decay
         self.freq, self.max_dim, self.method = precondition_frequency, max_precond_dim, method
         self.shampoo_beta = b2 if shampoo_beta is None else shampoo_beta
@@ -95,15 +104,16 @@ class NumpySoap:
             st["exp_avg"] = np.zeros_like(grad)
             st["exp_avg_sq"] = np.zeros_like(grad)
             precond = g.ndim >= 2
-            st["GG"] = [np.zeros((d, d)) if precond and d <= self.max_dim else None
-                        for d in grad.shape]
+            st["GG"] = [
+                np.zeros((d, d)) if precond and d <= self.max_dim else None for d in grad.shape
+            ]
             st["Q"] = None
             self._update_preconditioner(st, grad)
             return p, None
         grad_projected = self._project(grad, st["Q"])
         st["step"] += 1
         st["exp_avg"] = self.b1 * st["exp_avg"] + (1 - self.b1) * grad_projected
-        st["exp_avg_sq"] = self.b2 * st["exp_avg_sq"] + (1 - self.b2) * grad_projected ** 2
+        st["exp_avg_sq"] = self.b2 * st["exp_avg_sq"] + (1 - self.b2) * grad_projected**2
         bc1 = 1 - self.b1 ** st["step"]
         bc2 = 1 - self.b2 ** st["step"]
         denom = np.sqrt(st["exp_avg_sq"] / bc2) + self.eps
@@ -123,26 +133,39 @@ def _random_tree(key, shapes):
 # arbitrarily, and Adam's per-coordinate normalisation is not invariant to that choice,
 # so no two implementations, including the reference, would agree there).
 SHAPES = {"w": (3, 4), "b": (5,), "k": (2, 2, 1, 3), "s": ()}
-HP = dict(b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1, precondition_frequency=3,
-          shampoo_beta=0.8)
+HP = dict(b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1, precondition_frequency=3, shampoo_beta=0.8)
 
 
 # max_precond_dim=3 leaves the 4-sized sides unrotated (w: right, k: left); with 2 no
 # side is rotated and every leaf is Adam.
-@pytest.mark.parametrize("method,max_precond_dim", [("qr", 10000), ("eigh", 10000),
-                                                    ("qr", 3), ("qr", 2)])
+@pytest.mark.parametrize(
+    "method,max_precond_dim", [("qr", 10000), ("eigh", 10000), ("qr", 3), ("qr", 2)]
+)
 def test_matches_numpy_reference(method, max_precond_dim):
     """8 calls = init + 7 Adam steps, with basis refreshes at steps 3 and 6."""
     lr, n_calls = 0.05, 8
     params = _random_tree(jax.random.PRNGKey(0), SHAPES)
     opt = soap(lr, max_precond_dim=max_precond_dim, refresh_method=method, **HP)
-    direction = scale_by_soap(b1=HP["b1"], b2=HP["b2"], eps=HP["eps"],
-                              precondition_frequency=HP["precondition_frequency"],
-                              max_precond_dim=max_precond_dim,
-                              shampoo_beta=HP["shampoo_beta"], refresh_method=method)
-    ref = NumpySoap(lr, HP["b1"], HP["b2"], HP["eps"], HP["weight_decay"],
-                    HP["precondition_frequency"], max_precond_dim, HP["shampoo_beta"],
-                    method)
+    direction = scale_by_soap(
+        b1=HP["b1"],
+        b2=HP["b2"],
+        eps=HP["eps"],
+        precondition_frequency=HP["precondition_frequency"],
+        max_precond_dim=max_precond_dim,
+        shampoo_beta=HP["shampoo_beta"],
+        refresh_method=method,
+    )
+    ref = NumpySoap(
+        lr,
+        HP["b1"],
+        HP["b2"],
+        HP["eps"],
+        HP["weight_decay"],
+        HP["precondition_frequency"],
+        max_precond_dim,
+        HP["shampoo_beta"],
+        method,
+    )
     state, dstate = opt.init(params), direction.init(params)
     opt_update, dir_update = jax.jit(opt.update), jax.jit(direction.update)
     ref_params = {k: np.asarray(v, np.float64) for k, v in params.items()}
@@ -157,10 +180,16 @@ def test_matches_numpy_reference(method, max_precond_dim):
                 np.testing.assert_array_equal(np.asarray(dirs[name]), 0.0)
                 np.testing.assert_array_equal(np.asarray(updates[name]), 0.0)
             else:
-                np.testing.assert_allclose(dirs[name], ref_u, rtol=1e-5, atol=1e-5,
-                                           err_msg=f"direction {name} call {t}")
-            np.testing.assert_allclose(params[name], ref_params[name], rtol=1e-5, atol=1e-5,
-                                       err_msg=f"param {name} call {t}")
+                np.testing.assert_allclose(
+                    dirs[name], ref_u, rtol=1e-5, atol=1e-5, err_msg=f"direction {name} call {t}"
+                )
+            np.testing.assert_allclose(
+                params[name],
+                ref_params[name],
+                rtol=1e-5,
+                atol=1e-5,
+                err_msg=f"param {name} call {t}",
+            )
     assert int(state[0].count) == n_calls
     # The test only means something if the refreshes actually rotated the bases.
     if max_precond_dim >= 3:
@@ -246,8 +275,9 @@ def _train(opt, batch_loss, params, steps):
 
 def test_lowers_least_squares_loss():
     loss, batch_loss, params = _least_squares()
-    final, losses = jax.jit(lambda p: _train(soap(0.02, precondition_frequency=5),
-                                             batch_loss, p, 200))(params)
+    final, losses = jax.jit(
+        lambda p: _train(soap(0.02, precondition_frequency=5), batch_loss, p, 200)
+    )(params)
     assert float(batch_loss(params, 1)) == float(losses[1])  # init call moved nothing
     assert float(loss(final)) < 1e-3 * float(loss(params))  # measured: ~2e-4
 
@@ -294,10 +324,10 @@ def test_jit_vmap_over_lr_and_b2_matches_separate_runs():
 def test_inject_hyperparams_with_schedule():
     _, batch_loss, params = _least_squares()
     sched = optax.linear_schedule(0.1, 0.01, 20)
-    kwargs = dict(b1=0.9, b2=0.95, weight_decay=0.05, precondition_frequency=3,
-                  max_precond_dim=4)
+    kwargs = dict(b1=0.9, b2=0.95, weight_decay=0.05, precondition_frequency=3, max_precond_dim=4)
     injected = optax.inject_hyperparams(soap, static_args=("max_precond_dim",))(
-        learning_rate=sched, **kwargs)
+        learning_rate=sched, **kwargs
+    )
     plain = soap(sched, **kwargs)
     p1, l1 = jax.jit(lambda p: _train(injected, batch_loss, p, 15))(params)
     p2, l2 = jax.jit(lambda p: _train(plain, batch_loss, p, 15))(params)
@@ -316,6 +346,7 @@ def test_traced_max_precond_dim_is_rejected_clearly():
 def _count_refreshes(monkeypatch):
     """Counts executed basis refreshes (one per preconditioned side) with a host callback."""
     import cbs.train.soap as soap_mod
+
     calls = []
     real = soap_mod._refresh_side
 
@@ -353,11 +384,11 @@ def test_block_step_runs_the_refresh_only_on_refresh_steps(monkeypatch):
 
     calls.clear()
     fast = run(True)
-    refresh_steps = len([t for t in range(steps) if t % freq == 0])    # 0 (initial eigh), 4, 8, 12
+    refresh_steps = len([t for t in range(steps) if t % freq == 0])  # 0 (initial eigh), 4, 8, 12
     assert len(calls) == refresh_steps * sides
     calls.clear()
     slow = run(False)
-    assert len(calls) == steps * sides * 2      # select: the eigh and the QR branch, every step
+    assert len(calls) == steps * sides * 2  # select: the eigh and the QR branch, every step
     for name in params:
         np.testing.assert_allclose(fast[name], slow[name], rtol=1e-5, atol=1e-6)
 
@@ -369,9 +400,14 @@ def test_vmapped_training_block_refreshes_soap_only_on_refresh_steps(monkeypatch
     from cbs.train.direct import make_block, make_config
 
     calls = _count_refreshes(monkeypatch)
-    cfg = make_config(dict(dataset="digits", model="mlp", width=16, depth=1, steps_per_call=25),
-                      metric="val_loss", value=1e-3, max_steps=25, eval_every=5)
+    cfg = make_config(
+        dict(dataset="digits", model="mlp", width=16, depth=1, steps_per_call=25),
+        metric="val_loss",
+        value=1e-3,
+        max_steps=25,
+        eval_every=5,
+    )
     block = make_block("soap", 32, [1e-3, 3e-3, 1e-2], seeds=(0,))
     TrainBackend(cfg).run_blocks([block])
-    sides = 2 * 2      # two Dense kernels, a left and a right factor each
+    sides = 2 * 2  # two Dense kernels, a left and a right factor each
     assert len(calls) == 3 * sides

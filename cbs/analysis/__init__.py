@@ -29,8 +29,31 @@ from cbs.analysis._tables import per_batch_table, read_run_table, steps_table
 from cbs.analysis._targets import TargetSweep, analyze_targets, steps_from_curves
 from cbs.errors import AnalysisError
 
-__all__ = ["FORMS", "CriticalBatchSizeFit", "PowerLawFit", "aggregate_seeds", "b_star_closed_form",
-           "fit_critical_batch_size", "fit_power_law", "fit_steps_curve", "local_efficiencies", "raw_knee",
-           "steps_model", "Comparison", "RunAnalysis", "analyze_run", "compare_runs", "print_summary",
-           "run_scale", "short_summary", "AnalysisError", "per_batch_table", "read_run_table", "steps_table",
-           "TargetSweep", "analyze_targets", "steps_from_curves", "format_number"]
+__all__ = [
+    "FORMS",
+    "CriticalBatchSizeFit",
+    "PowerLawFit",
+    "aggregate_seeds",
+    "b_star_closed_form",
+    "fit_critical_batch_size",
+    "fit_power_law",
+    "fit_steps_curve",
+    "local_efficiencies",
+    "raw_knee",
+    "steps_model",
+    "Comparison",
+    "RunAnalysis",
+    "analyze_run",
+    "compare_runs",
+    "print_summary",
+    "run_scale",
+    "short_summary",
+    "AnalysisError",
+    "per_batch_table",
+    "read_run_table",
+    "steps_table",
+    "TargetSweep",
+    "analyze_targets",
+    "steps_from_curves",
+    "format_number",
+]

@@ -22,11 +22,12 @@ __all__ = ["Comparison", "run_scale", "compare_runs"]
 @dataclasses.dataclass
 class Comparison:
     """Several runs side by side (and, with a scale key, CBS scaling laws)."""
+
     runs: list[RunAnalysis]
-    table: pd.DataFrame                          # summary rows of every run (+ scale)
+    table: pd.DataFrame  # summary rows of every run (+ scale)
     text: str
-    scaling: dict[str, PowerLawFit] = dataclasses.field(default_factory=dict)          # B_crit vs scale
-    scaling_b_star: dict[str, PowerLawFit] = dataclasses.field(default_factory=dict)   # B* vs scale
+    scaling: dict[str, PowerLawFit] = dataclasses.field(default_factory=dict)  # B_crit vs scale
+    scaling_b_star: dict[str, PowerLawFit] = dataclasses.field(default_factory=dict)  # B* vs scale
     files: list[Path] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
@@ -47,22 +48,37 @@ def _lookup(mapping: dict, dotted: str):
 
 def run_scale(run_dir, scale_key: str) -> float:
     """The numeric value at dotted ``scale_key`` in config.yaml, else manifest.json."""
-    for source, data in (("config.yaml", read_run_config(run_dir)), ("manifest.json", read_run_manifest(run_dir))):
+    for source, data in (
+        ("config.yaml", read_run_config(run_dir)),
+        ("manifest.json", read_run_manifest(run_dir)),
+    ):
         value = _lookup(data, scale_key)
         if value is not None:
             try:
                 value = float(value)
             except (TypeError, ValueError):
-                raise AnalysisError(f"{scale_key!r} in {run_dir}/{source} is {value!r}, not a number") from None
+                raise AnalysisError(
+                    f"{scale_key!r} in {run_dir}/{source} is {value!r}, not a number"
+                ) from None
             if not value > 0:
-                raise AnalysisError(f"{scale_key!r} in {run_dir}/{source} is {value}; a scale must be positive")
+                raise AnalysisError(
+                    f"{scale_key!r} in {run_dir}/{source} is {value}; a scale must be positive"
+                )
             return value
-    raise AnalysisError(f"run {str(run_dir)!r} has no key {scale_key!r} in config.yaml or manifest.json")
+    raise AnalysisError(
+        f"run {str(run_dir)!r} has no key {scale_key!r} in config.yaml or manifest.json"
+    )
 
 
-def compare_runs(run_dirs: Sequence, *, out: str | Path | None = None, scale_key: str | None = None,
-                 scale_values: Sequence[float] | None = None, plots: bool | None = None,
-                 **options) -> Comparison:
+def compare_runs(
+    run_dirs: Sequence,
+    *,
+    out: str | Path | None = None,
+    scale_key: str | None = None,
+    scale_values: Sequence[float] | None = None,
+    plots: bool | None = None,
+    **options,
+) -> Comparison:
     """Analyzes several runs and tabulates their CBS side by side.
 
     Each run gets its own files (as :func:`analyze_run`); the comparison (compare.md,
@@ -96,20 +112,44 @@ def compare_runs(run_dirs: Sequence, *, out: str | Path | None = None, scale_key
         seen[name] = seen.get(name, 0) + 1
         labels.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
     units = {a.unit for a in analyses}
-    table = pd.concat([a.summary.assign(run=lbl) for a, lbl in zip(analyses, labels)], ignore_index=True)
+    table = pd.concat(
+        [a.summary.assign(run=lbl) for a, lbl in zip(analyses, labels)], ignore_index=True
+    )
     if scales is not None:
         table["scale"] = np.repeat(scales, [len(a.summary) for a in analyses])
-    header = ["optimizer", "run"] + (["scale"] if scales is not None else []) + \
-        ["S_min", "B_crit", "B_crit CI", "B*", "knee", "points"]
+    header = (
+        ["optimizer", "run"]
+        + (["scale"] if scales is not None else [])
+        + ["S_min", "B_crit", "B_crit CI", "B*", "knee", "points"]
+    )
     rows = []
     for name in dict.fromkeys(table["optimizer"]):
         for r in table[table["optimizer"] == name].itertuples(index=False):
-            rows.append([name, r.run] + ([format_number(r.scale)] if scales is not None else [])
-                        + [format_number(r.s_min), format_number(r.b_crit), ci_text(r.b_crit_ci_low, r.b_crit_ci_high),
-                           format_number(r.b_star), format_number(r.knee), str(r.n_points)])
+            rows.append(
+                [name, r.run]
+                + ([format_number(r.scale)] if scales is not None else [])
+                + [
+                    format_number(r.s_min),
+                    format_number(r.b_crit),
+                    ci_text(r.b_crit_ci_low, r.b_crit_ci_high),
+                    format_number(r.b_star),
+                    format_number(r.knee),
+                    str(r.n_points),
+                ]
+            )
     unit = units.pop() if len(units) == 1 else "mixed units"
-    lines = [f"CBS comparison of {len(analyses)} runs (batch sizes in {unit})", text_table(header, rows)]
-    md = [f"# CBS comparison ({len(analyses)} runs)", "", f"Batch sizes in {unit}.", "", md_table(header, rows), ""]
+    lines = [
+        f"CBS comparison of {len(analyses)} runs (batch sizes in {unit})",
+        text_table(header, rows),
+    ]
+    md = [
+        f"# CBS comparison ({len(analyses)} runs)",
+        "",
+        f"Batch sizes in {unit}.",
+        "",
+        md_table(header, rows),
+        "",
+    ]
     scaling, scaling_b_star = {}, {}
     if scales is not None:
         what = scale_key or "scale"
@@ -120,23 +160,36 @@ def compare_runs(run_dirs: Sequence, *, out: str | Path | None = None, scale_key
             g = table[table["optimizer"] == name]
             samples = [a.fits[name].b_crit_samples for a in analyses if name in a.fits]
             use = samples if all(s is not None and len(s) for s in samples) else None
-            pl = fit_power_law(g["scale"], g["b_crit"], y_samples=use, n_boot=n_boot,
-                               seed=options.get("seed", 0), ci_level=options.get("ci_level", 0.95))
+            pl = fit_power_law(
+                g["scale"],
+                g["b_crit"],
+                y_samples=use,
+                n_boot=n_boot,
+                seed=options.get("seed", 0),
+                ci_level=options.get("ci_level", 0.95),
+            )
             scaling[name] = pl
             star_samples = [a.fits[name].b_star_samples for a in analyses if name in a.fits]
             use = star_samples if all(s is not None and len(s) for s in star_samples) else None
-            scaling_b_star[name] = fit_power_law(g["scale"], g["b_star"], y_samples=use, n_boot=n_boot,
-                                                 seed=options.get("seed", 0),
-                                                 ci_level=options.get("ci_level", 0.95))
+            scaling_b_star[name] = fit_power_law(
+                g["scale"],
+                g["b_star"],
+                y_samples=use,
+                n_boot=n_boot,
+                seed=options.get("seed", 0),
+                ci_level=options.get("ci_level", 0.95),
+            )
             lines.append(f"  {name}: B_crit: {pl}")
             lines.append(f"  {name}: B*:     {scaling_b_star[name]}")
             md.append(f"- **{name}**, B_crit: `{pl}`")
             md.append(f"- **{name}**, B*: `{scaling_b_star[name]}`")
         md.append("")
     text = "\n".join(lines) + "\n"
-    comp = Comparison(runs=analyses, table=table, text=text, scaling=scaling, scaling_b_star=scaling_b_star)
+    comp = Comparison(
+        runs=analyses, table=table, text=text, scaling=scaling, scaling_b_star=scaling_b_star
+    )
     if out is None and not options.get("write", True):
-        return comp      # write=False: nothing goes into the run folders, the comparison included
+        return comp  # write=False: nothing goes into the run folders, the comparison included
     out_dir = Path(out) if out is not None else dirs[0]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,19 +198,37 @@ def compare_runs(run_dirs: Sequence, *, out: str | Path | None = None, scale_key
     do_plots = plots if plots is not None else True
     if do_plots:
         from cbs.analysis import _plots
+
         unit_label = unit if len({a.unit for a in analyses}) == 1 else "mixed"
         runs_fits = {lbl: a.fits for a, lbl in zip(analyses, labels)}
-        comp.files.append(_plots.plot_compare(out_dir / "compare_steps_vs_batch.png", runs_fits, unit_label))
+        comp.files.append(
+            _plots.plot_compare(out_dir / "compare_steps_vs_batch.png", runs_fits, unit_label)
+        )
         md[4:4] = ["![steps vs batch size, all runs](compare_steps_vs_batch.png)", ""]
         if scaling:
-            comp.files.append(_plots.plot_scaling(out_dir / "scaling_b_crit.png", table, scaling,
-                                                  scale_key or "scale", unit_label))
+            comp.files.append(
+                _plots.plot_scaling(
+                    out_dir / "scaling_b_crit.png", table, scaling, scale_key or "scale", unit_label
+                )
+            )
             md += ["![B_crit vs scale](scaling_b_crit.png)", ""]
     table.to_parquet(out_dir / "compare.parquet", index=False)
-    (out_dir / "compare.json").write_text(json.dumps(jsonable_deep(dict(
-        runs=[str(d) for d in dirs], labels=labels, scale_key=scale_key, summary=table.to_dict(orient="records"),
-        scaling_b_crit={k: v.to_dict() for k, v in scaling.items()},
-        scaling_b_star={k: v.to_dict() for k, v in scaling_b_star.items()})), indent=1, allow_nan=False))
+    (out_dir / "compare.json").write_text(
+        json.dumps(
+            jsonable_deep(
+                dict(
+                    runs=[str(d) for d in dirs],
+                    labels=labels,
+                    scale_key=scale_key,
+                    summary=table.to_dict(orient="records"),
+                    scaling_b_crit={k: v.to_dict() for k, v in scaling.items()},
+                    scaling_b_star={k: v.to_dict() for k, v in scaling_b_star.items()},
+                )
+            ),
+            indent=1,
+            allow_nan=False,
+        )
+    )
     (out_dir / "compare.md").write_text("\n".join(md))
     comp.files += [out_dir / "compare.parquet", out_dir / "compare.json", out_dir / "compare.md"]
     return comp

@@ -30,8 +30,8 @@ from cbs.analysis._seeds import aggregate_seeds
 
 __all__ = ["CriticalBatchSizeFit", "fit_critical_batch_size", "fit_steps_curve"]
 
-_MIN_POINTS = {"mcCandlish": 4, "general": 5}          # fewer: warn "too few points"
-_MISFIT_RMS = 0.1           # rms log residual above which the form is suspect (10% typical miss)
+_MIN_POINTS = {"mcCandlish": 4, "general": 5}  # fewer: warn "too few points"
+_MISFIT_RMS = 0.1  # rms log residual above which the form is suspect (10% typical miss)
 
 
 def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
@@ -42,8 +42,10 @@ def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
     a = (1.0 - level) / 2.0
     # "lower"/"higher" pick actual samples, so an infinite B_crit in the tail stays inf
     # instead of turning into NaN through interpolation.
-    return (float(np.quantile(x, a, method="lower")), float(np.quantile(x, 1.0 - a, method="higher")))
-
+    return (
+        float(np.quantile(x, a, method="lower")),
+        float(np.quantile(x, 1.0 - a, method="higher")),
+    )
 
 
 @dataclasses.dataclass(repr=False)
@@ -54,34 +56,35 @@ class CriticalBatchSizeFit:
     S_min in steps; E_min in ``unit`` (examples or tokens consumed to reach the target as B -> 0).
     Intervals are percentile bootstrap intervals at level ``ci_level`` (NaN without bootstrap).
     """
+
     form: str
     unit: str
-    batch_sizes: np.ndarray            # (n,) every batch size given, ascending
-    steps: np.ndarray                  # (n,) per-B steps used (median over seeds); NaN = censored/missing
-    censored: np.ndarray               # (n,) bool, B excluded because (most seeds) censored
+    batch_sizes: np.ndarray  # (n,) every batch size given, ascending
+    steps: np.ndarray  # (n,) per-B steps used (median over seeds); NaN = censored/missing
+    censored: np.ndarray  # (n,) bool, B excluded because (most seeds) censored
     n_seeds: int
     s_min: float
     e_min: float
     b_crit: float
-    alpha: float                       # 1 for the McCandlish form
+    alpha: float  # 1 for the McCandlish form
     delta: float
     b0: float
-    b_star: float                      # (1 + delta) B0 + delta B_crit for the McCandlish form
-    knee: float                        # raw-table knee (diagnostic); NaN if beyond the range
-    efficiencies: np.ndarray           # (n,) local efficiency per doubling from the previous B (diagnostic)
+    b_star: float  # (1 + delta) B0 + delta B_crit for the McCandlish form
+    knee: float  # raw-table knee (diagnostic); NaN if beyond the range
+    efficiencies: np.ndarray  # (n,) local efficiency per doubling from the previous B (diagnostic)
     cumulative_efficiency: np.ndarray  # (n,) B S(B) / (B0 S(B0)) (diagnostic)
-    log_residuals: np.ndarray          # (n,) log S - log S_fit (NaN where not fitted)
+    log_residuals: np.ndarray  # (n,) log S - log S_fit (NaN where not fitted)
     rms_log_residual: float
     n_points: int
     ci_level: float
-    bootstrap: str                     # "seeds", "residuals" or "none"
+    bootstrap: str  # "seeds", "residuals" or "none"
     n_boot: int
     s_min_ci: tuple[float, float]
     e_min_ci: tuple[float, float]
     b_crit_ci: tuple[float, float]
     b_star_ci: tuple[float, float]
     alpha_ci: tuple[float, float]
-    b_crit_loo: tuple[float, float]    # min / max of B_crit over leave-one-B-out refits
+    b_crit_loo: tuple[float, float]  # min / max of B_crit over leave-one-B-out refits
     b_crit_samples: np.ndarray = dataclasses.field(repr=False, default=None)
     b_star_samples: np.ndarray = dataclasses.field(repr=False, default=None)
     warnings: list[str] = dataclasses.field(default_factory=list)
@@ -101,19 +104,28 @@ class CriticalBatchSizeFit:
 
     def __repr__(self) -> str:
         def r(x):
-            return "(" + ", ".join(format_value(v) for v in x) + ")" if isinstance(x, tuple) else format_value(x)
-        return (f"CriticalBatchSizeFit(form={self.form!r}, unit={self.unit!r}, b_crit={r(self.b_crit)}, "
-                f"b_crit_ci={r(self.b_crit_ci)}, s_min={r(self.s_min)}, e_min={r(self.e_min)}, "
-                f"b_star={r(self.b_star)}, b_star_ci={r(self.b_star_ci)}, delta={self.delta:g}, b0={r(self.b0)}, "
-                f"knee={r(self.knee)}, n_points={self.n_points}, n_seeds={self.n_seeds}, "
-                f"bootstrap={self.bootstrap!r}, warnings={len(self.warnings)})")
+            return (
+                "(" + ", ".join(format_value(v) for v in x) + ")"
+                if isinstance(x, tuple)
+                else format_value(x)
+            )
+
+        return (
+            f"CriticalBatchSizeFit(form={self.form!r}, unit={self.unit!r}, b_crit={r(self.b_crit)}, "
+            f"b_crit_ci={r(self.b_crit_ci)}, s_min={r(self.s_min)}, e_min={r(self.e_min)}, "
+            f"b_star={r(self.b_star)}, b_star_ci={r(self.b_star_ci)}, delta={self.delta:g}, b0={r(self.b0)}, "
+            f"knee={r(self.knee)}, n_points={self.n_points}, n_seeds={self.n_seeds}, "
+            f"bootstrap={self.bootstrap!r}, warnings={len(self.warnings)})"
+        )
 
     def __str__(self) -> str:
         u = self.unit
+
         def ci(pair, unit=""):
             if pair is None or any(isinstance(p, float) and math.isnan(p) for p in pair):
                 return ""
             return f"  [{format_value(pair[0])}, {format_value(pair[1])}]{' ' + unit if unit else ''} ({self.ci_level:.0%} CI)"
+
         lines = [
             f"Critical batch size fit ({self.form}, log-space least squares, {self.n_points} batch sizes,"
             f" {self.n_seeds} seed{'s' if self.n_seeds != 1 else ''}, bootstrap: {self.bootstrap})",
@@ -134,15 +146,16 @@ class CriticalBatchSizeFit:
         return "\n".join(lines)
 
 
-
 def _steps_matrix(batch_sizes, steps):
     b = np.asarray(batch_sizes, dtype=np.float64).ravel()
     s = np.asarray(steps, dtype=np.float64)
     if s.ndim == 1:
         s = s[None, :]
     if s.ndim != 2 or s.shape[1] != b.size:
-        raise ValueError(f"steps must have one value per batch size or shape (seeds, {b.size}); "
-                         f"got shape {np.shape(steps)}")
+        raise ValueError(
+            f"steps must have one value per batch size or shape (seeds, {b.size}); "
+            f"got shape {np.shape(steps)}"
+        )
     if b.size == 0 or np.any(~np.isfinite(b)) or np.any(b <= 0):
         raise ValueError("batch sizes must be positive finite numbers")
     if len(np.unique(b)) != b.size:
@@ -153,11 +166,20 @@ def _steps_matrix(batch_sizes, steps):
     return b[order], s[:, order]
 
 
-def fit_critical_batch_size(batch_sizes: Sequence[float], steps, *, delta: float = 0.2,
-                            b0: float | None = None, n_boot: int = 1000, seed: int = 0,
-                            form: str = "mcCandlish", ci_level: float = 0.95,
-                            present=None, unit: str = "examples",
-                            extra_warnings: Sequence[str] = ()) -> CriticalBatchSizeFit:
+def fit_critical_batch_size(
+    batch_sizes: Sequence[float],
+    steps,
+    *,
+    delta: float = 0.2,
+    b0: float | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    form: str = "mcCandlish",
+    ci_level: float = 0.95,
+    present=None,
+    unit: str = "examples",
+    extra_warnings: Sequence[str] = (),
+) -> CriticalBatchSizeFit:
     """Fits S(B) = S_min + E_min / B in log space and derives every CBS definition.
 
     Args:
@@ -222,7 +244,7 @@ def fit_critical_batch_size(batch_sizes: Sequence[float], steps, *, delta: float
     resid = np.full(n_b, np.nan)
     if n_points >= 2:
         resid[w] = y[w] - np.log(steps_model(b[w], s_min, b_crit, alpha, e_min))
-    rms = float(np.sqrt(np.nanmean(resid ** 2))) if n_points >= 2 else np.nan
+    rms = float(np.sqrt(np.nanmean(resid**2))) if n_points >= 2 else np.nan
 
     knee, cum_eff = raw_knee(b, agg_steps, b0, delta)
     eff = local_efficiencies(b, agg_steps)
@@ -261,9 +283,13 @@ def fit_critical_batch_size(batch_sizes: Sequence[float], steps, *, delta: float
             boot = _fit_vectorized(b, np.where(wb, yb, 0.0), wb.astype(float), form)
             b_crit_samples = boot.b_crit
             b_star_samples = _b_star(boot, b0, delta, form, b.max())
-            cis = dict(s_min=_interval(boot.s_min, ci_level), e_min=_interval(boot.e_min, ci_level),
-                       b_crit=_interval(boot.b_crit, ci_level), b_star=_interval(b_star_samples, ci_level),
-                       alpha=_interval(boot.alpha, ci_level))
+            cis = dict(
+                s_min=_interval(boot.s_min, ci_level),
+                e_min=_interval(boot.e_min, ci_level),
+                b_crit=_interval(boot.b_crit, ci_level),
+                b_star=_interval(b_star_samples, ci_level),
+                alpha=_interval(boot.alpha, ci_level),
+            )
             if form == "mcCandlish":
                 cis["alpha"] = (1.0, 1.0)
 
@@ -280,42 +306,81 @@ def fit_critical_batch_size(batch_sizes: Sequence[float], steps, *, delta: float
     if n_points < 2:
         warnings.append(f"too few points: {n_points} uncensored batch size(s); no fit")
     elif n_points < _MIN_POINTS[form]:
-        warnings.append(f"too few points: {n_points} uncensored batch sizes for a {n_params}-parameter fit "
-                        f"(want >= {_MIN_POINTS[form]}); treat B_crit as rough")
+        warnings.append(
+            f"too few points: {n_points} uncensored batch sizes for a {n_params}-parameter fit "
+            f"(want >= {_MIN_POINTS[form]}); treat B_crit as rough"
+        )
     if n_points >= 2:
         if b_crit == 0.0:
-            warnings.append("B_crit = 0: S does not fall with B over the fitted range (no perfect-scaling regime)")
+            warnings.append(
+                "B_crit = 0: S does not fall with B over the fitted range (no perfect-scaling regime)"
+            )
         elif math.isinf(b_crit):
-            warnings.append("B_crit = inf: S keeps halving with B over the fitted range (no saturation seen); "
-                            "sweep larger batch sizes")
+            warnings.append(
+                "B_crit = inf: S keeps halving with B over the fitted range (no saturation seen); "
+                "sweep larger batch sizes"
+            )
         else:
             fitted_b = b[w]
             below, above = int((fitted_b < b_crit).sum()), int((fitted_b > b_crit).sum())
             if below < 2 or above < 2:
-                warnings.append(f"B_crit is extrapolated: {below} fitted batch size(s) below and {above} above "
-                                f"B_crit={format_value(b_crit)} (want >= 2 on each side)")
+                warnings.append(
+                    f"B_crit is extrapolated: {below} fitted batch size(s) below and {above} above "
+                    f"B_crit={format_value(b_crit)} (want >= 2 on each side)"
+                )
     if n_points > n_params and rms > _MISFIT_RMS:
         hint = "; compare form='general'" if form == "mcCandlish" else ""
-        warnings.append(f"the fit misses the table by {rms:.0%} rms in log S: the {form} form may not describe "
-                        f"this curve{hint}")
+        warnings.append(
+            f"the fit misses the table by {rms:.0%} rms in log S: the {form} form may not describe "
+            f"this curve{hint}"
+        )
     if cens.any():
-        warnings.append("censored (excluded from the fit) at B = "
-                        + ", ".join(format_value(x) for x in b[cens]))
+        warnings.append(
+            "censored (excluded from the fit) at B = " + ", ".join(format_value(x) for x in b[cens])
+        )
     if n_seeds >= 2 and method == "residuals":
-        warnings.append("some batch sizes have only one seed: used the residual bootstrap instead of seeds")
+        warnings.append(
+            "some batch sizes have only one seed: used the residual bootstrap instead of seeds"
+        )
     if method != "none" and b_crit_samples.size:
         frac_edge = float(np.mean((b_crit_samples == 0) | np.isinf(b_crit_samples)))
         if frac_edge > 0.05:
-            warnings.append(f"{frac_edge:.0%} of bootstrap fits put B_crit at 0 or inf: the interval is open-ended")
+            warnings.append(
+                f"{frac_edge:.0%} of bootstrap fits put B_crit at 0 or inf: the interval is open-ended"
+            )
     return CriticalBatchSizeFit(
-        form=form, unit=unit, batch_sizes=b, steps=agg_steps, censored=cens, n_seeds=n_seeds,
-        s_min=s_min, e_min=e_min, b_crit=b_crit, alpha=alpha, delta=float(delta), b0=b0, b_star=b_star,
-        knee=float(knee), efficiencies=eff, cumulative_efficiency=cum_eff, log_residuals=resid,
-        rms_log_residual=rms, n_points=n_points, ci_level=ci_level, bootstrap=method,
+        form=form,
+        unit=unit,
+        batch_sizes=b,
+        steps=agg_steps,
+        censored=cens,
+        n_seeds=n_seeds,
+        s_min=s_min,
+        e_min=e_min,
+        b_crit=b_crit,
+        alpha=alpha,
+        delta=float(delta),
+        b0=b0,
+        b_star=b_star,
+        knee=float(knee),
+        efficiencies=eff,
+        cumulative_efficiency=cum_eff,
+        log_residuals=resid,
+        rms_log_residual=rms,
+        n_points=n_points,
+        ci_level=ci_level,
+        bootstrap=method,
         n_boot=int(n_boot) if method != "none" else 0,
-        s_min_ci=cis["s_min"], e_min_ci=cis["e_min"], b_crit_ci=cis["b_crit"], b_star_ci=cis["b_star"],
-        alpha_ci=cis["alpha"], b_crit_loo=loo, b_crit_samples=b_crit_samples,
-        b_star_samples=b_star_samples, warnings=warnings)
+        s_min_ci=cis["s_min"],
+        e_min_ci=cis["e_min"],
+        b_crit_ci=cis["b_crit"],
+        b_star_ci=cis["b_star"],
+        alpha_ci=cis["alpha"],
+        b_crit_loo=loo,
+        b_crit_samples=b_crit_samples,
+        b_star_samples=b_star_samples,
+        warnings=warnings,
+    )
 
 
 def fit_steps_curve(batch_sizes, steps, form: str = "mcCandlish") -> dict:
@@ -330,5 +395,10 @@ def fit_steps_curve(batch_sizes, steps, form: str = "mcCandlish") -> dict:
     w = np.isfinite(s) & (s > 0)
     y = np.log(np.where(w, s, 1.0))
     fit = _fit_vectorized(b, y[None, :], w[None, :].astype(float), form)
-    return dict(s_min=float(fit.s_min[0]), e_min=float(fit.e_min[0]), b_crit=float(fit.b_crit[0]),
-                alpha=float(fit.alpha[0]), sse=float(fit.sse[0]))
+    return dict(
+        s_min=float(fit.s_min[0]),
+        e_min=float(fit.e_min[0]),
+        b_crit=float(fit.b_crit[0]),
+        alpha=float(fit.alpha[0]),
+        sse=float(fit.sse[0]),
+    )

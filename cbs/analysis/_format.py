@@ -10,8 +10,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["format_number", "format_value", "ci_text", "text_table", "md_table", "jsonable",
-           "jsonable_deep"]
+__all__ = [
+    "format_number",
+    "format_value",
+    "ci_text",
+    "text_table",
+    "md_table",
+    "jsonable",
+    "jsonable_deep",
+]
 
 
 def format_number(x, digits: int = 4, missing: str = "-") -> str:
@@ -54,8 +61,10 @@ def ci_text(lo, hi) -> str:
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A right-aligned plain-text table."""
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
-              for i, h in enumerate(header)]
+    widths = [
+        max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
+        for i, h in enumerate(header)
+    ]
     line = "  ".join(str(h).rjust(w) for h, w in zip(header, widths))
     out = [line, "  ".join("-" * w for w in widths)]
     out += ["  ".join(str(c).rjust(w) for c, w in zip(r, widths)) for r in rows]

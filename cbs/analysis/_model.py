@@ -31,10 +31,10 @@ __all__ = ["FORMS", "steps_model", "b_star_closed_form"]
 
 FORMS = ("mcCandlish", "general")
 
-_GRID_POINTS = 241          # log-B_crit grid; adjacent points differ by ~12%, then refined
-_GRID_MARGIN = 9.0          # grid reaches e^9 (~8000x) beyond the swept batch sizes
-_GOLDEN_ITERS = 48          # shrinks the bracket by 0.618^48 ~ 1e-10
-_ALPHAS = np.round(np.arange(0.1, 4.0001, 0.02), 4)   # general form's alpha grid
+_GRID_POINTS = 241  # log-B_crit grid; adjacent points differ by ~12%, then refined
+_GRID_MARGIN = 9.0  # grid reaches e^9 (~8000x) beyond the swept batch sizes
+_GOLDEN_ITERS = 48  # shrinks the bracket by 0.618^48 ~ 1e-10
+_ALPHAS = np.round(np.arange(0.1, 4.0001, 0.02), 4)  # general form's alpha grid
 
 
 def _canonical_form(form: str) -> str:
@@ -92,12 +92,13 @@ def _sse_at(y, w, log_b, log_c, alpha):
 @dataclasses.dataclass
 class _Fits:
     """Vectorized fit results, one entry per replicate (arrays of shape (R,))."""
+
     s_min: np.ndarray
     b_crit: np.ndarray
     alpha: np.ndarray
     sse: np.ndarray
     n_points: np.ndarray
-    e_inf: np.ndarray       # E_min where B_crit = inf (S = E_min / B, S_min = 0); NaN elsewhere
+    e_inf: np.ndarray  # E_min where B_crit = inf (S = E_min / B, S_min = 0); NaN elsewhere
 
     @property
     def e_min(self) -> np.ndarray:
@@ -130,9 +131,13 @@ def _fit_vectorized(batch_sizes: np.ndarray, y: np.ndarray, w: np.ndarray, form:
     for alpha in alphas:
         # Rows: the limit B_crit = 0 (shape 0), the finite grid, and the limit B_crit = inf
         # (shape -alpha log B; its constant log B_crit is absorbed by the offset).
-        shapes = np.vstack([np.zeros_like(log_b)[None, :],
-                            _log1p_ratio(grid[:, None], log_b[None, :], alpha),
-                            -alpha * log_b[None, :]])
+        shapes = np.vstack(
+            [
+                np.zeros_like(log_b)[None, :],
+                _log1p_ratio(grid[:, None], log_b[None, :], alpha),
+                -alpha * log_b[None, :],
+            ]
+        )
         sse, offset = _profile_sse(y, w, shapes)
         k = np.argmin(sse, axis=1)
         s = sse[np.arange(n_rep), k]
@@ -160,7 +165,7 @@ def _fit_vectorized(batch_sizes: np.ndarray, y: np.ndarray, w: np.ndarray, form:
         f1, _ = _sse_at(yf, wf, log_b, x1, af)
         f2, _ = _sse_at(yf, wf, log_b, x2, af)
         for _ in range(_GOLDEN_ITERS):
-            left = f1 < f2                      # the minimum lies in [lo, x2]
+            left = f1 < f2  # the minimum lies in [lo, x2]
             hi = np.where(left, x2, hi)
             lo = np.where(left, lo, x1)
             x1, x2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
@@ -168,7 +173,7 @@ def _fit_vectorized(batch_sizes: np.ndarray, y: np.ndarray, w: np.ndarray, form:
             f2, _ = _sse_at(yf, wf, log_b, x2, af)
         xm = 0.5 * (lo + hi)
         fm, om = _sse_at(yf, wf, log_b, xm, af)
-        keep_grid = fm > best_sse[finite] + 1e-12   # refinement never makes the fit worse
+        keep_grid = fm > best_sse[finite] + 1e-12  # refinement never makes the fit worse
         log_c_f = np.where(keep_grid, grid[idx], xm)
         off_f = np.where(keep_grid, best_offset[finite], om)
         sse_f = np.where(keep_grid, best_sse[finite], fm)
@@ -185,16 +190,23 @@ def _fit_vectorized(batch_sizes: np.ndarray, y: np.ndarray, w: np.ndarray, form:
     bad = n_points < 2
     for arr in (b_crit, s_min, best_sse, e_inf):
         arr[bad] = np.nan
-    return _Fits(s_min=s_min, b_crit=b_crit, alpha=np.where(bad, np.nan, best_alpha), sse=best_sse,
-                 n_points=n_points, e_inf=e_inf)
+    return _Fits(
+        s_min=s_min,
+        b_crit=b_crit,
+        alpha=np.where(bad, np.nan, best_alpha),
+        sse=best_sse,
+        n_points=n_points,
+        e_inf=e_inf,
+    )
 
 
-def steps_model(batch_sizes, s_min: float, b_crit: float, alpha: float = 1.0,
-                e_min: float | None = None) -> np.ndarray:
+def steps_model(
+    batch_sizes, s_min: float, b_crit: float, alpha: float = 1.0, e_min: float | None = None
+) -> np.ndarray:
     """The fitted S(B) = S_min (1 + (B_crit / B) ** alpha); handles B_crit = inf (S = E_min / B)."""
     b = np.asarray(batch_sizes, dtype=np.float64)
     if math.isinf(b_crit):
-        return (e_min if e_min is not None else np.nan) / b ** alpha
+        return (e_min if e_min is not None else np.nan) / b**alpha
     return s_min * (1.0 + (b_crit / b) ** alpha)
 
 
@@ -211,8 +223,10 @@ def _b_star_numeric(s_min, b_crit, alpha, b0, delta, b_max):
     """Root of B S(B) / (B0 S(B0)) = 1 + delta above B0, by bisection in log B (general form)."""
     if not np.isfinite(b_crit):
         return (1.0 + delta) * b0 if alpha == 1.0 else np.nan
+
     def ratio(b):
         return b * (1.0 + (b_crit / b) ** alpha) / (b0 * (1.0 + (b_crit / b0) ** alpha))
+
     hi = max(b_max, b0) * 1e6
     if ratio(hi) < 1.0 + delta:
         return np.inf
@@ -231,5 +245,9 @@ def _b_star_numeric(s_min, b_crit, alpha, b0, delta, b_max):
 def _b_star(fits: _Fits, b0: float, delta: float, form: str, b_max: float) -> np.ndarray:
     if form == "mcCandlish":
         return b_star_closed_form(fits.b_crit, b0, delta)
-    return np.array([_b_star_numeric(s, c, a, b0, delta, b_max) if np.isfinite(a) else np.nan
-                     for s, c, a in zip(fits.s_min, fits.b_crit, fits.alpha)])
+    return np.array(
+        [
+            _b_star_numeric(s, c, a, b0, delta, b_max) if np.isfinite(a) else np.nan
+            for s, c, a in zip(fits.s_min, fits.b_crit, fits.alpha)
+        ]
+    )

@@ -11,7 +11,9 @@ __all__ = ["UNITS", "resolve_options"]
 UNITS = ("auto", "examples", "tokens")
 
 
-def resolve_options(cfg: dict, results: pd.DataFrame, *, delta, b0, n_boot, tokens_per_example, unit):
+def resolve_options(
+    cfg: dict, results: pd.DataFrame, *, delta, b0, n_boot, tokens_per_example, unit
+):
     """(delta, b0, n_boot, tokens_per_example, unit): arguments left as None come from the
     config's ``analysis:`` section (tokens_per_example from the results' column when there
     is one value); every value checked. Raises AnalysisError naming the bad one."""
@@ -24,10 +26,18 @@ def resolve_options(cfg: dict, results: pd.DataFrame, *, delta, b0, n_boot, toke
         b0 = None if b0 is None else float(b0)
         n_boot = int(section.get("bootstrap", 1000) if n_boot is None else n_boot)
         if tokens_per_example is None:
-            col = results["tokens_per_example"].dropna().unique() if "tokens_per_example" in results else []
+            col = (
+                results["tokens_per_example"].dropna().unique()
+                if "tokens_per_example" in results
+                else []
+            )
             if len(col) > 1:
-                raise AnalysisError(f"results mix tokens_per_example values {sorted(col)}; pass one explicitly")
-            tokens_per_example = int(col[0]) if len(col) else int(section.get("tokens_per_example", 1) or 1)
+                raise AnalysisError(
+                    f"results mix tokens_per_example values {sorted(col)}; pass one explicitly"
+                )
+            tokens_per_example = (
+                int(col[0]) if len(col) else int(section.get("tokens_per_example", 1) or 1)
+            )
         tokens_per_example = int(tokens_per_example)
     except (TypeError, ValueError) as e:
         if isinstance(e, AnalysisError):

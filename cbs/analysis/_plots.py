@@ -16,10 +16,15 @@ import pandas as pd  # noqa: E402
 
 from cbs.analysis._format import format_number  # noqa: E402
 
-__all__ = ["plot_steps_vs_batch", "plot_best_lr", "plot_data_efficiency", "plot_compare",
-           "plot_scaling"]
+__all__ = [
+    "plot_steps_vs_batch",
+    "plot_best_lr",
+    "plot_data_efficiency",
+    "plot_compare",
+    "plot_scaling",
+]
 
-_DPI = 100   # 520x420 px per panel: legible, and encoding costs half of 120 dpi
+_DPI = 100  # 520x420 px per panel: legible, and encoding costs half of 120 dpi
 
 
 def _colors(n):
@@ -63,7 +68,7 @@ def _legend(ax, **kwargs) -> None:
 
 
 def _fmt(x):
-    return format_number(x, 3, missing="n/a")     # legends: 3 digits
+    return format_number(x, 3, missing="n/a")  # legends: 3 digits
 
 
 def _draw_fit(ax, fit, color, label_prefix="", band=True, show_lines=True):
@@ -71,23 +76,53 @@ def _draw_fit(ax, fit, color, label_prefix="", band=True, show_lines=True):
     if fit.n_points >= 2 and np.isfinite(fit.s_min):
         lo, hi = b.min() / 1.5, b.max() * 1.5
         bb = np.geomspace(lo, hi, 200)
-        ax.plot(bb, fit.predict(bb), "-", color=color, lw=1.8,
-                label=f"{label_prefix}fit: S_min={_fmt(fit.s_min)}, B_crit={_fmt(fit.b_crit)}")
+        ax.plot(
+            bb,
+            fit.predict(bb),
+            "-",
+            color=color,
+            lw=1.8,
+            label=f"{label_prefix}fit: S_min={_fmt(fit.s_min)}, B_crit={_fmt(fit.b_crit)}",
+        )
         if show_lines:
             s0 = float(fit.predict([fit.b0])[0])
-            ax.plot(bb, s0 * fit.b0 / bb, ":", color="gray", lw=1.2, label=f"perfect scaling from B0={_fmt(fit.b0)}")
+            ax.plot(
+                bb,
+                s0 * fit.b0 / bb,
+                ":",
+                color="gray",
+                lw=1.2,
+                label=f"perfect scaling from B0={_fmt(fit.b0)}",
+            )
             if np.isfinite(fit.s_min) and fit.s_min > 0:
                 ax.axhline(fit.s_min, color=color, ls="--", lw=0.8, alpha=0.6, label="S_min")
         if np.isfinite(fit.b_crit) and fit.b_crit > 0:
-            ax.axvline(fit.b_crit, color=color, ls="-.", lw=1.2,
-                       label="B_crit (S = 2 S_min)" if show_lines else None)
+            ax.axvline(
+                fit.b_crit,
+                color=color,
+                ls="-.",
+                lw=1.2,
+                label="B_crit (S = 2 S_min)" if show_lines else None,
+            )
             if band and all(np.isfinite(v) for v in fit.b_crit_ci):
-                ax.axvspan(max(fit.b_crit_ci[0], 1e-300), fit.b_crit_ci[1], color=color, alpha=0.12,
-                           label=f"B_crit {fit.ci_level:.0%} CI" if show_lines else None)
+                ax.axvspan(
+                    max(fit.b_crit_ci[0], 1e-300),
+                    fit.b_crit_ci[1],
+                    color=color,
+                    alpha=0.12,
+                    label=f"B_crit {fit.ci_level:.0%} CI" if show_lines else None,
+                )
         if show_lines and np.isfinite(fit.b_star):
-            ax.plot([fit.b_star], [float(fit.predict([fit.b_star])[0])], marker="*", ms=13, color=color,
-                    ls="none", markeredgecolor="k", label=f"B* (δ={fit.delta:g}) = {_fmt(fit.b_star)}")
-
+            ax.plot(
+                [fit.b_star],
+                [float(fit.predict([fit.b_star])[0])],
+                marker="*",
+                ms=13,
+                color=color,
+                ls="none",
+                markeredgecolor="k",
+                label=f"B* (δ={fit.delta:g}) = {_fmt(fit.b_star)}",
+            )
 
 
 def _label(ax, xlabel: str, ylabel: str, title: str, **legend) -> None:
@@ -113,8 +148,15 @@ def _finish_single(fig, ax, path: Path, unit: str, ylabel: str, title: str) -> P
     return _save(fig, path)
 
 
-def plot_steps_vs_batch(path: Path, fits: dict, per_seed: pd.DataFrame, unit: str, scale: float,
-                        reference: pd.DataFrame | None = None, title: str = "") -> Path:
+def plot_steps_vs_batch(
+    path: Path,
+    fits: dict,
+    per_seed: pd.DataFrame,
+    unit: str,
+    scale: float,
+    reference: pd.DataFrame | None = None,
+    title: str = "",
+) -> Path:
     """Steps to target vs batch size, log-log, one panel per optimizer.
 
     Measured points (per seed, faint; combined, solid), censored batch sizes as up-pointing
@@ -128,25 +170,57 @@ def plot_steps_vs_batch(path: Path, fits: dict, per_seed: pd.DataFrame, unit: st
         g = per_seed[per_seed["optimizer"] == name]
         ok = ~g["censored"].to_numpy(bool)
         bx = g["batch_size"].to_numpy(float) * scale
-        ax.plot(bx[ok], g["steps"].to_numpy(float)[ok], "o", color=color, alpha=0.3, ms=4,
-                label="per seed" if fit.n_seeds > 1 else None)
+        ax.plot(
+            bx[ok],
+            g["steps"].to_numpy(float)[ok],
+            "o",
+            color=color,
+            alpha=0.3,
+            ms=4,
+            label="per seed" if fit.n_seeds > 1 else None,
+        )
         good = np.isfinite(fit.steps)
-        ax.plot(fit.batch_sizes[good], fit.steps[good], "o", color=color, ms=7, markeredgecolor="k",
-                label="measured" + (" (median over seeds)" if fit.n_seeds > 1 else ""))
+        ax.plot(
+            fit.batch_sizes[good],
+            fit.steps[good],
+            "o",
+            color=color,
+            ms=7,
+            markeredgecolor="k",
+            label="measured" + (" (median over seeds)" if fit.n_seeds > 1 else ""),
+        )
         if fit.censored.any():
             budget = g["max_steps"].max() if "max_steps" in g else np.nan
             if np.isfinite(budget):
-                ax.plot(fit.batch_sizes[fit.censored], np.full(fit.censored.sum(), budget), "^", color=color,
-                        ms=8, markerfacecolor="none", label="censored (at step budget)")
+                ax.plot(
+                    fit.batch_sizes[fit.censored],
+                    np.full(fit.censored.sum(), budget),
+                    "^",
+                    color=color,
+                    ms=8,
+                    markerfacecolor="none",
+                    label="censored (at step budget)",
+                )
         _draw_fit(ax, fit, color)
         # Keep the y range on the data: the perfect-scaling line and a lower bound can fall
         # orders of magnitude below S_min at the largest batch sizes.
-        floor = [v for v in (np.nanmin(fit.steps) if good.any() else np.nan, fit.s_min) if np.isfinite(v) and v > 0]
+        floor = [
+            v
+            for v in (np.nanmin(fit.steps) if good.any() else np.nan, fit.s_min)
+            if np.isfinite(v) and v > 0
+        ]
         if reference is not None and len(reference):
             for rname, rg in reference.groupby("name"):
                 rg = rg.sort_values("batch_size")
-                ax.plot(rg["batch_size"].to_numpy(float) * scale, rg["steps"], "-", color="k", alpha=0.45,
-                        lw=1.0, label=f"reference: {rname}")
+                ax.plot(
+                    rg["batch_size"].to_numpy(float) * scale,
+                    rg["steps"],
+                    "-",
+                    color="k",
+                    alpha=0.45,
+                    lw=1.0,
+                    label=f"reference: {rname}",
+                )
         _log_axes(ax)
         if floor and ax.get_yscale() == "log":
             ax.set_ylim(bottom=0.5 * min(floor))
@@ -156,7 +230,9 @@ def plot_steps_vs_batch(path: Path, fits: dict, per_seed: pd.DataFrame, unit: st
     return _save(fig, path)
 
 
-def plot_all_optimizers(path: Path, fits: dict, unit: str, title: str = "", notes: Sequence[str] = ()) -> Path:
+def plot_all_optimizers(
+    path: Path, fits: dict, unit: str, title: str = "", notes: Sequence[str] = ()
+) -> Path:
     """Every optimizer's steps-vs-batch-size curve on one log-log axes (as in the NQM
     paper's figures): measured points (seeds combined), the fitted S(B), and B_crit marked
     on each curve (where S = 2 S_min) with its bootstrap interval as a horizontal bar.
@@ -165,7 +241,15 @@ def plot_all_optimizers(path: Path, fits: dict, unit: str, title: str = "", note
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     for (name, fit), color in zip(fits.items(), _colors(len(fits))):
         good = np.isfinite(fit.steps)
-        ax.plot(fit.batch_sizes[good], fit.steps[good], "o", color=color, ms=6, markeredgecolor="k", label=name)
+        ax.plot(
+            fit.batch_sizes[good],
+            fit.steps[good],
+            "o",
+            color=color,
+            ms=6,
+            markeredgecolor="k",
+            label=name,
+        )
         if fit.n_points >= 2 and np.isfinite(fit.s_min):
             bb = np.geomspace(fit.batch_sizes.min() / 1.5, fit.batch_sizes.max() * 1.5, 200)
             ax.plot(bb, fit.predict(bb), "-", color=color, lw=1.5)
@@ -173,13 +257,28 @@ def plot_all_optimizers(path: Path, fits: dict, unit: str, title: str = "", note
                 y = float(fit.predict([fit.b_crit])[0])
                 lo, hi = fit.b_crit_ci
                 if np.isfinite(lo) and np.isfinite(hi) and hi > lo > 0:
-                    ax.plot([lo, hi], [y, y], "-", color=color, lw=4, alpha=0.35, solid_capstyle="butt")
-                ax.plot([fit.b_crit], [y], marker="D", ms=9, color=color, markeredgecolor="k", ls="none",
-                        label=f"{name}: B_crit = {_fmt(fit.b_crit)}"
-                              + (f" [{_fmt(lo)}, {_fmt(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else ""))
+                    ax.plot(
+                        [lo, hi], [y, y], "-", color=color, lw=4, alpha=0.35, solid_capstyle="butt"
+                    )
+                ax.plot(
+                    [fit.b_crit],
+                    [y],
+                    marker="D",
+                    ms=9,
+                    color=color,
+                    markeredgecolor="k",
+                    ls="none",
+                    label=f"{name}: B_crit = {_fmt(fit.b_crit)}"
+                    + (f" [{_fmt(lo)}, {_fmt(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else ""),
+                )
     _log_axes(ax)
-    _label(ax, f"batch size ({unit})", "steps to target", title or "steps to target, all optimizers",
-           loc="best")
+    _label(
+        ax,
+        f"batch size ({unit})",
+        "steps to target",
+        title or "steps to target, all optimizers",
+        loc="best",
+    )
     if notes:
         fig.text(0.01, 0.005, "\n".join(notes), fontsize=7, va="bottom", ha="left")
         fig.subplots_adjust(bottom=0.12 + 0.03 * len(notes))
@@ -205,7 +304,14 @@ def plot_best_lr(path: Path, per_b: pd.DataFrame, unit: str, scale: float, title
         if (edge & ok).any():
             ax.plot(bx[edge & ok], lr[edge & ok], "x", color="red", ms=10, mew=2)
         if np.any(np.abs(elr[ok] - lr[ok]) > 1e-12 * np.abs(lr[ok])):
-            ax.plot(bx[ok], elr[ok], "s--", color=color, ms=4, label=f"{name}: effective LR lr/(1-momentum)")
+            ax.plot(
+                bx[ok],
+                elr[ok],
+                "s--",
+                color=color,
+                ms=4,
+                label=f"{name}: effective LR lr/(1-momentum)",
+            )
         if ok.sum() >= 2:
             b0, l0 = bx[ok][0], lr[ok][0]
             ax.plot(bx[ok], l0 * bx[ok] / b0, ":", color=color, alpha=0.5, lw=1)
@@ -213,7 +319,9 @@ def plot_best_lr(path: Path, per_b: pd.DataFrame, unit: str, scale: float, title
     ax.plot([], [], "k:", alpha=0.5, label="linear scaling (from smallest B)")
     ax.plot([], [], "k-.", alpha=0.5, label="square-root scaling")
     ax.plot([], [], "rx", label="best LR at the edge of the LR grid")
-    return _finish_single(fig, ax, path, unit, "learning rate", title or "best learning rate per batch size")
+    return _finish_single(
+        fig, ax, path, unit, "learning rate", title or "best learning rate per batch size"
+    )
 
 
 def plot_data_efficiency(path: Path, fits: dict, unit: str, title: str = "") -> Path:
@@ -223,7 +331,14 @@ def plot_data_efficiency(path: Path, fits: dict, unit: str, title: str = "") -> 
     for (name, fit), color in zip(fits.items(), _colors(len(fits))):
         good = np.isfinite(fit.steps)
         b = fit.batch_sizes
-        ax.plot(b[good], b[good] * fit.steps[good], "o", color=color, markeredgecolor="k", label=f"{name}: measured")
+        ax.plot(
+            b[good],
+            b[good] * fit.steps[good],
+            "o",
+            color=color,
+            markeredgecolor="k",
+            label=f"{name}: measured",
+        )
         if fit.n_points >= 2 and np.isfinite(fit.s_min):
             bb = np.geomspace(b.min() / 1.5, b.max() * 1.5, 200)
             ax.plot(bb, bb * fit.predict(bb), "-", color=color, label=f"{name}: fit")
@@ -233,7 +348,9 @@ def plot_data_efficiency(path: Path, fits: dict, unit: str, title: str = "") -> 
                 ax.axvline(fit.b_crit, color=color, ls="-.", lw=1)
     ax.plot([], [], "k--", alpha=0.6, label="E_min (fit)")
     ax.plot([], [], "k-.", label="B_crit (E = 2 E_min)")
-    return _finish_single(fig, ax, path, unit, f"{unit} to target (B x S)", title or "data efficiency")
+    return _finish_single(
+        fig, ax, path, unit, f"{unit} to target (B x S)", title or "data efficiency"
+    )
 
 
 def plot_compare(path: Path, runs: dict, unit: str) -> Path:
@@ -247,7 +364,9 @@ def plot_compare(path: Path, runs: dict, unit: str) -> Path:
                 continue
             fit = fits[name]
             good = np.isfinite(fit.steps)
-            ax.plot(fit.batch_sizes[good], fit.steps[good], "o", color=color, markeredgecolor="k", ms=5)
+            ax.plot(
+                fit.batch_sizes[good], fit.steps[good], "o", color=color, markeredgecolor="k", ms=5
+            )
             _draw_fit(ax, fit, color, label_prefix=f"{run} ", band=True, show_lines=False)
         _log_axes(ax)
         _label(ax, f"batch size ({unit})", "steps to target", name)
@@ -270,8 +389,13 @@ def plot_scaling(path: Path, table: pd.DataFrame, fits: dict, scale_key: str, un
         pl = fits.get(name)
         if pl is not None and np.isfinite(pl.coef):
             xx = np.geomspace(x.min(), x.max(), 50)
-            ax.plot(xx, pl.predict(xx), "-", color=color,
-                    label=f"{name}: B_crit = {pl.coef:.3g} x^{pl.exponent:.3f}")
+            ax.plot(
+                xx,
+                pl.predict(xx),
+                "-",
+                color=color,
+                label=f"{name}: B_crit = {pl.coef:.3g} x^{pl.exponent:.3f}",
+            )
     _log_axes(ax, xbase=10)
     _label(ax, scale_key, f"B_crit ({unit})", "critical batch size vs scale")
     return _save(fig, path)
@@ -294,11 +418,23 @@ def plot_targets(path: Path, table: pd.DataFrame, unit: str, metric: str = "targ
         ok2 = np.isfinite(s) & np.isfinite(e) & (s > 0) & (e > 0)
         ax2.plot(e[ok2], s[ok2], "o-", color=color, label=name)
         for xi, si, ei in zip(x[ok2], s[ok2], e[ok2]):
-            ax2.annotate(f"{xi:.3g}", (ei, si), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax2.annotate(
+                f"{xi:.3g}", (ei, si), fontsize=6, xytext=(3, 3), textcoords="offset points"
+            )
     for ax in (ax1, ax2):
         _log_axes(ax, xbase=10)
-    _label(ax1, f"target {metric}", f"B_crit ({unit})", "critical batch size vs target (band: bootstrap CI)")
-    _label(ax2, f"E_min ({unit} to target)", "S_min (steps to target)", "Pareto front, one point per target (labels)")
+    _label(
+        ax1,
+        f"target {metric}",
+        f"B_crit ({unit})",
+        "critical batch size vs target (band: bootstrap CI)",
+    )
+    _label(
+        ax2,
+        f"E_min ({unit} to target)",
+        "S_min (steps to target)",
+        "Pareto front, one point per target (labels)",
+    )
     return _save(fig, path)
 
 
@@ -310,32 +446,67 @@ def schedule_pairs(cfg: dict) -> list[tuple[str, str, str]]:
     def key(e):
         return e.get("kind"), repr(sorted((e.get("hparams") or {}).items()))
 
-    const = {key(e): e.get("name") or e.get("kind") for e in entries
-             if ((e.get("schedule") or {}).get("kind") or "constant") == "constant"}
+    const = {
+        key(e): e.get("name") or e.get("kind")
+        for e in entries
+        if ((e.get("schedule") or {}).get("kind") or "constant") == "constant"
+    }
     pairs = []
     for e in entries:
         if (e.get("schedule") or {}).get("kind") == "optimized_pwc" and key(e) in const:
             hp = ", ".join(f"{k}={v}" for k, v in sorted((e.get("hparams") or {}).items()))
-            pairs.append((f"{e.get('kind')}" + (f" ({hp})" if hp else ""), const[key(e)], e.get("name") or e.get("kind")))
+            pairs.append(
+                (
+                    f"{e.get('kind')}" + (f" ({hp})" if hp else ""),
+                    const[key(e)],
+                    e.get("name") or e.get("kind"),
+                )
+            )
     return pairs
 
 
-def plot_schedules(path: Path, fits: dict, pairs: list, unit: str, reference: pd.DataFrame | None = None,
-                   scale: float = 1.0, title: str = "") -> Path:
+def plot_schedules(
+    path: Path,
+    fits: dict,
+    pairs: list,
+    unit: str,
+    reference: pd.DataFrame | None = None,
+    scale: float = 1.0,
+    title: str = "",
+) -> Path:
     """Constant LR vs optimized piecewise-constant schedule on one log-log axes (the NQM
     paper's Fig. 3b): one colour per pair, constant LR solid with circles, the optimized
     schedule dashed with squares, reference curves (the lower bound) in black."""
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for (label, cname, pname), color in zip(pairs, _colors(len(pairs))):
-        for name, style, marker, what in ((cname, "-", "o", "constant LR"), (pname, "--", "s", "optimized")):
+        for name, style, marker, what in (
+            (cname, "-", "o", "constant LR"),
+            (pname, "--", "s", "optimized"),
+        ):
             fit = fits.get(name)
             if fit is None:
                 continue
             good = np.isfinite(fit.steps)
-            ax.plot(fit.batch_sizes[good], fit.steps[good], style, marker=marker, color=color, ms=4,
-                    label=f"{label}: {what}")
+            ax.plot(
+                fit.batch_sizes[good],
+                fit.steps[good],
+                style,
+                marker=marker,
+                color=color,
+                ms=4,
+                label=f"{label}: {what}",
+            )
     if reference is not None and len(reference):
         for rname, rg in reference.groupby("name"):
             rg = rg.sort_values("batch_size")
-            ax.plot(rg["batch_size"].to_numpy(float) * scale, rg["steps"], ":", color="k", lw=1.2, label=rname)
-    return _finish_single(fig, ax, path, unit, "steps to target", title or "constant LR vs optimized schedule")
+            ax.plot(
+                rg["batch_size"].to_numpy(float) * scale,
+                rg["steps"],
+                ":",
+                color="k",
+                lw=1.2,
+                label=rname,
+            )
+    return _finish_single(
+        fig, ax, path, unit, "steps to target", title or "constant LR vs optimized schedule"
+    )

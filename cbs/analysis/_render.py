@@ -14,16 +14,35 @@ from cbs.analysis._format import ci_text, format_number, md_table, text_table
 if TYPE_CHECKING:
     from cbs.analysis._report import RunAnalysis
 
-__all__ = ["per_b_text", "summary_text", "units_line", "run_text", "report_markdown", "short_summary",
-           "COLUMNS"]
+__all__ = [
+    "per_b_text",
+    "summary_text",
+    "units_line",
+    "run_text",
+    "report_markdown",
+    "short_summary",
+    "COLUMNS",
+]
 
 
-def per_b_text(name, fit: CriticalBatchSizeFit, pb: pd.DataFrame, scale, unit, markdown=False,
-                swept_hps: Sequence[str] = ()) -> str:
-    header = [f"B ({unit})", "steps", "seeds reached", "best LR", "effective LR"] + \
-        [f"best {hp}" for hp in swept_hps] + ["diverged", "efficiency/doubling", "B*S/(B0*S0)", "fit", "note"]
+def per_b_text(
+    name,
+    fit: CriticalBatchSizeFit,
+    pb: pd.DataFrame,
+    scale,
+    unit,
+    markdown=False,
+    swept_hps: Sequence[str] = (),
+) -> str:
+    header = (
+        [f"B ({unit})", "steps", "seeds reached", "best LR", "effective LR"]
+        + [f"best {hp}" for hp in swept_hps]
+        + ["diverged", "efficiency/doubling", "B*S/(B0*S0)", "fit", "note"]
+    )
     rows = []
-    pred = fit.predict(fit.batch_sizes) if fit.n_points >= 2 else np.full(fit.batch_sizes.size, np.nan)
+    pred = (
+        fit.predict(fit.batch_sizes) if fit.n_points >= 2 else np.full(fit.batch_sizes.size, np.nan)
+    )
     for j, r in enumerate(pb.sort_values("batch_size").itertuples(index=False)):
         note = []
         if r.censored:
@@ -32,60 +51,109 @@ def per_b_text(name, fit: CriticalBatchSizeFit, pb: pd.DataFrame, scale, unit, m
             note.append(f"LR at {r.lr_at_edge} edge")
         if r.source == "tuned":
             note.append("tuned")
-        rows.append([format_number(r.batch_size * scale), format_number(r.steps),
-                     f"{r.n_seeds - r.n_censored_seeds}/{r.n_seeds}", format_number(r.best_lr),
-                     format_number(r.best_effective_lr)]
-                    + [format_number(getattr(r, f"best_hp_{hp}", np.nan)) for hp in swept_hps]
-                    + [str(r.n_diverged),
-                     format_number(fit.efficiencies[j], 3), format_number(fit.cumulative_efficiency[j], 3),
-                     format_number(pred[j]), ", ".join(note)])
+        rows.append(
+            [
+                format_number(r.batch_size * scale),
+                format_number(r.steps),
+                f"{r.n_seeds - r.n_censored_seeds}/{r.n_seeds}",
+                format_number(r.best_lr),
+                format_number(r.best_effective_lr),
+            ]
+            + [format_number(getattr(r, f"best_hp_{hp}", np.nan)) for hp in swept_hps]
+            + [
+                str(r.n_diverged),
+                format_number(fit.efficiencies[j], 3),
+                format_number(fit.cumulative_efficiency[j], 3),
+                format_number(pred[j]),
+                ", ".join(note),
+            ]
+        )
     return (md_table if markdown else text_table)(header, rows)
 
 
-COLUMNS = ("Per batch size: steps = median over seeds of the min over configs of the first step below the "
-            "target; effective LR = lr/(1-momentum); efficiency/doubling = (S_prev/S)/(B/B_prev) per doubling "
-            "(1 perfect, 0.5 no gain); B*S/(B0*S0) = cumulative data overhead; fit = fitted S(B).")
+COLUMNS = (
+    "Per batch size: steps = median over seeds of the min over configs of the first step below the "
+    "target; effective LR = lr/(1-momentum); efficiency/doubling = (S_prev/S)/(B/B_prev) per doubling "
+    "(1 perfect, 0.5 no gain); B*S/(B0*S0) = cumulative data overhead; fit = fitted S(B)."
+)
 
 
 def summary_text(summary: pd.DataFrame, markdown=False) -> str:
     if summary.empty:
         return "(no optimizer had data)"
     level = summary["ci_level"].iloc[0]
-    header = ["optimizer", "S_min", "E_min", "B_crit", f"B_crit {level:.0%} CI", "B*", f"B* {level:.0%} CI",
-              "knee", "points", "seeds"]
+    header = [
+        "optimizer",
+        "S_min",
+        "E_min",
+        "B_crit",
+        f"B_crit {level:.0%} CI",
+        "B*",
+        f"B* {level:.0%} CI",
+        "knee",
+        "points",
+        "seeds",
+    ]
     rows = []
     for r in summary.itertuples(index=False):
-        rows.append([r.optimizer, format_number(r.s_min), format_number(r.e_min), format_number(r.b_crit),
-                     ci_text(r.b_crit_ci_low, r.b_crit_ci_high), format_number(r.b_star),
-                     ci_text(r.b_star_ci_low, r.b_star_ci_high), format_number(r.knee),
-                     str(r.n_points), str(r.n_seeds)])
+        rows.append(
+            [
+                r.optimizer,
+                format_number(r.s_min),
+                format_number(r.e_min),
+                format_number(r.b_crit),
+                ci_text(r.b_crit_ci_low, r.b_crit_ci_high),
+                format_number(r.b_star),
+                ci_text(r.b_star_ci_low, r.b_star_ci_high),
+                format_number(r.knee),
+                str(r.n_points),
+                str(r.n_seeds),
+            ]
+        )
     return (md_table if markdown else text_table)(header, rows)
 
 
 def units_line(unit, tpe, delta, b0_text, form):
     what = f"tokens (examples x {tpe} tokens per example)" if unit == "tokens" else "examples"
-    return (f"Batch sizes, B_crit, B* and knee in {what}; S_min in steps; E_min in {unit} to reach the target. "
-            f"Fit: {form}, least squares in log S. B* = (1+delta) B0 + delta B_crit with delta={delta:g}, "
-            f"B0={b0_text}.")
+    return (
+        f"Batch sizes, B_crit, B* and knee in {what}; S_min in steps; E_min in {unit} to reach the target. "
+        f"Fit: {form}, least squares in log S. B* = (1+delta) B0 + delta B_crit with delta={delta:g}, "
+        f"B0={b0_text}."
+    )
 
 
 def run_text(a: RunAnalysis, target: dict, scale) -> str:
     """The terminal report of one run: units, summary table, per-optimizer tables, warnings."""
     label, run_dir, unit, tpe = a.label, a.run_dir, a.unit, a.tokens_per_example
     delta, b0, form = a.options["delta"], a.options["b0_examples"], a.options["form"]
-    summary, fits, per_b, swept, run_warnings = a.summary, a.fits, a.per_batch, a.swept_hparams, a.warnings
-    target_text = (f"target: {target.get('metric')} < {target.get('value')}" if target else "")
+    summary, fits, per_b, swept, run_warnings = (
+        a.summary,
+        a.fits,
+        a.per_batch,
+        a.swept_hparams,
+        a.warnings,
+    )
+    target_text = f"target: {target.get('metric')} < {target.get('value')}" if target else ""
     b0_text = "smallest swept B" if b0 is None else format_number(b0 * scale)
-    lines = [f"CBS analysis of {label} ({run_dir})",
-             (target_text + "; " if target_text else "") + units_line(unit, tpe, delta, b0_text, form), ""]
+    lines = [
+        f"CBS analysis of {label} ({run_dir})",
+        (target_text + "; " if target_text else "") + units_line(unit, tpe, delta, b0_text, form),
+        "",
+    ]
     lines += [summary_text(summary), "", COLUMNS, ""]
     for name, fit in fits.items():
-        lines += [f"{name}: best steps and best LR per batch size",
-                  per_b_text(name, fit, per_b[per_b["optimizer"] == name], scale, unit, swept_hps=swept[name])]
+        lines += [
+            f"{name}: best steps and best LR per batch size",
+            per_b_text(
+                name, fit, per_b[per_b["optimizer"] == name], scale, unit, swept_hps=swept[name]
+            ),
+        ]
         pb = per_b[per_b["optimizer"] == name]
         n_div = int(pb["n_diverged"].sum())
         if n_div:
-            lines.append(f"  note: {n_div} diverged cell(s) excluded from the min over configs (column 'diverged')")
+            lines.append(
+                f"  note: {n_div} diverged cell(s) excluded from the min over configs (column 'diverged')"
+            )
         lines += [f"  warning: {w}" for w in fit.warnings] + [""]
     lines += [f"warning: {w}" for w in run_warnings]
     return "\n".join(lines).rstrip() + "\n"
@@ -97,9 +165,13 @@ def exclusion_notes(summary: pd.DataFrame) -> list[str]:
     for r in summary.itertuples(index=False):
         parts = []
         if getattr(r, "n_inexact_points", 0):
-            parts.append(f"{r.n_inexact_points} (B, seed) point(s) without a proven first crossing (excluded)")
+            parts.append(
+                f"{r.n_inexact_points} (B, seed) point(s) without a proven first crossing (excluded)"
+            )
         if getattr(r, "n_edge_points", 0):
-            parts.append(f"{r.n_edge_points} batch size(s) with the best LR on an LR-grid edge (flagged)")
+            parts.append(
+                f"{r.n_edge_points} batch size(s) with the best LR on an LR-grid edge (flagged)"
+            )
         if parts:
             notes.append(f"{r.optimizer}: " + "; ".join(parts))
     return notes
@@ -107,26 +179,75 @@ def exclusion_notes(summary: pd.DataFrame) -> list[str]:
 
 def report_markdown(a: RunAnalysis, scale) -> str:
     """report.md of one run: definitions, summary, the plots, per-optimizer fits and tables."""
-    md = [f"# Critical batch size: {a.label}", "",
-          units_line(a.unit, a.tokens_per_example, a.options["delta"],
-                      "smallest swept B" if a.options["b0_examples"] is None else
-                      format_number(a.options["b0_examples"] * scale), a.options["form"]), "",
-          "B_crit = E_min / S_min (McCandlish et al. 2018): S = 2 S_min and E = 2 E_min there. "
-          "B* is the batch size needing (1+delta) times the steps of perfect linear scaling from B0 "
-          "(Zhang et al. 2024). The knee is a model-free diagnostic on the raw table. "
-          f"Intervals: percentile bootstrap ({a.summary['ci_level'].iloc[0]:.0%})." if len(a.summary) else "", "",
-          "## Summary", "", summary_text(a.summary, markdown=True), "", COLUMNS, "",
-          "## Points left out or flagged", "",
-          *([f"- {n}" for n in exclusion_notes(a.summary)]
-            or ["- none: every point is a proven first crossing with an interior best LR"]), "",
-          "## All optimizers", "", "![all optimizers](steps_all_optimizers.png)", "",
-          "## Steps to target vs batch size", "", "![steps vs batch size](steps_vs_batch.png)", "",
-          "## Best learning rate", "", "![best LR](best_lr.png)", "",
-          "## Data efficiency", "", "![data efficiency](data_efficiency.png)", ""]
+    md = [
+        f"# Critical batch size: {a.label}",
+        "",
+        units_line(
+            a.unit,
+            a.tokens_per_example,
+            a.options["delta"],
+            "smallest swept B"
+            if a.options["b0_examples"] is None
+            else format_number(a.options["b0_examples"] * scale),
+            a.options["form"],
+        ),
+        "",
+        "B_crit = E_min / S_min (McCandlish et al. 2018): S = 2 S_min and E = 2 E_min there. "
+        "B* is the batch size needing (1+delta) times the steps of perfect linear scaling from B0 "
+        "(Zhang et al. 2024). The knee is a model-free diagnostic on the raw table. "
+        f"Intervals: percentile bootstrap ({a.summary['ci_level'].iloc[0]:.0%})."
+        if len(a.summary)
+        else "",
+        "",
+        "## Summary",
+        "",
+        summary_text(a.summary, markdown=True),
+        "",
+        COLUMNS,
+        "",
+        "## Points left out or flagged",
+        "",
+        *(
+            [f"- {n}" for n in exclusion_notes(a.summary)]
+            or ["- none: every point is a proven first crossing with an interior best LR"]
+        ),
+        "",
+        "## All optimizers",
+        "",
+        "![all optimizers](steps_all_optimizers.png)",
+        "",
+        "## Steps to target vs batch size",
+        "",
+        "![steps vs batch size](steps_vs_batch.png)",
+        "",
+        "## Best learning rate",
+        "",
+        "![best LR](best_lr.png)",
+        "",
+        "## Data efficiency",
+        "",
+        "![data efficiency](data_efficiency.png)",
+        "",
+    ]
     for name, fit in a.fits.items():
-        md += [f"## {name}", "", "```", str(fit), "```", "",
-               per_b_text(name, fit, a.per_batch[a.per_batch["optimizer"] == name], scale, a.unit, markdown=True,
-                           swept_hps=a.swept_hparams.get(name, ())), ""]
+        md += [
+            f"## {name}",
+            "",
+            "```",
+            str(fit),
+            "```",
+            "",
+            per_b_text(
+                name,
+                fit,
+                a.per_batch[a.per_batch["optimizer"] == name],
+                scale,
+                a.unit,
+                markdown=True,
+                swept_hps=a.swept_hparams.get(name, ()),
+            ),
+            "",
+        ]
     if a.warnings:
         md += ["## Run warnings", ""] + [f"- {w}" for w in a.warnings] + [""]
     return "\n".join(md)
@@ -139,26 +260,40 @@ def settings_line(analysis: RunAnalysis) -> str:
     scale = analysis.tokens_per_example if analysis.unit == "tokens" else 1
     if o.get("b0_examples") is None:
         used = sorted({float(f.b0) for f in analysis.fits.values() if np.isfinite(f.b0)})
-        b0 = "smallest swept B" + (f" ({', '.join(format_number(b) for b in used)})" if used else "")
+        b0 = "smallest swept B" + (
+            f" ({', '.join(format_number(b) for b in used)})" if used else ""
+        )
     else:
         b0 = format_number(o["b0_examples"] * scale)
     methods = sorted({f.bootstrap for f in analysis.fits.values()}) or ["none"]
-    boot = ("no intervals (bootstrap 0)" if not o.get("n_boot") else
-            f"{o.get('ci_level', 0.95):.0%} percentile bootstrap intervals, {o['n_boot']} resamples over "
-            + "/".join(methods))
-    return (f"settings: delta = {format_number(o['delta'])}, B0 = {b0}, form {o.get('form')}, {boot}, "
-            f"steps from {o.get('steps_column')}")
+    boot = (
+        "no intervals (bootstrap 0)"
+        if not o.get("n_boot")
+        else f"{o.get('ci_level', 0.95):.0%} percentile bootstrap intervals, {o['n_boot']} resamples over "
+        + "/".join(methods)
+    )
+    return (
+        f"settings: delta = {format_number(o['delta'])}, B0 = {b0}, form {o.get('form')}, {boot}, "
+        f"steps from {o.get('steps_column')}"
+    )
 
 
 def short_summary(analysis: RunAnalysis) -> str:
     """A few lines for the end of a sweep: the settings used, then B_crit with interval
     and B* per optimizer."""
-    lines = [f"critical batch size ({analysis.unit}), {analysis.label}:", "  " + settings_line(analysis)]
+    lines = [
+        f"critical batch size ({analysis.unit}), {analysis.label}:",
+        "  " + settings_line(analysis),
+    ]
     for r in analysis.summary.itertuples(index=False):
-        flag = f"  ({r.n_warnings} warning{'s' if r.n_warnings != 1 else ''})" if r.n_warnings else ""
+        flag = (
+            f"  ({r.n_warnings} warning{'s' if r.n_warnings != 1 else ''})" if r.n_warnings else ""
+        )
         ci = ci_text(r.b_crit_ci_low, r.b_crit_ci_high)
-        lines.append(f"  {r.optimizer}: B_crit = {format_number(r.b_crit)} {ci}, B* = {format_number(r.b_star)}, "
-                     f"S_min = {format_number(r.s_min)}{flag}")
+        lines.append(
+            f"  {r.optimizer}: B_crit = {format_number(r.b_crit)} {ci}, B* = {format_number(r.b_star)}, "
+            f"S_min = {format_number(r.s_min)}{flag}"
+        )
     lines += [f"  warning: {w}" for w in analysis.warnings]
     if analysis.files:
         report = [f for f in analysis.files if f.name == "report.md"]

@@ -38,19 +38,20 @@ class RunAnalysis:
 
     Unpacks as ``summary, text = analyze_run(...)``.
     """
+
     run_dir: Path
     label: str
     unit: str
     tokens_per_example: int
-    summary: pd.DataFrame                   # one row per optimizer, every scalar
-    text: str                               # the terminal report
-    fits: dict[str, CriticalBatchSizeFit]   # per optimizer
-    steps: pd.DataFrame                     # per (optimizer, batch size, seed)
-    per_batch: pd.DataFrame                 # per (optimizer, batch size), seeds combined
+    summary: pd.DataFrame  # one row per optimizer, every scalar
+    text: str  # the terminal report
+    fits: dict[str, CriticalBatchSizeFit]  # per optimizer
+    steps: pd.DataFrame  # per (optimizer, batch size, seed)
+    per_batch: pd.DataFrame  # per (optimizer, batch size), seeds combined
     options: dict
-    swept_hparams: dict[str, list[str]] = dataclasses.field(default_factory=dict)   # per optimizer
+    swept_hparams: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # per optimizer
     files: list[Path] = dataclasses.field(default_factory=list)
-    warnings: list[str] = dataclasses.field(default_factory=list)   # run-level
+    warnings: list[str] = dataclasses.field(default_factory=list)  # run-level
 
     def __iter__(self):
         return iter((self.summary, self.text))
@@ -64,13 +65,30 @@ def _lr_edge_warnings(g: pd.DataFrame, unit_scale: float) -> list[str]:
     for side in ("low", "high"):
         bs = g.loc[g["lr_at_edge"] == side, "batch_size"].to_numpy(float) * unit_scale
         if bs.size:
-            out.append(f"best LR at the {side} edge of the LR grid at B = "
-                       + ", ".join(format_number(b) for b in bs) + " (widen the LR grid there)")
+            out.append(
+                f"best LR at the {side} edge of the LR grid at B = "
+                + ", ".join(format_number(b) for b in bs)
+                + " (widen the LR grid there)"
+            )
     return out
 
 
-def _fit_optimizer(name, steps_df, per_b, *, scale, unit, delta, b0, n_boot, seed, form, ci_level, eval_every=1,
-                   uncertified=False):
+def _fit_optimizer(
+    name,
+    steps_df,
+    per_b,
+    *,
+    scale,
+    unit,
+    delta,
+    b0,
+    n_boot,
+    seed,
+    form,
+    ci_level,
+    eval_every=1,
+    uncertified=False,
+):
     g = steps_df[steps_df["optimizer"] == name]
     # Points whose first crossing is not proven (exact replay / certified scan) are left
     # out of the fit unless asked for; they are counted and named in the warnings.
@@ -91,75 +109,143 @@ def _fit_optimizer(name, steps_df, per_b, *, scale, unit, delta, b0, n_boot, see
     warnings = _lr_edge_warnings(pb, scale)
     if inexact.any():
         where = ", ".join(format_number(b * scale) for b in np.unique(g.loc[inexact, "batch_size"]))
-        warnings.append(f"{int(inexact.sum())} (batch size, seed) point(s) without a proven first crossing at "
-                        f"B = {where}: " + ("kept in the fit (uncertified=True)" if uncertified
-                                            else "excluded from the fit"))
+        warnings.append(
+            f"{int(inexact.sum())} (batch size, seed) point(s) without a proven first crossing at "
+            f"B = {where}: "
+            + ("kept in the fit (uncertified=True)" if uncertified else "excluded from the fit")
+        )
     all_div = pb[pb["n_diverged"] >= pb["n_cells"]]
     if len(all_div):
         where = ", ".join(format_number(b * scale) for b in all_div["batch_size"])
         warnings.append(f"every cell diverged at B = {where} (lower the LR grid there)")
     partial = pb[(pb["n_censored_seeds"] > 0) & ~pb["censored"]]
     for r in partial.itertuples(index=False):
-        warnings.append(f"{r.n_censored_seeds} of {r.n_seeds} seeds censored at "
-                        f"B = {format_number(r.batch_size * scale)} (kept: the median seed reached the target)")
+        warnings.append(
+            f"{r.n_censored_seeds} of {r.n_seeds} seeds censored at "
+            f"B = {format_number(r.batch_size * scale)} (kept: the median seed reached the target)"
+        )
     most = pb[pb["censored"]]
     if len(most):
-        warnings.append("most seeds censored (target not reached within the budget) at B = "
-                        + ", ".join(format_number(b * scale) for b in most["batch_size"]))
-    proven = "proof" in g and (g["proof"] != "").all() and g["exact"].astype(bool).all() \
+        warnings.append(
+            "most seeds censored (target not reached within the budget) at B = "
+            + ", ".join(format_number(b * scale) for b in most["batch_size"])
+        )
+    proven = (
+        "proof" in g
+        and (g["proof"] != "").all()
+        and g["exact"].astype(bool).all()
         and (g["n_uncertified"] == 0).all()
+    )
     if eval_every > 1 and not proven:
         # S is quantized to evaluation steps: up to one interval too high, which matters most
         # at large B where S is small (docs/cbs.md section 1, item 4).
         s = pb["steps"].to_numpy(float)
-        coarse = pb.loc[np.isfinite(s) & (eval_every / np.where(np.isfinite(s), s, 1.0) > 0.1), "batch_size"]
+        coarse = pb.loc[
+            np.isfinite(s) & (eval_every / np.where(np.isfinite(s), s, 1.0) > 0.1), "batch_size"
+        ]
         if len(coarse):
-            warnings.append(f"steps are quantized to eval_every={eval_every}, more than 10% of S at B = "
-                            + ", ".join(format_number(b * scale) for b in coarse)
-                            + " (evaluate more often there, or use interpolated steps)")
+            warnings.append(
+                f"steps are quantized to eval_every={eval_every}, more than 10% of S at B = "
+                + ", ".join(format_number(b * scale) for b in coarse)
+                + " (evaluate more often there, or use interpolated steps)"
+            )
     if (pb["n_seeds"] < pb["n_seeds"].max()).any():
         warnings.append("unequal number of seeds across batch sizes (incomplete sweep?)")
     if np.any(mat[np.isfinite(mat)] <= 0):
-        raise AnalysisError(f"optimizer {name!r} reached the target at step 0 at B = "
-                            + ", ".join(format_number(b * scale) for b in bs[np.any(mat <= 0, axis=0)])
-                            + ": the target is met at initialisation; choose a lower target")
+        raise AnalysisError(
+            f"optimizer {name!r} reached the target at step 0 at B = "
+            + ", ".join(format_number(b * scale) for b in bs[np.any(mat <= 0, axis=0)])
+            + ": the target is met at initialisation; choose a lower target"
+        )
     try:
-        fit = fit_critical_batch_size(bs * scale, mat, delta=delta, b0=None if b0 is None else b0 * scale,
-                                      n_boot=n_boot, seed=seed, form=form, ci_level=ci_level, present=present,
-                                      unit=unit, extra_warnings=warnings)
-    except ValueError as e:   # an invalid option (form, ci_level, ...) phrased by the fitter
+        fit = fit_critical_batch_size(
+            bs * scale,
+            mat,
+            delta=delta,
+            b0=None if b0 is None else b0 * scale,
+            n_boot=n_boot,
+            seed=seed,
+            form=form,
+            ci_level=ci_level,
+            present=present,
+            unit=unit,
+            extra_warnings=warnings,
+        )
+    except ValueError as e:  # an invalid option (form, ci_level, ...) phrased by the fitter
         raise AnalysisError(f"optimizer {name!r}: {e}") from None
     # The fitter's own "censored at B" note repeats the table's; keep the table's wording.
-    fit.warnings = [w for w in fit.warnings if not w.startswith("censored (excluded from the fit)")] \
-        if len(most) else fit.warnings
+    fit.warnings = (
+        [w for w in fit.warnings if not w.startswith("censored (excluded from the fit)")]
+        if len(most)
+        else fit.warnings
+    )
     return fit
 
 
 def _summary_row(label, name, fit: CriticalBatchSizeFit, scale, tpe, unit, pb):
-    row = dict(run=label, optimizer=name, unit=unit, tokens_per_example=tpe, form=fit.form,
-               n_batch_sizes=int(fit.batch_sizes.size), n_points=fit.n_points, n_seeds=fit.n_seeds,
-               s_min=fit.s_min, s_min_ci_low=fit.s_min_ci[0], s_min_ci_high=fit.s_min_ci[1],
-               e_min=fit.e_min, e_min_ci_low=fit.e_min_ci[0], e_min_ci_high=fit.e_min_ci[1],
-               b_crit=fit.b_crit, b_crit_ci_low=fit.b_crit_ci[0], b_crit_ci_high=fit.b_crit_ci[1],
-               b_star=fit.b_star, b_star_ci_low=fit.b_star_ci[0], b_star_ci_high=fit.b_star_ci[1],
-               delta=fit.delta, b0=fit.b0, knee=fit.knee, alpha=fit.alpha,
-               alpha_ci_low=fit.alpha_ci[0], alpha_ci_high=fit.alpha_ci[1],
-               b_crit_loo_low=fit.b_crit_loo[0], b_crit_loo_high=fit.b_crit_loo[1],
-               rms_log_residual=fit.rms_log_residual, ci_level=fit.ci_level, bootstrap=fit.bootstrap,
-               n_boot=fit.n_boot, b_crit_examples=fit.b_crit / scale, b_crit_tokens=fit.b_crit / scale * tpe,
-               b_star_examples=fit.b_star / scale, b_star_tokens=fit.b_star / scale * tpe,
-               n_diverged=int(pb["n_diverged"].sum()),
-               n_inexact_points=int(pb["n_inexact_seeds"].sum()) if "n_inexact_seeds" in pb else 0,
-               n_edge_points=int((pb["lr_at_edge"] != "").sum()) if "lr_at_edge" in pb else 0,
-               n_warnings=len(fit.warnings),
-               warnings="; ".join(fit.warnings))
+    row = dict(
+        run=label,
+        optimizer=name,
+        unit=unit,
+        tokens_per_example=tpe,
+        form=fit.form,
+        n_batch_sizes=int(fit.batch_sizes.size),
+        n_points=fit.n_points,
+        n_seeds=fit.n_seeds,
+        s_min=fit.s_min,
+        s_min_ci_low=fit.s_min_ci[0],
+        s_min_ci_high=fit.s_min_ci[1],
+        e_min=fit.e_min,
+        e_min_ci_low=fit.e_min_ci[0],
+        e_min_ci_high=fit.e_min_ci[1],
+        b_crit=fit.b_crit,
+        b_crit_ci_low=fit.b_crit_ci[0],
+        b_crit_ci_high=fit.b_crit_ci[1],
+        b_star=fit.b_star,
+        b_star_ci_low=fit.b_star_ci[0],
+        b_star_ci_high=fit.b_star_ci[1],
+        delta=fit.delta,
+        b0=fit.b0,
+        knee=fit.knee,
+        alpha=fit.alpha,
+        alpha_ci_low=fit.alpha_ci[0],
+        alpha_ci_high=fit.alpha_ci[1],
+        b_crit_loo_low=fit.b_crit_loo[0],
+        b_crit_loo_high=fit.b_crit_loo[1],
+        rms_log_residual=fit.rms_log_residual,
+        ci_level=fit.ci_level,
+        bootstrap=fit.bootstrap,
+        n_boot=fit.n_boot,
+        b_crit_examples=fit.b_crit / scale,
+        b_crit_tokens=fit.b_crit / scale * tpe,
+        b_star_examples=fit.b_star / scale,
+        b_star_tokens=fit.b_star / scale * tpe,
+        n_diverged=int(pb["n_diverged"].sum()),
+        n_inexact_points=int(pb["n_inexact_seeds"].sum()) if "n_inexact_seeds" in pb else 0,
+        n_edge_points=int((pb["lr_at_edge"] != "").sum()) if "lr_at_edge" in pb else 0,
+        n_warnings=len(fit.warnings),
+        warnings="; ".join(fit.warnings),
+    )
     return row
 
 
-def analyze_run(run_dir, *, delta: float | None = None, b0: float | None = None, n_boot: int | None = None,
-                tokens_per_example: int | None = None, unit: str = "auto", form: str = "mcCandlish",
-                use_tuned: bool = True, interpolated: bool = False, ci_level: float = 0.95, seed: int = 0,
-                plots: bool | None = None, write: bool = True, uncertified: bool = False) -> RunAnalysis:
+def analyze_run(
+    run_dir,
+    *,
+    delta: float | None = None,
+    b0: float | None = None,
+    n_boot: int | None = None,
+    tokens_per_example: int | None = None,
+    unit: str = "auto",
+    form: str = "mcCandlish",
+    use_tuned: bool = True,
+    interpolated: bool = False,
+    ci_level: float = 0.95,
+    seed: int = 0,
+    plots: bool | None = None,
+    write: bool = True,
+    uncertified: bool = False,
+) -> RunAnalysis:
     """Analyzes one run folder: steps table, S(B) fit per optimizer, CBS, files.
 
     Options left as None come from config.yaml's ``analysis:`` section (delta 0.2, b0 null =
@@ -197,29 +283,44 @@ def analyze_run(run_dir, *, delta: float | None = None, b0: float | None = None,
         results = read_run_table(run_dir, "results")
         tuned = read_run_table(run_dir, "tuned") if use_tuned else None
         reference = read_run_table(run_dir, "reference")
-    except (OSError, ValueError) as e:   # pyarrow raises ArrowInvalid (a ValueError) on bad files
-        raise AnalysisError(f"cannot read the tables of {str(run_dir)!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) on bad files
+        raise AnalysisError(
+            f"cannot read the tables of {str(run_dir)!r}: {str(e).splitlines()[0]}"
+        ) from None
     if results is None or results.empty:
         raise AnalysisError(f"{str(run_dir)!r} has an empty results table (no cell finished yet)")
-    delta, b0, n_boot, tpe, unit = resolve_options(cfg, results, delta=delta, b0=b0, n_boot=n_boot,
-                                                    tokens_per_example=tokens_per_example, unit=unit)
+    delta, b0, n_boot, tpe, unit = resolve_options(
+        cfg,
+        results,
+        delta=delta,
+        b0=b0,
+        n_boot=n_boot,
+        tokens_per_example=tokens_per_example,
+        unit=unit,
+    )
     scale = tpe if unit == "tokens" else 1
     if plots is None:
         plots = bool((cfg.get("output") or {}).get("plots", True))
     steps_column = "steps_interpolated" if interpolated else "steps_to_target"
     if interpolated and "steps_interpolated" not in results:
-        raise AnalysisError("--interpolated: the results have no steps_interpolated column "
-                            "(the sweep ran without target.interpolate)")
+        raise AnalysisError(
+            "--interpolated: the results have no steps_interpolated column "
+            "(the sweep ran without target.interpolate)"
+        )
     label = str(cfg.get("name") or run_dir.name)
     run_warnings = []
     planned = {b.get("block_id") for b in manifest.get("blocks") or [] if isinstance(b, dict)}
     if planned and "block_id" in results:
         done = planned & set(results["block_id"])
         if len(done) < len(planned):
-            run_warnings.append(f"the run is unfinished: {len(done)} of {len(planned)} blocks done; "
-                                f"analysed what exists so far")
+            run_warnings.append(
+                f"the run is unfinished: {len(done)} of {len(planned)} blocks done; "
+                f"analysed what exists so far"
+            )
     elif not (run_dir / "results.parquet").exists():
-        run_warnings.append("the run is unfinished (no results.parquet yet): analysed the parts written so far")
+        run_warnings.append(
+            "the run is unfinished (no results.parquet yet): analysed the parts written so far"
+        )
 
     try:
         eval_every = int((cfg.get("budget") or {}).get("eval_every", 1) or 1)
@@ -228,36 +329,82 @@ def analyze_run(run_dir, *, delta: float | None = None, b0: float | None = None,
     steps = steps_table(results, tuned, use_tuned=use_tuned, steps_column=steps_column)
     per_b = per_batch_table(steps)
     # Keep the config's optimizer order when there is one.
-    order = [o.get("name") or o.get("kind") for o in ((cfg.get("grid") or {}).get("optimizers") or [])
-             if isinstance(o, dict)]
+    order = [
+        o.get("name") or o.get("kind")
+        for o in ((cfg.get("grid") or {}).get("optimizers") or [])
+        if isinstance(o, dict)
+    ]
     names = [n for n in order if n in set(steps["optimizer"])]
     names += [n for n in dict.fromkeys(steps["optimizer"]) if n not in names]
 
     # Hyperparameters besides the LR that the grid sweeps get a "best" column in the tables.
     hp_cols = [c for c in results.columns if c.startswith("hp_")]
-    swept = {name: [c[3:] for c in hp_cols
-                    if results.loc[results["optimizer"] == name, c].dropna().nunique() > 1] for name in names}
+    swept = {
+        name: [
+            c[3:]
+            for c in hp_cols
+            if results.loc[results["optimizer"] == name, c].dropna().nunique() > 1
+        ]
+        for name in names
+    }
     fits, rows = {}, []
     for name in names:
-        fit = _fit_optimizer(name, steps, per_b, scale=scale, unit=unit, delta=delta, b0=b0, n_boot=n_boot,
-                             seed=seed, form=form, ci_level=ci_level,
-                             eval_every=1 if interpolated else eval_every, uncertified=uncertified)
+        fit = _fit_optimizer(
+            name,
+            steps,
+            per_b,
+            scale=scale,
+            unit=unit,
+            delta=delta,
+            b0=b0,
+            n_boot=n_boot,
+            seed=seed,
+            form=form,
+            ci_level=ci_level,
+            eval_every=1 if interpolated else eval_every,
+            uncertified=uncertified,
+        )
         fits[name] = fit
-        rows.append(_summary_row(label, name, fit, scale, tpe, unit, per_b[per_b["optimizer"] == name]))
+        rows.append(
+            _summary_row(label, name, fit, scale, tpe, unit, per_b[per_b["optimizer"] == name])
+        )
     summary = pd.DataFrame(rows)
 
-    options = dict(delta=delta, b0_examples=b0, n_boot=n_boot, tokens_per_example=tpe, unit=unit, form=form,
-                   use_tuned=use_tuned, steps_column=steps_column, ci_level=ci_level, seed=seed,
-                   uncertified=uncertified)
-    analysis = RunAnalysis(run_dir=run_dir, label=label, unit=unit, tokens_per_example=tpe, summary=summary,
-                           text="", fits=fits, steps=steps, per_batch=per_b, options=options,
-                           swept_hparams=swept, warnings=run_warnings)
+    options = dict(
+        delta=delta,
+        b0_examples=b0,
+        n_boot=n_boot,
+        tokens_per_example=tpe,
+        unit=unit,
+        form=form,
+        use_tuned=use_tuned,
+        steps_column=steps_column,
+        ci_level=ci_level,
+        seed=seed,
+        uncertified=uncertified,
+    )
+    analysis = RunAnalysis(
+        run_dir=run_dir,
+        label=label,
+        unit=unit,
+        tokens_per_example=tpe,
+        summary=summary,
+        text="",
+        fits=fits,
+        steps=steps,
+        per_batch=per_b,
+        options=options,
+        swept_hparams=swept,
+        warnings=run_warnings,
+    )
     analysis.text = run_text(analysis, cfg.get("target") or {}, scale)
     if write:
         try:
             write_run_files(analysis, cfg, manifest, reference, scale, plots)
         except OSError as e:
-            raise AnalysisError(f"cannot write the analysis files into {str(run_dir)!r}: {e}") from None
+            raise AnalysisError(
+                f"cannot write the analysis files into {str(run_dir)!r}: {e}"
+            ) from None
     return analysis
 
 

@@ -7,8 +7,9 @@ import numpy as np
 __all__ = ["aggregate_seeds"]
 
 
-def aggregate_seeds(log_steps: np.ndarray, censored: np.ndarray, present: np.ndarray | None = None,
-                    axis: int = -2) -> tuple[np.ndarray, np.ndarray]:
+def aggregate_seeds(
+    log_steps: np.ndarray, censored: np.ndarray, present: np.ndarray | None = None, axis: int = -2
+) -> tuple[np.ndarray, np.ndarray]:
     """Per batch size: the median over seeds of log S, a censored seed counting as +inf.
 
     With two seeds this is the geometric mean; a batch size is censored when at least half
@@ -30,7 +31,7 @@ def aggregate_seeds(log_steps: np.ndarray, censored: np.ndarray, present: np.nda
     vals = np.where(present, vals, np.nan)
     n = present.sum(axis=axis)
     with np.errstate(invalid="ignore"):
-        srt = np.sort(vals, axis=axis)               # NaN (absent) sort last
+        srt = np.sort(vals, axis=axis)  # NaN (absent) sort last
     lo_i = np.maximum((n - 1) // 2, 0)
     hi_i = np.maximum(n // 2, 0)
     lo = np.take_along_axis(srt, np.expand_dims(lo_i, axis), axis=axis).squeeze(axis)

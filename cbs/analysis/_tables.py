@@ -20,8 +20,15 @@ import yaml
 
 from cbs.errors import AnalysisError
 
-__all__ = ["AnalysisError", "read_run_table", "read_run_config", "read_run_manifest",
-           "check_run_dir", "steps_table", "per_batch_table"]
+__all__ = [
+    "AnalysisError",
+    "read_run_table",
+    "read_run_config",
+    "read_run_manifest",
+    "check_run_dir",
+    "steps_table",
+    "per_batch_table",
+]
 
 
 def check_run_dir(run_dir) -> Path:
@@ -30,10 +37,16 @@ def check_run_dir(run_dir) -> Path:
     if not path.exists():
         raise AnalysisError(f"run folder {str(path)!r} does not exist")
     if not path.is_dir():
-        raise AnalysisError(f"{str(path)!r} is not a folder (expected a run folder with results.parquet)")
-    if not (path / "results.parquet").exists() and not any((path / "parts" / "results").glob("*.parquet")):
-        raise AnalysisError(f"{str(path)!r} is not a run folder: it has neither results.parquet "
-                            f"nor parts/results/*.parquet")
+        raise AnalysisError(
+            f"{str(path)!r} is not a folder (expected a run folder with results.parquet)"
+        )
+    if not (path / "results.parquet").exists() and not any(
+        (path / "parts" / "results").glob("*.parquet")
+    ):
+        raise AnalysisError(
+            f"{str(path)!r} is not a run folder: it has neither results.parquet "
+            f"nor parts/results/*.parquet"
+        )
     return path
 
 
@@ -43,27 +56,33 @@ def read_run_table(run_dir, name: str) -> pd.DataFrame | None:
     The store's reader decides the on-disk layout, so analysis and store cannot disagree.
     """
     from cbs.store import read_table
+
     return read_table(Path(run_dir), name)
 
 
 def read_run_config(run_dir) -> dict:
     """The resolved config.yaml as a plain mapping ({} when absent)."""
     from cbs.store import read_config
+
     try:
         data = read_config(run_dir)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise AnalysisError(f"{str(Path(run_dir) / 'config.yaml')!r} is not valid YAML: "
-                            f"{str(e).splitlines()[0]}") from None
+        raise AnalysisError(
+            f"{str(Path(run_dir) / 'config.yaml')!r} is not valid YAML: {str(e).splitlines()[0]}"
+        ) from None
     return data if isinstance(data, dict) else {}
 
 
 def read_run_manifest(run_dir) -> dict:
     """manifest.json as a mapping ({} when absent)."""
     from cbs.store import read_manifest
+
     try:
         data = read_manifest(run_dir)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AnalysisError(f"{str(Path(run_dir) / 'manifest.json')!r} is not valid JSON: {e}") from None
+        raise AnalysisError(
+            f"{str(Path(run_dir) / 'manifest.json')!r} is not valid JSON: {e}"
+        ) from None
     return data if isinstance(data, dict) else {}
 
 
@@ -81,8 +100,13 @@ def _effective_lr(lr, momentum):
     return lr / (1.0 - momentum) if momentum < 1.0 else np.inf
 
 
-def steps_table(results: pd.DataFrame, tuned: pd.DataFrame | None = None, *, use_tuned: bool = True,
-                steps_column: str = "steps_to_target") -> pd.DataFrame:
+def steps_table(
+    results: pd.DataFrame,
+    tuned: pd.DataFrame | None = None,
+    *,
+    use_tuned: bool = True,
+    steps_column: str = "steps_to_target",
+) -> pd.DataFrame:
     """Per (optimizer, batch size, seed): best steps to target over hyperparameter configs.
 
     Args:
@@ -120,15 +144,28 @@ def steps_table(results: pd.DataFrame, tuned: pd.DataFrame | None = None, *, use
         reached &= np.isfinite(steps)
         ok = cells[~diverged]
         flag_col = next((c for c in ("crossing_exact", "crossing_certified") if c in cells), None)
-        proven = (cells[flag_col].to_numpy(np.float64) == 1) if flag_col else np.ones(len(cells), bool)
-        lower = (cells["steps_lower_bound"].to_numpy(np.float64) if "steps_lower_bound" in cells
-                 else np.full(len(cells), -np.inf))
-        row = dict(optimizer=opt, batch_size=int(bs), seed=int(seed), n_cells=len(cells),
-                   n_diverged=int(diverged.sum()), n_censored_cells=int((~reached & ~diverged).sum()),
-                   max_steps=float(cells["max_steps"].max()) if "max_steps" in cells else np.nan,
-                   kind=str(cells["kind"].iloc[0]) if "kind" in cells else opt,
-                   n_uncertified=int((reached & ~proven).sum()), exact=True, proof=flag_col or "",
-                   source="results")
+        proven = (
+            (cells[flag_col].to_numpy(np.float64) == 1) if flag_col else np.ones(len(cells), bool)
+        )
+        lower = (
+            cells["steps_lower_bound"].to_numpy(np.float64)
+            if "steps_lower_bound" in cells
+            else np.full(len(cells), -np.inf)
+        )
+        row = dict(
+            optimizer=opt,
+            batch_size=int(bs),
+            seed=int(seed),
+            n_cells=len(cells),
+            n_diverged=int(diverged.sum()),
+            n_censored_cells=int((~reached & ~diverged).sum()),
+            max_steps=float(cells["max_steps"].max()) if "max_steps" in cells else np.nan,
+            kind=str(cells["kind"].iloc[0]) if "kind" in cells else opt,
+            n_uncertified=int((reached & ~proven).sum()),
+            exact=True,
+            proof=flag_col or "",
+            source="results",
+        )
         if reached.any():
             sub = cells[reached].assign(_s=steps[reached])
             order = ["_s"] + (["final_metric"] if "final_metric" in sub else [])
@@ -137,22 +174,31 @@ def steps_table(results: pd.DataFrame, tuned: pd.DataFrame | None = None, *, use
             pos = int(np.flatnonzero(cells.index == best.name)[0])
             others = reached & ~proven
             others[pos] = False
-            row["exact"] = bool(proven[pos]) and bool(np.all(np.nan_to_num(lower[others], nan=-np.inf)
-                                                             >= best["_s"]))
+            row["exact"] = bool(proven[pos]) and bool(
+                np.all(np.nan_to_num(lower[others], nan=-np.inf) >= best["_s"])
+            )
         else:
             # No config reached the target: censored. The "best" config is then the one that
             # got closest (lowest best metric), so its LR still says where the optimum sits.
             row.update(steps=np.nan, censored=True)
             best = None
             if len(ok):
-                key = "best_metric" if "best_metric" in ok else "final_metric" if "final_metric" in ok else None
+                key = (
+                    "best_metric"
+                    if "best_metric" in ok
+                    else "final_metric"
+                    if "final_metric" in ok
+                    else None
+                )
                 best = ok.sort_values(key, kind="stable").iloc[0] if key else ok.iloc[0]
         # The LR grid of the best config's hyperparameter group (adaptive rounds extend
         # each group's grid separately); the whole block's grid when there is no best.
         same = np.ones(len(cells), bool)
         if best is not None:
             for hp in hps:
-                same &= np.isclose(cells[hp].to_numpy(np.float64), float(best[hp]), rtol=1e-12, equal_nan=True)
+                same &= np.isclose(
+                    cells[hp].to_numpy(np.float64), float(best[hp]), rtol=1e-12, equal_nan=True
+                )
         lr_grid = np.sort(cells.loc[same, "lr"].unique())
         row.update(lr_grid_min=float(lr_grid[0]), lr_grid_max=float(lr_grid[-1]), n_lr=len(lr_grid))
         if best is not None:
@@ -194,9 +240,14 @@ def steps_table(results: pd.DataFrame, tuned: pd.DataFrame | None = None, *, use
             for hp in t_hps:
                 table.at[i, "best_" + hp] = float(t[hp])
 
-    mom = table["best_hp_momentum"] if "best_hp_momentum" in table else pd.Series(np.nan, index=table.index)
+    mom = (
+        table["best_hp_momentum"]
+        if "best_hp_momentum" in table
+        else pd.Series(np.nan, index=table.index)
+    )
     table["best_effective_lr"] = [_effective_lr(lr, m) for lr, m in zip(table["best_lr"], mom)]
     rel = 1e-9
+
     def edge(r):
         lr = r["grid_best_lr"]
         if r["n_lr"] < 2 or not np.isfinite(lr):
@@ -206,6 +257,7 @@ def steps_table(results: pd.DataFrame, tuned: pd.DataFrame | None = None, *, use
         if lr >= r["lr_grid_max"] * (1 - rel):
             return "high"
         return ""
+
     table["lr_at_edge"] = table.apply(edge, axis=1)
     table["censored"] = table["censored"].astype(bool)
     return table
@@ -220,6 +272,7 @@ def per_batch_table(steps: pd.DataFrame) -> pd.DataFrame:
     and per-seed steps as a list (steps_per_seed).
     """
     from cbs.analysis._seeds import aggregate_seeds
+
     rows = []
     for (opt, bs), g in steps.groupby(["optimizer", "batch_size"], sort=True):
         s = g["steps"].to_numpy(dtype=np.float64)
@@ -228,22 +281,40 @@ def per_batch_table(steps: pd.DataFrame) -> pd.DataFrame:
         y, c = aggregate_seeds(log_s[:, None], cens[:, None], axis=0)
         lrs = g["best_lr"].to_numpy(dtype=np.float64)
         elrs = g["best_effective_lr"].to_numpy(dtype=np.float64)
+
         def gmean(v):
             v = v[np.isfinite(v) & (v > 0)]
             return float(np.exp(np.log(v).mean())) if v.size else np.nan
+
         edges = [e for e in g["lr_at_edge"] if e]
         n_non_div = int(g["n_cells"].sum() - g["n_diverged"].sum())
-        rows.append(dict(
-            optimizer=opt, batch_size=int(bs), steps=float(np.exp(y[0])) if np.isfinite(y[0]) else np.nan,
-            censored=bool(c[0]), n_seeds=len(g), n_censored_seeds=int(cens.sum()),
-            n_cells=int(g["n_cells"].sum()), n_diverged=int(g["n_diverged"].sum()),
-            frac_censored_cells=(float(g["n_censored_cells"].sum()) / n_non_div) if n_non_div else 1.0,
-            best_lr=gmean(lrs), best_effective_lr=gmean(elrs),
-            lr_at_edge=max(set(edges), key=edges.count) if edges else "",
-            source=",".join(sorted(set(g["source"]))),
-            n_uncertified=int(g["n_uncertified"].sum()) if "n_uncertified" in g else 0,
-            n_inexact_seeds=int((~g["exact"].astype(bool)).sum()) if "exact" in g else 0,
-            **{c: float(np.nanmedian(g[c].to_numpy(np.float64))) if g[c].notna().any() else np.nan
-               for c in g.columns if c.startswith("best_hp_")},
-            steps_per_seed=[None if not np.isfinite(v) else float(v) for v in s]))
+        rows.append(
+            dict(
+                optimizer=opt,
+                batch_size=int(bs),
+                steps=float(np.exp(y[0])) if np.isfinite(y[0]) else np.nan,
+                censored=bool(c[0]),
+                n_seeds=len(g),
+                n_censored_seeds=int(cens.sum()),
+                n_cells=int(g["n_cells"].sum()),
+                n_diverged=int(g["n_diverged"].sum()),
+                frac_censored_cells=(float(g["n_censored_cells"].sum()) / n_non_div)
+                if n_non_div
+                else 1.0,
+                best_lr=gmean(lrs),
+                best_effective_lr=gmean(elrs),
+                lr_at_edge=max(set(edges), key=edges.count) if edges else "",
+                source=",".join(sorted(set(g["source"]))),
+                n_uncertified=int(g["n_uncertified"].sum()) if "n_uncertified" in g else 0,
+                n_inexact_seeds=int((~g["exact"].astype(bool)).sum()) if "exact" in g else 0,
+                **{
+                    c: float(np.nanmedian(g[c].to_numpy(np.float64)))
+                    if g[c].notna().any()
+                    else np.nan
+                    for c in g.columns
+                    if c.startswith("best_hp_")
+                },
+                steps_per_seed=[None if not np.isfinite(v) else float(v) for v in s],
+            )
+        )
     return pd.DataFrame(rows)

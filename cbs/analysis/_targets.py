@@ -29,8 +29,9 @@ from cbs.analysis._tables import (
 __all__ = ["TargetSweep", "steps_from_curves", "analyze_targets"]
 
 
-def steps_from_curves(results: pd.DataFrame, curves: pd.DataFrame, target: float, *,
-                      interpolate: bool = True) -> pd.DataFrame:
+def steps_from_curves(
+    results: pd.DataFrame, curves: pd.DataFrame, target: float, *, interpolate: bool = True
+) -> pd.DataFrame:
     """``results`` with reached / censored / steps_to_target recomputed for another target.
 
     A cell reaches ``target`` at the first stored curve point with metric strictly below it.
@@ -49,8 +50,14 @@ def steps_from_curves(results: pd.DataFrame, curves: pd.DataFrame, target: float
     """
     need = {"cell_id", "step", "metric"}
     if not need <= set(curves.columns):
-        raise AnalysisError("curves table lacks column(s) " + ", ".join(sorted(need - set(curves.columns))))
-    c = curves[["cell_id", "step", "metric"]].sort_values(["cell_id", "step"], kind="stable").reset_index(drop=True)
+        raise AnalysisError(
+            "curves table lacks column(s) " + ", ".join(sorted(need - set(curves.columns)))
+        )
+    c = (
+        curves[["cell_id", "step", "metric"]]
+        .sort_values(["cell_id", "step"], kind="stable")
+        .reset_index(drop=True)
+    )
     metric = c["metric"].to_numpy(np.float64)
     step = c["step"].to_numpy(np.float64)
     cell = c["cell_id"].to_numpy()
@@ -59,16 +66,25 @@ def steps_from_curves(results: pd.DataFrame, curves: pd.DataFrame, target: float
     crossing = step[hit].copy()
     if interpolate and hit.size:
         prev = hit - 1
-        ok = (prev >= 0) & (cell[np.maximum(prev, 0)] == cell[hit]) & np.isfinite(metric[np.maximum(prev, 0)])
+        ok = (
+            (prev >= 0)
+            & (cell[np.maximum(prev, 0)] == cell[hit])
+            & np.isfinite(metric[np.maximum(prev, 0)])
+        )
         p, h = prev[ok], hit[ok]
         m0, m1, s0, s1 = metric[p], metric[h], step[p], step[h]
         positive = (m0 > 0) & (m1 > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            frac = np.where(positive, (np.log(m0) - np.log(target)) / (np.log(m0) - np.log(m1)),
-                            (m0 - target) / (m0 - m1))
+            frac = np.where(
+                positive,
+                (np.log(m0) - np.log(target)) / (np.log(m0) - np.log(m1)),
+                (m0 - target) / (m0 - m1),
+            )
             frac = np.clip(np.nan_to_num(frac, nan=1.0), 0.0, 1.0)
             log_s0 = np.log(np.where(s0 > 0, s0, 1.0))
-            at = np.where(s0 > 0, np.exp(log_s0 + frac * (np.log(s1) - log_s0)), s0 + frac * (s1 - s0))
+            at = np.where(
+                s0 > 0, np.exp(log_s0 + frac * (np.log(s1) - log_s0)), s0 + frac * (s1 - s0)
+            )
         crossing[ok] = at
     first = pd.Series(crossing, index=cell[hit])
     best = c.groupby("cell_id")["metric"].min()
@@ -84,7 +100,9 @@ def steps_from_curves(results: pd.DataFrame, curves: pd.DataFrame, target: float
     out["steps_to_target"] = np.where(reached, steps, np.nan)
     out["target"] = float(target)
     out["best_metric"] = out["cell_id"].map(best).fillna(np.inf).to_numpy(np.float64)
-    budget = out["max_steps"].to_numpy(np.float64) if "max_steps" in out else np.full(len(out), np.inf)
+    budget = (
+        out["max_steps"].to_numpy(np.float64) if "max_steps" in out else np.full(len(out), np.inf)
+    )
     ended = out["cell_id"].map(last_step).to_numpy(np.float64)
     out["curve_ended_early"] = out["censored"].to_numpy() & has_curve & (ended < budget)
     out["has_curve"] = has_curve
@@ -105,8 +123,9 @@ def _curve_spacing(curves: pd.DataFrame) -> float:
 @dataclasses.dataclass
 class TargetSweep:
     """CBS per target for one run."""
+
     run_dir: Path
-    table: pd.DataFrame                                  # one row per (target, optimizer)
+    table: pd.DataFrame  # one row per (target, optimizer)
     fits: dict[float, dict[str, CriticalBatchSizeFit]]
     text: str
     warnings: list[str] = dataclasses.field(default_factory=list)
@@ -116,10 +135,22 @@ class TargetSweep:
         return self.text
 
 
-def analyze_targets(run_dir, targets: Sequence[float], *, interpolate: bool = True, delta: float | None = None,
-                    b0: float | None = None, n_boot: int | None = None, tokens_per_example: int | None = None,
-                    unit: str = "auto", form: str = "mcCandlish", ci_level: float = 0.95, seed: int = 0,
-                    plots: bool = True, write: bool = True) -> TargetSweep:
+def analyze_targets(
+    run_dir,
+    targets: Sequence[float],
+    *,
+    interpolate: bool = True,
+    delta: float | None = None,
+    b0: float | None = None,
+    n_boot: int | None = None,
+    tokens_per_example: int | None = None,
+    unit: str = "auto",
+    form: str = "mcCandlish",
+    ci_level: float = 0.95,
+    seed: int = 0,
+    plots: bool = True,
+    write: bool = True,
+) -> TargetSweep:
     """Fits S(B) and the CBS at each target, with steps read off curves.parquet.
 
     Writes cbs_targets.parquet, cbs_targets.json and (with ``plots``) cbs_vs_target.png:
@@ -130,6 +161,7 @@ def analyze_targets(run_dir, targets: Sequence[float], *, interpolate: bool = Tr
     from cbs.analysis._format import ci_text, format_number, jsonable_deep, text_table
     from cbs.analysis._options import resolve_options
     from cbs.analysis._report import _fit_optimizer, _summary_row
+
     run_dir = check_run_dir(run_dir)
     if not targets:
         raise AnalysisError("no targets given")
@@ -138,14 +170,25 @@ def analyze_targets(run_dir, targets: Sequence[float], *, interpolate: bool = Tr
         results = read_run_table(run_dir, "results")
         curves = read_run_table(run_dir, "curves")
     except (OSError, ValueError) as e:
-        raise AnalysisError(f"cannot read the tables of {str(run_dir)!r}: {str(e).splitlines()[0]}") from None
+        raise AnalysisError(
+            f"cannot read the tables of {str(run_dir)!r}: {str(e).splitlines()[0]}"
+        ) from None
     if results is None or results.empty:
         raise AnalysisError(f"{str(run_dir)!r} has an empty results table (no cell finished yet)")
     if curves is None or curves.empty:
-        raise AnalysisError(f"{str(run_dir)!r} has no curves table (the sweep ran with output.curves: false, "
-                            f"or its back end stores no curves); per-target analysis needs it")
-    delta, b0, n_boot, tpe, unit = resolve_options(cfg, results, delta=delta, b0=b0, n_boot=n_boot,
-                                                    tokens_per_example=tokens_per_example, unit=unit)
+        raise AnalysisError(
+            f"{str(run_dir)!r} has no curves table (the sweep ran with output.curves: false, "
+            f"or its back end stores no curves); per-target analysis needs it"
+        )
+    delta, b0, n_boot, tpe, unit = resolve_options(
+        cfg,
+        results,
+        delta=delta,
+        b0=b0,
+        n_boot=n_boot,
+        tokens_per_example=tokens_per_example,
+        unit=unit,
+    )
     scale = tpe if unit == "tokens" else 1
     label = str(cfg.get("name") or run_dir.name)
     rows, fits = [], {}
@@ -159,42 +202,96 @@ def analyze_targets(run_dir, targets: Sequence[float], *, interpolate: bool = Tr
         fits[target] = {}
         early = res.groupby("optimizer")["curve_ended_early"].sum()
         for name in dict.fromkeys(steps["optimizer"]):
-            fit = _fit_optimizer(name, steps, per_b, scale=scale, unit=unit, delta=delta, b0=b0, n_boot=n_boot,
-                                 seed=seed, form=form, ci_level=ci_level)
+            fit = _fit_optimizer(
+                name,
+                steps,
+                per_b,
+                scale=scale,
+                unit=unit,
+                delta=delta,
+                b0=b0,
+                n_boot=n_boot,
+                seed=seed,
+                form=form,
+                ci_level=ci_level,
+            )
             if early.get(name, 0):
-                fit.warnings.append(f"{int(early[name])} cell(s) censored because their curve ends before the "
-                                    f"budget (the back end stopped at the sweep's own target?)")
+                fit.warnings.append(
+                    f"{int(early[name])} cell(s) censored because their curve ends before the "
+                    f"budget (the back end stopped at the sweep's own target?)"
+                )
             fits[target][name] = fit
-            row = _summary_row(label, name, fit, scale, tpe, unit, per_b[per_b["optimizer"] == name])
+            row = _summary_row(
+                label, name, fit, scale, tpe, unit, per_b[per_b["optimizer"] == name]
+            )
             rows.append({"target": target, **row})
     table = pd.DataFrame(rows)
     header = ["target", "optimizer", "S_min", "E_min", "B_crit", "B_crit CI", "B*", "points"]
-    body = [[format_number(r.target), r.optimizer, format_number(r.s_min), format_number(r.e_min),
-             format_number(r.b_crit), ci_text(r.b_crit_ci_low, r.b_crit_ci_high), format_number(r.b_star),
-             str(r.n_points)] for r in table.itertuples(index=False)]
-    how = "interpolated in (log step, log metric)" if interpolate else "first stored point below the target"
-    text = (f"CBS vs target for {label} (steps from curves.parquet, {how}; batch sizes in {unit})\n"
-            + text_table(header, body) + "\n")
+    body = [
+        [
+            format_number(r.target),
+            r.optimizer,
+            format_number(r.s_min),
+            format_number(r.e_min),
+            format_number(r.b_crit),
+            ci_text(r.b_crit_ci_low, r.b_crit_ci_high),
+            format_number(r.b_star),
+            str(r.n_points),
+        ]
+        for r in table.itertuples(index=False)
+    ]
+    how = (
+        "interpolated in (log step, log metric)"
+        if interpolate
+        else "first stored point below the target"
+    )
+    text = (
+        f"CBS vs target for {label} (steps from curves.parquet, {how}; batch sizes in {unit})\n"
+        + text_table(header, body)
+        + "\n"
+    )
     spacing = _curve_spacing(curves)
     warnings = []
     if spacing > 1.3:
-        warnings.append(f"curves are stored sparsely (median ratio x{spacing:.2f} between stored steps): per-target "
-                        f"steps are {'interpolated, hence approximate' if interpolate else 'coarse (up to that ratio)'}; "
-                        f"at the sweep's own target, results.parquet is exact")
+        warnings.append(
+            f"curves are stored sparsely (median ratio x{spacing:.2f} between stored steps): per-target "
+            f"steps are {'interpolated, hence approximate' if interpolate else 'coarse (up to that ratio)'}; "
+            f"at the sweep's own target, results.parquet is exact"
+        )
     text += "".join(f"warning: {w}\n" for w in warnings)
     sweep = TargetSweep(run_dir=run_dir, table=table, fits=fits, text=text, warnings=warnings)
     if write:
         try:
             table.to_parquet(run_dir / "cbs_targets.parquet", index=False)
-            (run_dir / "cbs_targets.json").write_text(json.dumps(jsonable_deep(dict(
-                run=label, unit=unit, interpolate=interpolate, warnings=warnings,
-                rows=table.to_dict(orient="records"))),
-                indent=1, allow_nan=False))
+            (run_dir / "cbs_targets.json").write_text(
+                json.dumps(
+                    jsonable_deep(
+                        dict(
+                            run=label,
+                            unit=unit,
+                            interpolate=interpolate,
+                            warnings=warnings,
+                            rows=table.to_dict(orient="records"),
+                        )
+                    ),
+                    indent=1,
+                    allow_nan=False,
+                )
+            )
             sweep.files += [run_dir / "cbs_targets.parquet", run_dir / "cbs_targets.json"]
             if plots:
                 from cbs.analysis._plots import plot_targets
-                sweep.files.append(plot_targets(run_dir / "cbs_vs_target.png", table, unit,
-                                                metric=str((cfg.get("target") or {}).get("metric", "target"))))
+
+                sweep.files.append(
+                    plot_targets(
+                        run_dir / "cbs_vs_target.png",
+                        table,
+                        unit,
+                        metric=str((cfg.get("target") or {}).get("metric", "target")),
+                    )
+                )
         except OSError as e:
-            raise AnalysisError(f"cannot write the per-target files into {str(run_dir)!r}: {e}") from None
+            raise AnalysisError(
+                f"cannot write the per-target files into {str(run_dir)!r}: {e}"
+            ) from None
     return sweep

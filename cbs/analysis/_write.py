@@ -18,16 +18,30 @@ def write_run_files(a: RunAnalysis, cfg, manifest, reference, scale, plots):
     """cbs.json, cbs.parquet and (with plots) the PNGs and report.md into the run folder;
     appends each path to ``a.files``."""
     from cbs.analysis import _plots
+
     run_dir = a.run_dir
     payload = dict(
-        run=a.label, run_dir=str(run_dir), config_hash=manifest.get("config_hash"), options=a.options,
-        target=cfg.get("target"), unit=a.unit, tokens_per_example=a.tokens_per_example,
-        warnings=a.warnings, summary=a.summary.to_dict(orient="records"),
-        optimizers={name: dict(fit=fit.to_dict(),
-                               b_crit_samples=fit.b_crit_samples,
-                               per_batch_size=a.per_batch[a.per_batch["optimizer"] == name].to_dict(orient="records"))
-                    for name, fit in a.fits.items()},
-        steps=a.steps.to_dict(orient="records"))
+        run=a.label,
+        run_dir=str(run_dir),
+        config_hash=manifest.get("config_hash"),
+        options=a.options,
+        target=cfg.get("target"),
+        unit=a.unit,
+        tokens_per_example=a.tokens_per_example,
+        warnings=a.warnings,
+        summary=a.summary.to_dict(orient="records"),
+        optimizers={
+            name: dict(
+                fit=fit.to_dict(),
+                b_crit_samples=fit.b_crit_samples,
+                per_batch_size=a.per_batch[a.per_batch["optimizer"] == name].to_dict(
+                    orient="records"
+                ),
+            )
+            for name, fit in a.fits.items()
+        },
+        steps=a.steps.to_dict(orient="records"),
+    )
     (run_dir / "cbs.json").write_text(json.dumps(jsonable_deep(payload), indent=1, allow_nan=False))
     a.files.append(run_dir / "cbs.json")
     a.summary.to_parquet(run_dir / "cbs.parquet", index=False)
@@ -35,17 +49,46 @@ def write_run_files(a: RunAnalysis, cfg, manifest, reference, scale, plots):
     if not plots:
         return
     title = a.label
-    png = [_plots.plot_steps_vs_batch(run_dir / "steps_vs_batch.png", a.fits, a.steps, a.unit, scale,
-                                      reference=reference, title=title),
-           _plots.plot_best_lr(run_dir / "best_lr.png", a.per_batch, a.unit, scale, title=f"{title}: best LR"),
-           _plots.plot_data_efficiency(run_dir / "data_efficiency.png", a.fits, a.unit,
-                                       title=f"{title}: data efficiency")]
-    png.insert(0, _plots.plot_all_optimizers(run_dir / "steps_all_optimizers.png", a.fits, a.unit,
-                                             title=f"{title}: all optimizers", notes=exclusion_notes(a.summary)))
-    pairs = _plots.schedule_pairs(cfg)     # NQM Fig. 3b: constant LR vs optimized schedule
+    png = [
+        _plots.plot_steps_vs_batch(
+            run_dir / "steps_vs_batch.png",
+            a.fits,
+            a.steps,
+            a.unit,
+            scale,
+            reference=reference,
+            title=title,
+        ),
+        _plots.plot_best_lr(
+            run_dir / "best_lr.png", a.per_batch, a.unit, scale, title=f"{title}: best LR"
+        ),
+        _plots.plot_data_efficiency(
+            run_dir / "data_efficiency.png", a.fits, a.unit, title=f"{title}: data efficiency"
+        ),
+    ]
+    png.insert(
+        0,
+        _plots.plot_all_optimizers(
+            run_dir / "steps_all_optimizers.png",
+            a.fits,
+            a.unit,
+            title=f"{title}: all optimizers",
+            notes=exclusion_notes(a.summary),
+        ),
+    )
+    pairs = _plots.schedule_pairs(cfg)  # NQM Fig. 3b: constant LR vs optimized schedule
     if pairs:
-        png.append(_plots.plot_schedules(run_dir / "schedules.png", a.fits, pairs, a.unit, reference, scale,
-                                         title=f"{title}: constant LR vs optimized schedule"))
+        png.append(
+            _plots.plot_schedules(
+                run_dir / "schedules.png",
+                a.fits,
+                pairs,
+                a.unit,
+                reference,
+                scale,
+                title=f"{title}: constant LR vs optimized schedule",
+            )
+        )
     a.files += png
     (run_dir / "report.md").write_text(report_markdown(a, scale))
     a.files.append(run_dir / "report.md")

@@ -14,17 +14,33 @@ plugs the engine into the sweep runner.
 from cbs.nqm._grid import evaluate_grid, expected_risk, steps_to_target
 from cbs.nqm._moments import KINDS, Phases, constant_phases, moment_system
 from cbs.nqm._problem import (
-                              NQMProblem,
-                              bin_problem,
-                              custom_problem,
-                              harmonic_problem,
-                              power_law_problem,
+    NQMProblem,
+    bin_problem,
+    custom_problem,
+    harmonic_problem,
+    power_law_problem,
 )
 from cbs.nqm._schedules import merge_phases, schedule_phases
 from cbs.nqm._tuning import best_on_grid, lower_bound_steps, optimize_pwc, pwc_lr_cap, refine_lr
 
-__all__ = ["KINDS", "Phases", "constant_phases", "moment_system",
-           "evaluate_grid", "expected_risk", "steps_to_target", "NQMProblem", "bin_problem",
-           "custom_problem", "harmonic_problem", "power_law_problem", "merge_phases",
-           "schedule_phases", "best_on_grid", "lower_bound_steps", "optimize_pwc", "pwc_lr_cap",
-           "refine_lr"]
+__all__ = [
+    "KINDS",
+    "Phases",
+    "constant_phases",
+    "moment_system",
+    "evaluate_grid",
+    "expected_risk",
+    "steps_to_target",
+    "NQMProblem",
+    "bin_problem",
+    "custom_problem",
+    "harmonic_problem",
+    "power_law_problem",
+    "merge_phases",
+    "schedule_phases",
+    "best_on_grid",
+    "lower_bound_steps",
+    "optimize_pwc",
+    "pwc_lr_cap",
+    "refine_lr",
+]

@@ -32,6 +32,7 @@ from cbs.nqm._moments import (
 
 __all__ = ["search_steps"]
 
+
 def _reduction_system(kind: str, ema: bool, a, beta, gamma):
     """E = I - A built directly from (a, beta, gamma) (no 1 - (1 - a) rounding).
 
@@ -57,7 +58,7 @@ def _reduction_system(kind: str, ema: bool, a, beta, gamma):
 
 def _stationary(kind, ema, a, beta, gamma, r):
     """s_inf = (I - M)^-1 r per bin, with I - M built from E = I - A: (I - M) S = E S + S E^T - E S E^T."""
-    E = _reduction_system(kind, ema, a, beta, gamma)          # (nb, k, k)
+    E = _reduction_system(kind, ema, a, beta, gamma)  # (nb, k, k)
     k = E.shape[-1]
     I, J = _vech_pairs(k)
     m = len(I)
@@ -69,8 +70,8 @@ def _stationary(kind, ema, a, beta, gamma, r):
         S = jnp.asarray(S)
         out = E @ S + S @ jnp.swapaxes(E, -1, -2) - E @ S @ jnp.swapaxes(E, -1, -2)
         cols.append(out[:, I, J])
-    IM = jnp.stack(cols, -1)                                   # (nb, m, m)
-    return _solve_small(jnp.moveaxis(IM, 0, -1), r)             # (m, nb)
+    IM = jnp.stack(cols, -1)  # (nb, m, m)
+    return _solve_small(jnp.moveaxis(IM, 0, -1), r)  # (m, nb)
 
 
 def _solve_small(A, b):
@@ -85,8 +86,10 @@ def _solve_small(A, b):
         # partial pivoting: bring the largest remaining |entry| of this column to row col
         for i in range(col + 1, m):
             swap = jnp.abs(rows[i][col]) > jnp.abs(rows[col][col])
-            rows[col], rows[i] = ([jnp.where(swap, x, y) for x, y in zip(rows[i], rows[col])],
-                                  [jnp.where(swap, y, x) for x, y in zip(rows[i], rows[col])])
+            rows[col], rows[i] = (
+                [jnp.where(swap, x, y) for x, y in zip(rows[i], rows[col])],
+                [jnp.where(swap, y, x) for x, y in zip(rows[i], rows[col])],
+            )
         for i in range(col + 1, m):
             f = rows[i][col] / rows[col][col]
             rows[i] = [x - f * y for x, y in zip(rows[i], rows[col])]
@@ -110,7 +113,9 @@ def _modes(kind, ema, a, beta, gamma, c):
         sq = jnp.sqrt(tr * tr - 4 * det)
         sgn = jnp.where(jnp.real(tr) >= 0, 1.0, -1.0)
         l1 = (tr + sgn * sq) / 2
-        l2 = jnp.where(jnp.abs(l1) > 0, det / jnp.where(jnp.abs(l1) > 0, l1, 1.0), (tr - sgn * sq) / 2)
+        l2 = jnp.where(
+            jnp.abs(l1) > 0, det / jnp.where(jnp.abs(l1) > 0, l1, 1.0), (tr - sgn * sq) / 2
+        )
         lam = [l1, l2] + ([A[:, 2, 2]] if k == 3 else [])
     AT = jnp.swapaxes(A, -1, -2)
     cv = jnp.asarray(c, jnp.complex128)
@@ -121,11 +126,13 @@ def _modes(kind, ema, a, beta, gamma, c):
         for j in range(k):
             if j != i:
                 # (elementwise: a batched complex einsum of 2x2 blocks is slow on CPU under vmap)
-                v = jnp.stack([sum(AT[:, p, q] * v[:, q] for q in range(k)) for p in range(k)], -1) \
+                v = (
+                    jnp.stack([sum(AT[:, p, q] * v[:, q] for q in range(k)) for p in range(k)], -1)
                     - lam[j][:, None] * v
+                )
                 den = den * (lam[i] - lam[j])
         hs.append(v / den[:, None])
-    return jnp.stack(lam), jnp.stack(hs)      # (k, nb), (k, nb, k)
+    return jnp.stack(lam), jnp.stack(hs)  # (k, nb), (k, nb, k)
 
 
 def _mode_pairs(k):
@@ -158,13 +165,15 @@ def _osc_terms(Kc, rot, arc, pw, ang_err=0.0):
     Ka = jnp.abs(Kc)
     end = Kc * rot
     up0, up1 = jnp.imag(Kc), jnp.imag(end)
-    reach = jnp.where(arc == 0, (up0 > 0) & (up1 < 0), jnp.where(arc == 1, ~((up0 < 0) & (up1 > 0)), True))
+    reach = jnp.where(
+        arc == 0, (up0 > 0) & (up1 < 0), jnp.where(arc == 1, ~((up0 < 0) & (up1 > 0)), True)
+    )
     cm = jnp.where(reach, -Ka, jnp.minimum(jnp.real(Kc), jnp.real(end)))
     cm = cm - (1e-12 + ang_err) * Ka
     return cm * jnp.where(cm >= 0, jnp.minimum(1.0, pw), jnp.maximum(1.0, pw))
 
 
-UNIT_LVL = 1   # every iteration evaluates the exact risk at 2^UNIT_LVL consecutive steps
+UNIT_LVL = 1  # every iteration evaluates the exact risk at 2^UNIT_LVL consecutive steps
 
 
 def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, goal, fresh_noise):
@@ -192,7 +201,7 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
     # z_01 = lam_0 lam_1 = det of the 2x2 (base) block: real (real roots or a conjugate pair);
     # other products are real exactly when their roots are (a real sqrt has zero imaginary part)
     is01 = np.array([(i, j) == (0, 1) for i, j in pairs])[:, None]
-    z = jnp.stack([lam[i] * lam[j] for i, j in pairs])                         # (np, nb)
+    z = jnp.stack([lam[i] * lam[j] for i, j in pairs])  # (np, nb)
     z = jnp.where(is01, jnp.real(z) + 0j, z)
     za = jnp.abs(z)
     real_mode = ((jnp.imag(z) == 0) | is01) & (jnp.real(z) >= 0)
@@ -204,15 +213,17 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
     partner = np.array([pairs.index(tuple(sorted((swap(i), swap(j))))) for i, j in pairs])
     primary = partner >= np.arange(len(pairs))
     conj_roots = (jnp.imag(lam[0]) != 0) if k > 1 else jnp.zeros_like(jnp.real(lam[0]), bool)
-    osc_weight = jnp.where(jnp.asarray(partner != np.arange(len(pairs)))[:, None] & conj_roots[None], 2.0, 1.0)
+    osc_weight = jnp.where(
+        jnp.asarray(partner != np.arange(len(pairs)))[:, None] & conj_roots[None], 2.0, 1.0
+    )
     osc_weight = jnp.where(jnp.asarray(primary)[:, None], osc_weight, 0.0)
     # secondary pairs outside the conjugate case are real (negative z: alternating sign,
     # bounded by -|K| max(1, |z|^(L-1)) over intervals of >= 2 steps)
     sec_negative = jnp.asarray(~primary)[:, None] & ~conj_roots[None] & ~real_mode
     prim = np.flatnonzero(primary)
-    Lm1 = (2.0 ** jnp.arange(K) - 1.0)
+    Lm1 = 2.0 ** jnp.arange(K) - 1.0
     phi = jnp.angle(z)
-    sp_tab = Lm1[:, None, None] * jnp.abs(phi)[None]                             # (K, np, nb)
+    sp_tab = Lm1[:, None, None] * jnp.abs(phi)[None]  # (K, np, nb)
     arc_tab = (sp_tab >= jnp.pi).astype(jnp.int8) + (sp_tab >= 2 * jnp.pi).astype(jnp.int8)
     # Tables by repeated squaring (x^(2^(j+1) - 1) = (x^(2^j - 1))^2 x), not by pow / exp per
     # level, which dominated the setup: |z|^(2^j - 1), exp(i (2^j - 1) |arg z|) and z^(2^j)
@@ -223,12 +234,18 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
     def squarings(c, _):
         p, r, q = c
         return (p * p * za, r * r * unit_rot, q * q), c
-    _, (pw_tab, rot_tab, zp_tab) = jax.lax.scan(squarings, (jnp.ones_like(za), jnp.ones_like(z), z), None,
-                                                length=K)                       # (K, np, nb) each
-    ang_err = 16 * np.finfo(np.float64).eps * (2.0 ** np.arange(K)) * np.pi   # angular margin per level
+
+    _, (pw_tab, rot_tab, zp_tab) = jax.lax.scan(
+        squarings, (jnp.ones_like(za), jnp.ones_like(z), z), None, length=K
+    )  # (K, np, nb) each
+    ang_err = (
+        16 * np.finfo(np.float64).eps * (2.0 ** np.arange(K)) * np.pi
+    )  # angular margin per level
     flip = phi < 0
     hs_t = [hs[i] for i in range(k)]
-    const_n = 0.0 if fresh_noise else sum(read[i] * sinf[i] for i in range(len(read)) if read[i] != 0)
+    const_n = (
+        0.0 if fresh_noise else sum(read[i] * sinf[i] for i in range(len(read)) if read[i] != 0)
+    )
     nB = batch.shape[0]
     ib = (1.0 / batch)[:, None, None]
     Ms, Rs = Tt
@@ -241,10 +258,17 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
         rot, arc, da = rot_tab[lvl], arc_tab[lvl], jnp.asarray(ang_err)[lvl]
         grow = jnp.maximum(1.0, pw)
         Kdp = Kd[prim]
-        oscD = (jnp.sum(jnp.where(real_mode[prim], 0.0, _osc_terms(jnp.where(flip[prim], jnp.conj(Kdp), Kdp),
-                                                                   rot[prim], arc[prim], pw[prim], da))
-                        * osc_weight[prim], 0)
-                - jnp.sum(jnp.where(sec_negative, jnp.abs(Kd) * grow, 0.0), 0))
+        oscD = jnp.sum(
+            jnp.where(
+                real_mode[prim],
+                0.0,
+                _osc_terms(
+                    jnp.where(flip[prim], jnp.conj(Kdp), Kdp), rot[prim], arc[prim], pw[prim], da
+                ),
+            )
+            * osc_weight[prim],
+            0,
+        ) - jnp.sum(jnp.where(sec_negative, jnp.abs(Kd) * grow, 0.0), 0)
         Krd = jnp.where(real_mode, jnp.real(Kd), 0.0)
         magD = jnp.sum(jnp.abs(Kd) * grow, 0)
         if fresh_noise:
@@ -259,24 +283,31 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
             return jnp.sum(jnp.fmax(lbD, 0.0) * w) + jnp.sum(jnp.fmax(noise_t, 0.0) * w) / batch
         # oscillating modes: Det and Noise bounded separately (shared by all B); real modes
         # z >= 0: the combined coefficient Kd + Kn / B per B (monotone term, exact minimum)
-        oscN = jnp.where(real_mode, 0.0, _osc_terms(jnp.where(flip, jnp.conj(Kn), Kn), rot, arc, pw, da))
+        oscN = jnp.where(
+            real_mode, 0.0, _osc_terms(jnp.where(flip, jnp.conj(Kn), Kn), rot, arc, pw, da)
+        )
         Krn = jnp.where(real_mode, jnp.real(Kn), 0.0)
-        v = Krd[None] + Krn[None] * ib                                            # (nB, np, nb)
-        lb = (oscD[None] + (jnp.sum(oscN, 0) + const_n)[None] * ib[:, 0]
-              + jnp.sum(jnp.minimum(v, v * pw[None]), 1))
+        v = Krd[None] + Krn[None] * ib  # (nB, np, nb)
+        lb = (
+            oscD[None]
+            + (jnp.sum(oscN, 0) + const_n)[None] * ib[:, 0]
+            + jnp.sum(jnp.minimum(v, v * pw[None]), 1)
+        )
         mag = magD + jnp.sum(jnp.abs(Kn) * grow, 0) + jnp.abs(const_n)
         lb = jnp.fmax(lb - 1e-10 * mag[None], 0.0)
         return jnp.sum(lb * w, -1)
 
     def exact(st):
-        v = sum(read[i] * st[i] for i in range(m) if read[i] != 0)               # (2, nb)
+        v = sum(read[i] * st[i] for i in range(m) if read[i] != 0)  # (2, nb)
         return jnp.sum(v * w, -1)
 
     def apply(st, lvl):
         Mt = tuple(tuple(Ms[i][j][lvl] for j in range(m)) for i in range(m))
         Rt = tuple(Rs[i][lvl] for i in range(m))
         coef = jnp.array([0.0, 1.0])[:, None]
-        return tuple(sum(Mt[i][j][None] * st[j] for j in range(m)) + Rt[i][None] * coef for i in range(m))
+        return tuple(
+            sum(Mt[i][j][None] * st[j] for j in range(m)) + Rt[i][None] * coef for i in range(m)
+        )
 
     def cond(c):
         t, lvl, st, Kd, Kn, active, hit, it = c
@@ -314,10 +345,22 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
         return t, lvl, st, Kd, Kn, act1, hit1, it + 1
 
     Kd0 = _modal_coeffs(hs_t, jnp.stack([x[0] for x in two]).astype(jnp.complex128), k)
-    Kn0 = (jnp.zeros((), jnp.complex128) if fresh_noise else    # (unused by the fresh-noise bound)
-           _modal_coeffs(hs_t, (jnp.stack([x[1] for x in two]) - sinf).astype(jnp.complex128), k))
-    init = (jnp.int64(0), jnp.int64(K - 1), two, Kd0, Kn0, jnp.ones(nB, bool), -jnp.ones(nB, jnp.int64),
-            jnp.int64(0))
+    Kn0 = (
+        jnp.zeros((), jnp.complex128)
+        if fresh_noise
+        # (unused by the fresh-noise bound)
+        else _modal_coeffs(hs_t, (jnp.stack([x[1] for x in two]) - sinf).astype(jnp.complex128), k)
+    )
+    init = (
+        jnp.int64(0),
+        jnp.int64(K - 1),
+        two,
+        Kd0,
+        Kn0,
+        jnp.ones(nB, bool),
+        -jnp.ones(nB, jnp.int64),
+        jnp.int64(0),
+    )
     t, lvl, st, Kd, Kn, active, hit, it = jax.lax.while_loop(cond, body, init)
     certified = ~active | (t > ell)
     return hit, certified, t
@@ -334,8 +377,24 @@ def _below(risk, target):
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "ema", "K", "window", "max_iter", "certify"))
-def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, max_steps, *,
-                 kind: str, ema: bool, K: int, window: int, max_iter: int = 0, certify: bool = True):
+def search_steps(
+    prob,
+    lr,
+    beta,
+    gamma,
+    power,
+    batch,
+    phases: Phases,
+    target,
+    max_steps,
+    *,
+    kind: str,
+    ema: bool,
+    K: int,
+    window: int,
+    max_iter: int = 0,
+    certify: bool = True,
+):
     """Exact first step with expected risk strictly below ``target``, for one configuration,
     with a per-batch-size flag saying whether that first crossing is certified.
 
@@ -412,16 +471,27 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
     c_read = np.eye(k)[k - 1 if ema else 0]
     two = jnp.stack([s0, jnp.zeros_like(s0)], 1)
     risk0 = jnp.broadcast_to(risk(s0[:, None]), (nB,))
-    init = dict(two=two, hit=jnp.where(_below(risk0, target), 0, -1).astype(jnp.int64),
-                settle=jnp.where(_below(risk0, target), 0, -1).astype(jnp.int64), best=risk0,
-                cert=jnp.ones(nB, bool), lower=jnp.zeros(nB, jnp.int64))
+    init = dict(
+        two=two,
+        hit=jnp.where(_below(risk0, target), 0, -1).astype(jnp.int64),
+        settle=jnp.where(_below(risk0, target), 0, -1).astype(jnp.int64),
+        best=risk0,
+        cert=jnp.ones(nB, bool),
+        lower=jnp.zeros(nB, jnp.int64),
+    )
 
     def phase(carry, xs, first_phase=False):
         t0, ell, lr_m, b_m = xs
         inv_b = 1.0 / (batch * b_m)
         M, r, _, _ = _config_system(kind, ema, prob, lr * lr_m, beta, gamma, power)
         Ms, Rs = _tables(M, r, K)
-        two, hit, settle, best, cert = carry["two"], carry["hit"], carry["settle"], carry["best"], carry["cert"]
+        two, hit, settle, best, cert = (
+            carry["two"],
+            carry["hit"],
+            carry["settle"],
+            carry["best"],
+            carry["cert"],
+        )
         lower = carry["lower"]
         s = two[:, :1] + two[:, 1:] / batch[None, :, None]
         rs = risk(s)
@@ -464,17 +534,35 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
             return (_apply_t(M1, R1, cur, inv_b), first, last_above, best), None
 
         neg = -jnp.ones(nB, jnp.int64)
-        (_, first, last_above, best), _ = jax.lax.scan(scan_step, (cur, neg, neg, best),
-                                                       jnp.arange(window + 1))
+        (_, first, last_above, best), _ = jax.lax.scan(
+            scan_step, (cur, neg, neg, best), jnp.arange(window + 1)
+        )
 
         # (3) certified first crossing: galloping scan with modal lower bounds
         if certify:
             lam, hs = _modes(kind, ema, lr * lr_m * h ** (1.0 - power), beta, gamma, c_read)
-            sinf = None if first_phase else _stationary(kind, ema, lr * lr_m * h ** (1.0 - power), beta, gamma, r) / b_m
+            sinf = (
+                None
+                if first_phase
+                else _stationary(kind, ema, lr * lr_m * h ** (1.0 - power), beta, gamma, r) / b_m
+            )
             Tpair = (Tt[0], tuple(x / b_m for x in Tt[1]))
-            ghit, gcert, gstop = _gallop(Tpair, tuple(two[i] for i in range(two.shape[0])), lam, hs, sinf, read, w,
-                                  batch, ell, target, K, max_iter, jnp.where(off < ell, off + 1, ell + 1),
-                                  first_phase)
+            ghit, gcert, gstop = _gallop(
+                Tpair,
+                tuple(two[i] for i in range(two.shape[0])),
+                lam,
+                hs,
+                sinf,
+                read,
+                w,
+                batch,
+                ell,
+                target,
+                K,
+                max_iter,
+                jnp.where(off < ell, off + 1, ell + 1),
+                first_phase,
+            )
         else:
             ghit, gcert, gstop = -jnp.ones(nB, jnp.int64), jnp.zeros(nB, bool), jnp.int64(0)
         gfound = active & gcert & (ghit >= 0)
@@ -484,10 +572,15 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
         settle = jnp.where(found, t0 + jnp.maximum(last_above + 1, hit - t0), settle)
         # certified lower bound of the first crossing: extended only while every earlier
         # phase was certified; an unresolved phase leaves [t0, t0 + gstop) proven clear
-        lower = jnp.where(cert & active, jnp.where(gcert, jnp.where(gfound, hit, t0 + ell + 1), t0 + gstop),
-                          jnp.where(cert & (hit >= 0), hit, lower))
+        lower = jnp.where(
+            cert & active,
+            jnp.where(gcert, jnp.where(gfound, hit, t0 + ell + 1), t0 + gstop),
+            jnp.where(cert & (hit >= 0), hit, lower),
+        )
         cert = cert & (~active | gcert)
-        two = jnp.stack(_expand_t(Tt, tuple(two), jnp.broadcast_to(ell, (2,)), jnp.stack([0.0, 1.0 / b_m])))
+        two = jnp.stack(
+            _expand_t(Tt, tuple(two), jnp.broadcast_to(ell, (2,)), jnp.stack([0.0, 1.0 / b_m]))
+        )
         return dict(two=two, hit=hit, settle=settle, best=best, cert=cert, lower=lower), None
 
     xs = (start, length, jnp.asarray(phases.lr_mult), jnp.asarray(phases.batch_mult))
@@ -498,5 +591,11 @@ def search_steps(prob, lr, beta, gamma, power, batch, phases: Phases, target, ma
         out, _ = jax.lax.scan(phase, out, jax.tree.map(lambda a: a[1:], xs))
     det, noise = risk(out["two"])
     final = det + noise / batch
-    return dict(steps=out["hit"], settle=out["settle"], best=jnp.fmin(out["best"], final), final=final,
-                certified=out["cert"], lower=out["lower"])
+    return dict(
+        steps=out["hit"],
+        settle=out["settle"],
+        best=jnp.fmin(out["best"], final),
+        final=final,
+        certified=out["cert"],
+        lower=out["lower"],
+    )

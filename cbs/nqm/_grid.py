@@ -40,30 +40,84 @@ def _padded(phases: Phases | None) -> Phases:
     P = len(phases.steps)
     pad = (1 << (P - 1).bit_length()) - P
     ins = lambda x, v: np.concatenate([x[:-1], np.full(pad, v, x.dtype), x[-1:]])
-    return Phases(ins(np.asarray(phases.steps, np.int64), 0), ins(np.asarray(phases.lr_mult, np.float64), 1.0),
-                  ins(np.asarray(phases.batch_mult, np.float64), 1.0))
+    return Phases(
+        ins(np.asarray(phases.steps, np.int64), 0),
+        ins(np.asarray(phases.lr_mult, np.float64), 1.0),
+        ins(np.asarray(phases.batch_mult, np.float64), 1.0),
+    )
 
 
 def _as_configs(lr, momentum, ema_decay, precond_power):
-    arrs = np.broadcast_arrays(*(np.atleast_1d(np.asarray(x, np.float64))
-                                 for x in (lr, momentum, ema_decay, precond_power)))
+    arrs = np.broadcast_arrays(
+        *(
+            np.atleast_1d(np.asarray(x, np.float64))
+            for x in (lr, momentum, ema_decay, precond_power)
+        )
+    )
     return [a.ravel() for a in arrs]
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "ema", "K", "window", "chunk", "certify", "max_iter"))
-def _grid(prob, cfg, batch, phases, target, max_steps, *, kind, ema, K, window, chunk, certify=True, max_iter=0):
+@functools.partial(
+    jax.jit, static_argnames=("kind", "ema", "K", "window", "chunk", "certify", "max_iter")
+)
+def _grid(
+    prob,
+    cfg,
+    batch,
+    phases,
+    target,
+    max_steps,
+    *,
+    kind,
+    ema,
+    K,
+    window,
+    chunk,
+    certify=True,
+    max_iter=0,
+):
     def one(x):
         lr, beta, gamma, power, b = x
-        return search_steps(prob, lr, beta, gamma, power, b, phases, target, max_steps,
-                                kind=kind, ema=ema, K=K, window=window, certify=certify, max_iter=max_iter)
+        return search_steps(
+            prob,
+            lr,
+            beta,
+            gamma,
+            power,
+            b,
+            phases,
+            target,
+            max_steps,
+            kind=kind,
+            ema=ema,
+            K=K,
+            window=window,
+            certify=certify,
+            max_iter=max_iter,
+        )
+
     lr, beta, gamma, power = cfg
     return jax.lax.map(one, (lr, beta, gamma, power, batch), batch_size=chunk)
 
 
-def evaluate_grid(problem: NQMProblem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,
-                  batch_sizes, target: float, max_steps: int, phases: Phases | None = None,
-                  window: int = 16, chunk: int | None = None, threads: int | None = None,
-                  certify: bool = True, certify_iters: int | None = None) -> dict[str, np.ndarray]:
+def evaluate_grid(
+    problem: NQMProblem,
+    kind: str,
+    lr,
+    momentum=0.0,
+    ema_decay=0.0,
+    precond_power=0.0,
+    *,
+    batch_sizes,
+    target: float,
+    max_steps: int,
+    phases: Phases | None = None,
+    window: int = 16,
+    chunk: int | None = None,
+    threads: int | None = None,
+    certify: bool = True,
+    certify_iters: int | None = None,
+) -> dict[str, np.ndarray]:
     """Steps to target for every configuration x batch size.
 
     Args:
@@ -112,11 +166,21 @@ def evaluate_grid(problem: NQMProblem, kind: str, lr, momentum=0.0, ema_decay=0.
 
     def run(rows):
         with jax.enable_x64(True):
-            out = _grid(_prob(problem), tuple(jnp.asarray(x[rows]) for x in cols[:4]),
-                        jnp.asarray(batch[rows]), Phases(*(jnp.asarray(p) for p in phases)),
-                        jnp.float64(target), jnp.int64(max_steps), kind=kind, ema=ema,
-                        K=num_levels(max_steps), window=window, chunk=min(chunk, size), certify=certify,
-                        max_iter=certify_iters or 0)
+            out = _grid(
+                _prob(problem),
+                tuple(jnp.asarray(x[rows]) for x in cols[:4]),
+                jnp.asarray(batch[rows]),
+                Phases(*(jnp.asarray(p) for p in phases)),
+                jnp.float64(target),
+                jnp.int64(max_steps),
+                kind=kind,
+                ema=ema,
+                K=num_levels(max_steps),
+                window=window,
+                chunk=min(chunk, size),
+                certify=certify,
+                max_iter=certify_iters or 0,
+            )
             return jax.tree.map(np.asarray, out)
 
     if parts == 1:
@@ -128,41 +192,80 @@ def evaluate_grid(problem: NQMProblem, kind: str, lr, momentum=0.0, ema_decay=0.
     for k in outs[0]:
         vals = np.concatenate([o[k] for o in outs])
         res = np.empty((C,) + vals.shape[1:], vals.dtype)
-        res[idx.ravel()] = vals          # repeated padding rows write the same values
+        res[idx.ravel()] = vals  # repeated padding rows write the same values
         out[k] = res
     reached = out["steps"] >= 0
-    return dict(steps=np.where(reached, out["steps"], np.nan).astype(np.float64), reached=reached,
-                settle_step=np.where(reached, out["settle"], np.nan).astype(np.float64),
-                best=out["best"], final=out["final"], crossing_certified=out["certified"],
-                steps_lower_bound=np.where(out["certified"], np.where(reached, out["steps"], np.nan),
-                                           out["lower"]).astype(np.float64))
+    return dict(
+        steps=np.where(reached, out["steps"], np.nan).astype(np.float64),
+        reached=reached,
+        settle_step=np.where(reached, out["settle"], np.nan).astype(np.float64),
+        best=out["best"],
+        final=out["final"],
+        crossing_certified=out["certified"],
+        steps_lower_bound=np.where(
+            out["certified"], np.where(reached, out["steps"], np.nan), out["lower"]
+        ).astype(np.float64),
+    )
 
 
-def steps_to_target(problem: NQMProblem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,
-                    batch_size, target: float, max_steps: int, phases: Phases | None = None,
-                    window: int = 16) -> np.ndarray:
+def steps_to_target(
+    problem: NQMProblem,
+    kind: str,
+    lr,
+    momentum=0.0,
+    ema_decay=0.0,
+    precond_power=0.0,
+    *,
+    batch_size,
+    target: float,
+    max_steps: int,
+    phases: Phases | None = None,
+    window: int = 16,
+) -> np.ndarray:
     """First step t <= max_steps with expected risk strictly below target (NaN if none).
 
     Exact integer; see ``cbs.nqm._crossing.search_steps`` for how the first crossing is
     guaranteed (certified) when the risk is not monotone; ``evaluate_grid`` returns the
     per-cell flag ``crossing_certified``. Returns shape (C, nB) like :func:`evaluate_grid`.
     """
-    return evaluate_grid(problem, kind, lr, momentum, ema_decay, precond_power,
-                         batch_sizes=np.atleast_1d(batch_size), target=target, max_steps=max_steps,
-                         phases=phases, window=window)["steps"]
+    return evaluate_grid(
+        problem,
+        kind,
+        lr,
+        momentum,
+        ema_decay,
+        precond_power,
+        batch_sizes=np.atleast_1d(batch_size),
+        target=target,
+        max_steps=max_steps,
+        phases=phases,
+        window=window,
+    )["steps"]
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "ema", "K"))
 def _curves(prob, cfg, batch, phases, steps, *, kind, ema, K):
     def one(x):
         lr, beta, gamma, power, b = x
-        return expected_risk_curve(prob, lr, beta, gamma, power, b, phases, steps,
-                                       kind=kind, ema=ema, K=K)
+        return expected_risk_curve(
+            prob, lr, beta, gamma, power, b, phases, steps, kind=kind, ema=ema, K=K
+        )
+
     return jax.lax.map(one, (*cfg, batch), batch_size=64)
 
 
-def expected_risk(problem: NQMProblem, kind: str, lr, momentum=0.0, ema_decay=0.0, precond_power=0.0, *,
-                  batch_sizes, steps, phases: Phases | None = None) -> np.ndarray:
+def expected_risk(
+    problem: NQMProblem,
+    kind: str,
+    lr,
+    momentum=0.0,
+    ema_decay=0.0,
+    precond_power=0.0,
+    *,
+    batch_sizes,
+    steps,
+    phases: Phases | None = None,
+) -> np.ndarray:
     """Exact expected risk E[L(theta_t)] at the given steps, shape (C, nB, Q).
 
     L(t; B) = Det(t) + Noise(t) / B for constant phases; across phases the full second-moment
@@ -179,9 +282,16 @@ def expected_risk(problem: NQMProblem, kind: str, lr, momentum=0.0, ema_decay=0.
     pad = _bucket(C) - C
     cfg = [np.concatenate([x, np.repeat(x[-1:], pad, 0)]) for x in (lr, beta, gamma, power, batch)]
     with jax.enable_x64(True):
-        out = _curves(_prob(problem), tuple(jnp.asarray(x) for x in cfg[:4]),
-                      jnp.asarray(cfg[4]), Phases(*(jnp.asarray(p) for p in phases)), jnp.asarray(steps),
-                      kind=kind, ema=bool(np.any(gamma > 0)), K=num_levels(int(steps.max())))
+        out = _curves(
+            _prob(problem),
+            tuple(jnp.asarray(x) for x in cfg[:4]),
+            jnp.asarray(cfg[4]),
+            Phases(*(jnp.asarray(p) for p in phases)),
+            jnp.asarray(steps),
+            kind=kind,
+            ema=bool(np.any(gamma > 0)),
+            K=num_levels(int(steps.max())),
+        )
         return np.asarray(out)[:C]
 
 

@@ -45,8 +45,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["KINDS", "Phases", "constant_phases", "state_dim", "linear_system", "moment_system",
-           "expected_risk_curve", "final_risk"]
+__all__ = [
+    "KINDS",
+    "Phases",
+    "constant_phases",
+    "state_dim",
+    "linear_system",
+    "moment_system",
+    "expected_risk_curve",
+    "final_risk",
+]
 
 KINDS = ("sgd", "momentum", "nesterov")
 
@@ -59,6 +67,7 @@ class Phases(NamedTuple):
         lr_mult: LR of each phase as a multiple of the cell's LR, shape (P,).
         batch_mult: batch size of each phase as a multiple of the cell's B, shape (P,).
     """
+
     steps: np.ndarray
     lr_mult: np.ndarray
     batch_mult: np.ndarray
@@ -129,8 +138,10 @@ def moment_system(kind: str, ema: bool, h, c_noise, m0, lr, beta, gamma, power):
     I, J = _vech_pairs(k)
     offdiag = (I != J).astype(np.float64)
     # S'_ij = sum_{k<=l} (A_ik A_jl + [k != l] A_il A_jk) s_kl
-    M = (A[:, I[:, None], I[None, :]] * A[:, J[:, None], J[None, :]]
-         + offdiag[None, None, :] * A[:, I[:, None], J[None, :]] * A[:, J[:, None], I[None, :]])
+    M = (
+        A[:, I[:, None], I[None, :]] * A[:, J[:, None], J[None, :]]
+        + offdiag[None, None, :] * A[:, I[:, None], J[None, :]] * A[:, J[:, None], I[None, :]]
+    )
     r = n[:, None] * b[:, I] * b[:, J]
     s0 = m0[:, None] * jnp.asarray(d[I] * d[J])[None, :]
     read = (2.0 - (I == J)) * c[I] * c[J]
@@ -141,8 +152,9 @@ def moment_system(kind: str, ema: bool, h, c_noise, m0, lr, beta, gamma, power):
 
 def _matmul(X, Y):
     m = X.shape[0]
-    return jnp.stack([jnp.stack([sum(X[i, j] * Y[j, k] for j in range(m)) for k in range(m)])
-                      for i in range(m)])
+    return jnp.stack(
+        [jnp.stack([sum(X[i, j] * Y[j, k] for j in range(m)) for k in range(m)]) for i in range(m)]
+    )
 
 
 def _matvec(X, v):
@@ -152,9 +164,11 @@ def _matvec(X, v):
 
 def _tables(M, r, K: int):
     """(M^(2^j), sum_{i<2^j} M^i r) for j < K, shapes (K, m, m, nb), (K, m, nb)."""
+
     def square(carry, _):
         Mj, Rj = carry
         return (_matmul(Mj, Mj), _matvec(Mj, Rj) + Rj), carry
+
     _, (Ms, Rs) = jax.lax.scan(square, (M, r), None, length=K)
     return Ms, Rs
 
@@ -162,16 +176,22 @@ def _tables(M, r, K: int):
 # The hot loops below keep the m moment components as separate arrays (a tuple) rather than
 # one stacked array: under vmap a component slice of a stacked state is a strided copy.
 
+
 def _as_tuple_tables(Ms, Rs):
     m = Rs.shape[1]
-    return (tuple(tuple(Ms[:, i, j] for j in range(m)) for i in range(m)), tuple(Rs[:, i] for i in range(m)))
+    return (
+        tuple(tuple(Ms[:, i, j] for j in range(m)) for i in range(m)),
+        tuple(Rs[:, i] for i in range(m)),
+    )
 
 
 def _apply_t(Mt, Rt, st, inv_b):
     """One affine power on a tuple state st[i] (nB, nb); Mt[i][j], Rt[i] of shape (nb,)."""
     m = len(st)
-    return tuple(sum(Mt[i][j][None] * st[j] for j in range(m)) + Rt[i][None] * inv_b[:, None]
-                 for i in range(m))
+    return tuple(
+        sum(Mt[i][j][None] * st[j] for j in range(m)) + Rt[i][None] * inv_b[:, None]
+        for i in range(m)
+    )
 
 
 def _risk_t(st, read, w):
@@ -217,8 +237,9 @@ def _config_system(kind, ema, prob, lr, beta, gamma, power):
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "ema", "K"))
-def expected_risk_curve(prob, lr, beta, gamma, power, batch, phases: Phases, steps, *,
-                        kind: str, ema: bool, K: int):
+def expected_risk_curve(
+    prob, lr, beta, gamma, power, batch, phases: Phases, steps, *, kind: str, ema: bool, K: int
+):
     """Exact expected risk at the given global steps (Q,) for each batch size (nB,).
 
     Returns shape (nB, Q). Steps must be < 2^K; the schedule's phases are composed exactly
@@ -254,8 +275,9 @@ def expected_risk_curve(prob, lr, beta, gamma, power, batch, phases: Phases, ste
     return out
 
 
-def final_risk(prob, lr, beta, gamma, power, batch, lr_mults, piece_steps, *, kind: str,
-               ema: bool, K: int):
+def final_risk(
+    prob, lr, beta, gamma, power, batch, lr_mults, piece_steps, *, kind: str, ema: bool, K: int
+):
     """Risk after len(lr_mults) pieces of ``piece_steps`` steps (traceable, differentiable in
     lr_mults); ``piece_steps`` is one length for every piece or one per piece (a piece of
     0 steps is skipped); batch is a scalar. Used to optimize piecewise-constant schedules."""

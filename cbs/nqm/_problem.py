@@ -28,6 +28,7 @@ class NQMProblem:
         m0: initial second moment E[theta(0)^2] of each bin, shape (nb,).
         count: how many coordinates each bin holds, shape (nb,); sum = dimension d.
     """
+
     h: np.ndarray
     c: np.ndarray
     m0: np.ndarray
@@ -39,7 +40,12 @@ class NQMProblem:
         n = self.h.shape
         if not (self.c.shape == self.m0.shape == self.count.shape == n) or len(n) != 1:
             raise ValueError("h, c, m0 and count must be 1-D arrays of one length")
-        if np.any(self.h <= 0) or np.any(self.c < 0) or np.any(self.m0 < 0) or np.any(self.count < 0):
+        if (
+            np.any(self.h <= 0)
+            or np.any(self.c < 0)
+            or np.any(self.m0 < 0)
+            or np.any(self.count < 0)
+        ):
             raise ValueError("need h > 0, c >= 0, m0 >= 0, count >= 0")
 
     @property
@@ -85,8 +91,13 @@ def custom_problem(h, c=None, m0=1.0, count=None) -> NQMProblem:
     return NQMProblem(h=h, c=c, m0=m0, count=count)
 
 
-def power_law_problem(dim: int = 10_000, power: float = 1.0, noise: str | np.ndarray = "hessian",
-                      noise_scale: float = 1.0, m0: float = 1.0) -> NQMProblem:
+def power_law_problem(
+    dim: int = 10_000,
+    power: float = 1.0,
+    noise: str | np.ndarray = "hessian",
+    noise_scale: float = 1.0,
+    m0: float = 1.0,
+) -> NQMProblem:
     """h_i = i^-power, i = 1..dim; noise c = noise_scale * h ("hessian") or * 1 ("identity")."""
     h = np.arange(1, dim + 1, dtype=np.float64) ** (-power)
     return custom_problem(h, _noise(h, noise, noise_scale), m0)

@@ -91,7 +91,10 @@ def schedule_phases(schedule, max_steps: int, max_phases: int = 256) -> tuple[Ph
     elif kind == "piecewise":
         if not schedule.pieces:
             raise ValueError("piecewise schedule needs pieces [[steps, lr_mult], ...]")
-        base = [(int(s), float(m), _growth(schedule.batch_growth, i)) for i, (s, m) in enumerate(schedule.pieces)]
+        base = [
+            (int(s), float(m), _growth(schedule.batch_growth, i))
+            for i, (s, m) in enumerate(schedule.pieces)
+        ]
     elif kind in ("cosine", "linear_decay"):
         horizon = schedule.horizon or max_steps
         f = schedule.final_lr_fraction

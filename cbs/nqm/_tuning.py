@@ -15,8 +15,15 @@ from cbs.nqm._grid import _prob, evaluate_grid, num_levels
 from cbs.nqm._moments import final_risk
 from cbs.nqm._problem import NQMProblem
 
-__all__ = ["best_on_grid", "refine_lr", "optimize_pwc", "pwc_lr_cap", "pwc_piece_lengths",
-           "best_constant_below_cap", "lower_bound_steps"]
+__all__ = [
+    "best_on_grid",
+    "refine_lr",
+    "optimize_pwc",
+    "pwc_lr_cap",
+    "pwc_piece_lengths",
+    "best_constant_below_cap",
+    "lower_bound_steps",
+]
 
 _INV_PHI = (math.sqrt(5) - 1) / 2
 
@@ -36,9 +43,22 @@ def best_on_grid(steps: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(np.min(filled, axis=0)), idx, -1)
 
 
-def refine_lr(problem: NQMProblem, kind: str, lr0, momentum, ema_decay, precond_power, batch_size, *,
-              target: float, max_steps: int, phases=None, ratio: float = 2.0, iters: int = 30,
-              window: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def refine_lr(
+    problem: NQMProblem,
+    kind: str,
+    lr0,
+    momentum,
+    ema_decay,
+    precond_power,
+    batch_size,
+    *,
+    target: float,
+    max_steps: int,
+    phases=None,
+    ratio: float = 2.0,
+    iters: int = 30,
+    window: int = 16,
+) -> tuple[np.ndarray, np.ndarray]:
     """Golden-section search on log LR in [lr0 / ratio, lr0 * ratio], all configs at once.
 
     The objective is the exact integer step count (censored = +inf), which is unimodal in
@@ -53,7 +73,11 @@ def refine_lr(problem: NQMProblem, kind: str, lr0, momentum, ema_decay, precond_
         (steps, lr): the best step count found (NaN if none) and its LR, each (R,).
     """
     lr0, momentum, ema_decay, precond_power, batch_size, ratio = np.broadcast_arrays(
-        *(np.asarray(x, np.float64) for x in (lr0, momentum, ema_decay, precond_power, batch_size, ratio)))
+        *(
+            np.asarray(x, np.float64)
+            for x in (lr0, momentum, ema_decay, precond_power, batch_size, ratio)
+        )
+    )
     R = len(lr0)
     # Every evaluation is one evaluate_grid call over all R searches, padded (repeating the
     # last) to a power of two >= 64 rows, so that sweeps of similar size share one program.
@@ -63,8 +87,17 @@ def refine_lr(problem: NQMProblem, kind: str, lr0, momentum, ema_decay, precond_
     batch_col = fill(batch_size)[:, None]
 
     def f(log_lr):
-        out = evaluate_grid(problem, kind, np.exp(fill(log_lr)), *hp, batch_sizes=batch_col, target=target,
-                            max_steps=max_steps, phases=phases, window=window)["steps"][:R, 0]
+        out = evaluate_grid(
+            problem,
+            kind,
+            np.exp(fill(log_lr)),
+            *hp,
+            batch_sizes=batch_col,
+            target=target,
+            max_steps=max_steps,
+            phases=phases,
+            window=window,
+        )["steps"][:R, 0]
         return np.where(np.isnan(out), np.inf, out)
 
     # (A golden section of its own, not the S(B) fitter's in cbs.analysis._model: here each
@@ -100,14 +133,30 @@ def pwc_lr_cap(problem: NQMProblem, precond_power: float) -> float:
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "ema", "K", "num_pieces", "opt_steps"))
-def _pwc_final(prob, cap, beta, gamma, power, batch, piece_steps, z_init, *, kind, ema, K, num_pieces, opt_steps):
+def _pwc_final(
+    prob,
+    cap,
+    beta,
+    gamma,
+    power,
+    batch,
+    piece_steps,
+    z_init,
+    *,
+    kind,
+    ema,
+    K,
+    num_pieces,
+    opt_steps,
+):
     """Optimized final risk and log LR multipliers for each (batch, piece_steps) row."""
     opt = optax.adam(0.1)
 
     def loss(z, b, k):
         # z = log(lr / cap) <= 0 after projection; optimize the log risk (spans decades).
-        return jnp.log(final_risk(prob, cap, beta, gamma, power, b, jnp.exp(z), k,
-                                      kind=kind, ema=ema, K=K))
+        return jnp.log(
+            final_risk(prob, cap, beta, gamma, power, b, jnp.exp(z), k, kind=kind, ema=ema, K=K)
+        )
 
     def solve(b, k, z0):
 
@@ -120,7 +169,9 @@ def _pwc_final(prob, cap, beta, gamma, power, batch, piece_steps, z_init, *, kin
             upd, state = opt.update(g, state, z)
             return (jnp.minimum(optax.apply_updates(z, upd), 0.0), state, best_l, best_z), None
 
-        (z, _, best_l, best_z), _ = jax.lax.scan(step, (z0, opt.init(z0), jnp.inf, z0), None, length=opt_steps)
+        (z, _, best_l, best_z), _ = jax.lax.scan(
+            step, (z0, opt.init(z0), jnp.inf, z0), None, length=opt_steps
+        )
         last = loss(z, b, k)
         return jnp.where(last < best_l, last, best_l), jnp.where(last < best_l, z, best_z)
 
@@ -136,9 +187,20 @@ def pwc_piece_lengths(total_steps, num_pieces: int) -> np.ndarray:
     return t // num_pieces + (i < t % num_pieces)
 
 
-def best_constant_below_cap(problem: NQMProblem, kind: str, batch_sizes, cap, *, target: float, max_steps: int,
-                            momentum: float = 0.0, ema_decay: float = 0.0, precond_power: float = 0.0,
-                            num: int = 64, decades: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
+def best_constant_below_cap(
+    problem: NQMProblem,
+    kind: str,
+    batch_sizes,
+    cap,
+    *,
+    target: float,
+    max_steps: int,
+    momentum: float = 0.0,
+    ema_decay: float = 0.0,
+    precond_power: float = 0.0,
+    num: int = 64,
+    decades: float = 8.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """The constant LR <= cap with the fewest exact steps to target, per batch size.
 
     A log grid of ``num`` LRs over ``decades`` below the cap, then golden-section refinement
@@ -150,25 +212,60 @@ def best_constant_below_cap(problem: NQMProblem, kind: str, batch_sizes, cap, *,
     frac = np.logspace(-decades, 0, num)
     lrs = (cap[:, None] * frac[None]).ravel()
     bs = np.repeat(batch, num)
-    out = evaluate_grid(problem, kind, lrs, np.full_like(lrs, momentum), np.full_like(lrs, ema_decay),
-                        np.full_like(lrs, precond_power), batch_sizes=bs[:, None], target=target,
-                        max_steps=max_steps)["steps"][:, 0].reshape(len(batch), num)
+    out = evaluate_grid(
+        problem,
+        kind,
+        lrs,
+        np.full_like(lrs, momentum),
+        np.full_like(lrs, ema_decay),
+        np.full_like(lrs, precond_power),
+        batch_sizes=bs[:, None],
+        target=target,
+        max_steps=max_steps,
+    )["steps"][:, 0].reshape(len(batch), num)
     j = best_on_grid(out.T)
     steps = np.where(j >= 0, out[np.arange(len(batch)), np.maximum(j, 0)], np.nan)
     lr = cap * frac[np.maximum(j, 0)]
     ratio = frac[1] / frac[0]
     # bracket [lr0 / ratio, lr0 * ratio] kept below the cap
     lr0 = np.minimum(lr, cap / ratio)
-    r_steps, r_lr = refine_lr(problem, kind, lr0, momentum, ema_decay, precond_power, batch, target=target,
-                              max_steps=max_steps, ratio=ratio, iters=20)
-    better = (j >= 0) & np.isfinite(r_steps) & (r_steps < np.where(np.isnan(steps), np.inf, steps)) & (r_lr <= cap)
+    r_steps, r_lr = refine_lr(
+        problem,
+        kind,
+        lr0,
+        momentum,
+        ema_decay,
+        precond_power,
+        batch,
+        target=target,
+        max_steps=max_steps,
+        ratio=ratio,
+        iters=20,
+    )
+    better = (
+        (j >= 0)
+        & np.isfinite(r_steps)
+        & (r_steps < np.where(np.isnan(steps), np.inf, steps))
+        & (r_lr <= cap)
+    )
     return np.where(better, r_steps, steps), np.where(better, r_lr, lr)
 
 
-def optimize_pwc(problem: NQMProblem, kind: str, batch_sizes, *, target: float, max_steps: int,
-                 num_pieces: int = 10, lr_cap=None, momentum: float = 0.0, ema_decay: float = 0.0,
-                 precond_power: float = 0.0, opt_steps: int = 150,
-                 rel_tol: float = 0.0) -> dict[str, np.ndarray]:
+def optimize_pwc(
+    problem: NQMProblem,
+    kind: str,
+    batch_sizes,
+    *,
+    target: float,
+    max_steps: int,
+    num_pieces: int = 10,
+    lr_cap=None,
+    momentum: float = 0.0,
+    ema_decay: float = 0.0,
+    precond_power: float = 0.0,
+    opt_steps: int = 150,
+    rel_tol: float = 0.0,
+) -> dict[str, np.ndarray]:
     """Optimal piecewise-constant LR schedules (paper Fig. 3b), batched over batch sizes.
 
     For a horizon of T steps split into ``num_pieces`` pieces of as equal as possible
@@ -209,21 +306,49 @@ def optimize_pwc(problem: NQMProblem, kind: str, batch_sizes, *, target: float, 
         lengths = pwc_piece_lengths(total, num_pieces)
         with jax.enable_x64(True):
             prob = _prob(problem)
-            fn = jax.vmap(lambda c, b, kk, z: _pwc_final(
-                prob, c, momentum, ema_decay, precond_power, b[None], kk[None], z[None], kind=kind, ema=ema,
-                K=K, num_pieces=num_pieces, opt_steps=opt_steps))
-            l, z = fn(jnp.asarray(cap), jnp.asarray(batch), jnp.asarray(lengths, jnp.int64), jnp.asarray(z_init))
+            fn = jax.vmap(
+                lambda c, b, kk, z: _pwc_final(
+                    prob,
+                    c,
+                    momentum,
+                    ema_decay,
+                    precond_power,
+                    b[None],
+                    kk[None],
+                    z[None],
+                    kind=kind,
+                    ema=ema,
+                    K=K,
+                    num_pieces=num_pieces,
+                    opt_steps=opt_steps,
+                )
+            )
+            l, z = fn(
+                jnp.asarray(cap),
+                jnp.asarray(batch),
+                jnp.asarray(lengths, jnp.int64),
+                jnp.asarray(z_init),
+            )
             return np.asarray(l)[:, 0], np.asarray(z)[:, 0]
 
     log_t = math.log(target)
-    c_steps, c_lr = best_constant_below_cap(problem, kind, batch, cap, target=target, max_steps=max_steps,
-                                            momentum=momentum, ema_decay=ema_decay, precond_power=precond_power)
+    c_steps, c_lr = best_constant_below_cap(
+        problem,
+        kind,
+        batch,
+        cap,
+        target=target,
+        max_steps=max_steps,
+        momentum=momentum,
+        ema_decay=ema_decay,
+        precond_power=precond_power,
+    )
     const_ok = np.isfinite(c_steps)
-    lo = np.zeros(nB, np.int64)            # invariant: T = lo does not reach (T = 0: initial risk)
+    lo = np.zeros(nB, np.int64)  # invariant: T = lo does not reach (T = 0: initial risk)
     hi = np.where(const_ok, np.nan_to_num(c_steps, nan=max_steps), max_steps).astype(np.int64)
     best_z = np.repeat(np.where(const_ok, np.log(c_lr / cap), -1.0)[:, None], num_pieces, axis=1)
     reached = const_ok.copy()
-    if not const_ok.all():                 # no constant LR reaches: try the longest horizon
+    if not const_ok.all():  # no constant LR reaches: try the longest horizon
         l_max, z_max = run(hi, best_z)
         new = ~const_ok & (l_max < log_t)
         reached |= new
@@ -240,5 +365,11 @@ def optimize_pwc(problem: NQMProblem, kind: str, batch_sizes, *, target: float, 
         lo = np.where(open_ & ~ok, mid, lo)
         best_z = np.where((open_ & ok)[:, None], z_mid, best_z)
     steps = np.where(reached, hi, np.nan).astype(np.float64)
-    return dict(steps=steps, reached=reached, piece_steps=np.where(reached, hi / num_pieces, -1.0),
-                lrs=cap[:, None] * np.exp(best_z), constant_steps=c_steps, constant_lr=c_lr)
+    return dict(
+        steps=steps,
+        reached=reached,
+        piece_steps=np.where(reached, hi / num_pieces, -1.0),
+        lrs=cap[:, None] * np.exp(best_z),
+        constant_steps=c_steps,
+        constant_lr=c_lr,
+    )

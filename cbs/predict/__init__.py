@@ -9,34 +9,34 @@ the config (:mod:`cbs.predict._forecast`). See :func:`predict` for the Python en
 """
 
 from cbs.predict._calibrate import (
-                                    Calibration,
-                                    OptimizerMap,
-                                    adam_power,
-                                    map_optimizer,
-                                    nqm_from_measurement,
+    Calibration,
+    OptimizerMap,
+    adam_power,
+    map_optimizer,
+    nqm_from_measurement,
 )
 from cbs.predict._forecast import (
-                                    Forecast,
-                                    anchor_target,
-                                    effective_batch,
-                                    forecast,
-                                    tuned_steps,
+    Forecast,
+    anchor_target,
+    effective_batch,
+    forecast,
+    tuned_steps,
 )
 from cbs.predict._run import Prediction, PredictOptions, measure_network, predict
 
 __all__ = [
-                                    "Calibration",
-                                    "Forecast",
-                                    "OptimizerMap",
-                                    "PredictOptions",
-                                    "Prediction",
-                                    "adam_power",
-                                    "anchor_target",
-                                    "effective_batch",
-                                    "forecast",
-                                    "map_optimizer",
-                                    "measure_network",
-                                    "nqm_from_measurement",
-                                    "predict",
-                                    "tuned_steps",
+    "Calibration",
+    "Forecast",
+    "OptimizerMap",
+    "PredictOptions",
+    "Prediction",
+    "adam_power",
+    "anchor_target",
+    "effective_batch",
+    "forecast",
+    "map_optimizer",
+    "measure_network",
+    "nqm_from_measurement",
+    "predict",
+    "tuned_steps",
 ]

@@ -46,11 +46,12 @@ ADAM_LIKE = ("adam", "adamw", "adafactor", "lion", "signum", "muon", "soap")
 @dataclasses.dataclass(frozen=True)
 class Calibration:
     """The calibrated NQM and how it was put together."""
-    problem: object            # cbs.nqm Problem (bins of h, c, m0, count)
+
+    problem: object  # cbs.nqm Problem (bins of h, c, m0, count)
     num_top: int
     bulk_count: float
-    kappa: float               # bulk noise c = kappa h
-    dropped_flat_mass: float   # eigenvalue count below floor * h_1 (left out)
+    kappa: float  # bulk noise c = kappa h
+    dropped_flat_mass: float  # eigenvalue count below floor * h_1 (left out)
     notes: tuple[str, ...]
 
 
@@ -68,21 +69,25 @@ def _bulk_bins(nodes, weights, dim, h_top_min, h_floor, num_bins):
     return hsum[keep] / count[keep], count[keep], dropped
 
 
-def nqm_from_measurement(meas, *, num_bins: int = 40, floor: float = 1e-6,
-                         bulk_noise: str = "trace") -> Calibration:
+def nqm_from_measurement(
+    meas, *, num_bins: int = 40, floor: float = 1e-6, bulk_noise: str = "trace"
+) -> Calibration:
     """The NQM of a :class:`cbs.train.spectrum.Measurement` (rules in the module docstring)."""
     notes = []
     h1 = float(meas.top_h[0])
     if not h1 > 0:
-        raise ValueError(f"the largest curvature eigenvalue is {h1:g}: no positive curvature to model")
+        raise ValueError(
+            f"the largest curvature eigenvalue is {h1:g}: no positive curvature to model"
+        )
     h_floor = floor * h1
     keep = meas.top_h > h_floor
     top_h, top_c, top_g = meas.top_h[keep], meas.top_var[keep], meas.top_grad[keep]
     k = int(keep.sum())
-    h_b, count_b, dropped = _bulk_bins(meas.slq_nodes, meas.slq_weights, meas.dim, float(top_h[-1]) * (1 - 1e-6),
-                                       h_floor, num_bins)
+    h_b, count_b, dropped = _bulk_bins(
+        meas.slq_nodes, meas.slq_weights, meas.dim, float(top_h[-1]) * (1 - 1e-6), h_floor, num_bins
+    )
     room = max(meas.dim - k, 0)
-    if room == 0:                      # every direction is a top one: no bulk
+    if room == 0:  # every direction is a top one: no bulk
         h_b, count_b = h_b[:0], count_b[:0]
     elif count_b.sum() > room:
         count_b = count_b * room / count_b.sum()
@@ -92,11 +97,13 @@ def nqm_from_measurement(meas, *, num_bins: int = 40, floor: float = 1e-6,
         denom = float(np.sum(count_b * h_b))
     elif bulk_noise == "curvature":
         rest = meas.trace_c_sigma - float(np.sum(top_h * top_c))
-        denom = float(np.sum(count_b * h_b ** 2))
+        denom = float(np.sum(count_b * h_b**2))
     else:
         raise ValueError(f"bulk_noise must be 'trace' or 'curvature', not {bulk_noise!r}")
     if rest < 0:
-        notes.append(f"top directions already hold more noise than the {bulk_noise} total: bulk noise 0")
+        notes.append(
+            f"top directions already hold more noise than the {bulk_noise} total: bulk noise 0"
+        )
     kappa = max(rest, 0.0) / denom if denom > 0 else 0.0
     # Start: from the gradient (G . v = h m^(1/2) on a quadratic) or, when the measurement
     # carries one, from the displacement delta = theta_0 - theta (delta . v = m^(1/2)).
@@ -106,7 +113,7 @@ def nqm_from_measurement(meas, *, num_bins: int = 40, floor: float = 1e-6,
         nodes, weights, power = meas.disp_nodes, meas.disp_weights, 0
         top_m = top_e
     else:
-        total, top_e = meas.grad_sq, top_g ** 2
+        total, top_e = meas.grad_sq, top_g**2
         nodes, weights, power = meas.grad_nodes, meas.grad_weights, 2
         top_m = (top_g / top_h) ** 2
     gn, gw = np.asarray(nodes, np.float64), np.asarray(weights, np.float64)
@@ -129,9 +136,9 @@ def nqm_from_measurement(meas, *, num_bins: int = 40, floor: float = 1e-6,
 
 def adam_power(meas, batch_size: float, eps: float = 1e-8) -> float:
     """p of P = H^p for a diagonal second-moment preconditioner at batch size B (see module)."""
-    diag_sigma = np.maximum(meas.second_moment - meas.grad ** 2, 0.0)
-    precond = np.sqrt(meas.grad ** 2 + diag_sigma / batch_size) + eps
-    r = (meas.top_vectors ** 2) @ precond
+    diag_sigma = np.maximum(meas.second_moment - meas.grad**2, 0.0)
+    precond = np.sqrt(meas.grad**2 + diag_sigma / batch_size) + eps
+    r = (meas.top_vectors**2) @ precond
     ok = (meas.top_h > 0) & (r > 0)
     if ok.sum() < 2 or np.ptp(np.log(meas.top_h[ok])) == 0:
         return 0.5
@@ -142,10 +149,11 @@ def adam_power(meas, batch_size: float, eps: float = 1e-8) -> float:
 @dataclasses.dataclass(frozen=True)
 class OptimizerMap:
     """The NQM counterpart of one real optimizer."""
-    kind: str                  # NQM kind: sgd, momentum, nesterov
+
+    kind: str  # NQM kind: sgd, momentum, nesterov
     momentum: float
     precond_power: float
-    rule: str                  # how it was chosen
+    rule: str  # how it was chosen
 
 
 def map_optimizer(kind: str, hparams: dict, meas, anchor_batch: float) -> OptimizerMap:
@@ -161,7 +169,11 @@ def map_optimizer(kind: str, hparams: dict, meas, anchor_batch: float) -> Optimi
         p = adam_power(meas, anchor_batch, float(hparams.get("eps", 1e-8)))
         beta = float(hparams.get("b1", hparams.get("momentum", 0.0)))
         nqm_kind = "momentum" if beta > 0 else "sgd"
-        return OptimizerMap(nqm_kind, beta if beta > 0 else 0.0, p,
-                            f"P = C^p, p = {p:.2f} measured from sqrt(E g_B^2) on the top eigenvectors"
-                            + (f", heavy-ball beta={beta:g}" if beta > 0 else ""))
+        return OptimizerMap(
+            nqm_kind,
+            beta if beta > 0 else 0.0,
+            p,
+            f"P = C^p, p = {p:.2f} measured from sqrt(E g_B^2) on the top eigenvectors"
+            + (f", heavy-ball beta={beta:g}" if beta > 0 else ""),
+        )
     raise ValueError(f"no NQM counterpart for optimizer kind {kind!r}")

@@ -33,12 +33,23 @@ def effective_batch(batch_sizes, num_train: int | None):
 
 def _lr_grid(problem, kind, momentum, power, num):
     lam_max = float(np.max(problem.h ** (1.0 - power)))
-    hi = 2.0 * (1.0 + momentum) / lam_max * 1.2      # just past the deterministic stability edge
+    hi = 2.0 * (1.0 + momentum) / lam_max * 1.2  # just past the deterministic stability edge
     return np.geomspace(hi * 1e-6, hi, num)
 
 
-def tuned_steps(problem, kind, momentum, power, batch_sizes, target, *, max_steps=10**8, num_lrs=41,
-                refine=True, lrs=None):
+def tuned_steps(
+    problem,
+    kind,
+    momentum,
+    power,
+    batch_sizes,
+    target,
+    *,
+    max_steps=10**8,
+    num_lrs=41,
+    refine=True,
+    lrs=None,
+):
     """Steps to target with the LR tuned per batch size: (steps (nB,), lr (nB,)); NaN = never.
 
     ``lrs``: tune over exactly these LRs (no refinement) instead of a log grid up to the
@@ -48,24 +59,55 @@ def tuned_steps(problem, kind, momentum, power, batch_sizes, target, *, max_step
         lrs, refine = np.sort(np.asarray(lrs, np.float64)), False
     else:
         lrs = _lr_grid(problem, kind, momentum, power, num_lrs)
-    out = evaluate_grid(problem, kind, lrs, momentum, 0.0, power, batch_sizes=np.asarray(batch_sizes, np.float64),
-                        target=target, max_steps=max_steps, certify=False)
+    out = evaluate_grid(
+        problem,
+        kind,
+        lrs,
+        momentum,
+        0.0,
+        power,
+        batch_sizes=np.asarray(batch_sizes, np.float64),
+        target=target,
+        max_steps=max_steps,
+        certify=False,
+    )
     idx = best_on_grid(out["steps"])
     steps = np.where(idx >= 0, out["steps"][np.maximum(idx, 0), np.arange(len(idx))], np.nan)
     lr = np.where(idx >= 0, lrs[np.maximum(idx, 0)], np.nan)
     if refine and np.any(idx >= 0) and len(lrs) > 1:
         ok = idx >= 0
         ratio = lrs[1] / lrs[0]
-        s_ref, lr_ref = refine_lr(problem, kind, lr[ok], momentum, 0.0, power, np.asarray(batch_sizes)[ok],
-                                  target=target, max_steps=max_steps, ratio=ratio, iters=20)
+        s_ref, lr_ref = refine_lr(
+            problem,
+            kind,
+            lr[ok],
+            momentum,
+            0.0,
+            power,
+            np.asarray(batch_sizes)[ok],
+            target=target,
+            max_steps=max_steps,
+            ratio=ratio,
+            iters=20,
+        )
         better = np.isfinite(s_ref) & (s_ref <= steps[ok])
         steps[ok] = np.where(better, s_ref, steps[ok])
         lr[ok] = np.where(better, lr_ref, lr[ok])
     return steps, lr
 
 
-def anchor_target(problem, kind, momentum, power, anchor_batch, anchor_steps, *, iters=40, max_steps=10**8,
-                  lrs=None):
+def anchor_target(
+    problem,
+    kind,
+    momentum,
+    power,
+    anchor_batch,
+    anchor_steps,
+    *,
+    iters=40,
+    max_steps=10**8,
+    lrs=None,
+):
     """The NQM target risk whose tuned steps at anchor_batch equal anchor_steps.
 
     Steps to target fall as the target rises, so bisection on log target brackets the
@@ -73,17 +115,18 @@ def anchor_target(problem, kind, momentum, power, anchor_batch, anchor_steps, *,
     Returns (target, nqm steps at the anchor).
     """
     b = np.atleast_1d(float(anchor_batch))
-    hi = problem.initial_risk             # risk < initial risk: a few steps suffice
+    hi = problem.initial_risk  # risk < initial risk: a few steps suffice
     lo = hi * 1e-12
-    f = lambda t: tuned_steps(problem, kind, momentum, power, b, t, max_steps=max_steps, refine=False,
-                              lrs=lrs)[0][0]
+    f = lambda t: tuned_steps(
+        problem, kind, momentum, power, b, t, max_steps=max_steps, refine=False, lrs=lrs
+    )[0][0]
     s_hi = f(hi)
     for _ in range(iters):
         mid = np.sqrt(lo * hi)
         s = f(mid)
         if np.isfinite(s) and s <= anchor_steps:
             hi, s_hi = mid, s
-            if s == anchor_steps:         # integer steps: any target in this band will do
+            if s == anchor_steps:  # integer steps: any target in this band will do
                 break
         else:
             lo = mid
@@ -95,6 +138,7 @@ def anchor_target(problem, kind, momentum, power, anchor_batch, anchor_steps, *,
 @dataclasses.dataclass
 class Forecast:
     """S(B) forecast for one optimizer."""
+
     batch_sizes: np.ndarray
     steps: np.ndarray
     nqm_lr: np.ndarray
@@ -104,8 +148,19 @@ class Forecast:
     anchor_nqm_steps: float
 
 
-def forecast(problem, kind, momentum, power, batch_sizes, anchor_batch, anchor_steps, *, num_train=None,
-             max_steps=10**8, lrs=None) -> Forecast:
+def forecast(
+    problem,
+    kind,
+    momentum,
+    power,
+    batch_sizes,
+    anchor_batch,
+    anchor_steps,
+    *,
+    num_train=None,
+    max_steps=10**8,
+    lrs=None,
+) -> Forecast:
     """Anchor at (anchor_batch, anchor_steps), then tuned NQM steps at every batch size.
 
     ``lrs``: the sweep's own LR grid, for optimizers whose NQM LR is in the network's units
@@ -113,8 +168,18 @@ def forecast(problem, kind, momentum, power, batch_sizes, anchor_batch, anchor_s
     """
     b_eff = effective_batch(batch_sizes, num_train)
     a_eff = float(effective_batch([anchor_batch], num_train)[0])
-    target, a_steps = anchor_target(problem, kind, momentum, power, a_eff, anchor_steps, max_steps=max_steps,
-                                    lrs=lrs)
-    steps, lr = tuned_steps(problem, kind, momentum, power, b_eff, target, max_steps=max_steps, lrs=lrs)
-    return Forecast(np.asarray(batch_sizes, np.float64), steps, lr, target, float(anchor_batch),
-                    float(anchor_steps), float(a_steps))
+    target, a_steps = anchor_target(
+        problem, kind, momentum, power, a_eff, anchor_steps, max_steps=max_steps, lrs=lrs
+    )
+    steps, lr = tuned_steps(
+        problem, kind, momentum, power, b_eff, target, max_steps=max_steps, lrs=lrs
+    )
+    return Forecast(
+        np.asarray(batch_sizes, np.float64),
+        steps,
+        lr,
+        target,
+        float(anchor_batch),
+        float(anchor_steps),
+        float(a_steps),
+    )

@@ -31,43 +31,68 @@ __all__ = ["PredictOptions", "Prediction", "measure_network", "predict", "sweep_
 @dataclasses.dataclass(frozen=True)
 class PredictOptions:
     """How to measure and forecast (CLI flags of the same names with dashes)."""
-    anchor: int | None = None          # anchor batch size (default: the smallest of the grid)
-    seed: int | None = None            # parameters measured: init of this seed (default grid.seeds[0])
-    examples: int = 2048               # training examples the measurement averages over
+
+    anchor: int | None = None  # anchor batch size (default: the smallest of the grid)
+    seed: int | None = None  # parameters measured: init of this seed (default grid.seeds[0])
+    examples: int = 2048  # training examples the measurement averages over
     top_k: int = 16
     lanczos_iters: int = 64
     slq_probes: int = 4
     slq_iters: int = 48
-    noise_examples: int = 128          # examples in the Monte Carlo tr(C Sigma)
-    chunk: int = 64                    # per-example gradients in memory at once
+    noise_examples: int = 128  # examples in the Monte Carlo tr(C Sigma)
+    chunk: int = 64  # per-example gradients in memory at once
     curvature: str = "ggn"
     bulk_noise: str = "trace"
     bins: int = 40
     floor: float = 1e-6
     max_memory_mb: float = 2048.0
-    lr_grid: str = "continuous"        # or "sweep": SGD/momentum pick from the config's LR grid
-    measure_at: str = "target"         # curvature, noise and start measured at theta_T ("init": at theta_0)
-    noise_at: str = "target"           # "target": noise where the anchor run reaches the target; "init"
+    lr_grid: str = "continuous"  # or "sweep": SGD/momentum pick from the config's LR grid
+    measure_at: str = (
+        "target"  # curvature, noise and start measured at theta_T ("init": at theta_0)
+    )
+    noise_at: str = "target"  # "target": noise where the anchor run reaches the target; "init"
 
     def check(self) -> None:
         """One-line ValueError naming the flag, before any compute."""
-        for name, lo in (("examples", 2), ("top_k", 1), ("lanczos_iters", 1), ("slq_probes", 1), ("slq_iters", 2),
-                         ("noise_examples", 2), ("chunk", 1), ("bins", 1)):
+        for name, lo in (
+            ("examples", 2),
+            ("top_k", 1),
+            ("lanczos_iters", 1),
+            ("slq_probes", 1),
+            ("slq_iters", 2),
+            ("noise_examples", 2),
+            ("chunk", 1),
+            ("bins", 1),
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or v < lo:
-                raise PredictOptionError(f"--{name.replace('_', '-')}: got {v!r}; allowed: an integer >= {lo}")
+                raise PredictOptionError(
+                    f"--{name.replace('_', '-')}: got {v!r}; allowed: an integer >= {lo}"
+                )
         if self.top_k > self.lanczos_iters:
-            raise PredictOptionError(f"--top-k: got {self.top_k}; allowed: <= --lanczos-iters ({self.lanczos_iters})")
+            raise PredictOptionError(
+                f"--top-k: got {self.top_k}; allowed: <= --lanczos-iters ({self.lanczos_iters})"
+            )
         if self.curvature not in ("ggn", "hessian"):
-            raise PredictOptionError(f"--curvature: got {self.curvature!r}; allowed: 'ggn', 'hessian'")
+            raise PredictOptionError(
+                f"--curvature: got {self.curvature!r}; allowed: 'ggn', 'hessian'"
+            )
         if self.bulk_noise not in ("trace", "curvature"):
-            raise PredictOptionError(f"--bulk-noise: got {self.bulk_noise!r}; allowed: 'trace', 'curvature'")
+            raise PredictOptionError(
+                f"--bulk-noise: got {self.bulk_noise!r}; allowed: 'trace', 'curvature'"
+            )
         if self.lr_grid not in ("sweep", "continuous"):
-            raise PredictOptionError(f"--lr-grid: got {self.lr_grid!r}; allowed: 'sweep', 'continuous'")
+            raise PredictOptionError(
+                f"--lr-grid: got {self.lr_grid!r}; allowed: 'sweep', 'continuous'"
+            )
         if self.measure_at not in ("target", "init"):
-            raise PredictOptionError(f"--measure-at: got {self.measure_at!r}; allowed: 'target', 'init'")
+            raise PredictOptionError(
+                f"--measure-at: got {self.measure_at!r}; allowed: 'target', 'init'"
+            )
         if self.noise_at not in ("target", "init"):
-            raise PredictOptionError(f"--noise-at: got {self.noise_at!r}; allowed: 'target', 'init'")
+            raise PredictOptionError(
+                f"--noise-at: got {self.noise_at!r}; allowed: 'target', 'init'"
+            )
         if not 0 < self.floor < 1:
             raise PredictOptionError(f"--floor: got {self.floor!r}; allowed: 0 < floor < 1")
         if self.anchor is not None and self.anchor < 1:
@@ -77,10 +102,11 @@ class PredictOptions:
 @dataclasses.dataclass
 class Prediction:
     """The forecast of one config (and the measured sweep beside it, when there is one)."""
-    table: pd.DataFrame        # per (optimizer, batch size)
-    summary: pd.DataFrame      # per optimizer
-    measurement: object        # at initialisation (B_simple, B_noise)
-    calibrated_on: object      # the measurement the NQM was built from
+
+    table: pd.DataFrame  # per (optimizer, batch size)
+    summary: pd.DataFrame  # per optimizer
+    measurement: object  # at initialisation (B_simple, B_noise)
+    calibrated_on: object  # the measurement the NQM was built from
     costs: dict
     text: str
     files: list[Path]
@@ -96,10 +122,12 @@ def _network(backend, seed: int, examples: int):
 
     prob = backend.problem
     n = prob.num_train
-    take = np.sort(np.random.default_rng(seed).permutation(n)[:min(examples, n)])
+    take = np.sort(np.random.default_rng(seed).permutation(n)[: min(examples, n)])
     x, y = np.asarray(prob.x_train)[take], np.asarray(prob.y_train)[take]
     with jax.enable_x64(True):
-        _, unravel = ravel_pytree(jax.tree.map(lambda a: np.asarray(a, np.float64), prob.init_params(seed)))
+        _, unravel = ravel_pytree(
+            jax.tree.map(lambda a: np.asarray(a, np.float64), prob.init_params(seed))
+        )
     model, task = prob.model, prob.task
 
     def flatten(params):
@@ -111,17 +139,31 @@ def _network(backend, seed: int, examples: int):
 
     def loss(out, yb):
         return per_example_metrics(task, out, yb)[0]
+
     return apply, loss, flatten, x, y
 
 
 def measure_network(backend, seed: int, options: PredictOptions):
     """cbs.train.spectrum.measure on the train back end's model at init(seed)."""
     from cbs.train.spectrum import measure
+
     apply, loss, flatten, x, y = _network(backend, seed, options.examples)
-    return measure(apply, loss, flatten(backend.problem.init_params(seed)), x, y, top_k=options.top_k,
-                   lanczos_iters=options.lanczos_iters, slq_probes=options.slq_probes, slq_iters=options.slq_iters,
-                   noise_examples=options.noise_examples, chunk=options.chunk, curvature=options.curvature,
-                   seed=seed, max_memory_mb=options.max_memory_mb)
+    return measure(
+        apply,
+        loss,
+        flatten(backend.problem.init_params(seed)),
+        x,
+        y,
+        top_k=options.top_k,
+        lanczos_iters=options.lanczos_iters,
+        slq_probes=options.slq_probes,
+        slq_iters=options.slq_iters,
+        noise_examples=options.noise_examples,
+        chunk=options.chunk,
+        curvature=options.curvature,
+        seed=seed,
+        max_memory_mb=options.max_memory_mb,
+    )
 
 
 def _train_to(backend, entry, hp: dict, lr: float, batch: int, steps: int, seed: int):
@@ -132,15 +174,21 @@ def _train_to(backend, entry, hp: dict, lr: float, batch: int, steps: int, seed:
 
     from cbs.train.engine import IndexStream, make_block_fns
     from cbs.train.optimizers import schedule_fn
+
     prob, budget = backend.problem, backend.config.budget.max_steps
-    init, train_interval, _, _ = make_block_fns(prob, entry.kind, schedule_fn(entry.schedule, budget), budget)
+    init, train_interval, _, _ = make_block_fns(
+        prob, entry.kind, schedule_fn(entry.schedule, budget), budget
+    )
     hpj = {k: jnp.float32(v) for k, v in hp.items()}
     state = init(prob.init_params(seed), hpj)
     idx = IndexStream(seed, prob.num_train).take(steps * batch).reshape(steps, batch)
     data = None
-    if getattr(prob, "streaming", False):      # host-resident training set: hand over the examples
+    if getattr(prob, "streaming", False):  # host-resident training set: hand over the examples
         flat = idx.reshape(-1)
-        data = (jnp.asarray(np.asarray(prob.x_train)[flat]), jnp.asarray(np.asarray(prob.y_train)[flat]))
+        data = (
+            jnp.asarray(np.asarray(prob.x_train)[flat]),
+            jnp.asarray(np.asarray(prob.y_train)[flat]),
+        )
         idx = np.arange(flat.size, dtype=np.int32).reshape(steps, batch)
     state, _ = jax.jit(train_interval)(state, jnp.float32(lr), hpj, jnp.asarray(idx), data)
     return state.params
@@ -150,13 +198,27 @@ def measure_at_target(backend, entry, hp, lr, batch, steps, seed, options: Predi
     """The full measurement at theta_T, where the anchor run reaches the target, with the
     displacement theta_0 - theta_T as the NQM's start (see cbs.predict._calibrate)."""
     from cbs.train.spectrum import measure
+
     apply, loss, flatten, x, y = _network(backend, seed, options.examples)
     theta_t = flatten(_train_to(backend, entry, hp, lr, batch, steps, seed))
     theta_0 = flatten(backend.problem.init_params(seed))
-    return measure(apply, loss, theta_t, x, y, top_k=options.top_k, lanczos_iters=options.lanczos_iters,
-                   slq_probes=options.slq_probes, slq_iters=options.slq_iters,
-                   noise_examples=options.noise_examples, chunk=options.chunk, curvature=options.curvature,
-                   seed=seed, max_memory_mb=options.max_memory_mb, displacement=np.asarray(theta_0 - theta_t))
+    return measure(
+        apply,
+        loss,
+        theta_t,
+        x,
+        y,
+        top_k=options.top_k,
+        lanczos_iters=options.lanczos_iters,
+        slq_probes=options.slq_probes,
+        slq_iters=options.slq_iters,
+        noise_examples=options.noise_examples,
+        chunk=options.chunk,
+        curvature=options.curvature,
+        seed=seed,
+        max_memory_mb=options.max_memory_mb,
+        displacement=np.asarray(theta_0 - theta_t),
+    )
 
 
 def noise_at_target(backend, meas, entry, hp, lr, batch, steps, seed, options: PredictOptions):
@@ -165,27 +227,38 @@ def noise_at_target(backend, meas, entry, hp, lr, batch, steps, seed, options: P
     loss shrinks with the loss (linear regression: Sigma ~ (2 L) H), and the noise that sets
     how small a step must be to reach the target is the noise near the target."""
     from cbs.train.spectrum import noise_along
+
     apply, loss, flatten, x, y = _network(backend, seed, options.examples)
     params = _train_to(backend, entry, hp, lr, batch, steps, seed)
     tr, var = noise_along(apply, loss, flatten(params), x, y, meas.top_vectors, options.chunk)
     scale = tr / meas.trace_sigma if meas.trace_sigma > 0 else 1.0
-    return dataclasses.replace(meas, top_var=var, trace_sigma=tr, trace_c_sigma=meas.trace_c_sigma * scale,
-                               trace_c_sigma_se=meas.trace_c_sigma_se * scale)
+    return dataclasses.replace(
+        meas,
+        top_var=var,
+        trace_sigma=tr,
+        trace_c_sigma=meas.trace_c_sigma * scale,
+        trace_c_sigma_se=meas.trace_c_sigma_se * scale,
+    )
 
 
 def sweep_is_finished(cfg) -> bool:
     from cbs.store import RunStore
     from cbs.sweep.runner import plan
+
     out = Path(cfg.out_dir)
     if not (out / "manifest.json").exists():
         return False
     from cbs.sweep.config import config_hash
+
     store = RunStore(out)
-    return store.existing_hash() == config_hash(cfg) and store.finished_blocks() >= {b.block_id for b in plan(cfg)}
+    return store.existing_hash() == config_hash(cfg) and store.finished_blocks() >= {
+        b.block_id for b in plan(cfg)
+    }
 
 
 def _anchor_from_results(run_dir: Path, anchor: int) -> pd.DataFrame:
     from cbs.analysis import per_batch_table, read_run_table, steps_table
+
     steps = steps_table(read_run_table(run_dir, "results"), read_run_table(run_dir, "tuned"))
     per_b = per_batch_table(steps)
     return per_b[per_b.batch_size == anchor].set_index("optimizer")
@@ -196,6 +269,7 @@ def _run_anchor(cfg, anchor: int, out_dir: Path, log) -> tuple[pd.DataFrame, flo
     out_dir/predict_anchor with the sweep runner (resumable), returns per-optimizer steps."""
     from cbs.sweep.config import config_dict, load_config
     from cbs.sweep.runner import run_sweep
+
     raw = config_dict(cfg)
     raw["grid"]["batch_sizes"] = [int(anchor)]
     raw["output"]["dir"] = str(out_dir / "predict_anchor")
@@ -212,6 +286,7 @@ def _hparams(entry, anchor_row) -> dict[str, float]:
     """The optimizer's hyperparameters: registry defaults, the config's value (a swept one
     at its anchor optimum, as the analysis reports it in best_hp_<name>)."""
     from cbs.train.optimizers import OPTIMIZERS
+
     hp = {k: float(v.default) for k, v in OPTIMIZERS[entry.kind].hparams.items()}
     for k, v in (entry.hparams or {}).items():
         best = anchor_row.get(f"best_hp_{k}", np.nan)
@@ -229,6 +304,7 @@ def _block_seconds(run_dir: Path, batch: int) -> float:
     import re
 
     from cbs.analysis import read_run_table
+
     t = read_run_table(run_dir, "timing")
     if t is None or "block_id" not in t or "seconds" not in t:
         return float("nan")
@@ -238,9 +314,12 @@ def _block_seconds(run_dir: Path, batch: int) -> float:
 
 def _sweep_seconds(run_dir: Path) -> float:
     from cbs.store import read_manifest
+
     m = read_manifest(run_dir)
     try:
-        return (dt.datetime.fromisoformat(m["finished"]) - dt.datetime.fromisoformat(m["started"])).total_seconds()
+        return (
+            dt.datetime.fromisoformat(m["finished"]) - dt.datetime.fromisoformat(m["started"])
+        ).total_seconds()
     except (KeyError, ValueError, TypeError):
         return float("nan")
 
@@ -251,8 +330,16 @@ def _fmt(x, digits=3):
     return f"{x:.{digits}g}"
 
 
-def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | None = None, plots: bool = True,
-            measurement=None, target_measurement=None, log=print) -> Prediction:
+def predict(
+    cfg,
+    options: PredictOptions = PredictOptions(),
+    *,
+    out_dir: Path | None = None,
+    plots: bool = True,
+    measurement=None,
+    target_measurement=None,
+    log=print,
+) -> Prediction:
     """Measure, calibrate, anchor and forecast for every optimizer entry of a train config.
 
     If ``cfg``'s output folder holds the finished sweep, the anchor is read from it (no
@@ -264,15 +351,20 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
     from cbs.train.backend import TrainBackend, train_size
 
     if cfg.backend != "train":
-        raise ConfigError("backend", cfg.backend, "allowed for cbs.predict: 'train' (the NQM back end is "
-                          "already a quadratic model)")
+        raise ConfigError(
+            "backend",
+            cfg.backend,
+            "allowed for cbs.predict: 'train' (the NQM back end is already a quadratic model)",
+        )
     options.check()
     section = cfg.section
     batch_sizes = np.array(sorted(cfg.grid.batch_size_values()), np.float64)
     anchor = int(options.anchor if options.anchor is not None else batch_sizes[0])
     n_train = train_size(section)
     if anchor > n_train:
-        raise PredictOptionError(f"--anchor: got {anchor}; allowed: a batch size <= the training-set size {n_train}")
+        raise PredictOptionError(
+            f"--anchor: got {anchor}; allowed: a batch size <= the training-set size {n_train}"
+        )
     seed = int(options.seed if options.seed is not None else cfg.grid.seeds[0])
     sweep_dir = Path(cfg.out_dir)
     out_dir = Path(out_dir or sweep_dir)
@@ -280,11 +372,16 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
 
     backend = TrainBackend(cfg)
     meas = measurement if measurement is not None else measure_network(backend, seed, options)
-    log(f"measured d = {meas.dim} parameters on {meas.num_examples} examples in {meas.seconds:.1f} s: "
+    log(
+        f"measured d = {meas.dim} parameters on {meas.num_examples} examples in {meas.seconds:.1f} s: "
         f"h_max = {meas.top_h[0]:.4g}, tr Sigma = {meas.trace_sigma:.4g}, |G|^2 = {meas.grad_sq:.4g}, "
-        f"B_simple = {meas.b_simple:.4g}, B_noise = {meas.b_noise:.4g}")
+        f"B_simple = {meas.b_simple:.4g}, B_noise = {meas.b_noise:.4g}"
+    )
     if finished and anchor in set(batch_sizes.astype(int)):
-        anchor_df, anchor_seconds = _anchor_from_results(sweep_dir, anchor), _block_seconds(sweep_dir, anchor)
+        anchor_df, anchor_seconds = (
+            _anchor_from_results(sweep_dir, anchor),
+            _block_seconds(sweep_dir, anchor),
+        )
         anchor_source = "finished sweep"
     else:
         anchor_df, anchor_seconds = _run_anchor(cfg, anchor, out_dir, log)
@@ -292,8 +389,13 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
 
     noise_meas, noise_seconds, noise_from = meas, 0.0, "init"
     if options.noise_at == "target" or options.measure_at == "target":
-        reached = [e for e in cfg.grid.optimizers if e.kind != "kfac" and e.label in anchor_df.index
-                   and np.isfinite(anchor_df.loc[e.label, "steps"])]
+        reached = [
+            e
+            for e in cfg.grid.optimizers
+            if e.kind != "kfac"
+            and e.label in anchor_df.index
+            and np.isfinite(anchor_df.loc[e.label, "steps"])
+        ]
         if reached:
             e = reached[0]
             row = anchor_df.loc[e.label]
@@ -304,24 +406,45 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
                 noise_meas = target_measurement
                 noise_from = f"everything measured at the target ({where})"
             elif options.measure_at == "target":
-                noise_meas = measure_at_target(backend, e, _hparams(e, row), float(row["best_lr"]), anchor,
-                                               steps_t, seed, options)
+                noise_meas = measure_at_target(
+                    backend,
+                    e,
+                    _hparams(e, row),
+                    float(row["best_lr"]),
+                    anchor,
+                    steps_t,
+                    seed,
+                    options,
+                )
                 noise_from = f"everything measured at the target ({where})"
             else:
-                noise_meas = noise_at_target(backend, meas, e, _hparams(e, row), float(row["best_lr"]), anchor,
-                                             steps_t, seed, options)
+                noise_meas = noise_at_target(
+                    backend,
+                    meas,
+                    e,
+                    _hparams(e, row),
+                    float(row["best_lr"]),
+                    anchor,
+                    steps_t,
+                    seed,
+                    options,
+                )
                 noise_from = f"noise measured at the target ({where})"
             noise_seconds = time.perf_counter() - t_noise
-            log(f"{noise_from}: tr Sigma = {noise_meas.trace_sigma:.4g} (init {meas.trace_sigma:.4g}), "
-                f"h_max = {noise_meas.top_h[0]:.4g} (init {meas.top_h[0]:.4g}), {noise_seconds:.1f} s")
+            log(
+                f"{noise_from}: tr Sigma = {noise_meas.trace_sigma:.4g} (init {meas.trace_sigma:.4g}), "
+                f"h_max = {noise_meas.top_h[0]:.4g} (init {meas.top_h[0]:.4g}), {noise_seconds:.1f} s"
+            )
         else:
             log("no optimizer reached the target at the anchor: measured at init only")
-    cal = nqm_from_measurement(noise_meas, num_bins=options.bins, floor=options.floor,
-                               bulk_noise=options.bulk_noise)
+    cal = nqm_from_measurement(
+        noise_meas, num_bins=options.bins, floor=options.floor, bulk_noise=options.bulk_noise
+    )
 
     measured = None
     if finished:
         from cbs.analysis import analyze_run
+
         measured = analyze_run(sweep_dir, write=False, plots=False)
 
     t0 = time.perf_counter()
@@ -339,97 +462,193 @@ def predict(cfg, options: PredictOptions = PredictOptions(), *, out_dir: Path | 
         same_units = entry.kind in ("sgd", "momentum", "nesterov")
         lrs = None
         if same_units and options.lr_grid == "sweep":
-            grid = entry.learning_rates if entry.learning_rates is not None else cfg.grid.learning_rates
+            grid = (
+                entry.learning_rates
+                if entry.learning_rates is not None
+                else cfg.grid.learning_rates
+            )
             lrs = grid.values() if hasattr(grid, "values") else list(grid)
-        fc = forecast(cal.problem, omap.kind, omap.momentum, omap.precond_power, batch_sizes, anchor, a_steps,
-                      num_train=n_train, lrs=lrs)
+        fc = forecast(
+            cal.problem,
+            omap.kind,
+            omap.momentum,
+            omap.precond_power,
+            batch_sizes,
+            anchor,
+            a_steps,
+            num_train=n_train,
+            lrs=lrs,
+        )
         a_idx = int(np.argmin(np.abs(batch_sizes - anchor)))
         if same_units:
             lr_scale = fc.nqm_lr / a_lr
-        else:      # P = H^p: NQM LR units differ; scale the anchor's measured LR
-            lr_scale = fc.nqm_lr / fc.nqm_lr[a_idx] if batch_sizes[a_idx] == anchor else fc.nqm_lr * np.nan
+        else:  # P = H^p: NQM LR units differ; scale the anchor's measured LR
+            lr_scale = (
+                fc.nqm_lr / fc.nqm_lr[a_idx] if batch_sizes[a_idx] == anchor else fc.nqm_lr * np.nan
+            )
         fit = fit_critical_batch_size(batch_sizes, fc.steps, n_boot=0)
         m_steps = np.full(len(batch_sizes), np.nan)
         m_bcrit, m_ci = np.nan, (np.nan, np.nan)
         if measured is not None and name in measured.fits:
-            pb = measured.per_batch[measured.per_batch.optimizer == name].set_index("batch_size")["steps"]
+            pb = measured.per_batch[measured.per_batch.optimizer == name].set_index("batch_size")[
+                "steps"
+            ]
             m_steps = np.array([pb.get(int(b), np.nan) for b in batch_sizes], np.float64)
             mf = measured.fits[name]
             m_bcrit, m_ci = float(mf.b_crit), tuple(float(v) for v in mf.b_crit_ci)
         for i, b in enumerate(batch_sizes):
-            rows.append({"optimizer": name, "kind": entry.kind, "batch_size": int(b), "steps_forecast": fc.steps[i],
-                             "lr_forecast": a_lr * lr_scale[i], "nqm_lr": fc.nqm_lr[i], "steps_measured": m_steps[i]})
-        summary.append({
-            "optimizer": name, "kind": entry.kind, "nqm_kind": omap.kind, "nqm_momentum": omap.momentum,
-            "precond_power": omap.precond_power, "mapping": omap.rule, "anchor_batch": anchor, "anchor_steps": a_steps,
-            "anchor_lr": a_lr, "lr_grid": "sweep" if lrs is not None else "continuous", "anchor_source": anchor_source, "nqm_target": fc.target, "b_crit_forecast": fit.b_crit,
-            "s_min_forecast": fit.s_min, "b_star_forecast": fit.b_star, "b_crit_measured": m_bcrit,
-            "b_crit_measured_lo": m_ci[0], "b_crit_measured_hi": m_ci[1],
-            "ratio": fit.b_crit / m_bcrit if np.isfinite(m_bcrit) else np.nan,
-            "inside_ci": bool(m_ci[0] <= fit.b_crit <= m_ci[1]) if np.isfinite(m_ci[0]) else None,
-            "b_simple": meas.b_simple, "b_noise": meas.b_noise,
-            "b_simple_ratio": meas.b_simple / m_bcrit if np.isfinite(m_bcrit) else np.nan,
-            "b_noise_ratio": meas.b_noise / m_bcrit if np.isfinite(m_bcrit) else np.nan})
+            rows.append(
+                {
+                    "optimizer": name,
+                    "kind": entry.kind,
+                    "batch_size": int(b),
+                    "steps_forecast": fc.steps[i],
+                    "lr_forecast": a_lr * lr_scale[i],
+                    "nqm_lr": fc.nqm_lr[i],
+                    "steps_measured": m_steps[i],
+                }
+            )
+        summary.append(
+            {
+                "optimizer": name,
+                "kind": entry.kind,
+                "nqm_kind": omap.kind,
+                "nqm_momentum": omap.momentum,
+                "precond_power": omap.precond_power,
+                "mapping": omap.rule,
+                "anchor_batch": anchor,
+                "anchor_steps": a_steps,
+                "anchor_lr": a_lr,
+                "lr_grid": "sweep" if lrs is not None else "continuous",
+                "anchor_source": anchor_source,
+                "nqm_target": fc.target,
+                "b_crit_forecast": fit.b_crit,
+                "s_min_forecast": fit.s_min,
+                "b_star_forecast": fit.b_star,
+                "b_crit_measured": m_bcrit,
+                "b_crit_measured_lo": m_ci[0],
+                "b_crit_measured_hi": m_ci[1],
+                "ratio": fit.b_crit / m_bcrit if np.isfinite(m_bcrit) else np.nan,
+                "inside_ci": bool(m_ci[0] <= fit.b_crit <= m_ci[1])
+                if np.isfinite(m_ci[0])
+                else None,
+                "b_simple": meas.b_simple,
+                "b_noise": meas.b_noise,
+                "b_simple_ratio": meas.b_simple / m_bcrit if np.isfinite(m_bcrit) else np.nan,
+                "b_noise_ratio": meas.b_noise / m_bcrit if np.isfinite(m_bcrit) else np.nan,
+            }
+        )
     forecast_seconds = time.perf_counter() - t0
     table, summ = pd.DataFrame(rows), pd.DataFrame(summary)
     sweep_s = _sweep_seconds(sweep_dir) if finished else float("nan")
-    costs = {"measure_s": meas.seconds + noise_seconds, "noise_from": noise_from,
-                 "anchor_s": anchor_seconds, "forecast_s": forecast_seconds,
-                 "sweep_s": sweep_s, "anchor_source": anchor_source}
+    costs = {
+        "measure_s": meas.seconds + noise_seconds,
+        "noise_from": noise_from,
+        "anchor_s": anchor_seconds,
+        "forecast_s": forecast_seconds,
+        "sweep_s": sweep_s,
+        "anchor_source": anchor_source,
+    }
     text = _text(table, summ, meas, cal, costs)
     files = _write(out_dir, table, summ, meas, cal, costs, plots)
     return Prediction(table, summ, meas, noise_meas, costs, text, files)
 
 
 def _text(table, summ, meas, cal, costs) -> str:
-    lines = [(f"NQM calibrated from the network: {cal.num_top} top directions + {cal.problem.h.size - cal.num_top} "
-             f"bulk bins ({cal.bulk_count:.0f} eigenvalues; {cal.dropped_flat_mass:.0f} flatter than the floor "
-             f"left out), bulk noise c = {cal.kappa:.3g} h")]
+    lines = [
+        (
+            f"NQM calibrated from the network: {cal.num_top} top directions + {cal.problem.h.size - cal.num_top} "
+            f"bulk bins ({cal.bulk_count:.0f} eigenvalues; {cal.dropped_flat_mass:.0f} flatter than the floor "
+            f"left out), bulk noise c = {cal.kappa:.3g} h"
+        )
+    ]
     lines[0] += f"; {costs['noise_from']}"
     lines += [f"  note: {n}" for n in cal.notes]
     if table.empty:
         return "\n".join(lines + ["no forecast (no optimizer reached the target at the anchor)"])
-    lines.append(f"{'optimizer':<12} {'B':>6} {'S forecast':>11} {'S measured':>11} {'LR forecast':>12}")
+    lines.append(
+        f"{'optimizer':<12} {'B':>6} {'S forecast':>11} {'S measured':>11} {'LR forecast':>12}"
+    )
     for r in table.itertuples():
-        lines.append(f"{r.optimizer:<12} {r.batch_size:>6} {_fmt(r.steps_forecast, 4):>11} "
-                     f"{_fmt(r.steps_measured, 4):>11} {_fmt(r.lr_forecast):>12}")
+        lines.append(
+            f"{r.optimizer:<12} {r.batch_size:>6} {_fmt(r.steps_forecast, 4):>11} "
+            f"{_fmt(r.steps_measured, 4):>11} {_fmt(r.lr_forecast):>12}"
+        )
     lines.append("")
-    lines.append(f"{'optimizer':<12} {'B_crit fcst':>11} {'measured [95% CI]':>24} {'ratio':>6} "
-                 f"{'B_simple':>9} {'ratio':>6} {'B_noise':>9} {'ratio':>6}  NQM mapping")
+    lines.append(
+        f"{'optimizer':<12} {'B_crit fcst':>11} {'measured [95% CI]':>24} {'ratio':>6} "
+        f"{'B_simple':>9} {'ratio':>6} {'B_noise':>9} {'ratio':>6}  NQM mapping"
+    )
     for r in summ.itertuples():
-        ci = (f"{_fmt(r.b_crit_measured)} [{_fmt(r.b_crit_measured_lo)}, {_fmt(r.b_crit_measured_hi)}]"
-              if np.isfinite(r.b_crit_measured) else "-")
-        lines.append(f"{r.optimizer:<12} {_fmt(r.b_crit_forecast):>11} {ci:>24} {_fmt(r.ratio, 2):>6} "
-                     f"{_fmt(r.b_simple):>9} {_fmt(r.b_simple_ratio, 2):>6} {_fmt(r.b_noise):>9} "
-                     f"{_fmt(r.b_noise_ratio, 2):>6}  {r.mapping}")
-    own = costs["measure_s"] + (costs["anchor_s"] if np.isfinite(costs["anchor_s"]) else 0) + costs["forecast_s"]
+        ci = (
+            f"{_fmt(r.b_crit_measured)} [{_fmt(r.b_crit_measured_lo)}, {_fmt(r.b_crit_measured_hi)}]"
+            if np.isfinite(r.b_crit_measured)
+            else "-"
+        )
+        lines.append(
+            f"{r.optimizer:<12} {_fmt(r.b_crit_forecast):>11} {ci:>24} {_fmt(r.ratio, 2):>6} "
+            f"{_fmt(r.b_simple):>9} {_fmt(r.b_simple_ratio, 2):>6} {_fmt(r.b_noise):>9} "
+            f"{_fmt(r.b_noise_ratio, 2):>6}  {r.mapping}"
+        )
+    own = (
+        costs["measure_s"]
+        + (costs["anchor_s"] if np.isfinite(costs["anchor_s"]) else 0)
+        + costs["forecast_s"]
+    )
     sweep = costs["sweep_s"]
-    cost = (f"cost: measurement {costs['measure_s']:.1f} s + anchor block "
-            f"{_fmt(costs['anchor_s'])} s ({costs['anchor_source']}) + forecast {costs['forecast_s']:.1f} s = "
-            f"{own:.1f} s")
-    cost += (f" vs the sweep's {sweep:.0f} s ({100 * own / sweep:.1f}%)" if np.isfinite(sweep)
-             else " (no finished sweep to compare with)")
+    cost = (
+        f"cost: measurement {costs['measure_s']:.1f} s + anchor block "
+        f"{_fmt(costs['anchor_s'])} s ({costs['anchor_source']}) + forecast {costs['forecast_s']:.1f} s = "
+        f"{own:.1f} s"
+    )
+    cost += (
+        f" vs the sweep's {sweep:.0f} s ({100 * own / sweep:.1f}%)"
+        if np.isfinite(sweep)
+        else " (no finished sweep to compare with)"
+    )
     lines.append(cost)
     return "\n".join(lines)
 
 
 def _write(out_dir: Path, table, summ, meas, cal, costs, plots) -> list[Path]:
     from cbs.store import atomic_write_bytes
+
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     p = out_dir / "prediction.parquet"
     atomic_write_bytes(p, table.to_parquet(index=False))
     files.append(p)
-    info = {"summary": summ.to_dict(orient="records"), "costs": costs,
-                "measurement": {"dim": meas.dim, "num_examples": meas.num_examples, "curvature": meas.curvature,
-                                 "top_h": meas.top_h.tolist(), "top_var": meas.top_var.tolist(),
-                                 "top_grad": meas.top_grad.tolist(), "trace_sigma": meas.trace_sigma,
-                                 "trace_c_sigma": meas.trace_c_sigma, "grad_sq": meas.grad_sq, "gcg": meas.gcg,
-                                 "b_simple": meas.b_simple, "b_noise": meas.b_noise, "loss": meas.loss},
-                "nqm": {"h": cal.problem.h.tolist(), "c": cal.problem.c.tolist(), "m0": cal.problem.m0.tolist(),
-                         "count": cal.problem.count.tolist(), "kappa": cal.kappa, "notes": list(cal.notes)}}
+    info = {
+        "summary": summ.to_dict(orient="records"),
+        "costs": costs,
+        "measurement": {
+            "dim": meas.dim,
+            "num_examples": meas.num_examples,
+            "curvature": meas.curvature,
+            "top_h": meas.top_h.tolist(),
+            "top_var": meas.top_var.tolist(),
+            "top_grad": meas.top_grad.tolist(),
+            "trace_sigma": meas.trace_sigma,
+            "trace_c_sigma": meas.trace_c_sigma,
+            "grad_sq": meas.grad_sq,
+            "gcg": meas.gcg,
+            "b_simple": meas.b_simple,
+            "b_noise": meas.b_noise,
+            "loss": meas.loss,
+        },
+        "nqm": {
+            "h": cal.problem.h.tolist(),
+            "c": cal.problem.c.tolist(),
+            "m0": cal.problem.m0.tolist(),
+            "count": cal.problem.count.tolist(),
+            "kappa": cal.kappa,
+            "notes": list(cal.notes),
+        },
+    }
     p = out_dir / "prediction.json"
-    atomic_write_bytes(p, json.dumps(info, indent=1, default=lambda o: None if o is None else float(o)).encode())
+    atomic_write_bytes(
+        p, json.dumps(info, indent=1, default=lambda o: None if o is None else float(o)).encode()
+    )
     files.append(p)
     if plots and not table.empty:
         files.append(_plot(out_dir / "prediction.png", table, summ))
@@ -438,18 +657,30 @@ def _write(out_dir: Path, table, summ, meas, cal, costs, plots) -> list[Path]:
 
 def _plot(path: Path, table, summ) -> Path:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, g) in enumerate(table.groupby("optimizer", sort=False)):
         col = colors[i % len(colors)]
         s = summ[summ.optimizer == name].iloc[0]
-        ax.plot(g.batch_size, g.steps_forecast, "-", color=col,
-                label=f"{name} forecast (B_crit {_fmt(s.b_crit_forecast)})")
+        ax.plot(
+            g.batch_size,
+            g.steps_forecast,
+            "-",
+            color=col,
+            label=f"{name} forecast (B_crit {_fmt(s.b_crit_forecast)})",
+        )
         if g.steps_measured.notna().any():
-            ax.plot(g.batch_size, g.steps_measured, "o", color=col,
-                    label=f"{name} measured (B_crit {_fmt(s.b_crit_measured)})")
+            ax.plot(
+                g.batch_size,
+                g.steps_measured,
+                "o",
+                color=col,
+                label=f"{name} measured (B_crit {_fmt(s.b_crit_measured)})",
+            )
         ax.axvline(s.b_simple, color="gray", ls=":", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

@@ -17,6 +17,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "nqm_quicksta
 def _help_epilog() -> str:
     # The same text as docs/config.md (cbs.sweep.reference), so --help and the docs agree.
     from cbs.sweep.reference import config_reference
+
     return config_reference()
 
 
@@ -31,39 +32,87 @@ def _parser(full_help: bool) -> argparse.ArgumentParser:
             Results go to the output folder (output.dir): results.parquet (one row per cell),
             curves.parquet, config.yaml, manifest.json, cbs.json, plots and report.md.
             Re-running the same command resumes an interrupted sweep: finished blocks are kept."""),
-        epilog=_help_epilog() if full_help else "Run with --help for every config key.")
-    p.add_argument("config", nargs="?", default=None,
-                   help=f"YAML config file (default: the built-in {DEFAULT_CONFIG.name})")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value",
-                   help="dotted overrides, YAML values: grid.batch_sizes=[8,16,32] target.value=0.02 output.dir=/tmp/x")
-    p.add_argument("--dry-run", action="store_true", help="print the grid (cells, blocks, batch sizes) and exit")
+        epilog=_help_epilog() if full_help else "Run with --help for every config key.",
+    )
+    p.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        help=f"YAML config file (default: the built-in {DEFAULT_CONFIG.name})",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.path=value",
+        help="dotted overrides, YAML values: grid.batch_sizes=[8,16,32] target.value=0.02 output.dir=/tmp/x",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the grid (cells, blocks, batch sizes) and exit",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-analysis", action="store_true", help="skip the critical-batch-size analysis at the end")
-    p.add_argument("--shard", default=None, metavar="I/N",
-                   help="run only shard I of N (0-based) of the blocks, e.g. one per cluster job; every shard "
-                        "writes into the same output folder and the last one to finish merges the tables "
-                        "(default: one shard per JAX process in a multi-process job, else 0/1)")
-    g = p.add_argument_group("multi-process JAX job (also detected from srun, or from JAX_COORDINATOR_ADDRESS "
-                             "+ JAX_NUM_PROCESSES + JAX_PROCESS_ID)")
-    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="address of process 0's coordination service")
-    g.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in the job")
-    g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's index, 0..N-1")
+    p.add_argument(
+        "--no-analysis",
+        action="store_true",
+        help="skip the critical-batch-size analysis at the end",
+    )
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="run only shard I of N (0-based) of the blocks, e.g. one per cluster job; every shard "
+        "writes into the same output folder and the last one to finish merges the tables "
+        "(default: one shard per JAX process in a multi-process job, else 0/1)",
+    )
+    g = p.add_argument_group(
+        "multi-process JAX job (also detected from srun, or from JAX_COORDINATOR_ADDRESS "
+        "+ JAX_NUM_PROCESSES + JAX_PROCESS_ID)"
+    )
+    g.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="address of process 0's coordination service",
+    )
+    g.add_argument(
+        "--num-processes", type=int, default=None, metavar="N", help="processes in the job"
+    )
+    g.add_argument(
+        "--process-id", type=int, default=None, metavar="I", help="this process's index, 0..N-1"
+    )
     g = p.add_argument_group("Slurm (through submitit)")
-    g.add_argument("--slurm", default=None, metavar="key=value,...",
-                   help="submit an array job (one shard per task) and a dependent merge-and-analyse task; keys: "
-                        "array (tasks, default 2), partition, gpus_per_task, cpus_per_task, time (minutes or "
-                        "HH:MM:SS), mem, account, qos, constraint, parallelism, merge_time, folder, job_name, "
-                        "setup (';'-separated shell lines), executor (slurm or local)")
-    g.add_argument("--slurm-dry-run", action="store_true", help="print the generated sbatch scripts and exit")
+    g.add_argument(
+        "--slurm",
+        default=None,
+        metavar="key=value,...",
+        help="submit an array job (one shard per task) and a dependent merge-and-analyse task; keys: "
+        "array (tasks, default 2), partition, gpus_per_task, cpus_per_task, time (minutes or "
+        "HH:MM:SS), mem, account, qos, constraint, parallelism, merge_time, folder, job_name, "
+        "setup (';'-separated shell lines), executor (slurm or local)",
+    )
+    g.add_argument(
+        "--slurm-dry-run", action="store_true", help="print the generated sbatch scripts and exit"
+    )
     g = p.add_argument_group("shards and merging")
-    g.add_argument("--costs-from", action="append", default=[], metavar="RUN_DIR",
-                   help="balance shards by the block times measured in this earlier run folder (repeatable); "
-                        "used by the process that creates the output folder")
-    g.add_argument("--no-merge", action="store_true",
-                   help="do not merge the tables when the last block is done (a separate --merge-only step will)")
-    g.add_argument("--merge-only", action="store_true",
-                   help="compute nothing: merge a finished sweep's tables once and analyse")
+    g.add_argument(
+        "--costs-from",
+        action="append",
+        default=[],
+        metavar="RUN_DIR",
+        help="balance shards by the block times measured in this earlier run folder (repeatable); "
+        "used by the process that creates the output folder",
+    )
+    g.add_argument(
+        "--no-merge",
+        action="store_true",
+        help="do not merge the tables when the last block is done (a separate --merge-only step will)",
+    )
+    g.add_argument(
+        "--merge-only",
+        action="store_true",
+        help="compute nothing: merge a finished sweep's tables once and analyse",
+    )
     return p
 
 
@@ -75,6 +124,7 @@ def _fail(msg: str, code: int = 2) -> int:
 def _parse_shard(text: str | None) -> tuple[int, int]:
     if text is None:
         import jax
+
         return (jax.process_index(), jax.process_count())
     try:
         i, n = (int(x) for x in text.split("/"))
@@ -87,37 +137,56 @@ def _parse_shard(text: str | None) -> tuple[int, int]:
 
 def print_plan(cfg, blocks) -> None:
     from collections import Counter
+
     cells = sum(len(b.cells) for b in blocks)
-    print(f"sweep {cfg.name} (backend {cfg.backend}): {cells} cells in {len(blocks)} blocks -> {cfg.out_dir}")
+    print(
+        f"sweep {cfg.name} (backend {cfg.backend}): {cells} cells in {len(blocks)} blocks -> {cfg.out_dir}"
+    )
     print(f"  batch sizes ({len(cfg.grid.batch_size_values())}): {cfg.grid.batch_size_values()}")
-    print(f"  seeds: {cfg.grid.seeds}; target: {cfg.target.metric} < {cfg.target.value}; "
-          f"budget: {cfg.budget.max_steps} steps")
+    print(
+        f"  seeds: {cfg.grid.seeds}; target: {cfg.target.metric} < {cfg.target.value}; "
+        f"budget: {cfg.budget.max_steps} steps"
+    )
     per_opt = Counter()
     for b in blocks:
         per_opt[(b.optimizer, b.kind)] += len(b.cells)
     for (label, kind), n in per_opt.items():
         opt = next(o for o in cfg.grid.optimizers if o.label == label)
         nb = sum(1 for b in blocks if b.optimizer == label)
-        print(f"  {label} (kind {kind}, schedule {opt.schedule.kind}): {nb} blocks x {n // nb} cells/block; "
-              f"hparams {dict(opt.hparams) or 'defaults'}")
+        print(
+            f"  {label} (kind {kind}, schedule {opt.schedule.kind}): {nb} blocks x {n // nb} cells/block; "
+            f"hparams {dict(opt.hparams) or 'defaults'}"
+        )
 
 
 def best_per_batch_size(run_dir) -> str:
     """Terminal table: per optimizer, the best steps-to-target and its LR per batch size."""
     from cbs.store import read_table
+
     df = read_table(run_dir, "results")
     if df is None or not len(df):
         return ""
     reached = df[df["reached"]]
     batch_sizes = sorted(df["batch_size"].unique())
     optimizers = list(dict.fromkeys(df["optimizer"]))
-    best = reached.loc[reached.groupby(["optimizer", "batch_size"])["steps_to_target"].idxmin()] if len(reached) else reached
-    cell = {(r.optimizer, r.batch_size): f"{r.steps_to_target:.4g} @ {r.lr:.3g}" for r in best.itertuples()}
+    best = (
+        reached.loc[reached.groupby(["optimizer", "batch_size"])["steps_to_target"].idxmin()]
+        if len(reached)
+        else reached
+    )
+    cell = {
+        (r.optimizer, r.batch_size): f"{r.steps_to_target:.4g} @ {r.lr:.3g}"
+        for r in best.itertuples()
+    }
     width = max([len(v) for v in cell.values()] + [len(o) for o in optimizers] + [12])
-    lines = ["best steps to target @ learning rate (min over configs and seeds; '-' = never reached):",
-             f"{'batch size':>10}  " + "  ".join(f"{o:>{width}}" for o in optimizers)]
+    lines = [
+        "best steps to target @ learning rate (min over configs and seeds; '-' = never reached):",
+        f"{'batch size':>10}  " + "  ".join(f"{o:>{width}}" for o in optimizers),
+    ]
     for b in batch_sizes:
-        lines.append(f"{b:>10}  " + "  ".join(f"{cell.get((o, b), '-'):>{width}}" for o in optimizers))
+        lines.append(
+            f"{b:>10}  " + "  ".join(f"{cell.get((o, b), '-'):>{width}}" for o in optimizers)
+        )
     return "\n".join(lines)
 
 
@@ -132,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:
-        return _fail("interrupted; finished blocks are saved, run the same command again to resume", 130)
-    except BrokenPipeError:   # output piped into `head` and the like
+        return _fail(
+            "interrupted; finished blocks are saved, run the same command again to resume", 130
+        )
+    except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
     except SystemExit:
@@ -146,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _exit_code(e: BaseException) -> int:
     from cbs.errors import CbsError
+
     return 2 if isinstance(e, (CbsError, OSError, ImportError, MemoryError)) else 1
 
 
@@ -154,14 +226,21 @@ def _describe_error(e: BaseException) -> str:
         return "out of memory (reduce the grid, the model or the batch sizes)"
     if isinstance(e, OSError):
         where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
-        return f"file system error at{where}: {e.strerror or e}" if where else f"file system error: {e}"
+        return (
+            f"file system error at{where}: {e.strerror or e}"
+            if where
+            else f"file system error: {e}"
+        )
     if isinstance(e, ImportError):
         return f"import failed: {e}"
     from cbs.errors import CbsError
+
     if isinstance(e, CbsError):
         return str(e)
-    return (f"internal error ({type(e).__name__}: {e}); please report it, with the traceback from "
-            "CBS_TRACEBACK=1")
+    return (
+        f"internal error ({type(e).__name__}: {e}); please report it, with the traceback from "
+        "CBS_TRACEBACK=1"
+    )
 
 
 def _main(argv: list[str] | None) -> int:
@@ -176,20 +255,27 @@ def _main(argv: list[str] | None) -> int:
 
     from cbs import distributed
     from cbs.errors import CbsError, ConfigError
+
     try:
         from cbs.sweep.config import load_config
+
         cfg = load_config(config, overrides)
         spec = distributed.detect(args.coordinator, args.num_processes, args.process_id)
         if spec is not None and args.shard is not None:
-            raise ValueError(f"--shard: got {args.shard!r} in a multi-process job; allowed: no --shard "
-                             "(each process takes shard process_index/process_count)")
+            raise ValueError(
+                f"--shard: got {args.shard!r} in a multi-process job; allowed: no --shard "
+                "(each process takes shard process_index/process_count)"
+            )
         slurm = None
         if args.slurm is not None or args.slurm_dry_run:
             from cbs.sweep.slurm import parse_slurm
+
             slurm = parse_slurm(args.slurm or "")
             if args.shard is not None or spec is not None or args.merge_only:
-                raise ValueError("--slurm: allowed only without --shard, --merge-only and multi-process flags "
-                                 "(it starts the shards itself)")
+                raise ValueError(
+                    "--slurm: allowed only without --shard, --merge-only and multi-process flags "
+                    "(it starts the shards itself)"
+                )
         if spec is None:
             shard = _parse_shard(args.shard if args.shard is not None else "0/1")
     except ConfigError as e:
@@ -199,6 +285,7 @@ def _main(argv: list[str] | None) -> int:
         return _fail(str(e))
 
     from cbs.sweep.runner import plan, run_sweep
+
     if args.dry_run:
         print_plan(cfg, plan(cfg))
         return 0
@@ -207,23 +294,37 @@ def _main(argv: list[str] | None) -> int:
     if spec is not None:
         shard = distributed.initialize(spec)
     from cbs.compile_cache import enable_compilation_cache
+
     enable_compilation_cache()
 
     def finalize():
         print(best_per_batch_size(cfg.out_dir))
         if not args.no_analysis:
             from cbs.analysis import print_summary
+
             a = cfg.analysis
-            print_summary(cfg.out_dir, plots=cfg.output.plots, delta=a.delta, b0=a.b0, n_boot=a.bootstrap,
-                          tokens_per_example=a.tokens_per_example)
+            print_summary(
+                cfg.out_dir,
+                plots=cfg.output.plots,
+                delta=a.delta,
+                b0=a.b0,
+                n_boot=a.bootstrap,
+                tokens_per_example=a.tokens_per_example,
+            )
 
     if args.merge_only:
         return _merge_only(cfg, finalize)
     try:
-        summary = run_sweep(cfg, progress=not args.no_progress, shard=shard, finalize=finalize,
-                            costs_from=args.costs_from, merge=not args.no_merge,
-                            before_merge=(lambda: distributed.barrier("computed")) if spec else None)
-    except ConfigError as e:   # a back end's check that needs the data or the model
+        summary = run_sweep(
+            cfg,
+            progress=not args.no_progress,
+            shard=shard,
+            finalize=finalize,
+            costs_from=args.costs_from,
+            merge=not args.no_merge,
+            before_merge=(lambda: distributed.barrier("computed")) if spec else None,
+        )
+    except ConfigError as e:  # a back end's check that needs the data or the model
         return _fail(f"{config}: {e}")
     if summary.complete and not summary.merged and not args.no_merge:
         print("all blocks are done; another process merged the tables and ran the analysis")
@@ -240,16 +341,23 @@ def _merge_only(cfg, finalize) -> int:
     from cbs.sweep.backend import get_backend
     from cbs.sweep.config import config_hash
     from cbs.sweep.runner import merge_plan, merge_run, plan
+
     store = RunStore(cfg.out_dir)
     if store.existing_hash() != config_hash(cfg):
-        return _fail(f"--merge-only: {store.dir} holds no run of this config (config hash "
-                     f"{config_hash(cfg)}); run the sweep first", 1)
+        return _fail(
+            f"--merge-only: {store.dir} holds no run of this config (config hash "
+            f"{config_hash(cfg)}); run the sweep first",
+            1,
+        )
     blocks = plan(cfg)
     complete, order, extra = merge_plan(store, cfg, blocks, get_backend(cfg.backend))
     if not complete:
         missing = [b.block_id for b in blocks if b.block_id not in store.finished_blocks()]
-        where = f"{len(missing)} of {len(blocks)} blocks are not finished (first: {missing[0]})" if missing \
+        where = (
+            f"{len(missing)} of {len(blocks)} blocks are not finished (first: {missing[0]})"
+            if missing
             else "adaptive learning-rate rounds are still pending"
+        )
         return _fail(f"--merge-only: {where}; re-run the failed shards, then merge again", 1)
     merged = merge_run(store, order, finalize, force_finalize=True, wait_s=3600, extra=extra)
     print(f"merged {store.dir}" if merged else f"{store.dir} was already merged; analysis re-run")
@@ -258,6 +366,7 @@ def _merge_only(cfg, finalize) -> int:
 
 def _slurm(opts, args, config, overrides, cfg) -> int:
     from cbs.sweep import slurm
+
     if args.slurm_dry_run:
         print(slurm.dry_run(opts, config, overrides, cfg.name, cfg.out_dir))
         return 0
@@ -266,8 +375,10 @@ def _slurm(opts, args, config, overrides, cfg) -> int:
     except ImportError:
         return _fail("--slurm: needs the submitit package (pip install submitit)")
     jobs, merge_job = slurm.submit(opts, config, overrides, cfg.name, cfg.out_dir)
-    print(f"submitted {len(jobs)} shard tasks (job {jobs[0].job_id.split('_')[0]}) and the merge task "
-          f"(job {merge_job.job_id}, runs after all shards succeed); results -> {cfg.out_dir}")
+    print(
+        f"submitted {len(jobs)} shard tasks (job {jobs[0].job_id.split('_')[0]}) and the merge task "
+        f"(job {merge_job.job_id}, runs after all shards succeed); results -> {cfg.out_dir}"
+    )
     return 0
 
 

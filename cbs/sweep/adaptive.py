@@ -42,14 +42,21 @@ def round_block_id(base_id: str, r: int) -> str:
 @dataclasses.dataclass(frozen=True)
 class Round:
     """One adaptive round of a block family: what it added and why."""
+
     round: int
-    kind: str                  # "extend" or "zoom"
+    kind: str  # "extend" or "zoom"
     block: Block
-    reasons: tuple[str, ...]   # e.g. "momentum=0.9: high edge (seed 0)"
+    reasons: tuple[str, ...]  # e.g. "momentum=0.9: high edge (seed 0)"
 
     def record(self) -> dict:
-        return dict(round=self.round, kind=self.kind, block_id=self.block.block_id, cells=len(self.block.cells),
-                    lrs=sorted({c.lr for c in self.block.cells}), reasons=list(self.reasons))
+        return dict(
+            round=self.round,
+            kind=self.kind,
+            block_id=self.block.block_id,
+            cells=len(self.block.cells),
+            lrs=sorted({c.lr for c in self.block.cells}),
+            reasons=list(self.reasons),
+        )
 
 
 def _hp_key(hparams) -> tuple:
@@ -116,20 +123,38 @@ def _zoom(lrs: np.ndarray, best: dict) -> list[float]:
     return sorted(new)
 
 
-def _make_block(base: Block, r: int, lrs_by_group: dict[tuple, list[float]], seeds, cell_id) -> Block:
+def _make_block(
+    base: Block, r: int, lrs_by_group: dict[tuple, list[float]], seeds, cell_id
+) -> Block:
     proto = {_hp_key(c.hparams): c.hparams for c in base.cells}
     cells = []
     for hk, lrs in lrs_by_group.items():
         hp = dict(proto.get(hk, dict(hk)))
         for lr in lrs:
             for seed in seeds:
-                cells.append(Cell(cell_id(base.optimizer, base.batch_size, lr, hp, seed), base.optimizer,
-                                  base.kind, base.batch_size, float(lr), hp, int(seed)))
+                cells.append(
+                    Cell(
+                        cell_id(base.optimizer, base.batch_size, lr, hp, seed),
+                        base.optimizer,
+                        base.kind,
+                        base.batch_size,
+                        float(lr),
+                        hp,
+                        int(seed),
+                    )
+                )
     return dataclasses.replace(base, block_id=round_block_id(base.block_id, r), cells=tuple(cells))
 
 
-def adaptive_rounds(base: Block, results: dict[str, pd.DataFrame], *, max_extend: int, points: int,
-                    zoom: bool, cell_id) -> tuple[list[Round], Round | None, dict]:
+def adaptive_rounds(
+    base: Block,
+    results: dict[str, pd.DataFrame],
+    *,
+    max_extend: int,
+    points: int,
+    zoom: bool,
+    cell_id,
+) -> tuple[list[Round], Round | None, dict]:
     """Replays the adaptive rounds of one block family from stored results.
 
     Args:
@@ -156,21 +181,39 @@ def adaptive_rounds(base: Block, results: dict[str, pd.DataFrame], *, max_extend
         edge = {hk: g["edges"] for hk, g in groups.items() if g["edges"]}
         nxt = None
         if edge and n_extend < max_extend:
-            add = {hk: sorted(x for side in sorted(sides) for x in _extension(groups[hk]["lrs"], side, points))
-                   for hk, sides in edge.items()}
+            add = {
+                hk: sorted(
+                    x for side in sorted(sides) for x in _extension(groups[hk]["lrs"], side, points)
+                )
+                for hk, sides in edge.items()
+            }
             reasons = tuple(f"{_fmt_hp(hk)}: {'/'.join(sorted(s))} edge" for hk, s in edge.items())
             nxt = Round(r + 1, "extend", _make_block(base, r + 1, add, seeds, cell_id), reasons)
             n_extend += 1
         elif zoom and not zoomed:
             # Groups still on an edge after the last extension are flagged, not zoomed.
-            add = {hk: [x for x in _zoom(g["lrs"], g["best"]) if not np.isclose(g["lrs"], x, rtol=1e-9).any()]
-                   for hk, g in groups.items() if hk not in edge}
+            add = {
+                hk: [
+                    x
+                    for x in _zoom(g["lrs"], g["best"])
+                    if not np.isclose(g["lrs"], x, rtol=1e-9).any()
+                ]
+                for hk, g in groups.items()
+                if hk not in edge
+            }
             add = {hk: v for hk, v in add.items() if v}
             zoomed = True
             if add:
-                nxt = Round(r + 1, "zoom", _make_block(base, r + 1, add, seeds, cell_id), ("refine the optimum",))
+                nxt = Round(
+                    r + 1,
+                    "zoom",
+                    _make_block(base, r + 1, add, seeds, cell_id),
+                    ("refine the optimum",),
+                )
         if nxt is None:
-            status = dict(rounds=r, finished=True, edge={_fmt_hp(hk): sorted(s) for hk, s in edge.items()})
+            status = dict(
+                rounds=r, finished=True, edge={_fmt_hp(hk): sorted(s) for hk, s in edge.items()}
+            )
             return done, None, status
         if nxt.block.block_id not in results:
             return done, nxt, dict(rounds=r, finished=False, edge={})

@@ -17,13 +17,23 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["HParamSpec", "OptimizerSpec", "Cell", "Block", "CellResult", "BlockResult",
-           "Backend", "BACKENDS", "get_backend"]
+__all__ = [
+    "HParamSpec",
+    "OptimizerSpec",
+    "Cell",
+    "Block",
+    "CellResult",
+    "BlockResult",
+    "Backend",
+    "BACKENDS",
+    "get_backend",
+]
 
 
 @dataclasses.dataclass(frozen=True)
 class HParamSpec:
     """One optimizer hyperparameter a config may set or sweep (besides the LR)."""
+
     default: float
     doc: str = ""
     ge: float | None = None
@@ -32,18 +42,27 @@ class HParamSpec:
     lt: float | None = None
 
     def allowed(self) -> str:
-        parts = [f"{w} {b}" for w, b in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
-                 if b is not None]
+        parts = [
+            f"{w} {b}"
+            for w, b in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+            if b is not None
+        ]
         return "a number " + " and ".join(parts) if parts else "a number"
 
     def admits(self, x: float) -> bool:
-        return (math.isfinite(x) and (self.ge is None or x >= self.ge) and (self.gt is None or x > self.gt)
-                and (self.le is None or x <= self.le) and (self.lt is None or x < self.lt))
+        return (
+            math.isfinite(x)
+            and (self.ge is None or x >= self.ge)
+            and (self.gt is None or x > self.gt)
+            and (self.le is None or x <= self.le)
+            and (self.lt is None or x < self.lt)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
     """An optimizer kind a back end implements and the hyperparameters it takes."""
+
     doc: str
     hparams: Mapping[str, HParamSpec] = dataclasses.field(default_factory=dict)
     # A learning rate at which this kind clearly makes progress on the back end's small test
@@ -55,9 +74,10 @@ class OptimizerSpec:
 @dataclasses.dataclass(frozen=True)
 class Cell:
     """One point of the grid: a single training run / NQM trajectory."""
-    cell_id: str                  # stable hash of the coordinates below
-    optimizer: str                # the optimizer entry's name (unique within a config)
-    kind: str                     # the optimizer kind, a key of Backend.optimizers
+
+    cell_id: str  # stable hash of the coordinates below
+    optimizer: str  # the optimizer entry's name (unique within a config)
+    kind: str  # the optimizer kind, a key of Backend.optimizers
     batch_size: int
     lr: float
     hparams: Mapping[str, float]  # every hyperparameter of the kind, defaults filled in
@@ -67,12 +87,13 @@ class Cell:
 @dataclasses.dataclass(frozen=True)
 class Block:
     """Cells a back end evaluates in one compiled, vmapped call."""
+
     block_id: str
     optimizer: str
     kind: str
     batch_size: int
     cells: tuple[Cell, ...]
-    schedule: Any = None          # the optimizer entry's cbs.sweep.config.Schedule
+    schedule: Any = None  # the optimizer entry's cbs.sweep.config.Schedule
 
     @property
     def lrs(self) -> np.ndarray:
@@ -95,6 +116,7 @@ class CellResult:
     diverged). ``extra`` holds back-end specific per-cell numbers that become columns
     of results.parquet (e.g. an interpolated step count, a settle step, a noise scale).
     """
+
     cell_id: str
     reached: bool
     diverged: bool
@@ -113,8 +135,9 @@ class BlockResult:
     ``tables``: further per-block tables by name (e.g. "tuned" for continuously refined
     hyperparameters, "noise_scale"); the store concatenates each across blocks.
     """
+
     cells: list[CellResult]
-    curves: Any = None            # pandas.DataFrame | None
+    curves: Any = None  # pandas.DataFrame | None
     tables: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -126,11 +149,12 @@ class Backend(abc.ABC):
     end's own section (YAML key = ``name``) is ``config.section``, an instance of
     ``Section``.
     """
+
     name: ClassVar[str]
-    Section: ClassVar[type]                         # dataclass of the back end's config section
+    Section: ClassVar[type]  # dataclass of the back end's config section
     optimizers: ClassVar[Mapping[str, OptimizerSpec]]
-    metrics: ClassVar[Mapping[str, str]]            # metric name -> description; lower is better
-    blocks_per_call: ClassVar[int] = 1              # how many blocks run_blocks may receive at once
+    metrics: ClassVar[Mapping[str, str]]  # metric name -> description; lower is better
+    blocks_per_call: ClassVar[int] = 1  # how many blocks run_blocks may receive at once
     # Whether a block's cells may be evaluated as several sub-blocks whose records, curves
     # and tables are concatenated (False when a block yields block-level tables, e.g. NQM's
     # tuned optimum). Splittable back ends get memory-aware splitting and out-of-memory retry.
@@ -138,7 +162,9 @@ class Backend(abc.ABC):
     # whether one call may hold blocks of several optimizer entries (a back end that batches
     # work across them, e.g. the NQM's LR refinement); otherwise each call holds one entry
     calls_span_optimizers: ClassVar[bool] = False
-    adaptive_default: ClassVar[bool] = False        # grid.adaptive.enabled when the config leaves it unset
+    adaptive_default: ClassVar[bool] = (
+        False  # grid.adaptive.enabled when the config leaves it unset
+    )
 
     def __init__(self, config):
         self.config = config
@@ -156,7 +182,9 @@ class Backend(abc.ABC):
 
         Default: cells x steps budget x batch size (examples processed if no cell stops early).
         """
-        return float(len(block.cells)) * float(self.config.budget.max_steps) * float(block.batch_size)
+        return (
+            float(len(block.cells)) * float(self.config.budget.max_steps) * float(block.batch_size)
+        )
 
     def cell_memory_bytes(self, block: Block) -> int | None:
         """Device memory one more vmapped cell of ``block`` needs, or None when unknown (then

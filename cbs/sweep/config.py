@@ -16,22 +16,39 @@ import yaml
 from cbs.sweep.backend import BACKENDS, get_backend
 from cbs.sweep.schema import ConfigError, parse, spec, to_dict
 
-__all__ = ["LogRange", "Log2Range", "HParamRange", "Schedule", "OptimizerEntry", "Grid",
-           "Adaptive", "Target", "Budget", "Output", "AnalysisOptions", "SweepConfig", "load_config",
-           "apply_overrides", "config_hash"]
+__all__ = [
+    "LogRange",
+    "Log2Range",
+    "HParamRange",
+    "Schedule",
+    "OptimizerEntry",
+    "Grid",
+    "Adaptive",
+    "Target",
+    "Budget",
+    "Output",
+    "AnalysisOptions",
+    "SweepConfig",
+    "load_config",
+    "apply_overrides",
+    "config_hash",
+]
 
 
 @dataclasses.dataclass(frozen=True)
 class LogRange:
     """num values log-spaced from 10**log10_min to 10**log10_max, both included."""
+
     log10_min: float = spec(doc="log10 of the smallest value")
     log10_max: float = spec(doc="log10 of the largest value")
     num: int = spec(doc="how many values", ge=1)
 
     def __post_init__(self):
         if self.num > 1 and self.log10_max < self.log10_min:
-            raise ValueError(f"allowed: log10_max >= log10_min (got log10_min {self.log10_min} > "
-                             f"log10_max {self.log10_max})")
+            raise ValueError(
+                f"allowed: log10_max >= log10_min (got log10_min {self.log10_min} > "
+                f"log10_max {self.log10_max})"
+            )
         _check_log10_range(self.log10_min, self.log10_max)
 
     def values(self) -> list[float]:
@@ -46,20 +63,25 @@ _LOG10_LIMIT = 300
 def _check_log10_range(lo: float, hi: float) -> None:
     for key, x in (("log10_min", lo), ("log10_max", hi)):
         if not -_LOG10_LIMIT <= x <= _LOG10_LIMIT:
-            raise ValueError(f"allowed: {key} between -{_LOG10_LIMIT} and {_LOG10_LIMIT} (got {x}; 10**{x} "
-                             f"is not a finite positive number)")
+            raise ValueError(
+                f"allowed: {key} between -{_LOG10_LIMIT} and {_LOG10_LIMIT} (got {x}; 10**{x} "
+                f"is not a finite positive number)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class Log2Range:
     """Powers of two 2**log2_min, 2**(log2_min+step), ..., up to 2**log2_max."""
+
     log2_min: int = spec(doc="smallest exponent", ge=0, le=40)
     log2_max: int = spec(doc="largest exponent", ge=0, le=40)
     step: int = spec(1, doc="exponent increment", ge=1)
 
     def __post_init__(self):
         if self.log2_max < self.log2_min:
-            raise ValueError(f"allowed: log2_max >= log2_min (got {self.log2_min} > {self.log2_max})")
+            raise ValueError(
+                f"allowed: log2_max >= log2_min (got {self.log2_min} > {self.log2_max})"
+            )
 
     def values(self) -> list[int]:
         return [2**k for k in range(self.log2_min, self.log2_max + 1, self.step)]
@@ -69,6 +91,7 @@ class Log2Range:
 class HParamRange:
     """A log-spaced hyperparameter grid; with one_minus, the values are 1 - 10**x
     (momentum / EMA decay grids such as 1 - logspace(-5, 0, 20))."""
+
     log10_min: float = spec(doc="log10 of the smallest value (of 1 - value with one_minus)")
     log10_max: float = spec(doc="log10 of the largest value (of 1 - value with one_minus)")
     num: int = spec(doc="how many values", ge=1)
@@ -91,16 +114,30 @@ class Schedule:
     steps (default: budget.max_steps). ``optimized_pwc`` (NQM only) optimizes
     ``pieces`` piecewise-constant LRs per batch size.
     """
-    kind: Literal["constant", "step", "cosine", "linear_decay", "piecewise", "optimized_pwc"] = spec(
-        "constant", doc="schedule shape")
+
+    kind: Literal["constant", "step", "cosine", "linear_decay", "piecewise", "optimized_pwc"] = (
+        spec("constant", doc="schedule shape")
+    )
     warmup_steps: int = spec(0, doc="linear warm-up steps from 0 to the peak LR", ge=0)
-    horizon: int | None = spec(None, doc="steps over which cosine/linear decay anneal (default budget.max_steps)", ge=1)
-    final_lr_fraction: float = spec(0.0, doc="LR at the horizon as a fraction of the peak", ge=0, le=1)
-    boundaries: list[int] = spec([], doc="step decay: steps at which LR is multiplied by decay_factor", ge=1)
+    horizon: int | None = spec(
+        None, doc="steps over which cosine/linear decay anneal (default budget.max_steps)", ge=1
+    )
+    final_lr_fraction: float = spec(
+        0.0, doc="LR at the horizon as a fraction of the peak", ge=0, le=1
+    )
+    boundaries: list[int] = spec(
+        [], doc="step decay: steps at which LR is multiplied by decay_factor", ge=1
+    )
     decay_factor: float = spec(0.1, doc="step decay: LR multiplier at each boundary", gt=0, le=1)
-    pieces: list[list[float]] = spec([], doc="piecewise: [[steps, lr_multiplier], ...]; the last piece lasts forever")
-    batch_growth: list[float] = spec([], doc="piecewise/step: batch-size multiplier per phase (a batch ramp)", gt=0)
-    seesaw: bool = spec(False, doc="Seesaw rule: where LR would drop by k, drop it by sqrt(k) and grow B by k")
+    pieces: list[list[float]] = spec(
+        [], doc="piecewise: [[steps, lr_multiplier], ...]; the last piece lasts forever"
+    )
+    batch_growth: list[float] = spec(
+        [], doc="piecewise/step: batch-size multiplier per phase (a batch ramp)", gt=0
+    )
+    seesaw: bool = spec(
+        False, doc="Seesaw rule: where LR would drop by k, drop it by sqrt(k) and grow B by k"
+    )
     num_pieces: int = spec(10, doc="optimized_pwc: number of equal-length pieces", ge=1)
 
 
@@ -126,37 +163,53 @@ def _check_schedule(where: str, sch: Schedule) -> None:
     for key, kinds in _SCHEDULE_KEYS.items():
         value = getattr(sch, key)
         if sch.kind not in kinds and value != getattr(defaults, key):
-            raise ConfigError(f"{where}.{key}", value,
-                              f"kind {sch.kind!r} does not use this key; it applies to kinds "
-                              + ", ".join(kinds))
+            raise ConfigError(
+                f"{where}.{key}",
+                value,
+                f"kind {sch.kind!r} does not use this key; it applies to kinds " + ", ".join(kinds),
+            )
     if sch.kind == "step":
         if not sch.boundaries:
-            raise ConfigError(f"{where}.boundaries", sch.boundaries,
-                              "allowed: at least one step at which the LR decays (kind 'step')")
+            raise ConfigError(
+                f"{where}.boundaries",
+                sch.boundaries,
+                "allowed: at least one step at which the LR decays (kind 'step')",
+            )
         if list(sch.boundaries) != sorted(set(sch.boundaries)):
             raise ConfigError(f"{where}.boundaries", sch.boundaries, "allowed: increasing steps")
     if sch.kind == "piecewise":
         if not sch.pieces:
-            raise ConfigError(f"{where}.pieces", sch.pieces,
-                              "allowed: a non-empty list [[steps, lr_mult], ...] (kind 'piecewise')")
+            raise ConfigError(
+                f"{where}.pieces",
+                sch.pieces,
+                "allowed: a non-empty list [[steps, lr_mult], ...] (kind 'piecewise')",
+            )
         for j, piece in enumerate(sch.pieces):
             if len(piece) != 2 or piece[0] < 1 or piece[1] <= 0 or piece[0] != int(piece[0]):
-                raise ConfigError(f"{where}.pieces[{j}]", piece,
-                                  "allowed: [steps (an integer >= 1), lr_mult > 0]")
+                raise ConfigError(
+                    f"{where}.pieces[{j}]", piece, "allowed: [steps (an integer >= 1), lr_mult > 0]"
+                )
     phases = {"step": len(sch.boundaries) + 1, "piecewise": len(sch.pieces)}.get(sch.kind)
     if phases is not None and len(sch.batch_growth) > phases:
-        raise ConfigError(f"{where}.batch_growth", sch.batch_growth,
-                          f"allowed: at most one multiplier per phase ({phases} phases)")
+        raise ConfigError(
+            f"{where}.batch_growth",
+            sch.batch_growth,
+            f"allowed: at most one multiplier per phase ({phases} phases)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerEntry:
     """One optimizer of the sweep: a kind, a name, and its hyperparameter grid."""
+
     kind: str = spec(doc="optimizer kind (see --help for the back end's list)")
     name: str | None = spec(None, doc="label in tables and plots (default: the kind)")
     hparams: dict[str, float | list[float] | HParamRange] = spec(
-        {}, doc="hyperparameters: a value, a list to sweep, or a log range")
-    learning_rates: list[float] | LogRange | None = spec(None, doc="overrides grid.learning_rates", gt=0)
+        {}, doc="hyperparameters: a value, a list to sweep, or a log range"
+    )
+    learning_rates: list[float] | LogRange | None = spec(
+        None, doc="overrides grid.learning_rates", gt=0
+    )
     schedule: Schedule = spec(factory=Schedule, doc="learning-rate / batch-size schedule")
 
     @property
@@ -167,32 +220,58 @@ class OptimizerEntry:
 @dataclasses.dataclass(frozen=True)
 class Adaptive:
     """Adaptive LR grid (cbs.sweep.adaptive): extend an edge optimum, then zoom in once."""
-    enabled: bool | None = spec(None, doc="on/off; default: on for backend train, off for nqm (which refines "
-                                "its optimum continuously)")
-    max_extend: int = spec(3, doc="most rounds that extend an edge optimum's LR grid outward", ge=0, le=20)
-    points: int = spec(2, doc="LRs added per side and extension round, at the grid's spacing", ge=1, le=20)
+
+    enabled: bool | None = spec(
+        None,
+        doc="on/off; default: on for backend train, off for nqm (which refines "
+        "its optimum continuously)",
+    )
+    max_extend: int = spec(
+        3, doc="most rounds that extend an edge optimum's LR grid outward", ge=0, le=20
+    )
+    points: int = spec(
+        2, doc="LRs added per side and extension round, at the grid's spacing", ge=1, le=20
+    )
     zoom: bool = spec(True, doc="one final round adding the midpoints around each best LR")
 
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-    batch_sizes: list[int] | Log2Range = spec(doc="batch sizes: a list, or {log2_min, log2_max, step}", ge=1)
-    learning_rates: list[float] | LogRange = spec(doc="LRs: a list, or {log10_min, log10_max, num}", gt=0)
-    optimizers: list[OptimizerEntry] = spec(doc="optimizers, each with its own hyperparameter grid", min_len=1)
+    batch_sizes: list[int] | Log2Range = spec(
+        doc="batch sizes: a list, or {log2_min, log2_max, step}", ge=1
+    )
+    learning_rates: list[float] | LogRange = spec(
+        doc="LRs: a list, or {log10_min, log10_max, num}", gt=0
+    )
+    optimizers: list[OptimizerEntry] = spec(
+        doc="optimizers, each with its own hyperparameter grid", min_len=1
+    )
     seeds: list[int] = spec([0], doc="seeds (initialisation, data order, noise)", ge=0, min_len=1)
-    adaptive: Adaptive = spec(factory=Adaptive, doc="adaptive LR grid: extend edge optima, zoom once")
-    max_cells: int = spec(1_000_000, doc="refuse grids with more cells than this (a guard against typos such "
-                          "as num: 100000000; raise it for a sweep that is meant to be that big)", ge=1)
+    adaptive: Adaptive = spec(
+        factory=Adaptive, doc="adaptive LR grid: extend edge optima, zoom once"
+    )
+    max_cells: int = spec(
+        1_000_000,
+        doc="refuse grids with more cells than this (a guard against typos such "
+        "as num: 100000000; raise it for a sweep that is meant to be that big)",
+        ge=1,
+    )
 
     def batch_size_values(self) -> list[int]:
-        return self.batch_sizes.values() if isinstance(self.batch_sizes, Log2Range) else list(self.batch_sizes)
+        return (
+            self.batch_sizes.values()
+            if isinstance(self.batch_sizes, Log2Range)
+            else list(self.batch_sizes)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
     metric: str = spec(doc="metric that must fall strictly below value")
     value: float = spec(doc="target value")
-    interpolate: bool = spec(False, doc="also report steps linearly interpolated between evaluations")
+    interpolate: bool = spec(
+        False, doc="also report steps linearly interpolated between evaluations"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,13 +298,17 @@ class AnalysisOptions:
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
     name: str = spec(doc="sweep name (letters, digits, '-', '_', '.')")
-    backend: str = spec(doc="which back end evaluates the cells: nqm (Noisy Quadratic Model) or train (real networks)")
+    backend: str = spec(
+        doc="which back end evaluates the cells: nqm (Noisy Quadratic Model) or train (real networks)"
+    )
     grid: Grid = spec(doc="the batch size x LR x optimizer x seed grid")
     target: Target = spec(doc="what 'reached the target' means")
     budget: Budget = spec(doc="step budget")
     output: Output = spec(factory=Output, doc="where and what to write")
     analysis: AnalysisOptions = spec(factory=AnalysisOptions, doc="critical-batch-size extraction")
-    section: Any = spec(None, doc="the back end's own section (YAML key: the back end name)", hidden=True)
+    section: Any = spec(
+        None, doc="the back end's own section (YAML key: the back end name)", hidden=True
+    )
 
     @property
     def out_dir(self) -> Path:
@@ -246,13 +329,25 @@ def _build(raw: Any) -> SweepConfig:
     known = set(BACKENDS) | {section_key}
     for key in raw:
         if not isinstance(key, str):
-            raise ConfigError(str(key), key, "keys must be strings; allowed keys: " + ", ".join(_TOP_KEYS + [section_key]))
+            raise ConfigError(
+                str(key),
+                key,
+                "keys must be strings; allowed keys: " + ", ".join(_TOP_KEYS + [section_key]),
+            )
         if key not in _TOP_KEYS and key not in known:
             close = difflib.get_close_matches(str(key), _TOP_KEYS + [section_key], n=1)
-            raise ConfigError(str(key), key, "unknown key; allowed keys: " + ", ".join(_TOP_KEYS + [section_key]),
-                              f"did you mean {close[0]!r}?" if close else "")
+            raise ConfigError(
+                str(key),
+                key,
+                "unknown key; allowed keys: " + ", ".join(_TOP_KEYS + [section_key]),
+                f"did you mean {close[0]!r}?" if close else "",
+            )
         if key in known and key != section_key:
-            raise ConfigError(key, raw[key], f"this section belongs to backend {key!r}, but backend is {backend_name!r}")
+            raise ConfigError(
+                key,
+                raw[key],
+                f"this section belongs to backend {key!r}, but backend is {backend_name!r}",
+            )
     section = parse(backend.Section, raw.pop(section_key, None), section_key)
     cfg = parse(SweepConfig, raw)
     cfg = dataclasses.replace(cfg, section=section)
@@ -270,21 +365,41 @@ def _resolve_backend(name: Any):
         except (ImportError, AttributeError) as e:
             raise ConfigError("backend", name, f"could not import this back end ({e})") from None
         except Exception as e:  # noqa: BLE001 - a user module failing at import time
-            raise ConfigError("backend", name, f"importing this back end failed ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            raise ConfigError(
+                "backend",
+                name,
+                f"importing this back end failed ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''})",
+            ) from None
         from cbs.sweep.backend import Backend
+
         if not (isinstance(cls, type) and issubclass(cls, Backend)):
-            raise ConfigError("backend", name, "allowed: a subclass of cbs.sweep.backend.Backend "
-                              f"(this names {type(cls).__name__} {getattr(cls, '__name__', cls)!r})")
+            raise ConfigError(
+                "backend",
+                name,
+                "allowed: a subclass of cbs.sweep.backend.Backend "
+                f"(this names {type(cls).__name__} {getattr(cls, '__name__', cls)!r})",
+            )
         import inspect
+
         missing = [a for a in ("name", "Section", "optimizers", "metrics") if not hasattr(cls, a)]
         if missing or inspect.isabstract(cls):
-            what = f"it lacks {', '.join(missing)}" if missing else "it is abstract (run_blocks not implemented)"
+            what = (
+                f"it lacks {', '.join(missing)}"
+                if missing
+                else "it is abstract (run_blocks not implemented)"
+            )
             raise ConfigError("backend", name, f"allowed: a complete Backend subclass; {what}")
         return cls
-    close = difflib.get_close_matches(str(name), list(BACKENDS), n=1) if isinstance(name, str) else []
-    raise ConfigError("backend", name, "allowed: " + ", ".join(map(repr, BACKENDS)) + " or a 'package.module:Class' path",
-                      f"did you mean {close[0]!r}?" if close else "")
+    close = (
+        difflib.get_close_matches(str(name), list(BACKENDS), n=1) if isinstance(name, str) else []
+    )
+    raise ConfigError(
+        "backend",
+        name,
+        "allowed: " + ", ".join(map(repr, BACKENDS)) + " or a 'package.module:Class' path",
+        f"did you mean {close[0]!r}?" if close else "",
+    )
 
 
 def _check(cfg: SweepConfig, backend) -> None:
@@ -292,9 +407,12 @@ def _check(cfg: SweepConfig, backend) -> None:
         raise ConfigError("name", cfg.name, "allowed: letters, digits, '-', '_', '.'")
     if cfg.target.metric not in backend.metrics:
         close = difflib.get_close_matches(cfg.target.metric, list(backend.metrics), n=1)
-        raise ConfigError("target.metric", cfg.target.metric,
-                          f"allowed for backend {cfg.backend!r}: " + ", ".join(backend.metrics),
-                          f"did you mean {close[0]!r}?" if close else "")
+        raise ConfigError(
+            "target.metric",
+            cfg.target.metric,
+            f"allowed for backend {cfg.backend!r}: " + ", ".join(backend.metrics),
+            f"did you mean {close[0]!r}?" if close else "",
+        )
     bs = cfg.grid.batch_size_values()
     if not bs:
         raise ConfigError("grid.batch_sizes", bs, "allowed: at least one batch size")
@@ -303,38 +421,60 @@ def _check(cfg: SweepConfig, backend) -> None:
     if isinstance(cfg.grid.learning_rates, list) and not cfg.grid.learning_rates:
         raise ConfigError("grid.learning_rates", [], "allowed: at least one learning rate")
     if cfg.budget.eval_every > cfg.budget.max_steps:
-        raise ConfigError("budget.eval_every", cfg.budget.eval_every,
-                          f"allowed: at most budget.max_steps = {cfg.budget.max_steps} (otherwise no evaluation "
-                          "happens before the budget ends)")
+        raise ConfigError(
+            "budget.eval_every",
+            cfg.budget.eval_every,
+            f"allowed: at most budget.max_steps = {cfg.budget.max_steps} (otherwise no evaluation "
+            "happens before the budget ends)",
+        )
     for i, opt in enumerate(cfg.grid.optimizers):
         _check_schedule_budget(f"grid.optimizers[{i}].schedule", opt.schedule, cfg.budget.max_steps)
     # Count before expanding: a typo such as num: 100000000 must not allocate the grid.
     cells = count_cells(cfg, backend)
     if cells > cfg.grid.max_cells:
-        raise ConfigError("grid", f"{cells} cells", f"allowed: at most grid.max_cells = {cfg.grid.max_cells} "
-                          "cells (batch sizes x learning rates x hyperparameter values x seeds)",
-                          "raise grid.max_cells if the sweep is meant to be this big")
+        raise ConfigError(
+            "grid",
+            f"{cells} cells",
+            f"allowed: at most grid.max_cells = {cfg.grid.max_cells} "
+            "cells (batch sizes x learning rates x hyperparameter values x seeds)",
+            "raise grid.max_cells if the sweep is meant to be this big",
+        )
     labels = set()
     for i, opt in enumerate(cfg.grid.optimizers):
         where = f"grid.optimizers[{i}]"
         if opt.kind not in backend.optimizers:
             close = difflib.get_close_matches(opt.kind, list(backend.optimizers), n=1)
-            raise ConfigError(f"{where}.kind", opt.kind,
-                              f"allowed for backend {cfg.backend!r}: " + ", ".join(backend.optimizers),
-                              f"did you mean {close[0]!r}?" if close else "")
+            raise ConfigError(
+                f"{where}.kind",
+                opt.kind,
+                f"allowed for backend {cfg.backend!r}: " + ", ".join(backend.optimizers),
+                f"did you mean {close[0]!r}?" if close else "",
+            )
         if not _NAME.match(opt.label):
             raise ConfigError(f"{where}.name", opt.label, "allowed: letters, digits, '-', '_', '.'")
         if opt.label in labels:
-            raise ConfigError(f"{where}.name", opt.label, "allowed: a name no other optimizer entry uses")
+            raise ConfigError(
+                f"{where}.name", opt.label, "allowed: a name no other optimizer entry uses"
+            )
         labels.add(opt.label)
         specs = backend.optimizers[opt.kind].hparams
         for hp, value in opt.hparams.items():
             if hp not in specs:
                 close = difflib.get_close_matches(hp, list(specs), n=1)
                 allowed = ", ".join(specs) or "none"
-                raise ConfigError(f"{where}.hparams.{hp}", hp, f"unknown hyperparameter for kind {opt.kind!r}; "
-                                  f"allowed: {allowed}", f"did you mean {close[0]!r}?" if close else "")
-            values = value.values() if isinstance(value, HParamRange) else value if isinstance(value, list) else [value]
+                raise ConfigError(
+                    f"{where}.hparams.{hp}",
+                    hp,
+                    f"unknown hyperparameter for kind {opt.kind!r}; allowed: {allowed}",
+                    f"did you mean {close[0]!r}?" if close else "",
+                )
+            values = (
+                value.values()
+                if isinstance(value, HParamRange)
+                else value
+                if isinstance(value, list)
+                else [value]
+            )
             if not values:
                 raise ConfigError(f"{where}.hparams.{hp}", value, "allowed: at least one value")
             if len(set(values)) != len(values):
@@ -345,7 +485,10 @@ def _check(cfg: SweepConfig, backend) -> None:
         _check_schedule(f"{where}.schedule", opt.schedule)
         if isinstance(opt.learning_rates, list) and not opt.learning_rates:
             raise ConfigError(f"{where}.learning_rates", [], "allowed: at least one learning rate")
-        for key, lrs in ((f"{where}.learning_rates", opt.learning_rates), ("grid.learning_rates", cfg.grid.learning_rates)):
+        for key, lrs in (
+            (f"{where}.learning_rates", opt.learning_rates),
+            ("grid.learning_rates", cfg.grid.learning_rates),
+        ):
             if isinstance(lrs, list) and len(set(lrs)) != len(lrs):
                 raise ConfigError(key, lrs, "allowed: distinct learning rates")
     if len(set(cfg.grid.seeds)) != len(cfg.grid.seeds):
@@ -360,8 +503,17 @@ def _axis_len(value) -> int:
 
 def count_cells(cfg: SweepConfig, backend) -> int:
     """Number of cells of the grid, computed without expanding it."""
-    n_bs = (len(range(cfg.grid.batch_sizes.log2_min, cfg.grid.batch_sizes.log2_max + 1, cfg.grid.batch_sizes.step))
-            if isinstance(cfg.grid.batch_sizes, Log2Range) else len(cfg.grid.batch_sizes))
+    n_bs = (
+        len(
+            range(
+                cfg.grid.batch_sizes.log2_min,
+                cfg.grid.batch_sizes.log2_max + 1,
+                cfg.grid.batch_sizes.step,
+            )
+        )
+        if isinstance(cfg.grid.batch_sizes, Log2Range)
+        else len(cfg.grid.batch_sizes)
+    )
     total = 0
     for opt in cfg.grid.optimizers:
         lrs = opt.learning_rates if opt.learning_rates is not None else cfg.grid.learning_rates
@@ -375,45 +527,70 @@ def count_cells(cfg: SweepConfig, backend) -> int:
 def _check_schedule_budget(where: str, sch: Schedule, max_steps: int) -> None:
     """Schedule checks every back end shares (they need the budget, so not in Schedule)."""
     if sch.warmup_steps >= max_steps:
-        raise ConfigError(f"{where}.warmup_steps", sch.warmup_steps,
-                          f"allowed: fewer than budget.max_steps = {max_steps} steps (the warm-up must end "
-                          "within the budget)")
+        raise ConfigError(
+            f"{where}.warmup_steps",
+            sch.warmup_steps,
+            f"allowed: fewer than budget.max_steps = {max_steps} steps (the warm-up must end "
+            "within the budget)",
+        )
     b = sch.boundaries
     for j in range(1, len(b)):
         if b[j] <= b[j - 1]:
             raise ConfigError(f"{where}.boundaries", b, "allowed: strictly increasing steps")
     if sch.kind == "piecewise" and not sch.pieces:
-        raise ConfigError(f"{where}.pieces", [], "allowed: a non-empty list [[steps, lr_multiplier], ...]")
+        raise ConfigError(
+            f"{where}.pieces", [], "allowed: a non-empty list [[steps, lr_multiplier], ...]"
+        )
     for j, piece in enumerate(sch.pieces):
-        if (len(piece) != 2 or not float(piece[0]).is_integer() or piece[0] < 1 or not np.isfinite(piece[1])
-                or piece[1] <= 0):
-            raise ConfigError(f"{where}.pieces[{j}]", piece,
-                              "allowed: [steps, lr_multiplier] with steps an integer >= 1 and lr_multiplier > 0")
-    if sch.horizon is not None and sch.horizon <= sch.warmup_steps and sch.kind in ("cosine", "linear_decay"):
-        raise ConfigError(f"{where}.horizon", sch.horizon,
-                          f"allowed: more than warmup_steps = {sch.warmup_steps} (the decay starts after warm-up)")
+        if (
+            len(piece) != 2
+            or not float(piece[0]).is_integer()
+            or piece[0] < 1
+            or not np.isfinite(piece[1])
+            or piece[1] <= 0
+        ):
+            raise ConfigError(
+                f"{where}.pieces[{j}]",
+                piece,
+                "allowed: [steps, lr_multiplier] with steps an integer >= 1 and lr_multiplier > 0",
+            )
+    if (
+        sch.horizon is not None
+        and sch.horizon <= sch.warmup_steps
+        and sch.kind in ("cosine", "linear_decay")
+    ):
+        raise ConfigError(
+            f"{where}.horizon",
+            sch.horizon,
+            f"allowed: more than warmup_steps = {sch.warmup_steps} (the decay starts after warm-up)",
+        )
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key or not re.match(r"^[A-Za-z_][\w]*(\.[A-Za-z_0-9][\w]*)*$", key):
-        raise ConfigError("<command line>", text, "overrides are written key.path=value, e.g. target.value=0.02")
+        raise ConfigError(
+            "<command line>", text, "overrides are written key.path=value, e.g. target.value=0.02"
+        )
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
-        raise ConfigError(key, value, "the value must be valid YAML (a number, a string, [a, list], {a: map})") from None
+        raise ConfigError(
+            key, value, "the value must be valid YAML (a number, a string, [a, list], {a: map})"
+        ) from None
     return key.split("."), parsed
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Applies ``a.b.c=value`` overrides (YAML values; list indices allowed as path parts)."""
     import copy
+
     raw = copy.deepcopy(raw) if raw is not None else {}
     for text in overrides:
         path, value = _parse_override(text)
         node = raw
         for depth, part in enumerate(path[:-1]):
-            where = ".".join(path[:depth + 1])
+            where = ".".join(path[: depth + 1])
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
                     raise ConfigError(where, part, f"allowed: an index below {len(node)}")
@@ -421,9 +598,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             elif isinstance(node, dict):
                 node = node.setdefault(part, {})
                 if node is None:
-                    node = raw_set(raw, path[:depth + 1], {})
+                    node = raw_set(raw, path[: depth + 1], {})
             else:
-                raise ConfigError(where, node, "cannot set a key inside a value that is not a mapping")
+                raise ConfigError(
+                    where, node, "cannot set a key inside a value that is not a mapping"
+                )
         last = path[-1]
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
@@ -432,7 +611,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         elif isinstance(node, dict):
             node[last] = value
         else:
-            raise ConfigError(".".join(path[:-1]), node, "cannot set a key inside a value that is not a mapping")
+            raise ConfigError(
+                ".".join(path[:-1]), node, "cannot set a key inside a value that is not a mapping"
+            )
     return raw
 
 
@@ -477,6 +658,7 @@ def config_dict(cfg: SweepConfig) -> dict:
     """The resolved config as a plain mapping, the back-end section under its own key."""
     d = to_dict(cfg)
     from cbs.sweep.backend import get_backend
+
     d[get_backend(cfg.backend).name] = d.pop("section")
     return d
 
@@ -499,6 +681,7 @@ def _drop(d: dict, dotted: str) -> None:
 def identity_dict(config: dict) -> dict:
     """A resolved config mapping without its :data:`NON_IDENTITY_KEYS`."""
     import copy
+
     d = copy.deepcopy(config)
     for key in NON_IDENTITY_KEYS:
         _drop(d, key)

@@ -14,8 +14,15 @@ __all__ = ["expand_blocks", "cell_id"]
 
 def cell_id(optimizer: str, batch_size: int, lr: float, hparams: dict, seed: int) -> str:
     """A stable id for a cell's coordinates (same coordinates -> same id, across runs)."""
-    key = json.dumps([optimizer, int(batch_size), float(lr).hex(),
-                      sorted((k, float(v).hex()) for k, v in hparams.items()), int(seed)])
+    key = json.dumps(
+        [
+            optimizer,
+            int(batch_size),
+            float(lr).hex(),
+            sorted((k, float(v).hex()) for k, v in hparams.items()),
+            int(seed),
+        ]
+    )
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
@@ -33,19 +40,43 @@ def expand_blocks(cfg: SweepConfig, backend) -> list[Block]:
     """
     blocks = []
     for opt in cfg.grid.optimizers:
-        lr_source = opt.learning_rates if opt.learning_rates is not None else cfg.grid.learning_rates
-        lrs = lr_source.values() if isinstance(lr_source, LogRange) else [float(x) for x in lr_source]
+        lr_source = (
+            opt.learning_rates if opt.learning_rates is not None else cfg.grid.learning_rates
+        )
+        lrs = (
+            lr_source.values() if isinstance(lr_source, LogRange) else [float(x) for x in lr_source]
+        )
         specs = backend.optimizers[opt.kind].hparams
         names = list(specs)
-        axes = [_values(opt.hparams[n]) if n in opt.hparams else [float(specs[n].default)] for n in names]
+        axes = [
+            _values(opt.hparams[n]) if n in opt.hparams else [float(specs[n].default)]
+            for n in names
+        ]
         for batch_size in cfg.grid.batch_size_values():
             cells = []
             for lr in lrs:
                 for combo in itertools.product(*axes):
                     hp = dict(zip(names, combo))
                     for seed in cfg.grid.seeds:
-                        cells.append(Cell(cell_id(opt.label, batch_size, lr, hp, seed), opt.label, opt.kind,
-                                          int(batch_size), float(lr), hp, int(seed)))
-            blocks.append(Block(f"{opt.label}__B{batch_size}", opt.label, opt.kind, int(batch_size),
-                                tuple(cells), opt.schedule))
+                        cells.append(
+                            Cell(
+                                cell_id(opt.label, batch_size, lr, hp, seed),
+                                opt.label,
+                                opt.kind,
+                                int(batch_size),
+                                float(lr),
+                                hp,
+                                int(seed),
+                            )
+                        )
+            blocks.append(
+                Block(
+                    f"{opt.label}__B{batch_size}",
+                    opt.label,
+                    opt.kind,
+                    int(batch_size),
+                    tuple(cells),
+                    opt.schedule,
+                )
+            )
     return blocks

@@ -21,17 +21,39 @@ import pandas as pd
 
 from cbs.sweep.backend import Block, BlockResult
 
-__all__ = ["memory_budget", "parse_bytes", "is_out_of_memory", "split_block", "concat_results",
-           "run_with_memory"]
+__all__ = [
+    "memory_budget",
+    "parse_bytes",
+    "is_out_of_memory",
+    "split_block",
+    "concat_results",
+    "run_with_memory",
+]
 
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 2**10,
+    "kb": 2**10,
+    "kib": 2**10,
+    "m": 2**20,
+    "mb": 2**20,
+    "mib": 2**20,
+    "g": 2**30,
+    "gb": 2**30,
+    "gib": 2**30,
+    "t": 2**40,
+    "tb": 2**40,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(text: str, name: str = "CBS_MEMORY_BUDGET") -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
-        raise ValueError(f"{name}: got {text!r}; allowed: a positive size such as 500MB, 2GiB or 123456")
+        raise ValueError(
+            f"{name}: got {text!r}; allowed: a positive size such as 500MB, 2GiB or 123456"
+        )
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -42,6 +64,7 @@ def memory_budget() -> int | None:
     if text:
         return parse_bytes(text)
     import jax
+
     try:
         stats = jax.local_devices()[0].memory_stats()
     except Exception:  # noqa: BLE001 - some PJRT plugins raise instead of returning None
@@ -53,15 +76,28 @@ def memory_budget() -> int | None:
 def is_out_of_memory(exc: BaseException) -> bool:
     """XLA's out-of-memory failures (RESOURCE_EXHAUSTED from allocation or compilation)."""
     text = f"{type(exc).__name__}: {exc}"
-    return ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
-            or isinstance(exc, MemoryError))
+    return (
+        "RESOURCE_EXHAUSTED" in text
+        or "Out of memory" in text
+        or "out of memory" in text
+        or isinstance(exc, MemoryError)
+    )
 
 
 def split_block(block: Block, size: int) -> list[Block]:
     """Consecutive sub-blocks of at most ``size`` cells (same block id: they are one block)."""
     size = max(1, int(size))
-    return [Block(block.block_id, block.optimizer, block.kind, block.batch_size, block.cells[i:i + size],
-                  block.schedule) for i in range(0, len(block.cells), size)]
+    return [
+        Block(
+            block.block_id,
+            block.optimizer,
+            block.kind,
+            block.batch_size,
+            block.cells[i : i + size],
+            block.schedule,
+        )
+        for i in range(0, len(block.cells), size)
+    ]
 
 
 def concat_results(results: Sequence[BlockResult]) -> BlockResult:
@@ -74,14 +110,23 @@ def concat_results(results: Sequence[BlockResult]) -> BlockResult:
         for name, df in r.tables.items():
             if df is not None:
                 tables.setdefault(name, []).append(df)
-    return BlockResult(cells=cells, curves=pd.concat(curves, ignore_index=True) if curves else None,
-                       tables={k: pd.concat(v, ignore_index=True) for k, v in tables.items()})
+    return BlockResult(
+        cells=cells,
+        curves=pd.concat(curves, ignore_index=True) if curves else None,
+        tables={k: pd.concat(v, ignore_index=True) for k, v in tables.items()},
+    )
 
 
-def run_with_memory(run: Callable[[list[Block]], list[BlockResult]], blocks: list[Block], *,
-                    splittable: bool, cell_bytes: Callable[[Block], int | None] | None = None,
-                    budget: int | None = None, devices: int = 1,
-                    log: Callable[[str], None] | None = None) -> list[BlockResult]:
+def run_with_memory(
+    run: Callable[[list[Block]], list[BlockResult]],
+    blocks: list[Block],
+    *,
+    splittable: bool,
+    cell_bytes: Callable[[Block], int | None] | None = None,
+    budget: int | None = None,
+    devices: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> list[BlockResult]:
     """``run(blocks)`` with pre-splitting by the budget and halving on out-of-memory.
 
     Args:
@@ -100,10 +145,18 @@ def run_with_memory(run: Callable[[list[Block]], list[BlockResult]], blocks: lis
             fit = len(block.cells) if not per_cell else max(1, budget // per_cell) * max(1, devices)
             if fit < len(block.cells):
                 if log:
-                    log(f"block {block.block_id}: {len(block.cells)} cells x {per_cell} B/cell exceed the "
-                        f"memory budget {budget} B; running sub-blocks of {fit} cells")
-                out.append(concat_results([_attempt(run, [sub], splittable, log)[0]
-                                           for sub in split_block(block, fit)]))
+                    log(
+                        f"block {block.block_id}: {len(block.cells)} cells x {per_cell} B/cell exceed the "
+                        f"memory budget {budget} B; running sub-blocks of {fit} cells"
+                    )
+                out.append(
+                    concat_results(
+                        [
+                            _attempt(run, [sub], splittable, log)[0]
+                            for sub in split_block(block, fit)
+                        ]
+                    )
+                )
             else:
                 out.append(_attempt(run, [block], splittable, log)[0])
         return out
@@ -125,6 +178,12 @@ def _attempt(run, blocks: list[Block], splittable: bool, log) -> list[BlockResul
             raise
         half = -(-len(block.cells) // 2)
         if log:
-            log(f"block {block.block_id}: out of memory with {len(block.cells)} cells; retrying as two "
-                f"sub-blocks of <= {half}")
-        return [concat_results([_attempt(run, [sub], splittable, log)[0] for sub in split_block(block, half)])]
+            log(
+                f"block {block.block_id}: out of memory with {len(block.cells)} cells; retrying as two "
+                f"sub-blocks of <= {half}"
+            )
+        return [
+            concat_results(
+                [_attempt(run, [sub], splittable, log)[0] for sub in split_block(block, half)]
+            )
+        ]

@@ -16,9 +16,12 @@ def config_reference() -> str:
     from cbs.sweep.backend import BACKENDS, get_backend
     from cbs.sweep.config import OptimizerEntry, SweepConfig
     from cbs.sweep.schema import describe
+
     lines = ["config keys (YAML; any of them can be overridden as key.path=value):"]
     lines += describe(SweepConfig)
-    lines.append("  each entry of grid.optimizers (grid.optimizers.I.KEY=value on the command line):")
+    lines.append(
+        "  each entry of grid.optimizers (grid.optimizers.I.KEY=value on the command line):"
+    )
     lines += describe(OptimizerEntry, prefix="grid.optimizers[i].")
     lines += ["", "back ends, their sections, metrics and optimizer kinds:"]
     for name in BACKENDS:
@@ -31,29 +34,34 @@ def config_reference() -> str:
         lines += ["  " + line for line in describe(backend.Section, prefix=f"{name}.")]
         lines.append("    metrics: " + ", ".join(backend.metrics))
         for kind, spec in backend.optimizers.items():
-            hps = ", ".join(f"{k}={v.default:g}" for k, v in spec.hparams.items()) or "no hyperparameters"
+            hps = (
+                ", ".join(f"{k}={v.default:g}" for k, v in spec.hparams.items())
+                or "no hyperparameters"
+            )
             lines.append(f"    kind {kind}: {spec.doc} [{hps}]")
     return "\n".join(lines)
 
 
 def config_markdown() -> str:
     """docs/config.md: :func:`config_reference` with a short preamble."""
-    return "\n".join([
-        "# Config reference",
-        "",
-        "Generated from the schema by `python -m cbs.sweep.reference > docs/config.md`; the same",
-        "text ends `python -m cbs.sweep --help`. Do not edit by hand: `tests/test_docs.py` checks",
-        "that this page equals the generated text.",
-        "",
-        "A config is YAML; every key below can also be set on the command line as",
-        "`key.path=value` (YAML value), list entries by index (`grid.optimizers.0.hparams.momentum=0.9`).",
-        "Each line reads `key (type; bounds; default): what it is`.",
-        "",
-        "```text",
-        config_reference(),
-        "```",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Config reference",
+            "",
+            "Generated from the schema by `python -m cbs.sweep.reference > docs/config.md`; the same",
+            "text ends `python -m cbs.sweep --help`. Do not edit by hand: `tests/test_docs.py` checks",
+            "that this page equals the generated text.",
+            "",
+            "A config is YAML; every key below can also be set on the command line as",
+            "`key.path=value` (YAML value), list entries by index (`grid.optimizers.0.hparams.momentum=0.9`).",
+            "Each line reads `key (type; bounds; default): what it is`.",
+            "",
+            "```text",
+            config_reference(),
+            "```",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

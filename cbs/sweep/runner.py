@@ -34,8 +34,19 @@ from cbs.sweep.grid import cell_id, expand_blocks
 from cbs.sweep.memory import memory_budget, run_with_memory
 from cbs.sweep.shards import cost_assignment, hash_assignment, refine_costs
 
-__all__ = ["RunFolderError", "RunFolderConflict", "check_output_dir", "SweepSummary", "run_sweep", "plan",
-           "provenance", "shard_blocks", "block_costs", "merge_plan", "merge_run"]
+__all__ = [
+    "RunFolderError",
+    "RunFolderConflict",
+    "check_output_dir",
+    "SweepSummary",
+    "run_sweep",
+    "plan",
+    "provenance",
+    "shard_blocks",
+    "block_costs",
+    "merge_plan",
+    "merge_run",
+]
 
 
 # The old name of RunFolderError, kept for callers that import it from here.
@@ -48,17 +59,22 @@ def check_output_dir(path: Path) -> None:
     Run before anything is computed or written, so a bad output.dir costs nothing.
     """
     import os
+
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise RunFolderError(f"output.dir {str(path)!r} is a file; allowed: a folder, or a path where one can "
-                             "be created")
+        raise RunFolderError(
+            f"output.dir {str(path)!r} is a file; allowed: a folder, or a path where one can "
+            "be created"
+        )
     probe = path
     while not probe.exists():
         if probe.parent == probe:
             break
         probe = probe.parent
     if probe != path and not probe.is_dir():
-        raise RunFolderError(f"output.dir {str(path)!r} cannot be created: {str(probe)!r} is a file, not a folder")
+        raise RunFolderError(
+            f"output.dir {str(path)!r} cannot be created: {str(probe)!r} is a file, not a folder"
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
         what = "write in" if probe == path else f"create {str(path)!r} in"
         raise RunFolderError(f"output.dir: no permission to {what} {str(probe)!r}")
@@ -78,14 +94,16 @@ class SweepSummary:
     seconds: float
     device: str
     complete: bool
-    merged: bool = False          # this process wrote the merged tables (and ran ``finalize``)
+    merged: bool = False  # this process wrote the merged tables (and ran ``finalize``)
 
     def line(self) -> str:
         state = "" if self.complete else " (this shard's blocks only; other shards pending)"
         resumed = f", {self.skipped_cells} resumed from disk" if self.skipped_cells else ""
-        return (f"sweep {self.name}: {self.cells} cells ({self.reached} reached target, {self.censored} censored, "
-                f"{self.diverged} diverged{resumed}) in {self.seconds:.1f} s on {self.device}{state} "
-                f"-> {self.out_dir}")
+        return (
+            f"sweep {self.name}: {self.cells} cells ({self.reached} reached target, {self.censored} censored, "
+            f"{self.diverged} diverged{resumed}) in {self.seconds:.1f} s on {self.device}{state} "
+            f"-> {self.out_dir}"
+        )
 
 
 def _version(pkg: str) -> str:
@@ -98,6 +116,7 @@ def _version(pkg: str) -> str:
 def provenance() -> dict[str, object]:
     """Versions and device facts stamped on every result row and into the manifest."""
     import jax
+
     devices = jax.devices()
     return {
         "cbs_version": cbs.__version__,
@@ -112,8 +131,12 @@ def provenance() -> dict[str, object]:
     }
 
 
-def block_costs(cfg: SweepConfig, blocks: Sequence[Block], backend: Backend,
-                costs_from: Sequence[str | Path] = ()) -> dict[str, float]:
+def block_costs(
+    cfg: SweepConfig,
+    blocks: Sequence[Block],
+    backend: Backend,
+    costs_from: Sequence[str | Path] = (),
+) -> dict[str, float]:
     """Per-block cost for shard balancing: the back end's estimate, refined by the measured
     block seconds of earlier runs (``costs_from`` run folders), see :mod:`cbs.sweep.shards`."""
     estimates = {b.block_id: float(backend.block_cost(b)) for b in blocks}
@@ -122,12 +145,17 @@ def block_costs(cfg: SweepConfig, blocks: Sequence[Block], backend: Backend,
         for sess in read_sessions(run_dir):
             for block_id, rec in (sess.get("block_seconds") or {}).items():
                 measured.setdefault(block_id, (float(rec[0]), int(rec[1])))
-    return refine_costs(estimates, {b.block_id: len(b.cells) for b in blocks},
-                        {b.block_id: b.kind for b in blocks}, measured)
+    return refine_costs(
+        estimates,
+        {b.block_id: len(b.cells) for b in blocks},
+        {b.block_id: b.kind for b in blocks},
+        measured,
+    )
 
 
-def shard_blocks(blocks: Sequence[Block], shard: tuple[int, int],
-                 costs: dict[str, float] | None = None) -> list[Block]:
+def shard_blocks(
+    blocks: Sequence[Block], shard: tuple[int, int], costs: dict[str, float] | None = None
+) -> list[Block]:
     """The blocks shard ``(index, count)`` owns, in sweep order: cost-balanced (longest
     first to the least-loaded shard) when costs are given, else by a stable hash."""
     index, count = shard
@@ -145,26 +173,42 @@ def plan(cfg: SweepConfig) -> list[Block]:
     return expand_blocks(cfg, get_backend(cfg.backend))
 
 
-def _block_tables(cfg: SweepConfig, block: Block, result: BlockResult, stamp: dict) -> dict[str, pd.DataFrame]:
+def _block_tables(
+    cfg: SweepConfig, block: Block, result: BlockResult, stamp: dict
+) -> dict[str, pd.DataFrame]:
     if len(result.cells) != len(block.cells):
-        raise RuntimeError(f"back end returned {len(result.cells)} records for {len(block.cells)} cells "
-                           f"in block {block.block_id}")
+        raise RuntimeError(
+            f"back end returned {len(result.cells)} records for {len(block.cells)} cells "
+            f"in block {block.block_id}"
+        )
     rows = []
     for cell, rec in zip(block.cells, result.cells):
         if rec.cell_id != cell.cell_id:
             raise RuntimeError(f"back end returned records out of order in block {block.block_id}")
         steps = float(rec.steps_to_target) if rec.reached else float("nan")
         row = {
-            "sweep": cfg.name, "config_hash": stamp["config_hash"], "backend": cfg.backend,
-            "block_id": block.block_id, "cell_id": cell.cell_id, "optimizer": cell.optimizer,
-            "kind": cell.kind, "batch_size": cell.batch_size,
-            "tokens_per_example": cfg.analysis.tokens_per_example, "lr": cell.lr, "seed": cell.seed,
+            "sweep": cfg.name,
+            "config_hash": stamp["config_hash"],
+            "backend": cfg.backend,
+            "block_id": block.block_id,
+            "cell_id": cell.cell_id,
+            "optimizer": cell.optimizer,
+            "kind": cell.kind,
+            "batch_size": cell.batch_size,
+            "tokens_per_example": cfg.analysis.tokens_per_example,
+            "lr": cell.lr,
+            "seed": cell.seed,
             **{f"hp_{k}": float(v) for k, v in cell.hparams.items()},
-            "metric": cfg.target.metric, "target": cfg.target.value, "max_steps": cfg.budget.max_steps,
-            "reached": bool(rec.reached), "diverged": bool(rec.diverged),
+            "metric": cfg.target.metric,
+            "target": cfg.target.value,
+            "max_steps": cfg.budget.max_steps,
+            "reached": bool(rec.reached),
+            "diverged": bool(rec.diverged),
             "censored": bool(not rec.reached and not rec.diverged),
-            "steps_to_target": steps, "final_metric": float(rec.final_metric),
-            "best_metric": float(rec.best_metric), "steps_run": int(rec.steps_run),
+            "steps_to_target": steps,
+            "final_metric": float(rec.final_metric),
+            "best_metric": float(rec.best_metric),
+            "steps_run": int(rec.steps_run),
             **{k: float(v) for k, v in rec.extra.items()},
         }
         row.update({k: v for k, v in stamp.items() if k != "config_hash"})
@@ -178,22 +222,29 @@ def _block_tables(cfg: SweepConfig, block: Block, result: BlockResult, stamp: di
     return tables
 
 
-def _calls(blocks: Sequence[Block], per_call: int, span_optimizers: bool = False) -> list[list[Block]]:
+def _calls(
+    blocks: Sequence[Block], per_call: int, span_optimizers: bool = False
+) -> list[list[Block]]:
     """Groups pending blocks into back-end calls: never more than ``per_call`` blocks, and
     (unless the back end batches work across optimizer entries) never two optimizer entries
     in one call, so finished work reaches disk (and the progress bar) at least once per
     optimizer even for back ends that take everything."""
     calls: list[list[Block]] = []
     for block in blocks:
-        if calls and len(calls[-1]) < per_call and (span_optimizers or calls[-1][-1].optimizer == block.optimizer):
+        if (
+            calls
+            and len(calls[-1]) < per_call
+            and (span_optimizers or calls[-1][-1].optimizer == block.optimizer)
+        ):
             calls[-1].append(block)
         else:
             calls.append([block])
     return calls
 
 
-def merge_plan(store: RunStore, cfg: SweepConfig, all_blocks: Sequence[Block],
-               backend_cls) -> tuple[bool, list[str], dict]:
+def merge_plan(
+    store: RunStore, cfg: SweepConfig, all_blocks: Sequence[Block], backend_cls
+) -> tuple[bool, list[str], dict]:
     """Whether the sweep is complete, its blocks in merge order (adaptive rounds after their
     base block) and the manifest entries the merge records (adaptive status); all derived
     from the stored parts, so every process computes the same."""
@@ -204,14 +255,29 @@ def merge_plan(store: RunStore, cfg: SweepConfig, all_blocks: Sequence[Block],
     if adaptive.enabled if adaptive.enabled is not None else backend_cls.adaptive_default:
         status, rounds = _adaptive_state(store, all_blocks, adaptive)
         complete = complete and all(r is None for r in rounds)
-        order = [bid for b in all_blocks for bid in [b.block_id] + status[b.block_id].get("block_ids", [])]
-        extra["adaptive"] = dict(max_extend=adaptive.max_extend, points=adaptive.points, zoom=adaptive.zoom,
-                                 families=status, flagged=sorted(k for k, v in status.items() if v.get("edge")))
+        order = [
+            bid
+            for b in all_blocks
+            for bid in [b.block_id] + status[b.block_id].get("block_ids", [])
+        ]
+        extra["adaptive"] = dict(
+            max_extend=adaptive.max_extend,
+            points=adaptive.points,
+            zoom=adaptive.zoom,
+            families=status,
+            flagged=sorted(k for k, v in status.items() if v.get("edge")),
+        )
     return complete, order, extra
 
 
-def merge_run(store: RunStore, order: Sequence[str], finalize: Callable[[], None] | None = None,
-              force_finalize: bool = False, wait_s: float = 0.0, extra: dict | None = None) -> bool:
+def merge_run(
+    store: RunStore,
+    order: Sequence[str],
+    finalize: Callable[[], None] | None = None,
+    force_finalize: bool = False,
+    wait_s: float = 0.0,
+    extra: dict | None = None,
+) -> bool:
     """Merges the tables of a complete sweep exactly once; returns True when this call merged.
 
     Runs under the folder's merge lock: the merged files and the manifest are rewritten
@@ -221,6 +287,7 @@ def merge_run(store: RunStore, order: Sequence[str], finalize: Callable[[], None
     this call return False without waiting (unless ``wait_s``): that process finishes the job.
     """
     from cbs.store import read_manifest
+
     try:
         with store.lock("merge", wait_s=wait_s):
             manifest = read_manifest(store.dir)
@@ -229,9 +296,12 @@ def merge_run(store: RunStore, order: Sequence[str], finalize: Callable[[], None
                 store.merge(order=list(order))
                 manifest.update(extra or {})
                 sessions = read_sessions(store.dir)
-                manifest["sessions"] = [{k: v for k, v in r.items() if k != "block_seconds"} for r in sessions]
-                manifest["block_seconds"] = {b: v for r in sessions for b, v in
-                                             (r.get("block_seconds") or {}).items()}
+                manifest["sessions"] = [
+                    {k: v for k, v in r.items() if k != "block_seconds"} for r in sessions
+                ]
+                manifest["block_seconds"] = {
+                    b: v for r in sessions for b, v in (r.get("block_seconds") or {}).items()
+                }
                 manifest["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
                 manifest["merged"] = {"parts": store.parts_signature()}
                 store.write_manifest(manifest)
@@ -248,13 +318,23 @@ def _adaptive_state(store: RunStore, bases: Sequence[Block], adaptive) -> tuple[
     run (None when finished or waiting), both recomputed from the stored results."""
     from cbs.store import RESULTS
     from cbs.sweep.adaptive import adaptive_rounds
+
     finished = store.finished_blocks()
     status, nxt = {}, []
     for base in bases:
-        stored = {bid: pd.read_parquet(store.dir / "parts" / RESULTS / f"{bid}.parquet")
-                  for bid in finished if bid == base.block_id or bid.startswith(base.block_id + "__a")}
-        done, pending, st = adaptive_rounds(base, stored, max_extend=adaptive.max_extend, points=adaptive.points,
-                                            zoom=adaptive.zoom, cell_id=cell_id)
+        stored = {
+            bid: pd.read_parquet(store.dir / "parts" / RESULTS / f"{bid}.parquet")
+            for bid in finished
+            if bid == base.block_id or bid.startswith(base.block_id + "__a")
+        }
+        done, pending, st = adaptive_rounds(
+            base,
+            stored,
+            max_extend=adaptive.max_extend,
+            points=adaptive.points,
+            zoom=adaptive.zoom,
+            cell_id=cell_id,
+        )
         st["block_ids"] = [r.block.block_id for r in done]
         st["history"] = [r.record() for r in done]
         status[base.block_id] = st
@@ -262,10 +342,17 @@ def _adaptive_state(store: RunStore, bases: Sequence[Block], adaptive) -> tuple[
     return status, nxt
 
 
-def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int] = (0, 1),
-              log: Callable[[str], None] = print, finalize: Callable[[], None] | None = None,
-              costs_from: Sequence[str | Path] = (), merge: bool = True,
-              before_merge: Callable[[], None] | None = None) -> SweepSummary:
+def run_sweep(
+    cfg: SweepConfig,
+    *,
+    progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    log: Callable[[str], None] = print,
+    finalize: Callable[[], None] | None = None,
+    costs_from: Sequence[str | Path] = (),
+    merge: bool = True,
+    before_merge: Callable[[], None] | None = None,
+) -> SweepSummary:
     """Runs (or resumes) the sweep described by ``cfg``, or shard ``shard`` of it.
 
     Any number of processes may run this on one folder at once (shards, or identical
@@ -299,47 +386,85 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
     details = backend.manifest()
     resolved = config_dict(cfg)
     try:
-        _initialise(store, cfg, all_blocks, backend, costs_from, chash, stamp, started, details, resolved)
+        _initialise(
+            store, cfg, all_blocks, backend, costs_from, chash, stamp, started, details, resolved
+        )
     except OSError as e:
-        raise RunFolderError(f"cannot write into output.dir {str(store.dir)!r}: {e.strerror or e}") from None
+        raise RunFolderError(
+            f"cannot write into output.dir {str(store.dir)!r}: {e.strerror or e}"
+        ) from None
     from cbs.store import read_manifest
+
     manifest = read_manifest(store.dir)
     frozen = {b.get("block_id"): b.get("cost") for b in manifest.get("blocks", [])}
     costs = frozen if all(frozen.get(b.block_id) is not None for b in all_blocks) else None
     blocks = shard_blocks(all_blocks, shard, costs)
 
-    session_id = f"{started.replace(':', '')}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    session = {"session_id": session_id, "started": started, "shard": list(shard), "pid": os.getpid(),
-               "blocks": len(blocks), "block_seconds": {}, **stamp,
-               **{k.lower(): os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
-                  if k in os.environ}}
+    session_id = (
+        f"{started.replace(':', '')}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    )
+    session = {
+        "session_id": session_id,
+        "started": started,
+        "shard": list(shard),
+        "pid": os.getpid(),
+        "blocks": len(blocks),
+        "block_seconds": {},
+        **stamp,
+        **{
+            k.lower(): os.environ[k]
+            for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+            if k in os.environ
+        },
+    }
     store.write_session(session_id, session)
     done = store.finished_blocks()
     pending = [b for b in blocks if b.block_id not in done]
     skipped = sum(len(b.cells) for b in blocks if b.block_id in done)
 
     import jax
+
     budget = memory_budget() if backend.splittable else None
     t0 = time.perf_counter()
     total = sum(len(b.cells) for b in blocks)
-    bar = tqdm(total=total, initial=skipped, unit="cell", disable=not progress, desc=cfg.name, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=skipped,
+        unit="cell",
+        disable=not progress,
+        desc=cfg.name,
+        dynamic_ncols=True,
+    )
 
     def run(pending_blocks):
-        for chunk in _calls(pending_blocks, max(1, int(backend.blocks_per_call)),
-                            bool(backend.calls_span_optimizers)):
+        for chunk in _calls(
+            pending_blocks,
+            max(1, int(backend.blocks_per_call)),
+            bool(backend.calls_span_optimizers),
+        ):
             t_call = time.perf_counter()
-            results = run_with_memory(backend.run_blocks, chunk, splittable=backend.splittable,
-                                      cell_bytes=backend.cell_memory_bytes, budget=budget,
-                                      devices=jax.local_device_count(), log=log)
+            results = run_with_memory(
+                backend.run_blocks,
+                chunk,
+                splittable=backend.splittable,
+                cell_bytes=backend.cell_memory_bytes,
+                budget=budget,
+                devices=jax.local_device_count(),
+                log=log,
+            )
             if len(results) != len(chunk):
-                raise RuntimeError(f"back end returned {len(results)} results for {len(chunk)} blocks")
+                raise RuntimeError(
+                    f"back end returned {len(results)} results for {len(chunk)} blocks"
+                )
             # A call's time is shared among its blocks by cell count (the measured cost basis).
             seconds = time.perf_counter() - t_call
             cells_in_call = sum(len(b.cells) for b in chunk)
             for block, result in zip(chunk, results):
                 store.write_block(block.block_id, _block_tables(cfg, block, result, stamp))
-                session["block_seconds"][block.block_id] = [seconds * len(block.cells) / cells_in_call,
-                                                            len(block.cells)]
+                session["block_seconds"][block.block_id] = [
+                    seconds * len(block.cells) / cells_in_call,
+                    len(block.cells),
+                ]
                 bar.update(len(block.cells))
             store.write_session(session_id, session)
 
@@ -362,9 +487,17 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
 
     bs = np.array(sorted(cfg.grid.batch_size_values()), dtype=np.float64)
     refs = backend.reference_curves(bs)
-    if refs:   # deterministic: concurrent processes write identical bytes, atomically
-        store.write_table("reference", pd.DataFrame(
-            [{"name": k, "batch_size": int(b), "steps": float(s)} for k, v in refs.items() for b, s in zip(bs, v)]))
+    if refs:  # deterministic: concurrent processes write identical bytes, atomically
+        store.write_table(
+            "reference",
+            pd.DataFrame(
+                [
+                    {"name": k, "batch_size": int(b), "steps": float(s)}
+                    for k, v in refs.items()
+                    for b, s in zip(bs, v)
+                ]
+            ),
+        )
     if before_merge is not None:
         before_merge()
     complete, order, extra = merge_plan(store, cfg, all_blocks, backend_cls)
@@ -376,12 +509,27 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True, shard: tuple[int, int]
     store.write_session(session_id, session)
     rows = read_table(store.dir, RESULTS)
     ids = {b.block_id for b in blocks}
-    mine = rows[rows["block_id"].str.split("__a").str[0].isin(ids)] if rows is not None else pd.DataFrame(
-        columns=["reached", "diverged", "censored"])
-    total = int(bar.total)      # adaptive rounds add cells as they go
-    return SweepSummary(cfg.name, store.dir, chash, total, total - skipped, skipped,
-                        int(mine["reached"].sum()), int(mine["diverged"].sum()), int(mine["censored"].sum()),
-                        seconds, stamp["device_kind"], complete, merged)
+    mine = (
+        rows[rows["block_id"].str.split("__a").str[0].isin(ids)]
+        if rows is not None
+        else pd.DataFrame(columns=["reached", "diverged", "censored"])
+    )
+    total = int(bar.total)  # adaptive rounds add cells as they go
+    return SweepSummary(
+        cfg.name,
+        store.dir,
+        chash,
+        total,
+        total - skipped,
+        skipped,
+        int(mine["reached"].sum()),
+        int(mine["diverged"].sum()),
+        int(mine["censored"].sum()),
+        seconds,
+        stamp["device_kind"],
+        complete,
+        merged,
+    )
 
 
 def _check_identity(store: RunStore, cfg: SweepConfig, chash: str) -> None:
@@ -390,27 +538,42 @@ def _check_identity(store: RunStore, cfg: SweepConfig, chash: str) -> None:
     existing = store.existing_hash()
     if existing is None:
         return
-    changed = config_differences(identity_dict(read_config(store.dir)), identity_dict(config_dict(cfg)))
+    changed = config_differences(
+        identity_dict(read_config(store.dir)), identity_dict(config_dict(cfg))
+    )
     if changed or existing != chash:
-        what = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+        what = "; ".join(changed[:6]) + (
+            f"; and {len(changed) - 6} more" if len(changed) > 6 else ""
+        )
         raise RunFolderError(
             f"output folder {store.dir} holds a different sweep ({what or f'config hash {existing} vs {chash}'}); "
             "refusing to mix results (only analysis options may change on an existing folder). Choose another "
-            "folder (output.dir=PATH), undo the change, or delete that folder.")
+            "folder (output.dir=PATH), undo the change, or delete that folder."
+        )
 
 
-def _initialise(store, cfg, all_blocks, backend, costs_from, chash, stamp, started, details, resolved) -> None:
+def _initialise(
+    store, cfg, all_blocks, backend, costs_from, chash, stamp, started, details, resolved
+) -> None:
     if not (store.dir / "manifest.json").exists():
         costs = block_costs(cfg, all_blocks, backend, costs_from)
         manifest = {
-            "config_hash": chash, "sweep": cfg.name, "backend": cfg.backend, "started": started,
-            "python": platform.python_version(), **stamp,
-            "blocks": [{"block_id": b.block_id, "cells": len(b.cells), "cost": costs[b.block_id]}
-                       for b in all_blocks],
+            "config_hash": chash,
+            "sweep": cfg.name,
+            "backend": cfg.backend,
+            "started": started,
+            "python": platform.python_version(),
+            **stamp,
+            "blocks": [
+                {"block_id": b.block_id, "cells": len(b.cells), "cost": costs[b.block_id]}
+                for b in all_blocks
+            ],
             "cost_basis": "measured" if costs_from else "estimate",
-            "cells": sum(len(b.cells) for b in all_blocks), "backend_details": details}
+            "cells": sum(len(b.cells) for b in all_blocks),
+            "backend_details": details,
+        }
         manifest = store.initialise(resolved, manifest)
-        if manifest.get("config_hash") != chash:   # another config won the race to create it
+        if manifest.get("config_hash") != chash:  # another config won the race to create it
             _check_hash(store, chash)
     elif read_config(store.dir) != resolved:
         # the same sweep with new analysis options: config.yaml records the ones last used
@@ -422,4 +585,5 @@ def _check_hash(store: RunStore, chash: str) -> None:
     if existing is not None and existing != chash:
         raise RunFolderError(
             f"output folder {store.dir} holds sweep {existing}, but this config hashes to {chash}; "
-            f"refusing to mix results. Choose another folder (output.dir=PATH) or delete that one.")
+            f"refusing to mix results. Choose another folder (output.dir=PATH) or delete that one."
+        )

@@ -29,8 +29,18 @@ from cbs.errors import ConfigError
 __all__ = ["ConfigError", "spec", "parse", "to_dict", "describe"]
 
 
-def spec(default: Any = dataclasses.MISSING, *, doc: str = "", ge=None, gt=None,
-                  le=None, lt=None, min_len: int | None = None, factory=None, hidden: bool = False) -> Any:
+def spec(
+    default: Any = dataclasses.MISSING,
+    *,
+    doc: str = "",
+    ge=None,
+    gt=None,
+    le=None,
+    lt=None,
+    min_len: int | None = None,
+    factory=None,
+    hidden: bool = False,
+) -> Any:
     """A dataclass field with bounds (numbers, or every number in a list) and a doc;
     ``hidden`` keeps it out of --help (fields filled by code, not by users)."""
     meta = dict(doc=doc, ge=ge, gt=gt, le=le, lt=lt, min_len=min_len, hidden=hidden)
@@ -44,6 +54,7 @@ def spec(default: Any = dataclasses.MISSING, *, doc: str = "", ge=None, gt=None,
 
 def _copy(x):
     import copy
+
     return copy.deepcopy(x)
 
 
@@ -64,7 +75,8 @@ def _type_name(tp) -> str:
     if dataclasses.is_dataclass(tp):
         return f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
-            tp, getattr(tp, "__name__", str(tp)))
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _check_bounds(path: str, value: Any, meta: dict) -> None:
@@ -75,15 +87,22 @@ def _check_bounds(path: str, value: Any, meta: dict) -> None:
         where = f"{path}[{i}]" if isinstance(value, (list, tuple)) else path
         if isinstance(x, float) and not math.isfinite(x):
             raise ConfigError(where, x, "a finite number is required")
-        for key, ok, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
-                                                    ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+        for key, ok, word in (
+            ("ge", lambda a, b: a >= b, ">="),
+            ("gt", lambda a, b: a > b, ">"),
+            ("le", lambda a, b: a <= b, "<="),
+            ("lt", lambda a, b: a < b, "<"),
+        ):
             bound = meta.get(key)
             if bound is not None and not ok(x, bound):
                 raise ConfigError(where, x, f"allowed: a value {word} {bound}")
     min_len = meta.get("min_len")
     if min_len is not None and isinstance(value, (list, tuple)) and len(value) < min_len:
-        raise ConfigError(path, value, f"allowed: a list with at least {min_len} entr"
-                                            + ("y" if min_len == 1 else "ies"))
+        raise ConfigError(
+            path,
+            value,
+            f"allowed: a list with at least {min_len} entr" + ("y" if min_len == 1 else "ies"),
+        )
 
 
 def _same_shape(value: Any, tp) -> bool:
@@ -176,8 +195,12 @@ def parse(cls, data: Any, path: str = ""):
         if not isinstance(key, str) or key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(where, key, "unknown key; allowed keys: " + ", ".join(fields),
-                                                f"did you mean {close[0]!r}?" if close else "")
+            raise ConfigError(
+                where,
+                key,
+                "unknown key; allowed keys: " + ", ".join(fields),
+                f"did you mean {close[0]!r}?" if close else "",
+            )
     kwargs = {}
     for name, f in fields.items():
         where = f"{path}.{name}" if path else name
@@ -226,12 +249,26 @@ def describe(cls, prefix: str = "") -> list[str]:
             lines.append(f"  {key}: {f.metadata.get('doc', '')}")
             lines += describe(tp, key + ".")
             continue
-        default = (f.default if f.default is not dataclasses.MISSING else
-                              f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-        bounds = " ".join(f"{k}{v}" for k, v in (("≥", f.metadata.get("ge")), (">", f.metadata.get("gt")),
-                                                                                        ("≤", f.metadata.get("le")), ("<", f.metadata.get("lt")))
-                                            if v is not None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else f.default_factory()
+            if f.default_factory is not dataclasses.MISSING
+            else "required"
+        )
+        bounds = " ".join(
+            f"{k}{v}"
+            for k, v in (
+                ("≥", f.metadata.get("ge")),
+                (">", f.metadata.get("gt")),
+                ("≤", f.metadata.get("le")),
+                ("<", f.metadata.get("lt")),
+            )
+            if v is not None
+        )
         default_text = "required" if default == "required" else f"default {to_dict(default)!r}"
-        lines.append(f"  {key} ({_type_name(tp)}{'; ' + bounds if bounds else ''}; {default_text}): "
-                     f"{f.metadata.get('doc', '')}")
+        lines.append(
+            f"  {key} ({_type_name(tp)}{'; ' + bounds if bounds else ''}; {default_text}): "
+            f"{f.metadata.get('doc', '')}"
+        )
     return lines

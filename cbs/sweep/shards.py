@@ -34,7 +34,7 @@ def cost_assignment(costs: Mapping[str, float], count: int) -> dict[str, int]:
     loads = np.zeros(count)
     out = {}
     for block_id in sorted(costs, key=lambda b: (-float(costs[b]), b)):
-        shard = int(np.argmin(loads))   # argmin returns the lowest index among ties
+        shard = int(np.argmin(loads))  # argmin returns the lowest index among ties
         out[block_id] = shard
         loads[shard] += float(costs[block_id])
     return out
@@ -53,8 +53,12 @@ def imbalance(assignment: Mapping[str, int], seconds: Mapping[str, float], count
     return float(loads.max() / mean) if mean > 0 else 1.0
 
 
-def refine_costs(estimates: Mapping[str, float], cells: Mapping[str, int], kinds: Mapping[str, str],
-                 measured: Mapping[str, tuple[float, int]]) -> dict[str, float]:
+def refine_costs(
+    estimates: Mapping[str, float],
+    cells: Mapping[str, int],
+    kinds: Mapping[str, str],
+    measured: Mapping[str, tuple[float, int]],
+) -> dict[str, float]:
     """Costs in seconds from measured block times where available.
 
     Args:

@@ -26,21 +26,22 @@ __all__ = ["SlurmOptions", "parse_slurm", "submit", "dry_run", "run_shard", "run
 @dataclasses.dataclass(frozen=True)
 class SlurmOptions:
     """What ``--slurm key=value,...`` accepts (every key optional)."""
-    array: int = 2                  # array size = number of shards
+
+    array: int = 2  # array size = number of shards
     partition: str | None = None
     gpus_per_task: int | None = None
     cpus_per_task: int | None = None
-    time: int = 60                  # minutes per task (also accepts HH:MM:SS, D-HH:MM:SS)
-    mem: str | None = None          # e.g. 16G
+    time: int = 60  # minutes per task (also accepts HH:MM:SS, D-HH:MM:SS)
+    mem: str | None = None  # e.g. 16G
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
     parallelism: int | None = None  # at most this many array tasks at once
-    merge_time: int = 30            # minutes for the merge-and-analyse task
-    folder: str | None = None       # submitit logs and pickles (default OUTPUT/slurm)
+    merge_time: int = 30  # minutes for the merge-and-analyse task
+    folder: str | None = None  # submitit logs and pickles (default OUTPUT/slurm)
     job_name: str | None = None
-    executor: str = "slurm"         # slurm, or local (submitit's local executor; for tests)
-    setup: str | None = None        # shell lines run before each task, ';'-separated (module load ...)
+    executor: str = "slurm"  # slurm, or local (submitit's local executor; for tests)
+    setup: str | None = None  # shell lines run before each task, ';'-separated (module load ...)
 
     @staticmethod
     def keys() -> str:
@@ -55,11 +56,11 @@ def _minutes(key: str, text: str) -> int:
     if not m:
         raise ValueError(f"--slurm {key}: got {text!r}; allowed: minutes, HH:MM:SS or D-HH:MM:SS")
     d, a, b, c = m.groups()
-    if a is None and c is None:          # plain minutes
+    if a is None and c is None:  # plain minutes
         total = int(b) + 24 * 60 * int(d or 0)
-    elif c is None:                      # MM:SS (Slurm reads "a:b" as minutes:seconds)
+    elif c is None:  # MM:SS (Slurm reads "a:b" as minutes:seconds)
         total = int(a) + (int(b) > 0) + 24 * 60 * int(d or 0)
-    else:                                # HH:MM:SS
+    else:  # HH:MM:SS
         total = 60 * int(a) + int(b) + (int(c) > 0) + 24 * 60 * int(d or 0)
     if total < 1:
         raise ValueError(f"--slurm {key}: got {text!r}; allowed: at least one minute")
@@ -80,7 +81,9 @@ def parse_slurm(text: str) -> SlurmOptions:
         if key == "gpus":
             key = "gpus_per_task"
         if not sep or key not in fields:
-            raise ValueError(f"--slurm: got {item!r}; allowed: key=value with key in {SlurmOptions.keys()}")
+            raise ValueError(
+                f"--slurm: got {item!r}; allowed: key=value with key in {SlurmOptions.keys()}"
+            )
         value = value.strip()
         if key in _INT_KEYS:
             if not value.isdigit() or int(value) < (0 if key == "gpus_per_task" else 1):
@@ -107,6 +110,7 @@ def _sweep_args(config: Path, overrides: Sequence[str]) -> list[str]:
 def run_shard(args: Sequence[str], index: int, count: int) -> int:
     """One array task: shard ``index/count`` of the sweep, no merge (the merge task does it)."""
     from cbs.sweep.__main__ import main
+
     code = main([*args, "--shard", f"{index}/{count}", "--no-merge", "--no-progress"])
     if code:
         raise RuntimeError(f"shard {index}/{count} exited with status {code}")
@@ -116,6 +120,7 @@ def run_shard(args: Sequence[str], index: int, count: int) -> int:
 def run_merge(args: Sequence[str], analysis: bool = True) -> int:
     """The final task: merge once and analyse (also reports blocks still missing)."""
     from cbs.sweep.__main__ import main
+
     code = main([*args, "--merge-only", "--no-progress"] + ([] if analysis else ["--no-analysis"]))
     if code:
         raise RuntimeError(f"merge exited with status {code}")
@@ -142,51 +147,87 @@ def _folder(opts: SlurmOptions, out_dir: Path) -> Path:
     return Path(opts.folder) if opts.folder else Path(out_dir) / "slurm"
 
 
-def dry_run(opts: SlurmOptions, config: Path, overrides: Sequence[str], name: str, out_dir: Path) -> str:
+def dry_run(
+    opts: SlurmOptions, config: Path, overrides: Sequence[str], name: str, out_dir: Path
+) -> str:
     """The two sbatch scripts submitit would submit, with the commands each task runs."""
     from submitit.slurm.slurm import _make_sbatch_string
+
     folder = _folder(opts, out_dir)
     args = _sweep_args(config, overrides)
-    shard_cmd = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "cbs.sweep", *args]) + \
-        f" --shard $SLURM_ARRAY_TASK_ID/{opts.array} --no-merge --no-progress"
-    merge_cmd = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "cbs.sweep", *args]) + \
-        " --merge-only --no-progress"
-    submit_cmd = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
-    array = _make_sbatch_string(submit_cmd, folder, map_count=opts.array, **_parameters(opts, name, False))
-    merge = _make_sbatch_string(submit_cmd, folder, dependency="afterok:ARRAY_JOB_ID",
-                                **_parameters(opts, name + "-merge", True))
-    return "\n".join([
-        f"# {opts.array}-task array: task i runs (through submitit's pickled call of cbs.sweep.slurm.run_shard)",
-        f"#   {shard_cmd}", "", array, "",
-        "# then one task after the whole array succeeded: merge once and analyse",
-        f"#   {merge_cmd}", "", merge])
+    shard_cmd = (
+        " ".join(shlex.quote(a) for a in [sys.executable, "-m", "cbs.sweep", *args])
+        + f" --shard $SLURM_ARRAY_TASK_ID/{opts.array} --no-merge --no-progress"
+    )
+    merge_cmd = (
+        " ".join(shlex.quote(a) for a in [sys.executable, "-m", "cbs.sweep", *args])
+        + " --merge-only --no-progress"
+    )
+    submit_cmd = (
+        f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    )
+    array = _make_sbatch_string(
+        submit_cmd, folder, map_count=opts.array, **_parameters(opts, name, False)
+    )
+    merge = _make_sbatch_string(
+        submit_cmd,
+        folder,
+        dependency="afterok:ARRAY_JOB_ID",
+        **_parameters(opts, name + "-merge", True),
+    )
+    return "\n".join(
+        [
+            f"# {opts.array}-task array: task i runs (through submitit's pickled call of cbs.sweep.slurm.run_shard)",
+            f"#   {shard_cmd}",
+            "",
+            array,
+            "",
+            "# then one task after the whole array succeeded: merge once and analyse",
+            f"#   {merge_cmd}",
+            "",
+            merge,
+        ]
+    )
 
 
-def submit(opts: SlurmOptions, config: Path, overrides: Sequence[str], name: str, out_dir: Path,
-           wait: bool = False):
+def submit(
+    opts: SlurmOptions,
+    config: Path,
+    overrides: Sequence[str],
+    name: str,
+    out_dir: Path,
+    wait: bool = False,
+):
     """Submits the array and the dependent merge task; returns (array jobs, merge job).
 
     With ``executor=local`` (no dependency support) the array runs to completion first.
     """
     import submitit
+
     folder = _folder(opts, out_dir)
     args = _sweep_args(config, overrides)
     if opts.executor == "local":
         ex = submitit.LocalExecutor(folder=folder)
         ex.update_parameters(timeout_min=opts.time)
-        jobs = ex.map_array(run_shard, [args] * opts.array, list(range(opts.array)), [opts.array] * opts.array)
+        jobs = ex.map_array(
+            run_shard, [args] * opts.array, list(range(opts.array)), [opts.array] * opts.array
+        )
         for job in jobs:
-            job.result()        # raises if the shard failed
+            job.result()  # raises if the shard failed
         ex.update_parameters(timeout_min=opts.merge_time)
         merge_job = ex.submit(run_merge, args)
         merge_job.result()
         return jobs, merge_job
     ex = submitit.SlurmExecutor(folder=folder)
     ex.update_parameters(**_parameters(opts, name, False))
-    jobs = ex.map_array(run_shard, [args] * opts.array, list(range(opts.array)), [opts.array] * opts.array)
+    jobs = ex.map_array(
+        run_shard, [args] * opts.array, list(range(opts.array)), [opts.array] * opts.array
+    )
     array_id = jobs[0].job_id.split("_")[0]
     ex = submitit.SlurmExecutor(folder=folder)
-    ex.update_parameters(dependency=f"afterok:{array_id}", **_parameters(opts, name + "-merge", True))
+    ex.update_parameters(
+        dependency=f"afterok:{array_id}", **_parameters(opts, name + "-merge", True)
+    )
     merge_job = ex.submit(run_merge, args)
     if wait:
         merge_job.result()

@@ -36,55 +36,101 @@ class NoiseScale:
     unbiased two-batch-size estimator (docs/cbs.md section 6): num_micro micro-batches of
     micro_batch examples give |G_small|² (mean of their squared norms) and |G_big|²
     (squared norm of their mean)."""
+
     enabled: bool = spec(False, doc="measure the gradient noise scale (table noise_scale)")
-    micro_batch: int | None = spec(None, doc="B_small in examples (default: the block's batch size)", ge=1)
-    num_micro: int = spec(4, doc="micro-batches per estimate; B_big = num_micro * micro_batch", ge=2)
-    ema: float = spec(0.0, doc="EMA of |G|² and tr(Σ) across evaluations before the ratio (0 = none)",
-                      ge=0, lt=1)
+    micro_batch: int | None = spec(
+        None, doc="B_small in examples (default: the block's batch size)", ge=1
+    )
+    num_micro: int = spec(
+        4, doc="micro-batches per estimate; B_big = num_micro * micro_batch", ge=2
+    )
+    ema: float = spec(
+        0.0, doc="EMA of |G|² and tr(Σ) across evaluations before the ratio (0 = none)", ge=0, lt=1
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
     """The ``train:`` section: data set, model, evaluation and measurement options."""
-    dataset: str = spec("mnist1d", doc="data set: a built-in name (mnist1d, digits, linreg, text; generated or "
-                        "read offline), a path (.npz file, folder of .npy files, .parquet file, Hugging Face "
-                        "save_to_disk folder) or 'pkg.module:function' returning arrays (see cbs.train.sources)")
-    dataset_args: dict[str, Any] = spec({}, doc="keyword arguments of a dataset factory; for files: x / y (array "
-                                        "names or columns), parquet also x_shape and split (column)")
+
+    dataset: str = spec(
+        "mnist1d",
+        doc="data set: a built-in name (mnist1d, digits, linreg, text; generated or "
+        "read offline), a path (.npz file, folder of .npy files, .parquet file, Hugging Face "
+        "save_to_disk folder) or 'pkg.module:function' returning arrays (see cbs.train.sources)",
+    )
+    dataset_args: dict[str, Any] = spec(
+        {},
+        doc="keyword arguments of a dataset factory; for files: x / y (array "
+        "names or columns), parquet also x_shape and split (column)",
+    )
     task: Literal["auto", "classification", "regression", "lm"] = spec(
-        "auto", doc="loss of a file or factory data set: auto = integer labels -> classification (lm when labels "
-                    "are token sequences shaped like the inputs), float labels -> regression")
-    num_outputs: int | None = spec(None, doc="classes / vocabulary size (default: largest label + 1)", ge=1)
-    loss: str | None = spec(None, doc="custom loss 'pkg.module:loss_fn', loss_fn(outputs, y) -> (mean loss, "
-                            "error rate); replaces the task's loss")
-    model: str = spec("mlp", doc="mlp, cnn, mnist1d_cnn (the MNIST-1D paper's CNN: 5/3/3-wide stride-2 convolutions, flatten, linear read-out), transformer (text / lm only), or 'pkg.module:Factory' building a "
-                      "Flax linen or nnx module (see cbs.train.user)")
+        "auto",
+        doc="loss of a file or factory data set: auto = integer labels -> classification (lm when labels "
+        "are token sequences shaped like the inputs), float labels -> regression",
+    )
+    num_outputs: int | None = spec(
+        None, doc="classes / vocabulary size (default: largest label + 1)", ge=1
+    )
+    loss: str | None = spec(
+        None,
+        doc="custom loss 'pkg.module:loss_fn', loss_fn(outputs, y) -> (mean loss, "
+        "error rate); replaces the task's loss",
+    )
+    model: str = spec(
+        "mlp",
+        doc="mlp, cnn, mnist1d_cnn (the MNIST-1D paper's CNN: 5/3/3-wide stride-2 convolutions, flatten, linear read-out), transformer (text / lm only), or 'pkg.module:Factory' building a "
+        "Flax linen or nnx module (see cbs.train.user)",
+    )
     model_args: dict[str, Any] = spec({}, doc="keyword arguments of a 'pkg.module:Factory' model")
     device_budget_mb: float | None = spec(
-        None, doc="training sets larger than this (MiB) stay on the host and stream per compiled call "
-                  "(default: a quarter of the device memory; unlimited on CPU; 0 = always stream)", ge=0)
+        None,
+        doc="training sets larger than this (MiB) stay on the host and stream per compiled call "
+        "(default: a quarter of the device memory; unlimited on CPU; 0 = always stream)",
+        ge=0,
+    )
     width: int = spec(64, doc="hidden units / channels / model width", ge=1)
-    depth: int = spec(2, doc="hidden layers / conv layers / Transformer blocks (mlp depth 0 = linear)", ge=0)
+    depth: int = spec(
+        2, doc="hidden layers / conv layers / Transformer blocks (mlp depth 0 = linear)", ge=0
+    )
     heads: int = spec(4, doc="attention heads (transformer)", ge=1)
-    seq_len: int = spec(64, doc="tokens per example (text); set analysis.tokens_per_example to match", ge=2)
-    val_fraction: float = spec(0.2, doc="fraction of the examples held out for validation", gt=0, lt=1)
+    seq_len: int = spec(
+        64, doc="tokens per example (text); set analysis.tokens_per_example to match", ge=2
+    )
+    val_fraction: float = spec(
+        0.2, doc="fraction of the examples held out for validation", gt=0, lt=1
+    )
     split_seed: int = spec(0, doc="seed of the train/validation split", ge=0)
     max_train: int | None = spec(None, doc="use at most this many training examples", ge=1)
-    num_samples: int | None = spec(None, doc="examples to generate (mnist1d default 5000, linreg 4096)", ge=2)
+    num_samples: int | None = spec(
+        None, doc="examples to generate (mnist1d default 5000, linreg 4096)", ge=2
+    )
     data_seed: int = spec(0, doc="linreg: seed of w*, inputs and label noise", ge=0)
     linreg_dim: int = spec(64, doc="linreg: input dimension", ge=1)
     spectrum_power: float = spec(1.0, doc="linreg: covariance eigenvalues i**-spectrum_power", ge=0)
     label_noise: float = spec(0.1, doc="linreg: label noise standard deviation", ge=0)
     eval_batch: int = spec(1024, doc="validation examples per evaluation piece (memory only)", ge=1)
-    steps_per_call: int = spec(100, doc="steps per compiled call; the stop check runs between calls", ge=1)
+    steps_per_call: int = spec(
+        100, doc="steps per compiled call; the stop check runs between calls", ge=1
+    )
     compact: Literal["auto", "always", "never"] = spec(
-        "auto", doc="drop finished cells from a running block once half are done: auto = when the compute "
-                    "saved beats a compile by a fixed FLOP cost model (never timings: results stay reproducible)")
-    diverge_loss: float | None = spec(None, doc="also call a cell diverged when its training loss exceeds this", gt=0)
-    diverge_factor: float = spec(10.0, doc="a cell whose val_loss exceeds this times its initial val_loss is "
-                                 "recorded diverged", gt=1)
-    exact_crossing: bool = spec(True, doc="replay each cell's crossing interval with an evaluation after every "
-                                "step, so steps_to_target is exact whatever eval_every (crossing_exact = 1)")
+        "auto",
+        doc="drop finished cells from a running block once half are done: auto = when the compute "
+        "saved beats a compile by a fixed FLOP cost model (never timings: results stay reproducible)",
+    )
+    diverge_loss: float | None = spec(
+        None, doc="also call a cell diverged when its training loss exceeds this", gt=0
+    )
+    diverge_factor: float = spec(
+        10.0,
+        doc="a cell whose val_loss exceeds this times its initial val_loss is recorded diverged",
+        gt=1,
+    )
+    exact_crossing: bool = spec(
+        True,
+        doc="replay each cell's crossing interval with an evaluation after every "
+        "step, so steps_to_target is exact whatever eval_every (crossing_exact = 1)",
+    )
     noise_scale: NoiseScale = spec(factory=NoiseScale, doc="gradient noise scale measurement")
 
 
@@ -101,14 +147,23 @@ def _load(section: TrainSection) -> data_mod.Dataset:
 def _task_of(section: TrainSection, d: data_mod.Dataset):
     if section.loss is not None:
         from cbs.train.user import load_loss
+
         return load_loss(section.loss)
     return d.task
 
 
 def _build_model(section: TrainSection, d: data_mod.Dataset):
     if section.model in BUILTIN_MODELS:
-        return make_model(section.model, section.width, section.depth, d.num_outputs, section.seq_len, section.heads)
+        return make_model(
+            section.model,
+            section.width,
+            section.depth,
+            d.num_outputs,
+            section.seq_len,
+            section.heads,
+        )
     from cbs.train.user import build_user_model
+
     return build_user_model(section.model, section.model_args, d.num_outputs)
 
 
@@ -131,22 +186,33 @@ def _check_burnin(value, where: str, max_steps: int) -> None:
     """K-FAC's burn-in is a count of batches: whole numbers that leave room for an update."""
     if value is None:
         return
-    values = value.values() if hasattr(value, "log10_min") else value if isinstance(value, (list, tuple)) else [value]
+    values = (
+        value.values()
+        if hasattr(value, "log10_min")
+        else value
+        if isinstance(value, (list, tuple))
+        else [value]
+    )
     for v in values:
         if float(v) != int(v) or v >= max_steps:
-            raise ConfigError(where, v, f"allowed: a whole number of batches below budget.max_steps = {max_steps}")
+            raise ConfigError(
+                where, v, f"allowed: a whole number of batches below budget.max_steps = {max_steps}"
+            )
 
 
 class TrainBackend(Backend):
     """Trains real networks (Flax + Optax) and records steps to a validation target."""
+
     name = "train"
     Section = TrainSection
     optimizers = OPTIMIZERS
-    metrics = {"val_loss": "validation loss (cross-entropy; 0.5 * squared error for linreg)",
-               "val_error": "validation error rate (top-1; next-byte error for text)"}
+    metrics = {
+        "val_loss": "validation loss (cross-entropy; 0.5 * squared error for linreg)",
+        "val_error": "validation error rate (top-1; next-byte error for text)",
+    }
     blocks_per_call = 1
     adaptive_default = True
-    splittable = True        # cells are independent; tables (curves, noise_scale) are per cell
+    splittable = True  # cells are independent; tables (curves, noise_scale) are per cell
     # K-FAC cells run one after another (no vmap amortization) and pay curvature estimates
     # and periodic inverses: a prior for their per-cell cost relative to a vmapped cell,
     # replaced by measured block times when --costs-from is given.
@@ -170,96 +236,177 @@ class TrainBackend(Backend):
         user_model = s.model not in BUILTIN_MODELS
         if user_model and ":" not in s.model:
             import difflib
+
             close = difflib.get_close_matches(s.model, BUILTIN_MODELS, n=1)
-            raise ConfigError("train.model", s.model, "allowed: " + ", ".join(map(repr, BUILTIN_MODELS)) +
-                              " or 'pkg.module:Factory'", f"did you mean {close[0]!r}?" if close else "")
+            raise ConfigError(
+                "train.model",
+                s.model,
+                "allowed: " + ", ".join(map(repr, BUILTIN_MODELS)) + " or 'pkg.module:Factory'",
+                f"did you mean {close[0]!r}?" if close else "",
+            )
         if s.model_args and not user_model:
-            raise ConfigError("train.model_args", s.model_args, "allowed only with a 'pkg.module:Factory' model "
-                              f"(built-in {s.model!r} takes train.width, depth, heads)")
+            raise ConfigError(
+                "train.model_args",
+                s.model_args,
+                "allowed only with a 'pkg.module:Factory' model "
+                f"(built-in {s.model!r} takes train.width, depth, heads)",
+            )
         builtin_data = sources.source_kind(s.dataset) == "builtin"
         if builtin_data and s.dataset_args:
-            raise ConfigError("train.dataset_args", s.dataset_args, f"allowed only with a file or factory dataset "
-                              f"(built-in {s.dataset!r} takes its own train.* options)")
+            raise ConfigError(
+                "train.dataset_args",
+                s.dataset_args,
+                f"allowed only with a file or factory dataset "
+                f"(built-in {s.dataset!r} takes its own train.* options)",
+            )
         if builtin_data and not user_model and s.loss is None and s.task == "auto":
-            task = "lm" if s.dataset == "text" else "regression" if s.dataset == "linreg" else "classification"
+            task = (
+                "lm"
+                if s.dataset == "text"
+                else "regression"
+                if s.dataset == "linreg"
+                else "classification"
+            )
         else:
             task = cls._check_data_and_model(s, config)
         if s.model == "transformer" and task != "lm":
-            raise ConfigError("train.model", s.model, "allowed with this dataset: 'mlp', 'cnn', 'mnist1d_cnn'",
-                              "the transformer needs token sequences (dataset text, or train.task lm)")
+            raise ConfigError(
+                "train.model",
+                s.model,
+                "allowed with this dataset: 'mlp', 'cnn', 'mnist1d_cnn'",
+                "the transformer needs token sequences (dataset text, or train.task lm)",
+            )
         if task == "lm" and not user_model and s.model != "transformer":
-            raise ConfigError("train.model", s.model, f"allowed with {'dataset text' if builtin_data else 'task lm'}"
-                              ": 'transformer'")
+            raise ConfigError(
+                "train.model",
+                s.model,
+                f"allowed with {'dataset text' if builtin_data else 'task lm'}: 'transformer'",
+            )
         if s.model in ("cnn", "mnist1d_cnn") and s.dataset == "linreg":
-            raise ConfigError("train.model", s.model, "allowed with dataset linreg: 'mlp' (depth 0 = linear)")
+            raise ConfigError(
+                "train.model", s.model, "allowed with dataset linreg: 'mlp' (depth 0 = linear)"
+            )
         if s.model == "transformer" and s.width % s.heads:
-            raise ConfigError("train.heads", s.heads, f"allowed: a divisor of train.width = {s.width}")
+            raise ConfigError(
+                "train.heads", s.heads, f"allowed: a divisor of train.width = {s.width}"
+            )
         if s.dataset == "text" and config.analysis.tokens_per_example != s.seq_len:
-            raise ConfigError("analysis.tokens_per_example", config.analysis.tokens_per_example,
-                              f"allowed with dataset text: train.seq_len = {s.seq_len}",
-                              "batch sizes are counted in sequences; this reports them in tokens")
+            raise ConfigError(
+                "analysis.tokens_per_example",
+                config.analysis.tokens_per_example,
+                f"allowed with dataset text: train.seq_len = {s.seq_len}",
+                "batch sizes are counted in sequences; this reports them in tokens",
+            )
         if task == "lm" and not builtin_data:
             seq = int(_load(s).y_train.shape[1])
             if config.analysis.tokens_per_example != seq:
-                raise ConfigError("analysis.tokens_per_example", config.analysis.tokens_per_example,
-                                  f"allowed with task lm on this data set: its sequence length {seq}",
-                                  "batch sizes are counted in sequences; this reports them in tokens")
+                raise ConfigError(
+                    "analysis.tokens_per_example",
+                    config.analysis.tokens_per_example,
+                    f"allowed with task lm on this data set: its sequence length {seq}",
+                    "batch sizes are counted in sequences; this reports them in tokens",
+                )
         if t.metric == "val_error" and task == "regression":
-            raise ConfigError("target.metric", t.metric, f"allowed for {s.dataset!r} (regression): 'val_loss' "
-                              "(no error rate)")
+            raise ConfigError(
+                "target.metric",
+                t.metric,
+                f"allowed for {s.dataset!r} (regression): 'val_loss' (no error rate)",
+            )
         if t.value <= 0:
-            raise ConfigError("target.value", t.value, f"allowed: a value > 0 ({t.metric} is never below 0, "
-                              "and the target must be strictly undercut)")
+            raise ConfigError(
+                "target.value",
+                t.value,
+                f"allowed: a value > 0 ({t.metric} is never below 0, "
+                "and the target must be strictly undercut)",
+            )
         if t.metric == "val_error" and t.value > 1:
             raise ConfigError("target.value", t.value, "allowed: an error rate <= 1")
         if s.dataset == "linreg" and t.metric == "val_loss" and t.value <= 0.5 * s.label_noise**2:
-            raise ConfigError("target.value", t.value, f"allowed: a loss above the Bayes risk "
-                              f"0.5 * label_noise**2 = {0.5 * s.label_noise**2:g}")
+            raise ConfigError(
+                "target.value",
+                t.value,
+                f"allowed: a loss above the Bayes risk "
+                f"0.5 * label_noise**2 = {0.5 * s.label_noise**2:g}",
+            )
         n = train_size(s)
         if n < 2:
             if s.dataset == "text":
                 corpus = len(data_mod.text_corpus())
-                raise ConfigError("train.seq_len", s.seq_len, f"allowed: a length that leaves at least 2 training "
-                                  f"sequences of seq_len + 1 bytes in the {corpus}-byte corpus after the validation "
-                                  f"split (at most about {int(corpus * (1 - s.val_fraction)) // 2 - 1} here)")
-            raise ConfigError("train.val_fraction", s.val_fraction,
-                              f"allowed: a fraction that leaves at least 2 training examples (this leaves {n})")
+                raise ConfigError(
+                    "train.seq_len",
+                    s.seq_len,
+                    f"allowed: a length that leaves at least 2 training "
+                    f"sequences of seq_len + 1 bytes in the {corpus}-byte corpus after the validation "
+                    f"split (at most about {int(corpus * (1 - s.val_fraction)) // 2 - 1} here)",
+                )
+            raise ConfigError(
+                "train.val_fraction",
+                s.val_fraction,
+                f"allowed: a fraction that leaves at least 2 training examples (this leaves {n})",
+            )
         for b in config.grid.batch_size_values():
             if b > n:
-                raise ConfigError("grid.batch_sizes", b, f"allowed: batch sizes <= the training-set size {n}")
+                raise ConfigError(
+                    "grid.batch_sizes", b, f"allowed: batch sizes <= the training-set size {n}"
+                )
         if s.noise_scale.enabled:
-            bmax = (s.noise_scale.micro_batch or max(config.grid.batch_size_values())) * s.noise_scale.num_micro
+            bmax = (
+                s.noise_scale.micro_batch or max(config.grid.batch_size_values())
+            ) * s.noise_scale.num_micro
             if bmax > n:
-                raise ConfigError("train.noise_scale", bmax, f"allowed: num_micro * micro_batch <= {n} "
-                                  "(training examples)")
+                raise ConfigError(
+                    "train.noise_scale",
+                    bmax,
+                    f"allowed: num_micro * micro_batch <= {n} (training examples)",
+                )
         for i, opt in enumerate(config.grid.optimizers):
             where = f"grid.optimizers[{i}]"
             if opt.kind == "soap" and not soap_available():
-                raise ConfigError(f"{where}.kind", "soap", "cbs.train.soap is not importable in this install")
+                raise ConfigError(
+                    f"{where}.kind", "soap", "cbs.train.soap is not importable in this install"
+                )
             if opt.kind == "kfac" and s.model == "transformer":
-                raise ConfigError(f"{where}.kind", "kfac", "allowed with model mlp or cnn (kfac-jax layer "
-                                  "registration and per-example loss scaling)")
+                raise ConfigError(
+                    f"{where}.kind",
+                    "kfac",
+                    "allowed with model mlp or cnn (kfac-jax layer "
+                    "registration and per-example loss scaling)",
+                )
             if opt.kind == "kfac" and (user_model or s.loss is not None):
                 cls._check_kfac(s, where, task)
             if opt.kind == "kfac":
-                _check_burnin(opt.hparams.get("burnin_steps"), f"{where}.hparams.burnin_steps",
-                              config.budget.max_steps)
+                _check_burnin(
+                    opt.hparams.get("burnin_steps"),
+                    f"{where}.hparams.burnin_steps",
+                    config.budget.max_steps,
+                )
             sch = opt.schedule
             if sch.kind == "optimized_pwc":
-                raise ConfigError(f"{where}.schedule.kind", sch.kind, "allowed for the train back end: constant, "
-                                  "step, cosine, linear_decay, piecewise (optimized_pwc is NQM-only)")
+                raise ConfigError(
+                    f"{where}.schedule.kind",
+                    sch.kind,
+                    "allowed for the train back end: constant, "
+                    "step, cosine, linear_decay, piecewise (optimized_pwc is NQM-only)",
+                )
             if sch.batch_growth or sch.seesaw:
-                raise ConfigError(f"{where}.schedule", "batch_growth/seesaw", "batch-size schedules are not "
-                                  "supported by the train back end (one program per batch size)")
+                raise ConfigError(
+                    f"{where}.schedule",
+                    "batch_growth/seesaw",
+                    "batch-size schedules are not "
+                    "supported by the train back end (one program per batch size)",
+                )
 
     @staticmethod
     def _check_data_and_model(s: TrainSection, config) -> str:
         """Reads and validates the data set, builds the model and traces it abstractly
         (shapes only) against the labels; returns the task. Raises ConfigError."""
         from cbs.train.user import CustomLoss, check_model
+
         d = _load(s)
         if s.task != "auto" and s.dataset in sources.BUILTIN and s.task != d.task:
-            raise ConfigError("train.task", s.task, f"allowed with dataset {s.dataset}: 'auto' or {d.task!r}")
+            raise ConfigError(
+                "train.task", s.task, f"allowed with dataset {s.dataset}: 'auto' or {d.task!r}"
+            )
         task = _task_of(s, d)
         model = _build_model(s, d)
         check_model(model, s.model, task, d.x_train, d.y_train, d.num_outputs)
@@ -268,22 +415,35 @@ class TrainBackend(Backend):
     @staticmethod
     def _check_kfac(s: TrainSection, where: str, task: str) -> None:
         from cbs.train.user import kfac_unregistered
+
         if s.loss is not None:
-            raise ConfigError(f"{where}.kind", "kfac", f"allowed with the built-in losses only: kfac-jax must "
-                              f"register the loss, and train.loss = {s.loss!r} is a custom function")
+            raise ConfigError(
+                f"{where}.kind",
+                "kfac",
+                f"allowed with the built-in losses only: kfac-jax must "
+                f"register the loss, and train.loss = {s.loss!r} is a custom function",
+            )
         d = _load(s)
         try:
             generic = kfac_unregistered(_build_model(s, d), task, d.x_train, d.y_train)
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - kfac-jax's graph matcher refused the model
-            raise ConfigError(f"{where}.kind", "kfac", f"allowed where kfac-jax can register the model's layers; "
-                              f"its graph matcher raised {type(e).__name__}: {' '.join(str(e).split())[:200]}") \
-                from None
+            raise ConfigError(
+                f"{where}.kind",
+                "kfac",
+                f"allowed where kfac-jax can register the model's layers; "
+                f"its graph matcher raised {type(e).__name__}: {' '.join(str(e).split())[:200]}",
+            ) from None
         if generic:
-            raise ConfigError(f"{where}.kind", "kfac", "allowed where kfac-jax can register every layer (dense, "
-                              f"conv, scale-and-shift); {s.model} has parameters it cannot place in one: "
-                              + ", ".join(generic[:5]) + (" ..." if len(generic) > 5 else ""))
+            raise ConfigError(
+                f"{where}.kind",
+                "kfac",
+                "allowed where kfac-jax can register every layer (dense, "
+                f"conv, scale-and-shift); {s.model} has parameters it cannot place in one: "
+                + ", ".join(generic[:5])
+                + (" ..." if len(generic) > 5 else ""),
+            )
 
     # ------------------------------------------------------------------ lazily built state
     @property
@@ -299,20 +459,41 @@ class TrainBackend(Backend):
             stream = should_stream(d.x_train, d.y_train, s.device_budget_mb)
             # Streamed training sets stay on the host (memory-mapped when the source is);
             # the loop gathers each compiled call's examples (cbs.train.streaming).
-            xt, yt = (d.x_train, d.y_train) if stream else (jnp.asarray(d.x_train), jnp.asarray(d.y_train))
-            self._problem = TrainProblem(_build_model(s, d), _task_of(s, d), xt, yt, jnp.asarray(d.x_val),
-                                         jnp.asarray(d.y_val), s.eval_batch,
-                                         s.diverge_loss if s.diverge_loss is not None else math.inf,
-                                         streaming=stream)
+            xt, yt = (
+                (d.x_train, d.y_train)
+                if stream
+                else (jnp.asarray(d.x_train), jnp.asarray(d.y_train))
+            )
+            self._problem = TrainProblem(
+                _build_model(s, d),
+                _task_of(s, d),
+                xt,
+                yt,
+                jnp.asarray(d.x_val),
+                jnp.asarray(d.y_val),
+                s.eval_batch,
+                s.diverge_loss if s.diverge_loss is not None else math.inf,
+                streaming=stream,
+            )
         return self._problem
 
     def options(self) -> RunOptions:
         c, s = self.config, self.section
-        return RunOptions(max_steps=c.budget.max_steps, eval_every=c.budget.eval_every, metric=c.target.metric,
-                          target=c.target.value, interpolate=c.target.interpolate, steps_per_call=s.steps_per_call,
-                          noise_scale=s.noise_scale.enabled, noise_micro_batch=s.noise_scale.micro_batch,
-                          noise_num_micro=s.noise_scale.num_micro, noise_ema=s.noise_scale.ema,
-                          diverge_factor=s.diverge_factor, compact=s.compact, exact=s.exact_crossing)
+        return RunOptions(
+            max_steps=c.budget.max_steps,
+            eval_every=c.budget.eval_every,
+            metric=c.target.metric,
+            target=c.target.value,
+            interpolate=c.target.interpolate,
+            steps_per_call=s.steps_per_call,
+            noise_scale=s.noise_scale.enabled,
+            noise_micro_batch=s.noise_scale.micro_batch,
+            noise_num_micro=s.noise_scale.num_micro,
+            noise_ema=s.noise_scale.ema,
+            diverge_factor=s.diverge_factor,
+            compact=s.compact,
+            exact=s.exact_crossing,
+        )
 
     def _run_for(self, kind: str, schedule) -> BlockRun:
         key = (kind, repr(schedule))
@@ -328,18 +509,30 @@ class TrainBackend(Backend):
         for block in blocks:
             if block.kind == "kfac":
                 from cbs.train.kfac import KfacRunner
+
                 key = repr(block.schedule)
                 if key not in self._kfac:
-                    self._kfac[key] = KfacRunner(self.problem, schedule_fn(block.schedule, opts.max_steps),
-                                                 opts.max_steps)
+                    self._kfac[key] = KfacRunner(
+                        self.problem, schedule_fn(block.schedule, opts.max_steps), opts.max_steps
+                    )
                 res = self._kfac[key].run_block(block, opts)
                 layout = "sequential (kfac-jax step per cell; one compile per weight decay)"
             else:
                 run = self._run_for(block.kind, block.schedule)
-                res = run_vmapped_block(self.problem, block, opts, run, list(OPTIMIZERS[block.kind].hparams))
+                res = run_vmapped_block(
+                    self.problem, block, opts, run, list(OPTIMIZERS[block.kind].hparams)
+                )
                 layout = f"vmap over {len(block.cells)} cells, {opts.evals_per_call} evaluations per call"
-            self._layout.append(dict(block_id=block.block_id, optimizer=block.optimizer, kind=block.kind,
-                                     batch_size=block.batch_size, cells=len(block.cells), layout=layout))
+            self._layout.append(
+                dict(
+                    block_id=block.block_id,
+                    optimizer=block.optimizer,
+                    kind=block.kind,
+                    batch_size=block.batch_size,
+                    cells=len(block.cells),
+                    layout=layout,
+                )
+            )
             results.append(res)
         return results
 
@@ -359,72 +552,129 @@ class TrainBackend(Backend):
         """Device bytes per vmapped cell, as XLA reports them for a one-cell program: the
         cell state (params, optimizer state, EMA; twice, input and output) plus the
         temporaries of one training call at this batch size and of one evaluation."""
-        if block.kind == "kfac":      # K-FAC cells run one at a time already
+        if block.kind == "kfac":  # K-FAC cells run one at a time already
             return None
         key = (block.kind, repr(block.schedule), block.batch_size)
         if key not in self._cell_bytes:
             from cbs.train.engine import make_block_fns
+
             opts = self.options()
             init, train_interval, evaluate, _ = make_block_fns(
-                self.problem, block.kind, schedule_fn(block.schedule, opts.max_steps), opts.max_steps)
+                self.problem,
+                block.kind,
+                schedule_fn(block.schedule, opts.max_steps),
+                opts.max_steps,
+            )
             hp = {k: jnp.float32(block.cells[0].hparams[k]) for k in OPTIMIZERS[block.kind].hparams}
             state = jax.eval_shape(init, self.problem.init_params(0), hp)
             state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
             idx = jax.ShapeDtypeStruct((opts.eval_every, block.batch_size), jnp.int32)
             data = None
             p = self.problem
-            if getattr(p, "streaming", False):   # a streamed chunk: the examples themselves
-                data = tuple(jax.ShapeDtypeStruct((opts.eval_every, block.batch_size, *a.shape[1:]), a.dtype)
-                             for a in (p.x_train, p.y_train))
+            if getattr(p, "streaming", False):  # a streamed chunk: the examples themselves
+                data = tuple(
+                    jax.ShapeDtypeStruct((opts.eval_every, block.batch_size, *a.shape[1:]), a.dtype)
+                    for a in (p.x_train, p.y_train)
+                )
 
             def temp(fn, *args):
                 analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
                 return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
 
-            batch_bytes = (4 * opts.eval_every * block.batch_size if data is None else
-                           sum(x.size * x.dtype.itemsize for x in data)) * opts.evals_per_call
-            self._cell_bytes[key] = int(2 * state_bytes + temp(train_interval, state, jnp.float32(0.1), hp, idx, data)
-                                        + temp(evaluate, state, hp) + batch_bytes)
+            batch_bytes = (
+                4 * opts.eval_every * block.batch_size
+                if data is None
+                else sum(x.size * x.dtype.itemsize for x in data)
+            ) * opts.evals_per_call
+            self._cell_bytes[key] = int(
+                2 * state_bytes
+                + temp(train_interval, state, jnp.float32(0.1), hp, idx, data)
+                + temp(evaluate, state, hp)
+                + batch_bytes
+            )
         return self._cell_bytes[key]
 
     def manifest(self) -> dict:
         d, s = self.dataset, self.section
         params = self.problem.init_params(0)
         return dict(
-            dataset=dict(name=d.name, sha256=d.sha256, num_train=d.num_train, num_val=int(d.x_val.shape[0]),
-                         task=d.task, num_outputs=d.num_outputs,
-                         shapes=dict(x_train=list(d.x_train.shape), y_train=list(d.y_train.shape),
-                                     x_val=list(d.x_val.shape), y_val=list(d.y_val.shape)),
-                         dtypes=dict(x=str(d.x_train.dtype), y=str(d.y_train.dtype)),
-                         **{k: v for k, v in d.info.items() if k not in ("num_train", "num_val", "shapes", "dtypes", "task")}),
-            data_placement=dict(streaming=self.problem.streaming,
-                                device_budget_bytes=(None if math.isinf(budget := device_budget_bytes(
-                                    s.device_budget_mb)) else budget),
-                                train_bytes=int(d.x_train.nbytes + d.y_train.nbytes)),
-            model=dict(kind=s.model, parameters=int(sum(np.size(x) for x in jax.tree.leaves(params))),
-                       **(dict(model_args={k: repr(v) for k, v in s.model_args.items()}, wrapper=repr(
-                           self.problem.model)) if s.model not in BUILTIN_MODELS else
-                          dict(width=s.width, depth=s.depth, heads=s.heads))),
+            dataset=dict(
+                name=d.name,
+                sha256=d.sha256,
+                num_train=d.num_train,
+                num_val=int(d.x_val.shape[0]),
+                task=d.task,
+                num_outputs=d.num_outputs,
+                shapes=dict(
+                    x_train=list(d.x_train.shape),
+                    y_train=list(d.y_train.shape),
+                    x_val=list(d.x_val.shape),
+                    y_val=list(d.y_val.shape),
+                ),
+                dtypes=dict(x=str(d.x_train.dtype), y=str(d.y_train.dtype)),
+                **{
+                    k: v
+                    for k, v in d.info.items()
+                    if k not in ("num_train", "num_val", "shapes", "dtypes", "task")
+                },
+            ),
+            data_placement=dict(
+                streaming=self.problem.streaming,
+                device_budget_bytes=(
+                    None
+                    if math.isinf(budget := device_budget_bytes(s.device_budget_mb))
+                    else budget
+                ),
+                train_bytes=int(d.x_train.nbytes + d.y_train.nbytes),
+            ),
+            model=dict(
+                kind=s.model,
+                parameters=int(sum(np.size(x) for x in jax.tree.leaves(params))),
+                **(
+                    dict(
+                        model_args={k: repr(v) for k, v in s.model_args.items()},
+                        wrapper=repr(self.problem.model),
+                    )
+                    if s.model not in BUILTIN_MODELS
+                    else dict(width=s.width, depth=s.depth, heads=s.heads)
+                ),
+            ),
             loss=s.loss or "task",
-            jax=dict(version=jax.__version__, backend=jax.default_backend(), devices=len(jax.devices())),
-            determinism=("init = PRNGKey(seed); data order = numpy default_rng([seed, epoch]) permutations; "
-                         "a cell alone matches its vmapped run at stable LRs (~1e-6); at near-divergent LRs "
-                         "the vmap width can change summation order and hence the outcome"),
-            block_layout=self._block_layout())
+            jax=dict(
+                version=jax.__version__, backend=jax.default_backend(), devices=len(jax.devices())
+            ),
+            determinism=(
+                "init = PRNGKey(seed); data order = numpy default_rng([seed, epoch]) permutations; "
+                "a cell alone matches its vmapped run at stable LRs (~1e-6); at near-divergent LRs "
+                "the vmap width can change summation order and hence the outcome"
+            ),
+            block_layout=self._block_layout(),
+        )
 
     def _block_layout(self) -> dict:
         """How the sweep's blocks map to compiled programs (known before any block runs)."""
         opts = self.options()
-        rule = (f"one compiled program per (model, optimizer kind, schedule, batch size, cell count); "
-                f"cells (LR x hyperparameters x seed) vmapped inside it; lax.scan over "
-                f"{opts.evals_per_call} evaluation intervals of {opts.eval_every} steps per call, stop check "
-                f"between calls; kfac cells run one after another (kfac-jax step, one compile per weight decay)")
+        rule = (
+            f"one compiled program per (model, optimizer kind, schedule, batch size, cell count); "
+            f"cells (LR x hyperparameters x seed) vmapped inside it; lax.scan over "
+            f"{opts.evals_per_call} evaluation intervals of {opts.eval_every} steps per call, stop check "
+            f"between calls; kfac cells run one after another (kfac-jax step, one compile per weight decay)"
+        )
         try:
             from cbs.sweep.grid import expand_blocks
+
             blocks = expand_blocks(self.config, type(self))
         except Exception:  # noqa: BLE001 - the layout is informative; never fail a run over it
             blocks = []
-        rows = [dict(block_id=b.block_id, kind=b.kind, batch_size=b.batch_size, cells=len(b.cells),
-                     vmap_width=1 if b.kind == "kfac" else len(b.cells),
-                     mode="sequential" if b.kind == "kfac" else "vmap") for b in blocks]
+        rows = [
+            dict(
+                block_id=b.block_id,
+                kind=b.kind,
+                batch_size=b.batch_size,
+                cells=len(b.cells),
+                vmap_width=1 if b.kind == "kfac" else len(b.cells),
+                mode="sequential" if b.kind == "kfac" else "vmap",
+            )
+            for b in blocks
+        ]
         return dict(rule=rule, blocks=rows or list(self._layout))

@@ -26,16 +26,36 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["Dataset", "MNIST1D_ARGS", "load_dataset", "mnist1d", "digits", "linreg", "text_corpus", "text"]
+__all__ = [
+    "Dataset",
+    "MNIST1D_ARGS",
+    "load_dataset",
+    "mnist1d",
+    "digits",
+    "linreg",
+    "text_corpus",
+    "text",
+]
 
 Task = Literal["classification", "regression", "lm"]
 
 # Pinned MNIST-1D generation arguments: the package defaults of mnist1d 0.0.2 (the ones
 # the paper's data set was made with), written out so that a package update cannot
 # silently change the data.
-MNIST1D_ARGS = dict(num_samples=5000, train_split=0.8, template_len=12, padding=[36, 60], scale_coeff=0.4,
-                    max_translation=48, corr_noise_scale=0.25, iid_noise_scale=2e-2, shear_scale=0.75,
-                    shuffle_seq=False, final_seq_length=40, seed=42)
+MNIST1D_ARGS = dict(
+    num_samples=5000,
+    train_split=0.8,
+    template_len=12,
+    padding=[36, 60],
+    scale_coeff=0.4,
+    max_translation=48,
+    corr_noise_scale=0.25,
+    iid_noise_scale=2e-2,
+    shear_scale=0.75,
+    shuffle_seq=False,
+    final_seq_length=40,
+    seed=42,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +71,7 @@ class Dataset:
       sha256: hash of the four arrays (dtype, shape and bytes).
       info: generation facts for the manifest.
     """
+
     name: str
     task: Task
     x_train: np.ndarray
@@ -79,7 +100,9 @@ def _hash(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _split(x: np.ndarray, y: np.ndarray, val_fraction: float, split_seed: int, max_train: int | None = None):
+def _split(
+    x: np.ndarray, y: np.ndarray, val_fraction: float, split_seed: int, max_train: int | None = None
+):
     n = x.shape[0]
     perm = np.random.default_rng(split_seed).permutation(n)
     n_val = max(1, int(round(val_fraction * n)))
@@ -91,39 +114,76 @@ def _split(x: np.ndarray, y: np.ndarray, val_fraction: float, split_seed: int, m
 
 def _make(name, task, x, y, val_fraction, split_seed, num_outputs, info, max_train=None) -> Dataset:
     xt, yt, xv, yv = _split(x, y, val_fraction, split_seed, max_train)
-    info = dict(info, num_train=int(xt.shape[0]), num_val=int(xv.shape[0]), val_fraction=val_fraction,
-                split_seed=split_seed)
+    info = dict(
+        info,
+        num_train=int(xt.shape[0]),
+        num_val=int(xv.shape[0]),
+        val_fraction=val_fraction,
+        split_seed=split_seed,
+    )
     return Dataset(name, task, xt, yt, xv, yv, num_outputs, _hash(xt, yt, xv, yv), info)
 
 
-def mnist1d(val_fraction: float = 0.2, split_seed: int = 0, num_samples: int = 5000,
-            max_train: int | None = None) -> Dataset:
+def mnist1d(
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    num_samples: int = 5000,
+    max_train: int | None = None,
+) -> Dataset:
     """MNIST-1D generated locally: 40-sample signals, 10 classes."""
     from mnist1d.data import get_dataset_args, make_dataset
+
     args = get_dataset_args()
     for k, v in dict(MNIST1D_ARGS, num_samples=num_samples).items():
         setattr(args, k, v)
     d = make_dataset(args)
     x = np.concatenate([d["x"], d["x_test"]]).astype(np.float32)
     y = np.concatenate([d["y"], d["y_test"]]).astype(np.int32)
-    return _make("mnist1d", "classification", x[..., None], y, val_fraction, split_seed, 10,
-                 dict(generator="mnist1d.data.make_dataset", args=dict(MNIST1D_ARGS, num_samples=num_samples)),
-                 max_train)
+    return _make(
+        "mnist1d",
+        "classification",
+        x[..., None],
+        y,
+        val_fraction,
+        split_seed,
+        10,
+        dict(
+            generator="mnist1d.data.make_dataset", args=dict(MNIST1D_ARGS, num_samples=num_samples)
+        ),
+        max_train,
+    )
 
 
 def digits(val_fraction: float = 0.2, split_seed: int = 0, max_train: int | None = None) -> Dataset:
     """scikit-learn 8x8 digits (bundled with the package, no download), pixels in [0, 1]."""
     from sklearn.datasets import load_digits
+
     d = load_digits()
     x = (d.images / 16.0).astype(np.float32)[..., None]
     y = d.target.astype(np.int32)
-    return _make("digits", "classification", x, y, val_fraction, split_seed, 10,
-                 dict(source="sklearn.datasets.load_digits"), max_train)
+    return _make(
+        "digits",
+        "classification",
+        x,
+        y,
+        val_fraction,
+        split_seed,
+        10,
+        dict(source="sklearn.datasets.load_digits"),
+        max_train,
+    )
 
 
-def linreg(val_fraction: float = 0.2, split_seed: int = 0, num_samples: int = 4096, dim: int = 64,
-           spectrum_power: float = 1.0, label_noise: float = 0.1, data_seed: int = 0,
-           max_train: int | None = None) -> Dataset:
+def linreg(
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    num_samples: int = 4096,
+    dim: int = 64,
+    spectrum_power: float = 1.0,
+    label_noise: float = 0.1,
+    data_seed: int = 0,
+    max_train: int | None = None,
+) -> Dataset:
     """Noisy linear regression y = x.w* + eps with a power-law input covariance.
 
     Covariance eigenvalues lambda_i = i**-spectrum_power (i = 1..dim), so lambda_1 = 1
@@ -136,28 +196,62 @@ def linreg(val_fraction: float = 0.2, split_seed: int = 0, num_samples: int = 40
     w = rng.standard_normal(dim) / np.sqrt(np.mean(lam) * dim) if dim else np.zeros(0)
     x = rng.standard_normal((num_samples, dim)) * np.sqrt(lam)
     y = x @ w + label_noise * rng.standard_normal(num_samples)
-    info = dict(num_samples=num_samples, dim=dim, spectrum_power=spectrum_power, label_noise=label_noise,
-                data_seed=data_seed, bayes_loss=0.5 * label_noise**2)
-    return _make("linreg", "regression", x.astype(np.float32), y.astype(np.float32)[:, None], val_fraction,
-                 split_seed, 1, info, max_train)
+    info = dict(
+        num_samples=num_samples,
+        dim=dim,
+        spectrum_power=spectrum_power,
+        label_noise=label_noise,
+        data_seed=data_seed,
+        bayes_loss=0.5 * label_noise**2,
+    )
+    return _make(
+        "linreg",
+        "regression",
+        x.astype(np.float32),
+        y.astype(np.float32)[:, None],
+        val_fraction,
+        split_seed,
+        1,
+        info,
+        max_train,
+    )
 
 
 def text_corpus() -> bytes:
     """The byte corpus: pydoc topic help texts, sorted by topic, joined by blank lines."""
     from pydoc_data.topics import topics
+
     return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
 
 
-def text(seq_len: int = 64, val_fraction: float = 0.1, split_seed: int = 0, max_train: int | None = None) -> Dataset:
+def text(
+    seq_len: int = 64, val_fraction: float = 0.1, split_seed: int = 0, max_train: int | None = None
+) -> Dataset:
     """Byte-level language modelling windows of the pydoc corpus (vocabulary 256)."""
     import sys
+
     corpus = np.frombuffer(text_corpus(), dtype=np.uint8)
     n = corpus.size // (seq_len + 1)
     windows = corpus[: n * (seq_len + 1)].reshape(n, seq_len + 1).astype(np.int32)
-    info = dict(source="pydoc_data.topics.topics (sorted keys, '\\n\\n'-joined, UTF-8 bytes)",
-                corpus_bytes=int(corpus.size), corpus_sha256=hashlib.sha256(corpus.tobytes()).hexdigest(),
-                python=sys.version.split()[0], seq_len=seq_len, num_windows=int(n))
-    return _make("text", "lm", windows[:, :-1], windows[:, 1:], val_fraction, split_seed, 256, info, max_train)
+    info = dict(
+        source="pydoc_data.topics.topics (sorted keys, '\\n\\n'-joined, UTF-8 bytes)",
+        corpus_bytes=int(corpus.size),
+        corpus_sha256=hashlib.sha256(corpus.tobytes()).hexdigest(),
+        python=sys.version.split()[0],
+        seq_len=seq_len,
+        num_windows=int(n),
+    )
+    return _make(
+        "text",
+        "lm",
+        windows[:, :-1],
+        windows[:, 1:],
+        val_fraction,
+        split_seed,
+        256,
+        info,
+        max_train,
+    )
 
 
 def load_dataset(name: str, **kwargs) -> Dataset:

@@ -34,8 +34,15 @@ import optax
 from cbs.train.models import loss_and_error
 from cbs.train.optimizers import build_optimizer
 
-__all__ = ["TrainProblem", "CellState", "IndexStream", "BlockRun", "make_block_fns", "per_example_metrics",
-           "noise_scale_estimates"]
+__all__ = [
+    "TrainProblem",
+    "CellState",
+    "IndexStream",
+    "BlockRun",
+    "make_block_fns",
+    "per_example_metrics",
+    "noise_scale_estimates",
+]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -47,6 +54,7 @@ class TrainProblem:
     arrays and every compiled call receives the examples it consumes as its ``data``
     argument (:mod:`cbs.train.streaming`).
     """
+
     model: nn.Module
     task: str
     x_train: jax.Array
@@ -81,9 +89,9 @@ class TrainProblem:
 class CellState(NamedTuple):
     params: Any
     opt_state: Any
-    ema: Any               # EMA accumulator of params (zeros at init, bias-corrected at eval)
-    step: jax.Array        # updates applied so far (stops counting when diverged)
-    diverged: jax.Array    # bool
+    ema: Any  # EMA accumulator of params (zeros at init, bias-corrected at eval)
+    step: jax.Array  # updates applied so far (stops counting when diverged)
+    diverged: jax.Array  # bool
 
 
 class IndexStream:
@@ -99,7 +107,9 @@ class IndexStream:
     def take(self, count: int) -> np.ndarray:
         parts, have = [self.buf], self.buf.size
         while have < count:
-            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n).astype(np.int32)
+            perm = (
+                np.random.default_rng([self.seed, self.epoch]).permutation(self.n).astype(np.int32)
+            )
             self.epoch += 1
             parts.append(perm)
             have += perm.size
@@ -128,7 +138,11 @@ def _where(pred, new, old):
 
 
 def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
@@ -136,7 +150,7 @@ def eval_params(state: CellState, ema_decay) -> Any:
     """The weights to evaluate: bias-corrected EMA ``ema / (1 - d**t)`` (raw at t = 0).
     With d = 0 the EMA equals the raw params, so no branch is needed."""
     t = state.step.astype(jnp.float32)
-    corr = jnp.where(t > 0, 1.0 - ema_decay ** t, 1.0)
+    corr = jnp.where(t > 0, 1.0 - ema_decay**t, 1.0)
     return jax.tree.map(lambda e, p: jnp.where(t > 0, e / corr, p), state.ema, state.params)
 
 
@@ -160,7 +174,9 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
 
     def init(params, hp):
         opt_state = tx_of(jnp.float32(0.0), hp).init(params)
-        return CellState(params, opt_state, jax.tree.map(jnp.zeros_like, params), jnp.int32(0), jnp.array(False))
+        return CellState(
+            params, opt_state, jax.tree.map(jnp.zeros_like, params), jnp.int32(0), jnp.array(False)
+        )
 
     def batch_loss(params, idx, data=None):
         xs, ys = (problem.x_train, problem.y_train) if data is None else data
@@ -191,7 +207,9 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
             state, losses = jax.lax.scan(lambda s, i: step(s, lr, hp, i, data), state, idx)
         else:
             ts = step0 + jnp.arange(idx.shape[0], dtype=jnp.int32)
-            state, losses = jax.lax.scan(lambda s, xs: step(s, lr, hp, xs[0], data, xs[1]), state, (idx, ts))
+            state, losses = jax.lax.scan(
+                lambda s, xs: step(s, lr, hp, xs[0], data, xs[1]), state, (idx, ts)
+            )
         return state, jnp.mean(losses)
 
     def evaluate(state, hp):
@@ -199,8 +217,12 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
         n, eb = problem.x_val.shape[0], min(problem.eval_batch, problem.x_val.shape[0])
         pieces = -(-n // eb)
         pad = pieces * eb - n
-        xs = jnp.concatenate([problem.x_val, jnp.zeros((pad,) + problem.x_val.shape[1:], problem.x_val.dtype)])
-        ys = jnp.concatenate([problem.y_val, jnp.zeros((pad,) + problem.y_val.shape[1:], problem.y_val.dtype)])
+        xs = jnp.concatenate(
+            [problem.x_val, jnp.zeros((pad,) + problem.x_val.shape[1:], problem.x_val.dtype)]
+        )
+        ys = jnp.concatenate(
+            [problem.y_val, jnp.zeros((pad,) + problem.y_val.shape[1:], problem.y_val.dtype)]
+        )
         mask = (jnp.arange(pieces * eb) < n).astype(jnp.float32)
 
         def piece(args):
@@ -208,11 +230,17 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
             loss, err = per_example_metrics(task, model.apply(params, x), y)
             return jnp.sum(loss * m), jnp.sum(jnp.where(m > 0, err, 0.0))
 
-        if pieces == 1:     # the common small-validation-set case: no loop to compile
+        if pieces == 1:  # the common small-validation-set case: no loop to compile
             sl, se = piece((xs, ys, mask))
             return sl / n, se / n
-        sl, se = jax.lax.map(piece, (xs.reshape(pieces, eb, *xs.shape[1:]), ys.reshape(pieces, eb, *ys.shape[1:]),
-                                     mask.reshape(pieces, eb)))
+        sl, se = jax.lax.map(
+            piece,
+            (
+                xs.reshape(pieces, eb, *xs.shape[1:]),
+                ys.reshape(pieces, eb, *ys.shape[1:]),
+                mask.reshape(pieces, eb),
+            ),
+        )
         return jnp.sum(sl) / n, jnp.sum(se) / n
 
     return init, train_interval, evaluate, grad_fn
@@ -230,7 +258,9 @@ def noise_scale_estimates(grad_fn, params, idx):
     """
     k, b = idx.shape
     grads = jax.vmap(lambda i: grad_fn(params, i))(idx)
-    flat = jnp.concatenate([g.reshape(k, -1) for g in jax.tree.leaves(grads)], axis=1).astype(jnp.float32)
+    flat = jnp.concatenate([g.reshape(k, -1) for g in jax.tree.leaves(grads)], axis=1).astype(
+        jnp.float32
+    )
     small_sq = jnp.mean(jnp.sum(flat**2, axis=1))
     big_sq = jnp.sum(jnp.mean(flat, axis=0) ** 2)
     b_small, b_big = float(b), float(k * b)
@@ -260,8 +290,11 @@ class BlockRun:
             # chunk (x, y) the indices point into, shared by all cells (not vmapped).
             # step0: the block step at the call's start (a scalar shared by all cells).
             every = idx_table.shape[2]
-            starts = (None if step0 is None
-                      else step0 + every * jnp.arange(idx_table.shape[1], dtype=jnp.int32))
+            starts = (
+                None
+                if step0 is None
+                else step0 + every * jnp.arange(idx_table.shape[1], dtype=jnp.int32)
+            )
 
             def one(state, lr, hp, si):
                 def interval(s, xs):
@@ -271,18 +304,30 @@ class BlockRun:
                     if nidx is None:
                         gsq = tr = jnp.float32(jnp.nan)
                     else:
-                        gsq, tr = noise_scale_estimates(lambda p, i: grad_fn(p, i, data), s.params, nidx)
-                    return s, dict(train_loss=train_loss, val_loss=vl, val_error=ve, diverged=s.diverged,
-                                   grad_sq=gsq, trace_sigma=tr)
+                        gsq, tr = noise_scale_estimates(
+                            lambda p, i: grad_fn(p, i, data), s.params, nidx
+                        )
+                    return s, dict(
+                        train_loss=train_loss,
+                        val_loss=vl,
+                        val_error=ve,
+                        diverged=s.diverged,
+                        grad_sq=gsq,
+                        trace_sigma=tr,
+                    )
+
                 nt = None if noise_table is None else noise_table[si]
                 return jax.lax.scan(interval, state, (idx_table[si], nt, starts))
+
             return jax.vmap(one)(state, lr, hp, seed_idx)
 
         # Exact first crossing (cbs.train.loop): one cell's step and evaluation, not
         # vmapped. A replay is a short host loop over these; they compile in a fraction of
         # the block program's time (a vmapped replay program per width and batch size cost
         # more compile than its whole compute).
-        self.step_one = jax.jit(lambda s, lr, hp, idx, data=None: train_interval(s, lr, hp, idx[None], data)[0])
+        self.step_one = jax.jit(
+            lambda s, lr, hp, idx, data=None: train_interval(s, lr, hp, idx[None], data)[0]
+        )
         self.evaluate_one = jax.jit(evaluate)
 
         self._init = jax.jit(jax.vmap(init))

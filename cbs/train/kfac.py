@@ -41,7 +41,6 @@ from cbs.train.streaming import host_batch
 __all__ = ["KfacRunner", "burnin_steps"]
 
 
-
 def burnin_steps(hparams) -> int:
     """The cell's curvature-only burn-in batches (hyperparameter ``burnin_steps``)."""
     return int(round(float(hparams.get("burnin_steps", 0.0))))
@@ -67,7 +66,9 @@ class KfacRunner:
         self._eval = jax.jit(eval_fn)
         self._ema = jax.jit(lambda e, p, d: jax.tree.map(lambda a, b: d * a + (1 - d) * b, e, p))
         self._finite = jax.jit(_all_finite)
-        self._noise = jax.jit(lambda p, idx, data: noise_scale_estimates(lambda q, i: grad_fn(q, i, data), p, idx))
+        self._noise = jax.jit(
+            lambda p, idx, data: noise_scale_estimates(lambda q, i: grad_fn(q, i, data), p, idx)
+        )
         self._opts: dict[float, object] = {}
         model, task = problem.model, problem.task
 
@@ -80,12 +81,19 @@ class KfacRunner:
     def optimizer(self, weight_decay: float, burnin: int = 0):
         """kfac-jax's optimizer for a weight decay and burn-in (both constructor arguments)."""
         import kfac_jax
+
         key = (weight_decay, burnin)
         if key not in self._opts:
             self._opts[key] = kfac_jax.Optimizer(
-                value_and_grad_func=jax.value_and_grad(self._loss), l2_reg=weight_decay,
-                use_adaptive_learning_rate=False, use_adaptive_momentum=False, use_adaptive_damping=False,
-                multi_device=False, inverse_update_period=5, num_burnin_steps=burnin)
+                value_and_grad_func=jax.value_and_grad(self._loss),
+                l2_reg=weight_decay,
+                use_adaptive_learning_rate=False,
+                use_adaptive_momentum=False,
+                use_adaptive_damping=False,
+                multi_device=False,
+                inverse_update_period=5,
+                num_burnin_steps=burnin,
+            )
         return self._opts[key]
 
     def run_block(self, block: Block, opts: RunOptions) -> BlockResult:
@@ -107,11 +115,23 @@ class KfacRunner:
             ema = jax.tree.map(jnp.zeros_like, params)
             idx = stream.take(B)
             state = opt.init(params, jax.random.fold_in(key, 1 << 30), (xt[idx], yt[idx]))
-            stream = IndexStream(cell.seed, n)   # the init batch only shapes the state: restart the order
+            stream = IndexStream(
+                cell.seed, n
+            )  # the init batch only shapes the state: restart the order
             vl, ve = self._eval(params, ema, jnp.int32(0), hp["ema_decay"])
             tracker.record(i, 0, dict(val_loss=vl, val_error=ve, train_loss=np.nan), False, 0)
 
-            def kstep(params, state, step, idx, cell=cell, opt=opt, step_keys=step_keys, hp=hp, burnin=burnin):
+            def kstep(
+                params,
+                state,
+                step,
+                idx,
+                cell=cell,
+                opt=opt,
+                step_keys=step_keys,
+                hp=hp,
+                burnin=burnin,
+            ):
                 """Update number ``step`` (0-based) on the examples ``idx``: (params, state, loss)."""
                 lr = jnp.float32(cell.lr * float(self.schedule(step)))
                 batch = (xt[idx], yt[idx])
@@ -119,18 +139,29 @@ class KfacRunner:
                     # Burn-in: kfac-jax estimates the curvature on `burnin` extra batches before
                     # the first update (drawn apart from the training order, which stays the
                     # same as for every other optimizer), then takes the first training batch.
-                    burn = [noise_indices(cell.seed, j, n, 1, B, tag=0xB0B)[0] for j in range(burnin)]
+                    burn = [
+                        noise_indices(cell.seed, j, n, 1, B, tag=0xB0B)[0] for j in range(burnin)
+                    ]
                     feed = dict(data_iterator=iter([(xt[b], yt[b]) for b in burn] + [batch]))
                 else:
                     feed = dict(batch=batch)
                 with warnings.catch_warnings():
                     # kfac-jax donates the batch too; XLA cannot reuse it and says so at compile.
-                    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+                    warnings.filterwarnings(
+                        "ignore", message="Some donated buffers were not usable"
+                    )
                     # kfac-jax donates params and state; pass a copy of the params so the last
                     # finite ones survive a diverging step.
                     new_params, new_state, stats = opt.step(
-                        jax.tree.map(jnp.copy, params), state, step_keys[step], **feed,
-                        learning_rate=lr, momentum=hp["momentum"], damping=hp["damping"], global_step_int=step)
+                        jax.tree.map(jnp.copy, params),
+                        state,
+                        step_keys[step],
+                        **feed,
+                        learning_rate=lr,
+                        momentum=hp["momentum"],
+                        damping=hp["damping"],
+                        global_step_int=step,
+                    )
                 return new_params, new_state, float(stats["loss"])
 
             def counted(updates: int, burnin=burnin) -> int:
@@ -165,8 +196,12 @@ class KfacRunner:
                     t_snap = step
                 idx = stream.take(B)
                 new_params, new_state, loss = kstep(params, state, updates, idx)
-                if not np.isfinite(loss) or loss > p.diverge_loss or not bool(self._finite(new_params)):
-                    diverged = True      # keep the last finite params, stop this cell
+                if (
+                    not np.isfinite(loss)
+                    or loss > p.diverge_loss
+                    or not bool(self._finite(new_params))
+                ):
+                    diverged = True  # keep the last finite params, stop this cell
                 else:
                     params, state = new_params, new_state
                     ema = self._ema(ema, params, hp["ema_decay"])
@@ -175,17 +210,25 @@ class KfacRunner:
                     step = counted(updates)
                 if diverged or step % opts.eval_every == 0 or step >= opts.max_steps:
                     # A divergence is reported at the next evaluation step, as in the vmapped path.
-                    at = min((step // opts.eval_every + 1) * opts.eval_every, opts.max_steps) if diverged else step
+                    at = (
+                        min((step // opts.eval_every + 1) * opts.eval_every, opts.max_steps)
+                        if diverged
+                        else step
+                    )
                     # The EMA's bias correction counts updates (the burn-in moved nothing).
                     vl, ve = self._eval(params, ema, jnp.int32(updates), hp["ema_decay"])
                     tl = float(np.mean(losses)) if losses else np.nan
-                    tracker.record(i, at, dict(val_loss=vl, val_error=ve, train_loss=tl), diverged, step)
+                    tracker.record(
+                        i, at, dict(val_loss=vl, val_error=ve, train_loss=tl), diverged, step
+                    )
                     if tracker.reached[i] and not tracker.exact[i] and snapshot is not None:
                         t_rep = time.perf_counter()
                         tracker.set_exact(i, replay(snapshot, t_snap, at))
                         tracker.replay_seconds += time.perf_counter() - t_rep
                     if opts.noise_scale and not diverged:
-                        nidx = noise_indices(cell.seed, at, n, opts.noise_num_micro, opts.noise_micro_batch or B)
+                        nidx = noise_indices(
+                            cell.seed, at, n, opts.noise_num_micro, opts.noise_micro_batch or B
+                        )
                         g, t = self._noise(params, *host_batch(p, nidx))
                         tracker.record_noise(i, at, float(g), float(t))
                     losses = []

@@ -27,19 +27,20 @@ __all__ = ["RunOptions", "Tracker", "run_vmapped_block"]
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """Per-sweep options of the training loop (from the config's budget/target/section)."""
+
     max_steps: int
     eval_every: int
-    metric: str = "val_loss"          # "val_loss" or "val_error"
+    metric: str = "val_loss"  # "val_loss" or "val_error"
     target: float = 0.0
     interpolate: bool = False
-    steps_per_call: int = 100         # steps between host-side stop checks (vmapped path)
+    steps_per_call: int = 100  # steps between host-side stop checks (vmapped path)
     noise_scale: bool = False
     noise_micro_batch: int | None = None  # default: the block's batch size
     noise_num_micro: int = 4
-    noise_ema: float = 0.0            # EMA of the two estimates across evaluations (0 = none)
-    diverge_factor: float = 10.0      # val_loss above this times its step-0 value = diverged
-    compact: str = "auto"             # drop finished cells from the vmap: "auto", "always", "never"
-    exact: bool = True                # replay each crossing interval step by step (exact first crossing)
+    noise_ema: float = 0.0  # EMA of the two estimates across evaluations (0 = none)
+    diverge_factor: float = 10.0  # val_loss above this times its step-0 value = diverged
+    compact: str = "auto"  # drop finished cells from the vmap: "auto", "always", "never"
+    exact: bool = True  # replay each crossing interval step by step (exact first crossing)
 
     @property
     def evals_per_call(self) -> int:
@@ -76,11 +77,11 @@ class Tracker:
         n = len(block.cells)
         self.block, self.opts = block, opts
         self.reached = np.zeros(n, bool)
-        self.diverged = np.zeros(n, bool)         # diverged before reaching the target
+        self.diverged = np.zeros(n, bool)  # diverged before reaching the target
         self.s_target = np.full(n, np.nan)
         self.s_interp = np.full(n, np.nan)
         self.exact = np.zeros(n, bool)
-        self.t_before = np.full(n, -1, np.int64)   # evaluation step before the crossing one
+        self.t_before = np.full(n, -1, np.int64)  # evaluation step before the crossing one
         self.replay_seconds = 0.0
         self.n_replayed = 0
         self.t_start = time.perf_counter()
@@ -88,7 +89,7 @@ class Tracker:
         self.best = np.full(n, np.inf)
         self.steps_run = np.zeros(n, np.int64)
         self.end_step = np.full(n, -1, np.int64)  # evaluation at which the cell was done
-        self.prev = np.full((n, 2), np.nan)       # (step, metric) of the previous evaluation
+        self.prev = np.full((n, 2), np.nan)  # (step, metric) of the previous evaluation
         self.init_loss = np.full(n, np.inf)
         self.rows: list[dict] = []
         self.noise_rows: list[dict] = []
@@ -110,9 +111,18 @@ class Tracker:
             self.init_loss[i] = vl
         # A loss that is not finite or has blown up far above its starting value is a
         # divergence even while the weights are still finite (e.g. dead ReLUs at huge LRs).
-        diverged = diverged or not np.isfinite(vl) or vl > self.opts.diverge_factor * self.init_loss[i]
-        self.rows.append(dict(cell_id=self.block.cells[i].cell_id, step=step, metric=m,
-                              **{k: float(v) for k, v in metrics.items()}, diverged=bool(diverged)))
+        diverged = (
+            diverged or not np.isfinite(vl) or vl > self.opts.diverge_factor * self.init_loss[i]
+        )
+        self.rows.append(
+            dict(
+                cell_id=self.block.cells[i].cell_id,
+                step=step,
+                metric=m,
+                **{k: float(v) for k, v in metrics.items()},
+                diverged=bool(diverged),
+            )
+        )
         self.steps_run[i] = applied
         if diverged:
             self.diverged[i] = True
@@ -149,8 +159,15 @@ class Tracker:
         self.ema_g[i] = beta * self.ema_g[i] + (1 - beta) * grad_sq
         self.ema_t[i] = beta * self.ema_t[i] + (1 - beta) * trace_sigma
         b = self.ema_t[i] / self.ema_g[i] if self.ema_g[i] != 0 else np.nan
-        self.noise_rows.append(dict(cell_id=self.block.cells[i].cell_id, step=step, b_simple=float(b),
-                                    trace_sigma=float(trace_sigma), grad_sq=float(grad_sq)))
+        self.noise_rows.append(
+            dict(
+                cell_id=self.block.cells[i].cell_id,
+                step=step,
+                b_simple=float(b),
+                trace_sigma=float(trace_sigma),
+                grad_sq=float(grad_sq),
+            )
+        )
 
     def result(self) -> BlockResult:
         cells = []
@@ -159,16 +176,34 @@ class Tracker:
             if self.opts.interpolate:
                 extra["steps_interpolated"] = float(self.s_interp[i])
             best = self.best[i] if np.isfinite(self.best[i]) else np.nan
-            cells.append(CellResult(c.cell_id, bool(self.reached[i]), bool(self.diverged[i]),
-                                    float(self.s_target[i]), float(self.final[i]), float(best),
-                                    int(self.steps_run[i]), extra))
+            cells.append(
+                CellResult(
+                    c.cell_id,
+                    bool(self.reached[i]),
+                    bool(self.diverged[i]),
+                    float(self.s_target[i]),
+                    float(self.final[i]),
+                    float(best),
+                    int(self.steps_run[i]),
+                    extra,
+                )
+            )
         # Wall time of the block and of its exact-crossing replays (the replay's cost).
-        tables = {"timing": pd.DataFrame([dict(seconds=time.perf_counter() - self.t_start,
-                                               replay_seconds=self.replay_seconds,
-                                               replayed_cells=int(self.n_replayed))])}
+        tables = {
+            "timing": pd.DataFrame(
+                [
+                    dict(
+                        seconds=time.perf_counter() - self.t_start,
+                        replay_seconds=self.replay_seconds,
+                        replayed_cells=int(self.n_replayed),
+                    )
+                ]
+            )
+        }
         if self.opts.noise_scale:
-            tables["noise_scale"] = pd.DataFrame(self.noise_rows, columns=["cell_id", "step", "b_simple",
-                                                                           "trace_sigma", "grad_sq"])
+            tables["noise_scale"] = pd.DataFrame(
+                self.noise_rows, columns=["cell_id", "step", "b_simple", "trace_sigma", "grad_sq"]
+            )
         return BlockResult(cells, pd.DataFrame(self.rows), tables)
 
 
@@ -179,24 +214,45 @@ class Tracker:
 COMPILE_COST_FLOPS = 3e10
 
 
-def compaction_pays(lanes_dropped: int, calls_left: int, train_examples_per_call: int,
-                    eval_examples_per_call: int, num_params: int) -> bool:
+def compaction_pays(
+    lanes_dropped: int,
+    calls_left: int,
+    train_examples_per_call: int,
+    eval_examples_per_call: int,
+    num_params: int,
+) -> bool:
     """Whether dropping ``lanes_dropped`` finished lanes saves more than a compile costs,
     estimating 6 FLOPs per parameter per training example (forward and backward) and 2
     per evaluation example."""
-    per_lane = 6.0 * num_params * train_examples_per_call + 2.0 * num_params * eval_examples_per_call
+    per_lane = (
+        6.0 * num_params * train_examples_per_call + 2.0 * num_params * eval_examples_per_call
+    )
     return lanes_dropped * calls_left * per_lane > COMPILE_COST_FLOPS
 
 
-def noise_indices(seed: int, step: int, n: int, num_micro: int, micro: int, tag: int = 0x6E5) -> np.ndarray:
+def noise_indices(
+    seed: int, step: int, n: int, num_micro: int, micro: int, tag: int = 0x6E5
+) -> np.ndarray:
     """Micro-batches for the noise-scale estimate at ``step``: a fresh draw without
     replacement that depends only on (seed, step, tag), not on the training order."""
     rng = np.random.default_rng([seed, step, tag])
     return rng.permutation(n)[: num_micro * micro].reshape(num_micro, micro).astype(np.int32)
 
 
-def _replay(run: BlockRun, snap, lr, hp, seed_idx, table, data, lanes: list[int],
-            lane_cell: np.ndarray, call_start: int, tracker: Tracker, opts: RunOptions) -> None:
+def _replay(
+    run: BlockRun,
+    snap,
+    lr,
+    hp,
+    seed_idx,
+    table,
+    data,
+    lanes: list[int],
+    lane_cell: np.ndarray,
+    call_start: int,
+    tracker: Tracker,
+    opts: RunOptions,
+) -> None:
     """Exact first crossings of the cells in ``lanes``, which first evaluated below target
     during the call that started at step ``call_start`` from states ``snap``.
 
@@ -205,7 +261,7 @@ def _replay(run: BlockRun, snap, lr, hp, seed_idx, table, data, lanes: list[int]
     evaluated after every step until the first one below target.
     """
     table = np.asarray(table)
-    flat = table.reshape(table.shape[0], -1, table.shape[-1])       # (n_seeds, k * every, B)
+    flat = table.reshape(table.shape[0], -1, table.shape[-1])  # (n_seeds, k * every, B)
     seed_idx = np.asarray(seed_idx)
     for lane in lanes:
         i = int(lane_cell[lane])
@@ -225,8 +281,9 @@ def _replay(run: BlockRun, snap, lr, hp, seed_idx, table, data, lanes: list[int]
         tracker.set_exact(i, found)
 
 
-def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run: BlockRun,
-                      hparam_names: list[str]) -> BlockResult:
+def run_vmapped_block(
+    problem: TrainProblem, block: Block, opts: RunOptions, run: BlockRun, hparam_names: list[str]
+) -> BlockResult:
     """Trains every cell of ``block`` in one vmapped program until the stopping rule.
 
     Args:
@@ -251,8 +308,10 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
     # lanes are never recorded.
     n_cells = len(seeds)
     pad = padded_size(n_cells) - n_cells
-    state = run.init(jnp.array(seeds + seeds[-1:] * pad, jnp.int32),
-                     {k: jnp.concatenate([v, jnp.repeat(v[-1:], pad)]) for k, v in hp.items()})
+    state = run.init(
+        jnp.array(seeds + seeds[-1:] * pad, jnp.int32),
+        {k: jnp.concatenate([v, jnp.repeat(v[-1:], pad)]) for k, v in hp.items()},
+    )
     if jax.local_device_count() > 1:
         lr, hp, seed_idx = shard_cells((lr, hp, seed_idx), n_cells)
         state = jax.device_put(state, lr.sharding)
@@ -266,8 +325,17 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
     step = 0
 
     def noise_table(step):
-        return np.stack([np.stack([noise_indices(s, step + (j + 1) * every, n, opts.noise_num_micro, micro)
-                                   for j in range(k)]) for s in useeds])
+        return np.stack(
+            [
+                np.stack(
+                    [
+                        noise_indices(s, step + (j + 1) * every, n, opts.noise_num_micro, micro)
+                        for j in range(k)
+                    ]
+                )
+                for s in useeds
+            ]
+        )
 
     # Index tables per call (and, for a streamed training set, the gathered examples,
     # prepared one call ahead in a background thread).
@@ -287,21 +355,44 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
             at = min(start + every, opts.max_steps)
             for lane in range(n_live):
                 i = int(lane_cell[lane])
-                metrics = dict(val_loss=out["val_loss"][lane, j], val_error=out["val_error"][lane, j],
-                               train_loss=out["train_loss"][lane, j])
+                metrics = dict(
+                    val_loss=out["val_loss"][lane, j],
+                    val_error=out["val_error"][lane, j],
+                    train_loss=out["train_loss"][lane, j],
+                )
                 # Updates applied up to this evaluation: the cell's counter is only known at
                 # the end of the call, so use it for the last evaluation and `at` before.
-                tracker.record(i, at, metrics, bool(out["diverged"][lane, j]),
-                               int(min(at, applied[lane])))
+                tracker.record(
+                    i, at, metrics, bool(out["diverged"][lane, j]), int(min(at, applied[lane]))
+                )
                 if opts.noise_scale and not out["diverged"][lane, j]:
-                    tracker.record_noise(i, at, float(out["grad_sq"][lane, j]), float(out["trace_sigma"][lane, j]))
+                    tracker.record_noise(
+                        i, at, float(out["grad_sq"][lane, j]), float(out["trace_sigma"][lane, j])
+                    )
         if snap is not None:
-            crossing = [lane for lane in range(n_live)
-                        if tracker.reached[lane_cell[lane]] and not reached_before[lane_cell[lane]]
-                        and not tracker.exact[lane_cell[lane]]]
+            crossing = [
+                lane
+                for lane in range(n_live)
+                if tracker.reached[lane_cell[lane]]
+                and not reached_before[lane_cell[lane]]
+                and not tracker.exact[lane_cell[lane]]
+            ]
             if crossing:
                 t_rep = time.perf_counter()
-                _replay(run, snap, lr, hp, seed_idx, table, data, crossing, lane_cell, step, tracker, opts)
+                _replay(
+                    run,
+                    snap,
+                    lr,
+                    hp,
+                    seed_idx,
+                    table,
+                    data,
+                    crossing,
+                    lane_cell,
+                    step,
+                    tracker,
+                    opts,
+                )
                 tracker.replay_seconds += time.perf_counter() - t_rep
         del snap
         step += k * every
@@ -319,11 +410,20 @@ def run_vmapped_block(problem: TrainProblem, block: Block, opts: RunOptions, run
         worth = opts.compact == "always"
         if opts.compact == "auto":
             calls_left = math.ceil((opts.max_steps - step) / (k * every))
-            worth = compaction_pays(width - new_width, calls_left, k * every * B, k * int(problem.x_val.shape[0]),
-                                    num_params)
+            worth = compaction_pays(
+                width - new_width,
+                calls_left,
+                k * every * B,
+                k * int(problem.x_val.shape[0]),
+                num_params,
+            )
         if opts.compact != "never" and len(live) and new_width < width and worth:
             sel = np.concatenate([live, np.repeat(live[-1:], new_width - len(live))])
-            state, lr, seed_idx = jax.tree.map(lambda x, sel=sel: x[sel], state), lr[sel], seed_idx[sel]
+            state, lr, seed_idx = (
+                jax.tree.map(lambda x, sel=sel: x[sel], state),
+                lr[sel],
+                seed_idx[sel],
+            )
             hp = {name: v[sel] for name, v in hp.items()}
             if jax.local_device_count() > 1:
                 lr, hp, seed_idx = shard_cells((lr, hp, seed_idx), new_width)

@@ -23,6 +23,7 @@ __all__ = ["MLP", "CNN", "MNIST1DCNN", "Transformer", "make_model", "loss_and_er
 
 class MLP(nn.Module):
     """``depth`` hidden ReLU layers of ``width`` units (depth 0 = a linear model)."""
+
     width: int
     depth: int
     num_outputs: int
@@ -39,6 +40,7 @@ class CNN(nn.Module):
     """``depth`` 3-wide (or 3x3) ReLU convolutions of ``width`` channels, stride 2 after
     the first, global average pooling and a linear read-out. Works on 1-D signals
     (length, channels) and images (height, width, channels)."""
+
     width: int
     depth: int
     num_outputs: int
@@ -59,6 +61,7 @@ class MNIST1DCNN(nn.Module):
     first 5 wide and the others 3 wide, then flatten and a linear read-out. The paper's
     model is ``width=25, depth=3`` (40 -> 19 -> 10 -> 5 positions, 125 features). Works on
     1-D signals (length, channels) and on images (square windows)."""
+
     width: int
     depth: int
     num_outputs: int
@@ -68,19 +71,26 @@ class MNIST1DCNN(nn.Module):
         spatial = x.ndim - 2
         for i in range(self.depth):
             k = 5 if i == 0 else 3
-            x = nn.relu(nn.Conv(self.width, (k,) * spatial, strides=(2,) * spatial, padding=[(1, 1)] * spatial)(x))
+            x = nn.relu(
+                nn.Conv(
+                    self.width, (k,) * spatial, strides=(2,) * spatial, padding=[(1, 1)] * spatial
+                )(x)
+            )
         return nn.Dense(self.num_outputs)(x.reshape(x.shape[0], -1))
 
 
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm Transformer block: causal self-attention then a 4x GELU MLP."""
+
     width: int
     heads: int
 
     @nn.compact
     def __call__(self, x, mask):
         h = nn.LayerNorm()(x)
-        x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.width)(h, h, mask=mask)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.width)(
+            h, h, mask=mask
+        )
         h = nn.LayerNorm()(x)
         h = nn.Dense(self.width)(nn.gelu(nn.Dense(4 * self.width)(h)))
         return x + h
@@ -89,9 +99,10 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only Transformer over tokens: learned position embeddings, ``depth``
     pre-LN blocks of ``width`` with ``heads`` heads, untied read-out."""
+
     width: int
     depth: int
-    num_outputs: int          # vocabulary size
+    num_outputs: int  # vocabulary size
     seq_len: int
     heads: int = 4
 
@@ -109,7 +120,9 @@ class Transformer(nn.Module):
         return nn.Dense(self.num_outputs)(nn.LayerNorm()(x))
 
 
-def make_model(kind: str, width: int, depth: int, num_outputs: int, seq_len: int = 0, heads: int = 4) -> nn.Module:
+def make_model(
+    kind: str, width: int, depth: int, num_outputs: int, seq_len: int = 0, heads: int = 4
+) -> nn.Module:
     """The Flax module for a config's ``train.model``."""
     if kind == "mlp":
         return MLP(width, depth, num_outputs)
@@ -143,12 +156,15 @@ def loss_and_error(task: str, outputs: jax.Array, y: jax.Array, register_kfac: b
     if task == "regression":
         if register_kfac:
             import kfac_jax
+
             kfac_jax.register_squared_error_loss(outputs, y)
         return 0.5 * jnp.mean(jnp.sum((outputs - y) ** 2, axis=-1)), jnp.nan
     if register_kfac:
         import kfac_jax
-        kfac_jax.register_softmax_cross_entropy_loss(outputs.reshape(-1, outputs.shape[-1]), y.reshape(-1))
+
+        kfac_jax.register_softmax_cross_entropy_loss(
+            outputs.reshape(-1, outputs.shape[-1]), y.reshape(-1)
+        )
     loss = optax.softmax_cross_entropy_with_integer_labels(outputs, y).mean()
     err = jnp.mean(jnp.argmax(outputs, axis=-1) != y)
     return loss, err
-

@@ -27,10 +27,18 @@ import optax
 
 from cbs.sweep.backend import HParamSpec, OptimizerSpec
 
-__all__ = ["OPTIMIZERS", "BUILDERS", "build_optimizer", "muon_dimension_numbers", "soap_available",
-           "schedule_fn"]
+__all__ = [
+    "OPTIMIZERS",
+    "BUILDERS",
+    "build_optimizer",
+    "muon_dimension_numbers",
+    "soap_available",
+    "schedule_fn",
+]
 
-_EMA = HParamSpec(0.0, "EMA decay of the evaluated weights (0 = evaluate the raw weights)", ge=0, lt=1)
+_EMA = HParamSpec(
+    0.0, "EMA decay of the evaluated weights (0 = evaluate the raw weights)", ge=0, lt=1
+)
 _WD = HParamSpec(0.0, "decoupled weight decay (multiplied by the LR, as in AdamW)", ge=0)
 _L2 = HParamSpec(0.0, "L2 weight decay added to the gradient (coupled)", ge=0)
 _MOM = HParamSpec(0.9, "momentum coefficient", ge=0, lt=1)
@@ -38,16 +46,25 @@ _MOM = HParamSpec(0.9, "momentum coefficient", ge=0, lt=1)
 
 def _sgd(lr, hp, momentum=False, nesterov=False):
     # Coupled L2: the decay term goes through momentum, as in classic SGD + weight decay.
-    return optax.chain(optax.add_decayed_weights(hp["weight_decay"]),
-                       optax.sgd(lr, momentum=hp["momentum"] if momentum else None, nesterov=nesterov))
+    return optax.chain(
+        optax.add_decayed_weights(hp["weight_decay"]),
+        optax.sgd(lr, momentum=hp["momentum"] if momentum else None, nesterov=nesterov),
+    )
 
 
 def _soap(lr, hp, block_step=None):
     from cbs.train.soap import soap
+
     # block_step: the block's shared step, so a vmapped block refreshes SOAP's basis only on
     # refresh steps (see cbs.train.soap.scale_by_soap).
-    return soap(lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], weight_decay=hp["weight_decay"],
-                block_step=block_step)
+    return soap(
+        lr,
+        b1=hp["b1"],
+        b2=hp["b2"],
+        eps=hp["eps"],
+        weight_decay=hp["weight_decay"],
+        block_step=block_step,
+    )
 
 
 def _muon_readout(tree) -> str | None:
@@ -109,7 +126,11 @@ def _muon_width_scale(dims_fn) -> optax.GradientTransformation:
         def scale(u, d):
             if d is None:
                 return u
-            red = (d.reduction_axis,) if isinstance(d.reduction_axis, int) else tuple(d.reduction_axis)
+            red = (
+                (d.reduction_axis,)
+                if isinstance(d.reduction_axis, int)
+                else tuple(d.reduction_axis)
+            )
             out = (d.output_axis,) if isinstance(d.output_axis, int) else tuple(d.output_axis)
             fan_in = math.prod(u.shape[a] for a in red)
             fan_out = math.prod(u.shape[a] for a in out)
@@ -127,18 +148,32 @@ def _muon(lr, hp):
     one runs its Adam group with Nesterov momentum (NAdamW); the reference uses AdamW.
     """
     # The AdamW group's LR is adam_lr_ratio times Muon's (the reference tunes them apart).
-    adam_lr = (lambda count: hp["adam_lr_ratio"] * lr(count)) if callable(lr) else hp["adam_lr_ratio"] * lr
+    adam_lr = (
+        (lambda count: hp["adam_lr_ratio"] * lr(count))
+        if callable(lr)
+        else hp["adam_lr_ratio"] * lr
+    )
     muon = optax.chain(
-        optax.contrib.scale_by_muon(beta=hp["momentum"], eps=hp["eps"], nesterov=True,
-                                    weight_dimension_numbers=muon_dimension_numbers),
+        optax.contrib.scale_by_muon(
+            beta=hp["momentum"],
+            eps=hp["eps"],
+            nesterov=True,
+            weight_dimension_numbers=muon_dimension_numbers,
+        ),
         _muon_width_scale(muon_dimension_numbers),
         optax.add_decayed_weights(hp["weight_decay"]),
-        optax.scale_by_learning_rate(lr))
-    adamw = optax.adamw(adam_lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], weight_decay=hp["weight_decay"])
+        optax.scale_by_learning_rate(lr),
+    )
+    adamw = optax.adamw(
+        adam_lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], weight_decay=hp["weight_decay"]
+    )
 
     def labels(params):
-        return jax.tree.map(lambda d: "adamw" if d is None else "muon", muon_dimension_numbers(params),
-                            is_leaf=_is_dims)
+        return jax.tree.map(
+            lambda d: "adamw" if d is None else "muon",
+            muon_dimension_numbers(params),
+            is_leaf=_is_dims,
+        )
 
     return optax.partition({"muon": muon, "adamw": adamw}, labels)
 
@@ -147,6 +182,7 @@ def soap_available() -> bool:
     """Whether ``cbs.train.soap`` imports (it is written separately)."""
     try:
         from cbs.train.soap import soap  # noqa: F401
+
         return True
     except Exception:  # noqa: BLE001 - any import failure means "not available"
         return False
@@ -157,13 +193,17 @@ BUILDERS: dict[str, Callable | None] = {
     "momentum": lambda lr, hp: _sgd(lr, hp, momentum=True),
     "nesterov": lambda lr, hp: _sgd(lr, hp, momentum=True, nesterov=True),
     "adam": lambda lr, hp: optax.adam(lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"]),
-    "adamw": lambda lr, hp: optax.adamw(lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"],
-                                        weight_decay=hp["weight_decay"]),
+    "adamw": lambda lr, hp: optax.adamw(
+        lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], weight_decay=hp["weight_decay"]
+    ),
     # Relative step sizes (multiply_by_parameter_scale) and update clipping are Adafactor's
     # own defaults; the LR is then relative to the parameter RMS.
-    "adafactor": lambda lr, hp: optax.adafactor(lr, decay_rate=hp["decay_rate"], eps=hp["eps"],
-                                                weight_decay_rate=hp["weight_decay"]),
-    "lion": lambda lr, hp: optax.lion(lr, b1=hp["b1"], b2=hp["b2"], weight_decay=hp["weight_decay"]),
+    "adafactor": lambda lr, hp: optax.adafactor(
+        lr, decay_rate=hp["decay_rate"], eps=hp["eps"], weight_decay_rate=hp["weight_decay"]
+    ),
+    "lion": lambda lr, hp: optax.lion(
+        lr, b1=hp["b1"], b2=hp["b2"], weight_decay=hp["weight_decay"]
+    ),
     "signum": lambda lr, hp: optax.signum(lr, beta=hp["momentum"]),
     # Hidden weight matrices (attention and MLP kernels, conv filters; reshaped to 2-D)
     # get Newton-Schulz orthogonalised momentum; embeddings, the read-out, biases and norms
@@ -174,51 +214,112 @@ BUILDERS: dict[str, Callable | None] = {
 }
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "sgd": OptimizerSpec("plain SGD (optax.sgd), optional coupled L2",
-                         dict(weight_decay=_L2, ema_decay=_EMA), example_lr=0.3),
-    "momentum": OptimizerSpec("heavy-ball momentum SGD (optax.sgd(momentum=...))",
-                              dict(momentum=_MOM, weight_decay=_L2, ema_decay=_EMA), example_lr=0.1),
-    "nesterov": OptimizerSpec("Nesterov momentum SGD (optax.sgd(nesterov=True))",
-                              dict(momentum=_MOM, weight_decay=_L2, ema_decay=_EMA), example_lr=0.1),
-    "adam": OptimizerSpec("Adam (optax.adam)", dict(
-        b1=HParamSpec(0.9, "first-moment decay", ge=0, lt=1),
-        b2=HParamSpec(0.999, "second-moment decay", ge=0, lt=1),
-        eps=HParamSpec(1e-8, "denominator epsilon", gt=0), ema_decay=_EMA), example_lr=0.01),
-    "adamw": OptimizerSpec("AdamW (optax.adamw), decoupled weight decay", dict(
-        b1=HParamSpec(0.9, "first-moment decay", ge=0, lt=1),
-        b2=HParamSpec(0.999, "second-moment decay", ge=0, lt=1),
-        eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
-        weight_decay=HParamSpec(1e-4, "decoupled weight decay (times the LR)", ge=0), ema_decay=_EMA), example_lr=0.01),
-    "adafactor": OptimizerSpec("Adafactor (optax.adafactor; relative step size, update clipping 1)", dict(
-        decay_rate=HParamSpec(0.8, "second-moment decay exponent (beta2_t = 1 - t**-decay_rate)", ge=0, le=1),
-        eps=HParamSpec(1e-30, "regulariser of the squared gradient", gt=0),
-        weight_decay=_WD, ema_decay=_EMA), example_lr=0.03),
-    "lion": OptimizerSpec("Lion (optax.lion)", dict(
-        b1=HParamSpec(0.9, "interpolation of the update direction", ge=0, le=1),
-        b2=HParamSpec(0.99, "momentum decay", ge=0, le=1),
-        weight_decay=_WD, ema_decay=_EMA), example_lr=0.01),
-    "signum": OptimizerSpec("Signum: sign of momentum (optax.signum)",
-                            dict(momentum=HParamSpec(0.9, "momentum decay", ge=0, lt=1), ema_decay=_EMA), example_lr=0.01),
-    "muon": OptimizerSpec("Muon (optax.contrib.muon): orthogonalised momentum on hidden weight matrices "
-                          "(attention/MLP kernels, conv filters), AdamW on embeddings, read-out, biases, norms", dict(
-        momentum=HParamSpec(0.95, "Muon momentum (Nesterov)", ge=0, lt=1),
-        b1=HParamSpec(0.9, "AdamW b1 (embeddings, read-out, biases, norms)", ge=0, lt=1),
-        b2=HParamSpec(0.999, "AdamW b2 (embeddings, read-out, biases, norms)", ge=0, lt=1),
-        eps=HParamSpec(1e-8, "epsilon", gt=0),
-        adam_lr_ratio=HParamSpec(1.0, "AdamW group's LR / Muon's LR", gt=0),
-        weight_decay=HParamSpec(0.0, "decoupled weight decay of both groups (multiplied by the LR)", ge=0),
-        ema_decay=_EMA), example_lr=0.02),
-    "soap": OptimizerSpec("SOAP (cbs.train.soap): Adam in Shampoo's eigenbasis", dict(
-        b1=HParamSpec(0.95, "first-moment decay", ge=0, lt=1),
-        b2=HParamSpec(0.95, "second-moment decay", ge=0, lt=1),
-        eps=HParamSpec(1e-8, "denominator epsilon", gt=0), weight_decay=_WD, ema_decay=_EMA), example_lr=0.01),
-    "kfac": OptimizerSpec("K-FAC (kfac-jax 0.0.8), fixed LR/momentum/damping; cells run one after another", dict(
-        momentum=HParamSpec(0.0, "momentum of the K-FAC update", ge=0, lt=1),
-        damping=HParamSpec(1e-2, "Tikhonov damping of the curvature", gt=0),
-        weight_decay=HParamSpec(0.0, "L2 regularisation (kfac-jax l2_reg)", ge=0),
-        burnin_steps=HParamSpec(0.0, "curvature-only batches before the first update (an integer; each counts "
-                                "as a step of batch_size examples; 0 = off)", ge=0),
-        ema_decay=_EMA), example_lr=0.1),
+    "sgd": OptimizerSpec(
+        "plain SGD (optax.sgd), optional coupled L2",
+        dict(weight_decay=_L2, ema_decay=_EMA),
+        example_lr=0.3,
+    ),
+    "momentum": OptimizerSpec(
+        "heavy-ball momentum SGD (optax.sgd(momentum=...))",
+        dict(momentum=_MOM, weight_decay=_L2, ema_decay=_EMA),
+        example_lr=0.1,
+    ),
+    "nesterov": OptimizerSpec(
+        "Nesterov momentum SGD (optax.sgd(nesterov=True))",
+        dict(momentum=_MOM, weight_decay=_L2, ema_decay=_EMA),
+        example_lr=0.1,
+    ),
+    "adam": OptimizerSpec(
+        "Adam (optax.adam)",
+        dict(
+            b1=HParamSpec(0.9, "first-moment decay", ge=0, lt=1),
+            b2=HParamSpec(0.999, "second-moment decay", ge=0, lt=1),
+            eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
+            ema_decay=_EMA,
+        ),
+        example_lr=0.01,
+    ),
+    "adamw": OptimizerSpec(
+        "AdamW (optax.adamw), decoupled weight decay",
+        dict(
+            b1=HParamSpec(0.9, "first-moment decay", ge=0, lt=1),
+            b2=HParamSpec(0.999, "second-moment decay", ge=0, lt=1),
+            eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
+            weight_decay=HParamSpec(1e-4, "decoupled weight decay (times the LR)", ge=0),
+            ema_decay=_EMA,
+        ),
+        example_lr=0.01,
+    ),
+    "adafactor": OptimizerSpec(
+        "Adafactor (optax.adafactor; relative step size, update clipping 1)",
+        dict(
+            decay_rate=HParamSpec(
+                0.8, "second-moment decay exponent (beta2_t = 1 - t**-decay_rate)", ge=0, le=1
+            ),
+            eps=HParamSpec(1e-30, "regulariser of the squared gradient", gt=0),
+            weight_decay=_WD,
+            ema_decay=_EMA,
+        ),
+        example_lr=0.03,
+    ),
+    "lion": OptimizerSpec(
+        "Lion (optax.lion)",
+        dict(
+            b1=HParamSpec(0.9, "interpolation of the update direction", ge=0, le=1),
+            b2=HParamSpec(0.99, "momentum decay", ge=0, le=1),
+            weight_decay=_WD,
+            ema_decay=_EMA,
+        ),
+        example_lr=0.01,
+    ),
+    "signum": OptimizerSpec(
+        "Signum: sign of momentum (optax.signum)",
+        dict(momentum=HParamSpec(0.9, "momentum decay", ge=0, lt=1), ema_decay=_EMA),
+        example_lr=0.01,
+    ),
+    "muon": OptimizerSpec(
+        "Muon (optax.contrib.muon): orthogonalised momentum on hidden weight matrices "
+        "(attention/MLP kernels, conv filters), AdamW on embeddings, read-out, biases, norms",
+        dict(
+            momentum=HParamSpec(0.95, "Muon momentum (Nesterov)", ge=0, lt=1),
+            b1=HParamSpec(0.9, "AdamW b1 (embeddings, read-out, biases, norms)", ge=0, lt=1),
+            b2=HParamSpec(0.999, "AdamW b2 (embeddings, read-out, biases, norms)", ge=0, lt=1),
+            eps=HParamSpec(1e-8, "epsilon", gt=0),
+            adam_lr_ratio=HParamSpec(1.0, "AdamW group's LR / Muon's LR", gt=0),
+            weight_decay=HParamSpec(
+                0.0, "decoupled weight decay of both groups (multiplied by the LR)", ge=0
+            ),
+            ema_decay=_EMA,
+        ),
+        example_lr=0.02,
+    ),
+    "soap": OptimizerSpec(
+        "SOAP (cbs.train.soap): Adam in Shampoo's eigenbasis",
+        dict(
+            b1=HParamSpec(0.95, "first-moment decay", ge=0, lt=1),
+            b2=HParamSpec(0.95, "second-moment decay", ge=0, lt=1),
+            eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
+            weight_decay=_WD,
+            ema_decay=_EMA,
+        ),
+        example_lr=0.01,
+    ),
+    "kfac": OptimizerSpec(
+        "K-FAC (kfac-jax 0.0.8), fixed LR/momentum/damping; cells run one after another",
+        dict(
+            momentum=HParamSpec(0.0, "momentum of the K-FAC update", ge=0, lt=1),
+            damping=HParamSpec(1e-2, "Tikhonov damping of the curvature", gt=0),
+            weight_decay=HParamSpec(0.0, "L2 regularisation (kfac-jax l2_reg)", ge=0),
+            burnin_steps=HParamSpec(
+                0.0,
+                "curvature-only batches before the first update (an integer; each counts "
+                "as a step of batch_size examples; 0 = off)",
+                ge=0,
+            ),
+            ema_decay=_EMA,
+        ),
+        example_lr=0.1,
+    ),
 }
 
 
@@ -226,8 +327,12 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 STEP_AWARE = frozenset({"soap"})
 
 
-def build_optimizer(kind: str, learning_rate: Callable, hp: Mapping[str, jax.Array],
-                    block_step: jax.Array | None = None) -> optax.GradientTransformation:
+def build_optimizer(
+    kind: str,
+    learning_rate: Callable,
+    hp: Mapping[str, jax.Array],
+    block_step: jax.Array | None = None,
+) -> optax.GradientTransformation:
     """The Optax transform of ``kind`` with (possibly traced) hyperparameters ``hp``.
 
     ``block_step``: the step shared by all cells of a vmapped block (unbatched), which
@@ -237,7 +342,9 @@ def build_optimizer(kind: str, learning_rate: Callable, hp: Mapping[str, jax.Arr
     """
     builder = BUILDERS[kind]
     if builder is None:
-        raise ValueError(f"optimizer kind {kind!r} has no Optax transform (runs through its own loop)")
+        raise ValueError(
+            f"optimizer kind {kind!r} has no Optax transform (runs through its own loop)"
+        )
     if kind in STEP_AWARE:
         return builder(learning_rate, hp, block_step=block_step)
     return builder(learning_rate, hp)
@@ -270,18 +377,25 @@ def schedule_fn(schedule, max_steps: int) -> Callable[[jax.Array], jax.Array]:
         lin = optax.linear_schedule(1.0, schedule.final_lr_fraction, decay_len)
         rest = lambda t: lin(t - warm)  # noqa: E731
     elif kind == "step":
-        rest = optax.piecewise_constant_schedule(1.0, {int(b): schedule.decay_factor for b in schedule.boundaries})
+        rest = optax.piecewise_constant_schedule(
+            1.0, {int(b): schedule.decay_factor for b in schedule.boundaries}
+        )
     elif kind == "piecewise":
         if not schedule.pieces:
             raise ValueError("a piecewise schedule needs pieces [[steps, lr_multiplier], ...]")
         ends = jnp.cumsum(jnp.array([p[0] for p in schedule.pieces], jnp.float32))
         mults = jnp.array([p[1] for p in schedule.pieces], jnp.float32)
-        rest = lambda t: mults[jnp.minimum(jnp.searchsorted(ends, t, side="right"), len(schedule.pieces) - 1)]  # noqa: E731
+        rest = lambda t: mults[
+            jnp.minimum(jnp.searchsorted(ends, t, side="right"), len(schedule.pieces) - 1)
+        ]  # noqa: E731
     else:
         raise ValueError(f"schedule kind {kind!r} is not supported by the train back end")
 
     def m(step):
         step = jnp.asarray(step, jnp.float32)
         w = jnp.minimum(1.0, (step + 1.0) / warm) if warm > 0 else 1.0
-        return (w * rest(jnp.maximum(step, warm) if kind in ("cosine", "linear_decay") else step)).astype(jnp.float32)
+        return (
+            w * rest(jnp.maximum(step, warm) if kind in ("cosine", "linear_decay") else step)
+        ).astype(jnp.float32)
+
     return m

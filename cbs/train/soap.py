@@ -130,7 +130,8 @@ def _static_int(value: Any, name: str) -> int:
         except (TypeError, jax.errors.ConcretizationTypeError) as err:
             raise TypeError(
                 f"{name} must be a static Python int (array shapes depend on it); with "
-                f"optax.inject_hyperparams pass static_args=({name!r},)") from err
+                f"optax.inject_hyperparams pass static_args=({name!r},)"
+            ) from err
 
 
 def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -187,8 +188,9 @@ def _eigh_basis(factor: jax.Array) -> jax.Array:
     return vecs[:, ::-1]
 
 
-def _refresh_side(factor: jax.Array, q_old: jax.Array, nu: jax.Array, axis: int,
-                  method: str) -> tuple[jax.Array, jax.Array]:
+def _refresh_side(
+    factor: jax.Array, q_old: jax.Array, nu: jax.Array, axis: int, method: str
+) -> tuple[jax.Array, jax.Array]:
     """One side of the periodic basis refresh (paper Algorithm 4).
 
     Args:
@@ -204,8 +206,9 @@ def _refresh_side(factor: jax.Array, q_old: jax.Array, nu: jax.Array, axis: int,
     # Rayleigh quotients of the old directions estimate the new eigenvalues; sorting by
     # them (decreasing) lines the old columns up with the new ones, so v's entries keep
     # describing (approximately) the same directions after the refresh.
-    est_eig = jnp.diag(jnp.matmul(q_old.T, jnp.matmul(factor, q_old, precision=_PRECISION),
-                                  precision=_PRECISION))
+    est_eig = jnp.diag(
+        jnp.matmul(q_old.T, jnp.matmul(factor, q_old, precision=_PRECISION), precision=_PRECISION)
+    )
     order = jnp.argsort(-est_eig)
     nu = jnp.take(nu, order, axis=axis)
     if method == "eigh":
@@ -267,8 +270,9 @@ def scale_by_soap(
     """
     max_precond_dim = _static_int(max_precond_dim, "max_precond_dim")
     if refresh_method not in _REFRESH_METHODS:
-        raise ValueError(f"refresh_method must be one of {_REFRESH_METHODS}, "
-                         f"got {refresh_method!r}")
+        raise ValueError(
+            f"refresh_method must be one of {_REFRESH_METHODS}, got {refresh_method!r}"
+        )
     beta_s = b2 if shampoo_beta is None else shampoo_beta
 
     def init_fn(params: optax.Params) -> ScaleBySoapState:
@@ -277,19 +281,23 @@ def scale_by_soap(
             m, n = _matrix_shape(p.shape)
             use_l, use_r = _sides(p.shape, max_precond_dim)
             zeros = jnp.zeros(p.shape, dtype)
-            return (zeros, zeros,
-                    jnp.zeros((m, m), dtype) if use_l else _placeholder(dtype),
-                    jnp.zeros((n, n), dtype) if use_r else _placeholder(dtype),
-                    jnp.eye(m, dtype=dtype) if use_l else _placeholder(dtype),
-                    jnp.eye(n, dtype=dtype) if use_r else _placeholder(dtype))
+            return (
+                zeros,
+                zeros,
+                jnp.zeros((m, m), dtype) if use_l else _placeholder(dtype),
+                jnp.zeros((n, n), dtype) if use_r else _placeholder(dtype),
+                jnp.eye(m, dtype=dtype) if use_l else _placeholder(dtype),
+                jnp.eye(n, dtype=dtype) if use_r else _placeholder(dtype),
+            )
 
         leaves, treedef = jax.tree_util.tree_flatten(params)
         per_leaf = [leaf_state(p) for p in leaves]
         fields = [treedef.unflatten([s[i] for s in per_leaf]) for i in range(6)]
         return ScaleBySoapState(jnp.zeros([], jnp.int32), *fields)
 
-    def update_fn(updates: optax.Updates, state: ScaleBySoapState,
-                  params: optax.Params | None = None):
+    def update_fn(
+        updates: optax.Updates, state: ScaleBySoapState, params: optax.Params | None = None
+    ):
         del params
         count = state.count
         first = count == 0
@@ -335,20 +343,20 @@ def scale_by_soap(
                 f_r = beta_s * f_r + (1 - beta_s) * jnp.matmul(g2.T, g2, precision=_PRECISION)
 
             if use_l or use_r:
+
                 def refresh(method):
                     def branch_fn(ops):
                         mu_b, nu_b, ql_b, qr_b = ops
                         # Back to the original space with the old basis, forward with
                         # the new one: m follows the basis change exactly.
-                        mu_orig = _unrotate(mu_b, ql_b if use_l else None,
-                                            qr_b if use_r else None)
+                        mu_orig = _unrotate(mu_b, ql_b if use_l else None, qr_b if use_r else None)
                         if use_l:
                             ql_b, nu_b = _refresh_side(f_l, ql_b, nu_b, 0, method)
                         if use_r:
                             qr_b, nu_b = _refresh_side(f_r, qr_b, nu_b, 1, method)
-                        mu_b = _rotate(mu_orig, ql_b if use_l else None,
-                                       qr_b if use_r else None)
+                        mu_b = _rotate(mu_orig, ql_b if use_l else None, qr_b if use_r else None)
                         return mu_b, nu_b, ql_b, qr_b
+
                     return branch_fn
 
                 # lax.switch (not Python `if`) so the step counter may be traced; only
@@ -357,16 +365,30 @@ def scale_by_soap(
                 if refresh_method != "eigh":
                     branches.append(refresh(refresh_method))
                 branches.append(lambda ops: ops)
-                mu_new, nu_new, q_l, q_r = lax.switch(branch, branches,
-                                                      (mu_new, nu_new, q_l, q_r))
+                mu_new, nu_new, q_l, q_r = lax.switch(branch, branches, (mu_new, nu_new, q_l, q_r))
 
-            return (u.reshape(shape).astype(g.dtype), mu_new.reshape(shape),
-                    nu_new.reshape(shape), f_l, f_r, q_l, q_r)
+            return (
+                u.reshape(shape).astype(g.dtype),
+                mu_new.reshape(shape),
+                nu_new.reshape(shape),
+                f_l,
+                f_r,
+                q_l,
+                q_r,
+            )
 
         leaves, treedef = jax.tree_util.tree_flatten(updates)
-        rest = [treedef.flatten_up_to(x) for x in
-                (state.mu, state.nu, state.factor_l, state.factor_r,
-                 state.basis_l, state.basis_r)]
+        rest = [
+            treedef.flatten_up_to(x)
+            for x in (
+                state.mu,
+                state.nu,
+                state.factor_l,
+                state.factor_r,
+                state.basis_l,
+                state.basis_r,
+            )
+        ]
         out = [leaf_update(g, *xs) for g, *xs in zip(leaves, *rest)]
         fields = [treedef.unflatten([o[i] for o in out]) for i in range(7)]
         new_state = ScaleBySoapState(optax.safe_int32_increment(count), *fields[1:])
@@ -394,8 +416,7 @@ def _decoupled_weight_decay(weight_decay: float | jax.Array) -> optax.GradientTr
         if params is None:
             raise ValueError(optax.NO_PARAMS_MSG)
         wd = jnp.where(state.count == 0, 0.0, weight_decay)
-        updates = jax.tree_util.tree_map(
-            lambda u, p: (u + wd * p).astype(u.dtype), updates, params)
+        updates = jax.tree_util.tree_map(lambda u, p: (u + wd * p).astype(u.dtype), updates, params)
         return updates, _GatedDecayState(optax.safe_int32_increment(state.count))
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -438,9 +459,16 @@ def soap(
         An ``optax.GradientTransformation``.
     """
     return optax.chain(
-        scale_by_soap(b1=b1, b2=b2, eps=eps, precondition_frequency=precondition_frequency,
-                      max_precond_dim=max_precond_dim, shampoo_beta=shampoo_beta,
-                      refresh_method=refresh_method, block_step=block_step),
+        scale_by_soap(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            precondition_frequency=precondition_frequency,
+            max_precond_dim=max_precond_dim,
+            shampoo_beta=shampoo_beta,
+            refresh_method=refresh_method,
+            block_step=block_step,
+        ),
         _decoupled_weight_decay(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )

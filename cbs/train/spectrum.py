@@ -72,7 +72,9 @@ def _mean_loss(apply: Apply, loss: Loss, x, y):
     return lambda th: jnp.mean(loss(apply(th, x), y))
 
 
-def curvature_vp(apply: Apply, loss: Loss, theta, x, y, curvature: Literal["hessian", "ggn"] = "ggn"):
+def curvature_vp(
+    apply: Apply, loss: Loss, theta, x, y, curvature: Literal["hessian", "ggn"] = "ggn"
+):
     """The matrix-free product v -> C v of the mean loss's curvature at theta.
 
     hessian: forward-over-reverse H v = d/de grad L(theta + e v).
@@ -91,6 +93,7 @@ def curvature_vp(apply: Apply, loss: Loss, theta, x, y, curvature: Literal["hess
         jv = jax.jvp(lambda th: apply(th, x), (theta,), (v,))[1]
         hjv = jax.jvp(out_grad, (out,), (jv,))[1]
         return vjp(hjv)[0]
+
     return ggn
 
 
@@ -116,7 +119,7 @@ def lanczos(matvec: Callable, v0: jax.Array, num_iters: int, key: jax.Array):
     restarts = jax.random.normal(key, (m, d), dtype)
 
     def orth(Q, w):
-        for _ in range(2):          # "twice is enough" (Kahan-Parlett)
+        for _ in range(2):  # "twice is enough" (Kahan-Parlett)
             w = w - Q.T @ (Q @ w)
         return w
 
@@ -125,7 +128,7 @@ def lanczos(matvec: Callable, v0: jax.Array, num_iters: int, key: jax.Array):
         q = Q[i]
         w = matvec(q)
         a = jnp.vdot(q, w)
-        w = orth(Q, w)              # rows > i are zero, so this projects on q_0..q_i only
+        w = orth(Q, w)  # rows > i are zero, so this projects on q_0..q_i only
         b = jnp.linalg.norm(w)
         scale = jnp.maximum(scale, jnp.abs(a) + b)
         broke = b <= 1e3 * jnp.finfo(dtype).eps * scale
@@ -135,8 +138,9 @@ def lanczos(matvec: Callable, v0: jax.Array, num_iters: int, key: jax.Array):
         Q = jnp.where(i + 1 < m, Q.at[jnp.minimum(i + 1, m - 1)].set(nxt), Q)
         return Q, alpha.at[i].set(a), beta.at[i].set(jnp.where(broke, 0.0, b)), scale
 
-    Q, alpha, beta, _ = jax.lax.fori_loop(0, m, body, (Q, jnp.zeros(m, dtype), jnp.zeros(m, dtype),
-                                                       jnp.zeros((), dtype)))
+    Q, alpha, beta, _ = jax.lax.fori_loop(
+        0, m, body, (Q, jnp.zeros(m, dtype), jnp.zeros(m, dtype), jnp.zeros((), dtype))
+    )
     return alpha, beta[:-1], Q
 
 
@@ -152,7 +156,9 @@ def ritz_pairs(alpha, beta, Q, k: int):
     return theta[idx], (Y[:, idx].T @ Q)
 
 
-def slq(matvec: Callable, dim: int, num_probes: int, num_iters: int, key: jax.Array, dtype=jnp.float64):
+def slq(
+    matvec: Callable, dim: int, num_probes: int, num_iters: int, key: jax.Array, dtype=jnp.float64
+):
     """Stochastic Lanczos quadrature: nodes and weights (num_probes, m) of the spectral density.
 
     Each probe z is Rademacher / sqrt(d) (unit norm); its Lanczos nodes theta_l and weights
@@ -168,6 +174,7 @@ def slq(matvec: Callable, dim: int, num_probes: int, num_iters: int, key: jax.Ar
         alpha, beta, _ = lanczos(matvec, z, num_iters, kk)
         theta, Y = _tridiag_eigh(alpha, beta)
         return theta, Y[0] ** 2
+
     return jax.lax.map(one, (probes, keys))
 
 
@@ -186,8 +193,12 @@ def gradient_moments(apply: Apply, loss: Loss, theta, x, y, chunk: int = 256):
     n = x.shape[0]
     pieces = -(-n // chunk)
     pad = pieces * chunk - n
-    xs = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]).reshape(pieces, chunk, *x.shape[1:])
-    ys = jnp.concatenate([y, jnp.zeros((pad,) + y.shape[1:], y.dtype)]).reshape(pieces, chunk, *y.shape[1:])
+    xs = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]).reshape(
+        pieces, chunk, *x.shape[1:]
+    )
+    ys = jnp.concatenate([y, jnp.zeros((pad,) + y.shape[1:], y.dtype)]).reshape(
+        pieces, chunk, *y.shape[1:]
+    )
     mask = (jnp.arange(pieces * chunk) < n).astype(theta.dtype).reshape(pieces, chunk)
     one = jax.grad(lambda th, xi, yi: loss(apply(th, xi[None]), yi[None])[0])
 
@@ -195,13 +206,13 @@ def gradient_moments(apply: Apply, loss: Loss, theta, x, y, chunk: int = 256):
         xc, yc, mc = args
         g = jax.vmap(one, (None, 0, 0))(theta, xc, yc) * mc[:, None]
         s, s2 = acc
-        return (s + g.sum(0), s2 + (g ** 2).sum(0)), None
+        return (s + g.sum(0), s2 + (g**2).sum(0)), None
 
     zero = jnp.zeros_like(theta)
     (s, s2), _ = jax.lax.scan(body, (zero, zero), (xs, ys, mask))
     G = s / n
     second = s2 / n
-    return G, jnp.sum(second) - jnp.sum(G ** 2), second
+    return G, jnp.sum(second) - jnp.sum(G**2), second
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +240,7 @@ class Measurement:
             started at delta: weights = fractions of |delta|^2 near each node).
         seconds: wall time of the measurement (compile included).
     """
+
     dim: int
     num_examples: int
     curvature: str
@@ -274,7 +286,9 @@ def noise_along(apply: Apply, loss: Loss, theta, x, y, vectors, chunk: int = 128
         theta = jnp.asarray(theta, jnp.float64)
         x = jnp.asarray(x, jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x)
         y = jnp.asarray(y, jnp.float64) if jnp.issubdtype(y.dtype, jnp.floating) else jnp.asarray(y)
-        tr, proj = _noise_jit(apply, loss, theta, x, y, jnp.asarray(vectors, jnp.float64), chunk=chunk)
+        tr, proj = _noise_jit(
+            apply, loss, theta, x, y, jnp.asarray(vectors, jnp.float64), chunk=chunk
+        )
         return float(tr), np.asarray(proj).var(1)
 
 
@@ -292,10 +306,24 @@ def memory_estimate(dim: int, *, top_k: int, lanczos_iters: int, chunk: int) -> 
     return 8 * dim * (2 * lanczos_iters + chunk + top_k + 4)
 
 
-def measure(apply: Apply, loss: Loss, theta, x, y, *, top_k: int = 16, lanczos_iters: int = 64,
-            slq_probes: int = 4, slq_iters: int = 48, noise_examples: int = 128, chunk: int = 128,
-            curvature: Literal["hessian", "ggn"] = "ggn", seed: int = 0,
-            max_memory_mb: float = 2048.0, displacement=None) -> Measurement:
+def measure(
+    apply: Apply,
+    loss: Loss,
+    theta,
+    x,
+    y,
+    *,
+    top_k: int = 16,
+    lanczos_iters: int = 64,
+    slq_probes: int = 4,
+    slq_iters: int = 48,
+    noise_examples: int = 128,
+    chunk: int = 128,
+    curvature: Literal["hessian", "ggn"] = "ggn",
+    seed: int = 0,
+    max_memory_mb: float = 2048.0,
+    displacement=None,
+) -> Measurement:
     """All measurements at ``theta`` over the examples (x, y), in float64.
 
     Iteration counts are capped at the dimension d (the Krylov space cannot be larger).
@@ -305,6 +333,7 @@ def measure(apply: Apply, loss: Loss, theta, x, y, *, top_k: int = 16, lanczos_i
             option that shrinks them).
     """
     import time
+
     t0 = time.perf_counter()
     d = int(theta.shape[0])
     need = memory_estimate(d, top_k=top_k, lanczos_iters=lanczos_iters, chunk=chunk)
@@ -312,7 +341,8 @@ def measure(apply: Apply, loss: Loss, theta, x, y, *, top_k: int = 16, lanczos_i
         raise MeasurementTooLarge(
             f"the spectrum measurement of this model (d = {d} parameters) needs ~{need / 2**20:.0f} MB "
             f"> max_memory_mb = {max_memory_mb:g}; lower --lanczos-iters (now {lanczos_iters}) or --chunk "
-            f"(now {chunk}), or raise --max-memory-mb")
+            f"(now {chunk}), or raise --max-memory-mb"
+        )
     m = min(lanczos_iters, d)
     ms = min(slq_iters, d)
     k = min(top_k, m)
@@ -320,28 +350,83 @@ def measure(apply: Apply, loss: Loss, theta, x, y, *, top_k: int = 16, lanczos_i
         theta = jnp.asarray(theta, jnp.float64)
         x = jnp.asarray(x, jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x)
         y = jnp.asarray(y, jnp.float64) if jnp.issubdtype(y.dtype, jnp.floating) else jnp.asarray(y)
-        disp = jnp.zeros_like(theta) if displacement is None else jnp.asarray(displacement, jnp.float64)
-        out = _measure_jit(apply, loss, theta, x, y, disp, m=m, ms=ms, k=k, probes=slq_probes,
-                           noise_examples=min(noise_examples, int(x.shape[0])), chunk=chunk,
-                           curvature=curvature, seed=seed, with_disp=displacement is not None)
+        disp = (
+            jnp.zeros_like(theta)
+            if displacement is None
+            else jnp.asarray(displacement, jnp.float64)
+        )
+        out = _measure_jit(
+            apply,
+            loss,
+            theta,
+            x,
+            y,
+            disp,
+            m=m,
+            ms=ms,
+            k=k,
+            probes=slq_probes,
+            noise_examples=min(noise_examples, int(x.shape[0])),
+            chunk=chunk,
+            curvature=curvature,
+            seed=seed,
+            with_disp=displacement is not None,
+        )
         out = jax.tree.map(np.asarray, out)
     n_sub = min(noise_examples, int(x.shape[0]))
     quad = out["quad"]
     return Measurement(
-        dim=d, num_examples=int(x.shape[0]), curvature=curvature, top_h=out["top_h"],
-        top_vectors=out["top_v"], top_grad=out["proj"].mean(1), top_var=out["proj"].var(1),
-        slq_nodes=out["slq_nodes"], slq_weights=out["slq_weights"], grad_nodes=out["g_nodes"],
-        grad_weights=out["g_weights"], grad_sq=float(out["grad_sq"]), trace_sigma=float(out["trace_sigma"]),
-        trace_c_sigma=float(quad.mean()), trace_c_sigma_se=float(quad.std(ddof=1) / math.sqrt(n_sub))
-        if n_sub > 1 else float("nan"), gcg=float(out["gcg"]), second_moment=out["second"], grad=out["grad"],
-        loss=float(out["loss"]), seconds=time.perf_counter() - t0,
-        **({} if displacement is None else {
-            "disp_proj": out["disp_proj"], "disp_sq": float(out["disp_sq"]), "disp_nodes": out["d_nodes"],
-            "disp_weights": out["d_weights"]}))
+        dim=d,
+        num_examples=int(x.shape[0]),
+        curvature=curvature,
+        top_h=out["top_h"],
+        top_vectors=out["top_v"],
+        top_grad=out["proj"].mean(1),
+        top_var=out["proj"].var(1),
+        slq_nodes=out["slq_nodes"],
+        slq_weights=out["slq_weights"],
+        grad_nodes=out["g_nodes"],
+        grad_weights=out["g_weights"],
+        grad_sq=float(out["grad_sq"]),
+        trace_sigma=float(out["trace_sigma"]),
+        trace_c_sigma=float(quad.mean()),
+        trace_c_sigma_se=float(quad.std(ddof=1) / math.sqrt(n_sub)) if n_sub > 1 else float("nan"),
+        gcg=float(out["gcg"]),
+        second_moment=out["second"],
+        grad=out["grad"],
+        loss=float(out["loss"]),
+        seconds=time.perf_counter() - t0,
+        **(
+            {}
+            if displacement is None
+            else {
+                "disp_proj": out["disp_proj"],
+                "disp_sq": float(out["disp_sq"]),
+                "disp_nodes": out["d_nodes"],
+                "disp_weights": out["d_weights"],
+            }
+        ),
+    )
 
 
-def _measure_impl(apply, loss, theta, x, y, disp, *, m, ms, k, probes, noise_examples, chunk, curvature, seed,
-                  with_disp):
+def _measure_impl(
+    apply,
+    loss,
+    theta,
+    x,
+    y,
+    disp,
+    *,
+    m,
+    ms,
+    k,
+    probes,
+    noise_examples,
+    chunk,
+    curvature,
+    seed,
+    with_disp,
+):
     key = jax.random.PRNGKey(seed)
     k_top, k_slq, k_g, k_sub = jax.random.split(key, 4)
     d = theta.shape[0]
@@ -351,28 +436,62 @@ def _measure_impl(apply, loss, theta, x, y, disp, *, m, ms, k, probes, noise_exa
     top_h, top_v = ritz_pairs(alpha, beta, Q, k)
     slq_nodes, slq_weights = slq(cvp, d, probes, ms, k_slq, theta.dtype)
     G, trace_sigma, second = gradient_moments(apply, loss, theta, x, y, chunk)
-    grad_sq = jnp.sum(G ** 2)
+    grad_sq = jnp.sum(G**2)
     ga, gb, _ = lanczos(cvp, G + jnp.where(grad_sq > 0, 0.0, 1.0), ms, k_g)
     g_nodes, gY = _tridiag_eigh(ga, gb)
     proj = directional_gradients(apply, loss, theta, x, y, top_v)
     # tr(C Sigma) = mean_n (g_n - G)^T C (g_n - G), Monte Carlo over a subsample of examples.
     sub = jax.random.choice(k_sub, x.shape[0], (noise_examples,), replace=False)
     one = jax.grad(lambda th, xi, yi: loss(apply(th, xi[None]), yi[None])[0])
+
     def quad_form(i):
         u = one(theta, x[i], y[i]) - G
         return jnp.vdot(u, cvp(u))
+
     quad = jax.lax.map(quad_form, sub)
     extra = {}
     if with_disp:
-        dsq = jnp.sum(disp ** 2)
-        da, db, _ = lanczos(cvp, disp + jnp.where(dsq > 0, 0.0, 1.0), ms, jax.random.fold_in(k_g, 1))
+        dsq = jnp.sum(disp**2)
+        da, db, _ = lanczos(
+            cvp, disp + jnp.where(dsq > 0, 0.0, 1.0), ms, jax.random.fold_in(k_g, 1)
+        )
         d_nodes, dY = _tridiag_eigh(da, db)
-        extra = {"disp_proj": top_v @ disp, "disp_sq": dsq, "d_nodes": d_nodes, "d_weights": dY[0] ** 2}
-    return extra | {"top_h": top_h, "top_v": top_v, "slq_nodes": slq_nodes, "slq_weights": slq_weights, "grad": G,
-                "grad_sq": grad_sq, "trace_sigma": trace_sigma, "second": second, "g_nodes": g_nodes, "g_weights": gY[0] ** 2,
-                "proj": proj, "quad": quad, "gcg": jnp.vdot(G, cvp(G)), "loss": jnp.mean(loss(apply(theta, x), y))}
+        extra = {
+            "disp_proj": top_v @ disp,
+            "disp_sq": dsq,
+            "d_nodes": d_nodes,
+            "d_weights": dY[0] ** 2,
+        }
+    return extra | {
+        "top_h": top_h,
+        "top_v": top_v,
+        "slq_nodes": slq_nodes,
+        "slq_weights": slq_weights,
+        "grad": G,
+        "grad_sq": grad_sq,
+        "trace_sigma": trace_sigma,
+        "second": second,
+        "g_nodes": g_nodes,
+        "g_weights": gY[0] ** 2,
+        "proj": proj,
+        "quad": quad,
+        "gcg": jnp.vdot(G, cvp(G)),
+        "loss": jnp.mean(loss(apply(theta, x), y)),
+    }
 
 
-_measure_jit = jax.jit(_measure_impl, static_argnums=(0, 1),
-                       static_argnames=("m", "ms", "k", "probes", "noise_examples", "chunk", "curvature", "seed",
-                                        "with_disp"))
+_measure_jit = jax.jit(
+    _measure_impl,
+    static_argnums=(0, 1),
+    static_argnames=(
+        "m",
+        "ms",
+        "k",
+        "probes",
+        "noise_examples",
+        "chunk",
+        "curvature",
+        "seed",
+        "with_disp",
+    ),
+)
