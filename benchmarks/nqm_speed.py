@@ -240,19 +240,21 @@ def main():
         beta = np.tile(bet, len(powers))
         pw = np.repeat(powers, len(lrs))
         for certify in (True, False):
-            # called right away, inside this iteration: the late binding is intended
-            run = lambda: nqm.evaluate_grid(
-                problem,
-                kind,
-                lr,
-                beta,
-                0.0,
-                pw,
-                batch_sizes=bs,
-                target=TARGET,  # noqa: B023
-                max_steps=t_max - 1,
-                certify=certify,
-            )  # noqa: B023
+            # default arguments bind this iteration's values (the lambda is called right away)
+            def run(kind=kind, lr=lr, beta=beta, pw=pw, t_max=t_max, certify=certify):
+                return nqm.evaluate_grid(
+                    problem,
+                    kind,
+                    lr,
+                    beta,
+                    0.0,
+                    pw,
+                    batch_sizes=bs,
+                    target=TARGET,
+                    max_steps=t_max - 1,
+                    certify=certify,
+                )
+
             t0 = time.perf_counter()
             run()
             first = time.perf_counter() - t0
