@@ -8,6 +8,7 @@ tables, plots, report.md) and, given several, compares them. The work is done by
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -248,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's contract is one line, never a traceback
+        if os.environ.get("CBS_TRACEBACK"):
+            raise
+        from cbs.sweep.__main__ import _describe_error, _exit_code, _one_line
+
+        print(f"{parser.prog}: error: {_one_line(_describe_error(e))}", file=sys.stderr)
+        return _exit_code(e)
     return 0
 
 

@@ -90,3 +90,17 @@ def test_files_respect_the_umask(fake_backend, tmp_path, capsys):
     finally:
         os.umask(old)
     capsys.readouterr()
+
+
+def test_analyze_cli_turns_any_error_into_one_line(monkeypatch, capsys, tmp_path):
+    import cbs.analysis
+    from cbs.analyze import main
+
+    def broken(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "cbs.json"))
+
+    monkeypatch.setattr(cbs.analysis, "analyze_run", broken)
+    monkeypatch.delenv("CBS_TRACEBACK", raising=False)
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Permission denied" in err[0] and "cbs.json" in err[0]
