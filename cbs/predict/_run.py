@@ -73,26 +73,19 @@ class PredictOptions:
             raise PredictOptionError(
                 f"--top-k: got {self.top_k}; allowed: <= --lanczos-iters ({self.lanczos_iters})"
             )
-        if self.curvature not in ("ggn", "hessian"):
-            raise PredictOptionError(
-                f"--curvature: got {self.curvature!r}; allowed: 'ggn', 'hessian'"
-            )
-        if self.bulk_noise not in ("trace", "curvature"):
-            raise PredictOptionError(
-                f"--bulk-noise: got {self.bulk_noise!r}; allowed: 'trace', 'curvature'"
-            )
-        if self.lr_grid not in ("sweep", "continuous"):
-            raise PredictOptionError(
-                f"--lr-grid: got {self.lr_grid!r}; allowed: 'sweep', 'continuous'"
-            )
-        if self.measure_at not in ("target", "init"):
-            raise PredictOptionError(
-                f"--measure-at: got {self.measure_at!r}; allowed: 'target', 'init'"
-            )
-        if self.noise_at not in ("target", "init"):
-            raise PredictOptionError(
-                f"--noise-at: got {self.noise_at!r}; allowed: 'target', 'init'"
-            )
+        for name, allowed in (
+            ("curvature", ("ggn", "hessian")),
+            ("bulk_noise", ("trace", "curvature")),
+            ("lr_grid", ("sweep", "continuous")),
+            ("measure_at", ("target", "init")),
+            ("noise_at", ("target", "init")),
+        ):
+            v = getattr(self, name)
+            if v not in allowed:
+                raise PredictOptionError(
+                    f"--{name.replace('_', '-')}: got {v!r}; allowed: "
+                    + ", ".join(repr(a) for a in allowed)
+                )
         if not 0 < self.floor < 1:
             raise PredictOptionError(f"--floor: got {self.floor!r}; allowed: 0 < floor < 1")
         if self.anchor is not None and self.anchor < 1:
