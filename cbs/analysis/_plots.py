@@ -209,18 +209,7 @@ def plot_steps_vs_batch(
             for v in (np.nanmin(fit.steps) if good.any() else np.nan, fit.s_min)
             if np.isfinite(v) and v > 0
         ]
-        if reference is not None and len(reference):
-            for rname, rg in reference.groupby("name"):
-                rg = rg.sort_values("batch_size")
-                ax.plot(
-                    rg["batch_size"].to_numpy(float) * scale,
-                    rg["steps"],
-                    "-",
-                    color="k",
-                    alpha=0.45,
-                    lw=1.0,
-                    label=f"reference: {rname}",
-                )
+        _plot_reference(ax, reference, scale, "-", alpha=0.45, lw=1.0, prefix="reference: ")
         _log_axes(ax)
         if floor and ax.get_yscale() == "log":
             ax.set_ylim(bottom=0.5 * min(floor))
@@ -496,17 +485,23 @@ def plot_schedules(
                 ms=4,
                 label=f"{label}: {what}",
             )
-    if reference is not None and len(reference):
-        for rname, rg in reference.groupby("name"):
-            rg = rg.sort_values("batch_size")
-            ax.plot(
-                rg["batch_size"].to_numpy(float) * scale,
-                rg["steps"],
-                ":",
-                color="k",
-                lw=1.2,
-                label=rname,
-            )
+    _plot_reference(ax, reference, scale, ":", lw=1.2)
     return _finish_single(
         fig, ax, path, unit, "steps to target", title or "constant LR vs optimized schedule"
     )
+
+
+def _plot_reference(ax, reference, scale, style, prefix="", **kwargs) -> None:
+    """Reference curves (e.g. the NQM lower bound), one black line per ``name``."""
+    if reference is None or not len(reference):
+        return
+    for rname, rg in reference.groupby("name"):
+        rg = rg.sort_values("batch_size")
+        ax.plot(
+            rg["batch_size"].to_numpy(float) * scale,
+            rg["steps"],
+            style,
+            color="k",
+            label=f"{prefix}{rname}",
+            **kwargs,
+        )
