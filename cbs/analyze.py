@@ -165,8 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from cbs.analysis import analyze_run, compare_runs, short_summary
-    from cbs.errors import AnalysisError, CbsError
+    from cbs.errors import (
+        CbsError,
+        describe_error,
+        exit_code,
+        one_line,
+        record_interrupts,
+        was_interrupted,
+    )
 
     options = dict(
         delta=args.delta,
@@ -184,62 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     plots = False if args.no_plots else None
     try:
-        if not 0 < args.ci < 1:
-            raise AnalysisError(f"--ci must be between 0 and 1; got {args.ci}")
-        scale_values = None
-        if args.scale_values:
-            try:
-                scale_values = [float(v) for v in args.scale_values.split(",")]
-            except ValueError:
-                raise AnalysisError(
-                    f"--scale-values must be comma-separated numbers; got {args.scale_values!r}"
-                ) from None
-        targets = None
-        if args.targets:
-            try:
-                targets = [float(v) for v in args.targets.split(",")]
-            except ValueError:
-                raise AnalysisError(
-                    f"--targets must be comma-separated numbers; got {args.targets!r}"
-                ) from None
-        if len(args.run_dirs) == 1 and not (args.scale_key or scale_values):
-            analysis = analyze_run(args.run_dirs[0], plots=plots, **options)
-            print(short_summary(analysis) if args.quiet else analysis.text)
-            if not args.quiet and analysis.files:
-                print("wrote " + ", ".join(str(f) for f in analysis.files))
-        else:
-            comp = compare_runs(
-                args.run_dirs,
-                out=args.out,
-                scale_key=args.scale_key,
-                scale_values=scale_values,
-                plots=plots,
-                **options,
-            )
-            for a in comp.runs:
-                print(short_summary(a) if args.quiet else a.text)
-            print(comp.text)
-            if comp.files:
-                print("wrote " + ", ".join(str(f) for f in comp.files))
-        if targets:
-            from cbs.analysis import analyze_targets
-
-            for run_dir in args.run_dirs:
-                sweep = analyze_targets(
-                    run_dir,
-                    targets,
-                    delta=args.delta,
-                    b0=args.b0,
-                    n_boot=args.bootstrap,
-                    tokens_per_example=args.tokens_per_example,
-                    unit=args.units,
-                    form=args.form,
-                    ci_level=args.ci,
-                    seed=args.seed,
-                    plots=not args.no_plots,
-                    write=not args.no_write,
-                )
-                print(sweep.text)
+        with record_interrupts():
+            return _analyze(parser, args, options, plots)
     except CbsError as e:  # AnalysisError, or a config error met while reading a run folder
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
@@ -250,12 +202,75 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI's contract is one line, never a traceback
+        if was_interrupted():  # a library turned our KeyboardInterrupt into another error
+            print(f"{parser.prog}: interrupted", file=sys.stderr)
+            return 130
         if os.environ.get("CBS_TRACEBACK"):
             raise
-        from cbs.sweep.__main__ import _describe_error, _exit_code, _one_line
+        print(f"{parser.prog}: error: {one_line(describe_error(e))}", file=sys.stderr)
+        return exit_code(e)
 
-        print(f"{parser.prog}: error: {_one_line(_describe_error(e))}", file=sys.stderr)
-        return _exit_code(e)
+
+def _analyze(parser, args, options, plots) -> int:
+    from cbs.analysis import analyze_run, compare_runs, short_summary
+    from cbs.errors import AnalysisError
+
+    if not 0 < args.ci < 1:
+        raise AnalysisError(f"--ci must be between 0 and 1; got {args.ci}")
+    scale_values = None
+    if args.scale_values:
+        try:
+            scale_values = [float(v) for v in args.scale_values.split(",")]
+        except ValueError:
+            raise AnalysisError(
+                f"--scale-values must be comma-separated numbers; got {args.scale_values!r}"
+            ) from None
+    targets = None
+    if args.targets:
+        try:
+            targets = [float(v) for v in args.targets.split(",")]
+        except ValueError:
+            raise AnalysisError(
+                f"--targets must be comma-separated numbers; got {args.targets!r}"
+            ) from None
+    if len(args.run_dirs) == 1 and not (args.scale_key or scale_values):
+        analysis = analyze_run(args.run_dirs[0], plots=plots, **options)
+        print(short_summary(analysis) if args.quiet else analysis.text)
+        if not args.quiet and analysis.files:
+            print("wrote " + ", ".join(str(f) for f in analysis.files))
+    else:
+        comp = compare_runs(
+            args.run_dirs,
+            out=args.out,
+            scale_key=args.scale_key,
+            scale_values=scale_values,
+            plots=plots,
+            **options,
+        )
+        for a in comp.runs:
+            print(short_summary(a) if args.quiet else a.text)
+        print(comp.text)
+        if comp.files:
+            print("wrote " + ", ".join(str(f) for f in comp.files))
+    if targets:
+        from cbs.analysis import analyze_targets
+
+        for run_dir in args.run_dirs:
+            sweep = analyze_targets(
+                run_dir,
+                targets,
+                delta=args.delta,
+                b0=args.b0,
+                n_boot=args.bootstrap,
+                tokens_per_example=args.tokens_per_example,
+                unit=args.units,
+                form=args.form,
+                ci_level=args.ci,
+                seed=args.seed,
+                plots=not args.no_plots,
+                write=not args.no_write,
+            )
+            print(sweep.text)
     return 0
 
 

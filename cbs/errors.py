@@ -10,13 +10,31 @@ print it as one line and exit with status 2 (no traceback). Errors that are not 
 
 Each also derives from the builtin it replaced (ValueError / RuntimeError), so code that
 caught those keeps working.
+
+The command lines share :func:`describe_error`, :func:`exit_code` and :func:`one_line` (how any
+exception becomes one line and a status) and :func:`record_interrupts` (Ctrl-C is reported as an
+interruption even when a library swallowed the ``KeyboardInterrupt`` and raised something else).
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["CbsError", "ConfigError", "AnalysisError", "RunFolderError"]
+__all__ = [
+    "CbsError",
+    "ConfigError",
+    "AnalysisError",
+    "RunFolderError",
+    "describe_error",
+    "exit_code",
+    "one_line",
+    "record_interrupts",
+    "was_interrupted",
+]
 
 
 class CbsError(Exception):
@@ -45,3 +63,65 @@ class AnalysisError(CbsError, ValueError):
 
 class RunFolderError(CbsError, RuntimeError):
     """The output folder holds a different sweep; we refuse to mix rows."""
+
+
+def one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def exit_code(e: BaseException) -> int:
+    """2 for what the user can fix (input, file system, missing package, memory), 1 for a bug."""
+    return 2 if isinstance(e, (CbsError, OSError, ImportError, MemoryError)) else 1
+
+
+def describe_error(e: BaseException) -> str:
+    """The one-line text a command line prints for ``e``."""
+    if isinstance(e, MemoryError):
+        return "out of memory (reduce the grid, the model or the batch sizes)"
+    if isinstance(e, OSError):
+        where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+        return (
+            f"file system error at{where}: {e.strerror or e}"
+            if where
+            else f"file system error: {e}"
+        )
+    if isinstance(e, ImportError):
+        return f"import failed: {e}"
+    if isinstance(e, CbsError):
+        return str(e)
+    return (
+        f"internal error ({type(e).__name__}: {e}); please report it, with the traceback from "
+        "CBS_TRACEBACK=1"
+    )
+
+
+_interrupted = threading.Event()
+
+
+def was_interrupted() -> bool:
+    """True once SIGINT arrived inside :func:`record_interrupts`."""
+    return _interrupted.is_set()
+
+
+@contextlib.contextmanager
+def record_interrupts() -> Iterator[None]:
+    """Remember that Ctrl-C arrived, then raise ``KeyboardInterrupt`` as Python would.
+
+    Why: a ``KeyboardInterrupt`` raised while JAX is tracing can be swallowed by a bare
+    ``except`` inside JAX, which then raises an unrelated ``Exception``; without the record the
+    CLI would call an interruption an internal error (exit 1 instead of 130).
+    """
+    _interrupted.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        _interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

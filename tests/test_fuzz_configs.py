@@ -315,6 +315,32 @@ def test_interrupt_during_analysis_is_one_line_exit_130(
     assert "interrupted" in err
 
 
+def test_interrupt_swallowed_by_a_library_is_still_exit_130(
+    tmp_path, capsys, monkeypatch, fake_backend
+):
+    # JAX's tracing has a bare `except: pass` that can eat a KeyboardInterrupt and then raise an
+    # unrelated Exception; the CLI must still report an interruption, not an internal error.
+    from conftest import fake_config
+
+    import cbs.analysis
+
+    def swallowing_library(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)
+        except:  # noqa: E722 - imitates the library
+            pass
+        raise Exception("couldn't apply typeof to args")
+
+    monkeypatch.setattr(cbs.analysis, "print_summary", swallowing_library)
+    path = tmp_path / "fake.yaml"
+    path.write_text(yaml.safe_dump(fake_config(tmp_path)))
+    rc = main([str(path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 130 and len(err.strip().splitlines()) == 1, err
+    assert "interrupted" in err and "internal error" not in err
+
+
 SUBPROCESS = [
     [
         "configs/train_digits_cpu.yaml",

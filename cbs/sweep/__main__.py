@@ -117,7 +117,9 @@ def _parser(full_help: bool) -> argparse.ArgumentParser:
 
 
 def _fail(msg: str, code: int = 2) -> int:
-    print(f"cbs.sweep: {_one_line(msg)}", file=sys.stderr)
+    from cbs.errors import one_line
+
+    print(f"cbs.sweep: {one_line(msg)}", file=sys.stderr)
     return code
 
 
@@ -190,57 +192,29 @@ def best_per_batch_size(run_dir) -> str:
     return "\n".join(lines)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status: 0 done, 2 bad input or a file-system problem
     (one line on stderr, before any compute when the config is at fault), 130 interrupted,
     1 an internal error (one line; CBS_TRACEBACK=1 shows the traceback)."""
+    from cbs.errors import describe_error, exit_code, record_interrupts, was_interrupted
+
+    interrupted = "interrupted; finished blocks are saved, run the same command again to resume"
     try:
-        return _main(argv)
+        with record_interrupts():
+            return _main(argv)
     except KeyboardInterrupt:
-        return _fail(
-            "interrupted; finished blocks are saved, run the same command again to resume", 130
-        )
+        return _fail(interrupted, 130)
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
     except SystemExit:
         raise
     except BaseException as e:  # noqa: BLE001 - the CLI's contract is one line, never a traceback
+        if was_interrupted():  # a library turned our KeyboardInterrupt into another error
+            return _fail(interrupted, 130)
         if os.environ.get("CBS_TRACEBACK"):
             raise
-        return _fail(_describe_error(e), _exit_code(e))
-
-
-def _exit_code(e: BaseException) -> int:
-    from cbs.errors import CbsError
-
-    return 2 if isinstance(e, (CbsError, OSError, ImportError, MemoryError)) else 1
-
-
-def _describe_error(e: BaseException) -> str:
-    if isinstance(e, MemoryError):
-        return "out of memory (reduce the grid, the model or the batch sizes)"
-    if isinstance(e, OSError):
-        where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
-        return (
-            f"file system error at{where}: {e.strerror or e}"
-            if where
-            else f"file system error: {e}"
-        )
-    if isinstance(e, ImportError):
-        return f"import failed: {e}"
-    from cbs.errors import CbsError
-
-    if isinstance(e, CbsError):
-        return str(e)
-    return (
-        f"internal error ({type(e).__name__}: {e}); please report it, with the traceback from "
-        "CBS_TRACEBACK=1"
-    )
+        return _fail(describe_error(e), exit_code(e))
 
 
 def _main(argv: list[str] | None) -> int:
