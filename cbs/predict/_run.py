@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import time
 from pathlib import Path
@@ -105,9 +106,14 @@ class Prediction:
     files: list[Path]
 
 
+@functools.lru_cache(maxsize=4)
 def _network(backend, seed: int, examples: int):
     """(apply, loss, flatten, x, y): the back end's model on flat float64 parameters, and the
-    measured examples (a seeded subsample of the training set)."""
+    measured examples (a seeded subsample of the training set).
+
+    Cached: apply and loss are static arguments of the jitted measurement, so the
+    measurements at theta_0 and theta_T share one compiled program only when they get the
+    same function objects (a compile is most of a measurement on small models)."""
     import jax
     from jax.flatten_util import ravel_pytree
 
