@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cbs.analysis._format import ci_text, format_number, jsonable_deep, md_table, text_table
+from cbs.analysis._format import (
+    format_number,
+    jsonable_deep,
+    md_table,
+    row_cells,
+    text_table,
+)
 from cbs.analysis._power_law import PowerLawFit, fit_power_law
 from cbs.analysis._report import RunAnalysis, analyze_run
 from cbs.analysis._tables import check_run_dir, read_run_config, read_run_manifest
@@ -128,14 +134,7 @@ def compare_runs(
             rows.append(
                 [name, r.run]
                 + ([format_number(r.scale)] if scales is not None else [])
-                + [
-                    format_number(r.s_min),
-                    format_number(r.b_crit),
-                    ci_text(r.b_crit_ci_low, r.b_crit_ci_high),
-                    format_number(r.b_star),
-                    format_number(r.knee),
-                    str(r.n_points),
-                ]
+                + row_cells(r, ("s_min", "b_crit", "b_crit_ci", "b_star", "knee", "n_points"))
             )
     unit = units.pop() if len(units) == 1 else "mixed units"
     lines = [

@@ -73,6 +73,22 @@ def _lr_edge_warnings(g: pd.DataFrame, unit_scale: float) -> list[str]:
     return out
 
 
+def fit_optimizers(label, names, steps, per_b, *, tpe, **fit_options):
+    """Each optimizer's fit and summary row (the run report and the per-target table).
+
+    ``fit_options``: the keyword arguments of :func:`_fit_optimizer` (``scale`` and
+    ``unit`` also label the row). Returns ({name: fit}, [row, ...]).
+    """
+    fits, rows = {}, []
+    for name in names:
+        fits[name] = fit = _fit_optimizer(name, steps, per_b, **fit_options)
+        mine = per_b[per_b["optimizer"] == name]
+        rows.append(
+            _summary_row(label, name, fit, fit_options["scale"], tpe, fit_options["unit"], mine)
+        )
+    return fits, rows
+
+
 def _fit_optimizer(
     name,
     steps_df,
@@ -347,27 +363,23 @@ def analyze_run(
         ]
         for name in names
     }
-    fits, rows = {}, []
-    for name in names:
-        fit = _fit_optimizer(
-            name,
-            steps,
-            per_b,
-            scale=scale,
-            unit=unit,
-            delta=delta,
-            b0=b0,
-            n_boot=n_boot,
-            seed=seed,
-            form=form,
-            ci_level=ci_level,
-            eval_every=1 if interpolated else eval_every,
-            uncertified=uncertified,
-        )
-        fits[name] = fit
-        rows.append(
-            _summary_row(label, name, fit, scale, tpe, unit, per_b[per_b["optimizer"] == name])
-        )
+    fits, rows = fit_optimizers(
+        label,
+        names,
+        steps,
+        per_b,
+        tpe=tpe,
+        scale=scale,
+        unit=unit,
+        delta=delta,
+        b0=b0,
+        n_boot=n_boot,
+        seed=seed,
+        form=form,
+        ci_level=ci_level,
+        eval_every=1 if interpolated else eval_every,
+        uncertified=uncertified,
+    )
     summary = pd.DataFrame(rows)
 
     options = dict(

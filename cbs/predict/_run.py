@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cbs.analysis._format import format_number
 from cbs.errors import CbsError
 from cbs.predict._calibrate import map_optimizer, nqm_from_measurement
 from cbs.predict._forecast import forecast
@@ -323,12 +324,6 @@ def _sweep_seconds(run_dir: Path) -> float:
         return float("nan")
 
 
-def _fmt(x, digits=3):
-    if x is None or not np.isfinite(x):
-        return "-"
-    return f"{x:.{digits}g}"
-
-
 def predict(
     cfg,
     options: PredictOptions = PredictOptions(),
@@ -570,8 +565,8 @@ def _text(table, summ, meas, cal, costs) -> str:
     )
     for r in table.itertuples():
         lines.append(
-            f"{r.optimizer:<12} {r.batch_size:>6} {_fmt(r.steps_forecast, 4):>11} "
-            f"{_fmt(r.steps_measured, 4):>11} {_fmt(r.lr_forecast):>12}"
+            f"{r.optimizer:<12} {r.batch_size:>6} {format_number(r.steps_forecast, 4):>11} "
+            f"{format_number(r.steps_measured, 4):>11} {format_number(r.lr_forecast, 3):>12}"
         )
     lines.append("")
     lines.append(
@@ -580,14 +575,14 @@ def _text(table, summ, meas, cal, costs) -> str:
     )
     for r in summ.itertuples():
         ci = (
-            f"{_fmt(r.b_crit_measured)} [{_fmt(r.b_crit_measured_lo)}, {_fmt(r.b_crit_measured_hi)}]"
+            f"{format_number(r.b_crit_measured, 3)} [{format_number(r.b_crit_measured_lo, 3)}, {format_number(r.b_crit_measured_hi, 3)}]"
             if np.isfinite(r.b_crit_measured)
             else "-"
         )
         lines.append(
-            f"{r.optimizer:<12} {_fmt(r.b_crit_forecast):>11} {ci:>24} {_fmt(r.ratio, 2):>6} "
-            f"{_fmt(r.b_simple):>9} {_fmt(r.b_simple_ratio, 2):>6} {_fmt(r.b_noise):>9} "
-            f"{_fmt(r.b_noise_ratio, 2):>6}  {r.mapping}"
+            f"{r.optimizer:<12} {format_number(r.b_crit_forecast, 3):>11} {ci:>24} {format_number(r.ratio, 2):>6} "
+            f"{format_number(r.b_simple, 3):>9} {format_number(r.b_simple_ratio, 2):>6} {format_number(r.b_noise, 3):>9} "
+            f"{format_number(r.b_noise_ratio, 2):>6}  {r.mapping}"
         )
     own = (
         costs["measure_s"]
@@ -597,7 +592,7 @@ def _text(table, summ, meas, cal, costs) -> str:
     sweep = costs["sweep_s"]
     cost = (
         f"cost: measurement {costs['measure_s']:.1f} s + anchor block "
-        f"{_fmt(costs['anchor_s'])} s ({costs['anchor_source']}) + forecast {costs['forecast_s']:.1f} s = "
+        f"{format_number(costs['anchor_s'], 3)} s ({costs['anchor_source']}) + forecast {costs['forecast_s']:.1f} s = "
         f"{own:.1f} s"
     )
     cost += (
@@ -670,7 +665,7 @@ def _plot(path: Path, table, summ) -> Path:
             g.steps_forecast,
             "-",
             color=col,
-            label=f"{name} forecast (B_crit {_fmt(s.b_crit_forecast)})",
+            label=f"{name} forecast (B_crit {format_number(s.b_crit_forecast, 3)})",
         )
         if g.steps_measured.notna().any():
             ax.plot(
@@ -678,7 +673,7 @@ def _plot(path: Path, table, summ) -> Path:
                 g.steps_measured,
                 "o",
                 color=col,
-                label=f"{name} measured (B_crit {_fmt(s.b_crit_measured)})",
+                label=f"{name} measured (B_crit {format_number(s.b_crit_measured, 3)})",
             )
         ax.axvline(s.b_simple, color="gray", ls=":", lw=1)
     ax.set_xscale("log", base=2)

@@ -44,6 +44,15 @@ _L2 = HParamSpec(0.0, "L2 weight decay added to the gradient (coupled)", ge=0)
 _MOM = HParamSpec(0.9, "momentum coefficient", ge=0, lt=1)
 
 
+def _adam_moments(b1: float = 0.9, b2: float = 0.999) -> dict[str, HParamSpec]:
+    """b1, b2, eps of the Adam family (Adam, AdamW, SOAP), with the kind's defaults."""
+    return dict(
+        b1=HParamSpec(b1, "first-moment decay", ge=0, lt=1),
+        b2=HParamSpec(b2, "second-moment decay", ge=0, lt=1),
+        eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
+    )
+
+
 def _sgd(lr, hp, momentum=False, nesterov=False):
     # Coupled L2: the decay term goes through momentum, as in classic SGD + weight decay.
     return optax.chain(
@@ -231,20 +240,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     ),
     "adam": OptimizerSpec(
         "Adam (optax.adam)",
-        dict(
-            b1=HParamSpec(0.9, "first-moment decay", ge=0, lt=1),
-            b2=HParamSpec(0.999, "second-moment decay", ge=0, lt=1),
-            eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
-            ema_decay=_EMA,
-        ),
+        dict(**_adam_moments(), ema_decay=_EMA),
         example_lr=0.01,
     ),
     "adamw": OptimizerSpec(
         "AdamW (optax.adamw), decoupled weight decay",
         dict(
-            b1=HParamSpec(0.9, "first-moment decay", ge=0, lt=1),
-            b2=HParamSpec(0.999, "second-moment decay", ge=0, lt=1),
-            eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
+            **_adam_moments(),
             weight_decay=HParamSpec(1e-4, "decoupled weight decay (times the LR)", ge=0),
             ema_decay=_EMA,
         ),
@@ -296,9 +298,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "soap": OptimizerSpec(
         "SOAP (cbs.train.soap): Adam in Shampoo's eigenbasis",
         dict(
-            b1=HParamSpec(0.95, "first-moment decay", ge=0, lt=1),
-            b2=HParamSpec(0.95, "second-moment decay", ge=0, lt=1),
-            eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
+            **_adam_moments(b1=0.95, b2=0.95),
             weight_decay=_WD,
             ema_decay=_EMA,
         ),
