@@ -200,6 +200,8 @@ def analyze_targets(
         steps = steps_table(res, None, use_tuned=False)
         per_b = per_batch_table(steps)
         early = res.groupby("optimizer")["curve_ended_early"].sum()
+        # (the same fit options analyze_run forwards: both are public functions that take
+        # them by name, so the keyword list is written in each)
         fits[target], target_rows = fit_optimizers(
             label,
             dict.fromkeys(steps["optimizer"]),

@@ -154,16 +154,15 @@ def measure_network(backend, seed: int, options: PredictOptions):
         flatten(backend.problem.init_params(seed)),
         x,
         y,
-        top_k=options.top_k,
-        lanczos_iters=options.lanczos_iters,
-        slq_probes=options.slq_probes,
-        slq_iters=options.slq_iters,
-        noise_examples=options.noise_examples,
-        chunk=options.chunk,
-        curvature=options.curvature,
-        seed=seed,
-        max_memory_mb=options.max_memory_mb,
+        **_measure_settings(options, seed),
     )
+
+
+def _measure_settings(options: PredictOptions, seed: int) -> dict:
+    """The settings of cbs.train.spectrum.measure that PredictOptions carries."""
+    names = ("top_k", "lanczos_iters", "slq_probes", "slq_iters", "noise_examples", "chunk")
+    names += ("curvature", "max_memory_mb")
+    return dict({k: getattr(options, k) for k in names}, seed=seed)
 
 
 def _train_to(backend, entry, hp: dict, lr: float, batch: int, steps: int, seed: int):
@@ -208,15 +207,7 @@ def measure_at_target(backend, entry, hp, lr, batch, steps, seed, options: Predi
         theta_t,
         x,
         y,
-        top_k=options.top_k,
-        lanczos_iters=options.lanczos_iters,
-        slq_probes=options.slq_probes,
-        slq_iters=options.slq_iters,
-        noise_examples=options.noise_examples,
-        chunk=options.chunk,
-        curvature=options.curvature,
-        seed=seed,
-        max_memory_mb=options.max_memory_mb,
+        **_measure_settings(options, seed),
         displacement=np.asarray(theta_0 - theta_t),
     )
 
@@ -396,33 +387,16 @@ def predict(
             t_noise = time.perf_counter()
             steps_t = int(np.ceil(row["steps"]))
             where = f"{e.label} at B={anchor} after {steps_t} steps"
+            # the anchor's best cell, trained to the target: (hparams, lr, B, steps, seed, options)
+            anchor_cell = (_hparams(e, row), float(row["best_lr"]), anchor, steps_t, seed, options)
             if options.measure_at == "target" and target_measurement is not None:
                 noise_meas = target_measurement
                 noise_from = f"everything measured at the target ({where})"
             elif options.measure_at == "target":
-                noise_meas = measure_at_target(
-                    backend,
-                    e,
-                    _hparams(e, row),
-                    float(row["best_lr"]),
-                    anchor,
-                    steps_t,
-                    seed,
-                    options,
-                )
+                noise_meas = measure_at_target(backend, e, *anchor_cell)
                 noise_from = f"everything measured at the target ({where})"
             else:
-                noise_meas = noise_at_target(
-                    backend,
-                    meas,
-                    e,
-                    _hparams(e, row),
-                    float(row["best_lr"]),
-                    anchor,
-                    steps_t,
-                    seed,
-                    options,
-                )
+                noise_meas = noise_at_target(backend, meas, e, *anchor_cell)
                 noise_from = f"noise measured at the target ({where})"
             noise_seconds = time.perf_counter() - t_noise
             log(
