@@ -38,20 +38,25 @@ class FakeBackend(Backend):
                 "target.value", config.target.value, "allowed: > 0 (the loss is positive)"
             )
 
+    def steps_of(self, c) -> tuple[float, bool]:
+        """(steps to target, diverged) of a cell: the back end's law (subclasses change it)."""
+        s = (
+            self.config.section.scale
+            * (100 + 1000 / c.batch_size)
+            / c.lr**0.1
+            * (1 - c.hparams.get("momentum", 0) / 2)
+        )
+        return s, c.lr > 10
+
     def run_blocks(self, blocks):
-        FakeBackend.calls.append([b.block_id for b in blocks])
+        type(self).calls.append([b.block_id for b in blocks])
         out = []
+        budget = self.config.budget.max_steps
         for b in blocks:
             recs = []
             for c in b.cells:
-                s = (
-                    self.config.section.scale
-                    * (100 + 1000 / c.batch_size)
-                    / c.lr**0.1
-                    * (1 - c.hparams.get("momentum", 0) / 2)
-                )
-                diverged = c.lr > 10
-                reached = not diverged and s <= self.config.budget.max_steps
+                s, diverged = self.steps_of(c)
+                reached = not diverged and s <= budget
                 recs.append(
                     CellResult(
                         c.cell_id,
@@ -60,7 +65,7 @@ class FakeBackend(Backend):
                         math.ceil(s) if reached else math.nan,
                         math.nan if diverged else 0.5,
                         0.4,
-                        self.config.budget.max_steps,
+                        budget,
                     )
                 )
             out.append(BlockResult(recs))
