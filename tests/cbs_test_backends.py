@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 
 import numpy as np
@@ -84,3 +85,17 @@ class SlowBackend(FakeBackend):
     def run_blocks(self, blocks):
         time.sleep(0.1)
         return super().run_blocks(blocks)
+
+
+def sweep_command(cfg_path, out, *extra) -> list[str]:
+    """``python -m cbs.sweep CONFIG output.dir=OUT`` quietly (no progress, no analysis)."""
+    return [
+        sys.executable,
+        "-m",
+        "cbs.sweep",
+        str(cfg_path),
+        f"output.dir={out}",
+        "--no-progress",
+        "--no-analysis",
+        *extra,
+    ]

@@ -12,6 +12,7 @@ import time
 import pandas as pd
 import pytest
 import yaml
+from cbs_test_backends import sweep_command
 from conftest import fake_config
 
 from cbs.store import RunStore, read_sessions
@@ -39,17 +40,7 @@ def _slow_config(tmp_path, n_batch=10):
     return path
 
 
-def _cmd(cfg_path, out, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "cbs.sweep",
-        str(cfg_path),
-        f"output.dir={out}",
-        "--no-progress",
-        "--no-analysis",
-        *extra,
-    ]
+_cmd = sweep_command
 
 
 def _table(out):
