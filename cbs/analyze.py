@@ -211,28 +211,26 @@ def main(argv: list[str] | None = None) -> int:
         return exit_code(e)
 
 
+def _numbers(flag: str, text: str | None) -> list[float] | None:
+    """The comma-separated numbers of a flag (None when not given)."""
+    from cbs.errors import AnalysisError
+
+    if not text:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise AnalysisError(f"{flag} must be comma-separated numbers; got {text!r}") from None
+
+
 def _analyze(parser, args, options, plots) -> int:
     from cbs.analysis import analyze_run, compare_runs, short_summary
     from cbs.errors import AnalysisError
 
     if not 0 < args.ci < 1:
         raise AnalysisError(f"--ci must be between 0 and 1; got {args.ci}")
-    scale_values = None
-    if args.scale_values:
-        try:
-            scale_values = [float(v) for v in args.scale_values.split(",")]
-        except ValueError:
-            raise AnalysisError(
-                f"--scale-values must be comma-separated numbers; got {args.scale_values!r}"
-            ) from None
-    targets = None
-    if args.targets:
-        try:
-            targets = [float(v) for v in args.targets.split(",")]
-        except ValueError:
-            raise AnalysisError(
-                f"--targets must be comma-separated numbers; got {args.targets!r}"
-            ) from None
+    scale_values = _numbers("--scale-values", args.scale_values)
+    targets = _numbers("--targets", args.targets)
     if len(args.run_dirs) == 1 and not (args.scale_key or scale_values):
         analysis = analyze_run(args.run_dirs[0], plots=plots, **options)
         print(short_summary(analysis) if args.quiet else analysis.text)
@@ -256,19 +254,14 @@ def _analyze(parser, args, options, plots) -> int:
         from cbs.analysis import analyze_targets
 
         for run_dir in args.run_dirs:
+            # the run's fit options; analyze_targets reads steps off the curves itself
+            # (no tuned LRs, its own interpolation, no certification flags)
+            shared = ("delta", "b0", "n_boot", "tokens_per_example", "unit", "form", "ci_level")
             sweep = analyze_targets(
                 run_dir,
                 targets,
-                delta=args.delta,
-                b0=args.b0,
-                n_boot=args.bootstrap,
-                tokens_per_example=args.tokens_per_example,
-                unit=args.units,
-                form=args.form,
-                ci_level=args.ci,
-                seed=args.seed,
                 plots=not args.no_plots,
-                write=not args.no_write,
+                **{k: options[k] for k in (*shared, "seed", "write")},
             )
             print(sweep.text)
     return 0

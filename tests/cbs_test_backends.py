@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 
 import numpy as np
@@ -38,20 +39,25 @@ class FakeBackend(Backend):
                 "target.value", config.target.value, "allowed: > 0 (the loss is positive)"
             )
 
+    def steps_of(self, c) -> tuple[float, bool]:
+        """(steps to target, diverged) of a cell: the back end's law (subclasses change it)."""
+        s = (
+            self.config.section.scale
+            * (100 + 1000 / c.batch_size)
+            / c.lr**0.1
+            * (1 - c.hparams.get("momentum", 0) / 2)
+        )
+        return s, c.lr > 10
+
     def run_blocks(self, blocks):
-        FakeBackend.calls.append([b.block_id for b in blocks])
+        type(self).calls.append([b.block_id for b in blocks])
         out = []
+        budget = self.config.budget.max_steps
         for b in blocks:
             recs = []
             for c in b.cells:
-                s = (
-                    self.config.section.scale
-                    * (100 + 1000 / c.batch_size)
-                    / c.lr**0.1
-                    * (1 - c.hparams.get("momentum", 0) / 2)
-                )
-                diverged = c.lr > 10
-                reached = not diverged and s <= self.config.budget.max_steps
+                s, diverged = self.steps_of(c)
+                reached = not diverged and s <= budget
                 recs.append(
                     CellResult(
                         c.cell_id,
@@ -60,7 +66,7 @@ class FakeBackend(Backend):
                         math.ceil(s) if reached else math.nan,
                         math.nan if diverged else 0.5,
                         0.4,
-                        self.config.budget.max_steps,
+                        budget,
                     )
                 )
             out.append(BlockResult(recs))
@@ -79,3 +85,17 @@ class SlowBackend(FakeBackend):
     def run_blocks(self, blocks):
         time.sleep(0.1)
         return super().run_blocks(blocks)
+
+
+def sweep_command(cfg_path, out, *extra) -> list[str]:
+    """``python -m cbs.sweep CONFIG output.dir=OUT`` quietly (no progress, no analysis)."""
+    return [
+        sys.executable,
+        "-m",
+        "cbs.sweep",
+        str(cfg_path),
+        f"output.dir={out}",
+        "--no-progress",
+        "--no-analysis",
+        *extra,
+    ]

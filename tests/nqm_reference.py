@@ -48,3 +48,25 @@ def risk_by_recurrence(
         S = A @ S @ np.swapaxes(A, 1, 2) + n[:, None, None] * b[:, :, None] * b[:, None, :]
         out.append(np.sum(w * np.einsum("i,bij,j->b", c, S, c)))
     return np.array(out)
+
+
+def problem_risk(problem, kind, lr, beta, gamma, power, batch_per_step, lr_per_step=None):
+    """:func:`risk_by_recurrence` on an NQMProblem's spectrum, noise, start and multiplicities."""
+    return risk_by_recurrence(
+        problem.h,
+        problem.c,
+        problem.m0,
+        problem.count,
+        kind,
+        lr,
+        beta,
+        gamma,
+        power,
+        batch_per_step,
+        lr_per_step,
+    )
+
+
+def constant_batch_risk(problem, kind, lr, beta, gamma, power, B, T):
+    """:func:`problem_risk` at batch size B for T steps: the risk at steps 0..T."""
+    return problem_risk(problem, kind, lr, beta, gamma, power, np.full(T, float(B)))

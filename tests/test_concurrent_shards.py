@@ -12,6 +12,7 @@ import time
 import pandas as pd
 import pytest
 import yaml
+from cbs_test_backends import sweep_command
 from conftest import fake_config
 
 from cbs.store import RunStore, read_sessions
@@ -39,17 +40,7 @@ def _slow_config(tmp_path, n_batch=10):
     return path
 
 
-def _cmd(cfg_path, out, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "cbs.sweep",
-        str(cfg_path),
-        f"output.dir={out}",
-        "--no-progress",
-        "--no-analysis",
-        *extra,
-    ]
+_cmd = sweep_command
 
 
 def _table(out):
@@ -222,3 +213,33 @@ def test_shards_follow_the_costs_frozen_in_the_manifest(fake_backend, tmp_path):
     assert (
         "heavy__B16" in mine and "plain__B16" not in mine
     )  # the two largest go to different shards
+
+
+def test_train_cost_estimate_counts_the_per_cell_overhead_and_the_compute():
+    # Compile-bound CPU blocks take about the same time whatever their batch size; an estimate
+    # proportional to FLOPs alone put B = 1024 at ~50x B = 8 and unbalanced 8 shards (1.5-1.7).
+    from cbs.sweep.backend import get_backend
+    from cbs.sweep.runner import plan
+
+    cfg = load_config(
+        {
+            "name": "cost",
+            "backend": "train",
+            "grid": {
+                "batch_sizes": [8, 1024],
+                "learning_rates": [0.1, 0.3],
+                "seeds": [0],
+                "optimizers": [{"kind": "sgd"}, {"kind": "kfac"}],
+            },
+            "target": {"metric": "val_loss", "value": 0.05},
+            "budget": {"max_steps": 300, "eval_every": 10},
+            "train": {"dataset": "digits", "model": "mlp", "width": 32, "depth": 1},
+        }
+    )
+    backend = get_backend(cfg.backend)(cfg)
+    cost = {(b.kind, b.batch_size): backend.block_cost(b) for b in plan(cfg)}
+    assert all(c > 0 for c in cost.values())
+    assert cost[("sgd", 8)] < cost[("sgd", 1024)] < 10 * cost[("sgd", 8)]
+    assert cost[("sgd", 1024)] < cost[("kfac", 1024)]  # K-FAC's curvature work on top
+    overhead_s, _ = backend.NOMINAL_COST["cpu"]
+    assert cost[("sgd", 8)] > 2 * overhead_s  # two cells, each overhead + compute

@@ -100,9 +100,12 @@ def test_train_blocks_split_by_a_small_memory_budget_give_the_same_records(monke
     b = pd.read_parquet(split.out_dir / "results.parquet")
     assert list(a.cell_id) == list(b.cell_id)
     np.testing.assert_array_equal(a.reached, b.reached)
-    np.testing.assert_allclose(a.steps_to_target, b.steps_to_target, rtol=1e-3)
-    # (final_metric is read where the cell stopped training, which depends on when its block
-    # stopped, so it is not compared.)
+    np.testing.assert_array_equal(a.steps_to_target, b.steps_to_target)
+    np.testing.assert_array_equal(a.steps_run, b.steps_run)
+    # The metrics agree to float32 rounding only: XLA reduces a vmapped batch of width 3 and of
+    # width 1 in different orders (measured: relative differences up to ~2e-6).
+    np.testing.assert_allclose(a.final_metric, b.final_metric, rtol=1e-4)
+    np.testing.assert_allclose(a.best_metric, b.best_metric, rtol=1e-4)
 
 
 def test_split_block_keeps_order_and_ids(fake_backend, tmp_path):

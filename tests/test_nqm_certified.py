@@ -4,25 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from nqm_reference import risk_by_recurrence
+from nqm_reference import constant_batch_risk as _brute
+from nqm_reference import problem_risk
 
 from cbs import nqm
 from cbs.nqm import _crossing, _moments
-
-
-def _brute(problem, kind, lr, beta, gamma, power, B, T):
-    return risk_by_recurrence(
-        problem.h,
-        problem.c,
-        problem.m0,
-        problem.count,
-        kind,
-        lr,
-        beta,
-        gamma,
-        power,
-        np.full(T, float(B)),
-    )
 
 
 def test_early_dip_far_before_the_bisection_crossing_is_found():
@@ -279,11 +265,8 @@ def test_certified_answers_equal_brute_force_with_schedules(kind):
         )
         for i in range(n):
             for j, B in enumerate(bs):
-                r = risk_by_recurrence(
-                    problem.h,
-                    problem.c,
-                    problem.m0,
-                    problem.count,
+                r = problem_risk(
+                    problem,
                     kind,
                     lr[i],
                     0.0 if kind == "sgd" else beta[i],
@@ -317,11 +300,8 @@ def test_early_dip_in_a_later_phase_is_found():
     kind, lr, beta, B, T = "momentum", 0.5, 0.95, 1e6, 400
     phases = nqm.Phases(np.array([6, 1], np.int64), np.array([0.02, 1.0]), np.array([1.0, 1.0]))
     lr_m = np.repeat(phases.lr_mult, [6, T - 6])
-    r = risk_by_recurrence(
-        problem.h,
-        problem.c,
-        problem.m0,
-        problem.count,
+    r = problem_risk(
+        problem,
         kind,
         lr,
         beta,

@@ -4,27 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from nqm_reference import risk_by_recurrence
+from nqm_reference import constant_batch_risk as _brute
 
 from cbs import nqm
 
 PROBLEM = nqm.harmonic_problem(30)
-
-
-def _brute(problem, kind, lr, beta, gamma, power, B, T):
-    r = risk_by_recurrence(
-        problem.h,
-        problem.c,
-        problem.m0,
-        problem.count,
-        kind,
-        lr,
-        beta,
-        gamma,
-        power,
-        np.full(T, float(B)),
-    )
-    return r
 
 
 def _first_below(r, target):

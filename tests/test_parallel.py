@@ -18,7 +18,10 @@ def test_sharded_cells_match_single_device():
         f = jax.jit(jax.vmap(lambda lr, x: jnp.sum(jnp.sin(lr * x) ** 2)))
         x = np.random.default_rng(0).normal(size=(7, 33))
         lr_s, x_s = shard_cells((lrs, x), 7)
+        # padded to 8 lanes, 2 per device (not replicated: each device holds its own lanes)
         assert lr_s.shape == (8,) and len(lr_s.sharding.device_set) == 4
+        assert lr_s.sharding.shard_shape(lr_s.shape) == (2,), lr_s.sharding
+        assert x_s.sharding.shard_shape(x_s.shape) == (2, 33), x_s.sharding
         got = unpad(f(lr_s, x_s), 7)
         want = np.array([np.sum(np.sin(l * xi) ** 2) for l, xi in zip(lrs, x)])
         np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -43,11 +46,15 @@ def test_train_block_sharded_over_devices_matches_one_device():
         import cbs.train.loop as loop
         from cbs.train.backend import TrainBackend
         from cbs.train.direct import make_block, make_config
-        # record how many devices each array the block hands to its compiled program spans
+        # record, for each array the block hands to its compiled program, how many devices
+        # it spans and what fraction of its lanes each device holds (1 = replicated)
         placed, shard = [], loop.shard_cells
         def recording(tree, n):
             out = shard(tree, n)
-            placed.extend(len(x.sharding.device_set) for x in jax.tree.leaves(out))
+            placed.extend(
+                (len(x.sharding.device_set), x.sharding.shard_shape(x.shape)[0] / x.shape[0])
+                for x in jax.tree.leaves(out)
+            )
             return out
         loop.shard_cells = recording
         cfg = make_config(dict(dataset="digits", model="mlp", width=16, depth=1), value=1e-3,
@@ -69,9 +76,10 @@ def test_train_block_sharded_over_devices_matches_one_device():
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    # the block really was spread: every per-cell array it placed spans all 4 devices
-    # (on one device nothing needs placing, or it lands on the one device)
-    assert outs[0]["devices"] in ([], [1]) and outs[1]["devices"] == [4], [
+    # the block really was split: every per-cell array it placed spans all 4 devices, each
+    # holding a quarter of the lanes (on one device nothing needs placing, or it lands whole
+    # on the one device)
+    assert outs[0]["devices"] in ([], [[1, 1.0]]) and outs[1]["devices"] == [[4, 0.25]], [
         o["devices"] for o in outs
     ]
     assert len(outs[0]["val_loss"]) == 6 * 4

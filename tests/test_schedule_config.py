@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from cbs.errors import ConfigError
-from cbs.sweep.config import load_config
+from cbs.sweep.config import Schedule, load_config
 
 
 def _cfg(schedule):
@@ -80,3 +81,32 @@ def test_key_foreign_to_the_kind_is_rejected(schedule, path):
 )
 def test_each_kind_accepts_its_own_keys(schedule):
     load_config(_cfg(schedule))
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        Schedule(kind="constant", warmup_steps=7),
+        Schedule(kind="cosine", warmup_steps=5, horizon=60, final_lr_fraction=0.1),
+        Schedule(kind="cosine", warmup_steps=5),  # default horizon: the rest of the budget
+        Schedule(kind="linear_decay", warmup_steps=3, horizon=40),
+        Schedule(kind="step", warmup_steps=4, boundaries=[10, 30], decay_factor=0.5),
+        Schedule(kind="piecewise", warmup_steps=6, pieces=[[20, 1.0], [15, 0.3], [1, 0.1]]),
+    ],
+    ids=lambda s: f"{s.kind}-w{s.warmup_steps}-h{s.horizon}",
+)
+def test_train_and_nqm_schedules_are_one_definition(schedule):
+    """The train back end's LR multiplier equals the NQM back end's phases at every step
+    (warm-up, then boundaries / pieces / horizon counted after it)."""
+    from cbs.nqm._schedules import schedule_phases
+    from cbs.train.optimizers import schedule_fn
+
+    T = 100
+    phases, exact = schedule_phases(schedule, T)
+    assert exact
+    lengths = phases.steps.copy()
+    lengths[-1] = max(T - lengths[:-1].sum(), 0)  # the last phase lasts to the end
+    nqm = np.repeat(phases.lr_mult, lengths)[:T]
+    m = schedule_fn(schedule, T)
+    train = np.array([float(m(t)) for t in range(T)])
+    np.testing.assert_allclose(train, nqm, rtol=2e-6, atol=1e-7)

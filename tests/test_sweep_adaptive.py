@@ -11,7 +11,6 @@ from cbs_test_backends import FakeBackend
 
 from cbs.store import read_table
 from cbs.sweep import backend as backend_mod
-from cbs.sweep.backend import BlockResult, CellResult
 from cbs.sweep.config import load_config
 from cbs.sweep.runner import run_sweep
 
@@ -23,29 +22,9 @@ class BowlBackend(FakeBackend):
     name = "bowl"
     adaptive_default = True
 
-    def run_blocks(self, blocks):
-        BowlBackend.calls.append([b.block_id for b in blocks])
-        out = []
-        for b in blocks:
-            recs = []
-            for c in b.cells:
-                opt = self.config.section.scale * (1 + 0.01 * c.seed)
-                s = 100 * (1 + math.log10(c.lr / opt) ** 2)
-                diverged = c.lr > 50 * self.config.section.scale
-                reached = not diverged and s <= self.config.budget.max_steps
-                recs.append(
-                    CellResult(
-                        c.cell_id,
-                        reached,
-                        diverged,
-                        math.ceil(s) if reached else math.nan,
-                        math.nan if diverged else 0.5,
-                        0.4,
-                        self.config.budget.max_steps,
-                    )
-                )
-            out.append(BlockResult(recs))
-        return out
+    def steps_of(self, c):
+        opt = self.config.section.scale * (1 + 0.01 * c.seed)
+        return 100 * (1 + math.log10(c.lr / opt) ** 2), c.lr > 50 * self.config.section.scale
 
 
 def config(tmp_path, scale, adaptive=None):

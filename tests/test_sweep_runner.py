@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from cbs_test_backends import FakeBackend
+from cbs_test_backends import FakeBackend, sweep_command
 from conftest import fake_config
 
 from cbs.store import RunStore, read_table
@@ -86,7 +86,6 @@ def test_sigkill_mid_sweep_then_resume_gives_the_uninterrupted_table(tmp_path):
     import os
     import signal
     import subprocess
-    import sys
     import time
 
     import yaml
@@ -103,15 +102,7 @@ def test_sigkill_mid_sweep_then_resume_gives_the_uninterrupted_table(tmp_path):
     cfg_path.write_text(yaml.safe_dump(raw))
 
     def sweep(out):
-        return [
-            sys.executable,
-            "-m",
-            "cbs.sweep",
-            str(cfg_path),
-            f"output.dir={out}",
-            "--no-progress",
-            "--no-analysis",
-        ]
+        return sweep_command(cfg_path, out)
 
     subprocess.run(sweep(tmp_path / "whole"), env=env, check=True, capture_output=True, timeout=300)
     proc = subprocess.Popen(

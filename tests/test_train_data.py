@@ -58,18 +58,24 @@ def test_index_stream_depends_only_on_seed():
 
 
 def test_schedules():
+    # values written out from the definition in cbs.sweep.config.Schedule: warm-up (t+1)/w,
+    # then the kind's clock s = t - w; decays at s + 0.5, final_lr_fraction from s = horizon
     m = schedule_fn(Schedule(kind="constant", warmup_steps=4), 100)
     assert [float(m(t)) for t in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
     m = schedule_fn(Schedule(kind="cosine", final_lr_fraction=0.1), 100)
-    assert float(m(0)) == pytest.approx(1.0) and float(m(100)) == pytest.approx(0.1)
-    assert float(m(50)) == pytest.approx(0.55, abs=1e-3)
-    m = schedule_fn(Schedule(kind="linear_decay", warmup_steps=10, horizon=110), 1000)
-    assert (
-        float(m(9)) == pytest.approx(1.0)
-        and float(m(60)) == pytest.approx(0.5)
-        and float(m(200)) == 0.0
+    cos = lambda s: 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (s + 0.5) / 100))  # noqa: E731
+    assert [float(m(t)) for t in (0, 50, 99, 100, 500)] == pytest.approx(
+        [cos(0), cos(50), cos(99), 0.1, 0.1], rel=1e-6
     )
+    m = schedule_fn(Schedule(kind="linear_decay", warmup_steps=10, horizon=100), 1000)
+    assert [float(m(t)) for t in (0, 9, 10, 60, 109, 110, 500)] == pytest.approx(
+        [0.1, 1.0, 1 - 0.5 / 100, 1 - 50.5 / 100, 1 - 99.5 / 100, 0.0, 0.0], abs=1e-6
+    )
+    m = schedule_fn(Schedule(kind="cosine", warmup_steps=10), 110)  # default horizon 110 - 10
+    assert float(m(109)) == pytest.approx(0.5 * (1 + np.cos(np.pi * 99.5 / 100)), abs=1e-6)
     m = schedule_fn(Schedule(kind="step", boundaries=[10, 20], decay_factor=0.5), 100)
     assert [float(m(t)) for t in (9, 10, 19, 20)] == pytest.approx([1.0, 0.5, 0.5, 0.25])
+    m = schedule_fn(Schedule(kind="step", warmup_steps=2, boundaries=[10], decay_factor=0.5), 100)
+    assert [float(m(t)) for t in (0, 1, 11, 12)] == pytest.approx([0.5, 1.0, 1.0, 0.5])
     m = schedule_fn(Schedule(kind="piecewise", pieces=[[5, 1.0], [5, 0.3], [1, 0.1]]), 100)
     assert [float(m(t)) for t in (4, 5, 9, 10, 500)] == pytest.approx([1.0, 0.3, 0.3, 0.1, 0.1])

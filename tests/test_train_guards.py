@@ -103,21 +103,44 @@ def test_nqm_grid_compiles_once_per_shape():
     assert compiles == []
 
 
-def test_compaction_auto_changes_no_record():
-    """compact: auto (drop finished cells when it pays) gives every cell the record it gets
-    without compaction, whatever it decides."""
+def _run_recording_widths(block, **train):
+    """Run ``block`` on TINY with these train options; also return the vmap width of every
+    call of the block program (compaction narrows it)."""
     kw = dict(metric="val_loss", value=1.2, max_steps=200, eval_every=10)
+    backend = TrainBackend(make_config(dict(TINY, **train), **kw))
+    run = backend._run_for(block.kind, block.schedule)
+    call, widths = run.call, []
+    run.call = lambda state, lr, *a: (widths.append(lr.shape[0]), call(state, lr, *a))[1]
+    return backend.run_blocks([block])[0], widths, backend
+
+
+def test_compaction_auto_follows_the_cost_model_and_changes_no_record(monkeypatch):
+    """compact: auto narrows the vmap exactly when the cost model says it pays, asking it
+    with the block's real numbers (lanes dropped, calls left, examples, parameters), and
+    every cell's record is the one it gets without compaction."""
+    import cbs.train.loop as loop
+
     block = make_block("sgd", 32, [0.003, 0.01, 0.3, 0.5, 1.0, 0.03, 0.1, 0.2], seeds=(0,))
-    auto = TrainBackend(
-        make_config(dict(TINY, steps_per_call=20, compact="auto"), **kw)
-    ).run_blocks([block])[0]
-    plain = TrainBackend(
-        make_config(dict(TINY, steps_per_call=20, compact="never"), **kw)
-    ).run_blocks([block])[0]
+    results, widths, asked = {}, {}, {}
+    for pays in (True, False):
+        asked[pays] = []
+        monkeypatch.setattr(
+            loop, "compaction_pays", lambda *a, _asked=asked[pays], _p=pays: _asked.append(a) or _p
+        )
+        results[pays], widths[pays], backend = _run_recording_widths(
+            block, steps_per_call=20, compact="auto"
+        )
+    assert min(widths[True]) < 8 and set(widths[False]) == {8}, widths
+    num_params = sum(x.size for x in jax.tree.leaves(backend.problem.init_params(0)))
+    calls_left = [a[1] for a in asked[False]]  # asked after every call of 20 steps
+    assert calls_left == list(range(9, 9 - len(calls_left), -1)), calls_left
+    assert any(a[0] > 0 for a in asked[False])  # lanes it could drop
+    assert {(a[2], a[4]) for a in asked[False]} == {(20 * 32, num_params)}
+    compacted, plain = results[True], results[False]
     assert any(r.reached for r in plain.cells) and not all(r.reached for r in plain.cells)
-    for a, b in zip(auto.cells, plain.cells):
-        assert (a.reached, a.diverged) == (b.reached, b.diverged)
+    for a, b in zip(compacted.cells, plain.cells):
+        assert (a.reached, a.diverged, a.steps_run) == (b.reached, b.diverged, b.steps_run)
         np.testing.assert_equal(a.steps_to_target, b.steps_to_target)
-        ca = auto.curves[auto.curves.cell_id == a.cell_id].sort_values("step").val_loss.to_numpy()
-        cb = plain.curves[plain.curves.cell_id == b.cell_id].sort_values("step").val_loss.to_numpy()
-        np.testing.assert_allclose(ca, cb[: len(ca)], rtol=1e-6)
+        ca = compacted.curves[compacted.curves.cell_id == a.cell_id].sort_values("step")
+        cb = plain.curves[plain.curves.cell_id == b.cell_id].sort_values("step")
+        np.testing.assert_allclose(ca.val_loss.to_numpy(), cb.val_loss.to_numpy(), rtol=1e-6)

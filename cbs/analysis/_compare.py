@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cbs.analysis._format import ci_text, format_number, jsonable_deep, md_table, text_table
+from cbs.analysis._format import (
+    format_number,
+    jsonable_deep,
+    md_table,
+    row_cells,
+    text_table,
+)
 from cbs.analysis._power_law import PowerLawFit, fit_power_law
 from cbs.analysis._report import RunAnalysis, analyze_run
 from cbs.analysis._tables import check_run_dir, read_run_config, read_run_manifest
@@ -128,14 +134,7 @@ def compare_runs(
             rows.append(
                 [name, r.run]
                 + ([format_number(r.scale)] if scales is not None else [])
-                + [
-                    format_number(r.s_min),
-                    format_number(r.b_crit),
-                    ci_text(r.b_crit_ci_low, r.b_crit_ci_high),
-                    format_number(r.b_star),
-                    format_number(r.knee),
-                    str(r.n_points),
-                ]
+                + row_cells(r, ("s_min", "b_crit", "b_crit_ci", "b_star", "knee", "n_points"))
             )
     unit = units.pop() if len(units) == 1 else "mixed units"
     lines = [
@@ -158,27 +157,24 @@ def compare_runs(
         n_boot = analyses[0].options["n_boot"]
         for name in dict.fromkeys(table["optimizer"]):
             g = table[table["optimizer"] == name]
-            samples = [a.fits[name].b_crit_samples for a in analyses if name in a.fits]
-            use = samples if all(s is not None and len(s) for s in samples) else None
-            pl = fit_power_law(
-                g["scale"],
-                g["b_crit"],
-                y_samples=use,
-                n_boot=n_boot,
-                seed=options.get("seed", 0),
-                ci_level=options.get("ci_level", 0.95),
-            )
-            scaling[name] = pl
-            star_samples = [a.fits[name].b_star_samples for a in analyses if name in a.fits]
-            use = star_samples if all(s is not None and len(s) for s in star_samples) else None
-            scaling_b_star[name] = fit_power_law(
-                g["scale"],
-                g["b_star"],
-                y_samples=use,
-                n_boot=n_boot,
-                seed=options.get("seed", 0),
-                ci_level=options.get("ci_level", 0.95),
-            )
+
+            def power_law(column, g=g, name=name):
+                # bootstrap the power law from every run's bootstrap samples when all have them
+                samples = [
+                    getattr(a.fits[name], f"{column}_samples") for a in analyses if name in a.fits
+                ]
+                use = samples if all(s is not None and len(s) for s in samples) else None
+                return fit_power_law(
+                    g["scale"],
+                    g[column],
+                    y_samples=use,
+                    n_boot=n_boot,
+                    seed=options.get("seed", 0),
+                    ci_level=options.get("ci_level", 0.95),
+                )
+
+            scaling[name] = pl = power_law("b_crit")
+            scaling_b_star[name] = power_law("b_star")
             lines.append(f"  {name}: B_crit: {pl}")
             lines.append(f"  {name}: B*:     {scaling_b_star[name]}")
             md.append(f"- **{name}**, B_crit: `{pl}`")

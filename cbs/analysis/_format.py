@@ -14,6 +14,7 @@ __all__ = [
     "format_number",
     "format_value",
     "ci_text",
+    "row_cells",
     "text_table",
     "md_table",
     "jsonable",
@@ -23,10 +24,13 @@ __all__ = [
 
 def format_number(x, digits: int = 4, missing: str = "-") -> str:
     """Compact text for a number: ``digits`` significant digits (scientific below 1e-3 and
-    from 1e6 up), 'inf' / '-inf', or ``missing`` for NaN / None.
+    from 1e6 up; between, whole numbers are never cut to scientific notation), 'inf' /
+    '-inf', or ``missing`` for NaN / None.
 
-    >>> format_number(1234.5678), format_number(2.5e-5), format_number(float("nan"))
-    ('1235', '2.500e-05', '-')
+    >>> format_number(1234.5678), format_number(16384), format_number(2.5e-5)
+    ('1235', '16384', '2.500e-05')
+    >>> format_number(float("nan")), format_number(123456.7, 3)
+    ('-', '123457')
     """
     if x is None:
         return missing
@@ -40,7 +44,10 @@ def format_number(x, digits: int = 4, missing: str = "-") -> str:
         return "inf" if x > 0 else "-inf"
     if x != 0 and (abs(x) >= 1e6 or abs(x) < 1e-3):
         return f"{x:.{digits - 1}e}"
-    return f"{x:.{digits}g}"
+    text = f"{x:.{digits}g}"
+    if "e" in text:  # more integer digits than significant ones (below 1e6): write them all
+        return f"{x:.0f}"
+    return text
 
 
 def format_value(x, unit: str = "") -> str:
@@ -57,6 +64,21 @@ def ci_text(lo, hi) -> str:
     if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)):
         return "-"
     return f"[{format_number(lo)}, {format_number(hi)}]"
+
+
+def row_cells(row, columns: Sequence[str]) -> list[str]:
+    """Text cells of a summary-table row (a namedtuple): ``X_ci`` as the interval
+    ``[X_ci_low, X_ci_high]``, ``n_*`` counts as integers, other columns by
+    :func:`format_number` (every summary table renders its columns this way)."""
+    out = []
+    for c in columns:
+        if c.endswith("_ci"):
+            out.append(ci_text(getattr(row, c + "_low"), getattr(row, c + "_high")))
+        elif c.startswith("n_"):
+            out.append(str(getattr(row, c)))
+        else:
+            out.append(format_number(getattr(row, c)))
+    return out
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -71,6 +71,20 @@ def _fmt(x):
     return format_number(x, 3, missing="n/a")  # legends: 3 digits
 
 
+def _draw_measured(ax, fit, color, size, label):
+    """A fit's measured S(B) points (seeds combined), black-edged."""
+    good = np.isfinite(fit.steps)
+    ax.plot(
+        fit.batch_sizes[good],
+        fit.steps[good],
+        "o",
+        color=color,
+        ms=size,
+        markeredgecolor="k",
+        label=label,
+    )
+
+
 def _draw_fit(ax, fit, color, label_prefix="", band=True, show_lines=True):
     b = fit.batch_sizes
     if fit.n_points >= 2 and np.isfinite(fit.s_min):
@@ -179,16 +193,8 @@ def plot_steps_vs_batch(
             ms=4,
             label="per seed" if fit.n_seeds > 1 else None,
         )
-        good = np.isfinite(fit.steps)
-        ax.plot(
-            fit.batch_sizes[good],
-            fit.steps[good],
-            "o",
-            color=color,
-            ms=7,
-            markeredgecolor="k",
-            label="measured" + (" (median over seeds)" if fit.n_seeds > 1 else ""),
-        )
+        label = "measured" + (" (median over seeds)" if fit.n_seeds > 1 else "")
+        _draw_measured(ax, fit, color, 7, label)
         if fit.censored.any():
             budget = g["max_steps"].max() if "max_steps" in g else np.nan
             if np.isfinite(budget):
@@ -206,7 +212,7 @@ def plot_steps_vs_batch(
         # orders of magnitude below S_min at the largest batch sizes.
         floor = [
             v
-            for v in (np.nanmin(fit.steps) if good.any() else np.nan, fit.s_min)
+            for v in (np.nanmin(fit.steps) if np.isfinite(fit.steps).any() else np.nan, fit.s_min)
             if np.isfinite(v) and v > 0
         ]
         _plot_reference(ax, reference, scale, "-", alpha=0.45, lw=1.0, prefix="reference: ")
@@ -229,16 +235,7 @@ def plot_all_optimizers(
     printed under the axes."""
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     for (name, fit), color in zip(fits.items(), _colors(len(fits))):
-        good = np.isfinite(fit.steps)
-        ax.plot(
-            fit.batch_sizes[good],
-            fit.steps[good],
-            "o",
-            color=color,
-            ms=6,
-            markeredgecolor="k",
-            label=name,
-        )
+        _draw_measured(ax, fit, color, 6, name)
         if fit.n_points >= 2 and np.isfinite(fit.s_min):
             bb = np.geomspace(fit.batch_sizes.min() / 1.5, fit.batch_sizes.max() * 1.5, 200)
             ax.plot(bb, fit.predict(bb), "-", color=color, lw=1.5)
@@ -352,10 +349,7 @@ def plot_compare(path: Path, runs: dict, unit: str) -> Path:
             if name not in fits:
                 continue
             fit = fits[name]
-            good = np.isfinite(fit.steps)
-            ax.plot(
-                fit.batch_sizes[good], fit.steps[good], "o", color=color, markeredgecolor="k", ms=5
-            )
+            _draw_measured(ax, fit, color, 5, None)
             _draw_fit(ax, fit, color, label_prefix=f"{run} ", band=True, show_lines=False)
         _log_axes(ax)
         _label(ax, f"batch size ({unit})", "steps to target", name)

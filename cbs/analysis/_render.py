@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from cbs.analysis._fit import CriticalBatchSizeFit
-from cbs.analysis._format import ci_text, format_number, md_table, text_table
+from cbs.analysis._format import ci_text, format_number, md_table, row_cells, text_table
 
 if TYPE_CHECKING:
     from cbs.analysis._report import RunAnalysis
@@ -96,20 +96,8 @@ def summary_text(summary: pd.DataFrame, markdown=False) -> str:
     ]
     rows = []
     for r in summary.itertuples(index=False):
-        rows.append(
-            [
-                r.optimizer,
-                format_number(r.s_min),
-                format_number(r.e_min),
-                format_number(r.b_crit),
-                ci_text(r.b_crit_ci_low, r.b_crit_ci_high),
-                format_number(r.b_star),
-                ci_text(r.b_star_ci_low, r.b_star_ci_high),
-                format_number(r.knee),
-                str(r.n_points),
-                str(r.n_seeds),
-            ]
-        )
+        cols = ("s_min", "e_min", "b_crit", "b_crit_ci", "b_star", "b_star_ci", "knee")
+        rows.append([r.optimizer, *row_cells(r, cols + ("n_points", "n_seeds"))])
     return (md_table if markdown else text_table)(header, rows)
 
 

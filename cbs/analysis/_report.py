@@ -73,6 +73,22 @@ def _lr_edge_warnings(g: pd.DataFrame, unit_scale: float) -> list[str]:
     return out
 
 
+def fit_optimizers(label, names, steps, per_b, *, tpe, **fit_options):
+    """Each optimizer's fit and summary row (the run report and the per-target table).
+
+    ``fit_options``: the keyword arguments of :func:`_fit_optimizer` (``scale`` and
+    ``unit`` also label the row). Returns ({name: fit}, [row, ...]).
+    """
+    fits, rows = {}, []
+    for name in names:
+        fits[name] = fit = _fit_optimizer(name, steps, per_b, **fit_options)
+        mine = per_b[per_b["optimizer"] == name]
+        rows.append(
+            _summary_row(label, name, fit, fit_options["scale"], tpe, fit_options["unit"], mine)
+        )
+    return fits, rows
+
+
 def _fit_optimizer(
     name,
     steps_df,
@@ -182,6 +198,12 @@ def _fit_optimizer(
     return fit
 
 
+def _with_ci(fit: CriticalBatchSizeFit, name: str) -> dict:
+    """``name``, ``name_ci_low``, ``name_ci_high`` of a fit, in the tables' column order."""
+    lo, hi = getattr(fit, name + "_ci")
+    return {name: getattr(fit, name), f"{name}_ci_low": lo, f"{name}_ci_high": hi}
+
+
 def _summary_row(label, name, fit: CriticalBatchSizeFit, scale, tpe, unit, pb):
     row = dict(
         run=label,
@@ -192,24 +214,14 @@ def _summary_row(label, name, fit: CriticalBatchSizeFit, scale, tpe, unit, pb):
         n_batch_sizes=int(fit.batch_sizes.size),
         n_points=fit.n_points,
         n_seeds=fit.n_seeds,
-        s_min=fit.s_min,
-        s_min_ci_low=fit.s_min_ci[0],
-        s_min_ci_high=fit.s_min_ci[1],
-        e_min=fit.e_min,
-        e_min_ci_low=fit.e_min_ci[0],
-        e_min_ci_high=fit.e_min_ci[1],
-        b_crit=fit.b_crit,
-        b_crit_ci_low=fit.b_crit_ci[0],
-        b_crit_ci_high=fit.b_crit_ci[1],
-        b_star=fit.b_star,
-        b_star_ci_low=fit.b_star_ci[0],
-        b_star_ci_high=fit.b_star_ci[1],
+        **_with_ci(fit, "s_min"),
+        **_with_ci(fit, "e_min"),
+        **_with_ci(fit, "b_crit"),
+        **_with_ci(fit, "b_star"),
         delta=fit.delta,
         b0=fit.b0,
         knee=fit.knee,
-        alpha=fit.alpha,
-        alpha_ci_low=fit.alpha_ci[0],
-        alpha_ci_high=fit.alpha_ci[1],
+        **_with_ci(fit, "alpha"),
         b_crit_loo_low=fit.b_crit_loo[0],
         b_crit_loo_high=fit.b_crit_loo[1],
         rms_log_residual=fit.rms_log_residual,
@@ -347,27 +359,23 @@ def analyze_run(
         ]
         for name in names
     }
-    fits, rows = {}, []
-    for name in names:
-        fit = _fit_optimizer(
-            name,
-            steps,
-            per_b,
-            scale=scale,
-            unit=unit,
-            delta=delta,
-            b0=b0,
-            n_boot=n_boot,
-            seed=seed,
-            form=form,
-            ci_level=ci_level,
-            eval_every=1 if interpolated else eval_every,
-            uncertified=uncertified,
-        )
-        fits[name] = fit
-        rows.append(
-            _summary_row(label, name, fit, scale, tpe, unit, per_b[per_b["optimizer"] == name])
-        )
+    fits, rows = fit_optimizers(
+        label,
+        names,
+        steps,
+        per_b,
+        tpe=tpe,
+        scale=scale,
+        unit=unit,
+        delta=delta,
+        b0=b0,
+        n_boot=n_boot,
+        seed=seed,
+        form=form,
+        ci_level=ci_level,
+        eval_every=1 if interpolated else eval_every,
+        uncertified=uncertified,
+    )
     summary = pd.DataFrame(rows)
 
     options = dict(

@@ -60,30 +60,34 @@ def read_run_table(run_dir, name: str) -> pd.DataFrame | None:
     return read_table(Path(run_dir), name)
 
 
+def _read_mapping(run_dir, read, filename: str, errors, language: str) -> dict:
+    """``read(run_dir)`` as a mapping ({} when absent); a file that does not parse is an
+    AnalysisError naming it."""
+    try:
+        data = read(run_dir)
+    except errors as e:
+        raise AnalysisError(
+            f"{str(Path(run_dir) / filename)!r} is not valid {language}: {str(e).splitlines()[0]}"
+        ) from None
+    return data if isinstance(data, dict) else {}
+
+
 def read_run_config(run_dir) -> dict:
     """The resolved config.yaml as a plain mapping ({} when absent)."""
     from cbs.store import read_config
 
-    try:
-        data = read_config(run_dir)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise AnalysisError(
-            f"{str(Path(run_dir) / 'config.yaml')!r} is not valid YAML: {str(e).splitlines()[0]}"
-        ) from None
-    return data if isinstance(data, dict) else {}
+    return _read_mapping(
+        run_dir, read_config, "config.yaml", (yaml.YAMLError, UnicodeDecodeError), "YAML"
+    )
 
 
 def read_run_manifest(run_dir) -> dict:
     """manifest.json as a mapping ({} when absent)."""
     from cbs.store import read_manifest
 
-    try:
-        data = read_manifest(run_dir)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AnalysisError(
-            f"{str(Path(run_dir) / 'manifest.json')!r} is not valid JSON: {e}"
-        ) from None
-    return data if isinstance(data, dict) else {}
+    return _read_mapping(
+        run_dir, read_manifest, "manifest.json", (json.JSONDecodeError, UnicodeDecodeError), "JSON"
+    )
 
 
 _REQUIRED = ("optimizer", "batch_size", "lr", "seed", "reached", "diverged", "steps_to_target")

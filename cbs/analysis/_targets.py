@@ -158,9 +158,9 @@ def analyze_targets(
     Other arguments as :func:`cbs.analysis.analyze_run`; tuned.parquet is not used (it
     belongs to the sweep's own target).
     """
-    from cbs.analysis._format import ci_text, format_number, jsonable_deep, text_table
+    from cbs.analysis._format import format_number, jsonable_deep, row_cells, text_table
     from cbs.analysis._options import resolve_options
-    from cbs.analysis._report import _fit_optimizer, _summary_row
+    from cbs.analysis._report import fit_optimizers
 
     run_dir = check_run_dir(run_dir)
     if not targets:
@@ -199,44 +199,38 @@ def analyze_targets(
             raise AnalysisError("no cell of the results has a stored curve")
         steps = steps_table(res, None, use_tuned=False)
         per_b = per_batch_table(steps)
-        fits[target] = {}
         early = res.groupby("optimizer")["curve_ended_early"].sum()
-        for name in dict.fromkeys(steps["optimizer"]):
-            fit = _fit_optimizer(
-                name,
-                steps,
-                per_b,
-                scale=scale,
-                unit=unit,
-                delta=delta,
-                b0=b0,
-                n_boot=n_boot,
-                seed=seed,
-                form=form,
-                ci_level=ci_level,
-            )
+        # (the same fit options analyze_run forwards: both are public functions that take
+        # them by name, so the keyword list is written in each)
+        fits[target], target_rows = fit_optimizers(
+            label,
+            dict.fromkeys(steps["optimizer"]),
+            steps,
+            per_b,
+            tpe=tpe,
+            scale=scale,
+            unit=unit,
+            delta=delta,
+            b0=b0,
+            n_boot=n_boot,
+            seed=seed,
+            form=form,
+            ci_level=ci_level,
+        )
+        for name, fit in fits[target].items():
             if early.get(name, 0):
                 fit.warnings.append(
                     f"{int(early[name])} cell(s) censored because their curve ends before the "
                     f"budget (the back end stopped at the sweep's own target?)"
                 )
-            fits[target][name] = fit
-            row = _summary_row(
-                label, name, fit, scale, tpe, unit, per_b[per_b["optimizer"] == name]
-            )
-            rows.append({"target": target, **row})
+        rows += [{"target": target, **row} for row in target_rows]
     table = pd.DataFrame(rows)
     header = ["target", "optimizer", "S_min", "E_min", "B_crit", "B_crit CI", "B*", "points"]
     body = [
         [
             format_number(r.target),
             r.optimizer,
-            format_number(r.s_min),
-            format_number(r.e_min),
-            format_number(r.b_crit),
-            ci_text(r.b_crit_ci_low, r.b_crit_ci_high),
-            format_number(r.b_star),
-            str(r.n_points),
+            *row_cells(r, ("s_min", "e_min", "b_crit", "b_crit_ci", "b_star", "n_points")),
         ]
         for r in table.itertuples(index=False)
     ]

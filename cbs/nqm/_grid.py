@@ -220,6 +220,8 @@ def evaluate_grid(
     )
 
 
+# (Its signature repeats evaluate_grid's on purpose: a public function whose parameters
+# help() and the docs show by name, rather than **kwargs.)
 def steps_to_target(
     problem: NQMProblem,
     kind: str,

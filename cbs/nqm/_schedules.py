@@ -61,7 +61,8 @@ def schedule_phases(schedule, max_steps: int, max_phases: int = 256) -> tuple[Ph
     Args:
         schedule: the optimizer entry's Schedule (kind constant, step, cosine, linear_decay,
             piecewise; optimized_pwc is handled by the tuner, not here).
-        max_steps: the budget; the default horizon of cosine / linear decay.
+        max_steps: the budget; cosine / linear decay default to ``max_steps - warmup_steps``
+            steps after the warm-up (the definition: cbs.sweep.config.Schedule).
         max_phases: most phases used to represent a per-step-varying stretch.
 
     Returns:
@@ -96,7 +97,7 @@ def schedule_phases(schedule, max_steps: int, max_phases: int = 256) -> tuple[Ph
             for i, (s, m) in enumerate(schedule.pieces)
         ]
     elif kind in ("cosine", "linear_decay"):
-        horizon = schedule.horizon or max_steps
+        horizon = schedule.horizon or max(1, max_steps - schedule.warmup_steps)
         f = schedule.final_lr_fraction
         t = np.arange(horizon) + 0.5
         shape = 0.5 * (1 + np.cos(np.pi * t / horizon)) if kind == "cosine" else 1 - t / horizon

@@ -58,6 +58,7 @@ def refine_lr(
     ratio: float = 2.0,
     iters: int = 30,
     window: int = 16,
+    certify: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Golden-section search on log LR in [lr0 / ratio, lr0 * ratio], all configs at once.
 
@@ -68,6 +69,9 @@ def refine_lr(
 
     Args:
         lr0, momentum, ema_decay, precond_power, batch_size: arrays of one length R.
+
+        certify: passed to evaluate_grid (False is cheaper; a count may then be a later
+            crossing than the first, see evaluate_grid).
 
     Returns:
         (steps, lr): the best step count found (NaN if none) and its LR, each (R,).
@@ -103,9 +107,10 @@ def refine_lr(
             max_steps=max_steps,
             phases=phases,
             window=window,
+            certify=certify,
             cost_hint=cost[0],
         )
-        cost[0] = out["scan_iterations"]
+        cost[0] = out["scan_iterations"] if certify else None
         steps = out["steps"][:R, 0]
         return np.where(np.isnan(steps), np.inf, steps)
 

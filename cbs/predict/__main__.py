@@ -9,6 +9,7 @@ anchor is read from it and forecast and measurement are set side by side.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -16,91 +17,56 @@ from cbs.predict._run import PredictOptions
 
 _DEFAULTS = PredictOptions()
 
+# One flag per PredictOptions field (dashes for underscores), with its default and this help.
+_HELP = {
+    "anchor": "anchor batch size (default: the grid's smallest)",
+    "seed": "measure at the init of this seed (default: grid.seeds[0])",
+    "examples": "training examples measured",
+    "top_k": "top curvature eigenpairs",
+    "lanczos_iters": "Lanczos steps for the top-k",
+    "slq_probes": "SLQ random probes (bulk density)",
+    "slq_iters": "Lanczos steps per SLQ probe",
+    "noise_examples": "examples in the Monte Carlo tr(C Sigma) (B_noise)",
+    "chunk": "per-example gradients held at once",
+    "curvature": "ggn (Gauss-Newton, PSD) or hessian",
+    "bulk_noise": "bulk c = kappa h matched to tr(Sigma) ('trace') or tr(C Sigma) ('curvature')",
+    "bins": "log bins of the bulk spectrum",
+    "floor": "drop directions flatter than floor*h_max",
+    "max_memory_mb": "refuse measurements whose buffers exceed this",
+    "lr_grid": "continuous: tune the LR continuously; sweep: SGD/momentum forecasts pick the best "
+    "of the config's LR grid (the NQM LR is the network's there)",
+    "measure_at": "init: curvature and start at initialisation; target: curvature, noise and "
+    "start (theta_0 - theta_T) measured where the anchor run reaches the target",
+    "noise_at": "target: gradient noise measured where the anchor run reaches the target; init",
+}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help does not already say what the default is."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m cbs.predict",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("config", help="a train config (YAML)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, as for cbs.sweep")
     p.add_argument("--out", default=None, help="output folder (default: the config's output.dir)")
-    p.add_argument(
-        "--anchor", type=int, default=None, help="anchor batch size (default: the grid's smallest)"
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="measure at the init of this seed (default: grid.seeds[0])",
-    )
-    p.add_argument(
-        "--examples", type=int, default=_DEFAULTS.examples, help="training examples measured"
-    )
-    p.add_argument("--top-k", type=int, default=_DEFAULTS.top_k, help="top curvature eigenpairs")
-    p.add_argument(
-        "--lanczos-iters",
-        type=int,
-        default=_DEFAULTS.lanczos_iters,
-        help="Lanczos steps for the top-k",
-    )
-    p.add_argument(
-        "--slq-probes",
-        type=int,
-        default=_DEFAULTS.slq_probes,
-        help="SLQ random probes (bulk density)",
-    )
-    p.add_argument(
-        "--slq-iters", type=int, default=_DEFAULTS.slq_iters, help="Lanczos steps per SLQ probe"
-    )
-    p.add_argument(
-        "--noise-examples",
-        type=int,
-        default=_DEFAULTS.noise_examples,
-        help="examples in the Monte Carlo tr(C Sigma) (B_noise)",
-    )
-    p.add_argument(
-        "--chunk", type=int, default=_DEFAULTS.chunk, help="per-example gradients held at once"
-    )
-    p.add_argument(
-        "--curvature", default=_DEFAULTS.curvature, help="ggn (Gauss-Newton, PSD) or hessian"
-    )
-    p.add_argument(
-        "--bulk-noise",
-        default=_DEFAULTS.bulk_noise,
-        help="bulk c = kappa h matched to tr(Sigma) ('trace') or tr(C Sigma) ('curvature')",
-    )
-    p.add_argument("--bins", type=int, default=_DEFAULTS.bins, help="log bins of the bulk spectrum")
-    p.add_argument(
-        "--floor",
-        type=float,
-        default=_DEFAULTS.floor,
-        help="drop directions flatter than floor*h_max",
-    )
-    p.add_argument(
-        "--max-memory-mb",
-        type=float,
-        default=_DEFAULTS.max_memory_mb,
-        help="refuse measurements whose buffers exceed this",
-    )
-    p.add_argument(
-        "--lr-grid",
-        default=_DEFAULTS.lr_grid,
-        help="continuous: tune the LR continuously; sweep: SGD/momentum forecasts pick the best of the "
-        "config's LR grid (the NQM LR is the network's there)",
-    )
-    p.add_argument(
-        "--measure-at",
-        default=_DEFAULTS.measure_at,
-        help="init: curvature and start at initialisation; target: curvature, noise and start "
-        "(theta_0 - theta_T) measured where the anchor run reaches the target",
-    )
-    p.add_argument(
-        "--noise-at",
-        default=_DEFAULTS.noise_at,
-        help="target: gradient noise measured where the anchor run reaches the target; init",
-    )
+    for field in dataclasses.fields(PredictOptions):
+        default = getattr(_DEFAULTS, field.name)
+        p.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=int if default is None else type(default),  # (anchor, seed: integers)
+            default=default,
+            help=_HELP[field.name],
+        )
     p.add_argument("--no-plot", action="store_true", help="skip prediction.png")
     return p
 
@@ -115,23 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from cbs.errors import CbsError, ConfigError
 
     opts = PredictOptions(
-        anchor=args.anchor,
-        seed=args.seed,
-        examples=args.examples,
-        top_k=args.top_k,
-        lanczos_iters=args.lanczos_iters,
-        slq_probes=args.slq_probes,
-        slq_iters=args.slq_iters,
-        noise_examples=args.noise_examples,
-        chunk=args.chunk,
-        curvature=args.curvature,
-        bulk_noise=args.bulk_noise,
-        bins=args.bins,
-        floor=args.floor,
-        max_memory_mb=args.max_memory_mb,
-        lr_grid=args.lr_grid,
-        noise_at=args.noise_at,
-        measure_at=args.measure_at,
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(PredictOptions)}
     )
     try:
         opts.check()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cbs.analysis._format import format_number
 from cbs.errors import CbsError
 from cbs.predict._calibrate import map_optimizer, nqm_from_measurement
 from cbs.predict._forecast import forecast
@@ -105,9 +107,14 @@ class Prediction:
     files: list[Path]
 
 
+@functools.lru_cache(maxsize=4)
 def _network(backend, seed: int, examples: int):
     """(apply, loss, flatten, x, y): the back end's model on flat float64 parameters, and the
-    measured examples (a seeded subsample of the training set)."""
+    measured examples (a seeded subsample of the training set).
+
+    Cached: apply and loss are static arguments of the jitted measurement, so the
+    measurements at theta_0 and theta_T share one compiled program only when they get the
+    same function objects (a compile is most of a measurement on small models)."""
     import jax
     from jax.flatten_util import ravel_pytree
 
@@ -147,16 +154,15 @@ def measure_network(backend, seed: int, options: PredictOptions):
         flatten(backend.problem.init_params(seed)),
         x,
         y,
-        top_k=options.top_k,
-        lanczos_iters=options.lanczos_iters,
-        slq_probes=options.slq_probes,
-        slq_iters=options.slq_iters,
-        noise_examples=options.noise_examples,
-        chunk=options.chunk,
-        curvature=options.curvature,
-        seed=seed,
-        max_memory_mb=options.max_memory_mb,
+        **_measure_settings(options, seed),
     )
+
+
+def _measure_settings(options: PredictOptions, seed: int) -> dict:
+    """The settings of cbs.train.spectrum.measure that PredictOptions carries."""
+    names = ("top_k", "lanczos_iters", "slq_probes", "slq_iters", "noise_examples", "chunk")
+    names += ("curvature", "max_memory_mb")
+    return dict({k: getattr(options, k) for k in names}, seed=seed)
 
 
 def _train_to(backend, entry, hp: dict, lr: float, batch: int, steps: int, seed: int):
@@ -201,15 +207,7 @@ def measure_at_target(backend, entry, hp, lr, batch, steps, seed, options: Predi
         theta_t,
         x,
         y,
-        top_k=options.top_k,
-        lanczos_iters=options.lanczos_iters,
-        slq_probes=options.slq_probes,
-        slq_iters=options.slq_iters,
-        noise_examples=options.noise_examples,
-        chunk=options.chunk,
-        curvature=options.curvature,
-        seed=seed,
-        max_memory_mb=options.max_memory_mb,
+        **_measure_settings(options, seed),
         displacement=np.asarray(theta_0 - theta_t),
     )
 
@@ -317,12 +315,6 @@ def _sweep_seconds(run_dir: Path) -> float:
         return float("nan")
 
 
-def _fmt(x, digits=3):
-    if x is None or not np.isfinite(x):
-        return "-"
-    return f"{x:.{digits}g}"
-
-
 def predict(
     cfg,
     options: PredictOptions = PredictOptions(),
@@ -395,33 +387,16 @@ def predict(
             t_noise = time.perf_counter()
             steps_t = int(np.ceil(row["steps"]))
             where = f"{e.label} at B={anchor} after {steps_t} steps"
+            # the anchor's best cell, trained to the target: (hparams, lr, B, steps, seed, options)
+            anchor_cell = (_hparams(e, row), float(row["best_lr"]), anchor, steps_t, seed, options)
             if options.measure_at == "target" and target_measurement is not None:
                 noise_meas = target_measurement
                 noise_from = f"everything measured at the target ({where})"
             elif options.measure_at == "target":
-                noise_meas = measure_at_target(
-                    backend,
-                    e,
-                    _hparams(e, row),
-                    float(row["best_lr"]),
-                    anchor,
-                    steps_t,
-                    seed,
-                    options,
-                )
+                noise_meas = measure_at_target(backend, e, *anchor_cell)
                 noise_from = f"everything measured at the target ({where})"
             else:
-                noise_meas = noise_at_target(
-                    backend,
-                    meas,
-                    e,
-                    _hparams(e, row),
-                    float(row["best_lr"]),
-                    anchor,
-                    steps_t,
-                    seed,
-                    options,
-                )
+                noise_meas = noise_at_target(backend, meas, e, *anchor_cell)
                 noise_from = f"noise measured at the target ({where})"
             noise_seconds = time.perf_counter() - t_noise
             log(
@@ -564,8 +539,8 @@ def _text(table, summ, meas, cal, costs) -> str:
     )
     for r in table.itertuples():
         lines.append(
-            f"{r.optimizer:<12} {r.batch_size:>6} {_fmt(r.steps_forecast, 4):>11} "
-            f"{_fmt(r.steps_measured, 4):>11} {_fmt(r.lr_forecast):>12}"
+            f"{r.optimizer:<12} {r.batch_size:>6} {format_number(r.steps_forecast, 4):>11} "
+            f"{format_number(r.steps_measured, 4):>11} {format_number(r.lr_forecast, 3):>12}"
         )
     lines.append("")
     lines.append(
@@ -574,14 +549,14 @@ def _text(table, summ, meas, cal, costs) -> str:
     )
     for r in summ.itertuples():
         ci = (
-            f"{_fmt(r.b_crit_measured)} [{_fmt(r.b_crit_measured_lo)}, {_fmt(r.b_crit_measured_hi)}]"
+            f"{format_number(r.b_crit_measured, 3)} [{format_number(r.b_crit_measured_lo, 3)}, {format_number(r.b_crit_measured_hi, 3)}]"
             if np.isfinite(r.b_crit_measured)
             else "-"
         )
         lines.append(
-            f"{r.optimizer:<12} {_fmt(r.b_crit_forecast):>11} {ci:>24} {_fmt(r.ratio, 2):>6} "
-            f"{_fmt(r.b_simple):>9} {_fmt(r.b_simple_ratio, 2):>6} {_fmt(r.b_noise):>9} "
-            f"{_fmt(r.b_noise_ratio, 2):>6}  {r.mapping}"
+            f"{r.optimizer:<12} {format_number(r.b_crit_forecast, 3):>11} {ci:>24} {format_number(r.ratio, 2):>6} "
+            f"{format_number(r.b_simple, 3):>9} {format_number(r.b_simple_ratio, 2):>6} {format_number(r.b_noise, 3):>9} "
+            f"{format_number(r.b_noise_ratio, 2):>6}  {r.mapping}"
         )
     own = (
         costs["measure_s"]
@@ -591,7 +566,7 @@ def _text(table, summ, meas, cal, costs) -> str:
     sweep = costs["sweep_s"]
     cost = (
         f"cost: measurement {costs['measure_s']:.1f} s + anchor block "
-        f"{_fmt(costs['anchor_s'])} s ({costs['anchor_source']}) + forecast {costs['forecast_s']:.1f} s = "
+        f"{format_number(costs['anchor_s'], 3)} s ({costs['anchor_source']}) + forecast {costs['forecast_s']:.1f} s = "
         f"{own:.1f} s"
     )
     cost += (
@@ -664,7 +639,7 @@ def _plot(path: Path, table, summ) -> Path:
             g.steps_forecast,
             "-",
             color=col,
-            label=f"{name} forecast (B_crit {_fmt(s.b_crit_forecast)})",
+            label=f"{name} forecast (B_crit {format_number(s.b_crit_forecast, 3)})",
         )
         if g.steps_measured.notna().any():
             ax.plot(
@@ -672,7 +647,7 @@ def _plot(path: Path, table, summ) -> Path:
                 g.steps_measured,
                 "o",
                 color=col,
-                label=f"{name} measured (B_crit {_fmt(s.b_crit_measured)})",
+                label=f"{name} measured (B_crit {format_number(s.b_crit_measured, 3)})",
             )
         ax.axvline(s.b_simple, color="gray", ls=":", lw=1)
     ax.set_xscale("log", base=2)

@@ -163,6 +163,7 @@ def print_plan(cfg, blocks) -> None:
 
 def best_per_batch_size(run_dir) -> str:
     """Terminal table: per optimizer, the best steps-to-target and its LR per batch size."""
+    from cbs.analysis._format import format_number, text_table
     from cbs.store import read_table
 
     df = read_table(run_dir, "results")
@@ -177,19 +178,17 @@ def best_per_batch_size(run_dir) -> str:
         else reached
     )
     cell = {
-        (r.optimizer, r.batch_size): f"{r.steps_to_target:.4g} @ {r.lr:.3g}"
+        (
+            r.optimizer,
+            r.batch_size,
+        ): f"{format_number(r.steps_to_target)} @ {format_number(r.lr, 3)}"
         for r in best.itertuples()
     }
-    width = max([len(v) for v in cell.values()] + [len(o) for o in optimizers] + [12])
-    lines = [
-        "best steps to target @ learning rate (min over configs and seeds; '-' = never reached):",
-        f"{'batch size':>10}  " + "  ".join(f"{o:>{width}}" for o in optimizers),
-    ]
-    for b in batch_sizes:
-        lines.append(
-            f"{b:>10}  " + "  ".join(f"{cell.get((o, b), '-'):>{width}}" for o in optimizers)
-        )
-    return "\n".join(lines)
+    rows = [[format_number(b)] + [cell.get((o, b), "-") for o in optimizers] for b in batch_sizes]
+    return (
+        "best steps to target @ learning rate (min over configs and seeds; '-' = never reached):\n"
+        + text_table(["batch size", *optimizers], rows)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """Which shard runs which block: cost-balanced, deterministic.
 
-A block's cost is first *estimated* by its back end (:meth:`Backend.block_cost`: cells x
-steps budget x examples touched per step x model FLOPs) and, when measured block times of
+A block's cost is first *estimated* by its back end (:meth:`Backend.block_cost`; the train
+back end: per cell a fixed overhead for compiles and evaluations plus steps budget x examples
+touched per step x model FLOPs at a nominal throughput) and, when measured block times of
 an earlier run are given, *refined*: a block measured before costs its measured seconds
 (scaled by its cell count), any other its estimate times the median measured/estimated
 ratio of its optimizer kind (of all blocks when the kind was never measured). The costs

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cbs.devices import platform
 from cbs.sweep.backend import Backend, Block, BlockResult
 from cbs.sweep.schema import ConfigError, spec
 from cbs.train import data as data_mod
@@ -217,6 +218,14 @@ class TrainBackend(Backend):
     # and periodic inverses: a prior for their per-cell cost relative to a vmapped cell,
     # replaced by measured block times when --costs-from is given.
     KFAC_COST_FACTOR = 3.0
+    # (seconds of fixed overhead per cell, FLOP/s) by platform, for block_cost. Fitted on CPU
+    # to the measured block times of train_digits_cpu and train_linreg_cpu (57 blocks; least
+    # squares of seconds per cell on budget FLOPs per cell; benchmarks/README.md, scale.py):
+    # 2.6 s + FLOPs / 9.4e9 under a 15x oversubscribed machine, i.e. ~2.4e10 FLOPs of compute
+    # per cell of overhead; the absolute scale does not matter for balancing, only the ratio.
+    # Without the overhead term, blocks of small batches looked ~50x cheaper than large ones,
+    # while compile-bound CPU blocks all take about the same time. GPU/TPU: nominal.
+    NOMINAL_COST = {"cpu": (0.25, 1e11), "gpu": (0.25, 1e13), "tpu": (0.25, 1e13)}
 
     def __init__(self, config):
         super().__init__(config)
@@ -537,8 +546,13 @@ class TrainBackend(Backend):
         return results
 
     def block_cost(self, block: Block) -> float:
-        """cells x steps budget x examples per step (3x the batch for forward + backward, plus
-        the validation set amortized over eval_every) x forward FLOPs per example."""
+        """Estimated seconds of a block (for balancing shards; measured times replace it).
+
+        Per cell: a fixed overhead (the block's compiles, evaluations and crossing replays,
+        shared out over its cells) plus its compute, the steps budget x examples per step (3x
+        the batch for forward + backward, plus the validation set amortized over eval_every)
+        x forward FLOPs per example, at a nominal throughput of the platform.
+        """
         c = self.config
         p = self.problem
         n_params = sum(int(np.size(x)) for x in jax.tree.leaves(p.init_params(0)))
@@ -546,7 +560,9 @@ class TrainBackend(Backend):
         flops = 2.0 * n_params * positions
         per_step = 3.0 * block.batch_size + int(p.x_val.shape[0]) / c.budget.eval_every
         factor = self.KFAC_COST_FACTOR if block.kind == "kfac" else 1.0
-        return float(len(block.cells) * c.budget.max_steps * per_step * flops * factor)
+        overhead_s, flops_per_s = self.NOMINAL_COST.get(platform(), self.NOMINAL_COST["gpu"])
+        compute_s = c.budget.max_steps * per_step * flops * factor / flops_per_s
+        return float(len(block.cells) * (overhead_s + compute_s))
 
     def cell_memory_bytes(self, block: Block) -> int | None:
         """Device bytes per vmapped cell, as XLA reports them for a one-cell program: the

@@ -159,13 +159,15 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
 
     Returns:
       (init, train_interval, evaluate, grad_fn): ``init(params, hp) -> CellState``;
-      ``train_interval(state, lr, hp, idx[steps, B], data=None, step0=None) -> (state, mean_loss)``
-      runs the steps in a ``lax.scan``; ``evaluate(state, hp) -> (val_loss, val_error)``;
-      ``grad_fn(params, idx, data=None) -> grads`` (for the noise scale). ``idx`` indexes
-      the training set, or ``data = (x, y)`` when given (a streamed chunk). ``step0``: the
-      block's step at the start, shared by all cells (unbatched), so step-dependent
-      optimizer branches (SOAP's basis refresh) stay conditionals under vmap. None is
-      vmapped; the caller vmaps over cells.
+      ``train_interval(state, lr, hp, idx[steps, B], data=None, block_steps=None,
+      live=None) -> (state, mean_loss)`` runs the steps in a ``lax.scan``;
+      ``evaluate(state, hp) -> (val_loss, val_error)``; ``grad_fn(params, idx, data=None)
+      -> grads`` (for the noise scale). ``idx`` indexes the training set, or ``data = (x,
+      y)`` when given (a streamed chunk). ``block_steps[steps]``: the block's step of each
+      step, shared by all cells (unbatched), so step-dependent optimizer branches (SOAP's
+      basis refresh) stay conditionals under vmap. ``live[steps]``: False skips a step (a
+      no-op; the mean loss is over live steps). None is vmapped; the caller vmaps over
+      cells.
     """
     model, task = problem.model, problem.task
 
@@ -185,15 +187,17 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
 
     grad_fn = jax.grad(batch_loss)
 
-    def step(state: CellState, lr, hp, idx, data=None, block_step=None):
+    def step(state: CellState, lr, hp, idx, data=None, block_step=None, slot_live=True):
         # block_step: the block's step (unbatched; equals every live cell's state.step).
+        # slot_live: False makes this step a no-op for the cell (the crossing replay runs
+        # single steps between evaluations inside the block's own program, see BlockRun).
         tx = tx_of(lr, hp, block_step)
         loss, grads = jax.value_and_grad(batch_loss)(state.params, idx, data)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         bad = ~jnp.isfinite(loss) | (loss > problem.diverge_loss) | ~_all_finite(params)
         # Steps past the budget (the tail of the last scan call) are no-ops too.
-        in_budget = state.step < max_steps
+        in_budget = (state.step < max_steps) & slot_live
         live = ~(state.diverged | bad) & in_budget
         d = hp["ema_decay"]
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema, params)
@@ -201,16 +205,23 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
         out = _where(live, new, state)
         return out._replace(diverged=state.diverged | (bad & in_budget)), loss
 
-    def train_interval(state, lr, hp, idx, data=None, step0=None):
-        # step0: the block step at the interval's start (unbatched), or None.
-        if step0 is None:
+    def train_interval(state, lr, hp, idx, data=None, block_steps=None, live=None):
+        # block_steps: (steps,) block step of each step (unbatched), or None.
+        # live: (steps,) bool, False for a step that is skipped (a no-op), or None.
+        if block_steps is None and live is None:
             state, losses = jax.lax.scan(lambda s, i: step(s, lr, hp, i, data), state, idx)
-        else:
-            ts = step0 + jnp.arange(idx.shape[0], dtype=jnp.int32)
-            state, losses = jax.lax.scan(
-                lambda s, xs: step(s, lr, hp, xs[0], data, xs[1]), state, (idx, ts)
-            )
-        return state, jnp.mean(losses)
+            return state, jnp.mean(losses)
+        n = idx.shape[0]
+        ts = jnp.zeros(n, jnp.int32) if block_steps is None else block_steps
+        lv = jnp.ones(n, bool) if live is None else live
+        state, losses = jax.lax.scan(
+            lambda s, xs: step(
+                s, lr, hp, xs[0], data, None if block_steps is None else xs[1], xs[2]
+            ),
+            state,
+            (idx, ts, lv),
+        )
+        return state, jnp.sum(jnp.where(lv, losses, 0.0)) / jnp.maximum(jnp.sum(lv), 1)
 
     def evaluate(state, hp):
         params = eval_params(state, hp["ema_decay"])
@@ -276,30 +287,29 @@ class BlockRun:
     evaluates after each interval, all in one program; the host checks the stopping rule
     between calls. jit caches programs by shape, so blocks of the same batch size and
     width reuse them.
+
+    The same program replays crossing intervals (exact first crossing, :mod:`cbs.train.loop`):
+    every step slot has a per-cell live flag, so an interval can hold a single live step
+    followed by its evaluation, and cells that are not replayed stay frozen. The replay
+    thus compiles nothing, and a cell's replayed steps are the very arithmetic of its run.
     """
 
     def __init__(self, problem: TrainProblem, kind: str, schedule: Callable, max_steps: int):
         init, train_interval, evaluate, grad_fn = make_block_fns(problem, kind, schedule, max_steps)
-        self.problem = problem
+        self.problem, self.kind = problem, kind
 
-        def call(state, lr, hp, seed_idx, idx_table, noise_table, data=None, step0=None):
-            # idx_table: (n_seeds, evals_per_call, eval_every, B); each cell picks its seed's
-            # rows, so cells that share a seed share the data order without copies.
-            # noise_table: (n_seeds, evals_per_call, num_micro, micro_batch) or None.
-            # data: None (indices into the device-resident training set) or the streamed
-            # chunk (x, y) the indices point into, shared by all cells (not vmapped).
-            # step0: the block step at the call's start (a scalar shared by all cells).
-            every = idx_table.shape[2]
-            starts = (
-                None
-                if step0 is None
-                else step0 + every * jnp.arange(idx_table.shape[1], dtype=jnp.int32)
-            )
-
-            def one(state, lr, hp, si):
+        def call(state, lr, hp, idx_table, noise_table, data, slot_steps, slot_live):
+            # Per cell (vmapped): idx_table (evals_per_call, eval_every, B) training rows;
+            # noise_table (evals_per_call, num_micro, micro_batch) or None; slot_live
+            # (evals_per_call, eval_every) bool, False for a skipped (no-op) step.
+            # Shared: data, None (indices into the device-resident training set) or the
+            # streamed chunk (x, y) the indices point into; slot_steps (evals_per_call,
+            # eval_every) int32, the block step of each slot (unbatched, so step-dependent
+            # optimizer branches stay conditionals under vmap).
+            def one(state, lr, hp, idx, nt, live):
                 def interval(s, xs):
-                    idx, nidx, t0 = xs
-                    s, train_loss = train_interval(s, lr, hp, idx, data, t0)
+                    idx, nidx, ts, lv = xs
+                    s, train_loss = train_interval(s, lr, hp, idx, data, ts, lv)
                     vl, ve = evaluate(s, hp)
                     if nidx is None:
                         gsq = tr = jnp.float32(jnp.nan)
@@ -316,19 +326,9 @@ class BlockRun:
                         trace_sigma=tr,
                     )
 
-                nt = None if noise_table is None else noise_table[si]
-                return jax.lax.scan(interval, state, (idx_table[si], nt, starts))
+                return jax.lax.scan(interval, state, (idx, nt, slot_steps, live))
 
-            return jax.vmap(one)(state, lr, hp, seed_idx)
-
-        # Exact first crossing (cbs.train.loop): one cell's step and evaluation, not
-        # vmapped. A replay is a short host loop over these; they compile in a fraction of
-        # the block program's time (a vmapped replay program per width and batch size cost
-        # more compile than its whole compute).
-        self.step_one = jax.jit(
-            lambda s, lr, hp, idx, data=None: train_interval(s, lr, hp, idx[None], data)[0]
-        )
-        self.evaluate_one = jax.jit(evaluate)
+            return jax.vmap(one)(state, lr, hp, idx_table, noise_table, slot_live)
 
         self._init = jax.jit(jax.vmap(init))
         self.call = jax.jit(call, donate_argnums=(0,))

@@ -18,6 +18,7 @@ import pandas as pd
 
 from cbs.parallel import padded_size, shard_cells
 from cbs.sweep.backend import Block, BlockResult, CellResult
+from cbs.train import optimizers
 from cbs.train.engine import BlockRun, TrainProblem
 from cbs.train.streaming import ChunkFeeder
 
@@ -239,46 +240,117 @@ def noise_indices(
     return rng.permutation(n)[: num_micro * micro].reshape(num_micro, micro).astype(np.int32)
 
 
+@dataclasses.dataclass
+class _Crossing:
+    """A cell whose first evaluation below target awaits its replay: it was above at
+    block step ``t0`` and below at ``t1``, in the call that started at ``start`` (lane
+    ``lane``, training rows ``rows[k * every, B]`` of that call)."""
+
+    lane: int
+    cell: int
+    start: int
+    t0: int
+    t1: int
+    rows: np.ndarray
+
+
+class _PendingReplays:
+    """Crossings to replay, with each lane's state at the start of its crossing call.
+
+    Replays are deferred: every crossing cell of the current vmap width is replayed in
+    one pass of the block's own compiled call (:func:`_replay`), at the end of the block or
+    before the width changes, so a block pays at most a few calls for all its replays
+    and no compile. The states wait on the host (one copy of the block state at most).
+    """
+
+    def __init__(self):
+        self.items: list[_Crossing] = []
+        self.state = None  # host copy of the block state; crossing lanes hold their snapshot
+
+    def add(self, snap, crossings: list[_Crossing]) -> None:
+        lanes = np.array([c.lane for c in crossings])
+        if self.state is None:
+            self.state = jax.tree.map(np.array, snap)
+        else:
+            for dst, src in zip(jax.tree.leaves(self.state), jax.tree.leaves(snap)):
+                dst[lanes] = np.asarray(src)[lanes]
+        self.items.extend(crossings)
+
+
+def _replay_schedule(c: _Crossing, every: int) -> list[list[int]]:
+    """The intervals of a replay (row positions in the crossing call, an evaluation after
+    each interval): the call's intervals up to t0 unchanged, then single steps."""
+    a = (c.t0 - c.start) // every
+    return [list(range(j * every, (j + 1) * every)) for j in range(a)] + [
+        [c.t0 - c.start + q] for q in range(c.t1 - c.t0)
+    ]
+
+
 def _replay(
     run: BlockRun,
-    snap,
+    pending: _PendingReplays,
     lr,
     hp,
-    seed_idx,
-    table,
+    put,
     data,
-    lanes: list[int],
-    lane_cell: np.ndarray,
-    call_start: int,
     tracker: Tracker,
     opts: RunOptions,
 ) -> None:
-    """Exact first crossings of the cells in ``lanes``, which first evaluated below target
-    during the call that started at step ``call_start`` from states ``snap``.
-
-    Each cell is retrained from the call's start over the call's own data rows (and
-    streamed chunk ``data``, if any; so it is the same trajectory), unevaluated up to its last evaluation above target t0, then
-    evaluated after every step until the first one below target.
+    """Exact first crossings of the pending cells: each is retrained from the start of its
+    crossing call over that call's own data rows (the same trajectory, in the same
+    compiled program at the same vmap width, so the same arithmetic), with its intervals
+    unchanged up to t0 and then a single step and an evaluation per interval until t1;
+    the first evaluation below target is its count. Cells that are not replayed are frozen
+    (every step slot skipped). Kinds whose optimizer branches on the block's shared step
+    (SOAP) replay one (start, t0, t1) group per pass, so that the shared step table is
+    right for every replayed cell.
     """
-    table = np.asarray(table)
-    flat = table.reshape(table.shape[0], -1, table.shape[-1])  # (n_seeds, k * every, B)
-    seed_idx = np.asarray(seed_idx)
-    for lane in lanes:
-        i = int(lane_cell[lane])
-        t0, t1 = int(tracker.t_before[i]), int(tracker.s_target[i])
-        state = jax.tree.map(lambda x, lane=lane: x[lane], snap)
-        lr_i, hp_i = lr[lane], {name: v[lane] for name, v in hp.items()}
-        rows = flat[seed_idx[lane]]
-        found = None
-        for t in range(t0 - call_start):
-            state = run.step_one(state, lr_i, hp_i, rows[t], data)
-        for t in range(t0 - call_start, t1 - call_start):
-            state = run.step_one(state, lr_i, hp_i, rows[t], data)
-            vl, ve = run.evaluate_one(state, hp_i)
-            if float(vl if opts.metric == "val_loss" else ve) < opts.target:
-                found = call_start + t + 1
+    k, every = opts.evals_per_call, opts.eval_every
+    width = int(lr.shape[0])
+    if run.kind in optimizers.STEP_AWARE:
+        groups: dict = {}
+        for c in pending.items:
+            groups.setdefault((c.start, c.t0, c.t1), []).append(c)
+        passes = list(groups.values())
+    else:
+        passes = [pending.items]
+    for group in passes:
+        scheds = {c.lane: _replay_schedule(c, every) for c in group}
+        n_calls = -(-max(len(v) for v in scheds.values()) // k)
+        batch = group[0].rows.shape[-1]
+        state = put(pending.state)
+        found: dict[int, int] = {}
+        for call in range(n_calls):
+            idx = np.zeros((width, k, every, batch), np.int32)
+            live = np.zeros((width, k, every), bool)
+            steps = np.full((k, every), -1, np.int32)
+            for c in group:
+                for j, pos in enumerate(scheds[c.lane][call * k : (call + 1) * k]):
+                    idx[c.lane, j, : len(pos)] = c.rows[pos]
+                    live[c.lane, j, : len(pos)] = True
+                    steps[j, : len(pos)] = c.start + np.asarray(pos)
+            ntable = None
+            if opts.noise_scale:  # the estimates are not used; the program needs the table
+                micro = opts.noise_micro_batch or batch
+                ntable = put(np.zeros((width, k, opts.noise_num_micro, micro), np.int32))
+            state, out = run.call(
+                state, lr, hp, put(idx), ntable, data, jnp.asarray(steps), put(live)
+            )
+            metric = np.asarray(out[opts.metric])
+            for c in group:
+                a = (c.t0 - c.start) // every
+                for j, pos in enumerate(scheds[c.lane][call * k : (call + 1) * k]):
+                    if (
+                        call * k + j >= a
+                        and c.lane not in found
+                        and metric[c.lane, j] < opts.target
+                    ):
+                        found[c.lane] = c.start + pos[0] + 1
+            if len(found) == len(group):
                 break
-        tracker.set_exact(i, found)
+        for c in group:
+            tracker.set_exact(c.cell, found.get(c.lane))
+    pending.items, pending.state = [], None
 
 
 def run_vmapped_block(
@@ -297,7 +369,7 @@ def run_vmapped_block(
     B, n = block.batch_size, problem.num_train
     seeds = [int(c.seed) for c in block.cells]
     useeds = sorted(set(seeds))
-    seed_idx = jnp.array([useeds.index(s) for s in seeds], jnp.int32)
+    seed_idx = np.array([useeds.index(s) for s in seeds], np.int32)
     lr = jnp.asarray(block.lrs, jnp.float32)
     hp = {k: jnp.asarray(block.hparam(k), jnp.float32) for k in hparam_names}
     k, every = opts.evals_per_call, opts.eval_every
@@ -312,9 +384,17 @@ def run_vmapped_block(
         jnp.array(seeds + seeds[-1:] * pad, jnp.int32),
         {k: jnp.concatenate([v, jnp.repeat(v[-1:], pad)]) for k, v in hp.items()},
     )
+    seed_idx = np.concatenate([seed_idx, np.repeat(seed_idx[-1:], pad)])
     if jax.local_device_count() > 1:
-        lr, hp, seed_idx = shard_cells((lr, hp, seed_idx), n_cells)
+        lr, hp = shard_cells((lr, hp), n_cells)
         state = jax.device_put(state, lr.sharding)
+
+    def put(x):
+        """Per-lane arrays placed like the cells (sharded along the lanes on >1 device)."""
+        if jax.local_device_count() > 1:
+            return jax.device_put(x, lr.sharding)
+        return jax.tree.map(jnp.asarray, x)
+
     vl, ve = (np.asarray(a) for a in run.evaluate(state, hp))
     for i in range(len(seeds)):
         tracker.record(i, 0, dict(val_loss=vl[i], val_error=ve[i], train_loss=np.nan), False, 0)
@@ -340,12 +420,20 @@ def run_vmapped_block(
     # Index tables per call (and, for a streamed training set, the gathered examples,
     # prepared one call ahead in a background thread).
     feeder = ChunkFeeder(problem, useeds, (k, every, B), noise_table if opts.noise_scale else None)
+    pending = _PendingReplays()
+    slots = np.arange(k * every, dtype=np.int32).reshape(k, every)
     while step < opts.max_steps and not tracker.done.all():
         table, ntable, data = feeder.get(step)
+        # Each lane gets its seed's rows (a replay gives every lane its own rows).
+        table = np.asarray(table)[seed_idx]
+        ntable = None if ntable is None else put(np.asarray(ntable)[seed_idx])
         # The call donates its input state; keep a copy to replay crossing intervals from.
         snap = jax.tree.map(jnp.copy, state) if opts.exact and every > 1 else None
         reached_before = tracker.reached.copy()
-        state, out = run.call(state, lr, hp, seed_idx, table, ntable, data, jnp.int32(step))
+        every_slot = np.ones((lr.shape[0], k, every), bool)
+        state, out = run.call(
+            state, lr, hp, put(table), ntable, data, jnp.asarray(step + slots), put(every_slot)
+        )
         out = {key: np.asarray(v) for key, v in out.items()}
         applied = np.asarray(state.step)
         for j in range(k):
@@ -371,7 +459,14 @@ def run_vmapped_block(
                     )
         if snap is not None:
             crossing = [
-                lane
+                _Crossing(
+                    lane,
+                    int(lane_cell[lane]),
+                    step,
+                    int(tracker.t_before[lane_cell[lane]]),
+                    int(tracker.s_target[lane_cell[lane]]),
+                    table[lane].reshape(k * every, B),
+                )
                 for lane in range(n_live)
                 if tracker.reached[lane_cell[lane]]
                 and not reached_before[lane_cell[lane]]
@@ -379,20 +474,9 @@ def run_vmapped_block(
             ]
             if crossing:
                 t_rep = time.perf_counter()
-                _replay(
-                    run,
-                    snap,
-                    lr,
-                    hp,
-                    seed_idx,
-                    table,
-                    data,
-                    crossing,
-                    lane_cell,
-                    step,
-                    tracker,
-                    opts,
-                )
+                pending.add(snap, crossing)
+                if data is not None:  # a streamed chunk serves this call's replays only
+                    _replay(run, pending, lr, hp, put, data, tracker, opts)
                 tracker.replay_seconds += time.perf_counter() - t_rep
         del snap
         step += k * every
@@ -418,6 +502,10 @@ def run_vmapped_block(
                 num_params,
             )
         if opts.compact != "never" and len(live) and new_width < width and worth:
+            if pending.items:  # replay in the program of the width the cells crossed at
+                t_rep = time.perf_counter()
+                _replay(run, pending, lr, hp, put, None, tracker, opts)
+                tracker.replay_seconds += time.perf_counter() - t_rep
             sel = np.concatenate([live, np.repeat(live[-1:], new_width - len(live))])
             state, lr, seed_idx = (
                 jax.tree.map(lambda x, sel=sel: x[sel], state),
@@ -426,8 +514,12 @@ def run_vmapped_block(
             )
             hp = {name: v[sel] for name, v in hp.items()}
             if jax.local_device_count() > 1:
-                lr, hp, seed_idx = shard_cells((lr, hp, seed_idx), new_width)
+                lr, hp = shard_cells((lr, hp), new_width)
                 state = jax.device_put(state, lr.sharding)
             lane_cell, n_live = lane_cell[live], len(live)
     feeder.close()
+    if pending.items:
+        t_rep = time.perf_counter()
+        _replay(run, pending, lr, hp, put, None, tracker, opts)
+        tracker.replay_seconds += time.perf_counter() - t_rep
     return tracker.result()

@@ -55,6 +55,8 @@ class CNN(nn.Module):
         return nn.Dense(self.num_outputs)(x)
 
 
+# Not folded into CNN: the MNIST-1D paper's model, written as published (its kernel
+# widths, strides, padding and flatten read-out differ from CNN's, and must stay so).
 class MNIST1DCNN(nn.Module):
     """The MNIST-1D paper's CNN (Greydanus 2020, ``mnist1d/models.py`` ``ConvBase``):
     ``depth`` ReLU convolutions of ``width`` channels, all stride 2 with padding 1, the

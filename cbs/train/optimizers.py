@@ -44,6 +44,15 @@ _L2 = HParamSpec(0.0, "L2 weight decay added to the gradient (coupled)", ge=0)
 _MOM = HParamSpec(0.9, "momentum coefficient", ge=0, lt=1)
 
 
+def _adam_moments(b1: float = 0.9, b2: float = 0.999) -> dict[str, HParamSpec]:
+    """b1, b2, eps of the Adam family (Adam, AdamW, SOAP), with the kind's defaults."""
+    return dict(
+        b1=HParamSpec(b1, "first-moment decay", ge=0, lt=1),
+        b2=HParamSpec(b2, "second-moment decay", ge=0, lt=1),
+        eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
+    )
+
+
 def _sgd(lr, hp, momentum=False, nesterov=False):
     # Coupled L2: the decay term goes through momentum, as in classic SGD + weight decay.
     return optax.chain(
@@ -231,20 +240,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     ),
     "adam": OptimizerSpec(
         "Adam (optax.adam)",
-        dict(
-            b1=HParamSpec(0.9, "first-moment decay", ge=0, lt=1),
-            b2=HParamSpec(0.999, "second-moment decay", ge=0, lt=1),
-            eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
-            ema_decay=_EMA,
-        ),
+        dict(**_adam_moments(), ema_decay=_EMA),
         example_lr=0.01,
     ),
     "adamw": OptimizerSpec(
         "AdamW (optax.adamw), decoupled weight decay",
         dict(
-            b1=HParamSpec(0.9, "first-moment decay", ge=0, lt=1),
-            b2=HParamSpec(0.999, "second-moment decay", ge=0, lt=1),
-            eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
+            **_adam_moments(),
             weight_decay=HParamSpec(1e-4, "decoupled weight decay (times the LR)", ge=0),
             ema_decay=_EMA,
         ),
@@ -296,9 +298,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "soap": OptimizerSpec(
         "SOAP (cbs.train.soap): Adam in Shampoo's eigenbasis",
         dict(
-            b1=HParamSpec(0.95, "first-moment decay", ge=0, lt=1),
-            b2=HParamSpec(0.95, "second-moment decay", ge=0, lt=1),
-            eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
+            **_adam_moments(b1=0.95, b2=0.95),
             weight_decay=_WD,
             ema_decay=_EMA,
         ),
@@ -354,28 +354,31 @@ def schedule_fn(schedule, max_steps: int) -> Callable[[jax.Array], jax.Array]:
     """The LR multiplier ``m(step)`` (peak 1) of a :class:`cbs.sweep.config.Schedule`.
 
     The cell's LR is ``lr * m(step)`` with ``lr`` traced, so the schedule's shape is
-    static per block and the LR still varies across cells. Warm-up is linear and reaches
-    the peak at step ``warmup_steps - 1`` (no wasted step at LR 0); the decay kinds start
-    after warm-up and reach ``final_lr_fraction`` at ``horizon`` (default
-    ``max_steps``). ``step`` boundaries and ``piecewise`` lengths count from step 0.
+    static per block and the LR still varies across cells. The definition is the one
+    ``cbs.sweep.config.Schedule`` states for every back end (the NQM's
+    ``schedule_phases`` gives the same multiplier at every step): warm-up is linear,
+    ``(t + 1) / warmup_steps`` at step ``t`` (no wasted step at LR 0); then the kind's
+    own clock ``s = t - warmup_steps`` runs, so ``step`` boundaries, ``piecewise``
+    lengths and ``horizon`` count after the warm-up. Cosine and linear decay are
+    evaluated at ``s + 0.5`` and reach ``final_lr_fraction`` at ``s = horizon``
+    (default ``max_steps - warmup_steps``).
 
     Args:
       schedule: a Schedule (or None for constant).
-      max_steps: the budget, the default horizon.
+      max_steps: the budget; the decay's default horizon is what remains after warm-up.
     """
     if schedule is None:
         return lambda step: jnp.ones((), jnp.float32)
     kind, warm = schedule.kind, schedule.warmup_steps
-    horizon = schedule.horizon or max_steps
-    decay_len = max(1, horizon - warm)
+    horizon = schedule.horizon or max(1, max_steps - warm)
     if kind == "constant":
-        rest = lambda t: jnp.ones((), jnp.float32)  # noqa: E731
+        rest = lambda s: jnp.ones((), jnp.float32)  # noqa: E731
     elif kind == "cosine":
-        cos = optax.cosine_decay_schedule(1.0, decay_len, alpha=schedule.final_lr_fraction)
-        rest = lambda t: cos(t - warm)  # noqa: E731
+        cos = optax.cosine_decay_schedule(1.0, horizon, alpha=schedule.final_lr_fraction)
+        rest = lambda s: cos(s + 0.5)  # noqa: E731
     elif kind == "linear_decay":
-        lin = optax.linear_schedule(1.0, schedule.final_lr_fraction, decay_len)
-        rest = lambda t: lin(t - warm)  # noqa: E731
+        lin = optax.linear_schedule(1.0, schedule.final_lr_fraction, horizon)
+        rest = lambda s: lin(s + 0.5)  # noqa: E731
     elif kind == "step":
         rest = optax.piecewise_constant_schedule(
             1.0, {int(b): schedule.decay_factor for b in schedule.boundaries}
@@ -385,17 +388,17 @@ def schedule_fn(schedule, max_steps: int) -> Callable[[jax.Array], jax.Array]:
             raise ValueError("a piecewise schedule needs pieces [[steps, lr_multiplier], ...]")
         ends = jnp.cumsum(jnp.array([p[0] for p in schedule.pieces], jnp.float32))
         mults = jnp.array([p[1] for p in schedule.pieces], jnp.float32)
-        rest = lambda t: mults[
-            jnp.minimum(jnp.searchsorted(ends, t, side="right"), len(schedule.pieces) - 1)
+        rest = lambda s: mults[
+            jnp.minimum(jnp.searchsorted(ends, s, side="right"), len(schedule.pieces) - 1)
         ]  # noqa: E731
     else:
         raise ValueError(f"schedule kind {kind!r} is not supported by the train back end")
 
     def m(step):
         step = jnp.asarray(step, jnp.float32)
-        w = jnp.minimum(1.0, (step + 1.0) / warm) if warm > 0 else 1.0
-        return (
-            w * rest(jnp.maximum(step, warm) if kind in ("cosine", "linear_decay") else step)
-        ).astype(jnp.float32)
+        after = rest(jnp.maximum(step - warm, 0.0))
+        if warm == 0:
+            return jnp.asarray(after, jnp.float32)
+        return jnp.where(step < warm, (step + 1.0) / warm, after).astype(jnp.float32)
 
     return m

@@ -422,6 +422,8 @@ def _decoupled_weight_decay(weight_decay: float | jax.Array) -> optax.GradientTr
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+# (The signature repeats scale_by_soap's plus the LR and decay, as optax.adam's does
+# scale_by_adam's: public functions whose parameters help() shows by name.)
 def soap(
     learning_rate: optax.ScalarOrSchedule,
     b1: float | jax.Array = 0.95,

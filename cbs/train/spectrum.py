@@ -350,6 +350,8 @@ def measure(
         theta = jnp.asarray(theta, jnp.float64)
         x = jnp.asarray(x, jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x)
         y = jnp.asarray(y, jnp.float64) if jnp.issubdtype(y.dtype, jnp.floating) else jnp.asarray(y)
+        # Always measured (a zero displacement when none is given, its results dropped): one
+        # compiled program serves the measurements with and without it.
         disp = (
             jnp.zeros_like(theta)
             if displacement is None
@@ -370,7 +372,6 @@ def measure(
             chunk=chunk,
             curvature=curvature,
             seed=seed,
-            with_disp=displacement is not None,
         )
         out = jax.tree.map(np.asarray, out)
     n_sub = min(noise_examples, int(x.shape[0]))
@@ -425,7 +426,6 @@ def _measure_impl(
     chunk,
     curvature,
     seed,
-    with_disp,
 ):
     key = jax.random.PRNGKey(seed)
     k_top, k_slq, k_g, k_sub = jax.random.split(key, 4)
@@ -449,19 +449,15 @@ def _measure_impl(
         return jnp.vdot(u, cvp(u))
 
     quad = jax.lax.map(quad_form, sub)
-    extra = {}
-    if with_disp:
-        dsq = jnp.sum(disp**2)
-        da, db, _ = lanczos(
-            cvp, disp + jnp.where(dsq > 0, 0.0, 1.0), ms, jax.random.fold_in(k_g, 1)
-        )
-        d_nodes, dY = _tridiag_eigh(da, db)
-        extra = {
-            "disp_proj": top_v @ disp,
-            "disp_sq": dsq,
-            "d_nodes": d_nodes,
-            "d_weights": dY[0] ** 2,
-        }
+    dsq = jnp.sum(disp**2)
+    da, db, _ = lanczos(cvp, disp + jnp.where(dsq > 0, 0.0, 1.0), ms, jax.random.fold_in(k_g, 1))
+    d_nodes, dY = _tridiag_eigh(da, db)
+    extra = {
+        "disp_proj": top_v @ disp,
+        "disp_sq": dsq,
+        "d_nodes": d_nodes,
+        "d_weights": dY[0] ** 2,
+    }
     return extra | {
         "top_h": top_h,
         "top_v": top_v,
@@ -492,6 +488,5 @@ _measure_jit = jax.jit(
         "chunk",
         "curvature",
         "seed",
-        "with_disp",
     ),
 )
