@@ -54,6 +54,13 @@ def main() -> int:
     _wrap(nqm_backend, "refine_lr", "LR refinement (batched golden section)")
     _wrap(nqm_backend, "evaluate_grid", "main grid (evaluate_grid)")
     _wrap(nqm_backend, "expected_risk", "risk curves")
+    import cbs.store as store
+    import cbs.sweep.runner as runner
+
+    _wrap(runner, "expand_blocks", "grid expansion (cells, ids)")
+    _wrap(runner, "_block_tables", "row tables per block")
+    _wrap(store.RunStore, "write_block", "Parquet parts (write)")
+    _wrap(store.RunStore, "merge", "merge of the parts")
     import cbs.analysis._report as report
 
     _wrap(report, "analyze_run", "analysis incl. plots")

@@ -91,19 +91,22 @@ def _parquet_bytes(df: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
-def read_table(run_dir: str | Path, name: str) -> pd.DataFrame | None:
-    """A table of a run folder (merged file, else the concatenated parts); None if absent."""
+def read_table(
+    run_dir: str | Path, name: str, columns: list[str] | None = None
+) -> pd.DataFrame | None:
+    """A table of a run folder (merged file, else the concatenated parts); None if absent.
+    ``columns``: read only these (all of them must exist)."""
     run_dir = Path(run_dir)
     merged = run_dir / f"{name}.parquet"
     # The merged file is written only once every block is finished (and rewritten at
     # each later merge), so when it exists it is complete; otherwise use the parts.
     if merged.exists():
-        return pd.read_parquet(merged)
+        return pd.read_parquet(merged, columns=columns)
     parts_dir = run_dir / "parts" / name
     parts = sorted(parts_dir.glob("*.parquet")) if parts_dir.is_dir() else []
     if not parts:
         return None
-    frames = [f for f in (pd.read_parquet(p) for p in parts) if len(f)]
+    frames = [f for f in (pd.read_parquet(p, columns=columns) for p in parts) if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

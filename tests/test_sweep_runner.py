@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -137,3 +138,105 @@ def test_calls_respect_blocks_per_call_and_never_mix_optimizers(fake_backend, tm
     assert sorted(b for call in FakeBackend.calls for b in call) == sorted(
         f"{o}__B{b}" for o in ("plain", "heavy") for b in (1, 4, 16)
     )
+
+
+def test_cell_ids_are_stable_hashes_of_the_coordinates(fake_backend, tmp_path):
+    """Every expanded cell's id is the SHA-1 of the documented JSON of its coordinates,
+    computed here independently; two ids are pinned to values of earlier releases, so a
+    resumed run keeps finding its cells."""
+    import hashlib
+
+    from cbs.sweep.grid import cell_id, expand_blocks
+
+    cfg = load_config(fake_config(tmp_path))
+    cells = [c for b in expand_blocks(cfg, FakeBackend) for c in b.cells]
+    assert len(cells) == 54
+    for c in cells:
+        key = json.dumps(
+            [
+                c.optimizer,
+                c.batch_size,
+                c.lr.hex(),
+                sorted((k, float(v).hex()) for k, v in c.hparams.items()),
+                c.seed,
+            ]
+        )
+        assert c.cell_id == hashlib.sha1(key.encode()).hexdigest()[:16]
+    assert cell_id("sgd_p0.25", 16, 0.1, {"precond_power": 0.25, "ema_decay": 0.0}, 3) == (
+        "b58939a18a89aab1"
+    )
+    assert cell_id('é "q"', 1, 1e-8, {}, 0) == "3040464ff0b8bb9b"
+
+
+def test_result_columns_equal_the_row_by_row_table(fake_backend, tmp_path):
+    """The column-wise results table (the fast path) equals the row-by-row one (dtypes and
+    column order included) for the fake back end, NQM blocks with their extras, records
+    whose extras differ between cells (row path only), and an extra that repeats a name."""
+    from cbs.nqm.backend import NQMBackend
+    from cbs.sweep.backend import BlockResult, CellResult
+    from cbs.sweep.grid import expand_blocks
+    from cbs.sweep.runner import _block_tables, _result_columns, _result_rows
+
+    stamp = {"config_hash": "abc", "jax_version": "x", "device_count": 1, "host": "h"}
+    cases = []
+    cfg = load_config(fake_config(tmp_path))
+    for block in expand_blocks(cfg, FakeBackend)[:4]:
+        cases.append((cfg, block, FakeBackend(cfg).run_blocks([block])[0]))
+    nqm_cfg = load_config(
+        {
+            "name": "n",
+            "backend": "nqm",
+            "grid": {
+                "batch_sizes": [4, 64],
+                "learning_rates": [0.01, 0.3, 3.0],
+                "optimizers": [{"kind": "momentum", "hparams": {"momentum": [0.0, 0.9]}}],
+            },
+            "target": {"metric": "risk", "value": 0.05},
+            "budget": {"max_steps": 1000},
+            "nqm": {"dim": 20},
+        }
+    )
+    for block in expand_blocks(nqm_cfg, NQMBackend):
+        # records shaped like the NQM back end's (reached / diverged / censored, NaN steps,
+        # its four extras), made up here so that no JAX program is compiled
+        recs = [
+            CellResult(
+                c.cell_id,
+                i % 3 == 0,
+                i % 3 == 1,
+                float(10 + i) if i % 3 == 0 else float("nan"),
+                0.01 * i,
+                0.005 * i,
+                10 + i if i % 3 == 0 else 1000,
+                extra={
+                    "settle_step": float(12 + i) if i % 3 == 0 else float("nan"),
+                    "crossing_certified": float(i % 2),
+                    "steps_lower_bound": float(i),
+                    "schedule_exact": 1.0,
+                },
+            )
+            for i, c in enumerate(block.cells)
+        ]
+        res = BlockResult(recs)
+        cases.append((nqm_cfg, block, res))
+        # an extra that repeats a fixed column's name: last value, first position
+        recs = [dataclasses.replace(r, extra={**r.extra, "lr": 7.0}) for r in res.cells]
+        cases.append((nqm_cfg, block, BlockResult(recs)))
+    for cfg_, block, res in cases:
+        cols = _result_columns(cfg_, block, res, stamp)
+        assert cols is not None
+        pd.testing.assert_frame_equal(
+            pd.DataFrame(cols),
+            pd.DataFrame(_result_rows(cfg_, block, res, stamp)),
+            check_exact=True,
+        )
+    # extras that differ between cells: the row path fills the gaps with NaN
+    cfg_, block, res = cases[-1]
+    recs = [
+        dataclasses.replace(r, extra={"a": 1.0} if i % 2 else {"b": 2.0})
+        for i, r in enumerate(res.cells)
+    ]
+    mixed = BlockResult(recs)
+    assert _result_columns(cfg_, block, mixed, stamp) is None
+    table = _block_tables(cfg_, block, mixed, stamp)["results"]
+    assert table["a"].isna().sum() == table["b"].isna().sum() == len(recs) // 2

@@ -188,7 +188,8 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
     fresh_noise (static): whether the phase starts with zero noise moments (the first phase),
     which makes them nondecreasing within the phase and allows a cheaper bound (``bounds``).
     Returns (hit (nB,) local step or -1, certified (nB,) bool, the scan's final step t: no
-    step in [0, t) is below target for a batch size still unresolved).
+    step in [0, t) is below target for a batch size still unresolved, and the iterations
+    run: the scan's cost, which callers use to group configurations of similar cost).
 
     The modal coefficients of Det and Noise - sinf are computed once and then carried along:
     advancing by s steps multiplies each by z^s (a table of z^(2^j)), which is exact up to
@@ -363,7 +364,7 @@ def _gallop(Tt, two, lam, hs, sinf, read, w, batch, ell, target, K, max_iter, go
     )
     t, lvl, st, Kd, Kn, active, hit, it = jax.lax.while_loop(cond, body, init)
     certified = ~active | (t > ell)
-    return hit, certified, t
+    return hit, certified, t, it
 
 
 def _below(risk, target):
@@ -449,7 +450,8 @@ def search_steps(
     Returns:
         dict of (nB,) arrays: steps (int, -1 if not reached), settle, best, final, certified,
         lower (no step before it has risk below target: proven by the certified scan; equal to
-        steps when certified and reached).
+        steps when certified and reached); and iters, a scalar: the certified scan's
+        iterations over all phases (its cost; 0 without certify).
     """
     w = prob[3]
     h, c_noise, _, _ = prob
@@ -478,6 +480,7 @@ def search_steps(
         best=risk0,
         cert=jnp.ones(nB, bool),
         lower=jnp.zeros(nB, jnp.int64),
+        iters=jnp.int64(0),
     )
 
     def phase(carry, xs, first_phase=False):
@@ -547,7 +550,7 @@ def search_steps(
                 else _stationary(kind, ema, lr * lr_m * h ** (1.0 - power), beta, gamma, r) / b_m
             )
             Tpair = (Tt[0], tuple(x / b_m for x in Tt[1]))
-            ghit, gcert, gstop = _gallop(
+            ghit, gcert, gstop, giters = _gallop(
                 Tpair,
                 tuple(two[i] for i in range(two.shape[0])),
                 lam,
@@ -565,6 +568,7 @@ def search_steps(
             )
         else:
             ghit, gcert, gstop = -jnp.ones(nB, jnp.int64), jnp.zeros(nB, bool), jnp.int64(0)
+            giters = jnp.int64(0)
         gfound = active & gcert & (ghit >= 0)
         bfound = active & ~gcert & (first >= 0) & (off < ell)
         hit = jnp.where(gfound, t0 + ghit, jnp.where(bfound, t0 + first, hit))
@@ -581,7 +585,11 @@ def search_steps(
         two = jnp.stack(
             _expand_t(Tt, tuple(two), jnp.broadcast_to(ell, (2,)), jnp.stack([0.0, 1.0 / b_m]))
         )
-        return dict(two=two, hit=hit, settle=settle, best=best, cert=cert, lower=lower), None
+        iters = carry["iters"] + giters
+        return (
+            dict(two=two, hit=hit, settle=settle, best=best, cert=cert, lower=lower, iters=iters),
+            None,
+        )
 
     xs = (start, length, jnp.asarray(phases.lr_mult), jnp.asarray(phases.batch_mult))
     # the first phase starts with zero noise moments: its certified scan uses the cheaper
@@ -598,4 +606,5 @@ def search_steps(
         final=final,
         certified=out["cert"],
         lower=out["lower"],
+        iters=out["iters"],
     )

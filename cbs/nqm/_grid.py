@@ -117,6 +117,7 @@ def evaluate_grid(
     threads: int | None = None,
     certify: bool = True,
     certify_iters: int | None = None,
+    cost_hint=None,
 ) -> dict[str, np.ndarray]:
     """Steps to target for every configuration x batch size.
 
@@ -134,6 +135,10 @@ def evaluate_grid(
         certify: run the certified first-crossing scan (default; False is faster and flags
             every cell uncertified). certify_iters: its iteration budget per configuration and
             phase (default 4 K + 2 window; see ``_crossing.search_steps``).
+        cost_hint: (C,) expected cost per configuration (e.g. ``scan_iterations`` of a
+            previous call at nearby points): configurations of similar cost are then vmapped
+            together. Default: grouped by (momentum, EMA decay, LR, power). No result depends
+            on it (each configuration is computed independently of its chunk's others).
 
     Returns:
         dict of (C, nB) numpy arrays: ``steps`` (first step with risk < target; NaN when not
@@ -144,7 +149,8 @@ def evaluate_grid(
         none within max_steps; see ``_crossing.search_steps``), ``steps_lower_bound`` (proven:
         no step before it has risk below target; equals ``steps`` for certified cells, NaN for
         certified censored ones; for uncertified cells the first crossing lies in
-        [steps_lower_bound, steps]).
+        [steps_lower_bound, steps]); and ``scan_iterations`` (C,), the certified scan's
+        iterations per configuration (its cost; 0 without certify).
     """
     lr, beta, gamma, power = _as_configs(lr, momentum, ema_decay, precond_power)
     C = len(lr)
@@ -159,9 +165,14 @@ def evaluate_grid(
     parts = max(1, min(threads or devices.nqm_threads(), C // chunk))
     size = -(-C // parts)
     # The certified scan (a while loop) runs per chunk until its slowest configuration is
-    # done: order configurations by (momentum, EMA decay, LR, power) so that similar ones
-    # (similar iteration counts) share chunks, and deal them round-robin to the parts.
-    order = np.lexsort((power, lr, gamma, beta))
+    # done: order configurations by their cost hint, else by (momentum, EMA decay, LR,
+    # power), so that similar ones (similar iteration counts) share chunks, and deal them
+    # round-robin to the parts.
+    order = (
+        np.lexsort((power, lr, gamma, beta))
+        if cost_hint is None
+        else np.argsort(np.asarray(cost_hint), kind="stable")
+    )
     idx = order[np.minimum(np.arange(parts * size), C - 1)].reshape(size, parts).T
 
     def run(rows):
@@ -205,6 +216,7 @@ def evaluate_grid(
         steps_lower_bound=np.where(
             out["certified"], np.where(reached, out["steps"], np.nan), out["lower"]
         ).astype(np.float64),
+        scan_iterations=out["iters"],
     )
 
 

@@ -83,18 +83,24 @@ def refine_lr(
         )
     )
     R = len(lr0)
-    # Every evaluation is one evaluate_grid call over all R searches, padded (repeating the
-    # last) to a power of two >= 64 rows, so that sweeps of similar size share one program.
+    # Every evaluation is one evaluate_grid call over all R searches, padded to a power of
+    # two >= 64 rows, so that sweeps of similar size share one program. The padding rows are
+    # inert (LR 0, no momentum: the risk stays at its initial value, and the certified scan
+    # proves that in a few iterations); copies of a real row would cost as much as it does,
+    # e.g. the full iteration budget of a slowly oscillating momentum row.
     pad = max(64, 1 << max(R - 1, 0).bit_length()) - R
-    fill = lambda x: np.concatenate([x, np.repeat(x[-1:], pad)])
-    hp = [fill(x) for x in (momentum, ema_decay, precond_power)]
-    batch_col = fill(batch_size)[:, None]
+    fill = lambda x, v: np.concatenate([x, np.full(pad, v)])
+    hp = [fill(momentum, 0.0), fill(ema_decay, 0.0), fill(precond_power, 0.0)]
+    batch_col = fill(batch_size, 1.0)[:, None]
+    # Each search's certified scan costs about as many iterations at its next point as at
+    # its last (the points converge): chunks of similar cost waste the fewest iterations.
+    cost = [None]
 
     def f(log_lr):
         out = evaluate_grid(
             problem,
             kind,
-            np.exp(fill(log_lr)),
+            fill(np.exp(log_lr), 0.0),
             *hp,
             batch_sizes=batch_col,
             target=target,
@@ -102,8 +108,11 @@ def refine_lr(
             phases=phases,
             window=window,
             certify=certify,
-        )["steps"][:R, 0]
-        return np.where(np.isnan(out), np.inf, out)
+            cost_hint=cost[0],
+        )
+        cost[0] = out["scan_iterations"] if certify else None
+        steps = out["steps"][:R, 0]
+        return np.where(np.isnan(steps), np.inf, steps)
 
     # (A golden section of its own, not the S(B) fitter's in cbs.analysis._model: here each
     # evaluation is a full exact step count, so one new point per iteration is reused,

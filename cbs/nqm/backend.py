@@ -309,24 +309,37 @@ class NQMBackend(Backend):
             )
         )
         diverged = ~reached & (~np.isfinite(final) | (final > 10 * self.problem.initial_risk))
+        # Python scalars via tolist() (one conversion per array, not per element and cell)
+        steps_run = np.where(reached, np.nan_to_num(steps), max_steps).astype(np.int64)
         records = [
             CellResult(
                 cell_id=c.cell_id,
-                reached=bool(reached[j]),
-                diverged=bool(diverged[j]),
-                steps_to_target=float(steps[j]),
-                final_metric=float(final[j]),
-                best_metric=float(best[j]),
-                steps_run=int(steps[j]) if reached[j] else int(max_steps),
+                reached=r,
+                diverged=d,
+                steps_to_target=s,
+                final_metric=f,
+                best_metric=b,
+                steps_run=n,
                 extra={
-                    "settle_step": float(settle[j]),
-                    "crossing_certified": float(cert[j]),
-                    "steps_lower_bound": float(lower[j]),
+                    "settle_step": st,
+                    "crossing_certified": ce,
+                    "steps_lower_bound": lo,
                     # 0 when a smooth schedule stretch was coarse-grained (max_phases)
                     "schedule_exact": float(exact),
                 },
             )
-            for j, c in enumerate(cells)
+            for c, r, d, s, f, b, n, st, ce, lo in zip(
+                cells,
+                reached.tolist(),
+                diverged.tolist(),
+                steps.astype(np.float64).tolist(),
+                final.astype(np.float64).tolist(),
+                best.astype(np.float64).tolist(),
+                steps_run.tolist(),
+                settle.astype(np.float64).tolist(),
+                cert.astype(np.float64).tolist(),
+                lower.astype(np.float64).tolist(),
+            )
         ]
         # Tuning: the grid optimum per block and per hyperparameter tuple, then refinement.
         offsets = np.cumsum([0] + [len(b.cells) for b in group])
@@ -392,14 +405,18 @@ class NQMBackend(Backend):
                     for n, v in zip(("momentum", "ema_decay", "precond_power"), hk):
                         if n in self._hp_names(kind):
                             row["hp_" + n] = float(v)
-        curves = self._curves(kind, group, cells, lr, mom, ema, pw, bsz, steps, phases)
+        curves, sel = self._curves(kind, group, cells, lr, mom, ema, pw, bsz, steps, phases)
+        if curves is not None:
+            # the curves' cells come block after block (sel is grouped by block), each with
+            # the same number of rows: each block's rows are one slice
+            sel_block = np.searchsorted(offsets, sel, side="right") - 1
+            cut = np.searchsorted(sel_block, np.arange(len(group) + 1)) * (len(curves) // len(sel))
         out = []
-        for bi, block in enumerate(group):
+        for bi in range(len(group)):
             sl = slice(offsets[bi], offsets[bi + 1])
             c_df = None
             if curves is not None:
-                ids = {c.cell_id for c in block.cells}
-                c_df = curves[curves.cell_id.isin(ids)].reset_index(drop=True)
+                c_df = curves.iloc[cut[bi] : cut[bi + 1]].reset_index(drop=True)
             out.append(
                 BlockResult(
                     cells=records[sl], curves=c_df, tables={"tuned": pd.DataFrame([rows[bi]])}
@@ -418,7 +435,7 @@ class NQMBackend(Backend):
     def _curves(self, kind, group, cells, lr, mom, ema, pw, bsz, steps, phases):
         mode = self.section.curves
         if not self.config.output.curves or mode == "none":
-            return None
+            return None, None
         # auto: every cell of an optimizer entry with at most 4096 cells, else the best cell
         # per block and hyperparameter tuple; counted on the entry's whole grid, not on this
         # call's blocks, so that sharded and resumed runs store the same curves
@@ -439,7 +456,7 @@ class NQMBackend(Backend):
                         keep.append(sub[j])
         sel = np.array(keep, np.int64)
         if len(sel) == 0:
-            return None
+            return None, None
         ts = self._curve_steps()
         # L(t; B) = Det(t) + Noise(t) / B: two evaluations per configuration serve every B.
         keys = np.stack([lr[sel], mom[sel], ema[sel], pw[sel]], 1)
@@ -461,7 +478,7 @@ class NQMBackend(Backend):
                 "step": np.tile(ts, len(sel)),
                 "metric": risk.ravel(),
             }
-        )
+        ), sel
 
     def _run_pwc(self, kind, group):
         cfg = self.config

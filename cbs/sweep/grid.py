@@ -13,16 +13,27 @@ __all__ = ["expand_blocks", "cell_id"]
 
 
 def cell_id(optimizer: str, batch_size: int, lr: float, hparams: dict, seed: int) -> str:
-    """A stable id for a cell's coordinates (same coordinates -> same id, across runs)."""
-    key = json.dumps(
-        [
-            optimizer,
-            int(batch_size),
-            float(lr).hex(),
-            sorted((k, float(v).hex()) for k, v in hparams.items()),
-            int(seed),
-        ]
+    """A stable id for a cell's coordinates (same coordinates -> same id, across runs): the
+    first 16 hex digits of the SHA-1 of the JSON text
+    ``[optimizer, batch_size, lr.hex(), sorted [name, value.hex()] pairs, seed]``."""
+    return _cell_id(
+        json.dumps(optimizer), int(batch_size), _lr_json(lr), _hparams_json(hparams), int(seed)
     )
+
+
+def _lr_json(lr: float) -> str:
+    return json.dumps(float(lr).hex())
+
+
+def _hparams_json(hparams: dict) -> str:
+    return json.dumps(sorted((k, float(v).hex()) for k, v in hparams.items()))
+
+
+def _cell_id(optimizer_json: str, batch_size: int, lr_json: str, hp_json: str, seed: int) -> str:
+    # json.dumps of the list, assembled from its encoded items (json.dumps([a, b]) is
+    # "[" + json.dumps(a) + ", " + json.dumps(b) + "]"), so a sweep's many cells encode
+    # each LR and hyperparameter tuple once instead of once per cell
+    key = f"[{optimizer_json}, {batch_size}, {lr_json}, {hp_json}, {seed}]"
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
@@ -52,20 +63,23 @@ def expand_blocks(cfg: SweepConfig, backend) -> list[Block]:
             _values(opt.hparams[n]) if n in opt.hparams else [float(specs[n].default)]
             for n in names
         ]
+        combos = [dict(zip(names, combo)) for combo in itertools.product(*axes)]
+        combos_json = [_hparams_json(hp) for hp in combos]
+        lrs_json = [_lr_json(lr) for lr in lrs]
+        label_json = json.dumps(opt.label)
         for batch_size in cfg.grid.batch_size_values():
             cells = []
-            for lr in lrs:
-                for combo in itertools.product(*axes):
-                    hp = dict(zip(names, combo))
+            for lr, lr_json in zip(lrs, lrs_json):
+                for hp, hp_json in zip(combos, combos_json):
                     for seed in cfg.grid.seeds:
                         cells.append(
                             Cell(
-                                cell_id(opt.label, batch_size, lr, hp, seed),
+                                _cell_id(label_json, int(batch_size), lr_json, hp_json, int(seed)),
                                 opt.label,
                                 opt.kind,
                                 int(batch_size),
                                 float(lr),
-                                hp,
+                                dict(hp),
                                 int(seed),
                             )
                         )

@@ -181,10 +181,78 @@ def _block_tables(
             f"back end returned {len(result.cells)} records for {len(block.cells)} cells "
             f"in block {block.block_id}"
         )
-    rows = []
     for cell, rec in zip(block.cells, result.cells):
         if rec.cell_id != cell.cell_id:
             raise RuntimeError(f"back end returned records out of order in block {block.block_id}")
+    columns = _result_columns(cfg, block, result, stamp)
+    tables = {
+        RESULTS: pd.DataFrame(
+            columns if columns is not None else _result_rows(cfg, block, result, stamp)
+        )
+    }
+    if result.curves is not None and cfg.output.curves and len(result.curves):
+        tables["curves"] = result.curves.assign(block_id=block.block_id)
+    for name, df in result.tables.items():
+        if df is not None:
+            tables[name] = df.assign(block_id=block.block_id)
+    return tables
+
+
+def _result_columns(cfg: SweepConfig, block: Block, result: BlockResult, stamp: dict):
+    """The rows of :func:`_result_rows` as columns (same names, order and values), built
+    column by column; None when the cells' hyperparameters or the records' extras do not
+    all have the same names (then only the row form fills the gaps as pandas does)."""
+    cells, recs = block.cells, result.cells
+    if not cells:
+        return None
+    hp_names, extra_names = list(cells[0].hparams), list(recs[0].extra)
+    if any(list(c.hparams) != hp_names for c in cells) or any(
+        list(r.extra) != extra_names for r in recs
+    ):
+        return None
+    n = len(cells)
+    reached = [bool(r.reached) for r in recs]
+    diverged = [bool(r.diverged) for r in recs]
+    # assignment order = the row dict's key order; a repeated name keeps its first position
+    # and takes the last value, as in the row dict
+    cols: dict[str, list] = {}
+    cols["sweep"] = [cfg.name] * n
+    cols["config_hash"] = [stamp["config_hash"]] * n
+    cols["backend"] = [cfg.backend] * n
+    cols["block_id"] = [block.block_id] * n
+    cols["cell_id"] = [c.cell_id for c in cells]
+    cols["optimizer"] = [c.optimizer for c in cells]
+    cols["kind"] = [c.kind for c in cells]
+    cols["batch_size"] = [c.batch_size for c in cells]
+    cols["tokens_per_example"] = [cfg.analysis.tokens_per_example] * n
+    cols["lr"] = [c.lr for c in cells]
+    cols["seed"] = [c.seed for c in cells]
+    for k in hp_names:
+        cols[f"hp_{k}"] = [float(c.hparams[k]) for c in cells]
+    cols["metric"] = [cfg.target.metric] * n
+    cols["target"] = [cfg.target.value] * n
+    cols["max_steps"] = [cfg.budget.max_steps] * n
+    cols["reached"] = reached
+    cols["diverged"] = diverged
+    cols["censored"] = [not (r or d) for r, d in zip(reached, diverged)]
+    cols["steps_to_target"] = [
+        float(rec.steps_to_target) if r else float("nan") for rec, r in zip(recs, reached)
+    ]
+    cols["final_metric"] = [float(r.final_metric) for r in recs]
+    cols["best_metric"] = [float(r.best_metric) for r in recs]
+    cols["steps_run"] = [int(r.steps_run) for r in recs]
+    for k in extra_names:
+        cols[k] = [float(r.extra[k]) for r in recs]
+    for k, v in stamp.items():
+        if k != "config_hash":
+            cols[k] = [v] * n
+    return cols
+
+
+def _result_rows(cfg: SweepConfig, block: Block, result: BlockResult, stamp: dict) -> list[dict]:
+    """One results row per cell: coordinates, outcome, the back end's extras, provenance."""
+    rows = []
+    for cell, rec in zip(block.cells, result.cells):
         steps = float(rec.steps_to_target) if rec.reached else float("nan")
         row = {
             "sweep": cfg.name,
@@ -213,13 +281,7 @@ def _block_tables(
         }
         row.update({k: v for k, v in stamp.items() if k != "config_hash"})
         rows.append(row)
-    tables = {RESULTS: pd.DataFrame(rows)}
-    if result.curves is not None and cfg.output.curves and len(result.curves):
-        tables["curves"] = result.curves.assign(block_id=block.block_id)
-    for name, df in result.tables.items():
-        if df is not None:
-            tables[name] = df.assign(block_id=block.block_id)
-    return tables
+    return rows
 
 
 def _calls(
@@ -507,13 +569,17 @@ def run_sweep(
     session["ended"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     session["merged"] = merged
     store.write_session(session_id, session)
-    rows = read_table(store.dir, RESULTS)
+    counted = ["block_id", "reached", "diverged", "censored"]
+    rows = read_table(store.dir, RESULTS, columns=counted)
     ids = {b.block_id for b in blocks}
-    mine = (
-        rows[rows["block_id"].str.split("__a").str[0].isin(ids)]
-        if rows is not None
-        else pd.DataFrame(columns=["reached", "diverged", "censored"])
-    )
+    if rows is not None:
+        # this process's blocks and their adaptive rounds (<block>__a<k>); the test runs
+        # once per distinct block id, not once per row
+        block_ids = rows["block_id"].unique()
+        keep = [b for b in block_ids if str(b).split("__a")[0] in ids]
+        mine = rows[rows["block_id"].isin(keep)]
+    else:
+        mine = pd.DataFrame(columns=counted)
     total = int(bar.total)  # adaptive rounds add cells as they go
     return SweepSummary(
         cfg.name,
