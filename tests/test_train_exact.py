@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
+from cbs.train import loop
 from cbs.train.backend import TrainBackend
 from cbs.train.direct import make_block, make_config
 
@@ -32,9 +33,17 @@ def steps(kind, lrs, eval_every, exact=True, metric="val_loss", value=0.6, train
 
 
 @pytest.mark.parametrize("kind,lrs,metric,value", [("sgd", [0.2, 0.3], "val_loss", 0.9)])
-def test_exact_crossing_equals_every_step_run(kind, lrs, metric, value):
+def test_exact_crossing_equals_every_step_run(kind, lrs, metric, value, monkeypatch):
     every, flag1 = steps(kind, lrs, 1, metric=metric, value=value)
+    # the call keeps each cell's state at its last evaluation above target: replays start
+    # at t0, not at the start of the call
+    starts = []
+    schedule = loop._replay_schedule
+    monkeypatch.setattr(
+        loop, "_replay_schedule", lambda c, e: starts.append((c.s0, c.t0)) or schedule(c, e)
+    )
     coarse, flag = steps(kind, lrs, 7, metric=metric, value=value)
+    assert starts and all(s0 == t0 for s0, t0 in starts), starts
     assert np.isfinite(every).sum() >= 3, every  # enough cells cross within the budget
     assert flag1[np.isfinite(every)].all()
     np.testing.assert_array_equal(coarse, every)
@@ -73,3 +82,9 @@ def test_exact_crossing_kfac_equals_every_step_run():
     assert np.isfinite(every).all(), every
     np.testing.assert_array_equal(coarse, every)
     assert flag.all()
+
+
+def test_program_target_rounds_up_to_float32():
+    for t in (0.2, 0.5, 1e-3, 2.4, 0.1 + 1e-9):
+        p = np.float32(loop.program_target(t))
+        assert float(p) >= t and float(np.nextafter(p, np.float32(-np.inf))) < t

@@ -508,7 +508,14 @@ class TrainBackend(Backend):
         key = (kind, repr(schedule))
         if key not in self._runs:
             sched = schedule_fn(schedule, self.config.budget.max_steps)
-            self._runs[key] = BlockRun(self.problem, kind, sched, self.config.budget.max_steps)
+            opts = self.options()
+            self._runs[key] = BlockRun(
+                self.problem,
+                kind,
+                sched,
+                opts.max_steps,
+                crossing_metric=opts.metric if opts.exact and opts.eval_every > 1 else None,
+            )
         return self._runs[key]
 
     # ------------------------------------------------------------------ contract
@@ -566,7 +573,8 @@ class TrainBackend(Backend):
 
     def cell_memory_bytes(self, block: Block) -> int | None:
         """Device bytes per vmapped cell, as XLA reports them for a one-cell program: the
-        cell state (params, optimizer state, EMA; twice, input and output) plus the
+        cell state (params, optimizer state, EMA; twice, input and output, and once more
+        for the state kept for a crossing replay) plus the
         temporaries of one training call at this batch size and of one evaluation."""
         if block.kind == "kfac":  # K-FAC cells run one at a time already
             return None
@@ -602,8 +610,11 @@ class TrainBackend(Backend):
                 if data is None
                 else sum(x.size * x.dtype.itemsize for x in data)
             ) * opts.evals_per_call
+            # the state twice (input and output), once more where the call keeps the state
+            # at the evaluation before a crossing (exact crossings)
+            kept = 1 if opts.exact and opts.eval_every > 1 else 0
             self._cell_bytes[key] = int(
-                2 * state_bytes
+                (2 + kept) * state_bytes
                 + temp(train_interval, state, jnp.float32(0.1), hp, idx, data)
                 + temp(evaluate, state, hp)
                 + batch_bytes

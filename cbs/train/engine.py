@@ -292,13 +292,25 @@ class BlockRun:
     every step slot has a per-cell live flag, so an interval can hold a single live step
     followed by its evaluation, and cells that are not replayed stay frozen. The replay
     thus compiles nothing, and a cell's replayed steps are the very arithmetic of its run.
+    With ``crossing_metric``, ``call`` also keeps each cell's state at the evaluation before
+    its first one below target, so a replay starts there rather than at the call's start.
     """
 
-    def __init__(self, problem: TrainProblem, kind: str, schedule: Callable, max_steps: int):
+    def __init__(
+        self,
+        problem: TrainProblem,
+        kind: str,
+        schedule: Callable,
+        max_steps: int,
+        crossing_metric: str | None = None,
+    ):
+        """``crossing_metric``: "val_loss" or "val_error" to have ``call`` also return each
+        cell's state at its last evaluation not below ``target`` before its first one
+        below it in the call (where a crossing replay starts); None: no such state."""
         init, train_interval, evaluate, grad_fn = make_block_fns(problem, kind, schedule, max_steps)
         self.problem, self.kind = problem, kind
 
-        def call(state, lr, hp, idx_table, noise_table, data, slot_steps, slot_live):
+        def call(state, lr, hp, idx_table, noise_table, data, slot_steps, slot_live, target):
             # Per cell (vmapped): idx_table (evals_per_call, eval_every, B) training rows;
             # noise_table (evals_per_call, num_micro, micro_batch) or None; slot_live
             # (evals_per_call, eval_every) bool, False for a skipped (no-op) step.
@@ -306,8 +318,12 @@ class BlockRun:
             # streamed chunk (x, y) the indices point into; slot_steps (evals_per_call,
             # eval_every) int32, the block step of each slot (unbatched, so step-dependent
             # optimizer branches stay conditionals under vmap).
+            # Returns (state, per-evaluation outputs, state before the crossing or None).
+            # target: float32 scalar, rounded up by the caller so that "below" here is never
+            # later than the host's float64 test (the host checks the kept state's step).
             def one(state, lr, hp, idx, nt, live):
-                def interval(s, xs):
+                def interval(carry, xs):
+                    s, keep, crossed = carry
                     idx, nidx, ts, lv = xs
                     s, train_loss = train_interval(s, lr, hp, idx, data, ts, lv)
                     vl, ve = evaluate(s, hp)
@@ -317,7 +333,11 @@ class BlockRun:
                         gsq, tr = noise_scale_estimates(
                             lambda p, i: grad_fn(p, i, data), s.params, nidx
                         )
-                    return s, dict(
+                    if crossing_metric is not None:
+                        below = (vl if crossing_metric == "val_loss" else ve) < target
+                        keep = _where(~crossed & ~below, s, keep)
+                        crossed = crossed | below
+                    return (s, keep, crossed), dict(
                         train_loss=train_loss,
                         val_loss=vl,
                         val_error=ve,
@@ -326,7 +346,11 @@ class BlockRun:
                         trace_sigma=tr,
                     )
 
-                return jax.lax.scan(interval, state, (idx, nt, slot_steps, live))
+                keep0 = state if crossing_metric is not None else None
+                (s, keep, _), out = jax.lax.scan(
+                    interval, (state, keep0, jnp.array(False)), (idx, nt, slot_steps, live)
+                )
+                return s, out, keep
 
             return jax.vmap(one)(state, lr, hp, idx_table, noise_table, slot_live)
 

@@ -240,11 +240,22 @@ def noise_indices(
     return rng.permutation(n)[: num_micro * micro].reshape(num_micro, micro).astype(np.int32)
 
 
+def program_target(target: float) -> jax.Array:
+    """The target as the program's float32, rounded up: a metric below the (float64)
+    target on the host is then below it in the program too."""
+    t = np.float32(target)
+    if t < target:
+        t = np.nextafter(t, np.float32(np.inf))
+    return jnp.asarray(t, jnp.float32)
+
+
 @dataclasses.dataclass
 class _Crossing:
     """A cell whose first evaluation below target awaits its replay: it was above at
     block step ``t0`` and below at ``t1``, in the call that started at ``start`` (lane
-    ``lane``, training rows ``rows[k * every, B]`` of that call)."""
+    ``lane``, training rows ``rows[k * every, B]`` of that call); the replay starts from
+    its state kept at block step ``s0`` (start <= s0 <= t0; t0 unless rounding of the
+    target in the program made it stop earlier)."""
 
     lane: int
     cell: int
@@ -252,10 +263,11 @@ class _Crossing:
     t0: int
     t1: int
     rows: np.ndarray
+    s0: int = -1
 
 
 class _PendingReplays:
-    """Crossings to replay, with each lane's state at the start of its crossing call.
+    """Crossings to replay, with each lane's state at its last evaluation above target.
 
     Replays are deferred: every crossing cell of the current vmap width is replayed in
     one pass of the block's own compiled call (:func:`_replay`), at the end of the block or
@@ -269,6 +281,9 @@ class _PendingReplays:
 
     def add(self, snap, crossings: list[_Crossing]) -> None:
         lanes = np.array([c.lane for c in crossings])
+        steps = np.asarray(snap.step)
+        for c in crossings:
+            c.s0 = int(steps[c.lane])
         if self.state is None:
             self.state = jax.tree.map(np.array, snap)
         else:
@@ -279,9 +294,11 @@ class _PendingReplays:
 
 def _replay_schedule(c: _Crossing, every: int) -> list[list[int]]:
     """The intervals of a replay (row positions in the crossing call, an evaluation after
-    each interval): the call's intervals up to t0 unchanged, then single steps."""
-    a = (c.t0 - c.start) // every
-    return [list(range(j * every, (j + 1) * every)) for j in range(a)] + [
+    each interval): the call's intervals from s0 up to t0 unchanged (none, unless the
+    program's rounded target stopped the kept state early), then single steps to t1."""
+    a = (c.t0 - c.s0) // every
+    first = c.s0 - c.start
+    return [list(range(first + j * every, first + (j + 1) * every)) for j in range(a)] + [
         [c.t0 - c.start + q] for q in range(c.t1 - c.t0)
     ]
 
@@ -296,24 +313,28 @@ def _replay(
     tracker: Tracker,
     opts: RunOptions,
 ) -> None:
-    """Exact first crossings of the pending cells: each is retrained from the start of its
-    crossing call over that call's own data rows (the same trajectory, in the same
-    compiled program at the same vmap width, so the same arithmetic), with its intervals
-    unchanged up to t0 and then a single step and an evaluation per interval until t1;
-    the first evaluation below target is its count. Cells that are not replayed are frozen
-    (every step slot skipped). Kinds whose optimizer branches on the block's shared step
-    (SOAP) replay one (start, t0, t1) group per pass, so that the shared step table is
-    right for every replayed cell.
+    """Exact first crossings of the pending cells: each is retrained from its state at t0
+    (kept by the call) over its crossing call's own data rows (the same trajectory, in the
+    same compiled program at the same vmap width, so the same arithmetic), a single step
+    and an evaluation per interval until t1; the first evaluation below target is its
+    count. Cells that are not replayed are frozen (every step slot skipped). Kinds whose
+    optimizer branches on the block's shared step (SOAP) replay one (s0, t0) group per
+    pass, so that the shared step table is right for every replayed cell.
     """
     k, every = opts.evals_per_call, opts.eval_every
     width = int(lr.shape[0])
+    target = program_target(opts.target)
+    items = [c for c in pending.items if c.start <= c.s0 <= c.t0]
+    for c in pending.items:
+        if c not in items:  # no kept state at or before t0 (not expected): count not exact
+            tracker.set_exact(c.cell, None)
     if run.kind in optimizers.STEP_AWARE:
         groups: dict = {}
-        for c in pending.items:
-            groups.setdefault((c.start, c.t0, c.t1), []).append(c)
+        for c in items:
+            groups.setdefault((c.s0, c.t0), []).append(c)
         passes = list(groups.values())
     else:
-        passes = [pending.items]
+        passes = [items] if items else []
     for group in passes:
         scheds = {c.lane: _replay_schedule(c, every) for c in group}
         n_calls = -(-max(len(v) for v in scheds.values()) // k)
@@ -333,12 +354,12 @@ def _replay(
             if opts.noise_scale:  # the estimates are not used; the program needs the table
                 micro = opts.noise_micro_batch or batch
                 ntable = put(np.zeros((width, k, opts.noise_num_micro, micro), np.int32))
-            state, out = run.call(
-                state, lr, hp, put(idx), ntable, data, jnp.asarray(steps), put(live)
+            state, out, _ = run.call(
+                state, lr, hp, put(idx), ntable, data, jnp.asarray(steps), put(live), target
             )
             metric = np.asarray(out[opts.metric])
             for c in group:
-                a = (c.t0 - c.start) // every
+                a = (c.t0 - c.s0) // every
                 for j, pos in enumerate(scheds[c.lane][call * k : (call + 1) * k]):
                     if (
                         call * k + j >= a
@@ -421,18 +442,27 @@ def run_vmapped_block(
     # prepared one call ahead in a background thread).
     feeder = ChunkFeeder(problem, useeds, (k, every, B), noise_table if opts.noise_scale else None)
     pending = _PendingReplays()
+    target = program_target(opts.target)
     slots = np.arange(k * every, dtype=np.int32).reshape(k, every)
     while step < opts.max_steps and not tracker.done.all():
         table, ntable, data = feeder.get(step)
         # Each lane gets its seed's rows (a replay gives every lane its own rows).
         table = np.asarray(table)[seed_idx]
         ntable = None if ntable is None else put(np.asarray(ntable)[seed_idx])
-        # The call donates its input state; keep a copy to replay crossing intervals from.
-        snap = jax.tree.map(jnp.copy, state) if opts.exact and every > 1 else None
         reached_before = tracker.reached.copy()
         every_slot = np.ones((lr.shape[0], k, every), bool)
-        state, out = run.call(
-            state, lr, hp, put(table), ntable, data, jnp.asarray(step + slots), put(every_slot)
+        # snap: each lane's state at its last evaluation above target (where a crossing
+        # replay starts), when the run keeps it (exact crossings).
+        state, out, snap = run.call(
+            state,
+            lr,
+            hp,
+            put(table),
+            ntable,
+            data,
+            jnp.asarray(step + slots),
+            put(every_slot),
+            target,
         )
         out = {key: np.asarray(v) for key, v in out.items()}
         applied = np.asarray(state.step)
@@ -457,7 +487,7 @@ def run_vmapped_block(
                     tracker.record_noise(
                         i, at, float(out["grad_sq"][lane, j]), float(out["trace_sigma"][lane, j])
                     )
-        if snap is not None:
+        if snap is not None and opts.exact and every > 1:
             crossing = [
                 _Crossing(
                     lane,
