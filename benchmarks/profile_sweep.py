@@ -1,11 +1,14 @@
 """Where the seconds of one sweep CLI run go: wall and CPU time per stage.
 
 Runs ``python -m cbs.sweep CONFIG [overrides]`` in this process (with the persistent
-compilation cache as the CLI sets it up: on CPU only when ``CBS_JAX_CACHE=PATH`` is set) and attributes time to: imports, the main NQM grid
+compilation cache as the CLI sets it up: on CPU only when ``CBS_JAX_CACHE=PATH`` is set) and
+attributes time to: imports, the grid expansion (cells and their ids), the main NQM grid
 (``evaluate_grid`` calls outside refinement), the batched LR refinement (``refine_lr``), risk
-curves (``expected_risk``), the analysis without plots, the plots, and the rest (runner,
-Parquet I/O, table printing). CPU time is the process's user + system time (XLA's threads
-included), which moves less with the load of a shared machine than the wall time.
+curves (``expected_risk``), the results rows per block, the Parquet parts written, their
+merge, the analysis without three of its plots, those plots, and the rest (runner set-up,
+the NQM back end's records and tuned rows, summary, table printing). CPU time is the
+process's user + system time (XLA's threads included), which moves less with the load of a
+shared machine than the wall time.
 
     python benchmarks/profile_sweep.py configs/nqm_fig3a.yaml output.dir=/tmp/p1
 """
