@@ -89,3 +89,35 @@ def test_grid_is_vectorized_over_batch_sizes_and_configs():
                 PROBLEM, "momentum", lr, beta, batch_size=B, target=0.02, max_steps=10**6
             )
             assert np.array_equal(one[0, 0], out["steps"][i, j], equal_nan=True)
+
+
+def test_refinement_rows_do_not_depend_on_their_batch_mates():
+    """refine_lr batches many golden-section searches into one evaluate_grid call per
+    iteration (padded with inert LR-0 rows, chunks ordered by the previous iteration's scan
+    cost): each search's answer equals the same search run alone, and equals a brute-force
+    scan of the step-by-step recurrence at the LR it reports. The cost hint of
+    evaluate_grid reorders work only (every output identical under a shuffled hint)."""
+    p = nqm.harmonic_problem(30)
+    kw = dict(target=0.05, max_steps=20_000, ratio=1.5, iters=4)
+    lr0 = np.array([0.3, 0.05, 0.8, 0.1, 0.02])
+    beta = np.array([0.9, 0.5, 0.0, 0.99, 0.7])
+    batch = np.array([64.0, 4.0, 1e4, 256.0, 16.0])
+    steps, lr = nqm.refine_lr(p, "momentum", lr0, beta, 0.0, 0.0, batch, **kw)
+    assert np.isfinite(steps).sum() >= 4
+    for i in range(len(lr0)):
+        one = slice(i, i + 1)
+        alone = nqm.refine_lr(p, "momentum", lr0[one], beta[one], 0.0, 0.0, batch[one], **kw)
+        assert np.array_equal(alone[0], steps[one], equal_nan=True)
+        assert np.array_equal(alone[1], lr[one])
+        if np.isfinite(steps[i]):
+            risk = _brute(p, "momentum", lr[i], beta[i], 0.0, 0.0, batch[i], int(steps[i]) + 1)
+            assert _first_below(risk, kw["target"]) == steps[i]
+    # the refinement's program shape (64 rows, one batch size each): nothing new to compile
+    lrs, betas = np.geomspace(0.01, 1.0, 64), np.resize([0.0, 0.9, 0.99], 64)
+    grid = dict(batch_sizes=np.resize([4.0, 1e4], 64)[:, None], target=0.05, max_steps=20_000)
+    plain = nqm.evaluate_grid(p, "momentum", lrs, betas, **grid)
+    hint = np.random.default_rng(0).permutation(64)
+    hinted = nqm.evaluate_grid(p, "momentum", lrs, betas, cost_hint=hint, **grid)
+    for k in plain:
+        assert np.array_equal(plain[k], hinted[k], equal_nan=True), k
+    assert (plain["scan_iterations"] > 0).all()
