@@ -159,3 +159,26 @@ def test_cli_too_large_model_names_the_option(tmp_path):
     r = _cli("configs/train_digits_cpu.yaml", f"output.dir={tmp_path}", "--max-memory-mb", "0.01")
     assert r.returncode == 2 and "--lanczos-iters" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_forward_flops_is_xla_count_of_a_dense_layer():
+    import jax.numpy as jnp
+
+    from cbs.train.spectrum import _forward_flops, measurement_flops
+
+    w = jnp.ones((30 * 20,))
+    flops = _forward_flops(lambda th, xb: xb @ th.reshape(30, 20), w, jnp.ones((5, 30)))
+    assert flops == pytest.approx(2 * 30 * 20, rel=0.1)  # one example: a 30 x 20 matvec
+    # 2 examples cost twice 1; each extra curvature product costs ~4 forward passes per example
+    one = measurement_flops(100.0, 1, m=4, ms=4, probes=1, k=2, noise_examples=2)
+    assert measurement_flops(100.0, 2, m=4, ms=4, probes=1, k=2, noise_examples=2) == 2 * one
+    more = measurement_flops(100.0, 1, m=5, ms=4, probes=1, k=2, noise_examples=2)
+    assert more - one == pytest.approx(400.0)
+
+
+def test_cli_too_much_compute_names_the_options_before_training(tmp_path):
+    r = _cli("configs/train_digits_cpu.yaml", f"output.dir={tmp_path}", "--max-tflop", "1e-6")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "--examples" in r.stderr and "--max-tflop" in r.stderr and "fits" in r.stderr
+    assert not (tmp_path / "predict_anchor").exists()  # refused before the anchor's training

@@ -33,6 +33,8 @@ _HELP = {
     "bins": "log bins of the bulk spectrum",
     "floor": "drop directions flatter than floor*h_max",
     "max_memory_mb": "refuse measurements whose buffers exceed this",
+    "max_tflop": "refuse measurements whose estimated compute (float64 TFLOP, from XLA's FLOP "
+    "count of the model) exceeds this, before any compute",
     "lr_grid": "continuous: tune the LR continuously; sweep: SGD/momentum forecasts pick the best "
     "of the config's LR grid (the NQM LR is the network's there)",
     "measure_at": "init: curvature and start at initialisation; target: curvature, noise and "

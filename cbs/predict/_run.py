@@ -48,6 +48,8 @@ class PredictOptions:
     bins: int = 40
     floor: float = 1e-6
     max_memory_mb: float = 2048.0
+    # ~1-10 min of float64 on a 2-core CPU (measured ~2-10 GFLOP/s); raise it on an accelerator
+    max_tflop: float = 1.0
     lr_grid: str = "continuous"  # or "sweep": SGD/momentum pick from the config's LR grid
     measure_at: str = (
         "target"  # curvature, noise and start measured at theta_T ("init": at theta_0)
@@ -88,6 +90,8 @@ class PredictOptions:
                     f"--{name.replace('_', '-')}: got {v!r}; allowed: "
                     + ", ".join(repr(a) for a in allowed)
                 )
+        if not (isinstance(self.max_tflop, (int, float)) and self.max_tflop > 0):
+            raise PredictOptionError(f"--max-tflop: got {self.max_tflop!r}; allowed: a number > 0")
         if not 0 < self.floor < 1:
             raise PredictOptionError(f"--floor: got {self.floor!r}; allowed: 0 < floor < 1")
         if self.anchor is not None and self.anchor < 1:
@@ -161,7 +165,7 @@ def measure_network(backend, seed: int, options: PredictOptions):
 def _measure_settings(options: PredictOptions, seed: int) -> dict:
     """The settings of cbs.train.spectrum.measure that PredictOptions carries."""
     names = ("top_k", "lanczos_iters", "slq_probes", "slq_iters", "noise_examples", "chunk")
-    names += ("curvature", "max_memory_mb")
+    names += ("curvature", "max_memory_mb", "max_tflop")
     return dict({k: getattr(options, k) for k in names}, seed=seed)
 
 

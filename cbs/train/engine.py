@@ -205,22 +205,30 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
         out = _where(live, new, state)
         return out._replace(diverged=state.diverged | (bad & in_budget)), loss
 
-    def train_interval(state, lr, hp, idx, data=None, block_steps=None, live=None):
+    def train_interval(state, lr, hp, idx, data=None, block_steps=None, live=None, any_live=None):
         # block_steps: (steps,) block step of each step (unbatched), or None.
         # live: (steps,) bool, False for a step that is skipped (a no-op), or None.
+        # any_live: (steps,) bool, unbatched: False where the step is skipped for every
+        # vmapped cell, so that it is not computed at all (a conditional, not a select).
         if block_steps is None and live is None:
             state, losses = jax.lax.scan(lambda s, i: step(s, lr, hp, i, data), state, idx)
             return state, jnp.mean(losses)
         n = idx.shape[0]
         ts = jnp.zeros(n, jnp.int32) if block_steps is None else block_steps
         lv = jnp.ones(n, bool) if live is None else live
-        state, losses = jax.lax.scan(
-            lambda s, xs: step(
-                s, lr, hp, xs[0], data, None if block_steps is None else xs[1], xs[2]
-            ),
-            state,
-            (idx, ts, lv),
-        )
+
+        def one_step(s, xs):
+            i, t, alive = xs[:3]
+
+            def run(s):
+                return step(s, lr, hp, i, data, None if block_steps is None else t, alive)
+
+            if any_live is None:
+                return run(s)
+            return jax.lax.cond(xs[3], run, lambda s: (s, jnp.float32(0.0)), s)
+
+        xs = (idx, ts, lv) if any_live is None else (idx, ts, lv, any_live)
+        state, losses = jax.lax.scan(one_step, state, xs)
         return state, jnp.sum(jnp.where(lv, losses, 0.0)) / jnp.maximum(jnp.sum(lv), 1)
 
     def evaluate(state, hp):
@@ -309,6 +317,7 @@ class BlockRun:
         below it in the call (where a crossing replay starts); None: no such state."""
         init, train_interval, evaluate, grad_fn = make_block_fns(problem, kind, schedule, max_steps)
         self.problem, self.kind = problem, kind
+        skip_dead = jax.default_backend() == "cpu"
 
         def call(state, lr, hp, idx_table, noise_table, data, slot_steps, slot_live, target):
             # Per cell (vmapped): idx_table (evals_per_call, eval_every, B) training rows;
@@ -321,17 +330,33 @@ class BlockRun:
             # Returns (state, per-evaluation outputs, state before the crossing or None).
             # target: float32 scalar, rounded up by the caller so that "below" here is never
             # later than the host's float64 test (the host checks the kept state's step).
+            # On CPU, slots and evaluations that no cell needs (in a replay) are not computed:
+            # their "any cell live" flags are unbatched, so a conditional skips them. Elsewhere
+            # they are computed and discarded (a select), keeping the step loop free of
+            # conditionals on accelerators, where none was measured.
+            any_slot = jnp.any(slot_live, axis=0) if skip_dead else None
+
             def one(state, lr, hp, idx, nt, live):
                 def interval(carry, xs):
                     s, keep, crossed = carry
-                    idx, nidx, ts, lv = xs
-                    s, train_loss = train_interval(s, lr, hp, idx, data, ts, lv)
-                    vl, ve = evaluate(s, hp)
-                    if nidx is None:
-                        gsq = tr = jnp.float32(jnp.nan)
+                    idx, nidx, ts, lv, any_lv = xs
+                    s, train_loss = train_interval(s, lr, hp, idx, data, ts, lv, any_lv)
+
+                    def measure(s):
+                        vl, ve = evaluate(s, hp)
+                        if nidx is None:
+                            gsq = tr = jnp.float32(jnp.nan)
+                        else:
+                            gsq, tr = noise_scale_estimates(
+                                lambda p, i: grad_fn(p, i, data), s.params, nidx
+                            )
+                        return vl, ve, gsq, tr
+
+                    if any_lv is None:
+                        vl, ve, gsq, tr = measure(s)
                     else:
-                        gsq, tr = noise_scale_estimates(
-                            lambda p, i: grad_fn(p, i, data), s.params, nidx
+                        vl, ve, gsq, tr = jax.lax.cond(
+                            jnp.any(any_lv), measure, lambda s: (jnp.float32(jnp.nan),) * 4, s
                         )
                     if crossing_metric is not None:
                         below = (vl if crossing_metric == "val_loss" else ve) < target
@@ -348,7 +373,9 @@ class BlockRun:
 
                 keep0 = state if crossing_metric is not None else None
                 (s, keep, _), out = jax.lax.scan(
-                    interval, (state, keep0, jnp.array(False)), (idx, nt, slot_steps, live)
+                    interval,
+                    (state, keep0, jnp.array(False)),
+                    (idx, nt, slot_steps, live, any_slot),
                 )
                 return s, out, keep
 

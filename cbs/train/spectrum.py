@@ -306,6 +306,33 @@ def memory_estimate(dim: int, *, top_k: int, lanczos_iters: int, chunk: int) -> 
     return 8 * dim * (2 * lanczos_iters + chunk + top_k + 4)
 
 
+def measurement_flops(
+    forward_flops: float, n: int, *, m: int, ms: int, probes: int, k: int, noise_examples: int
+) -> float:
+    """FLOPs of one :func:`measure`, from the model's forward FLOPs per example.
+
+    A curvature-vector product is a JVP and a VJP through the n examples (~4 forward passes
+    each); a measurement makes m (top Lanczos) + probes * ms (SLQ) + 2 ms (the gradient's and
+    the displacement's Lanczos) + noise_examples (tr C Sigma) + 1 of them, and the
+    per-example gradients and the k directional derivatives add (3 + 2 k) forward passes
+    per example.
+    """
+    products = m + probes * ms + 2 * ms + noise_examples + 1
+    return float(forward_flops) * n * (4.0 * products + 3.0 + 2.0 * k)
+
+
+def _forward_flops(apply: Apply, theta, x) -> float | None:
+    """XLA's FLOP count of one example's forward pass (lowering only, no compile); None when
+    the platform does not report it."""
+    try:
+        cost = jax.jit(apply).lower(theta, x[:1]).cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    except Exception:  # noqa: BLE001 - an estimate only; the measurement itself decides
+        return None
+    return flops if flops > 0 else None
+
+
 def measure(
     apply: Apply,
     loss: Loss,
@@ -322,6 +349,7 @@ def measure(
     curvature: Literal["hessian", "ggn"] = "ggn",
     seed: int = 0,
     max_memory_mb: float = 2048.0,
+    max_tflop: float | None = None,
     displacement=None,
 ) -> Measurement:
     """All measurements at ``theta`` over the examples (x, y), in float64.
@@ -329,7 +357,8 @@ def measure(
     Iteration counts are capped at the dimension d (the Krylov space cannot be larger).
 
     Raises:
-        MeasurementTooLarge: the buffers would exceed ``max_memory_mb`` (the message names the
+        MeasurementTooLarge: the buffers would exceed ``max_memory_mb``, or the estimated
+            compute (:func:`measurement_flops`) ``max_tflop`` TFLOP (the message names the
             option that shrinks them).
     """
     import time
@@ -346,10 +375,23 @@ def measure(
     m = min(lanczos_iters, d)
     ms = min(slq_iters, d)
     k = min(top_k, m)
+    n = int(x.shape[0])
     with jax.enable_x64(True):
         theta = jnp.asarray(theta, jnp.float64)
         x = jnp.asarray(x, jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x)
         y = jnp.asarray(y, jnp.float64) if jnp.issubdtype(y.dtype, jnp.floating) else jnp.asarray(y)
+        f1 = _forward_flops(apply, theta, x) if max_tflop is not None else None
+        if f1 is not None:
+            sizes = dict(m=m, ms=ms, probes=slq_probes, k=k, noise_examples=min(noise_examples, n))
+            flops = measurement_flops(f1, n, **sizes)
+            if flops > max_tflop * 1e12:
+                fits = int(max_tflop * 1e12 / measurement_flops(f1, 1, **sizes))
+                raise MeasurementTooLarge(
+                    f"the spectrum measurement of this model ({f1:.3g} FLOPs per example forward, "
+                    f"d = {d}) over {n} examples needs ~{flops / 1e12:.2g} TFLOP (float64) > "
+                    f"max_tflop = {max_tflop:g}; lower --examples (now {n}; <= {fits} fits) or "
+                    f"--lanczos-iters / --slq-probes / --slq-iters, or raise --max-tflop"
+                )
         # Always measured (a zero displacement when none is given, its results dropped): one
         # compiled program serves the measurements with and without it.
         disp = (
