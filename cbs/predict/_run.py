@@ -183,7 +183,13 @@ def _train_to(backend, entry, hp: dict, lr: float, batch: int, steps: int, seed:
         prob, entry.kind, schedule_fn(entry.schedule, budget), budget
     )
     hpj = {k: jnp.float32(v) for k, v in hp.items()}
-    state = init(prob.init_params(seed), hpj)
+    # float32 as the engine trains (parameters built while x64 was on for the measurement
+    # can come back float64, e.g. a Transformer's position table, and break the step's carry)
+    params = jax.tree.map(
+        lambda a: jnp.asarray(a, jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+        prob.init_params(seed),
+    )
+    state = init(params, hpj)
     idx = IndexStream(seed, prob.num_train).take(steps * batch).reshape(steps, batch)
     data = None
     if getattr(prob, "streaming", False):  # host-resident training set: hand over the examples
