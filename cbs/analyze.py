@@ -191,21 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     plots = False if args.no_plots else None
     try:
         with record_interrupts():
-            return _analyze(parser, args, options, plots)
+            return _analyze(args, options, plots)
     except CbsError as e:  # AnalysisError, or a config error met while reading a run folder
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - the CLI's contract is one line, never a traceback
-        if was_interrupted():  # a library turned our KeyboardInterrupt into another error
+    except BaseException as e:  # noqa: BLE001 - the CLI's contract is one line, never a traceback
+        # (was_interrupted: a library turned our KeyboardInterrupt into another error)
+        if isinstance(e, KeyboardInterrupt) or was_interrupted():
             print(f"{parser.prog}: interrupted", file=sys.stderr)
             return 130
-        if os.environ.get("CBS_TRACEBACK"):
+        if isinstance(e, SystemExit) or os.environ.get("CBS_TRACEBACK"):
             raise
         print(f"{parser.prog}: error: {one_line(describe_error(e))}", file=sys.stderr)
         return exit_code(e)
@@ -223,7 +221,7 @@ def _numbers(flag: str, text: str | None) -> list[float] | None:
         raise AnalysisError(f"{flag} must be comma-separated numbers; got {text!r}") from None
 
 
-def _analyze(parser, args, options, plots) -> int:
+def _analyze(args, options, plots) -> int:
     from cbs.analysis import analyze_run, compare_runs, short_summary
     from cbs.errors import AnalysisError
 
@@ -253,10 +251,10 @@ def _analyze(parser, args, options, plots) -> int:
     if targets:
         from cbs.analysis import analyze_targets
 
+        # the run's fit options; analyze_targets reads steps off the curves itself
+        # (no tuned LRs, its own interpolation, no certification flags)
+        shared = ("delta", "b0", "n_boot", "tokens_per_example", "unit", "form", "ci_level")
         for run_dir in args.run_dirs:
-            # the run's fit options; analyze_targets reads steps off the curves itself
-            # (no tuned LRs, its own interpolation, no certification flags)
-            shared = ("delta", "b0", "n_boot", "tokens_per_example", "unit", "form", "ci_level")
             sweep = analyze_targets(
                 run_dir,
                 targets,
