@@ -14,7 +14,7 @@ sweep's own: predict trains them in the sweep's folder and the sweep reuses them
 marginal + anchor blocks. The full sweep's time = the sweep run after predict + the anchor blocks.
 
   python benchmarks/predict.py            # SGD, momentum, Adam; every batch size of the configs
-  python benchmarks/predict.py --quick    # SGD only, every other batch size (power of 4)
+  python benchmarks/predict.py --quick    # SGD only, every other batch size (power of 4), no ablations
 
 Ends with ``RESULT linreg_ratio=... digits_ratio=... mnist1d_ratio=... linreg_inside_ci=yes|no
 bsimple_digits_ratio=... bsimple_mnist1d_ratio=...`` (ratios = forecast / measured B_crit, SGD).
@@ -68,7 +68,15 @@ def main() -> int:
         help="keep a finished sweep in the folder: forecast over it (anchor read from it, its "
         "block time from the timing table) instead of forecasting first and sweeping",
     )
+    ap.add_argument(
+        "--ablations",
+        choices=("on", "off"),
+        default=None,
+        help="the two NQM ablations (C, m0 at init; all at init): default on, off with --quick "
+        "(they retrain the anchor cell and forecast twice more; the RESULT line needs neither)",
+    )
     args = ap.parse_args()
+    ablations = (args.ablations or ("off" if args.quick else "on")) == "on"
 
     import jax
     import numpy as np
@@ -120,11 +128,11 @@ def main() -> int:
             target_measurement=pre.calibrated_on,
             log=lambda s: None,
         )
-        abl = {}
+        abl = {"init_noise_target": {}, "all_init": {}}
         for label, o in (
             ("init_noise_target", PredictOptions(measure_at="init")),
             ("all_init", PredictOptions(measure_at="init", noise_at="init")),
-        ):
+        )[: 2 if ablations else 0]:
             abl[label] = predict(
                 cfg,
                 o,
