@@ -227,3 +227,19 @@ def test_sweep_after_predict_reuses_the_anchor_blocks(tmp_path):
     assert {b for b in computed if b.startswith("sgd__B4")} and summary.computed_cells > 0
     run_sweep(cfg(plain), progress=False, log=lambda s: None)
     _assert_same(_tables(after), _tables(plain), "sweep after predict vs plain sweep")
+
+
+def test_cli_refuses_a_folder_of_another_sweep_before_measuring(tmp_path):
+    from cbs.sweep.config import load_config
+    from cbs.sweep.runner import run_sweep
+
+    cfg = load_config(
+        "configs/train_linreg_cpu.yaml",
+        _SMALL_SWEEP + ["grid.batch_sizes=[4]", f"output.dir={tmp_path}"],
+    )
+    run_sweep(cfg, progress=False, log=lambda s: None)
+    args = _SMALL_SWEEP + ["budget.max_steps=300", f"output.dir={tmp_path}"]
+    r = _cli("configs/train_linreg_cpu.yaml", *args, "--max-tflop", "1e-12")
+    # refused on the folder (naming the key that differs), not on the compute guard
+    assert r.returncode == 2 and "budget.max_steps" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

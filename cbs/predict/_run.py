@@ -395,6 +395,15 @@ def predict(
     sweep_dir = Path(cfg.out_dir)
     out_dir = Path(out_dir or sweep_dir)
     finished = sweep_is_finished(cfg)
+    if not finished and anchor in set(batch_sizes.astype(int)):
+        # the anchor blocks go into the sweep's folder: refuse one holding another sweep (or
+        # no folder at all) before the measurement, as cbs.sweep would
+        from cbs.store import RunStore
+        from cbs.sweep.config import config_hash
+        from cbs.sweep.runner import _check_identity, check_output_dir
+
+        check_output_dir(sweep_dir)
+        _check_identity(RunStore(sweep_dir), cfg, config_hash(cfg))
 
     backend = TrainBackend(cfg)
     meas = measurement if measurement is not None else measure_network(backend, seed, options)
