@@ -1,7 +1,7 @@
 """Where the seconds of one sweep CLI run go: wall and CPU time per stage.
 
 Runs ``python -m cbs.sweep CONFIG [overrides]`` in this process (with the persistent
-compilation cache as the CLI sets it up: on CPU only when ``CBS_JAX_CACHE=PATH`` is set) and
+compilation cache as the CLI sets it up: on unless ``CBS_JAX_CACHE=off``) and
 attributes time to: imports, the grid expansion (cells and their ids), the main NQM grid
 (``evaluate_grid`` calls outside refinement), the batched LR refinement (``refine_lr``), risk
 curves (``expected_risk``), the results rows per block, the Parquet parts written, their

@@ -7,12 +7,18 @@ named by a hash of the jax / jaxlib versions, the backend and the host CPU's fea
 a run on another CPU model (a heterogeneous cluster with a shared home) gets its own folder
 and never loads an entry compiled elsewhere.
 
-On by default on GPU/TPU (``~/.cache/cbs/jax/<key>``); ``CBS_JAX_CACHE=PATH`` moves the base
-folder (and turns the cache on for CPU runs too), ``CBS_JAX_CACHE=off`` (or ``0``, ``none``,
-empty) disables it. On CPU it is opt-in: XLA:CPU's loader logs two "AOT mismatch" errors per
-loaded program even on the CPU that compiled it (it compares tuning pseudo-features such as
-``+prefer-no-gather`` with the host's instruction flags), which floods stderr and breaks the
-CLI's one-line error contract; with a per-CPU folder the entries are still safe to load.
+On by default on every backend (``~/.cache/cbs/jax/<key>``); ``CBS_JAX_CACHE=PATH`` moves the
+base folder, ``CBS_JAX_CACHE=off`` (or ``0``, ``none``, empty) disables it.
+
+On CPU, XLA's loader logs two "AOT mismatch" errors for every program it reads back, even on
+the CPU that compiled it: it compares LLVM tuning pseudo-features (``+prefer-no-gather``,
+``+prefer-no-scatter``) with the host's instruction-set flags (jax-ml/jax#38445, open). The
+program loads and runs correctly, and with a per-CPU folder a real mismatch cannot happen, so
+on CPU the cache raises the threshold of XLA's C++ log to fatal errors (which would flood
+stderr and break the CLI's one-line error contract otherwise). A user who sets
+``TF_CPP_MIN_LOG_LEVEL`` (other than JAX's default 1, e.g. 0 to see every XLA log) or
+``JAX_LOGGING_LEVEL`` keeps their choice; if this jaxlib has no
+way to set the threshold, the CPU cache stays off rather than flooding stderr.
 """
 
 from __future__ import annotations
@@ -22,7 +28,13 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["cpu_features", "cache_key", "cache_dir", "enable_compilation_cache"]
+__all__ = [
+    "cpu_features",
+    "cache_key",
+    "cache_dir",
+    "quiet_cpu_loader_logs",
+    "enable_compilation_cache",
+]
 
 _OFF = ("", "0", "off", "none", "false", "no")
 
@@ -60,21 +72,29 @@ def cache_key(backend: str | None = None) -> str:
 
 
 def cache_dir(env: dict | None = None, backend: str | None = None) -> Path | None:
-    """The cache folder this process uses, or None when disabled by ``CBS_JAX_CACHE`` (or on
-    CPU when ``CBS_JAX_CACHE`` is unset, see the module docstring)."""
+    """The cache folder this process uses, or None when ``CBS_JAX_CACHE`` disables it."""
     env = os.environ if env is None else env
     base = env.get("CBS_JAX_CACHE")
     if base is not None and base.strip().lower() in _OFF:
         return None
-    if base is None:
-        if backend is None:
-            import jax
-
-            backend = jax.default_backend()
-        if backend == "cpu":
-            return None
     base = Path(base).expanduser() if base else Path.home() / ".cache" / "cbs" / "jax"
     return base / cache_key(backend)
+
+
+def quiet_cpu_loader_logs(env: dict | None = None) -> bool:
+    """Raises XLA's C++ log threshold to fatal, unless the user chose one; True when the
+    cache's spurious loader errors will not reach stderr (see the module docstring)."""
+    env = os.environ if env is None else env
+    # `import jax` sets TF_CPP_MIN_LOG_LEVEL=1 when unset, so 1 is not taken as a choice.
+    if env.get("TF_CPP_MIN_LOG_LEVEL", "1") != "1" or "JAX_LOGGING_LEVEL" in env:
+        return True
+    try:
+        from jaxlib import utils
+
+        utils.absl_set_min_log_level(3)  # absl: 0 info, 1 warning, 2 error, 3 fatal
+    except (ImportError, AttributeError):
+        return False
+    return True
 
 
 def enable_compilation_cache() -> Path | None:
@@ -87,6 +107,8 @@ def enable_compilation_cache() -> Path | None:
 
     path = cache_dir()
     if path is None:
+        return None
+    if jax.default_backend() == "cpu" and not quiet_cpu_loader_logs():
         return None
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from cbs_test_backends import FakeBackend
 
 from cbs.sweep import backend as backend_mod
+
+# Command-line runs spawned by tests compile from scratch and leave nothing in ~/.cache:
+# tests stay hermetic, and two test workers never read an entry the other is still writing.
+# tests/test_compile_cache.py turns the cache on explicitly.
+os.environ.setdefault("CBS_JAX_CACHE", "off")
 
 
 @pytest.fixture

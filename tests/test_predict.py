@@ -181,4 +181,65 @@ def test_cli_too_much_compute_names_the_options_before_training(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert "--examples" in r.stderr and "--max-tflop" in r.stderr and "fits" in r.stderr
-    assert not (tmp_path / "predict_anchor").exists()  # refused before the anchor's training
+    assert not (tmp_path / "parts").exists()  # refused before the anchor blocks trained
+
+
+# A sweep small enough to run twice in a test: linear regression, two batch sizes, 2 LRs, 2 seeds
+# (adaptive LR rounds on: the anchor block's rounds must be reused too).
+_SMALL_SWEEP = [
+    "grid.batch_sizes=[4,32]",
+    "grid.learning_rates=[0.1,0.3]",
+    "grid.seeds=[0,1]",
+    "grid.optimizers=[{kind: sgd}]",
+    "budget.max_steps=200",
+    "budget.eval_every=10",
+    "train.num_samples=512",
+    "train.linreg_dim=8",
+    "target.value=0.02",
+    "output.plots=false",
+]
+
+
+def test_sweep_after_predict_reuses_the_anchor_blocks(tmp_path):
+    """predict trains its anchor blocks as the sweep's own blocks in the sweep's folder: a
+    later sweep there skips them, and its tables equal a plain sweep's; predict run again
+    reads them instead of training."""
+    from cbs.predict._run import _run_anchor
+    from cbs.store import read_sessions
+    from cbs.sweep.config import load_config
+    from cbs.sweep.runner import run_sweep
+    from tests.test_reproducible import _assert_same, _tables
+
+    cfg = lambda d: load_config("configs/train_linreg_cpu.yaml", _SMALL_SWEEP + [f"output.dir={d}"])
+    after, plain = tmp_path / "after_predict", tmp_path / "plain"
+    anchor_df, _, source = _run_anchor(cfg(after), 4, after, log=lambda s: None)
+    assert source == "trained into the sweep folder"
+    assert list(anchor_df.index) == ["sgd"] and anchor_df.steps.notna().all()
+    assert not (after / "predict_anchor").exists()
+    again_df, _, source = _run_anchor(cfg(after), 4, after, log=lambda s: None)
+    assert source == "reused from the sweep folder"
+    assert again_df.equals(anchor_df)
+
+    summary = run_sweep(cfg(after), progress=False, log=lambda s: None)
+    assert summary.complete and summary.skipped_cells == 2 * 2  # the anchor block's cells
+    computed = [b for r in read_sessions(after) for b in r["block_seconds"]]
+    assert sorted(computed) == sorted(set(computed))  # no block (nor adaptive round) run twice
+    assert {b for b in computed if b.startswith("sgd__B4")} and summary.computed_cells > 0
+    run_sweep(cfg(plain), progress=False, log=lambda s: None)
+    _assert_same(_tables(after), _tables(plain), "sweep after predict vs plain sweep")
+
+
+def test_cli_refuses_a_folder_of_another_sweep_before_measuring(tmp_path):
+    from cbs.sweep.config import load_config
+    from cbs.sweep.runner import run_sweep
+
+    cfg = load_config(
+        "configs/train_linreg_cpu.yaml",
+        _SMALL_SWEEP + ["grid.batch_sizes=[4]", f"output.dir={tmp_path}"],
+    )
+    run_sweep(cfg, progress=False, log=lambda s: None)
+    args = _SMALL_SWEEP + ["budget.max_steps=300", f"output.dir={tmp_path}"]
+    r = _cli("configs/train_linreg_cpu.yaml", *args, "--max-tflop", "1e-12")
+    # refused on the folder (naming the key that differs), not on the compute guard
+    assert r.returncode == 2 and "budget.max_steps" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         from cbs.sweep.config import load_config
 
         cfg = load_config(Path(args.config), args.overrides)
+        from cbs.compile_cache import enable_compilation_cache
         from cbs.predict._run import predict
 
+        enable_compilation_cache()
         result = predict(
             cfg, opts, out_dir=Path(args.out) if args.out else None, plots=not args.no_plot
         )

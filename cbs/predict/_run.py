@@ -265,22 +265,38 @@ def _anchor_from_results(run_dir: Path, anchor: int) -> pd.DataFrame:
     return per_b[per_b.batch_size == anchor].set_index("optimizer")
 
 
-def _run_anchor(cfg, anchor: int, out_dir: Path, log) -> tuple[pd.DataFrame, float]:
-    """Trains the anchor batch size's blocks (every optimizer entry, LR grid, seeds) into
-    out_dir/predict_anchor with the sweep runner (resumable), returns per-optimizer steps."""
-    from cbs.sweep.config import config_dict, load_config
-    from cbs.sweep.runner import run_sweep
+def _run_anchor(cfg, anchor: int, out_dir: Path, log) -> tuple[pd.DataFrame, float, str]:
+    """Trains the anchor batch size's blocks (every optimizer entry, LR grid, seeds) with the
+    sweep runner (resumable), returns per-optimizer steps, the seconds and where they came from.
 
-    raw = config_dict(cfg)
-    raw["grid"]["batch_sizes"] = [int(anchor)]
-    raw["output"]["dir"] = str(out_dir / "predict_anchor")
-    raw["output"]["plots"] = False
-    anchor_cfg = load_config(raw)
+    An anchor on the config's grid is trained as the sweep's own blocks in the sweep's own
+    folder (same block ids, cells and rows): a later ``cbs.sweep`` there skips them, and
+    blocks an earlier (interrupted) sweep already finished are read, not re-trained. An
+    anchor off the grid is a one-batch-size sweep of its own in out_dir/predict_anchor."""
+    from cbs.store import RunStore
+    from cbs.sweep.config import config_dict, load_config
+    from cbs.sweep.runner import plan, run_sweep
+
+    if anchor in {int(b) for b in cfg.grid.batch_size_values()}:
+        run_cfg, only = cfg, (lambda block: block.batch_size == anchor)
+        ids = {b.block_id for b in plan(cfg) if only(b)}
+        reused = RunStore(cfg.out_dir).finished_blocks() >= ids
+    else:
+        raw = config_dict(cfg)
+        raw["grid"]["batch_sizes"] = [int(anchor)]
+        raw["output"]["dir"] = str(out_dir / "predict_anchor")
+        raw["output"]["plots"] = False
+        run_cfg, only, reused = load_config(raw), None, False
     t0 = time.perf_counter()
-    run_sweep(anchor_cfg, progress=False, log=lambda s: None)
+    run_sweep(run_cfg, progress=False, log=lambda s: None, only=only)
     seconds = time.perf_counter() - t0
-    log(f"anchor: trained batch size {anchor} ({seconds:.1f} s) -> {anchor_cfg.out_dir}")
-    return _anchor_from_results(Path(anchor_cfg.out_dir), anchor), seconds
+    run_dir = Path(run_cfg.out_dir)
+    if reused:  # what the blocks cost when they were trained (their timing table)
+        seconds, source = _block_seconds(run_dir, anchor), "reused from the sweep folder"
+    else:
+        source = "trained into the sweep folder" if only is not None else "trained"
+    log(f"anchor: batch size {anchor} {source} ({seconds:.1f} s) -> {run_dir}")
+    return _anchor_from_results(run_dir, anchor), seconds, source
 
 
 def _hparams(entry, anchor_row) -> dict[str, float]:
@@ -314,8 +330,23 @@ def _block_seconds(run_dir: Path, batch: int) -> float:
 
 
 def _sweep_seconds(run_dir: Path) -> float:
-    from cbs.store import read_manifest
+    """Seconds the finished sweep took: the wall time of every session that ran in its
+    folder (a cbs.predict that trained the anchor blocks there included), summed; the
+    manifest's start-to-finish span when no session recorded its end."""
+    from cbs.store import read_manifest, read_sessions
 
+    spans = []
+    for r in read_sessions(run_dir):
+        try:
+            spans.append(
+                (
+                    dt.datetime.fromisoformat(r["ended"]) - dt.datetime.fromisoformat(r["started"])
+                ).total_seconds()
+            )
+        except (KeyError, ValueError, TypeError):
+            continue
+    if spans:
+        return float(sum(spans))
     m = read_manifest(run_dir)
     try:
         return (
@@ -364,6 +395,15 @@ def predict(
     sweep_dir = Path(cfg.out_dir)
     out_dir = Path(out_dir or sweep_dir)
     finished = sweep_is_finished(cfg)
+    if not finished and anchor in set(batch_sizes.astype(int)):
+        # the anchor blocks go into the sweep's folder: refuse one holding another sweep (or
+        # no folder at all) before the measurement, as cbs.sweep would
+        from cbs.store import RunStore
+        from cbs.sweep.config import config_hash
+        from cbs.sweep.runner import _check_identity, check_output_dir
+
+        check_output_dir(sweep_dir)
+        _check_identity(RunStore(sweep_dir), cfg, config_hash(cfg))
 
     backend = TrainBackend(cfg)
     meas = measurement if measurement is not None else measure_network(backend, seed, options)
@@ -379,8 +419,7 @@ def predict(
         )
         anchor_source = "finished sweep"
     else:
-        anchor_df, anchor_seconds = _run_anchor(cfg, anchor, out_dir, log)
-        anchor_source = "trained"
+        anchor_df, anchor_seconds, anchor_source = _run_anchor(cfg, anchor, out_dir, log)
 
     noise_meas, noise_seconds, noise_from = meas, 0.0, "init"
     if options.noise_at == "target" or options.measure_at == "target":
@@ -521,6 +560,7 @@ def predict(
     sweep_s = _sweep_seconds(sweep_dir) if finished else float("nan")
     costs = {
         "measure_s": meas.seconds + noise_seconds,
+        "marginal_s": meas.seconds + noise_seconds + forecast_seconds,
         "noise_from": noise_from,
         "anchor_s": anchor_seconds,
         "forecast_s": forecast_seconds,
@@ -568,19 +608,18 @@ def _text(table, summ, meas, cal, costs) -> str:
             f"{format_number(r.b_simple, 3):>9} {format_number(r.b_simple_ratio, 2):>6} {format_number(r.b_noise, 3):>9} "
             f"{format_number(r.b_noise_ratio, 2):>6}  {r.mapping}"
         )
-    own = (
-        costs["measure_s"]
-        + (costs["anchor_s"] if np.isfinite(costs["anchor_s"]) else 0)
-        + costs["forecast_s"]
-    )
+    anchor_s = costs["anchor_s"] if np.isfinite(costs["anchor_s"]) else 0.0
+    marginal = costs["measure_s"] + costs["forecast_s"]
+    total = marginal + anchor_s
     sweep = costs["sweep_s"]
     cost = (
-        f"cost: measurement {costs['measure_s']:.1f} s + anchor block "
-        f"{format_number(costs['anchor_s'], 3)} s ({costs['anchor_source']}) + forecast {costs['forecast_s']:.1f} s = "
-        f"{own:.1f} s"
+        f"cost: measurement {costs['measure_s']:.1f} s + forecast {costs['forecast_s']:.1f} s = "
+        f"{marginal:.1f} s beyond the sweep; with the anchor blocks "
+        f"({format_number(costs['anchor_s'], 3)} s, {costs['anchor_source']}) {total:.1f} s"
     )
     cost += (
-        f" vs the sweep's {sweep:.0f} s ({100 * own / sweep:.1f}%)"
+        f"; vs the sweep's {sweep:.0f} s: {100 * marginal / sweep:.1f}% beyond it, "
+        f"{100 * total / sweep:.1f}% in all"
         if np.isfinite(sweep)
         else " (no finished sweep to compare with)"
     )

@@ -414,6 +414,7 @@ def run_sweep(
     costs_from: Sequence[str | Path] = (),
     merge: bool = True,
     before_merge: Callable[[], None] | None = None,
+    only: Callable[[Block], bool] | None = None,
 ) -> SweepSummary:
     """Runs (or resumes) the sweep described by ``cfg``, or shard ``shard`` of it.
 
@@ -428,6 +429,8 @@ def run_sweep(
       merge: False leaves the merge to a separate step (a Slurm array's merge task).
       before_merge: called when this process's blocks are done, before the merge (a
         multi-process job's barrier).
+      only: run just the blocks it accepts (and their adaptive rounds), like a shard: the
+        others stay pending for a later run on the folder (cbs.predict's anchor blocks).
 
     Raises:
       RunFolderError: the output folder holds a sweep with a different config hash.
@@ -461,6 +464,8 @@ def run_sweep(
     frozen = {b.get("block_id"): b.get("cost") for b in manifest.get("blocks", [])}
     costs = frozen if all(frozen.get(b.block_id) is not None for b in all_blocks) else None
     blocks = shard_blocks(all_blocks, shard, costs)
+    if only is not None:
+        blocks = [b for b in blocks if only(b)]
 
     session_id = (
         f"{started.replace(':', '')}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
