@@ -144,3 +144,51 @@ def test_compaction_auto_follows_the_cost_model_and_changes_no_record(monkeypatc
         ca = compacted.curves[compacted.curves.cell_id == a.cell_id].sort_values("step")
         cb = plain.curves[plain.curves.cell_id == b.cell_id].sort_values("step")
         np.testing.assert_allclose(ca.val_loss.to_numpy(), cb.val_loss.to_numpy(), rtol=1e-6)
+
+
+def test_adaptive_round_block_reuses_the_first_pass_program():
+    """A zoom / extension round has fewer cells than its family's first pass; it is padded
+    to the first pass's width and runs in the program the first pass compiled (no compile
+    at all), and the padding changes no record (same cells run at their own width)."""
+    import dataclasses
+
+    from cbs.sweep.adaptive import round_block_id
+    from cbs.sweep.config import load_config
+    from cbs.sweep.grid import expand_blocks
+
+    raw = dict(
+        name="t",
+        backend="train",
+        grid=dict(
+            batch_sizes=[32], learning_rates=[0.03, 0.1, 0.3, 1.0], optimizers=[dict(kind="sgd")]
+        ),
+        target=dict(metric="val_loss", value=1.2),
+        budget=dict(max_steps=60, eval_every=10),
+        train=dict(TINY, compact="never"),
+    )
+    raw["grid"]["seeds"] = [0, 1]
+    cfg = load_config(raw)
+    backend = TrainBackend(cfg)
+    (first,) = expand_blocks(cfg, TrainBackend)
+    # a zoom round's cells: two new LRs x the two seeds (half the first pass's width)
+    zoom_cells = make_block("sgd", 32, [0.17, 0.55], seeds=(0, 1)).cells
+    zoom = dataclasses.replace(first, block_id=round_block_id(first.block_id, 2), cells=zoom_cells)
+    assert backend.program_width(zoom) == len(first.cells) == 8
+    backend.run_blocks([first])
+    compiles = _count_compiles()
+    padded = backend.run_blocks([zoom])[0]
+    assert compiles == [], f"{len(compiles)} compilation(s) for an adaptive round block"
+    alone = TrainBackend(cfg)
+    alone.program_width = lambda block: len(block.cells)  # the unpadded layout
+    own = alone.run_blocks([zoom])[0]
+    assert sum(c.reached for c in own.cells) >= 2
+    for a, b in zip(padded.cells, own.cells):
+        assert (a.cell_id, a.reached, a.diverged, a.steps_run) == (
+            b.cell_id,
+            b.reached,
+            b.diverged,
+            b.steps_run,
+        )
+        np.testing.assert_equal(a.steps_to_target, b.steps_to_target)
+        np.testing.assert_allclose(a.final_metric, b.final_metric, rtol=1e-6)
+    assert len(padded.curves) == len(own.curves)  # padded lanes are never recorded

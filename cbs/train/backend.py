@@ -236,6 +236,7 @@ class TrainBackend(Backend):
         self._runs: dict = {}
         self._kfac: dict = {}
         self._layout: list[dict] = []
+        self._widths: dict | None = None
 
     # ------------------------------------------------------------------ config checks
     @classmethod
@@ -535,10 +536,15 @@ class TrainBackend(Backend):
                 layout = "sequential (kfac-jax step per cell; one compile per weight decay)"
             else:
                 run = self._run_for(block.kind, block.schedule)
+                width = self.program_width(block)
                 res = run_vmapped_block(
-                    self.problem, block, opts, run, list(OPTIMIZERS[block.kind].hparams)
+                    self.problem, block, opts, run, list(OPTIMIZERS[block.kind].hparams), width
                 )
-                layout = f"vmap over {len(block.cells)} cells, {opts.evals_per_call} evaluations per call"
+                layout = (
+                    f"vmap over {len(block.cells)} cells"
+                    + (f" padded to {width} lanes" if width > len(block.cells) else "")
+                    + f", {opts.evals_per_call} evaluations per call"
+                )
             self._layout.append(
                 dict(
                     block_id=block.block_id,
@@ -551,6 +557,46 @@ class TrainBackend(Backend):
             )
             results.append(res)
         return results
+
+    def _first_pass_widths(self) -> dict:
+        """Cells of the config's first-pass blocks per program family (kind, schedule,
+        batch size): the widest, when several optimizers share a family."""
+        if self._widths is None:
+            from cbs.sweep.grid import expand_blocks
+
+            self._widths = {}
+            for b in expand_blocks(self.config, type(self)):
+                key = (b.kind, repr(b.schedule), b.batch_size)
+                self._widths[key] = max(self._widths.get(key, 0), len(b.cells))
+        return self._widths
+
+    def program_width(self, block: Block) -> int:
+        """Lanes of the vmapped program that runs ``block``: its family's first-pass width
+        when it has no more cells than that, else its own cell count.
+
+        The adaptive rounds of a family (extension, zoom: ``cbs.sweep.adaptive``) have other
+        cell counts than its first pass; padded to the first pass's width (copies of the
+        last cell, never recorded), they run in the program the first pass compiled instead
+        of compiling one per cell count (on CPU, where sweeps of small models are
+        compile-bound, ~40% of a block's time). The padding costs at most one call of extra
+        lanes: from the first stop check on, the padded lanes count as finished, and
+        compaction drops them when the cost model says the compute saved beats a compile.
+        The width is a function of the config and the block alone (results are too: the
+        vmap width can change XLA's summation order). Where a memory budget is known, a
+        padded width that would not fit it is not used (the block was split to fit).
+        """
+        n = len(block.cells)
+        w0 = self._first_pass_widths().get((block.kind, repr(block.schedule), block.batch_size))
+        if w0 is None or n >= w0 or block.kind == "kfac":
+            return n
+        from cbs.sweep.memory import memory_budget
+
+        budget = memory_budget()
+        if budget is not None:
+            cell = self.cell_memory_bytes(block)
+            if cell is None or w0 * cell > budget * jax.local_device_count():
+                return n
+        return w0
 
     def block_cost(self, block: Block) -> float:
         """Estimated seconds of a block (for balancing shards; measured times replace it).
@@ -682,8 +728,9 @@ class TrainBackend(Backend):
         """How the sweep's blocks map to compiled programs (known before any block runs)."""
         opts = self.options()
         rule = (
-            f"one compiled program per (model, optimizer kind, schedule, batch size, cell count); "
-            f"cells (LR x hyperparameters x seed) vmapped inside it; lax.scan over "
+            f"one compiled program per (model, optimizer kind, schedule, batch size, vmap "
+            f"width); cells (LR x hyperparameters x seed) vmapped inside it, an adaptive round "
+            f"padded to its first pass's width (same program); lax.scan over "
             f"{opts.evals_per_call} evaluation intervals of {opts.eval_every} steps per call, stop check "
             f"between calls; kfac cells run one after another (kfac-jax step, one compile per weight decay)"
         )
@@ -699,7 +746,7 @@ class TrainBackend(Backend):
                 kind=b.kind,
                 batch_size=b.batch_size,
                 cells=len(b.cells),
-                vmap_width=1 if b.kind == "kfac" else len(b.cells),
+                vmap_width=1 if b.kind == "kfac" else self.program_width(b),
                 mode="sequential" if b.kind == "kfac" else "vmap",
             )
             for b in blocks

@@ -375,7 +375,12 @@ def _replay(
 
 
 def run_vmapped_block(
-    problem: TrainProblem, block: Block, opts: RunOptions, run: BlockRun, hparam_names: list[str]
+    problem: TrainProblem,
+    block: Block,
+    opts: RunOptions,
+    run: BlockRun,
+    hparam_names: list[str],
+    width: int | None = None,
 ) -> BlockResult:
     """Trains every cell of ``block`` in one vmapped program until the stopping rule.
 
@@ -385,29 +390,34 @@ def run_vmapped_block(
       opts: loop options.
       run: the compiled functions for this (problem, kind, schedule).
       hparam_names: the kind's hyperparameter names (each becomes a traced (cells,) array).
+      width: lanes of the program (default: the cell count); more lanes than cells pad
+        the block with copies of its last cell, never recorded, so that blocks of other
+        cell counts reuse one compiled program (see ``TrainBackend.program_width``).
     """
     tracker = Tracker(block, opts)
     B, n = block.batch_size, problem.num_train
     seeds = [int(c.seed) for c in block.cells]
     useeds = sorted(set(seeds))
     seed_idx = np.array([useeds.index(s) for s in seeds], np.int32)
-    lr = jnp.asarray(block.lrs, jnp.float32)
-    hp = {k: jnp.asarray(block.hparam(k), jnp.float32) for k in hparam_names}
     k, every = opts.evals_per_call, opts.eval_every
     micro = opts.noise_micro_batch or B
 
-    # Spread the cells over the local devices (a no-op on one device): pad the cell axis
-    # to a multiple of the device count by repeating the last cell and shard it; padded
-    # lanes are never recorded.
+    # Pad the cell axis to the program width and to a multiple of the device count by
+    # repeating the last cell, and spread it over the local devices (a no-op on one
+    # device); padded lanes are never recorded (lane_cell below) and ride along like
+    # finished cells until a compaction drops them.
     n_cells = len(seeds)
-    pad = padded_size(n_cells) - n_cells
-    state = run.init(
-        jnp.array(seeds + seeds[-1:] * pad, jnp.int32),
-        {k: jnp.concatenate([v, jnp.repeat(v[-1:], pad)]) for k, v in hp.items()},
-    )
+    pad = padded_size(max(n_cells, width or 0)) - n_cells
+
+    def padded(values: np.ndarray) -> jax.Array:  # on the host: no eager program per width
+        return jnp.asarray(np.concatenate([values, np.repeat(values[-1:], pad)]), jnp.float32)
+
+    lr = padded(block.lrs)
+    hp = {k: padded(block.hparam(k)) for k in hparam_names}
+    state = run.init(jnp.array(seeds + seeds[-1:] * pad, jnp.int32), hp)
     seed_idx = np.concatenate([seed_idx, np.repeat(seed_idx[-1:], pad)])
     if jax.local_device_count() > 1:
-        lr, hp = shard_cells((lr, hp), n_cells)
+        lr, hp = shard_cells((lr, hp), n_cells + pad)
         state = jax.device_put(state, lr.sharding)
 
     def put(x):
