@@ -330,13 +330,15 @@ def _block_seconds(run_dir: Path, batch: int) -> float:
 
 
 def _sweep_seconds(run_dir: Path) -> float:
-    """Seconds the finished sweep took: the wall time of every session that ran in its
-    folder (a cbs.predict that trained the anchor blocks there included), summed; the
-    manifest's start-to-finish span when no session recorded its end."""
+    """Seconds the finished sweep took: the wall time of every session that computed blocks
+    in its folder or merged it (a cbs.predict that trained the anchor blocks there
+    included), summed; the manifest's start-to-finish span when no session recorded its end."""
     from cbs.store import read_manifest, read_sessions
 
     spans = []
     for r in read_sessions(run_dir):
+        if not (r.get("block_seconds") or r.get("merged")):
+            continue  # computed nothing (e.g. a predict that found its anchor blocks done)
         try:
             spans.append(
                 (
