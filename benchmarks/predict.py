@@ -207,7 +207,14 @@ def main() -> int:
             return float("nan")
 
     inside = results.get("linreg") is not None and bool(results["linreg"].loc["sgd", "inside_ci"])
-    print(f"\ntotal {time.perf_counter() - t_all:.0f} s; git {_git()}")
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print(
+        f"\ntotal {time.perf_counter() - t_all:.0f} s wall, {ru.ru_utime + ru.ru_stime:.0f} s CPU "
+        f"(this process, all threads); load {load:.1f} at the start, {os.getloadavg()[0]:.1f} at "
+        f"the end; git {_git()}"
+    )
     print(
         f"RESULT linreg_ratio={get('linreg', 'ratio'):.3g} digits_ratio={get('digits', 'ratio'):.3g} "
         f"mnist1d_ratio={get('mnist1d', 'ratio'):.3g} linreg_inside_ci={'yes' if inside else 'no'} "

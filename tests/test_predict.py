@@ -243,3 +243,28 @@ def test_cli_refuses_a_folder_of_another_sweep_before_measuring(tmp_path):
     # refused on the folder (naming the key that differs), not on the compute guard
     assert r.returncode == 2 and "budget.max_steps" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sweep_seconds_sums_the_sessions_that_computed(tmp_path):
+    """The sweep's cost is the wall time of the sessions that trained blocks or merged (the
+    predict that trained the anchor blocks included), not the span from the folder's first
+    session to its merge (which counts the time between a predict and the sweep)."""
+    import json
+
+    from cbs.predict._run import _sweep_seconds
+
+    (tmp_path / "sessions").mkdir()
+    sessions = [  # predict's anchor blocks at 10:00, a no-op predict, the sweep an hour later
+        ("2026-12-01T10:00:00", "2026-12-01T10:00:40", {"sgd__B1": [38.0, 6]}, False),
+        ("2026-12-01T10:30:00", "2026-12-01T10:30:05", {}, False),
+        ("2026-12-01T11:00:00", "2026-12-01T11:04:00", {"sgd__B4": [200.0, 6]}, True),
+    ]
+    for i, (start, end, blocks, merged) in enumerate(sessions):
+        rec = dict(
+            session_id=f"s{i}", started=start, ended=end, block_seconds=blocks, merged=merged
+        )
+        (tmp_path / "sessions" / f"s{i}.json").write_text(json.dumps(rec))
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"started": "2026-12-01T10:00:00", "finished": "2026-12-01T11:04:00"})
+    )
+    assert _sweep_seconds(tmp_path) == 40.0 + 240.0

@@ -273,28 +273,27 @@ def _run_anchor(cfg, anchor: int, out_dir: Path, log) -> tuple[pd.DataFrame, flo
     folder (same block ids, cells and rows): a later ``cbs.sweep`` there skips them, and
     blocks an earlier (interrupted) sweep already finished are read, not re-trained. An
     anchor off the grid is a one-batch-size sweep of its own in out_dir/predict_anchor."""
-    from cbs.store import RunStore
     from cbs.sweep.config import config_dict, load_config
-    from cbs.sweep.runner import plan, run_sweep
+    from cbs.sweep.runner import run_sweep
 
     if anchor in {int(b) for b in cfg.grid.batch_size_values()}:
         run_cfg, only = cfg, (lambda block: block.batch_size == anchor)
-        ids = {b.block_id for b in plan(cfg) if only(b)}
-        reused = RunStore(cfg.out_dir).finished_blocks() >= ids
     else:
         raw = config_dict(cfg)
         raw["grid"]["batch_sizes"] = [int(anchor)]
         raw["output"]["dir"] = str(out_dir / "predict_anchor")
         raw["output"]["plots"] = False
-        run_cfg, only, reused = load_config(raw), None, False
+        run_cfg, only = load_config(raw), None
     t0 = time.perf_counter()
-    run_sweep(run_cfg, progress=False, log=lambda s: None, only=only)
+    done = run_sweep(run_cfg, progress=False, log=lambda s: None, only=only)
     seconds = time.perf_counter() - t0
     run_dir = Path(run_cfg.out_dir)
-    if reused:  # what the blocks cost when they were trained (their timing table)
-        seconds, source = _block_seconds(run_dir, anchor), "reused from the sweep folder"
+    where = "the sweep folder" if only is not None else "its own folder"
+    if done.skipped_cells:  # (partly) trained before: what the blocks cost (timing table)
+        seconds = _block_seconds(run_dir, anchor)
+        source = f"{'partly ' if done.computed_cells else ''}reused from {where}"
     else:
-        source = "trained into the sweep folder" if only is not None else "trained"
+        source = f"trained into {where}"
     log(f"anchor: batch size {anchor} {source} ({seconds:.1f} s) -> {run_dir}")
     return _anchor_from_results(run_dir, anchor), seconds, source
 
@@ -330,13 +329,15 @@ def _block_seconds(run_dir: Path, batch: int) -> float:
 
 
 def _sweep_seconds(run_dir: Path) -> float:
-    """Seconds the finished sweep took: the wall time of every session that ran in its
-    folder (a cbs.predict that trained the anchor blocks there included), summed; the
-    manifest's start-to-finish span when no session recorded its end."""
+    """Seconds the finished sweep took: the wall time of every session that computed blocks
+    in its folder or merged it (a cbs.predict that trained the anchor blocks there
+    included), summed; the manifest's start-to-finish span when no session recorded its end."""
     from cbs.store import read_manifest, read_sessions
 
     spans = []
     for r in read_sessions(run_dir):
+        if not (r.get("block_seconds") or r.get("merged")):
+            continue  # computed nothing (e.g. a predict that found its anchor blocks done)
         try:
             spans.append(
                 (
