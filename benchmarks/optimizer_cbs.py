@@ -14,7 +14,7 @@ Two lenses, one run:
   p = 1 is kept as the limit (``nqm_bcrit_kfaclike_p1``).
 * **Real network** (``configs/train_mnist1d_mlp_cpu.yaml``): MNIST-1D, 2-layer MLP of width 64,
   target val_error < 0.5, with sgd, momentum (0.9), adam and kfac (kfac-jax), each with its own
-  LR grid, B = 2^4 .. 2^11.
+  LR grid, B = 2^5 .. 2^10, 400 steps, eval_every 20.
 
 Each run folder is analysed with :func:`cbs.analysis.compare_runs` (McCandlish fit
 S(B) = S_min + E_min/B, bootstrap 95% intervals, B* with delta = 0.2 anchored at the smallest

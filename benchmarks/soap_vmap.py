@@ -23,8 +23,10 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from pathlib import Path
 
 import jax
+import yaml
 
 import cbs.train.optimizers as optimizers
 from cbs.sweep.config import load_config
@@ -33,16 +35,9 @@ from cbs.train.direct import make_block
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
-TINY_LM = dict(
-    dataset="text",
-    model="transformer",
-    width=32,
-    depth=2,
-    heads=4,
-    seq_len=32,
-    val_fraction=0.1,
-    eval_batch=512,
-)
+ROOT = Path(__file__).resolve().parent.parent
+# the tiny LM config's train section (model, data, validation set), read from the shipped file
+TINY_LM = yaml.safe_load((ROOT / "configs" / "train_tiny_lm_cpu.yaml").read_text())["train"]
 
 
 def timed_block(args, step_aware: bool) -> tuple[float, float]:
