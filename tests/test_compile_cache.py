@@ -74,19 +74,12 @@ def test_cpu_cache_hits_without_loader_noise(tmp_path):
         for k, v in os.environ.items()
         if k not in ("TF_CPP_MIN_LOG_LEVEL", "JAX_LOGGING_LEVEL")
     }
-    cold = subprocess.run(
-        [sys.executable, "-c", _PROGRAM],
-        env={**env, "JAX_PLATFORMS": "cpu", "CBS_JAX_CACHE": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    warm = subprocess.run(
-        [sys.executable, "-c", _PROGRAM],
-        env={**env, "JAX_PLATFORMS": "cpu", "CBS_JAX_CACHE": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        check=True,
+    env.update(JAX_PLATFORMS="cpu", CBS_JAX_CACHE=str(tmp_path))
+    cold, warm = (
+        subprocess.run(
+            [sys.executable, "-c", _PROGRAM], env=env, capture_output=True, text=True, check=True
+        )
+        for _ in range(2)
     )
     path, value, hits = warm.stdout.split()
     assert Path(path).parent == tmp_path and cold.stdout.split()[1] == value
