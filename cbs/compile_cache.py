@@ -17,8 +17,8 @@ program loads and runs correctly, and with a per-CPU folder a real mismatch cann
 on CPU the cache raises the threshold of XLA's C++ log to fatal errors (which would flood
 stderr and break the CLI's one-line error contract otherwise). A user who sets
 ``TF_CPP_MIN_LOG_LEVEL`` (other than JAX's default 1, e.g. 0 to see every XLA log) or
-``JAX_LOGGING_LEVEL`` keeps their choice; if this jaxlib has no
-way to set the threshold, the CPU cache stays off rather than flooding stderr.
+``JAX_LOGGING_LEVEL`` keeps their choice; if this jaxlib has no way to set the threshold, the
+CPU cache stays off rather than flooding stderr.
 """
 
 from __future__ import annotations

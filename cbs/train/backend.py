@@ -595,13 +595,12 @@ class TrainBackend(Backend):
         # not drop the padded lanes again, compiling a narrower program after all).
         opts = self.options()
         calls = math.ceil(opts.max_steps / (opts.evals_per_call * opts.eval_every))
-        num_params = sum(int(np.size(x)) for x in jax.tree.leaves(self.problem.init_params(0)))
         if compaction_pays(
             w0 - n,
             calls,
             opts.evals_per_call * opts.eval_every * block.batch_size,
             opts.evals_per_call * int(self.problem.x_val.shape[0]),
-            num_params,
+            self.problem.num_params,
         ):
             return n
         from cbs.sweep.memory import memory_budget
@@ -623,9 +622,8 @@ class TrainBackend(Backend):
         """
         c = self.config
         p = self.problem
-        n_params = sum(int(np.size(x)) for x in jax.tree.leaves(p.init_params(0)))
         positions = self.section.seq_len if self.section.model == "transformer" else 1
-        flops = 2.0 * n_params * positions
+        flops = 2.0 * p.num_params * positions
         per_step = 3.0 * block.batch_size + int(p.x_val.shape[0]) / c.budget.eval_every
         factor = self.KFAC_COST_FACTOR if block.kind == "kfac" else 1.0
         overhead_s, flops_per_s = self.NOMINAL_COST.get(platform(), self.NOMINAL_COST["gpu"])

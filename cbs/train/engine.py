@@ -70,6 +70,11 @@ class TrainProblem:
     def num_train(self) -> int:
         return int(self.x_train.shape[0])
 
+    @property
+    def num_params(self) -> int:
+        """Parameters of the model (the same for every seed)."""
+        return int(sum(np.size(x) for x in jax.tree.leaves(self.init_params(0))))
+
     def init_params(self, seed: int):
         """Initial params of a seed: ``model.init(PRNGKey(seed))``, cached.
 

@@ -432,7 +432,6 @@ def run_vmapped_block(
 
     # lane_cell[l] is the cell that vmap lane l trains; lanes past n_live are padding.
     lane_cell, n_live = np.arange(n_cells), n_cells
-    num_params = int(sum(np.size(x) for x in jax.tree.leaves(problem.init_params(seeds[0]))))
     step = 0
 
     def noise_table(step):
@@ -539,7 +538,7 @@ def run_vmapped_block(
                 calls_left,
                 k * every * B,
                 k * int(problem.x_val.shape[0]),
-                num_params,
+                problem.num_params,
             )
         if opts.compact != "never" and len(live) and new_width < width and worth:
             if pending.items:  # replay in the program of the width the cells crossed at
