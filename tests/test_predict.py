@@ -204,11 +204,12 @@ def test_sweep_after_predict_reuses_the_anchor_blocks(tmp_path):
     """predict trains its anchor blocks as the sweep's own blocks in the sweep's folder: a
     later sweep there skips them, and its tables equal a plain sweep's; predict run again
     reads them instead of training."""
+    from test_reproducible import _assert_same, _tables  # from tests/
+
     from cbs.predict._run import _run_anchor
     from cbs.store import read_sessions
     from cbs.sweep.config import load_config
     from cbs.sweep.runner import run_sweep
-    from tests.test_reproducible import _assert_same, _tables
 
     cfg = lambda d: load_config("configs/train_linreg_cpu.yaml", _SMALL_SWEEP + [f"output.dir={d}"])
     after, plain = tmp_path / "after_predict", tmp_path / "plain"
