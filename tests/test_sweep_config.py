@@ -12,7 +12,7 @@ from conftest import fake_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cbs.sweep.config import config_hash, load_config
+from cbs.sweep.config import config_dict, config_hash, load_config
 from cbs.sweep.grid import expand_blocks
 from cbs.sweep.schema import ConfigError
 
@@ -63,6 +63,47 @@ def test_hash_ignores_output_but_not_grid(fake_backend, tmp_path):
     assert config_hash(a) == config_hash(b) != config_hash(c)
 
 
+def test_lr_scaling_follows_the_batch_size(fake_backend, tmp_path):
+    """grid.lr_scaling multiplies the listed LRs by (B / reference_batch) ** power at batch
+    size B (default reference: the smallest swept); an optimizer entry's own rule wins."""
+    plain = expand_blocks(load_config(fake_config(tmp_path)), FakeBackend)
+    cfg = load_config(
+        fake_config(tmp_path),
+        [
+            "grid.lr_scaling.power=0.5",
+            "grid.optimizers.1.lr_scaling={power: 1, reference_batch: 4}",
+        ],
+    )
+    scaled = expand_blocks(cfg, FakeBackend)
+    listed = [0.1, 1.0, 100.0]
+    for a, b in zip(plain, scaled):
+        lrs = sorted({c.lr for c in b.cells})
+        if b.optimizer == "plain":  # square-root rule from B = 1
+            assert lrs == pytest.approx([x * b.batch_size**0.5 for x in listed], rel=1e-12)
+        else:  # linear rule, listed LRs at B = 4
+            assert lrs == pytest.approx([x * b.batch_size / 4 for x in listed], rel=1e-12)
+        # same cells otherwise: seeds, hyperparameters and their order
+        assert [(c.seed, c.hparams) for c in a.cells] == [(c.seed, c.hparams) for c in b.cells]
+    # at the reference batch size the LRs are the listed ones, bit for bit, so the cells
+    # (and their ids) are the unscaled grid's
+    assert scaled[0].cells == plain[0].cells and scaled[4].cells == plain[4].cells
+    assert scaled[1].cells != plain[1].cells
+
+
+def test_lr_scaling_off_keeps_the_config_hash(fake_backend, tmp_path):
+    """lr_scaling at its default is not part of the resolved config, so configs that do not
+    scale their LRs keep the hash (and resumable folders) they had before the key existed;
+    any scaling changes the hash."""
+    base = load_config(fake_config(tmp_path))
+    off = load_config(fake_config(tmp_path), ["grid.lr_scaling={power: 0}"])
+    assert "lr_scaling" not in config_dict(base)["grid"]
+    assert all("lr_scaling" not in o for o in config_dict(base)["grid"]["optimizers"])
+    assert config_hash(base) == config_hash(off)
+    on = load_config(fake_config(tmp_path), ["grid.lr_scaling.power=0.5"])
+    own = load_config(fake_config(tmp_path), ["grid.optimizers.0.lr_scaling.power=0.5"])
+    assert len({config_hash(base), config_hash(on), config_hash(own)}) == 3
+
+
 BAD = [
     (["grid.batch_size=[4]"], "grid.batch_size", "did you mean 'batch_sizes'"),
     (["grid.batch_sizes=[-4]"], "grid.batch_sizes[0]", ">= 1"),
@@ -85,6 +126,10 @@ BAD = [
     (["backend=nqmm"], "backend", "did you mean 'nqm'"),
     (["fake.scale=-1"], "fake.scale", "> 0"),
     (["nam=x"], "nam", "did you mean 'name'"),
+    (["grid.lr_scaling.power=-0.5"], "grid.lr_scaling.power", ">= 0"),
+    (["grid.lr_scaling.reference_batch=0"], "grid.lr_scaling.reference_batch", ">= 1"),
+    (["grid.lr_scaling.powr=1"], "grid.lr_scaling.powr", "did you mean 'power'"),
+    (["grid.optimizers.0.lr_scaling.power=3"], "grid.optimizers[0].lr_scaling.power", "<= 2"),
     (["name=a/b"], "name", "letters"),
 ]
 

@@ -480,12 +480,17 @@ def predict(
         same_units = entry.kind in ("sgd", "momentum", "nesterov")
         lrs = None
         if same_units and options.lr_grid == "sweep":
-            grid = (
-                entry.learning_rates
-                if entry.learning_rates is not None
-                else cfg.grid.learning_rates
+            from cbs.sweep.grid import learning_rates_at
+
+            # every LR the sweep's first pass tries at any batch size (one list when the
+            # grid does not follow the batch size, grid.lr_scaling)
+            lrs = sorted(
+                {
+                    lr
+                    for b in cfg.grid.batch_size_values()
+                    for lr in learning_rates_at(cfg, entry, b)
+                }
             )
-            lrs = grid.values() if hasattr(grid, "values") else list(grid)
         fc = forecast(
             cal.problem,
             omap.kind,

@@ -18,6 +18,7 @@ from cbs.sweep.schema import ConfigError, parse, spec, to_dict
 
 __all__ = [
     "LogRange",
+    "LRScaling",
     "Log2Range",
     "HParamRange",
     "Schedule",
@@ -202,6 +203,37 @@ def _check_schedule(where: str, sch: Schedule) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class LRScaling:
+    """Learning rates that follow the batch size: the grid's LRs are those at
+    ``reference_batch``; at batch size B each is multiplied by (B / reference_batch) ** power.
+
+    The best LR grows with the batch size (linearly for SGD below the critical batch size,
+    about as its square root for Adam-type optimizers), so one LR grid for every batch size
+    puts the optimum on the grid's edge at one end or the other and the adaptive grid
+    spends rounds walking it back (docs/measurement.md, "Learning rates that follow the
+    batch size").
+    """
+
+    power: float = spec(
+        0.0,
+        doc="exponent: 1 = linear rule (SGD), 0.5 = square-root rule (Adam-type), "
+        "0 = the same LRs at every batch size",
+        ge=0,
+        le=2,
+    )
+    reference_batch: int | None = spec(
+        None, doc="batch size the listed LRs are for (default: the smallest swept)", ge=1
+    )
+
+    def factor(self, batch_size: int, smallest: int) -> float:
+        """The multiplier of the grid's LRs at ``batch_size``."""
+        if self.power == 0:
+            return 1.0
+        ref = self.reference_batch if self.reference_batch is not None else smallest
+        return float((batch_size / ref) ** self.power)
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimizerEntry:
     """One optimizer of the sweep: a kind, a name, and its hyperparameter grid."""
 
@@ -213,6 +245,7 @@ class OptimizerEntry:
     learning_rates: list[float] | LogRange | None = spec(
         None, doc="overrides grid.learning_rates", gt=0
     )
+    lr_scaling: LRScaling | None = spec(None, doc="overrides grid.lr_scaling")
     schedule: Schedule = spec(factory=Schedule, doc="learning-rate / batch-size schedule")
 
     @property
@@ -250,6 +283,11 @@ class Grid:
         doc="optimizers, each with its own hyperparameter grid", min_len=1
     )
     seeds: list[int] = spec([0], doc="seeds (initialisation, data order, noise)", ge=0, min_len=1)
+    lr_scaling: LRScaling = spec(
+        factory=LRScaling,
+        doc="LRs that follow the batch size: learning_rates are for reference_batch, "
+        "multiplied by (B / reference_batch) ** power at batch size B",
+    )
     adaptive: Adaptive = spec(
         factory=Adaptive, doc="adaptive LR grid: extend edge optima, zoom once"
     )
@@ -653,6 +691,13 @@ def config_dict(cfg: SweepConfig) -> dict:
     from cbs.sweep.backend import get_backend
 
     d[get_backend(cfg.backend).name] = d.pop("section")
+    # lr_scaling at its default is left out, so that configs which do not scale their LRs
+    # keep the hash (and resumable run folders) they had before the key existed.
+    if d["grid"].get("lr_scaling") == to_dict(LRScaling()):
+        del d["grid"]["lr_scaling"]
+    for entry in d["grid"]["optimizers"]:
+        if entry.get("lr_scaling", 0) is None:
+            del entry["lr_scaling"]
     return d
 
 

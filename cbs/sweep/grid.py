@@ -7,9 +7,9 @@ import itertools
 import json
 
 from cbs.sweep.backend import Block, Cell
-from cbs.sweep.config import HParamRange, LogRange, SweepConfig
+from cbs.sweep.config import HParamRange, LogRange, OptimizerEntry, SweepConfig
 
-__all__ = ["expand_blocks", "cell_id"]
+__all__ = ["expand_blocks", "cell_id", "learning_rates_at"]
 
 
 def cell_id(optimizer: str, batch_size: int, lr: float, hparams: dict, seed: int) -> str:
@@ -43,6 +43,21 @@ def _values(v) -> list[float]:
     return [float(x) for x in v] if isinstance(v, list) else [float(v)]
 
 
+def _grid_lrs(cfg: SweepConfig, opt: OptimizerEntry) -> list[float]:
+    source = opt.learning_rates if opt.learning_rates is not None else cfg.grid.learning_rates
+    return source.values() if isinstance(source, LogRange) else [float(x) for x in source]
+
+
+def learning_rates_at(cfg: SweepConfig, opt: OptimizerEntry, batch_size: int) -> list[float]:
+    """The first-pass LRs of optimizer entry ``opt`` at ``batch_size``: its grid (the
+    entry's own or ``grid.learning_rates``) times the ``lr_scaling`` factor at that batch
+    size (the entry's own rule, else ``grid.lr_scaling``; 1 when neither scales)."""
+    rule = opt.lr_scaling if opt.lr_scaling is not None else cfg.grid.lr_scaling
+    f = rule.factor(batch_size, min(cfg.grid.batch_size_values()))
+    # f == 1 leaves each LR bit for bit as listed, so cell ids of unscaled grids are stable
+    return [lr * f for lr in _grid_lrs(cfg, opt)] if f != 1.0 else _grid_lrs(cfg, opt)
+
+
 def expand_blocks(cfg: SweepConfig, backend) -> list[Block]:
     """All blocks of the sweep, in a deterministic order (optimizer, then batch size).
 
@@ -51,12 +66,6 @@ def expand_blocks(cfg: SweepConfig, backend) -> list[Block]:
     """
     blocks = []
     for opt in cfg.grid.optimizers:
-        lr_source = (
-            opt.learning_rates if opt.learning_rates is not None else cfg.grid.learning_rates
-        )
-        lrs = (
-            lr_source.values() if isinstance(lr_source, LogRange) else [float(x) for x in lr_source]
-        )
         specs = backend.optimizers[opt.kind].hparams
         names = list(specs)
         axes = [
@@ -65,9 +74,10 @@ def expand_blocks(cfg: SweepConfig, backend) -> list[Block]:
         ]
         combos = [dict(zip(names, combo)) for combo in itertools.product(*axes)]
         combos_json = [_hparams_json(hp) for hp in combos]
-        lrs_json = [_lr_json(lr) for lr in lrs]
         label_json = json.dumps(opt.label)
         for batch_size in cfg.grid.batch_size_values():
+            lrs = learning_rates_at(cfg, opt, batch_size)
+            lrs_json = [_lr_json(lr) for lr in lrs]
             cells = []
             for lr, lr_json in zip(lrs, lrs_json):
                 for hp, hp_json in zip(combos, combos_json):
