@@ -269,3 +269,24 @@ def test_sweep_seconds_sums_the_sessions_that_computed(tmp_path):
         json.dumps({"started": "2026-12-01T10:00:00", "finished": "2026-12-01T11:04:00"})
     )
     assert _sweep_seconds(tmp_path) == 40.0 + 240.0
+
+
+def test_sweep_lr_grid_covers_every_batch_size_s_lrs():
+    """--lr-grid sweep picks from every LR the sweep tries: the config's list, or, when the
+    LRs follow the batch size (grid.lr_scaling), the union of every batch size's list."""
+    from cbs.predict._run import sweep_lrs
+    from cbs.sweep.config import load_config
+
+    path = "configs/train_linreg_cpu.yaml"
+    plain = load_config(path)
+    entry = plain.grid.optimizers[0]
+    listed = entry.learning_rates or plain.grid.learning_rates
+    listed = listed.values() if hasattr(listed, "values") else list(listed)
+    assert sweep_lrs(plain, entry) == sorted(listed)
+    scaled = load_config(
+        path, ["grid.lr_scaling.power=1", f"grid.optimizers.0.learning_rates={listed}"]
+    )
+    bs = scaled.grid.batch_size_values()
+    want = sorted({lr * (b / min(bs)) for b in bs for lr in listed})  # linear rule
+    assert len(want) > len(listed)
+    assert sweep_lrs(scaled, scaled.grid.optimizers[0]) == want

@@ -298,6 +298,17 @@ def _run_anchor(cfg, anchor: int, out_dir: Path, log) -> tuple[pd.DataFrame, flo
     return _anchor_from_results(run_dir, anchor), seconds, source
 
 
+def sweep_lrs(cfg, entry) -> list[float]:
+    """Every LR the sweep's first pass tries for optimizer ``entry`` at any of its batch
+    sizes (the config's one list, or the union of the lists that follow the batch size under
+    ``grid.lr_scaling``): the grid a ``--lr-grid sweep`` forecast picks from."""
+    from cbs.sweep.grid import learning_rates_at
+
+    return sorted(
+        {lr for b in cfg.grid.batch_size_values() for lr in learning_rates_at(cfg, entry, b)}
+    )
+
+
 def _hparams(entry, anchor_row) -> dict[str, float]:
     """The optimizer's hyperparameters: registry defaults, the config's value (a swept one
     at its anchor optimum, as the analysis reports it in best_hp_<name>)."""
@@ -480,17 +491,7 @@ def predict(
         same_units = entry.kind in ("sgd", "momentum", "nesterov")
         lrs = None
         if same_units and options.lr_grid == "sweep":
-            from cbs.sweep.grid import learning_rates_at
-
-            # every LR the sweep's first pass tries at any batch size (one list when the
-            # grid does not follow the batch size, grid.lr_scaling)
-            lrs = sorted(
-                {
-                    lr
-                    for b in cfg.grid.batch_size_values()
-                    for lr in learning_rates_at(cfg, entry, b)
-                }
-            )
+            lrs = sweep_lrs(cfg, entry)
         fc = forecast(
             cal.problem,
             omap.kind,
