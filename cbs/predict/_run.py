@@ -265,6 +265,12 @@ def _anchor_from_results(run_dir: Path, anchor: int) -> pd.DataFrame:
     return per_b[per_b.batch_size == anchor].set_index("optimizer")
 
 
+def _anchor_on_grid(cfg, anchor: int) -> bool:
+    """Whether the anchor is one of the sweep's batch sizes (its blocks are then the sweep's
+    own, trained in the sweep's folder)."""
+    return int(anchor) in {int(b) for b in cfg.grid.batch_size_values()}
+
+
 def _run_anchor(cfg, anchor: int, out_dir: Path, log) -> tuple[pd.DataFrame, float, str]:
     """Trains the anchor batch size's blocks (every optimizer entry, LR grid, seeds) with the
     sweep runner (resumable), returns per-optimizer steps, the seconds and where they came from.
@@ -276,7 +282,7 @@ def _run_anchor(cfg, anchor: int, out_dir: Path, log) -> tuple[pd.DataFrame, flo
     from cbs.sweep.config import config_dict, load_config
     from cbs.sweep.runner import run_sweep
 
-    if anchor in {int(b) for b in cfg.grid.batch_size_values()}:
+    if _anchor_on_grid(cfg, anchor):
         run_cfg, only = cfg, (lambda block: block.batch_size == anchor)
     else:
         raw = config_dict(cfg)
@@ -407,7 +413,7 @@ def predict(
     sweep_dir = Path(cfg.out_dir)
     out_dir = Path(out_dir or sweep_dir)
     finished = sweep_is_finished(cfg)
-    if not finished and anchor in set(batch_sizes.astype(int)):
+    if not finished and _anchor_on_grid(cfg, anchor):
         # the anchor blocks go into the sweep's folder: refuse one holding another sweep (or
         # no folder at all) before the measurement, as cbs.sweep would
         from cbs.store import RunStore

@@ -227,8 +227,6 @@ class LRScaling:
 
     def factor(self, batch_size: int, smallest: int) -> float:
         """The multiplier of the grid's LRs at ``batch_size``."""
-        if self.power == 0:
-            return 1.0
         ref = self.reference_batch if self.reference_batch is not None else smallest
         return float((batch_size / ref) ** self.power)
 

@@ -54,8 +54,9 @@ def learning_rates_at(cfg: SweepConfig, opt: OptimizerEntry, batch_size: int) ->
     size (the entry's own rule, else ``grid.lr_scaling``; 1 when neither scales)."""
     rule = opt.lr_scaling if opt.lr_scaling is not None else cfg.grid.lr_scaling
     f = rule.factor(batch_size, min(cfg.grid.batch_size_values()))
-    # f == 1 leaves each LR bit for bit as listed, so cell ids of unscaled grids are stable
-    return [lr * f for lr in _grid_lrs(cfg, opt)] if f != 1.0 else _grid_lrs(cfg, opt)
+    # x * 1.0 == x exactly: at the reference batch size (and without scaling) the LRs, and
+    # so the cell ids, are the listed ones bit for bit
+    return [lr * f for lr in _grid_lrs(cfg, opt)]
 
 
 def expand_blocks(cfg: SweepConfig, backend) -> list[Block]:
