@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cbs.errors import ConfigError
@@ -285,6 +285,9 @@ MUTATIONS = [
         max_size=3,
     )
 )
+# The draw that once crashed this helper (reshaping an emptied array); kept explicitly.
+@example([("empty_val", "x_val", 0), ("reshape_val", "x_val", 0)])
+@example([("empty_val", "x_train", 0), ("nan", "x_train", 3), ("reshape_val", "x_train", 1)])
 def test_mutated_arrays_give_a_config_error_or_a_dataset(muts):
     a = {k: np.array(v) for k, v in good_arrays().items()}
     broken = False
@@ -298,7 +301,7 @@ def test_mutated_arrays_give_a_config_error_or_a_dataset(muts):
             del a[key]
         elif kind == "truncate":
             a[key] = v[: i % max(len(v), 1)]
-        elif kind in ("nan", "inf") and v.dtype.kind == "f" and len(v):
+        elif kind in ("nan", "inf") and v.dtype.kind == "f" and v.size:
             v = v.copy()
             v.reshape(len(v), -1)[i % len(v), 0] = np.nan if kind == "nan" else np.inf
             a[key] = v
@@ -312,7 +315,7 @@ def test_mutated_arrays_give_a_config_error_or_a_dataset(muts):
             a[key] = v
         elif kind == "float_label" and key.startswith("y"):
             a[key] = v + 0.5
-        elif kind == "reshape_val" and key.startswith("x") and v.ndim == 4:
+        elif kind == "reshape_val" and key.startswith("x") and v.ndim == 4 and len(v):
             a[key] = v.reshape(len(v), -1)
         elif kind == "empty_val":
             a[key] = v[:0]
