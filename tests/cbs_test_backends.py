@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 
@@ -77,12 +78,22 @@ class FakeBackend(Backend):
 
 
 class SlowBackend(FakeBackend):
-    """FakeBackend that takes 0.1 s per block, one block per call."""
+    """FakeBackend that takes 0.1 s per block, one block per call.
+
+    With ``CBS_TEST_STALL_AFTER=k`` in the environment, every call after the k-th hangs, so a
+    test that kills the process once k parts are on disk knows exactly how many finished,
+    however loaded the machine (a poller that races a 0.1 s block can lose on a busy CI box).
+    """
 
     name = "slow"
     blocks_per_call = 1
+    calls_made = 0
 
     def run_blocks(self, blocks):
+        stall_after = os.environ.get("CBS_TEST_STALL_AFTER")
+        if stall_after is not None and SlowBackend.calls_made >= int(stall_after):
+            time.sleep(3600)  # the test kills this process
+        SlowBackend.calls_made += 1
         time.sleep(0.1)
         return super().run_blocks(blocks)
 

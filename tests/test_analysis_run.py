@@ -142,7 +142,7 @@ def _cli(*args, cwd=None):
         capture_output=True,
         text=True,
         cwd=cwd,
-        timeout=120,
+        timeout=600,
     )
 
 

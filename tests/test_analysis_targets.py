@@ -74,6 +74,6 @@ def test_targets_need_curves(tmp_path):
         [sys.executable, "-m", "cbs.analyze", str(run), "--targets", "0.05", "--no-plots"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

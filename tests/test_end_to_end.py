@@ -60,7 +60,7 @@ def test_dry_run_prints_the_grid_and_writes_nothing(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     assert "7600 cells in 76 blocks" in proc.stdout and "batch sizes (19)" in proc.stdout
@@ -69,7 +69,7 @@ def test_dry_run_prints_the_grid_and_writes_nothing(tmp_path):
 
 def test_help_explains_options_and_config_keys():
     proc = subprocess.run(
-        [sys.executable, "-m", "cbs.sweep", "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "cbs.sweep", "--help"], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0
     for fragment in (

@@ -363,7 +363,7 @@ def test_cli_process_refuses_in_one_line(tmp_path, args):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
@@ -401,6 +401,6 @@ def test_sigint_mid_sweep_is_one_line_exit_130_and_resumable(tmp_path):
     ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err[-1000:]
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

@@ -167,7 +167,7 @@ def test_cli_rejects_shard_in_a_multiprocess_job(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "--process-id: got 5" in proc.stderr

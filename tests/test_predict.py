@@ -138,7 +138,7 @@ def _cli(*args):
         [sys.executable, "-m", "cbs.predict", *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
         check=False,
     )
 

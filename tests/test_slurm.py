@@ -242,7 +242,7 @@ def test_slurm_dry_run_prints_the_array_and_the_dependent_merge(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
@@ -284,6 +284,6 @@ def test_bad_slurm_options_are_one_line_errors(value, message, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -169,7 +169,7 @@ def test_cli_errors_are_one_line_exit_2_no_traceback(tmp_path, args, fragment):
         [sys.executable, "-m", "cbs.sweep", *args, f"output.dir={tmp_path}/o"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and fragment in proc.stderr

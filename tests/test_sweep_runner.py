@@ -105,17 +105,23 @@ def test_sigkill_mid_sweep_then_resume_gives_the_uninterrupted_table(tmp_path):
         return sweep_command(cfg_path, out)
 
     subprocess.run(sweep(tmp_path / "whole"), env=env, check=True, capture_output=True, timeout=300)
+    # The killed run hangs after its 5th block, so the kill lands after exactly 5 parts
+    # whatever the machine's load.
     proc = subprocess.Popen(
-        sweep(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        sweep(tmp_path / "killed"),
+        env={**env, "CBS_TEST_STALL_AFTER": "5"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     parts = tmp_path / "killed" / "parts" / "results"
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while time.time() < deadline and len(list(parts.glob("*.parquet"))) < 5:
         time.sleep(0.02)
+    time.sleep(0.2)  # a 6th part, if the stall failed, would show here
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_done = len(list(parts.glob("*.parquet")))
-    assert 5 <= n_done < 24, n_done
+    assert n_done == 5, n_done
     assert not (tmp_path / "killed" / "results.parquet").exists()
     resumed = subprocess.run(
         sweep(tmp_path / "killed"), env=env, capture_output=True, text=True, timeout=300
