@@ -17,7 +17,7 @@ import pandas as pd
 from cbs.analysis._fit import CriticalBatchSizeFit, fit_critical_batch_size
 from cbs.analysis._format import format_number
 from cbs.analysis._options import resolve_options
-from cbs.analysis._render import run_text, short_summary
+from cbs.analysis._render import best_steps_text, run_text, short_summary
 from cbs.analysis._tables import (
     check_run_dir,
     per_batch_table,
@@ -237,6 +237,15 @@ def _summary_row(label, name, fit: CriticalBatchSizeFit, scale, tpe, unit, pb):
         n_edge_points=int((pb["lr_at_edge"] != "").sum()) if "lr_at_edge" in pb else 0,
         n_warnings=len(fit.warnings),
         warnings="; ".join(fit.warnings),
+        # The headline CBS (docs/cbs.md, "Which CBS to report") and, for it and B*, where the
+        # fitted value lies against the swept batch sizes: outside them it is shown as a bound
+        headline="b_crit",
+        swept_b_min=fit.swept_range[0],
+        swept_b_max=fit.swept_range[1],
+        b_crit_text=fit.bound_text("b_crit"),
+        b_crit_outside=fit.outside("b_crit"),
+        b_star_text=fit.bound_text("b_star"),
+        b_star_outside=fit.outside("b_star"),
     )
     return row
 
@@ -416,11 +425,15 @@ def analyze_run(
     return analysis
 
 
-def print_summary(run_dir, *, file=None, **options) -> RunAnalysis:
-    """Runs :func:`analyze_run` (writing its files) and prints :func:`short_summary`.
+def print_summary(run_dir, *, file=None, steps: bool = False, **options) -> RunAnalysis:
+    """Runs :func:`analyze_run` (writing its files) and prints :func:`short_summary`, after
+    the per-batch-size best-steps table when ``steps`` (the same numbers as report.md).
 
     Meant for the sweep runner's last step; returns the analysis.
     """
     analysis = analyze_run(run_dir, **options)
+    if steps:
+        scale = analysis.tokens_per_example if analysis.unit == "tokens" else 1
+        print(best_steps_text(analysis, scale), file=file or sys.stdout)
     print(short_summary(analysis), file=file or sys.stdout)
     return analysis

@@ -51,7 +51,24 @@ def _parser(full_help: bool) -> argparse.ArgumentParser:
         action="store_true",
         help="print the grid (cells, blocks, batch sizes) and exit",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="print no progress at all (same as --progress off)",
+    )
+    p.add_argument(
+        "--progress",
+        choices=("auto", "bar", "lines", "off"),
+        default="auto",
+        help="bar: a bar that moves within blocks (cells and steps, ETA including planned "
+        "adaptive rounds); lines: one line per finished block and per planned adaptive round; "
+        "auto (default): bar on a terminal, lines otherwise (logs, batch jobs)",
+    )
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="write live TensorBoard event files under OUTPUT/tensorboard/ (output.tensorboard=true)",
+    )
     p.add_argument(
         "--no-analysis",
         action="store_true",
@@ -186,7 +203,8 @@ def best_per_batch_size(run_dir) -> str:
     }
     rows = [[format_number(b)] + [cell.get((o, b), "-") for o in optimizers] for b in batch_sizes]
     return (
-        "best steps to target @ learning rate (min over configs and seeds; '-' = never reached):\n"
+        "best steps to target @ learning rate, grid (the best swept cell: min over configs and "
+        "seeds; '-' = never reached; the analysis may refine the NQM's LRs, see report.md):\n"
         + text_table(["batch size", *optimizers], rows)
     )
 
@@ -232,6 +250,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         from cbs.sweep.config import load_config
 
+        if args.tensorboard:
+            overrides = overrides + ["output.tensorboard=true"]
         cfg = load_config(config, overrides)
         spec = distributed.detect(args.coordinator, args.num_processes, args.process_id)
         if spec is not None and args.shard is not None:
@@ -271,13 +291,15 @@ def _main(argv: list[str] | None) -> int:
     enable_compilation_cache()
 
     def finalize():
-        print(best_per_batch_size(cfg.out_dir))
-        if not args.no_analysis:
+        if args.no_analysis:
+            print(best_per_batch_size(cfg.out_dir))
+        else:
             from cbs.analysis import print_summary
 
             a = cfg.analysis
             print_summary(
                 cfg.out_dir,
+                steps=True,  # the report's numbers, tuned ones labelled (one truth per cell)
                 plots=cfg.output.plots,
                 delta=a.delta,
                 b0=a.b0,
@@ -290,7 +312,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         summary = run_sweep(
             cfg,
-            progress=not args.no_progress,
+            progress="off" if args.no_progress else args.progress,
             shard=shard,
             finalize=finalize,
             costs_from=args.costs_from,

@@ -12,7 +12,7 @@ import abc
 import dataclasses
 import importlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -165,6 +165,13 @@ class Backend(abc.ABC):
     adaptive_default: ClassVar[bool] = (
         False  # grid.adaptive.enabled when the config leaves it unset
     )
+
+    # Set by the runner before it calls run_blocks (None: nobody listens). A back end with
+    # a host loop calls it while a block runs, as ``progress(block_id, cells_done, detail)``:
+    # cells_done in cell equivalents (a finished cell 1, a running one the share of its step
+    # budget used), detail a short text for the progress bar ("step 1200/5000, ..."). The
+    # runner turns it into the bar or the log (cbs.sweep.progress); a back end never knows.
+    progress: Callable[[str, float, str], None] | None = None
 
     def __init__(self, config):
         self.config = config

@@ -435,8 +435,13 @@ def run_sweep(
     Raises:
       RunFolderError: the output folder holds a sweep with a different config hash.
     """
-    from tqdm.auto import tqdm
+    from cbs.sweep.progress import SweepProgress, progress_mode
 
+    mode = progress_mode(progress)
+    if cfg.output.tensorboard:  # a missing writer fails before anything is written
+        from cbs.sweep.events import require_writer
+
+        require_writer()
     backend_cls = get_backend(cfg.backend)
     check_output_dir(cfg.out_dir)
     all_blocks = expand_blocks(cfg, backend_cls)
@@ -494,14 +499,14 @@ def run_sweep(
     budget = memory_budget() if backend.splittable else None
     t0 = time.perf_counter()
     total = sum(len(b.cells) for b in blocks)
-    bar = tqdm(
-        total=total,
-        initial=skipped,
-        unit="cell",
-        disable=not progress,
-        desc=cfg.name,
-        dynamic_ncols=True,
-    )
+    bar = SweepProgress(cfg.name, total, skipped, len(pending), mode)
+    events = None
+    if cfg.output.tensorboard:
+        from cbs.sweep.events import EventLog
+
+        events = EventLog(store.dir / "tensorboard", cfg, log=log)
+    # the back end's in-block reports (cbs.sweep.backend.Backend.progress)
+    backend.progress = bar.in_block if mode != "off" else None
 
     def run(pending_blocks):
         for chunk in _calls(
@@ -527,12 +532,13 @@ def run_sweep(
             seconds = time.perf_counter() - t_call
             cells_in_call = sum(len(b.cells) for b in chunk)
             for block, result in zip(chunk, results):
-                store.write_block(block.block_id, _block_tables(cfg, block, result, stamp))
-                session["block_seconds"][block.block_id] = [
-                    seconds * len(block.cells) / cells_in_call,
-                    len(block.cells),
-                ]
-                bar.update(len(block.cells))
+                tables = _block_tables(cfg, block, result, stamp)
+                store.write_block(block.block_id, tables)
+                block_s = seconds * len(block.cells) / cells_in_call
+                session["block_seconds"][block.block_id] = [block_s, len(block.cells)]
+                bar.block_done(block, block_s)
+                if events is not None:
+                    events.block(block, tables, block_s)
             store.write_session(session_id, session)
 
     adaptive = cfg.grid.adaptive
@@ -543,13 +549,20 @@ def run_sweep(
         # follow from the stored rows, so the loop ends after at most max_extend + 1 rounds.
         while adaptive_on:
             _, rounds = _adaptive_state(store, blocks, adaptive)
-            todo = [r.block for r in rounds if r is not None]
+            todo = [r for r in rounds if r is not None]
             if not todo:
                 break
-            bar.total += sum(len(b.cells) for b in todo)
-            run(todo)
+            kinds = sorted({r.kind for r in todo})
+            bar.grow(
+                sum(len(r.block.cells) for r in todo),
+                len(todo),
+                f"adaptive round ({'/'.join(kinds)})",
+            )
+            run([r.block for r in todo])
     finally:
         bar.close()
+        if events is not None:
+            events.close()
     seconds = time.perf_counter() - t0
 
     bs = np.array(sorted(cfg.grid.batch_size_values()), dtype=np.float64)

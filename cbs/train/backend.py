@@ -538,7 +538,13 @@ class TrainBackend(Backend):
                 run = self._run_for(block.kind, block.schedule)
                 width = self.program_width(block)
                 res = run_vmapped_block(
-                    self.problem, block, opts, run, list(OPTIMIZERS[block.kind].hparams), width
+                    self.problem,
+                    block,
+                    opts,
+                    run,
+                    list(OPTIMIZERS[block.kind].hparams),
+                    width,
+                    progress=self._block_progress(block),
                 )
                 layout = (
                     f"vmap over {len(block.cells)} cells"
@@ -557,6 +563,13 @@ class TrainBackend(Backend):
             )
             results.append(res)
         return results
+
+    def _block_progress(self, block: Block):
+        """The loop's in-block progress callable for ``block`` (None when nobody listens)."""
+        report = self.progress
+        if report is None:
+            return None
+        return lambda done, detail: report(block.block_id, done, f"{block.optimizer} {detail}")
 
     def _first_pass_widths(self) -> dict:
         """Cells of the config's first-pass blocks per program family (kind, schedule,
