@@ -389,6 +389,32 @@ def plot_data_efficiency(path: Path, fits: dict, unit: str, title: str = "") -> 
     )
 
 
+def plot_noise_scale(
+    path: Path, noise: pd.DataFrame, fits: dict, unit: str, scale: float, title: str = ""
+) -> Path:
+    """The measured B_simple per batch size (points, one colour per optimizer) with each
+    optimizer's B_crit as a horizontal line (dashed when extrapolated)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    names = [n for n in fits if (noise["optimizer"] == n).any()]
+    for name, color in zip(names, _colors(len(names))):
+        g = noise[noise["optimizer"] == name].sort_values("batch_size")
+        ax.plot(
+            g["batch_size"].to_numpy(float) * scale,
+            g["b_simple"].to_numpy(float) * scale,
+            "o-",
+            color=color,
+            markeredgecolor="k",
+            label=f"{name}: B_simple (measured)",
+        )
+        fit = fits[name]
+        if np.isfinite(fit.b_crit) and fit.b_crit > 0:
+            style, text = _crit_style(fit)
+            ax.axhline(fit.b_crit, color=color, ls=style, lw=1.2, label=f"{name}: {text}")
+    return _finish_single(
+        fig, ax, path, unit, f"noise scale ({unit})", f"{title}: gradient noise scale"
+    )
+
+
 def plot_compare(path: Path, runs: dict, unit: str) -> Path:
     """Several runs overlaid: one panel per optimizer name, one colour per run."""
     names = list(dict.fromkeys(n for fits in runs.values() for n in fits))

@@ -154,6 +154,10 @@ def summary_text(summary: pd.DataFrame, markdown=False) -> str:
                 *row_cells(r, ("b_star_ci", "knee", "n_points", "n_seeds")),
             ]
         )
+    if "b_simple" in summary and np.isfinite(summary["b_simple"].to_numpy(float)).any():
+        header.append("B_simple (measured)")
+        for row, v in zip(rows, summary["b_simple"]):
+            row.append(format_number(v))
     out = (md_table if markdown else text_table)(header, rows)
     notes = extrapolation_notes(summary)
     return out + (
@@ -330,9 +334,42 @@ def report_markdown(a: RunAnalysis, scale) -> str:
             ),
             "",
         ]
+    md += noise_markdown(a, scale)
     if a.warnings:
         md += ["## Run warnings", ""] + [f"- {w}" for w in a.warnings] + [""]
     return "\n".join(md)
+
+
+def noise_markdown(a: RunAnalysis, scale) -> list[str]:
+    """report.md's noise-scale section: B_simple per batch size beside each B_crit."""
+    if a.noise is None or not len(a.noise):
+        return []
+    names = [n for n in a.fits if (a.noise["optimizer"] == n).any()]
+    sizes = sorted(a.noise["batch_size"].unique())
+    val = {
+        (r.optimizer, r.batch_size): format_number(r.b_simple * scale)
+        + ("" if r.at == "target" else " (no cell reached the target)")
+        for r in a.noise.itertuples(index=False)
+    }
+    rows = [[format_number(b * scale)] + [val.get((n, b), "-") for n in names] for b in sizes]
+    crit = {r.optimizer: r for r in a.summary.itertuples(index=False)}
+    rows.append(
+        ["B_crit (fit)"] + [_bounded(crit[n], "b_crit") if n in crit else "-" for n in names]
+    )
+    return [
+        "## Gradient noise scale",
+        "",
+        f"B_simple = tr(Σ) / |G|² ({a.unit}), measured during training (EMA over "
+        "micro-batch estimates) at each cell's last evaluation, where it reached the target; "
+        "median over the cells of a batch size that reached it. McCandlish et al. (2018) "
+        "predict B_crit ≈ B_noise, and B_simple estimates B_noise (B_noise itself needs "
+        "Hessian products and is not measured).",
+        "",
+        md_table([f"B ({a.unit})", *names], rows),
+        "",
+        "![noise scale](noise_scale.png)",
+        "",
+    ]
 
 
 def settings_line(analysis: RunAnalysis) -> str:
@@ -381,9 +418,15 @@ def short_summary(analysis: RunAnalysis) -> str:
         else:
             crit = f"B_crit = {r.b_crit_text} {ci}"
         star = f"B* {r.b_star_text}" if r.b_star_outside else f"B* = {r.b_star_text}"
+        noise = getattr(r, "b_simple", np.nan)
+        noise = (
+            f"; measured B_simple ~ {format_number(noise)} (median over B)"
+            if np.isfinite(noise)
+            else ""
+        )
         lines.append(
             f"  {r.optimizer}: {crit}; secondary: {star}, knee = {format_number(r.knee)}; "
-            f"S_min = {format_number(r.s_min)}{flag}"
+            f"S_min = {format_number(r.s_min)}{noise}{flag}"
         )
     lines += [f"  warning: {w}" for w in analysis.warnings]
     if analysis.files:

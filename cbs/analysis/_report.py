@@ -16,6 +16,7 @@ import pandas as pd
 
 from cbs.analysis._fit import CriticalBatchSizeFit, fit_critical_batch_size
 from cbs.analysis._format import format_number
+from cbs.analysis._noise import noise_per_batch
 from cbs.analysis._options import resolve_options
 from cbs.analysis._render import best_steps_text, run_text, short_summary
 from cbs.analysis._tables import (
@@ -50,6 +51,8 @@ class RunAnalysis:
     per_batch: pd.DataFrame  # per (optimizer, batch size), seeds combined
     options: dict
     swept_hparams: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # per optimizer
+    # the measured gradient noise scale per (optimizer, batch size), cbs.analysis._noise
+    noise: pd.DataFrame | None = None
     files: list[Path] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)  # run-level
 
@@ -58,6 +61,10 @@ class RunAnalysis:
 
     def __str__(self) -> str:
         return self.text
+
+
+# Best step counts below this cannot separate batch sizes (one step is >10% of S).
+FEW_STEPS = 10
 
 
 def _lr_edge_warnings(g: pd.DataFrame, unit_scale: float) -> list[str]:
@@ -165,6 +172,16 @@ def _fit_optimizer(
                 + ", ".join(format_number(b * scale) for b in coarse)
                 + " (evaluate more often there, or use interpolated steps)"
             )
+    s_all = pb["steps"].to_numpy(float)
+    few = pb.loc[np.isfinite(s_all) & (s_all < FEW_STEPS), "batch_size"]
+    if len(few):
+        # a step or two of difference is then a large part of S: the curve cannot separate
+        # these batch sizes, and the target is probably too easy for the problem
+        warnings.append(
+            f"best steps to target below {FEW_STEPS} at B = "
+            + ", ".join(format_number(b * scale) for b in few)
+            + ": too few steps to separate batch sizes (choose a harder target)"
+        )
     if (pb["n_seeds"] < pb["n_seeds"].max()).any():
         warnings.append("unequal number of seeds across batch sizes (incomplete sweep?)")
     if np.any(mat[np.isfinite(mat)] <= 0):
@@ -386,6 +403,19 @@ def analyze_run(
         uncertified=uncertified,
     )
     summary = pd.DataFrame(rows)
+    noise = None
+    try:
+        noise = noise_per_batch(results, read_run_table(run_dir, "noise_scale"))
+    except (OSError, ValueError):  # an unreadable optional table: the CBS stands without it
+        noise = None
+    if len(summary):
+        # one number per optimizer beside B_crit: the median over batch sizes (scaled units)
+        summary["b_simple"] = [
+            float(np.median(noise.loc[noise["optimizer"] == n, "b_simple"])) * scale
+            if noise is not None and (noise["optimizer"] == n).any()
+            else np.nan
+            for n in summary["optimizer"]
+        ]
 
     options = dict(
         delta=delta,
@@ -413,6 +443,7 @@ def analyze_run(
         options=options,
         swept_hparams=swept,
         warnings=run_warnings,
+        noise=noise,
     )
     analysis.text = run_text(analysis, cfg.get("target") or {}, scale)
     if write:

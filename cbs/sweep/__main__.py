@@ -140,6 +140,34 @@ def _fail(msg: str, code: int = 2) -> int:
     return code
 
 
+def quote_hint(value, overrides) -> str:
+    """A hint when a bad value looks like a piece of an override the shell took apart:
+    bash brace-expands ``k={a:1,b:2}`` into ``k=a:1 k=b:2`` and splits ``k=[4, 8]`` at the
+    space, so the config sees ``'b:2'`` or ``'[4,'``.
+
+    >>> quote_hint("step:2", []), quote_hint("[4,", []), quote_hint("sgd", ["a=1"])
+    (" (quote the override, e.g. 'grid.batch_sizes={log2_min: 2, step: 2}': the shell split or brace-expanded it)", " (quote the override, e.g. 'grid.batch_sizes={log2_min: 2, step: 2}': the shell split or brace-expanded it)", '')
+    """
+    import re
+
+    hint = (
+        " (quote the override, e.g. 'grid.batch_sizes={log2_min: 2, step: 2}': the shell split "
+        "or brace-expanded it)"
+    )
+    keys = [o.split("=", 1)[0] for o in overrides if "=" in o]
+    if len(keys) != len(set(keys)) or any("=" not in o for o in overrides):
+        return hint
+    if isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"[A-Za-z_][\w.]*:\S.*", text):  # 'step:2', a brace-expanded piece
+            return hint
+        if text.count("[") != text.count("]") or text.count("{") != text.count("}"):
+            return hint
+        if text.endswith(","):
+            return hint
+    return ""
+
+
 def _parse_shard(text: str | None) -> tuple[int, int]:
     if text is None:
         import jax
@@ -176,6 +204,37 @@ def print_plan(cfg, blocks) -> None:
             f"  {label} (kind {kind}, schedule {opt.schedule.kind}): {nb} blocks x {n // nb} cells/block; "
             f"hparams {dict(opt.hparams) or 'defaults'}"
         )
+
+
+def print_estimate(cfg, blocks) -> None:
+    """The bound on adaptive rounds and, where the back end has a time model, the time."""
+    from cbs.sweep.backend import get_backend
+    from cbs.sweep.progress import duration
+    from cbs.sweep.runner import plan_estimate
+
+    backend = None
+    if get_backend(cfg.backend).block_cost_unit == "seconds":
+        backend = get_backend(cfg.backend)(cfg)  # builds data and model, computes nothing
+    est = plan_estimate(cfg, blocks, backend)
+    a = cfg.grid.adaptive
+    if est["adaptive"]:
+        print(
+            f"  first pass: {est['cells']} cells in {est['blocks']} blocks; adaptive LR rounds "
+            f"(max_extend={a.max_extend}, points={a.points}, zoom={a.zoom}) add at most "
+            f"{est['max_adaptive_cells']} cells in {est['max_adaptive_blocks']} blocks: at most "
+            f"{est['cells'] + est['max_adaptive_cells']} cells"
+        )
+    else:
+        print(f"  first pass: {est['cells']} cells in {est['blocks']} blocks; no adaptive rounds")
+    if est["seconds_first_pass"] is not None:
+        first, more = est["seconds_first_pass"], est["seconds_adaptive"] or 0.0
+        print(
+            f"  time (cost model: full step budget per cell at a nominal speed, no early stop; "
+            f"compiles and machine load come on top): first pass ~{duration(first)}"
+            + (f", with every adaptive round at most ~{duration(first + more)}" if more else "")
+        )
+    else:
+        print(f"  time: no time model for backend {cfg.backend} (its block costs are relative)")
 
 
 def best_per_batch_size(run_dir) -> str:
@@ -273,14 +332,16 @@ def _main(argv: list[str] | None) -> int:
             shard = _parse_shard(args.shard if args.shard is not None else "0/1")
     except ConfigError as e:
         where = f"{config}: " if e.path != "<file>" else ""
-        return _fail(f"{where}{e}")
+        return _fail(f"{where}{e}{quote_hint(e.value, overrides)}")
     except (CbsError, ValueError) as e:
         return _fail(str(e))
 
     from cbs.sweep.runner import plan, run_sweep
 
     if args.dry_run:
-        print_plan(cfg, plan(cfg))
+        blocks = plan(cfg)
+        print_plan(cfg, blocks)
+        print_estimate(cfg, blocks)
         return 0
     if slurm is not None:
         return _slurm(slurm, args, config, overrides, cfg)

@@ -184,6 +184,9 @@ class Backend(abc.ABC):
     def run_blocks(self, blocks: Sequence[Block]) -> list[BlockResult]:
         """Evaluates the blocks; one BlockResult per block, in order."""
 
+    # "seconds" when block_cost estimates wall seconds (then --dry-run prints a time estimate)
+    block_cost_unit: ClassVar[str] = "relative"
+
     def block_cost(self, block: Block) -> float:
         """Estimated relative compute of a block, for balancing shards (no compute here).
 

@@ -41,6 +41,7 @@ __all__ = [
     "SweepSummary",
     "run_sweep",
     "plan",
+    "plan_estimate",
     "provenance",
     "shard_blocks",
     "block_costs",
@@ -171,6 +172,41 @@ def shard_blocks(
 
 def plan(cfg: SweepConfig) -> list[Block]:
     return expand_blocks(cfg, get_backend(cfg.backend))
+
+
+def plan_estimate(cfg: SweepConfig, blocks: Sequence[Block], backend: Backend | None = None):
+    """What --dry-run promises: the first pass's cells and blocks, the most the adaptive
+    rounds can add (:func:`cbs.sweep.adaptive.max_adaptive_cells`), and, where the back
+    end's cost model is in seconds (``block_cost_unit``), the time of each at the full step
+    budget per cell (no early stop: an upper estimate at the cost model's nominal speed).
+    Returns a dict; ``seconds_*`` are None without a time model."""
+    from cbs.sweep.adaptive import max_adaptive_cells
+
+    backend_cls = get_backend(cfg.backend)
+    a = cfg.grid.adaptive
+    on = a.enabled if a.enabled is not None else backend_cls.adaptive_default
+    extra = {
+        b.block_id: max_adaptive_cells(b, max_extend=a.max_extend, points=a.points, zoom=a.zoom)
+        if on
+        else 0
+        for b in blocks
+    }
+    out = dict(
+        cells=sum(len(b.cells) for b in blocks),
+        blocks=len(blocks),
+        adaptive=bool(on),
+        max_adaptive_cells=sum(extra.values()),
+        max_adaptive_blocks=(a.max_extend + int(a.zoom)) * len(blocks) if on else 0,
+        seconds_first_pass=None,
+        seconds_adaptive=None,
+    )
+    if backend is not None and getattr(backend, "block_cost_unit", "") == "seconds":
+        costs = {b.block_id: float(backend.block_cost(b)) for b in blocks}
+        out["seconds_first_pass"] = sum(costs.values())
+        out["seconds_adaptive"] = sum(
+            costs[b.block_id] * extra[b.block_id] / max(1, len(b.cells)) for b in blocks
+        )
+    return out
 
 
 def _block_tables(

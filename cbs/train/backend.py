@@ -625,6 +625,8 @@ class TrainBackend(Backend):
                 return n
         return w0
 
+    block_cost_unit = "seconds"
+
     def block_cost(self, block: Block) -> float:
         """Estimated seconds of a block (for balancing shards; measured times replace it).
 
