@@ -243,3 +243,55 @@ def test_a_shell_split_override_gets_the_quoting_hint(tmp_path, fake_backend, ca
     assert len(err) == 1 and "quote the override" in err[0]
     assert main([cfg_path, "target.value=-1", "--dry-run"]) == 2
     assert "quote" not in capsys.readouterr().err
+
+
+def test_predict_text_explains_the_p_mapping_and_an_anchor_only_measurement():
+    from types import SimpleNamespace
+
+    from cbs.predict._run import PRECOND_NOTE, _text
+
+    table = pd.DataFrame(
+        dict(
+            optimizer="adam",
+            batch_size=[4, 16],
+            steps_forecast=[100.0, 30.0],
+            steps_measured=[np.nan, 28.0],  # the anchor (16) filled by with_anchor
+            lr_forecast=[1e-3, 2e-3],
+        )
+    )
+    summ = pd.DataFrame(
+        dict(
+            optimizer=["adam"],
+            b_crit_forecast=[20.0],
+            b_crit_measured=[np.nan],
+            b_crit_measured_lo=[np.nan],
+            b_crit_measured_hi=[np.nan],
+            ratio=[np.nan],
+            b_simple=[10.0],
+            b_simple_ratio=[np.nan],
+            b_noise=[12.0],
+            b_noise_ratio=[np.nan],
+            mapping=["P = C^p, p = 0.04 measured from sqrt(E g_B^2) on the top eigenvectors"],
+        )
+    )
+    cal = SimpleNamespace(
+        num_top=4,
+        problem=SimpleNamespace(h=np.ones(10)),
+        bulk_count=6.0,
+        dropped_flat_mass=0.0,
+        kappa=1.0,
+        notes=[],
+    )
+    costs = dict(
+        noise_from="x",
+        anchor_s=1.0,
+        measure_s=1.0,
+        forecast_s=1.0,
+        sweep_s=np.nan,
+        anchor_source="y",
+    )
+    text = _text(table, summ, None, cal, costs)
+    assert PRECOND_NOTE in text and "p near 0" in PRECOND_NOTE
+    assert "S measured: the anchor batch size only" in text
+    row16 = next(line for line in text.splitlines() if line.startswith("adam") and " 16 " in line)
+    assert "28" in row16

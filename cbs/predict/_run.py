@@ -526,6 +526,7 @@ def predict(
             m_steps = np.array([pb.get(int(b), np.nan) for b in batch_sizes], np.float64)
             mf = measured.fits[name]
             m_bcrit, m_ci = float(mf.b_crit), tuple(float(v) for v in mf.b_crit_ci)
+        m_steps = with_anchor(m_steps, batch_sizes, anchor, a_steps)
         for i, b in enumerate(batch_sizes):
             rows.append(
                 {
@@ -585,6 +586,32 @@ def predict(
     return Prediction(table, summ, meas, noise_meas, costs, text, files)
 
 
+def with_anchor(m_steps, batch_sizes, anchor: int, a_steps: float) -> np.ndarray:
+    """The measured S per forecast batch size, with the anchor's own S filled in where the
+    sweep gave none (predict trained, or read, the anchor: it is measured).
+
+    >>> with_anchor(np.full(3, np.nan), np.array([4, 16, 64]), 16, 120.0).tolist()
+    [nan, 120.0, nan]
+    """
+    out = np.array(m_steps, np.float64)
+    hit = np.flatnonzero(np.asarray(batch_sizes) == anchor)
+    for i in hit:
+        if not np.isfinite(out[i]):
+            out[i] = a_steps
+    return out
+
+
+# How an optimizer becomes an NQM optimizer, once under the mapping column.
+PRECOND_NOTE = (
+    "NQM mapping: SGD and momentum map exactly (P = I, the same LR). An Adam-type optimizer "
+    "becomes preconditioned SGD with P = C^p: p is the slope of log sqrt(E[g_B^2]) (its "
+    "denominator at the anchor B) against log curvature on the top eigenvectors, in [0, 1]. "
+    "p = 0.5 is the textbook Adam-as-H^0.5; a p near 0 means the denominator hardly follows "
+    "the curvature there (gradient noise or eps dominate it), so the NQM treats that optimizer "
+    "almost like SGD. K-FAC is P = C (p = 1)."
+)
+
+
 def _text(table, summ, meas, cal, costs) -> str:
     lines = [
         (
@@ -620,6 +647,12 @@ def _text(table, summ, meas, cal, costs) -> str:
             f"{r.optimizer:<12} {format_number(r.b_crit_forecast, 3):>11} {ci:>24} {format_number(r.ratio, 2):>6} "
             f"{format_number(r.b_simple, 3):>9} {format_number(r.b_simple_ratio, 2):>6} {format_number(r.b_noise, 3):>9} "
             f"{format_number(r.b_noise_ratio, 2):>6}  {r.mapping}"
+        )
+    lines.append(PRECOND_NOTE)
+    if summ["b_crit_measured"].isna().all():
+        lines.append(
+            "S measured: the anchor batch size only (the sweep is not finished; run it for the "
+            "rest, then predict again)"
         )
     anchor_s = costs["anchor_s"] if np.isfinite(costs["anchor_s"]) else 0.0
     marginal = costs["measure_s"] + costs["forecast_s"]
