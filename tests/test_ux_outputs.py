@@ -295,3 +295,18 @@ def test_predict_text_explains_the_p_mapping_and_an_anchor_only_measurement():
     assert "S measured: the anchor batch size only" in text
     row16 = next(line for line in text.splitlines() if line.startswith("adam") and " 16 " in line)
     assert "28" in row16
+
+
+def test_slurm_merge_task_does_not_inherit_the_arrays_gpus_and_memory(tmp_path):
+    from cbs.sweep import slurm
+
+    opts = slurm.parse_slurm("array=2,partition=gpu,gpus_per_task=1,mem=32G")
+    text = slurm.dry_run(opts, "configs/nqm_quickstart.yaml", [], "q", tmp_path)
+    array, merge = text.split("--merge-only", 1)[0], text.split("afterok", 1)[1]
+    assert "--mem=32G" in array and "--gpus-per-task=1" in array
+    assert "--mem" not in merge and "gpus" not in merge and "--partition=gpu" in merge
+    opts = slurm.parse_slurm("array=2,partition=gpu,mem=32G,merge_mem=4G,merge_partition=cpu")
+    merge = slurm.dry_run(opts, "configs/nqm_quickstart.yaml", [], "q", tmp_path).split("afterok")[
+        1
+    ]
+    assert "--mem=4G" in merge and "--partition=cpu" in merge

@@ -356,7 +356,12 @@ def fit_critical_batch_size(
                     f"B_crit={format_value(b_crit)} (want >= 2 on each side)"
                 )
     if n_points > n_params and rms > _MISFIT_RMS:
-        hint = "; compare form='general'" if form == "mcCandlish" else ""
+        hint = (
+            "; compare the general form (python -m cbs.analyze RUN --form general, "
+            "or analyze_run(..., form='general') / fit_critical_batch_size(..., form='general'))"
+            if form == "mcCandlish"
+            else ""
+        )
         warnings.append(
             f"the fit misses the table by {rms:.0%} rms in log S: the {form} form may not describe "
             f"this curve{hint}"

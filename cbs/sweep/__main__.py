@@ -105,7 +105,8 @@ def _parser(full_help: bool) -> argparse.ArgumentParser:
         metavar="key=value,...",
         help="submit an array job (one shard per task) and a dependent merge-and-analyse task; keys: "
         "array (tasks, default 2), partition, gpus_per_task, cpus_per_task, time (minutes or "
-        "HH:MM:SS), mem, account, qos, constraint, parallelism, merge_time, folder, job_name, "
+        "HH:MM:SS), mem, account, qos, constraint, parallelism, merge_time, merge_partition, "
+        "merge_mem (the merge task requests no GPU and not the array's mem), folder, job_name, "
         "setup (';'-separated shell lines), executor (slurm or local)",
     )
     g.add_argument(

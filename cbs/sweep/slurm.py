@@ -38,6 +38,11 @@ class SlurmOptions:
     constraint: str | None = None
     parallelism: int | None = None  # at most this many array tasks at once
     merge_time: int = 30  # minutes for the merge-and-analyse task
+    # The merge task needs no GPU and little memory: it requests no GPUs, only merge_mem
+    # (unset: the cluster's default, never the array's mem), on merge_partition (unset: the
+    # array's partition, since partition names are the cluster's own)
+    merge_partition: str | None = None
+    merge_mem: str | None = None
     folder: str | None = None  # submitit logs and pickles (default OUTPUT/slurm)
     job_name: str | None = None
     executor: str = "slurm"  # slurm, or local (submitit's local executor; for tests)
@@ -130,8 +135,12 @@ def run_merge(args: Sequence[str], analysis: bool = True) -> int:
 def _parameters(opts: SlurmOptions, name: str, merge: bool) -> dict:
     p: dict = {"job_name": opts.job_name or name, "time": opts.merge_time if merge else opts.time}
     for key in ("partition", "account", "qos", "constraint", "mem"):
-        if getattr(opts, key) is not None:
-            p[key] = getattr(opts, key)
+        source = f"merge_{key}" if merge and key in ("partition", "mem") else key
+        value = getattr(opts, source)
+        if value is None and merge and key == "partition":
+            value = opts.partition
+        if value is not None:
+            p[key] = value
     if not merge:
         if opts.gpus_per_task is not None:
             p["gpus_per_task"] = opts.gpus_per_task
