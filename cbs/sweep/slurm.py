@@ -116,7 +116,7 @@ def run_shard(args: Sequence[str], index: int, count: int) -> int:
     """One array task: shard ``index/count`` of the sweep, no merge (the merge task does it)."""
     from cbs.sweep.__main__ import main
 
-    code = main([*args, "--shard", f"{index}/{count}", "--no-merge", "--no-progress"])
+    code = main([*args, "--shard", f"{index}/{count}", "--no-merge", "--progress", "lines"])
     if code:
         raise RuntimeError(f"shard {index}/{count} exited with status {code}")
     return code
@@ -166,7 +166,7 @@ def dry_run(
     args = _sweep_args(config, overrides)
     shard_cmd = (
         " ".join(shlex.quote(a) for a in [sys.executable, "-m", "cbs.sweep", *args])
-        + f" --shard $SLURM_ARRAY_TASK_ID/{opts.array} --no-merge --no-progress"
+        + f" --shard $SLURM_ARRAY_TASK_ID/{opts.array} --no-merge --progress lines"
     )
     merge_cmd = (
         " ".join(shlex.quote(a) for a in [sys.executable, "-m", "cbs.sweep", *args])
