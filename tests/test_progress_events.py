@@ -43,13 +43,14 @@ def test_lines_mode_one_line_per_block_and_per_planned_round():
 
 
 def test_in_block_reports_move_the_position_and_the_block_end_settles_it():
-    p = SweepProgress("s", total=8, initial=0, blocks=1, mode="off")
+    p = SweepProgress("s", total=10, initial=0, blocks=2, mode="off")
     p.in_block("a", 1.5, "step 100/400")
     assert p.position == 1.5
     p.in_block("a~0", 0.5)  # a sub-block of a split block
-    assert p.position == 2.0
+    p.in_block("a1~0", 0.25)  # another block whose id starts with "a": not a's
+    assert p.position == 2.25
     p.block_done(_block("a", 8), 1.0)
-    assert p.position == 8 and not p.partial
+    assert p.position == 8.25 and set(p.partial) == {"a1~0"}
 
 
 def test_bar_mode_shows_fractional_progress_and_the_detail():
@@ -120,7 +121,7 @@ def test_train_sweep_reports_in_block_progress_and_writes_readable_event_files(
     # the train loop reports after every call (10 steps of a 40-step budget), in cell
     # equivalents: non-decreasing within a block, both cells done (or out of budget) at the end
     for bid in ("sgd__B8", "sgd__B32"):
-        done = [d for b, d, _ in seen if b == bid]
+        done = [d for b, d, _ in seen if b.split("~")[0] == bid]
         assert len(done) == 4 and done == sorted(done) and done[-1] == 2.0, (bid, done)
         assert 0 < done[0] < 2
     assert any("step 20/40" in t and "cells running" in t for _, _, t in seen)

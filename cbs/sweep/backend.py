@@ -171,6 +171,8 @@ class Backend(abc.ABC):
     # cells_done in cell equivalents (a finished cell 1, a running one the share of its step
     # budget used), detail a short text for the progress bar ("step 1200/5000, ..."). The
     # runner turns it into the bar or the log (cbs.sweep.progress); a back end never knows.
+    # The id may carry a suffix, "<block_id>~<key>", one key per sub-block of a block split
+    # for memory (the sub-blocks share the block's id), so their counts add up.
     progress: Callable[[str, float, str], None] | None = None
 
     def __init__(self, config):

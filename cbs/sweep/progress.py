@@ -97,9 +97,8 @@ class SweepProgress:
 
     def block_done(self, block, seconds: float) -> None:
         """A block's rows are on disk."""
-        self.partial.pop(block.block_id, None)
-        # sub-blocks of a split block report under their own ids; the block's end clears them
-        for k in [k for k in self.partial if k.startswith(block.block_id)]:
+        # sub-blocks of a split block report as "<block id>~<key>"; the block's end clears them
+        for k in [k for k in self.partial if k.split("~", 1)[0] == block.block_id]:
             self.partial.pop(k)
         self.done += len(block.cells)
         self.blocks_done += 1

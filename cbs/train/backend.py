@@ -569,7 +569,9 @@ class TrainBackend(Backend):
         report = self.progress
         if report is None:
             return None
-        return lambda done, detail: report(block.block_id, done, f"{block.optimizer} {detail}")
+        # a block split for memory arrives as sub-blocks with the block's id: key each apart
+        key = f"{block.block_id}~{id(block):x}"
+        return lambda done, detail: report(key, done, f"{block.optimizer} {detail}")
 
     def _first_pass_widths(self) -> dict:
         """Cells of the config's first-pass blocks per program family (kind, schedule,
