@@ -178,7 +178,8 @@ def plan_estimate(cfg: SweepConfig, blocks: Sequence[Block], backend: Backend | 
     """What --dry-run promises: the first pass's cells and blocks, the most the adaptive
     rounds can add (:func:`cbs.sweep.adaptive.max_adaptive_cells`), and, where the back
     end's cost model is in seconds (``block_cost_unit``), the time of each at the full step
-    budget per cell (no early stop: an upper estimate at the cost model's nominal speed).
+    budget per cell at the cost model's nominal speed (no early stop; compiles and machine
+    load come on top, so it is a guide, not a bound).
     Returns a dict; ``seconds_*`` are None without a time model."""
     from cbs.sweep.adaptive import max_adaptive_cells
 
