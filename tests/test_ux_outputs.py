@@ -292,7 +292,7 @@ def test_predict_text_explains_the_p_mapping_and_an_anchor_only_measurement():
     )
     text = _text(table, summ, None, cal, costs)
     assert PRECOND_NOTE in text and "p near 0" in PRECOND_NOTE
-    assert "S measured: the anchor batch size only" in text
+    assert "S measured: where the unfinished sweep has finished blocks" in text
     row16 = next(line for line in text.splitlines() if line.startswith("adam") and " 16 " in line)
     assert "28" in row16
 

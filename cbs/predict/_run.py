@@ -476,11 +476,20 @@ def predict(
         noise_meas, num_bins=options.bins, floor=options.floor, bulk_noise=options.bulk_noise
     )
 
-    measured = None
-    if finished:
-        from cbs.analysis import analyze_run
+    from cbs.analysis import analyze_run
 
+    measured = partial = None
+    if finished:
         measured = analyze_run(sweep_dir, write=False, plots=False)
+    elif (Path(sweep_dir) / "manifest.json").exists():
+        # an unfinished sweep's finished blocks: their S is measured too (its B_crit is not
+        # yet); anything the analysis refuses simply leaves S measured empty there
+        from cbs.errors import CbsError
+
+        try:
+            partial = analyze_run(sweep_dir, write=False, plots=False, n_boot=0)
+        except (CbsError, ValueError, OSError):
+            partial = None
 
     t0 = time.perf_counter()
     rows, summary = [], []
@@ -526,6 +535,11 @@ def predict(
             m_steps = np.array([pb.get(int(b), np.nan) for b in batch_sizes], np.float64)
             mf = measured.fits[name]
             m_bcrit, m_ci = float(mf.b_crit), tuple(float(v) for v in mf.b_crit_ci)
+        elif partial is not None and name in set(partial.per_batch["optimizer"]):
+            pb = partial.per_batch[partial.per_batch.optimizer == name].set_index("batch_size")[
+                "steps"
+            ]
+            m_steps = np.array([pb.get(int(b), np.nan) for b in batch_sizes], np.float64)
         m_steps = with_anchor(m_steps, batch_sizes, anchor, a_steps)
         for i, b in enumerate(batch_sizes):
             rows.append(
@@ -651,8 +665,8 @@ def _text(table, summ, meas, cal, costs) -> str:
     lines.append(PRECOND_NOTE)
     if summ["b_crit_measured"].isna().all():
         lines.append(
-            "S measured: the anchor batch size only (the sweep is not finished; run it for the "
-            "rest, then predict again)"
+            "S measured: where the unfinished sweep has finished blocks (the anchor at least); "
+            "the measured B_crit needs the finished sweep (run it, then predict again)"
         )
     anchor_s = costs["anchor_s"] if np.isfinite(costs["anchor_s"]) else 0.0
     marginal = costs["measure_s"] + costs["forecast_s"]
