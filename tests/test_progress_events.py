@@ -26,7 +26,10 @@ def _block(bid, n, b=4):
 def test_lines_mode_one_line_per_block_and_per_planned_round():
     lines, clock = [], _Clock()
     p = SweepProgress(
-        "s", total=10, initial=0, blocks=2, mode="lines", write=lines.append, clock=clock
+        "s", total=10, initial=0, blocks=2, mode="lines", write=lines.append, clock=clock, may_add=8
+    )
+    assert (
+        lines.pop(0) == "s: 10 cells to run in 2 block(s); adaptive LR rounds may add up to 8 more"
     )
     clock.t = 5.0
     p.block_done(_block("a", 5), 5.0)
@@ -36,7 +39,7 @@ def test_lines_mode_one_line_per_block_and_per_planned_round():
     p.grow(6, 3, "adaptive round (zoom)")
     assert "+6 cells in 3 block(s); total now 16 cells" in lines[1]
     # the ETA counts the planned round: 11 cells left at 1 cell/s
-    assert p.eta_seconds() == pytest.approx(11.0)
+    assert p.eta_seconds() == pytest.approx(11.0) and p.may_add == 2
     clock.t = 10.0
     p.block_done(_block("b", 5), 5.0)
     assert "block 2/5 b" in lines[2] and "10/16 cells" in lines[2]
@@ -55,12 +58,12 @@ def test_in_block_reports_move_the_position_and_the_block_end_settles_it():
 
 def test_bar_mode_shows_fractional_progress_and_the_detail():
     out = io.StringIO()
-    p = SweepProgress("s", total=4, initial=0, blocks=1, mode="bar")
+    p = SweepProgress("s", total=4, initial=0, blocks=1, mode="bar", may_add=6)
     p.bar.fp = out  # write into the buffer instead of stderr
     p.in_block("a", 1.0, "B=4 step 50/100, 2/4 cells running")
-    assert p.bar.n == 1.0 and "step 50/100" in str(p.bar)
+    assert p.bar.n == 1.0 and "step 50/100" in str(p.bar) and "up to +6" in str(p.bar)
     p.grow(4, 1, "round")
-    assert p.bar.total == 8
+    assert p.bar.total == 8 and "up to +2" in str(p.bar)
     p.close()
 
 

@@ -66,6 +66,7 @@ class SweepProgress:
         mode: str,
         write: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        may_add: int = 0,
     ):
         self.name, self.mode, self.clock = name, mode, clock
         self.total, self.done, self.blocks, self.blocks_done = total, initial, blocks, 0
@@ -74,7 +75,16 @@ class SweepProgress:
         self.detail = ""
         self.t0 = clock()
         self._write = write or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.may_add = int(
+            may_add
+        )  # the most the adaptive rounds can still add (--dry-run's bound)
         self.bar = None
+        if mode == "lines":
+            self._write(
+                f"{name}: {total - initial} cells to run in {blocks} block(s)"
+                + (f" ({initial} done before)" if initial else "")
+                + (f"; adaptive LR rounds may add up to {may_add} more" if may_add else "")
+            )
         if mode == "bar":
             from tqdm.auto import tqdm
 
@@ -83,7 +93,7 @@ class SweepProgress:
                 total=total,
                 initial=initial,
                 unit="cell",
-                desc=name,
+                desc=name + (f" (adaptive: up to +{may_add})" if may_add else ""),
                 dynamic_ncols=True,
                 bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} cells [{elapsed}<{remaining}{postfix}]",
             )
@@ -115,6 +125,12 @@ class SweepProgress:
         """More work was planned (an adaptive round): the total and the ETA include it."""
         self.total += cells
         self.blocks += blocks
+        self.may_add = max(0, self.may_add - cells)
+        if self.bar is not None:
+            self.bar.set_description_str(
+                self.name + (f" (adaptive: up to +{self.may_add})" if self.may_add else ""),
+                refresh=False,
+            )
         if self.bar is not None:
             self.bar.total = self.total
         if self.mode == "lines":

@@ -536,7 +536,10 @@ def run_sweep(
     budget = memory_budget() if backend.splittable else None
     t0 = time.perf_counter()
     total = sum(len(b.cells) for b in blocks)
-    bar = SweepProgress(cfg.name, total, skipped, len(pending), mode)
+    # the bound over this process's families (a resumed run's stored rounds make it loose,
+    # never wrong)
+    may_add = plan_estimate(cfg, blocks)["max_adaptive_cells"] if mode != "off" else 0
+    bar = SweepProgress(cfg.name, total, skipped, len(pending), mode, may_add=may_add)
     events = None
     if cfg.output.tensorboard:
         from cbs.sweep.events import EventLog
