@@ -27,9 +27,10 @@ S = S_min + E_min / B by least squares in log S, and from it
 with percentile bootstrap intervals (over seeds when there are >= 2, else over log-space
 residuals). Options left out come from the run's config.yaml (analysis: section).
 
-Writes into each run folder: cbs.json, cbs.parquet, steps_vs_batch.png, best_lr.png,
-data_efficiency.png and report.md. With several runs, also compare.md, compare.parquet,
-compare.json and compare_steps_vs_batch.png (in --out, default the first run folder).
+Writes into the run folder: cbs.json, cbs.parquet, steps_vs_batch.png, best_lr.png,
+data_efficiency.png and report.md. With several runs, only compare.md, compare.parquet,
+compare.json and compare_steps_vs_batch.png (in --out, default the first run folder); the
+input runs' own files are left as they were.
 """
 
 _EPILOG = """\

@@ -18,6 +18,7 @@ from cbs.analysis._format import (
     text_table,
 )
 from cbs.analysis._power_law import PowerLawFit, fit_power_law
+from cbs.analysis._render import _bounded, extrapolation_notes
 from cbs.analysis._report import RunAnalysis, analyze_run
 from cbs.analysis._tables import check_run_dir, read_run_config, read_run_manifest
 from cbs.errors import AnalysisError
@@ -76,6 +77,28 @@ def run_scale(run_dir, scale_key: str) -> float:
     )
 
 
+def run_labels(names: Sequence[str], dirs: Sequence[Path]) -> list[str]:
+    """A label per run: its sweep name when the names are unique, else its folder (the
+    shortest path tail that tells the folders apart), so two runs of one config read as
+    `qs` and `qs_small`, not `name` and `name#2`.
+
+    >>> run_labels(["a", "b"], [Path("x/r1"), Path("y/r2")])
+    ['a', 'b']
+    >>> run_labels(["q", "q"], [Path("runs/big"), Path("runs/small")])
+    ['big', 'small']
+    >>> run_labels(["q", "q"], [Path("a/run"), Path("b/run")])
+    ['a/run', 'b/run']
+    """
+    if len(set(names)) == len(names):
+        return list(names)
+    parts = [Path(d).parts for d in dirs]
+    for k in range(1, max(len(p) for p in parts) + 1):
+        tails = ["/".join(p[-k:]) for p in parts]
+        if len(set(tails)) == len(tails):
+            return tails
+    return [f"{n}#{i + 1}" for i, n in enumerate(names)]  # the same folder twice
+
+
 def compare_runs(
     run_dirs: Sequence,
     *,
@@ -111,12 +134,11 @@ def compare_runs(
         scales = [float(v) for v in scale_values]
     elif scale_key:
         scales = [run_scale(d, scale_key) for d in dirs]
-    analyses = [analyze_run(d, plots=plots, **options) for d in dirs]
-    labels, seen = [], {}
-    for a in analyses:
-        name = a.label
-        seen[name] = seen.get(name, 0) + 1
-        labels.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    write = options.pop("write", True)
+    # The input runs are read, never rewritten: their own cbs.json, plots and report.md stay
+    # what their sweep (or their own `cbs.analyze RUN`) wrote; the comparison's files go to out.
+    analyses = [analyze_run(d, plots=False, write=False, **options) for d in dirs]
+    labels = run_labels([a.label for a in analyses], dirs)
     units = {a.unit for a in analyses}
     table = pd.concat(
         [a.summary.assign(run=lbl) for a, lbl in zip(analyses, labels)], ignore_index=True
@@ -126,7 +148,7 @@ def compare_runs(
     header = (
         ["optimizer", "run"]
         + (["scale"] if scales is not None else [])
-        + ["S_min", "B_crit", "B_crit CI", "B*", "knee", "points"]
+        + ["B_crit (headline)", "B_crit CI", "S_min", "B* (secondary)", "knee", "points"]
     )
     rows = []
     for name in dict.fromkeys(table["optimizer"]):
@@ -134,20 +156,31 @@ def compare_runs(
             rows.append(
                 [name, r.run]
                 + ([format_number(r.scale)] if scales is not None else [])
-                + row_cells(r, ("s_min", "b_crit", "b_crit_ci", "b_star", "knee", "n_points"))
+                + [_bounded(r, "b_crit")]
+                + row_cells(r, ("b_crit_ci", "s_min"))
+                + [_bounded(r, "b_star")]
+                + row_cells(r, ("knee", "n_points"))
             )
+    notes = extrapolation_notes(
+        table.assign(optimizer=table["optimizer"] + " (" + table["run"] + ")")
+    )
     unit = units.pop() if len(units) == 1 else "mixed units"
     lines = [
         f"CBS comparison of {len(analyses)} runs (batch sizes in {unit})",
         text_table(header, rows),
+        *[f"  {n}" for n in notes],
     ]
     md = [
         f"# CBS comparison ({len(analyses)} runs)",
         "",
-        f"Batch sizes in {unit}.",
+        f"Batch sizes in {unit}. Runs: "
+        + "; ".join(f"{lbl} = `{d}`" for lbl, d in zip(labels, dirs))
+        + ".",
         "",
         md_table(header, rows),
         "",
+        *[f"- {n}" for n in notes],
+        *([""] if notes else []),
     ]
     scaling, scaling_b_star = {}, {}
     if scales is not None:
@@ -184,7 +217,7 @@ def compare_runs(
     comp = Comparison(
         runs=analyses, table=table, text=text, scaling=scaling, scaling_b_star=scaling_b_star
     )
-    if out is None and not options.get("write", True):
+    if out is None and not write:
         return comp  # write=False: nothing goes into the run folders, the comparison included
     out_dir = Path(out) if out is not None else dirs[0]
     try:
@@ -200,7 +233,10 @@ def compare_runs(
         comp.files.append(
             _plots.plot_compare(out_dir / "compare_steps_vs_batch.png", runs_fits, unit_label)
         )
-        md[4:4] = ["![steps vs batch size, all runs](compare_steps_vs_batch.png)", ""]
+        md[4:4] = [
+            "![steps vs batch size, all runs](compare_steps_vs_batch.png)",
+            "",
+        ]  # after the runs line
         if scaling:
             comp.files.append(
                 _plots.plot_scaling(

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cbs.analysis._diagnostics import local_efficiencies, raw_knee
-from cbs.analysis._format import format_value, jsonable
+from cbs.analysis._format import bound_text, format_value, jsonable, outside_range
 from cbs.analysis._model import _b_star, _canonical_form, _fit_vectorized, steps_model
 from cbs.analysis._seeds import aggregate_seeds
 
@@ -89,6 +89,21 @@ class CriticalBatchSizeFit:
     b_star_samples: np.ndarray = dataclasses.field(repr=False, default=None)
     warnings: list[str] = dataclasses.field(default_factory=list)
 
+    @property
+    def swept_range(self) -> tuple[float, float]:
+        """(smallest, largest) batch size of the table (NaN, NaN) when empty."""
+        b = np.asarray(self.batch_sizes, np.float64)
+        return (float(b.min()), float(b.max())) if b.size else (np.nan, np.nan)
+
+    def outside(self, name: str = "b_crit") -> str:
+        """'above' or 'below' when the fitted ``name`` (b_crit, b_star) lies outside the swept
+        batch sizes (an extrapolation, shown as a bound), else ''."""
+        return outside_range(getattr(self, name), *self.swept_range)
+
+    def bound_text(self, name: str = "b_crit") -> str:
+        """``name`` as text: the number inside the swept range, else the bound ('> 16384')."""
+        return bound_text(getattr(self, name), *self.swept_range)
+
     def predict(self, batch_sizes) -> np.ndarray:
         """The fitted S(B) at the given batch sizes."""
         return steps_model(batch_sizes, self.s_min, self.b_crit, self.alpha, self.e_min)
@@ -118,6 +133,16 @@ class CriticalBatchSizeFit:
             f"bootstrap={self.bootstrap!r}, warnings={len(self.warnings)})"
         )
 
+    def _extrapolated_note(self, name: str) -> str:
+        side = self.outside(name)
+        if not side:
+            return ""
+        lo, hi = self.swept_range
+        return (
+            f"\n           = {self.bound_text(name)}: extrapolated {side} the swept batch sizes "
+            f"({format_value(lo)}..{format_value(hi)}); the fitted number is not a measurement"
+        )
+
     def __str__(self) -> str:
         u = self.unit
 
@@ -131,12 +156,14 @@ class CriticalBatchSizeFit:
             f" {self.n_seeds} seed{'s' if self.n_seeds != 1 else ''}, bootstrap: {self.bootstrap})",
             f"  S_min  = {format_value(self.s_min, 'steps')}{ci(self.s_min_ci)}",
             f"  E_min  = {format_value(self.e_min, u)}{ci(self.e_min_ci)}  ({u} to reach the target as B -> 0)",
-            f"  B_crit = {format_value(self.b_crit, u)}{ci(self.b_crit_ci, u)}",
+            f"  B_crit = {format_value(self.b_crit, u)}{ci(self.b_crit_ci, u)}  (headline)"
+            + self._extrapolated_note("b_crit"),
         ]
         if self.form == "general":
             lines.append(f"  alpha  = {format_value(self.alpha)}{ci(self.alpha_ci)}")
         lines += [
-            f"  B*     = {format_value(self.b_star, u)}{ci(self.b_star_ci, u)}  (delta={self.delta:g}, B0={format_value(self.b0)})",
+            f"  B*     = {format_value(self.b_star, u)}{ci(self.b_star_ci, u)}  (secondary; delta={self.delta:g}, B0={format_value(self.b0)})"
+            + self._extrapolated_note("b_star"),
             f"  knee   = {format_value(self.knee, u)}  (raw table, first B with B*S/(B0*S0) > {1 + self.delta:g})",
             f"  leave-one-B-out B_crit range: [{format_value(self.b_crit_loo[0])}, {format_value(self.b_crit_loo[1])}]",
             f"  rms log residual: {format_value(self.rms_log_residual)}",
@@ -329,7 +356,12 @@ def fit_critical_batch_size(
                     f"B_crit={format_value(b_crit)} (want >= 2 on each side)"
                 )
     if n_points > n_params and rms > _MISFIT_RMS:
-        hint = "; compare form='general'" if form == "mcCandlish" else ""
+        hint = (
+            "; compare the general form (python -m cbs.analyze RUN --form general, "
+            "or analyze_run(..., form='general') / fit_critical_batch_size(..., form='general'))"
+            if form == "mcCandlish"
+            else ""
+        )
         warnings.append(
             f"the fit misses the table by {rms:.0%} rms in log S: the {form} form may not describe "
             f"this curve{hint}"

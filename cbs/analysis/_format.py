@@ -13,6 +13,8 @@ import pandas as pd
 __all__ = [
     "format_number",
     "format_value",
+    "outside_range",
+    "bound_text",
     "ci_text",
     "row_cells",
     "text_table",
@@ -57,6 +59,37 @@ def format_value(x, unit: str = "") -> str:
     ('64 examples', 'n/a')
     """
     return f"{format_number(x, missing='n/a')} {unit}".rstrip()
+
+
+def outside_range(x, lo, hi) -> str:
+    """'above' / 'below' when ``x`` lies outside [lo, hi] (a CBS extrapolated beyond the swept
+    batch sizes), '' inside or when any is missing.
+
+    >>> outside_range(726436, 4, 16384), outside_range(800, 4, 16384), outside_range(2, 4, 64)
+    ('above', '', 'below')
+    """
+    try:
+        x, lo, hi = float(x), float(lo), float(hi)
+    except (TypeError, ValueError):
+        return ""
+    if math.isnan(x) or math.isnan(lo) or math.isnan(hi):
+        return ""
+    return "above" if x > hi else "below" if x < lo else ""
+
+
+def bound_text(x, lo, hi) -> str:
+    """A CBS for tables and the terminal: the number inside the swept range [lo, hi], the
+    bound it implies outside it (the one rule every output uses for extrapolated values).
+
+    >>> bound_text(726436, 4, 16384), bound_text(816.4, 4, 16384), bound_text(1.5, 4, 64)
+    ('> 16384', '816.4', '< 4')
+    """
+    side = outside_range(x, lo, hi)
+    if side == "above":
+        return f"> {format_number(hi)}"
+    if side == "below":
+        return f"< {format_number(lo)}"
+    return format_number(x)
 
 
 def ci_text(lo, hi) -> str:

@@ -71,6 +71,19 @@ def _fmt(x):
     return format_number(x, 3, missing="n/a")  # legends: 3 digits
 
 
+# An extrapolated CBS (outside the swept batch sizes) is always drawn dashed, never in the
+# style of a measured one (and labelled with its bound, cbs.analysis._format.bound_text).
+_EXTRAPOLATED = (0, (4, 2.5))
+
+
+def _crit_style(fit) -> tuple[object, str]:
+    """(line style, legend text) of a fit's B_crit marker line."""
+    side = fit.outside("b_crit")
+    if side:
+        return _EXTRAPOLATED, f"B_crit {fit.bound_text()} (extrapolated; fit {_fmt(fit.b_crit)})"
+    return "-.", f"B_crit={_fmt(fit.b_crit)}"
+
+
 def _draw_measured(ax, fit, color, size, label):
     """A fit's measured S(B) points (seeds combined), black-edged."""
     good = np.isfinite(fit.steps)
@@ -96,7 +109,7 @@ def _draw_fit(ax, fit, color, label_prefix="", band=True, show_lines=True):
             "-",
             color=color,
             lw=1.8,
-            label=f"{label_prefix}fit: S_min={_fmt(fit.s_min)}, B_crit={_fmt(fit.b_crit)}",
+            label=f"{label_prefix}fit: S_min={_fmt(fit.s_min)}, {_crit_style(fit)[1]}",
         )
         if show_lines:
             s0 = float(fit.predict([fit.b0])[0])
@@ -111,12 +124,15 @@ def _draw_fit(ax, fit, color, label_prefix="", band=True, show_lines=True):
             if np.isfinite(fit.s_min) and fit.s_min > 0:
                 ax.axhline(fit.s_min, color=color, ls="--", lw=0.8, alpha=0.6, label="S_min")
         if np.isfinite(fit.b_crit) and fit.b_crit > 0:
+            style, text = _crit_style(fit)
             ax.axvline(
                 fit.b_crit,
                 color=color,
-                ls="-.",
+                ls=style,
                 lw=1.2,
-                label="B_crit (S = 2 S_min)" if show_lines else None,
+                label=(text if fit.outside("b_crit") else "B_crit (S = 2 S_min)")
+                if show_lines
+                else None,
             )
             if band and all(np.isfinite(v) for v in fit.b_crit_ci):
                 ax.axvspan(
@@ -127,6 +143,7 @@ def _draw_fit(ax, fit, color, label_prefix="", band=True, show_lines=True):
                     label=f"B_crit {fit.ci_level:.0%} CI" if show_lines else None,
                 )
         if show_lines and np.isfinite(fit.b_star):
+            out = fit.outside("b_star")
             ax.plot(
                 [fit.b_star],
                 [float(fit.predict([fit.b_star])[0])],
@@ -135,7 +152,11 @@ def _draw_fit(ax, fit, color, label_prefix="", band=True, show_lines=True):
                 color=color,
                 ls="none",
                 markeredgecolor="k",
-                label=f"B* (δ={fit.delta:g}) = {_fmt(fit.b_star)}",
+                markerfacecolor="none" if out else color,
+                label=f"B* (δ={fit.delta:g}, secondary) "
+                + (
+                    f"{fit.bound_text('b_star')} (extrapolated)" if out else f"= {_fmt(fit.b_star)}"
+                ),
             )
 
 
@@ -148,7 +169,24 @@ def _label(ax, xlabel: str, ylabel: str, title: str, **legend) -> None:
     _legend(ax, **legend)
 
 
+def _readable_log_y(fig) -> None:
+    """On log-y panels spanning less than two decades matplotlib labels one decade or none;
+    label 1-2-5 steps there so counts can be read off the axis."""
+    for ax in fig.axes:
+        if ax.get_yscale() != "log" or not ax.get_visible():
+            continue
+        lo, hi = ax.get_ylim()
+        if lo > 0 and hi > lo and np.log10(hi / lo) < 2:
+            ax.yaxis.set_major_locator(
+                matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12)
+            )
+            ax.yaxis.set_major_formatter(
+                matplotlib.ticker.FuncFormatter(lambda v, _pos: format_number(v, 3))
+            )
+
+
 def _save(fig, path: Path) -> Path:
+    _readable_log_y(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
     plt.close(fig)
@@ -246,16 +284,27 @@ def plot_all_optimizers(
                     ax.plot(
                         [lo, hi], [y, y], "-", color=color, lw=4, alpha=0.35, solid_capstyle="butt"
                     )
+                side = fit.outside("b_crit")
+                if side:  # the fit's continuation to the extrapolated B_crit, dashed
+                    edge = fit.swept_range[1] if side == "above" else fit.swept_range[0]
+                    bx = np.geomspace(min(edge, fit.b_crit), max(edge, fit.b_crit), 50)
+                    ax.plot(bx, fit.predict(bx), ls=_EXTRAPOLATED, color=color, lw=1.2)
+                interval = (
+                    f" [{_fmt(lo)}, {_fmt(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else ""
+                )
                 ax.plot(
                     [fit.b_crit],
                     [y],
                     marker="D",
                     ms=9,
                     color=color,
-                    markeredgecolor="k",
+                    markeredgecolor=color if side else "k",
+                    markerfacecolor="none" if side else color,
+                    markeredgewidth=1.8 if side else 1.0,
                     ls="none",
-                    label=f"{name}: B_crit = {_fmt(fit.b_crit)}"
-                    + (f" [{_fmt(lo)}, {_fmt(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else ""),
+                    label=f"{name}: B_crit {fit.bound_text()} (extrapolated; fit {_fmt(fit.b_crit)})"
+                    if side
+                    else f"{name}: B_crit = {_fmt(fit.b_crit)}{interval}",
                 )
     _log_axes(ax)
     _label(
@@ -268,6 +317,7 @@ def plot_all_optimizers(
     if notes:
         fig.text(0.01, 0.005, "\n".join(notes), fontsize=7, va="bottom", ha="left")
         fig.subplots_adjust(bottom=0.12 + 0.03 * len(notes))
+    _readable_log_y(fig)
     fig.tight_layout(rect=(0, 0.03 * len(notes), 1, 1))
     fig.savefig(path, dpi=_DPI)
     plt.close(fig)
@@ -331,11 +381,37 @@ def plot_data_efficiency(path: Path, fits: dict, unit: str, title: str = "") -> 
             if np.isfinite(fit.e_min) and fit.e_min > 0:
                 ax.axhline(fit.e_min, color=color, ls="--", lw=0.8, alpha=0.6)
             if np.isfinite(fit.b_crit) and fit.b_crit > 0:
-                ax.axvline(fit.b_crit, color=color, ls="-.", lw=1)
+                ax.axvline(fit.b_crit, color=color, ls=_crit_style(fit)[0], lw=1)
     ax.plot([], [], "k--", alpha=0.6, label="E_min (fit)")
     ax.plot([], [], "k-.", label="B_crit (E = 2 E_min)")
     return _finish_single(
         fig, ax, path, unit, f"{unit} to target (B x S)", title or "data efficiency"
+    )
+
+
+def plot_noise_scale(
+    path: Path, noise: pd.DataFrame, fits: dict, unit: str, scale: float, title: str = ""
+) -> Path:
+    """The measured B_simple per batch size (points, one colour per optimizer) with each
+    optimizer's B_crit as a horizontal line (dashed when extrapolated)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    names = [n for n in fits if (noise["optimizer"] == n).any()]
+    for name, color in zip(names, _colors(len(names))):
+        g = noise[noise["optimizer"] == name].sort_values("batch_size")
+        ax.plot(
+            g["batch_size"].to_numpy(float) * scale,
+            g["b_simple"].to_numpy(float) * scale,
+            "o-",
+            color=color,
+            markeredgecolor="k",
+            label=f"{name}: B_simple (measured)",
+        )
+        fit = fits[name]
+        if np.isfinite(fit.b_crit) and fit.b_crit > 0:
+            style, text = _crit_style(fit)
+            ax.axhline(fit.b_crit, color=color, ls=style, lw=1.2, label=f"{name}: {text}")
+    return _finish_single(
+        fig, ax, path, unit, f"noise scale ({unit})", f"{title}: gradient noise scale"
     )
 
 

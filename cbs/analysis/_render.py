@@ -21,7 +21,9 @@ __all__ = [
     "run_text",
     "report_markdown",
     "short_summary",
+    "best_steps_text",
     "COLUMNS",
+    "TUNED",
 ]
 
 
@@ -34,8 +36,10 @@ def per_b_text(
     markdown=False,
     swept_hps: Sequence[str] = (),
 ) -> str:
+    tuned = "source" in pb and bool((pb["source"] == "tuned").any()) and "grid_steps" in pb
     header = (
         [f"B ({unit})", "steps", "seeds reached", "best LR", "effective LR"]
+        + (["grid steps @ LR"] if tuned else [])
         + [f"best {hp}" for hp in swept_hps]
         + ["diverged", "efficiency/doubling", "B*S/(B0*S0)", "fit", "note"]
     )
@@ -59,6 +63,11 @@ def per_b_text(
                 format_number(r.best_lr),
                 format_number(r.best_effective_lr),
             ]
+            + (
+                [f"{format_number(r.grid_steps)} @ {format_number(r.grid_best_lr)}"]
+                if tuned
+                else []
+            )
             + [format_number(getattr(r, f"best_hp_{hp}", np.nan)) for hp in swept_hps]
             + [
                 str(r.n_diverged),
@@ -77,6 +86,45 @@ COLUMNS = (
     "(1 perfect, 0.5 no gain); B*S/(B0*S0) = cumulative data overhead; fit = fitted S(B)."
 )
 
+# Said once wherever both numbers can appear (terminal header, report.md).
+TUNED = (
+    "grid = the best swept cell; tuned = the NQM back end's optimum with the LR refined "
+    "continuously between grid points (golden-section search on log LR, tuned.parquet), used "
+    "wherever it needs fewer steps than the grid's best (report.md's 'grid steps @ LR' column "
+    "shows the grid's)."
+)
+
+
+def best_steps_text(a: RunAnalysis, scale=1) -> str:
+    """The terminal's per-batch-size table: the numbers of report.md (and cbs.json), each
+    cell labelled tuned where the refined optimum was used."""
+    pb = a.per_batch
+    if pb is None or not len(pb):
+        return ""
+    names = list(a.fits) or list(dict.fromkeys(pb["optimizer"]))
+    sizes = sorted(pb["batch_size"].unique())
+    cell = {}
+    any_tuned = False
+    for r in pb.itertuples(index=False):
+        if not np.isfinite(r.steps):
+            cell[(r.optimizer, r.batch_size)] = "-"
+            continue
+        tuned = getattr(r, "source", "") == "tuned"
+        any_tuned |= tuned
+        cell[(r.optimizer, r.batch_size)] = (
+            f"{format_number(r.steps)} @ {format_number(r.best_lr)}" + (" tuned" if tuned else "")
+        )
+    rows = [[format_number(b * scale)] + [cell.get((o, b), "-") for o in names] for b in sizes]
+    head = (
+        "best steps to target @ learning rate per batch size (median over seeds of the min over "
+        "configs; '-' = censored; the numbers of report.md)"
+    )
+    if any_tuned:
+        head += "\n  " + TUNED
+    else:
+        head += "; grid optima (the best swept cell)"
+    return head + "\n" + text_table([f"batch size ({a.unit})", *names], rows)
+
 
 def summary_text(summary: pd.DataFrame, markdown=False) -> str:
     if summary.empty:
@@ -84,21 +132,63 @@ def summary_text(summary: pd.DataFrame, markdown=False) -> str:
     level = summary["ci_level"].iloc[0]
     header = [
         "optimizer",
+        "B_crit (headline)",
+        f"B_crit {level:.0%} CI",
         "S_min",
         "E_min",
-        "B_crit",
-        f"B_crit {level:.0%} CI",
-        "B*",
+        "B* (secondary)",
         f"B* {level:.0%} CI",
-        "knee",
+        "knee (diagnostic)",
         "points",
         "seeds",
     ]
     rows = []
     for r in summary.itertuples(index=False):
-        cols = ("s_min", "e_min", "b_crit", "b_crit_ci", "b_star", "b_star_ci", "knee")
-        rows.append([r.optimizer, *row_cells(r, cols + ("n_points", "n_seeds"))])
-    return (md_table if markdown else text_table)(header, rows)
+        crit, star = _bounded(r, "b_crit"), _bounded(r, "b_star")
+        rows.append(
+            [
+                r.optimizer,
+                crit,
+                *row_cells(r, ("b_crit_ci", "s_min", "e_min")),
+                star,
+                *row_cells(r, ("b_star_ci", "knee", "n_points", "n_seeds")),
+            ]
+        )
+    if "b_simple" in summary and np.isfinite(summary["b_simple"].to_numpy(float)).any():
+        header.append("B_simple (measured)")
+        for row, v in zip(rows, summary["b_simple"]):
+            row.append(format_number(v))
+    out = (md_table if markdown else text_table)(header, rows)
+    notes = extrapolation_notes(summary)
+    return out + (
+        "\n" + "\n".join(("- " if markdown else "  ") + n for n in notes) if notes else ""
+    )
+
+
+def _bounded(r, name: str) -> str:
+    """The table cell of a CBS: the number, or the bound when it lies outside the swept
+    batch sizes (marked *, explained under the table by :func:`extrapolation_notes`)."""
+    text = getattr(r, f"{name}_text", None)
+    if text is None:  # a summary from before these columns: the plain number
+        return format_number(getattr(r, name))
+    return f"{text} *" if getattr(r, f"{name}_outside", "") else text
+
+
+def extrapolation_notes(summary: pd.DataFrame) -> list[str]:
+    """One line per optimizer whose B_crit or B* lies outside the swept batch sizes."""
+    notes = []
+    for r in summary.itertuples(index=False):
+        for name, label in (("b_crit", "B_crit"), ("b_star", "B*")):
+            side = getattr(r, f"{name}_outside", "")
+            if side:
+                notes.append(
+                    f"* {r.optimizer}: {label} {getattr(r, f'{name}_text')} is extrapolated {side} "
+                    f"the swept batch sizes ({format_number(r.swept_b_min)}..{format_number(r.swept_b_max)}); "
+                    f"the fit's {format_number(getattr(r, name))} is not a measurement: sweep "
+                    + ("larger" if side == "above" else "smaller")
+                    + " batch sizes to measure it"
+                )
+    return notes
 
 
 def units_line(unit, tpe, delta, b0_text, form):
@@ -180,9 +270,12 @@ def report_markdown(a: RunAnalysis, scale) -> str:
             a.options["form"],
         ),
         "",
-        "B_crit = E_min / S_min (McCandlish et al. 2018): S = 2 S_min and E = 2 E_min there. "
-        "B* is the batch size needing (1+delta) times the steps of perfect linear scaling from B0 "
-        "(Zhang et al. 2024). The knee is a model-free diagnostic on the raw table. "
+        "**Headline: B_crit** = E_min / S_min (McCandlish et al. 2018): S = 2 S_min and "
+        "E = 2 E_min there; it does not depend on the smallest swept batch size. "
+        "Secondary: B* is the batch size needing (1+delta) times the steps of perfect linear "
+        "scaling from B0 (Zhang et al. 2024; it moves with B0). The knee is a model-free "
+        "diagnostic on the raw table. A value outside the swept batch sizes is shown as a bound "
+        "(`> B_max`, marked *) and drawn dashed: the fit extrapolates it. "
         f"Intervals: percentile bootstrap ({a.summary['ci_level'].iloc[0]:.0%})."
         if len(a.summary)
         else "",
@@ -193,6 +286,11 @@ def report_markdown(a: RunAnalysis, scale) -> str:
         "",
         COLUMNS,
         "",
+        *(
+            [TUNED, ""]
+            if "source" in a.per_batch and (a.per_batch["source"] == "tuned").any()
+            else []
+        ),
         "## Points left out or flagged",
         "",
         *(
@@ -236,9 +334,42 @@ def report_markdown(a: RunAnalysis, scale) -> str:
             ),
             "",
         ]
+    md += noise_markdown(a, scale)
     if a.warnings:
         md += ["## Run warnings", ""] + [f"- {w}" for w in a.warnings] + [""]
     return "\n".join(md)
+
+
+def noise_markdown(a: RunAnalysis, scale) -> list[str]:
+    """report.md's noise-scale section: B_simple per batch size beside each B_crit."""
+    if a.noise is None or not len(a.noise):
+        return []
+    names = [n for n in a.fits if (a.noise["optimizer"] == n).any()]
+    sizes = sorted(a.noise["batch_size"].unique())
+    val = {
+        (r.optimizer, r.batch_size): format_number(r.b_simple * scale)
+        + ("" if r.at == "target" else " (no cell reached the target)")
+        for r in a.noise.itertuples(index=False)
+    }
+    rows = [[format_number(b * scale)] + [val.get((n, b), "-") for n in names] for b in sizes]
+    crit = {r.optimizer: r for r in a.summary.itertuples(index=False)}
+    rows.append(
+        ["B_crit (fit)"] + [_bounded(crit[n], "b_crit") if n in crit else "-" for n in names]
+    )
+    return [
+        "## Gradient noise scale",
+        "",
+        f"B_simple = tr(Σ) / |G|² ({a.unit}), measured during training (EMA over "
+        "micro-batch estimates) at each cell's last evaluation, where it reached the target; "
+        "median over the cells of a batch size that reached it. McCandlish et al. (2018) "
+        "predict B_crit ≈ B_noise, and B_simple estimates B_noise (B_noise itself needs "
+        "Hessian products and is not measured).",
+        "",
+        md_table([f"B ({a.unit})", *names], rows),
+        "",
+        "![noise scale](noise_scale.png)",
+        "",
+    ]
 
 
 def settings_line(analysis: RunAnalysis) -> str:
@@ -270,7 +401,8 @@ def short_summary(analysis: RunAnalysis) -> str:
     """A few lines for the end of a sweep: the settings used, then B_crit with interval
     and B* per optimizer."""
     lines = [
-        f"critical batch size ({analysis.unit}), {analysis.label}:",
+        f"critical batch size ({analysis.unit}), {analysis.label} (headline: B_crit = E_min/S_min; "
+        "B* and the knee secondary, see docs/cbs.md):",
         "  " + settings_line(analysis),
     ]
     for r in analysis.summary.itertuples(index=False):
@@ -278,9 +410,23 @@ def short_summary(analysis: RunAnalysis) -> str:
             f"  ({r.n_warnings} warning{'s' if r.n_warnings != 1 else ''})" if r.n_warnings else ""
         )
         ci = ci_text(r.b_crit_ci_low, r.b_crit_ci_high)
+        if r.b_crit_outside:
+            crit = (
+                f"B_crit {r.b_crit_text} (extrapolated {r.b_crit_outside} the swept batch sizes; "
+                f"fit {format_number(r.b_crit)} {ci})"
+            )
+        else:
+            crit = f"B_crit = {r.b_crit_text} {ci}"
+        star = f"B* {r.b_star_text}" if r.b_star_outside else f"B* = {r.b_star_text}"
+        noise = getattr(r, "b_simple", np.nan)
+        noise = (
+            f"; measured B_simple ~ {format_number(noise)} (median over B)"
+            if np.isfinite(noise)
+            else ""
+        )
         lines.append(
-            f"  {r.optimizer}: B_crit = {format_number(r.b_crit)} {ci}, B* = {format_number(r.b_star)}, "
-            f"S_min = {format_number(r.s_min)}{flag}"
+            f"  {r.optimizer}: {crit}; secondary: {star}, knee = {format_number(r.knee)}; "
+            f"S_min = {format_number(r.s_min)}{noise}{flag}"
         )
     lines += [f"  warning: {w}" for w in analysis.warnings]
     if analysis.files:

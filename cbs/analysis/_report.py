@@ -16,8 +16,9 @@ import pandas as pd
 
 from cbs.analysis._fit import CriticalBatchSizeFit, fit_critical_batch_size
 from cbs.analysis._format import format_number
+from cbs.analysis._noise import noise_per_batch
 from cbs.analysis._options import resolve_options
-from cbs.analysis._render import run_text, short_summary
+from cbs.analysis._render import best_steps_text, run_text, short_summary
 from cbs.analysis._tables import (
     check_run_dir,
     per_batch_table,
@@ -50,6 +51,8 @@ class RunAnalysis:
     per_batch: pd.DataFrame  # per (optimizer, batch size), seeds combined
     options: dict
     swept_hparams: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # per optimizer
+    # the measured gradient noise scale per (optimizer, batch size), cbs.analysis._noise
+    noise: pd.DataFrame | None = None
     files: list[Path] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)  # run-level
 
@@ -58,6 +61,10 @@ class RunAnalysis:
 
     def __str__(self) -> str:
         return self.text
+
+
+# Best step counts below this cannot separate batch sizes (one step is >10% of S).
+FEW_STEPS = 10
 
 
 def _lr_edge_warnings(g: pd.DataFrame, unit_scale: float) -> list[str]:
@@ -165,6 +172,16 @@ def _fit_optimizer(
                 + ", ".join(format_number(b * scale) for b in coarse)
                 + " (evaluate more often there, or use interpolated steps)"
             )
+    s_all = pb["steps"].to_numpy(float)
+    few = pb.loc[np.isfinite(s_all) & (s_all < FEW_STEPS), "batch_size"]
+    if len(few):
+        # a step or two of difference is then a large part of S: the curve cannot separate
+        # these batch sizes, and the target is probably too easy for the problem
+        warnings.append(
+            f"best steps to target below {FEW_STEPS} at B = "
+            + ", ".join(format_number(b * scale) for b in few)
+            + ": too few steps to separate batch sizes (choose a harder target)"
+        )
     if (pb["n_seeds"] < pb["n_seeds"].max()).any():
         warnings.append("unequal number of seeds across batch sizes (incomplete sweep?)")
     if np.any(mat[np.isfinite(mat)] <= 0):
@@ -237,6 +254,15 @@ def _summary_row(label, name, fit: CriticalBatchSizeFit, scale, tpe, unit, pb):
         n_edge_points=int((pb["lr_at_edge"] != "").sum()) if "lr_at_edge" in pb else 0,
         n_warnings=len(fit.warnings),
         warnings="; ".join(fit.warnings),
+        # The headline CBS (docs/cbs.md, "Which CBS to report") and, for it and B*, where the
+        # fitted value lies against the swept batch sizes: outside them it is shown as a bound
+        headline="b_crit",
+        swept_b_min=fit.swept_range[0],
+        swept_b_max=fit.swept_range[1],
+        b_crit_text=fit.bound_text("b_crit"),
+        b_crit_outside=fit.outside("b_crit"),
+        b_star_text=fit.bound_text("b_star"),
+        b_star_outside=fit.outside("b_star"),
     )
     return row
 
@@ -377,6 +403,19 @@ def analyze_run(
         uncertified=uncertified,
     )
     summary = pd.DataFrame(rows)
+    noise = None
+    try:
+        noise = noise_per_batch(results, read_run_table(run_dir, "noise_scale"))
+    except (OSError, ValueError):  # an unreadable optional table: the CBS stands without it
+        noise = None
+    if len(summary):
+        # one number per optimizer beside B_crit: the median over batch sizes (scaled units)
+        summary["b_simple"] = [
+            float(np.median(noise.loc[noise["optimizer"] == n, "b_simple"])) * scale
+            if noise is not None and (noise["optimizer"] == n).any()
+            else np.nan
+            for n in summary["optimizer"]
+        ]
 
     options = dict(
         delta=delta,
@@ -404,6 +443,7 @@ def analyze_run(
         options=options,
         swept_hparams=swept,
         warnings=run_warnings,
+        noise=noise,
     )
     analysis.text = run_text(analysis, cfg.get("target") or {}, scale)
     if write:
@@ -416,11 +456,15 @@ def analyze_run(
     return analysis
 
 
-def print_summary(run_dir, *, file=None, **options) -> RunAnalysis:
-    """Runs :func:`analyze_run` (writing its files) and prints :func:`short_summary`.
+def print_summary(run_dir, *, file=None, steps: bool = False, **options) -> RunAnalysis:
+    """Runs :func:`analyze_run` (writing its files) and prints :func:`short_summary`, after
+    the per-batch-size best-steps table when ``steps`` (the same numbers as report.md).
 
     Meant for the sweep runner's last step; returns the analysis.
     """
     analysis = analyze_run(run_dir, **options)
+    if steps:
+        scale = analysis.tokens_per_example if analysis.unit == "tokens" else 1
+        print(best_steps_text(analysis, scale), file=file or sys.stdout)
     print(short_summary(analysis), file=file or sys.stdout)
     return analysis

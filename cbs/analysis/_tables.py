@@ -221,6 +221,7 @@ def steps_table(
     # The edge check looks at the grid's optimum: a continuously refined LR (tuned.parquet)
     # sits strictly inside the grid even when the grid's best point is at its edge.
     table["grid_best_lr"] = table["best_lr"]
+    table["grid_steps"] = table["steps"]  # the best swept cell, before any tuned optimum
     if use_tuned and tuned is not None and len(tuned) and "steps_to_target" in tuned:
         t_hps = _hp_columns(tuned)
         key = ["optimizer", "batch_size", "seed"]
@@ -285,6 +286,11 @@ def per_batch_table(steps: pd.DataFrame) -> pd.DataFrame:
         y, c = aggregate_seeds(log_s[:, None], cens[:, None], axis=0)
         lrs = g["best_lr"].to_numpy(dtype=np.float64)
         elrs = g["best_effective_lr"].to_numpy(dtype=np.float64)
+        # the best swept cell's steps, seeds combined the same way (differs from steps only
+        # where a tuned optimum was used)
+        gs = g["grid_steps"].to_numpy(np.float64) if "grid_steps" in g else s
+        gcens = ~np.isfinite(gs)
+        gy, _ = aggregate_seeds(np.log(np.where(gcens, 1.0, gs))[:, None], gcens[:, None], axis=0)
 
         def gmean(v):
             v = v[np.isfinite(v) & (v > 0)]
@@ -307,6 +313,10 @@ def per_batch_table(steps: pd.DataFrame) -> pd.DataFrame:
                 else 1.0,
                 best_lr=gmean(lrs),
                 best_effective_lr=gmean(elrs),
+                grid_steps=float(np.exp(gy[0])) if np.isfinite(gy[0]) else np.nan,
+                grid_best_lr=gmean(
+                    g["grid_best_lr"].to_numpy(np.float64) if "grid_best_lr" in g else lrs
+                ),
                 lr_at_edge=max(set(edges), key=edges.count) if edges else "",
                 source=",".join(sorted(set(g["source"]))),
                 n_uncertified=int(g["n_uncertified"].sum()) if "n_uncertified" in g else 0,

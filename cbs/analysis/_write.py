@@ -41,6 +41,7 @@ def write_run_files(a: RunAnalysis, cfg, manifest, reference, scale, plots):
             for name, fit in a.fits.items()
         },
         steps=a.steps.to_dict(orient="records"),
+        noise_scale=None if a.noise is None else a.noise.to_dict(orient="records"),
     )
     (run_dir / "cbs.json").write_text(json.dumps(jsonable_deep(payload), indent=1, allow_nan=False))
     a.files.append(run_dir / "cbs.json")
@@ -87,6 +88,12 @@ def write_run_files(a: RunAnalysis, cfg, manifest, reference, scale, plots):
                 reference,
                 scale,
                 title=f"{title}: constant LR vs optimized schedule",
+            )
+        )
+    if a.noise is not None and len(a.noise):  # the measured noise scale beside B_crit
+        png.append(
+            _plots.plot_noise_scale(
+                run_dir / "noise_scale.png", a.noise, a.fits, a.unit, scale, title=title
             )
         )
     a.files += png

@@ -476,11 +476,20 @@ def predict(
         noise_meas, num_bins=options.bins, floor=options.floor, bulk_noise=options.bulk_noise
     )
 
-    measured = None
-    if finished:
-        from cbs.analysis import analyze_run
+    from cbs.analysis import analyze_run
 
+    measured = partial = None
+    if finished:
         measured = analyze_run(sweep_dir, write=False, plots=False)
+    elif (Path(sweep_dir) / "manifest.json").exists():
+        # an unfinished sweep's finished blocks: their S is measured too (its B_crit is not
+        # yet); anything the analysis refuses simply leaves S measured empty there
+        from cbs.errors import CbsError
+
+        try:
+            partial = analyze_run(sweep_dir, write=False, plots=False, n_boot=0)
+        except (CbsError, ValueError, OSError):
+            partial = None
 
     t0 = time.perf_counter()
     rows, summary = [], []
@@ -526,6 +535,12 @@ def predict(
             m_steps = np.array([pb.get(int(b), np.nan) for b in batch_sizes], np.float64)
             mf = measured.fits[name]
             m_bcrit, m_ci = float(mf.b_crit), tuple(float(v) for v in mf.b_crit_ci)
+        elif partial is not None and name in set(partial.per_batch["optimizer"]):
+            pb = partial.per_batch[partial.per_batch.optimizer == name].set_index("batch_size")[
+                "steps"
+            ]
+            m_steps = np.array([pb.get(int(b), np.nan) for b in batch_sizes], np.float64)
+        m_steps = with_anchor(m_steps, batch_sizes, anchor, a_steps)
         for i, b in enumerate(batch_sizes):
             rows.append(
                 {
@@ -585,6 +600,32 @@ def predict(
     return Prediction(table, summ, meas, noise_meas, costs, text, files)
 
 
+def with_anchor(m_steps, batch_sizes, anchor: int, a_steps: float) -> np.ndarray:
+    """The measured S per forecast batch size, with the anchor's own S filled in where the
+    sweep gave none (predict trained, or read, the anchor: it is measured).
+
+    >>> with_anchor(np.full(3, np.nan), np.array([4, 16, 64]), 16, 120.0).tolist()
+    [nan, 120.0, nan]
+    """
+    out = np.array(m_steps, np.float64)
+    hit = np.flatnonzero(np.asarray(batch_sizes) == anchor)
+    for i in hit:
+        if not np.isfinite(out[i]):
+            out[i] = a_steps
+    return out
+
+
+# How an optimizer becomes an NQM optimizer, once under the mapping column.
+PRECOND_NOTE = (
+    "NQM mapping: SGD and momentum map exactly (P = I, the same LR). An Adam-type optimizer "
+    "becomes preconditioned SGD with P = C^p: p is the slope of log sqrt(E[g_B^2]) (its "
+    "denominator at the anchor B) against log curvature on the top eigenvectors, in [0, 1]. "
+    "p = 0.5 is the textbook Adam-as-H^0.5; a p near 0 means the denominator hardly follows "
+    "the curvature there (gradient noise or eps dominate it), so the NQM treats that optimizer "
+    "almost like SGD. K-FAC is P = C (p = 1)."
+)
+
+
 def _text(table, summ, meas, cal, costs) -> str:
     lines = [
         (
@@ -620,6 +661,12 @@ def _text(table, summ, meas, cal, costs) -> str:
             f"{r.optimizer:<12} {format_number(r.b_crit_forecast, 3):>11} {ci:>24} {format_number(r.ratio, 2):>6} "
             f"{format_number(r.b_simple, 3):>9} {format_number(r.b_simple_ratio, 2):>6} {format_number(r.b_noise, 3):>9} "
             f"{format_number(r.b_noise_ratio, 2):>6}  {r.mapping}"
+        )
+    lines.append(PRECOND_NOTE)
+    if summ["b_crit_measured"].isna().all():
+        lines.append(
+            "S measured: where the unfinished sweep has finished blocks (the anchor at least); "
+            "the measured B_crit needs the finished sweep (run it, then predict again)"
         )
     anchor_s = costs["anchor_s"] if np.isfinite(costs["anchor_s"]) else 0.0
     marginal = costs["measure_s"] + costs["forecast_s"]

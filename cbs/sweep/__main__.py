@@ -51,7 +51,24 @@ def _parser(full_help: bool) -> argparse.ArgumentParser:
         action="store_true",
         help="print the grid (cells, blocks, batch sizes) and exit",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="print no progress at all (same as --progress off)",
+    )
+    p.add_argument(
+        "--progress",
+        choices=("auto", "bar", "lines", "off"),
+        default="auto",
+        help="bar: a bar that moves within blocks (cells and steps, ETA including planned "
+        "adaptive rounds); lines: one line per finished block and per planned adaptive round; "
+        "auto (default): bar on a terminal, lines otherwise (logs, batch jobs)",
+    )
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="write live TensorBoard event files under OUTPUT/tensorboard/ (output.tensorboard=true)",
+    )
     p.add_argument(
         "--no-analysis",
         action="store_true",
@@ -88,7 +105,8 @@ def _parser(full_help: bool) -> argparse.ArgumentParser:
         metavar="key=value,...",
         help="submit an array job (one shard per task) and a dependent merge-and-analyse task; keys: "
         "array (tasks, default 2), partition, gpus_per_task, cpus_per_task, time (minutes or "
-        "HH:MM:SS), mem, account, qos, constraint, parallelism, merge_time, folder, job_name, "
+        "HH:MM:SS), mem, account, qos, constraint, parallelism, merge_time, merge_partition, "
+        "merge_mem (the merge task requests no GPU and not the array's mem), folder, job_name, "
         "setup (';'-separated shell lines), executor (slurm or local)",
     )
     g.add_argument(
@@ -121,6 +139,34 @@ def _fail(msg: str, code: int = 2) -> int:
 
     print(f"cbs.sweep: {one_line(msg)}", file=sys.stderr)
     return code
+
+
+def quote_hint(value, overrides) -> str:
+    """A hint when a bad value looks like a piece of an override the shell took apart:
+    bash brace-expands ``k={a:1,b:2}`` into ``k=a:1 k=b:2`` and splits ``k=[4, 8]`` at the
+    space, so the config sees ``'b:2'`` or ``'[4,'``.
+
+    >>> quote_hint("step:2", []), quote_hint("[4,", []), quote_hint("sgd", ["a=1"])
+    (" (quote the override, e.g. 'grid.batch_sizes={log2_min: 2, step: 2}': the shell split or brace-expanded it)", " (quote the override, e.g. 'grid.batch_sizes={log2_min: 2, step: 2}': the shell split or brace-expanded it)", '')
+    """
+    import re
+
+    hint = (
+        " (quote the override, e.g. 'grid.batch_sizes={log2_min: 2, step: 2}': the shell split "
+        "or brace-expanded it)"
+    )
+    keys = [o.split("=", 1)[0] for o in overrides if "=" in o]
+    if len(keys) != len(set(keys)) or any("=" not in o for o in overrides):
+        return hint
+    if isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"[A-Za-z_][\w.]*:\S.*", text):  # 'step:2', a brace-expanded piece
+            return hint
+        if text.count("[") != text.count("]") or text.count("{") != text.count("}"):
+            return hint
+        if text.endswith(","):
+            return hint
+    return ""
 
 
 def _parse_shard(text: str | None) -> tuple[int, int]:
@@ -161,6 +207,37 @@ def print_plan(cfg, blocks) -> None:
         )
 
 
+def print_estimate(cfg, blocks) -> None:
+    """The bound on adaptive rounds and, where the back end has a time model, the time."""
+    from cbs.sweep.backend import get_backend
+    from cbs.sweep.progress import duration
+    from cbs.sweep.runner import plan_estimate
+
+    backend = None
+    if get_backend(cfg.backend).block_cost_unit == "seconds":
+        backend = get_backend(cfg.backend)(cfg)  # builds data and model, computes nothing
+    est = plan_estimate(cfg, blocks, backend)
+    a = cfg.grid.adaptive
+    if est["adaptive"]:
+        print(
+            f"  first pass: {est['cells']} cells in {est['blocks']} blocks; adaptive LR rounds "
+            f"(max_extend={a.max_extend}, points={a.points}, zoom={a.zoom}) add at most "
+            f"{est['max_adaptive_cells']} cells in {est['max_adaptive_blocks']} blocks: at most "
+            f"{est['cells'] + est['max_adaptive_cells']} cells"
+        )
+    else:
+        print(f"  first pass: {est['cells']} cells in {est['blocks']} blocks; no adaptive rounds")
+    if est["seconds_first_pass"] is not None:
+        first, more = est["seconds_first_pass"], est["seconds_adaptive"] or 0.0
+        print(
+            f"  time (cost model: full step budget per cell at a nominal speed, no early stop; "
+            f"compiles and machine load come on top): first pass ~{duration(first)}"
+            + (f", with every adaptive round at most ~{duration(first + more)}" if more else "")
+        )
+    else:
+        print(f"  time: no time model for backend {cfg.backend} (its block costs are relative)")
+
+
 def best_per_batch_size(run_dir) -> str:
     """Terminal table: per optimizer, the best steps-to-target and its LR per batch size."""
     from cbs.analysis._format import format_number, text_table
@@ -186,7 +263,8 @@ def best_per_batch_size(run_dir) -> str:
     }
     rows = [[format_number(b)] + [cell.get((o, b), "-") for o in optimizers] for b in batch_sizes]
     return (
-        "best steps to target @ learning rate (min over configs and seeds; '-' = never reached):\n"
+        "best steps to target @ learning rate, grid (the best swept cell: min over configs and "
+        "seeds; '-' = never reached; the analysis may refine the NQM's LRs, see report.md):\n"
         + text_table(["batch size", *optimizers], rows)
     )
 
@@ -232,6 +310,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         from cbs.sweep.config import load_config
 
+        if args.tensorboard:
+            overrides = overrides + ["output.tensorboard=true"]
         cfg = load_config(config, overrides)
         spec = distributed.detect(args.coordinator, args.num_processes, args.process_id)
         if spec is not None and args.shard is not None:
@@ -253,14 +333,16 @@ def _main(argv: list[str] | None) -> int:
             shard = _parse_shard(args.shard if args.shard is not None else "0/1")
     except ConfigError as e:
         where = f"{config}: " if e.path != "<file>" else ""
-        return _fail(f"{where}{e}")
+        return _fail(f"{where}{e}{quote_hint(e.value, overrides)}")
     except (CbsError, ValueError) as e:
         return _fail(str(e))
 
     from cbs.sweep.runner import plan, run_sweep
 
     if args.dry_run:
-        print_plan(cfg, plan(cfg))
+        blocks = plan(cfg)
+        print_plan(cfg, blocks)
+        print_estimate(cfg, blocks)
         return 0
     if slurm is not None:
         return _slurm(slurm, args, config, overrides, cfg)
@@ -271,13 +353,15 @@ def _main(argv: list[str] | None) -> int:
     enable_compilation_cache()
 
     def finalize():
-        print(best_per_batch_size(cfg.out_dir))
-        if not args.no_analysis:
+        if args.no_analysis:
+            print(best_per_batch_size(cfg.out_dir))
+        else:
             from cbs.analysis import print_summary
 
             a = cfg.analysis
             print_summary(
                 cfg.out_dir,
+                steps=True,  # the report's numbers, tuned ones labelled (one truth per cell)
                 plots=cfg.output.plots,
                 delta=a.delta,
                 b0=a.b0,
@@ -290,7 +374,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         summary = run_sweep(
             cfg,
-            progress=not args.no_progress,
+            progress="off" if args.no_progress else args.progress,
             shard=shard,
             finalize=finalize,
             costs_from=args.costs_from,

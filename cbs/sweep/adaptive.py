@@ -30,9 +30,28 @@ import pandas as pd
 
 from cbs.sweep.backend import Block, Cell
 
-__all__ = ["Round", "adaptive_rounds", "group_edges", "round_block_id"]
+__all__ = ["Round", "adaptive_rounds", "group_edges", "max_adaptive_cells", "round_block_id"]
 
 _REL = 1e-9
+
+
+def max_adaptive_cells(base: Block, *, max_extend: int, points: int, zoom: bool) -> int:
+    """The most cells the adaptive rounds of ``base`` can add (what --dry-run promises).
+
+    Per hyperparameter group and extension round at most ``points`` LRs on each side (the
+    seeds' best LRs may sit on both edges), each for every seed; the zoom round at most the
+    two midpoints around each seed's best LR, for every seed.
+
+    >>> from cbs.sweep.backend import Cell
+    >>> cells = tuple(Cell(str(i), "o", "sgd", 8, lr, {}, s) for i, (lr, s) in
+    ...               enumerate([(0.1, 0), (1.0, 0), (0.1, 1), (1.0, 1)]))
+    >>> max_adaptive_cells(Block("b", "o", "sgd", 8, cells), max_extend=2, points=2, zoom=True)
+    24
+    """
+    groups = len({_hp_key(c.hparams) for c in base.cells})
+    seeds = len({c.seed for c in base.cells})
+    per_group_lrs = 2 * points * max_extend + (2 * seeds if zoom else 0)
+    return groups * seeds * per_group_lrs
 
 
 def round_block_id(base_id: str, r: int) -> str:

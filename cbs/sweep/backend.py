@@ -12,7 +12,7 @@ import abc
 import dataclasses
 import importlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -166,6 +166,15 @@ class Backend(abc.ABC):
         False  # grid.adaptive.enabled when the config leaves it unset
     )
 
+    # Set by the runner before it calls run_blocks (None: nobody listens). A back end with
+    # a host loop calls it while a block runs, as ``progress(block_id, cells_done, detail)``:
+    # cells_done in cell equivalents (a finished cell 1, a running one the share of its step
+    # budget used), detail a short text for the progress bar ("step 1200/5000, ..."). The
+    # runner turns it into the bar or the log (cbs.sweep.progress); a back end never knows.
+    # The id may carry a suffix, "<block_id>~<key>", one key per sub-block of a block split
+    # for memory (the sub-blocks share the block's id), so their counts add up.
+    progress: Callable[[str, float, str], None] | None = None
+
     def __init__(self, config):
         self.config = config
 
@@ -176,6 +185,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def run_blocks(self, blocks: Sequence[Block]) -> list[BlockResult]:
         """Evaluates the blocks; one BlockResult per block, in order."""
+
+    # "seconds" when block_cost estimates wall seconds (then --dry-run prints a time estimate)
+    block_cost_unit: ClassVar[str] = "relative"
 
     def block_cost(self, block: Block) -> float:
         """Estimated relative compute of a block, for balancing shards (no compute here).

@@ -324,6 +324,11 @@ class Output:
     dir: str = spec("runs/{name}", doc="output folder; {name} is replaced by the sweep name")
     curves: bool = spec(True, doc="store per-cell metric curves when the back end returns them")
     plots: bool = spec(True, doc="write PNG plots and report.md at the end")
+    tensorboard: bool = spec(
+        False,
+        doc="write live TensorBoard event files under OUTPUT/tensorboard/ (per cell curves, "
+        "block times, running best steps); needs tensorboardX (pip install -e '.[tensorboard]')",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -702,7 +707,13 @@ def config_dict(cfg: SweepConfig) -> dict:
 # Keys that are not part of a sweep's identity: the analysis options (re-run on an existing
 # folder with new values), where the folder is, whether plots are drawn, and the grid-size
 # guard. Everything else must match for a folder to be resumed.
-NON_IDENTITY_KEYS = ("analysis", "output.dir", "output.plots", "grid.max_cells")
+NON_IDENTITY_KEYS = (
+    "analysis",
+    "output.dir",
+    "output.plots",
+    "output.tensorboard",
+    "grid.max_cells",
+)
 
 
 def _drop(d: dict, dotted: str) -> None:

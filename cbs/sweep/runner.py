@@ -41,6 +41,7 @@ __all__ = [
     "SweepSummary",
     "run_sweep",
     "plan",
+    "plan_estimate",
     "provenance",
     "shard_blocks",
     "block_costs",
@@ -171,6 +172,42 @@ def shard_blocks(
 
 def plan(cfg: SweepConfig) -> list[Block]:
     return expand_blocks(cfg, get_backend(cfg.backend))
+
+
+def plan_estimate(cfg: SweepConfig, blocks: Sequence[Block], backend: Backend | None = None):
+    """What --dry-run promises: the first pass's cells and blocks, the most the adaptive
+    rounds can add (:func:`cbs.sweep.adaptive.max_adaptive_cells`), and, where the back
+    end's cost model is in seconds (``block_cost_unit``), the time of each at the full step
+    budget per cell at the cost model's nominal speed (no early stop; compiles and machine
+    load come on top, so it is a guide, not a bound).
+    Returns a dict; ``seconds_*`` are None without a time model."""
+    from cbs.sweep.adaptive import max_adaptive_cells
+
+    backend_cls = get_backend(cfg.backend)
+    a = cfg.grid.adaptive
+    on = a.enabled if a.enabled is not None else backend_cls.adaptive_default
+    extra = {
+        b.block_id: max_adaptive_cells(b, max_extend=a.max_extend, points=a.points, zoom=a.zoom)
+        if on
+        else 0
+        for b in blocks
+    }
+    out = dict(
+        cells=sum(len(b.cells) for b in blocks),
+        blocks=len(blocks),
+        adaptive=bool(on),
+        max_adaptive_cells=sum(extra.values()),
+        max_adaptive_blocks=(a.max_extend + int(a.zoom)) * len(blocks) if on else 0,
+        seconds_first_pass=None,
+        seconds_adaptive=None,
+    )
+    if backend is not None and getattr(backend, "block_cost_unit", "") == "seconds":
+        costs = {b.block_id: float(backend.block_cost(b)) for b in blocks}
+        out["seconds_first_pass"] = sum(costs.values())
+        out["seconds_adaptive"] = sum(
+            costs[b.block_id] * extra[b.block_id] / max(1, len(b.cells)) for b in blocks
+        )
+    return out
 
 
 def _block_tables(
@@ -435,8 +472,13 @@ def run_sweep(
     Raises:
       RunFolderError: the output folder holds a sweep with a different config hash.
     """
-    from tqdm.auto import tqdm
+    from cbs.sweep.progress import SweepProgress, progress_mode
 
+    mode = progress_mode(progress)
+    if cfg.output.tensorboard:  # a missing writer fails before anything is written
+        from cbs.sweep.events import require_writer
+
+        require_writer()
     backend_cls = get_backend(cfg.backend)
     check_output_dir(cfg.out_dir)
     all_blocks = expand_blocks(cfg, backend_cls)
@@ -494,14 +536,17 @@ def run_sweep(
     budget = memory_budget() if backend.splittable else None
     t0 = time.perf_counter()
     total = sum(len(b.cells) for b in blocks)
-    bar = tqdm(
-        total=total,
-        initial=skipped,
-        unit="cell",
-        disable=not progress,
-        desc=cfg.name,
-        dynamic_ncols=True,
-    )
+    # the bound over this process's families (a resumed run's stored rounds make it loose,
+    # never wrong)
+    may_add = plan_estimate(cfg, blocks)["max_adaptive_cells"] if mode != "off" else 0
+    bar = SweepProgress(cfg.name, total, skipped, len(pending), mode, may_add=may_add)
+    events = None
+    if cfg.output.tensorboard:
+        from cbs.sweep.events import EventLog
+
+        events = EventLog(store.dir / "tensorboard", cfg, log=log)
+    # the back end's in-block reports (cbs.sweep.backend.Backend.progress)
+    backend.progress = bar.in_block if mode != "off" else None
 
     def run(pending_blocks):
         for chunk in _calls(
@@ -527,12 +572,13 @@ def run_sweep(
             seconds = time.perf_counter() - t_call
             cells_in_call = sum(len(b.cells) for b in chunk)
             for block, result in zip(chunk, results):
-                store.write_block(block.block_id, _block_tables(cfg, block, result, stamp))
-                session["block_seconds"][block.block_id] = [
-                    seconds * len(block.cells) / cells_in_call,
-                    len(block.cells),
-                ]
-                bar.update(len(block.cells))
+                tables = _block_tables(cfg, block, result, stamp)
+                store.write_block(block.block_id, tables)
+                block_s = seconds * len(block.cells) / cells_in_call
+                session["block_seconds"][block.block_id] = [block_s, len(block.cells)]
+                bar.block_done(block, block_s)
+                if events is not None:
+                    events.block(block, tables, block_s)
             store.write_session(session_id, session)
 
     adaptive = cfg.grid.adaptive
@@ -543,13 +589,20 @@ def run_sweep(
         # follow from the stored rows, so the loop ends after at most max_extend + 1 rounds.
         while adaptive_on:
             _, rounds = _adaptive_state(store, blocks, adaptive)
-            todo = [r.block for r in rounds if r is not None]
+            todo = [r for r in rounds if r is not None]
             if not todo:
                 break
-            bar.total += sum(len(b.cells) for b in todo)
-            run(todo)
+            kinds = sorted({r.kind for r in todo})
+            bar.grow(
+                sum(len(r.block.cells) for r in todo),
+                len(todo),
+                f"adaptive round ({'/'.join(kinds)})",
+            )
+            run([r.block for r in todo])
     finally:
         bar.close()
+        if events is not None:
+            events.close()
     seconds = time.perf_counter() - t0
 
     bs = np.array(sorted(cfg.grid.batch_size_values()), dtype=np.float64)

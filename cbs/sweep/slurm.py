@@ -38,6 +38,11 @@ class SlurmOptions:
     constraint: str | None = None
     parallelism: int | None = None  # at most this many array tasks at once
     merge_time: int = 30  # minutes for the merge-and-analyse task
+    # The merge task needs no GPU and little memory: it requests no GPUs, only merge_mem
+    # (unset: the cluster's default, never the array's mem), on merge_partition (unset: the
+    # array's partition, since partition names are the cluster's own)
+    merge_partition: str | None = None
+    merge_mem: str | None = None
     folder: str | None = None  # submitit logs and pickles (default OUTPUT/slurm)
     job_name: str | None = None
     executor: str = "slurm"  # slurm, or local (submitit's local executor; for tests)
@@ -111,7 +116,7 @@ def run_shard(args: Sequence[str], index: int, count: int) -> int:
     """One array task: shard ``index/count`` of the sweep, no merge (the merge task does it)."""
     from cbs.sweep.__main__ import main
 
-    code = main([*args, "--shard", f"{index}/{count}", "--no-merge", "--no-progress"])
+    code = main([*args, "--shard", f"{index}/{count}", "--no-merge", "--progress", "lines"])
     if code:
         raise RuntimeError(f"shard {index}/{count} exited with status {code}")
     return code
@@ -130,8 +135,12 @@ def run_merge(args: Sequence[str], analysis: bool = True) -> int:
 def _parameters(opts: SlurmOptions, name: str, merge: bool) -> dict:
     p: dict = {"job_name": opts.job_name or name, "time": opts.merge_time if merge else opts.time}
     for key in ("partition", "account", "qos", "constraint", "mem"):
-        if getattr(opts, key) is not None:
-            p[key] = getattr(opts, key)
+        source = f"merge_{key}" if merge and key in ("partition", "mem") else key
+        value = getattr(opts, source)
+        if value is None and merge and key == "partition":
+            value = opts.partition
+        if value is not None:
+            p[key] = value
     if not merge:
         if opts.gpus_per_task is not None:
             p["gpus_per_task"] = opts.gpus_per_task
@@ -157,7 +166,7 @@ def dry_run(
     args = _sweep_args(config, overrides)
     shard_cmd = (
         " ".join(shlex.quote(a) for a in [sys.executable, "-m", "cbs.sweep", *args])
-        + f" --shard $SLURM_ARRAY_TASK_ID/{opts.array} --no-merge --no-progress"
+        + f" --shard $SLURM_ARRAY_TASK_ID/{opts.array} --no-merge --progress lines"
     )
     merge_cmd = (
         " ".join(shlex.quote(a) for a in [sys.executable, "-m", "cbs.sweep", *args])

@@ -538,7 +538,13 @@ class TrainBackend(Backend):
                 run = self._run_for(block.kind, block.schedule)
                 width = self.program_width(block)
                 res = run_vmapped_block(
-                    self.problem, block, opts, run, list(OPTIMIZERS[block.kind].hparams), width
+                    self.problem,
+                    block,
+                    opts,
+                    run,
+                    list(OPTIMIZERS[block.kind].hparams),
+                    width,
+                    progress=self._block_progress(block),
                 )
                 layout = (
                     f"vmap over {len(block.cells)} cells"
@@ -557,6 +563,15 @@ class TrainBackend(Backend):
             )
             results.append(res)
         return results
+
+    def _block_progress(self, block: Block):
+        """The loop's in-block progress callable for ``block`` (None when nobody listens)."""
+        report = self.progress
+        if report is None:
+            return None
+        # a block split for memory arrives as sub-blocks with the block's id: key each apart
+        key = f"{block.block_id}~{id(block):x}"
+        return lambda done, detail: report(key, done, f"{block.optimizer} {detail}")
 
     def _first_pass_widths(self) -> dict:
         """Cells of the config's first-pass blocks per program family (kind, schedule,
@@ -611,6 +626,8 @@ class TrainBackend(Backend):
             if cell is None or w0 * cell > budget * jax.local_device_count():
                 return n
         return w0
+
+    block_cost_unit = "seconds"
 
     def block_cost(self, block: Block) -> float:
         """Estimated seconds of a block (for balancing shards; measured times replace it).

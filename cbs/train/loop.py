@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -381,6 +382,7 @@ def run_vmapped_block(
     run: BlockRun,
     hparam_names: list[str],
     width: int | None = None,
+    progress: Callable[[float, str], None] | None = None,
 ) -> BlockResult:
     """Trains every cell of ``block`` in one vmapped program until the stopping rule.
 
@@ -393,6 +395,9 @@ def run_vmapped_block(
       width: lanes of the program (default: the cell count); more lanes than cells pad
         the block with copies of its last cell, never recorded, so that blocks of other
         cell counts reuse one compiled program (see ``TrainBackend.program_width``).
+      progress: called after every compiled call (every ``steps_per_call`` steps) as
+        ``progress(cells_done, detail)``: finished cells count 1, running ones the share of
+        the step budget done (the runner's in-block progress bar).
     """
     tracker = Tracker(block, opts)
     B, n = block.batch_size, problem.num_train
@@ -519,6 +524,13 @@ def run_vmapped_block(
                 tracker.replay_seconds += time.perf_counter() - t_rep
         del snap
         step += k * every
+        if progress is not None:
+            at = min(step, opts.max_steps)
+            running = int((~tracker.done).sum())
+            progress(
+                float(len(seeds) - running + running * at / opts.max_steps),
+                f"B={B} step {at}/{opts.max_steps}, {running}/{len(seeds)} cells running",
+            )
         live = np.flatnonzero(~tracker.done[lane_cell[:n_live]])
         # Finished cells would otherwise ride along (and cost compute) until the block's
         # slowest cell is done. Once at most half the lanes are live, gather the live cells

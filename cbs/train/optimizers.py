@@ -280,8 +280,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         example_lr=0.01,
     ),
     "muon": OptimizerSpec(
-        "Muon (optax.contrib.muon): orthogonalised momentum on hidden weight matrices "
-        "(attention/MLP kernels, conv filters), AdamW on embeddings, read-out, biases, norms",
+        "Muon (optax.contrib.scale_by_muon, Nesterov): orthogonalised momentum on hidden "
+        "weight matrices (attention/MLP kernels, conv filters), plain AdamW (not "
+        "optax.contrib.muon's NAdamW) on embeddings, read-out, biases, norms",
         dict(
             momentum=HParamSpec(0.95, "Muon momentum (Nesterov)", ge=0, lt=1),
             b1=HParamSpec(0.9, "AdamW b1 (embeddings, read-out, biases, norms)", ge=0, lt=1),
