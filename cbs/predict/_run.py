@@ -719,6 +719,11 @@ def _plot(path: Path, table, summ) -> Path:
     ax.set_title("NQM calibrated from the network (dotted: B_simple)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from cbs.store import atomic_writer
+
+    try:
+        with atomic_writer(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path

@@ -21,7 +21,15 @@ import pandas as pd
 
 import cbs
 from cbs.errors import RunFolderError
-from cbs.store import RESULTS, LockBusy, RunStore, read_config, read_sessions, read_table
+from cbs.store import (
+    RESULTS,
+    DamagedParts,
+    LockBusy,
+    RunStore,
+    read_config,
+    read_sessions,
+    read_table,
+)
 from cbs.sweep.backend import Backend, Block, BlockResult, get_backend
 from cbs.sweep.config import (
     SweepConfig,
@@ -355,7 +363,11 @@ def merge_run(
             manifest = read_manifest(store.dir)
             merged = False
             if not store.merged_is_current(manifest):
-                store.merge(order=list(order))
+                try:
+                    store.merge(order=list(order))
+                except DamagedParts as e:  # quarantined just now: the next run recomputes
+                    store.log(f"warning: merge of {store.dir} skipped: {e}")
+                    return False
                 manifest.update(extra or {})
                 sessions = read_sessions(store.dir)
                 manifest["sessions"] = [
@@ -440,8 +452,8 @@ def run_sweep(
     backend_cls = get_backend(cfg.backend)
     check_output_dir(cfg.out_dir)
     all_blocks = expand_blocks(cfg, backend_cls)
-    store = RunStore(cfg.out_dir)
     chash = config_hash(cfg)
+    store = RunStore(cfg.out_dir, config_hash=chash)
     _check_identity(store, cfg, chash)
     stamp = {"config_hash": chash, **provenance()}
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
