@@ -61,17 +61,18 @@ __all__ = [
 RunFolderConflict = RunFolderError
 
 
-def check_output_dir(path: Path) -> None:
+def check_output_dir(path: Path, key: str = "output.dir") -> None:
     """Raises RunFolderError unless ``path`` is, or can be created as, a writable folder.
 
     Run before anything is computed or written, so a bad output.dir costs nothing.
+    ``key``: how the message names the setting (``--out`` for cbs.predict).
     """
     import os
 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunFolderError(
-            f"output.dir {str(path)!r} is a file; allowed: a folder, or a path where one can "
+            f"{key} {str(path)!r} is a file; allowed: a folder, or a path where one can "
             "be created"
         )
     probe = path
@@ -81,11 +82,11 @@ def check_output_dir(path: Path) -> None:
         probe = probe.parent
     if probe != path and not probe.is_dir():
         raise RunFolderError(
-            f"output.dir {str(path)!r} cannot be created: {str(probe)!r} is a file, not a folder"
+            f"{key} {str(path)!r} cannot be created: {str(probe)!r} is a file, not a folder"
         )
     if not os.access(probe, os.W_OK | os.X_OK):
         what = "write in" if probe == path else f"create {str(path)!r} in"
-        raise RunFolderError(f"output.dir: no permission to {what} {str(probe)!r}")
+        raise RunFolderError(f"{key}: no permission to {what} {str(probe)!r}")
 
 
 @dataclasses.dataclass
