@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 
@@ -83,7 +84,8 @@ class SlowBackend(FakeBackend):
     blocks_per_call = 1
 
     def run_blocks(self, blocks):
-        time.sleep(0.1)
+        # CBS_TEST_BLOCK_S: a slower process, for tests that need one to lag the others
+        time.sleep(float(os.environ.get("CBS_TEST_BLOCK_S", 0.1)))
         return super().run_blocks(blocks)
 
 
