@@ -72,8 +72,7 @@ def check_output_dir(path: Path, key: str = "output.dir") -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunFolderError(
-            f"{key} {str(path)!r} is a file; allowed: a folder, or a path where one can "
-            "be created"
+            f"{key} {str(path)!r} is a file; allowed: a folder, or a path where one can be created"
         )
     probe = path
     while not probe.exists():
@@ -622,8 +621,10 @@ def _check_identity(store: RunStore, cfg: SweepConfig, chash: str) -> None:
     existing = store.existing_hash()
     if existing is None:
         return
-    changed = config_differences(
-        identity_dict(read_config(store.dir)), identity_dict(config_dict(cfg))
+    stored = read_config(store.dir)
+    # no config.yaml (moved aside when damaged): the manifest's hash alone decides
+    changed = (
+        config_differences(identity_dict(stored), identity_dict(config_dict(cfg))) if stored else []
     )
     if changed or existing != chash:
         what = "; ".join(changed[:6]) + (
