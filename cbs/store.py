@@ -249,7 +249,18 @@ def read_table(
     # The merged file is written only once every block is finished (and rewritten at
     # each later merge), so when it exists it is complete; otherwise use the parts.
     if merged.exists():
-        return pd.read_parquet(merged, columns=columns)
+        try:
+            return pd.read_parquet(merged, columns=columns)
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # noqa: BLE001 -- a damaged file fails inside Arrow in many ways
+            if columns is not None and isinstance(e, (KeyError, ValueError)) and _readable(merged):
+                raise  # a column that is not there: the caller's question, not damage
+            print(
+                f"warning: {merged} is unreadable ({type(e).__name__}); reading the verified "
+                "parts instead (the next run of the sweep rewrites it)",
+                file=sys.stderr,
+            )
     parts_dir = run_dir / "parts" / name
     if not (parts_dir.is_dir() and any(parts_dir.glob("*.parquet"))):
         return None
@@ -259,6 +270,17 @@ def read_table(
     if columns is not None:
         frames = [f[columns] for f in frames]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _readable(path: Path) -> bool:
+    """Whether ``path`` is a Parquet file whose footer reads (a torn or foreign file fails)."""
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)
+    except Exception:  # noqa: BLE001 -- missing or damaged, in whichever way Arrow reports it
+        return False
+    return True
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any]:
@@ -607,10 +629,11 @@ class RunStore:
         return sig
 
     def merged_is_current(self, manifest: dict) -> bool:
-        """True when the merged tables were written from exactly the current parts."""
+        """True when the merged tables were written from exactly the current parts (and
+        are still readable Parquet files)."""
         merged = manifest.get("merged") or {}
         return merged.get("parts") == self.parts_signature() and all(
-            (self.dir / f"{name}.parquet").exists() for name in self.table_names()
+            _readable(self.dir / f"{name}.parquet") for name in self.table_names()
         )
 
     def merge(self, order: Iterable[str] | None = None) -> dict[str, int]:

@@ -158,3 +158,15 @@ def test_damaged_config_yaml_is_one_error_naming_the_file(clean):
     with pytest.raises(RunFolderError, match="is not valid YAML") as e:
         run_sweep(cfg, progress=False)
     assert str(cfg.out_dir / "config.yaml") in str(e.value)
+
+
+def test_damaged_merged_table_is_read_from_the_parts_and_rewritten(clean, capsys):
+    cfg, expected = clean
+    merged = cfg.out_dir / "results.parquet"
+    _truncate(merged)
+    capsys.readouterr()
+    table = read_table(cfg.out_dir, "results")
+    assert "results.parquet is unreadable" in capsys.readouterr().err
+    assert len(table) == len(expected) and set(table["cell_id"]) == set(expected["cell_id"])
+    run_sweep(cfg, progress=False)  # nothing to compute; the merge is no longer current
+    pd.testing.assert_frame_equal(pd.read_parquet(merged), expected)
