@@ -580,7 +580,9 @@ class RunStore:
             bad = [n for n in others if n != RESULTS and self._check(n, block_id)[0] is None]
             if bad:
                 self.quarantine(
-                    p, f"belongs to a block whose {', '.join(bad)} part failed or is missing"
+                    p,
+                    f"belongs to a block whose {', '.join(bad)} part failed or is missing",
+                    self._verified.get(p, (None,))[0],
                 )
                 continue
             done.add(block_id)
