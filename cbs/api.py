@@ -151,7 +151,9 @@ def run(
         :class:`Results`. A second call with the same config resumes: nothing is recomputed.
 
     Raises:
-        cbs.errors.ConfigError: invalid config (before any compute).
+        cbs.errors.ConfigError: invalid config, or a ``config``, ``overrides`` or
+            ``output_dir`` of the wrong type, naming the key and the value (before any
+            compute). NumPy scalars and arrays are accepted wherever a value is.
         cbs.errors.RunFolderError: ``output_dir`` holds a different sweep.
 
     Example:
