@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 import cbs
-from cbs.errors import RunFolderError
+from cbs.errors import RunFolderError, was_interrupted
 from cbs.store import (
     RESULTS,
     DamagedParts,
@@ -546,6 +546,10 @@ def run_sweep(
                 ]
                 bar.update(len(block.cells))
             store.write_session(session_id, session)
+            if was_interrupted():
+                # Ctrl-C whose KeyboardInterrupt a callback swallowed (Python ignores an
+                # exception raised in a gc callback, e.g. XLA's): stop at this block boundary
+                raise KeyboardInterrupt
 
     adaptive = cfg.grid.adaptive
     adaptive_on = adaptive.enabled if adaptive.enabled is not None else backend_cls.adaptive_default
