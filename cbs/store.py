@@ -256,6 +256,8 @@ def read_table(
         except Exception as e:  # noqa: BLE001 -- a damaged file fails inside Arrow in many ways
             if columns is not None and isinstance(e, (KeyError, ValueError)) and _readable(merged):
                 raise  # a column that is not there: the caller's question, not damage
+            if not any((run_dir / "parts" / name).glob("*.parquet")):
+                raise  # no parts to fall back on: the caller reports the damaged file
             print(
                 f"warning: {merged} is unreadable ({type(e).__name__}); reading the verified "
                 "parts instead (the next run of the sweep rewrites it)",
