@@ -24,7 +24,9 @@ lists the block's other tables). Every reader of the parts (resume, merge, the a
 unfinished run) verifies them; a part that is unreadable, names another block or table, comes
 from another config hash, lacks the record, or whose content no longer matches its digest, is
 moved to ``parts/quarantine/`` with a one-line warning naming the file and why, and its block
-counts as not finished, so the next run recomputes it. A damaged ``manifest.json`` or
+counts as not finished, so the next run recomputes it. (A folder whose manifest lacks
+``part_integrity``, written by an older cbs, has parts without records: those are checked on
+their rows' block id and config hash instead.) A damaged ``manifest.json`` or
 ``config.yaml`` is a :class:`~cbs.errors.RunFolderError` naming the file.
 
 Concurrency: any number of processes (shards, or identical copies) may work on one folder
@@ -206,10 +208,20 @@ def strip_integrity(table):
     return table.replace_schema_metadata(meta or None)
 
 
-def verify_part(path: Path, table: str, block_id: str, config_hash: str | None):
+# The manifest key of a folder created with integrity records: there, a part without one is
+# foreign or hand-written. A folder from an older cbs lacks the key; its parts carry no record
+# and are accepted on what they can show (their rows' block id and config hash), so that an
+# upgrade does not recompute finished sweeps.
+PART_INTEGRITY_KEY = "part_integrity"
+
+
+def verify_part(
+    path: Path, table: str, block_id: str, config_hash: str | None, legacy_ok: bool = False
+):
     """``(arrow_table, None)`` when the part at ``path`` proves it is ``table``'s part of
     ``block_id`` for ``config_hash`` (None: any hash) with the content it was written with;
-    otherwise ``(None, why)``."""
+    otherwise ``(None, why)``. ``legacy_ok``: a part without a record (an older cbs's folder)
+    passes when its rows name this block and hash."""
     import pyarrow.parquet as pq
 
     try:
@@ -221,7 +233,9 @@ def verify_part(path: Path, table: str, block_id: str, config_hash: str | None):
         return None, f"unreadable ({type(e).__name__}: {text[:120]})"
     meta = t.schema.metadata or {}
     if _M_DIGEST not in meta or _M_BLOCK not in meta:
-        return None, "carries no integrity record (block id, config hash, digest)"
+        if not legacy_ok:
+            return None, "carries no integrity record (block id, config hash, digest)"
+        return _check_legacy(t, block_id, config_hash)
     got = {k: meta.get(k, b"").decode(errors="replace") for k in _M_KEYS}
     if got[_M_BLOCK] != block_id:
         return None, f"holds block {got[_M_BLOCK]!r}, not {block_id!r}"
@@ -231,6 +245,17 @@ def verify_part(path: Path, table: str, block_id: str, config_hash: str | None):
         return None, f"was written for config hash {got[_M_HASH]}, this sweep is {config_hash}"
     if _table_digest(t) != got[_M_DIGEST]:
         return None, "content does not match its digest (edited or damaged)"
+    return t, None
+
+
+def _check_legacy(t, block_id: str, config_hash: str | None):
+    """A part without a record, from a folder an older cbs wrote: its rows' own columns."""
+    for column, want in (("block_id", block_id), ("config_hash", config_hash)):
+        if want is None or column not in t.column_names:
+            continue
+        found = set(t.column(column).to_pylist()) - {want}
+        if found:
+            return None, f"holds rows of {column} {sorted(map(str, found))[0]!r}, not {want!r}"
     return t, None
 
 
@@ -370,6 +395,7 @@ class RunStore:
         # written) by this process: a part is replaced only by rename, so an unchanged stat
         # is an unchanged file and it is not read again
         self._verified: dict[Path, tuple[tuple[int, int, int], list[str]]] = {}
+        self._legacy: bool | None = None
 
     # -- identity -------------------------------------------------------------------
     def existing_hash(self) -> str | None:
@@ -379,6 +405,13 @@ class RunStore:
         if self.config_hash is None:
             self.config_hash = self.existing_hash()
         return self.config_hash
+
+    def _legacy_ok(self) -> bool:
+        """Whether parts without a record are an older cbs's (see PART_INTEGRITY_KEY)."""
+        if self._legacy is None:
+            manifest = read_manifest(self.dir)
+            self._legacy = bool(manifest) and not manifest.get(PART_INTEGRITY_KEY)
+        return self._legacy
 
     def initialise(self, config: dict, manifest: dict) -> dict:
         """Creates the folder's config and manifest unless another process already did;
@@ -521,7 +554,7 @@ class RunStore:
         cached = self._verified.get(path)
         if cached is not None and cached[0] == key:
             return cached[1], (pq.read_table(path) if want_table else None)
-        t, why = verify_part(path, table, block_id, self._expected_hash())
+        t, why = verify_part(path, table, block_id, self._expected_hash(), self._legacy_ok())
         if t is None:
             if why != "missing":
                 self.quarantine(path, why, key)

@@ -170,3 +170,31 @@ def test_damaged_merged_table_is_read_from_the_parts_and_rewritten(clean, capsys
     assert len(table) == len(expected) and set(table["cell_id"]) == set(expected["cell_id"])
     run_sweep(cfg, progress=False)  # nothing to compute; the merge is no longer current
     pd.testing.assert_frame_equal(pd.read_parquet(merged), expected)
+
+
+def test_folder_of_an_older_cbs_resumes_and_still_refuses_foreign_rows(clean, capsys):
+    """Parts without a record in a folder whose manifest predates the records are accepted
+    on their rows' block id and config hash (an upgrade does not recompute finished work)."""
+    import json
+
+    from cbs.store import PART_INTEGRITY_KEY
+
+    cfg, expected = clean
+    run = cfg.out_dir
+    manifest = json.loads((run / "manifest.json").read_text())
+    del manifest[PART_INTEGRITY_KEY]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    for p in (run / "parts" / "results").glob("*.parquet"):
+        pd.read_parquet(p).to_parquet(p, index=False)  # as an older cbs wrote them
+    (run / "results.parquet").unlink()
+    shutil.copyfile(
+        run / "parts" / "results" / f"{OTHER}.parquet",
+        run / "parts" / "results" / f"{VICTIM}.parquet",
+    )
+    fake_backend = __import__("cbs_test_backends").FakeBackend
+    fake_backend.calls = []
+    capsys.readouterr()
+    run_sweep(cfg, progress=False)
+    assert f"holds rows of block_id '{OTHER}'" in capsys.readouterr().err
+    assert [b for call in fake_backend.calls for b in call] == [VICTIM]  # only the foreign one
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "results.parquet"), expected)

@@ -22,6 +22,7 @@ import pandas as pd
 import cbs
 from cbs.errors import RunFolderError, was_interrupted
 from cbs.store import (
+    PART_INTEGRITY_KEY,
     RESULTS,
     DamagedParts,
     LockBusy,
@@ -658,6 +659,7 @@ def _initialise(
                 for b in all_blocks
             ],
             "cost_basis": "measured" if costs_from else "estimate",
+            PART_INTEGRITY_KEY: 1,  # every part of this folder carries its integrity record
             "cells": sum(len(b.cells) for b in all_blocks),
             "backend_details": details,
         }
