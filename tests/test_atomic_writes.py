@@ -3,7 +3,8 @@ folder is its old complete version or its new one, and no temporary file is left
 
 A real small file system (a tmpfs mount, when the tests run as root and may mount) is
 filled to several levels; elsewhere the disk filling up is simulated by making the k-th
-``fsync`` fail with ENOSPC (the point where a full disk reports a delayed write)."""
+``fsync`` fail with ENOSPC (the point where a full disk reports a delayed write);
+CBS_TEST_SIMULATE_ENOSPC=1 forces the simulated path where a mount would work."""
 
 from __future__ import annotations
 
