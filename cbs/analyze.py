@@ -45,7 +45,9 @@ exit status: 0 on success, 2 on a usage error or a missing/invalid run folder.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from cbs.errors import ArgumentParser
+
+    p = ArgumentParser(
         prog="python -m cbs.analyze",
         description=_DESCRIPTION,
         epilog=_EPILOG,
@@ -165,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # intermixed: option flags may come before, between or after the run folders, as in
+    # cbs.sweep and cbs.predict
+    args = parser.parse_intermixed_args(argv)
     from cbs.errors import (
         CbsError,
         describe_error,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,9 +82,50 @@ class Results:
             )
 
 
-def _override_text(key: str, value: Any) -> str:
-    # JSON is YAML, so a Python value becomes exactly the text a command-line override holds.
-    return f"{key}={json.dumps(value)}"
+def _plain(where: str, value: Any) -> Any:
+    """``value`` with NumPy scalars and arrays made Python numbers and lists (recursively
+    through lists, tuples and mappings); anything that is not a YAML value is a ConfigError
+    naming ``where``."""
+    import numpy as np
+
+    from cbs.errors import ConfigError
+
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(where, k, "allowed: string keys in a mapping")
+            out[k] = _plain(f"{where}.{k}" if where else k, v)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ConfigError(
+        where,
+        value,
+        "allowed: a YAML value (number, string, true/false, null, or a list or mapping of "
+        "them; NumPy scalars and arrays are accepted)",
+    )
+
+
+def _override_text(key: Any, value: Any) -> str:
+    from cbs.errors import ConfigError
+
+    if not isinstance(key, str) or not key:
+        raise ConfigError("overrides", key, "allowed: dotted key strings such as 'grid.seeds'")
+    value = _plain(key, value)
+    # JSON is YAML, so a Python value becomes exactly the text a command-line override holds
+    try:
+        return f"{key}={json.dumps(value, allow_nan=False)}"
+    except ValueError:  # NaN or infinity: JSON has no spelling for them, no key allows them
+        raise ConfigError(key, value, "a finite number is required") from None
 
 
 def run(
@@ -109,7 +151,9 @@ def run(
         :class:`Results`. A second call with the same config resumes: nothing is recomputed.
 
     Raises:
-        cbs.errors.ConfigError: invalid config (before any compute).
+        cbs.errors.ConfigError: invalid config, or a ``config``, ``overrides`` or
+            ``output_dir`` of the wrong type, naming the key and the value (before any
+            compute). NumPy scalars and arrays are accepted wherever a value is.
         cbs.errors.RunFolderError: ``output_dir`` holds a different sweep.
 
     Example:
@@ -130,13 +174,29 @@ def run(
         >>> bool(res.fits["sgd"].b_crit > 0)
         True
     """
+    from cbs.errors import ConfigError
     from cbs.sweep.config import load_config
     from cbs.sweep.runner import run_sweep
 
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ConfigError(
+            "overrides",
+            overrides,
+            "allowed: a mapping of dotted keys to values, e.g. {'grid.seeds': [0, 1]}",
+        )
     texts = [_override_text(k, v) for k, v in (overrides or {}).items()]
     if output_dir is not None:
-        texts.append(_override_text("output.dir", str(output_dir)))
-    source = dict(config) if isinstance(config, Mapping) else config
+        if not isinstance(output_dir, (str, os.PathLike)):
+            raise ConfigError("output_dir", output_dir, "allowed: a folder path")
+        texts.append(_override_text("output.dir", os.fspath(output_dir)))
+    if isinstance(config, Mapping):
+        source = _plain("", config)
+    elif isinstance(config, (str, os.PathLike)):
+        source = Path(config)
+    else:
+        raise ConfigError(
+            "config", config, "allowed: a YAML file path, or a mapping of keys to values"
+        )
     cfg = load_config(source, texts)
     summary = run_sweep(cfg, progress=progress, log=lambda _msg: None)
     results = load(summary.out_dir, analyze=analyze and summary.complete, _config=cfg)

@@ -9,7 +9,6 @@ against an independent float64 NumPy recurrence. Exit status 1 when a check fail
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from importlib import metadata
@@ -192,7 +191,11 @@ def report(seconds: float = 1.0) -> tuple[list[str], bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cbs.doctor", description=__doc__.split("\n\n")[1])
+    from cbs.errors import ArgumentParser
+
+    p = ArgumentParser(
+        prog="python -m cbs.doctor", prefix="cbs.doctor", description=__doc__.split("\n\n")[1]
+    )
     p.add_argument("--seconds", type=float, default=1.0, help="time per smoke test (default 1)")
     args = p.parse_args(argv)
     if not args.seconds > 0:

@@ -11,15 +11,18 @@ print it as one line and exit with status 2 (no traceback). Errors that are not 
 Each also derives from the builtin it replaced (ValueError / RuntimeError), so code that
 caught those keeps working.
 
-The command lines share :func:`describe_error`, :func:`exit_code` and :func:`one_line` (how any
-exception becomes one line and a status) and :func:`record_interrupts` (Ctrl-C is reported as an
+The command lines share :class:`ArgumentParser` (an argument error is one line and exit 2; the
+usage block only on ``--help``), :func:`describe_error`, :func:`exit_code` and :func:`one_line`
+(how any exception becomes one line and a status) and :func:`record_interrupts` (Ctrl-C is reported as an
 interruption even when a library swallowed the ``KeyboardInterrupt`` and raised something else).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -29,6 +32,7 @@ __all__ = [
     "ConfigError",
     "AnalysisError",
     "RunFolderError",
+    "ArgumentParser",
     "describe_error",
     "exit_code",
     "one_line",
@@ -63,6 +67,23 @@ class AnalysisError(CbsError, ValueError):
 
 class RunFolderError(CbsError, RuntimeError):
     """The output folder holds a different sweep; we refuse to mix rows."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the command lines' contract: a bad argument prints one line,
+    ``<prefix>: error: <what> (see --help)``, and exits 2; the usage block is for ``--help``.
+    ``prefix``: the name the command's other errors start with (default: ``prog``)."""
+
+    def __init__(self, *args, prefix: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prefix = prefix
+
+    def error(self, message: str):
+        print(
+            f"{self.prefix or self.prog}: error: {one_line(message)} (see --help)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def one_line(text: Any) -> str:

@@ -94,7 +94,8 @@ class SlowBackend(FakeBackend):
         if stall_after is not None and SlowBackend.calls_made >= int(stall_after):
             time.sleep(3600)  # the test kills this process
         SlowBackend.calls_made += 1
-        time.sleep(0.1)
+        # CBS_TEST_BLOCK_S: a slower process, for tests that need one to lag the others
+        time.sleep(float(os.environ.get("CBS_TEST_BLOCK_S", 0.1)))
         return super().run_blocks(blocks)
 
 

@@ -128,6 +128,10 @@ def write_synthetic_run(
         results.to_parquet(path / "results.parquet", index=False)
     else:
         (path / "parts" / "results").mkdir(parents=True)
+        from cbs.store import part_bytes
+
         for block, g in results.groupby("block_id"):
-            g.to_parquet(path / "parts" / "results" / f"{block}.parquet", index=False)
+            (path / "parts" / "results" / f"{block}.parquet").write_bytes(
+                part_bytes(g, table="results", block_id=str(block), config_hash="abc123")
+            )
     return path

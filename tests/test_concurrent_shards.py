@@ -243,3 +243,73 @@ def test_train_cost_estimate_counts_the_per_cell_overhead_and_the_compute():
     assert cost[("sgd", 1024)] < cost[("kfac", 1024)]  # K-FAC's curvature work on top
     overhead_s, _ = backend.NOMINAL_COST["cpu"]
     assert cost[("sgd", 8)] > 2 * overhead_s  # two cells, each overhead + compute
+
+
+def _single_process_table(cfg_path, tmp_path):
+    """The reference table, computed in this process (no interpreter start to pay)."""
+    run_sweep(load_config(cfg_path, [f"output.dir={tmp_path / 'whole'}"]), progress=False)
+    return _table(tmp_path / "whole")
+
+
+def test_sigint_mid_block_then_resume_gives_the_single_process_table(tmp_path, capsys):
+    from cbs.sweep.__main__ import main
+
+    cfg_path = _slow_config(tmp_path, n_batch=8)  # 16 blocks of 0.1 s: a signal lands mid-block
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        _cmd(cfg_path, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    parts = out / "parts" / "results"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("*.parquet"))) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and len(err.strip().splitlines()) == 1, err
+    assert "interrupted" in err and not (out / "results.parquet").exists()
+    done = len(list(parts.glob("*.parquet")))
+    assert 3 <= done < 16 and not list(parts.glob(".*"))  # no torn part left behind
+    capsys.readouterr()
+    assert main(_cmd(cfg_path, out)[3:]) == 0  # the same command, resumed
+    assert "resumed from disk" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(_single_process_table(cfg_path, tmp_path), _table(out))
+
+
+def test_merge_racing_a_late_shard_merges_once_and_never_early(tmp_path, capsys):
+    """Shard 0 is done while shard 1 still computes (another process); --merge-only runs
+    again and again meanwhile: each refuses (blocks unfinished) or finds the merge done,
+    results.parquet appears only once every block is, and the table is the single-process one."""
+    from cbs.sweep.__main__ import main
+
+    cfg_path = _slow_config(tmp_path, n_batch=12)
+    out = tmp_path / "race"
+    late = subprocess.Popen(
+        _cmd(cfg_path, out, "--shard", "1/2"),
+        env={**_env(), "CBS_TEST_BLOCK_S": "0.3"},  # 12 blocks, 3.6 s: surely the late one
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # shard 0 here, meanwhile: it computes its half and (shard 1 not done) cannot merge
+    assert main(_cmd(cfg_path, out, "--shard", "0/2")[3:]) == 0
+    outcomes = []
+    while True:
+        running = late.poll() is None
+        capsys.readouterr()
+        code = main(_cmd(cfg_path, out, "--merge-only")[3:])
+        lines = capsys.readouterr().err.strip().splitlines()
+        if code == 1:
+            assert len(lines) == 1 and ("not finished" in lines[0] or "pending" in lines[0]), lines
+            assert not (out / "results.parquet").exists()  # nothing merged early
+        else:
+            assert code == 0, lines
+        outcomes.append(code)
+        if not running:
+            break
+        time.sleep(0.05)
+    _, err = late.communicate(timeout=300)
+    assert late.returncode == 0, err
+    assert outcomes[-1] == 0 and 1 in outcomes  # refused while late, merged after
+    pd.testing.assert_frame_equal(_single_process_table(cfg_path, tmp_path), _table(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["merged"]["parts"] == RunStore(out).parts_signature()

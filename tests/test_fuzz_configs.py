@@ -72,6 +72,8 @@ def _mutations(raw):
             yield f"{where}: string for a bool", _set(raw, path, "maybe")
             yield f"{where}: number for a bool", _set(raw, path, 2)
         elif isinstance(value, (int, float)):
+            if isinstance(value, int) and path[-1] not in FLOAT_KEYS and path[-2] not in FLOAT_KEYS:
+                yield f"{where}: integer past 2^64", _set(raw, path, 2**70)
             yield f"{where}: string for a number", _set(raw, path, "abc")
             yield f"{where}: NaN", _set(raw, path, math.nan)
             yield f"{where}: infinity", _set(raw, path, math.inf)
@@ -90,8 +92,16 @@ def _mutations(raw):
         yield f"required key {key} missing", m
 
 
+# Number keys a config may give as a whole number (lr: 1): 2^70 is a valid float there.
+FLOAT_KEYS = {"value", "learning_rates", "lr", "momentum", "scale"}
+
 # Bad overrides on any config: the cases of issue 15 and their neighbours.
 OVERRIDES = [
+    # integers past what the engine holds (issue 25), the limit named in the message
+    ["grid.batch_sizes=[1180591620717411303424]"],  # 2^70
+    ["grid.seeds=[18446744073709551616]"],  # 2^64
+    ["budget.max_steps=1000000000000000000000000000000"],  # 10^30
+    ["grid.batch_sizes={log2_min: 0, log2_max: 40}"],
     ["grid.learning_rates={log10_min: -3, log10_max: 0, num: 100000000}"],  # grid-size cap
     ["grid.learning_rates={log10_min: 300, log10_max: 400, num: 3}"],  # infinite LRs
     ["grid.learning_rates={log10_min: 0, log10_max: -3, num: 3}"],  # reversed range
@@ -404,3 +414,112 @@ def test_sigint_mid_sweep_is_one_line_exit_130_and_resumable(tmp_path):
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err[-1000:]
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_issue_25_cases_are_one_line_exit_2_nothing_written(tmp_path, capsys, no_compute):
+    """Integer bounds name the limit; duplicate YAML keys name both lines; train.max_train
+    past the data is refused; a damaged run folder record names the file."""
+    nqm, out = str(ROOT / "configs/nqm_quickstart.yaml"), tmp_path / "o"
+    cases = {
+        "grid.batch_sizes=[1180591620717411303424]": "2^31 = 2147483648",
+        "grid.seeds=[18446744073709551616]": "< 2^32 = 4294967296",
+        "budget.max_steps=1000000000000000000000000000000": "2^31 = 2147483648",
+        "nqm.dim=3000000000": "nqm.dim",
+        "target={metric: risk, value: 0.1, value: 0.2}": "duplicate key 'value'",
+    }
+    for override, fragment in cases.items():
+        line = _check(capsys, [nqm, override, f"output.dir={out}"], out, override)
+        assert fragment in line, line
+    digits = str(ROOT / "configs/train_digits_cpu.yaml")
+    line = _check(capsys, [digits, "train.max_train=100000", f"output.dir={out}"], out, "max")
+    assert "train.max_train" in line and "1438 training examples" in line, line
+
+    dup = tmp_path / "dup.yaml"
+    text = (ROOT / "configs/nqm_quickstart.yaml").read_text()
+    dup.write_text(text + "\ntarget:\n  metric: risk\n  value: 0.5\n")
+    first = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith("target:"))
+    line = _check(capsys, [str(dup), f"output.dir={out}"], out, "duplicate file key")
+    assert f"duplicate key 'target' at lines {first} and " in line, line
+
+    # a run folder whose record is damaged: refused naming the file, the folder untouched
+    for name, junk in (("manifest.json", "{not json"), ("config.yaml", "grid: [unclosed\n")):
+        run = tmp_path / f"damaged_{name}"
+        run.mkdir()
+        (run / "manifest.json").write_text('{"config_hash": "x"}')
+        (run / "config.yaml").write_text("name: x\n")
+        (run / name).write_text(junk)
+        line = _check(capsys, [nqm, "grid.batch_sizes=[4]", f"output.dir={run}"], run, name)
+        assert str(run / name) in line, line
+
+
+def test_every_entry_point_gives_one_line_argument_errors(tmp_path, capsys):
+    """argparse's usage block only on --help; overrides may follow option flags everywhere."""
+    from cbs.analyze import main as analyze
+    from cbs.doctor import main as doctor
+    from cbs.predict.__main__ import main as predict
+
+    cases = [
+        (main, ["--bogus"]),
+        (main, ["--shard"]),
+        (analyze, []),
+        (analyze, [str(tmp_path), "--ci"]),
+        (predict, []),
+        (predict, ["configs/train_digits_cpu.yaml", "--anchor", "x"]),
+        (doctor, ["--seconds"]),
+    ]
+    for entry, argv in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            entry(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, (argv, err)
+        assert "usage:" not in err and "error:" in err, err
+    with pytest.raises(SystemExit):
+        predict(["--help"])
+    assert "usage:" in capsys.readouterr().out
+    # cbs.predict checks --out before any compute, with an override after the flags
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    rc = predict(
+        [
+            str(ROOT / "configs/train_digits_cpu.yaml"),
+            "--out",
+            str(a_file / "sub"),
+            f"output.dir={tmp_path / 'sweep'}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--out" in err, err
+    assert not (tmp_path / "sweep").exists() and a_file.read_text() == "keep"
+
+
+def test_api_run_raises_config_errors_and_takes_numpy_values(tmp_path, fake_backend):
+    import numpy as np
+    from conftest import fake_config
+
+    import cbs
+    from cbs.errors import ConfigError
+
+    raw = fake_config(tmp_path)
+    bad = [
+        (dict(config=[1, 2]), "config"),
+        (dict(config=3.5), "config"),
+        (dict(config=raw, overrides="grid.seeds=[1]"), "overrides"),
+        (dict(config=raw, overrides={3: 1}), "overrides"),
+        (dict(config=raw, overrides={"grid.seeds": [object()]}), "grid.seeds[0]"),
+        (dict(config=raw, overrides={"target.value": float("nan")}), "target.value"),
+        (dict(config=raw, output_dir=5), "output_dir"),
+        (dict(config={**raw, "grid": {**raw["grid"], "seeds": {1, 2}}}), "grid.seeds"),
+    ]
+    for kwargs, key in bad:
+        with pytest.raises(ConfigError) as e:
+            cbs.run(**kwargs, analyze=False)
+        assert e.value.path == key, (kwargs, str(e.value))
+    assert not (tmp_path / "run").exists()
+    grid = {**raw["grid"], "batch_sizes": np.array([1, 4, 16]), "seeds": np.arange(2)}
+    res = cbs.run(
+        {**raw, "grid": grid},
+        overrides={"budget.max_steps": np.int64(10_000), "target.value": np.float64(0.1)},
+        analyze=False,
+    )
+    assert len(res.results) == 54

@@ -244,8 +244,11 @@ def compare_runs(
                 )
             )
             md += ["![B_crit vs scale](scaling_b_crit.png)", ""]
-    table.to_parquet(out_dir / "compare.parquet", index=False)
-    (out_dir / "compare.json").write_text(
+    from cbs.store import atomic_write_bytes, atomic_write_text
+
+    atomic_write_bytes(out_dir / "compare.parquet", table.to_parquet(index=False))
+    atomic_write_text(
+        out_dir / "compare.json",
         json.dumps(
             jsonable_deep(
                 dict(
@@ -259,8 +262,8 @@ def compare_runs(
             ),
             indent=1,
             allow_nan=False,
-        )
+        ),
     )
-    (out_dir / "compare.md").write_text("\n".join(md))
+    atomic_write_text(out_dir / "compare.md", "\n".join(md))
     comp.files += [out_dir / "compare.parquet", out_dir / "compare.json", out_dir / "compare.md"]
     return comp

@@ -185,11 +185,18 @@ def _readable_log_y(fig) -> None:
             )
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, tight: bool = True) -> Path:
+    """Saves ``fig`` atomically (a full disk or a kill never leaves a torn PNG) and closes it."""
+    from cbs.store import atomic_writer
+
     _readable_log_y(fig)
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
+    if tight:
+        fig.tight_layout()
+    try:
+        with atomic_writer(path) as tmp:
+            fig.savefig(tmp, dpi=_DPI, format=Path(path).suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -319,9 +326,7 @@ def plot_all_optimizers(
         fig.subplots_adjust(bottom=0.12 + 0.03 * len(notes))
     _readable_log_y(fig)
     fig.tight_layout(rect=(0, 0.03 * len(notes), 1, 1))
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
-    return path
+    return _save(fig, path, tight=False)
 
 
 def plot_best_lr(path: Path, per_b: pd.DataFrame, unit: str, scale: float, title: str = "") -> Path:

@@ -256,8 +256,11 @@ def analyze_targets(
     sweep = TargetSweep(run_dir=run_dir, table=table, fits=fits, text=text, warnings=warnings)
     if write:
         try:
-            table.to_parquet(run_dir / "cbs_targets.parquet", index=False)
-            (run_dir / "cbs_targets.json").write_text(
+            from cbs.store import atomic_write_bytes, atomic_write_text
+
+            atomic_write_bytes(run_dir / "cbs_targets.parquet", table.to_parquet(index=False))
+            atomic_write_text(
+                run_dir / "cbs_targets.json",
                 json.dumps(
                     jsonable_deep(
                         dict(
@@ -270,7 +273,7 @@ def analyze_targets(
                     ),
                     indent=1,
                     allow_nan=False,
-                )
+                ),
             )
             sweep.files += [run_dir / "cbs_targets.parquet", run_dir / "cbs_targets.json"]
             if plots:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from cbs.analysis._format import jsonable_deep
 from cbs.analysis._render import exclusion_notes, report_markdown
+from cbs.store import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from cbs.analysis._report import RunAnalysis
@@ -43,9 +44,13 @@ def write_run_files(a: RunAnalysis, cfg, manifest, reference, scale, plots):
         steps=a.steps.to_dict(orient="records"),
         noise_scale=None if a.noise is None else a.noise.to_dict(orient="records"),
     )
-    (run_dir / "cbs.json").write_text(json.dumps(jsonable_deep(payload), indent=1, allow_nan=False))
+    # every file atomically (temporary file, fsync, rename): a full disk or a kill leaves
+    # each one the old complete version or the new one, never a torn file
+    atomic_write_text(
+        run_dir / "cbs.json", json.dumps(jsonable_deep(payload), indent=1, allow_nan=False)
+    )
     a.files.append(run_dir / "cbs.json")
-    a.summary.to_parquet(run_dir / "cbs.parquet", index=False)
+    atomic_write_bytes(run_dir / "cbs.parquet", a.summary.to_parquet(index=False))
     a.files.append(run_dir / "cbs.parquet")
     if not plots:
         return
@@ -97,5 +102,5 @@ def write_run_files(a: RunAnalysis, cfg, manifest, reference, scale, plots):
             )
         )
     a.files += png
-    (run_dir / "report.md").write_text(report_markdown(a, scale))
+    atomic_write_text(run_dir / "report.md", report_markdown(a, scale))
     a.files.append(run_dir / "report.md")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -53,12 +54,17 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from cbs.errors import ArgumentParser
+
+    p = ArgumentParser(
         prog="python -m cbs.predict",
+        prefix="cbs.predict",
         description=__doc__.split("\n\n")[0],
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("config", help="a train config (YAML)")
+    # optional to argparse only so that intermixed parsing names just the config when it
+    # is missing (main refuses its absence itself)
+    p.add_argument("config", nargs="?", default=None, help="a train config (YAML)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, as for cbs.sweep")
     p.add_argument("--out", default=None, help="output folder (default: the config's output.dir)")
     for field in dataclasses.fields(PredictOptions):
@@ -73,34 +79,69 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
+def _fail(msg: str, code: int = 2) -> int:
+    from cbs.errors import one_line
+
+    print(f"cbs.predict: error: {one_line(msg)}", file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from cbs.errors import CbsError, ConfigError
-
-    opts = PredictOptions(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(PredictOptions)}
+    """Entry point; returns the exit status: 0 done, 2 bad input or a file-system problem
+    (one line on stderr), 130 interrupted, 1 an internal error (one line; CBS_TRACEBACK=1
+    shows the traceback)."""
+    # intermixed: option flags may come before, between or after the config and the
+    # overrides, the rule of cbs.sweep
+    parser = _parser()
+    args = parser.parse_intermixed_args(argv)
+    if args.config is None:
+        parser.error("the following arguments are required: config")
+    from cbs.errors import (
+        CbsError,
+        ConfigError,
+        describe_error,
+        exit_code,
+        record_interrupts,
+        was_interrupted,
     )
+
     try:
-        opts.check()
-        from cbs.sweep.config import load_config
-
-        cfg = load_config(Path(args.config), args.overrides)
-        from cbs.compile_cache import enable_compilation_cache
-        from cbs.predict._run import predict
-
-        enable_compilation_cache()
-        result = predict(
-            cfg, opts, out_dir=Path(args.out) if args.out else None, plots=not args.no_plot
-        )
+        with record_interrupts():
+            return _predict(args)
     except ConfigError as e:
         return _fail(f"{args.config}: {e}")
     except CbsError as e:
         return _fail(str(e).splitlines()[0])
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the CLI's contract is one line, never a traceback
+        # (was_interrupted: a library turned our KeyboardInterrupt into another error)
+        if isinstance(e, KeyboardInterrupt) or was_interrupted():
+            print("cbs.predict: interrupted", file=sys.stderr)
+            return 130
+        if os.environ.get("CBS_TRACEBACK"):
+            raise
+        return _fail(describe_error(e), exit_code(e))
+
+
+def _predict(args) -> int:
+    opts = PredictOptions(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(PredictOptions)}
+    )
+    opts.check()
+    from cbs.sweep.config import load_config
+
+    cfg = load_config(Path(args.config), args.overrides)
+    from cbs.compile_cache import enable_compilation_cache
+    from cbs.predict._run import predict
+
+    enable_compilation_cache()
+    result = predict(
+        cfg, opts, out_dir=Path(args.out) if args.out else None, plots=not args.no_plot
+    )
     print(result.text)
     print("wrote " + ", ".join(str(f) for f in result.files))
     return 0

@@ -412,6 +412,10 @@ def predict(
     seed = int(options.seed if options.seed is not None else cfg.grid.seeds[0])
     sweep_dir = Path(cfg.out_dir)
     out_dir = Path(out_dir or sweep_dir)
+    from cbs.sweep.runner import check_output_dir
+
+    # where the forecast goes must take it, before the measurement and the anchor runs
+    check_output_dir(out_dir, "--out" if out_dir != sweep_dir else "output.dir")
     finished = sweep_is_finished(cfg)
     if not finished and _anchor_on_grid(cfg, anchor):
         # the anchor blocks go into the sweep's folder: refuse one holding another sweep (or
@@ -766,6 +770,11 @@ def _plot(path: Path, table, summ) -> Path:
     ax.set_title("NQM calibrated from the network (dotted: B_simple)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from cbs.store import atomic_writer
+
+    try:
+        with atomic_writer(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path

@@ -22,8 +22,11 @@ def _help_epilog() -> str:
 
 
 def _parser(full_help: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from cbs.errors import ArgumentParser
+
+    p = ArgumentParser(
         prog="python -m cbs.sweep",
+        prefix="cbs.sweep",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent("""\
             Run a batch-size sweep: steps-to-target for every batch size x learning rate x

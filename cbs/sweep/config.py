@@ -74,8 +74,9 @@ def _check_log10_range(lo: float, hi: float) -> None:
 class Log2Range:
     """Powers of two 2**log2_min, 2**(log2_min+step), ..., up to 2**log2_max."""
 
-    log2_min: int = spec(doc="smallest exponent", ge=0, le=40)
-    log2_max: int = spec(doc="largest exponent", ge=0, le=40)
+    # batch sizes stay below 2^31 (32-bit on the device), as a listed batch size must
+    log2_min: int = spec(doc="smallest exponent", ge=0, le=30)
+    log2_max: int = spec(doc="largest exponent", ge=0, le=30)
     step: int = spec(1, doc="exponent increment", ge=1)
 
     def __post_init__(self):
@@ -280,7 +281,9 @@ class Grid:
     optimizers: list[OptimizerEntry] = spec(
         doc="optimizers, each with its own hyperparameter grid", min_len=1
     )
-    seeds: list[int] = spec([0], doc="seeds (initialisation, data order, noise)", ge=0, min_len=1)
+    seeds: list[int] = spec(
+        [0], doc="seeds (initialisation, data order, noise)", ge=0, lt=2**32, min_len=1
+    )
     lr_scaling: LRScaling = spec(
         factory=LRScaling,
         doc="LRs that follow the batch size: learning_rates are for reference_batch, "
@@ -607,7 +610,9 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
             "<command line>", text, "overrides are written key.path=value, e.g. target.value=0.02"
         )
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = _load_yaml_text(value) if value.strip() else None
+    except _DuplicateKey as e:
+        raise ConfigError(key, value, f"duplicate key {e.key!r} in the value") from None
     except yaml.YAMLError:
         raise ConfigError(
             key, value, "the value must be valid YAML (a number, a string, [a, list], {a: map})"
@@ -662,6 +667,37 @@ def raw_set(raw: dict, path: list[str], value: Any) -> Any:
     return value
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first: int, second: int):
+        self.key, self.first, self.second = key, first, second
+        super().__init__(f"duplicate key {key!r}")
+
+
+class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """The safe loader (libyaml's parser when PyYAML was built with it, ~10x faster) that
+    refuses a key given twice in one mapping: YAML would silently keep the last one, and a
+    config with two ``target:`` sections runs a sweep its author did not mean."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' merges may override
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base constructor names it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml_text(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)
+
+
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.exists():
@@ -669,8 +705,14 @@ def read_yaml(path: str | Path) -> Any:
     if path.is_dir():
         raise ConfigError("<file>", str(path), "expected a YAML file, got a folder")
     try:
-        # libyaml's parser when PyYAML was built with it (same safe schema, ~10x faster)
-        return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        return _load_yaml_text(path.read_text())
+    except _DuplicateKey as e:
+        raise ConfigError(
+            "<file>",
+            str(path),
+            f"duplicate key {e.key!r} at lines {e.first} and {e.second} (YAML would silently "
+            "keep the last; give each key once)",
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"

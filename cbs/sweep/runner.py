@@ -20,8 +20,17 @@ import numpy as np
 import pandas as pd
 
 import cbs
-from cbs.errors import RunFolderError
-from cbs.store import RESULTS, LockBusy, RunStore, read_config, read_sessions, read_table
+from cbs.errors import RunFolderError, was_interrupted
+from cbs.store import (
+    PART_INTEGRITY_KEY,
+    RESULTS,
+    DamagedParts,
+    LockBusy,
+    RunStore,
+    read_config,
+    read_sessions,
+    read_table,
+)
 from cbs.sweep.backend import Backend, Block, BlockResult, get_backend
 from cbs.sweep.config import (
     SweepConfig,
@@ -54,18 +63,18 @@ __all__ = [
 RunFolderConflict = RunFolderError
 
 
-def check_output_dir(path: Path) -> None:
+def check_output_dir(path: Path, key: str = "output.dir") -> None:
     """Raises RunFolderError unless ``path`` is, or can be created as, a writable folder.
 
     Run before anything is computed or written, so a bad output.dir costs nothing.
+    ``key``: how the message names the setting (``--out`` for cbs.predict).
     """
     import os
 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunFolderError(
-            f"output.dir {str(path)!r} is a file; allowed: a folder, or a path where one can "
-            "be created"
+            f"{key} {str(path)!r} is a file; allowed: a folder, or a path where one can be created"
         )
     probe = path
     while not probe.exists():
@@ -74,11 +83,11 @@ def check_output_dir(path: Path) -> None:
         probe = probe.parent
     if probe != path and not probe.is_dir():
         raise RunFolderError(
-            f"output.dir {str(path)!r} cannot be created: {str(probe)!r} is a file, not a folder"
+            f"{key} {str(path)!r} cannot be created: {str(probe)!r} is a file, not a folder"
         )
     if not os.access(probe, os.W_OK | os.X_OK):
         what = "write in" if probe == path else f"create {str(path)!r} in"
-        raise RunFolderError(f"output.dir: no permission to {what} {str(probe)!r}")
+        raise RunFolderError(f"{key}: no permission to {what} {str(probe)!r}")
 
 
 @dataclasses.dataclass
@@ -392,7 +401,11 @@ def merge_run(
             manifest = read_manifest(store.dir)
             merged = False
             if not store.merged_is_current(manifest):
-                store.merge(order=list(order))
+                try:
+                    store.merge(order=list(order))
+                except DamagedParts as e:  # quarantined just now: the next run recomputes
+                    store.log(f"warning: merge of {store.dir} skipped: {e}")
+                    return False
                 manifest.update(extra or {})
                 sessions = read_sessions(store.dir)
                 manifest["sessions"] = [
@@ -482,8 +495,8 @@ def run_sweep(
     backend_cls = get_backend(cfg.backend)
     check_output_dir(cfg.out_dir)
     all_blocks = expand_blocks(cfg, backend_cls)
-    store = RunStore(cfg.out_dir)
     chash = config_hash(cfg)
+    store = RunStore(cfg.out_dir, config_hash=chash)
     _check_identity(store, cfg, chash)
     stamp = {"config_hash": chash, **provenance()}
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -580,6 +593,10 @@ def run_sweep(
                 if events is not None:
                     events.block(block, tables, block_s)
             store.write_session(session_id, session)
+            if was_interrupted():
+                # Ctrl-C whose KeyboardInterrupt a callback swallowed (Python ignores an
+                # exception raised in a gc callback, e.g. XLA's): stop at this block boundary
+                raise KeyboardInterrupt
 
     adaptive = cfg.grid.adaptive
     adaptive_on = adaptive.enabled if adaptive.enabled is not None else backend_cls.adaptive_default
@@ -662,8 +679,10 @@ def _check_identity(store: RunStore, cfg: SweepConfig, chash: str) -> None:
     existing = store.existing_hash()
     if existing is None:
         return
-    changed = config_differences(
-        identity_dict(read_config(store.dir)), identity_dict(config_dict(cfg))
+    stored = read_config(store.dir)
+    # no config.yaml (moved aside when damaged): the manifest's hash alone decides
+    changed = (
+        config_differences(identity_dict(stored), identity_dict(config_dict(cfg))) if stored else []
     )
     if changed or existing != chash:
         what = "; ".join(changed[:6]) + (
@@ -693,6 +712,7 @@ def _initialise(
                 for b in all_blocks
             ],
             "cost_basis": "measured" if costs_from else "estimate",
+            PART_INTEGRITY_KEY: 1,  # every part of this folder carries its integrity record
             "cells": sum(len(b.cells) for b in all_blocks),
             "backend_details": details,
         }

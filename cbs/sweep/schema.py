@@ -79,7 +79,33 @@ def _type_name(tp) -> str:
     )
 
 
-def _check_bounds(path: str, value: Any, meta: dict) -> None:
+# The largest magnitude of an integer key without a bound of its own: steps, batch sizes,
+# widths and counts become 32-bit integers on the device (JAX's default), so a value past
+# 2^31 would overflow mid-run after the folder was written; it is refused here instead.
+INT_LIMIT = 2**31
+
+
+def _show_bound(bound) -> str:
+    """A bound as the user should read it: 2^k = N for the large powers of two."""
+    if isinstance(bound, int) and bound >= 2**16 and bound & (bound - 1) == 0:
+        return f"2^{bound.bit_length() - 1} = {bound}"
+    return str(bound)
+
+
+def _int_only(tp) -> bool:
+    """Whether a field's type holds integers and no floats (int, list[int], int | None...)."""
+    if tp is int:
+        return True
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return float not in args and any(_int_only(a) for a in args)
+    if origin in (list, tuple):
+        return bool(args) and _int_only(args[0])
+    return False
+
+
+def _check_bounds(path: str, value: Any, meta: dict, int_only: bool = False) -> None:
     nums = value if isinstance(value, (list, tuple)) else [value]
     for i, x in enumerate(nums):
         if not isinstance(x, (int, float)) or isinstance(x, bool):
@@ -87,6 +113,19 @@ def _check_bounds(path: str, value: Any, meta: dict) -> None:
         where = f"{path}[{i}]" if isinstance(value, (list, tuple)) else path
         if isinstance(x, float) and not math.isfinite(x):
             raise ConfigError(where, x, "a finite number is required")
+        if (
+            int_only
+            and isinstance(x, int)
+            and meta.get("le") is None
+            and meta.get("lt") is None
+            and not -INT_LIMIT <= x < INT_LIMIT
+        ):
+            raise ConfigError(
+                where,
+                x,
+                f"allowed: an integer of magnitude below {_show_bound(INT_LIMIT)} (steps, batch "
+                "sizes, widths and counts are 32-bit integers on the device)",
+            )
         for key, ok, word in (
             ("ge", lambda a, b: a >= b, ">="),
             ("gt", lambda a, b: a > b, ">"),
@@ -95,7 +134,7 @@ def _check_bounds(path: str, value: Any, meta: dict) -> None:
         ):
             bound = meta.get(key)
             if bound is not None and not ok(x, bound):
-                raise ConfigError(where, x, f"allowed: a value {word} {bound}")
+                raise ConfigError(where, x, f"allowed: a value {word} {_show_bound(bound)}")
     min_len = meta.get("min_len")
     if min_len is not None and isinstance(value, (list, tuple)) and len(value) < min_len:
         raise ConfigError(
@@ -169,8 +208,8 @@ def _convert(path: str, value: Any, tp) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**62:
-            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # exact; a huge one is then refused by its bound
         raise ConfigError(path, value, "allowed: an integer")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -214,7 +253,7 @@ def parse(cls, data: Any, path: str = ""):
                 value = parse(hints[name], value, where)
         else:
             raise ConfigError(where, None, f"this key is required: {_type_name(hints[name])}")
-        _check_bounds(where, value, f.metadata)
+        _check_bounds(where, value, f.metadata, _int_only(hints[name]))
         kwargs[name] = value
     try:
         obj = cls(**kwargs)

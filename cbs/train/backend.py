@@ -102,7 +102,11 @@ class TrainSection:
         0.2, doc="fraction of the examples held out for validation", gt=0, lt=1
     )
     split_seed: int = spec(0, doc="seed of the train/validation split", ge=0)
-    max_train: int | None = spec(None, doc="use at most this many training examples", ge=1)
+    max_train: int | None = spec(
+        None,
+        doc="use at most this many training examples (more than the data set has is an error)",
+        ge=1,
+    )
     num_samples: int | None = spec(
         None, doc="examples to generate (mnist1d default 5000, linreg 4096)", ge=2
     )
@@ -166,6 +170,15 @@ def _build_model(section: TrainSection, d: data_mod.Dataset):
     from cbs.train.user import build_user_model
 
     return build_user_model(section.model, section.model_args, d.num_outputs)
+
+
+def available_train_size(section: TrainSection) -> int:
+    """The training examples the data set has after the validation split, before
+    ``train.max_train`` (which may not ask for more: it is refused, not clipped)."""
+    if section.dataset not in sources.BUILTIN:
+        d = _load(section)
+        return int(d.info.get("num_train_available", d.num_train))
+    return train_size(dataclasses.replace(section, max_train=None))
 
 
 def train_size(section: TrainSection) -> int:
@@ -337,6 +350,13 @@ class TrainBackend(Backend):
                 t.value,
                 f"allowed: a loss above the Bayes risk "
                 f"0.5 * label_noise**2 = {0.5 * s.label_noise**2:g}",
+            )
+        if s.max_train is not None and s.max_train > (available := available_train_size(s)):
+            raise ConfigError(
+                "train.max_train",
+                s.max_train,
+                f"allowed: at most the {available} training examples the data set has after "
+                "the validation split (leave it unset to use them all)",
             )
         n = train_size(s)
         if n < 2:

@@ -46,21 +46,26 @@ def write_all(out: str | Path) -> list[Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from cbs.store import atomic_writer
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     a = digits_splits()
     written = []
-    np.savez(out / "digits.npz", **a)
+    with atomic_writer(out / "digits.npz") as tmp:
+        np.savez(tmp, **a)
     written.append(out / "digits.npz")
     (out / "digits_npy").mkdir(exist_ok=True)
     for k, v in a.items():
-        np.save(out / "digits_npy" / f"{k}.npy", v)
+        with atomic_writer(out / "digits_npy" / f"{k}.npy") as tmp:
+            np.save(tmp, v)
     written.append(out / "digits_npy")
     x = np.concatenate([a["x_train"], a["x_val"]]).reshape(-1, 64)
     y = np.concatenate([a["y_train"], a["y_val"]])
     split = ["train"] * len(a["y_train"]) + ["val"] * len(a["y_val"])
     pixels = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 64)
-    pq.write_table(pa.table({"pixels": pixels, "label": y, "split": split}), out / "digits.parquet")
+    with atomic_writer(out / "digits.parquet") as tmp:
+        pq.write_table(pa.table({"pixels": pixels, "label": y, "split": split}), tmp)
     written.append(out / "digits.parquet")
     try:
         import datasets

@@ -176,6 +176,8 @@ def from_arrays(
         xt, yt, xv, yv = data_mod._split(
             x, y, section.val_fraction, section.split_seed, section.max_train
         )
+        # before train.max_train, which may not ask for more than this
+        info["num_train_available"] = int(x.shape[0] - xv.shape[0])
         info.update(val_fraction=section.val_fraction, split_seed=section.split_seed)
     else:
         xt, yt, xv, yv = (arrays[k] for k in SPLIT_NAMES)
@@ -197,6 +199,7 @@ def from_arrays(
                     f"{what}_train and {what}_val need the same example shape; found "
                     f"{a.shape[1:]} and {b.shape[1:]}",
                 )
+        info["num_train_available"] = int(xt.shape[0])
         if section.max_train is not None:
             xt, yt = xt[: section.max_train], yt[: section.max_train]
     for a, what in ((xt, "x_train"), (yt, "y_train"), (xv, "x_val"), (yv, "y_val")):
