@@ -165,6 +165,15 @@ def test_edge_at_a_bound_ends_flagged(monkeypatch, tmp_path):
     assert "heavy__B16" in manifest["adaptive"]["flagged"]
     df = read_table(tmp_path / "run", "results")
     assert (df["hp_momentum"] < 1).all() and df["cell_id"].is_unique
+    # the analysis: the best point per batch size with every tuned value, and the flag
+    from cbs.analysis import analyze_run
+
+    a = analyze_run(tmp_path / "run", n_boot=0, write=False)
+    pb = a.per_batch.set_index("batch_size")
+    assert pb.loc[16, "search_edge"] == "momentum high"
+    assert {"best_lr", "best_effective_lr", "best_hp_momentum"} <= set(pb.columns)
+    assert a.swept_hparams["heavy"] == ["momentum"]
+    assert any("B = 16" in w and "momentum high" in w for w in a.warnings)
 
 
 BAD = [
