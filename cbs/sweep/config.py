@@ -769,17 +769,13 @@ def _check_searches(cfg: SweepConfig, backend) -> None:
                     "batch sizes x seeds x hyperparameter values)",
                     "raise grid.max_cells if the search is meant to be this big",
                 )
-    if (
-        cfg.grid.learning_rates is not None
-        and not uses_grid_lrs
-        and cfg.grid.search is not None
-        and "lr" in cfg.grid.search.space
-    ):
+    searched = any(search_of(cfg, o) is not None for o in cfg.grid.optimizers)
+    if cfg.grid.learning_rates is not None and not uses_grid_lrs and searched:
         raise ConfigError(
             "grid.learning_rates",
             to_dict(cfg.grid.learning_rates),
-            "allowed: no LR grid where grid.search.space searches lr for every optimizer "
-            "(one of the two)",
+            "allowed: no LR grid where every optimizer entry searches lr or has its own "
+            "learning_rates (a search and a grid for lr: one of the two; this one is unused)",
         )
 
 
