@@ -27,7 +27,20 @@ LR, no golden-section LR refinement; MNIST-1D: 4 batch sizes, 3 LRs per optimize
 800 steps). On 2 shared CPU cores that takes about 100 s. It is compile-bound, so
 shrinking the grids further barely helps.
 
+``--search`` runs the protocol of issue 20 instead: the ``configs/train_*_search_cpu.yaml``
+workloads (``--workloads``), every tuned hyperparameter searched per batch size by
+quasi-random trials (grid.search), the target set by a pilot (target.rule), training sets
+sized so the largest batch size sees few epochs. Per workload it prints B_crit [95% CI] per
+optimizer, the pilot's target, epochs to target at the largest batch size, the tuned values at
+the smallest and largest batch size, search edges left flagged, and the ordering verdict
+against Zhang et al. 2019 (SGD < momentum < Adam < K-FAC): "holds" when every B_crit rises
+along that order with the intervals of neighbours disjoint, "holds (intervals overlap)" when
+the point estimates rise but some neighbouring intervals overlap, else "does not hold" naming
+the pairs that fall.
+
 Usage: python benchmarks/optimizer_cbs.py [--quick] [--out DIR] [--skip-train] [--skip-nqm]
+       python benchmarks/optimizer_cbs.py --search [--workloads linreg,mnist1d] [--out DIR]
+           [--override KEY=VALUE ...]
 Last line: RESULT nqm_bcrit_sgd=... nqm_bcrit_momentum=... nqm_bcrit_adamlike=... nqm_bcrit_kfaclike=...
   nqm_bcrit_kfaclike_p1=... mnist1d_bcrit_sgd=... mnist1d_bcrit_momentum=... mnist1d_bcrit_adam=...
   mnist1d_bcrit_kfac=... nqm_s=... train_s=... total_s=...
@@ -118,6 +131,128 @@ def run_lens(label: str, config: Path, overrides: list[str], run_dir: Path):
     return summary, dt
 
 
+SEARCH_CONFIGS = {
+    "linreg": ROOT / "configs" / "train_linreg_search_cpu.yaml",
+    "mnist1d": ROOT / "configs" / "train_mnist1d_mlp_search_cpu.yaml",
+}
+# Zhang et al. 2019: critical batch size grows SGD < momentum < Adam < K-FAC
+ZHANG_ORDER = ["sgd", "momentum", "adam", "kfac"]
+
+
+def ordering_verdict(summary) -> tuple[str, list[str]]:
+    """(verdict, evidence lines) of Zhang 2019's ordering on one workload's summary table
+    (index: optimizer), over the optimizers it has, in ZHANG_ORDER."""
+    names = [n for n in ZHANG_ORDER if n in summary.index]
+    falls, overlap, lines = [], [], []
+    for lo, hi in zip(names, names[1:]):
+        a, b = summary.loc[lo], summary.loc[hi]
+        rises = float(b.b_crit) > float(a.b_crit)
+        ov = overlaps(a, b)
+        lines.append(
+            f"{lo} {fmt(a.b_crit)} [{fmt(a.b_crit_ci_low)}, {fmt(a.b_crit_ci_high)}] "
+            f"{'<' if rises else '>='} {hi} {fmt(b.b_crit)} [{fmt(b.b_crit_ci_low)}, "
+            f"{fmt(b.b_crit_ci_high)}]{' (intervals overlap)' if ov else ''}"
+        )
+        if not rises:
+            falls.append(f"{hi} below {lo}")
+        elif ov:
+            overlap.append(f"{lo}/{hi}")
+    if falls:
+        return "does not hold: " + ", ".join(falls), lines
+    if overlap:
+        return "holds in the point estimates (intervals overlap: " + ", ".join(overlap) + ")", lines
+    return "holds (neighbouring intervals disjoint)", lines
+
+
+def run_search(args) -> int:
+    """The --search protocol: one search sweep per workload, analysed and judged."""
+    import json
+
+    import pandas as pd
+
+    from cbs.analysis import compare_runs
+
+    base = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="optimizer_cbs_search_"))
+    base.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    result = {}
+    try:
+        for w in args.workloads.split(","):
+            if w not in SEARCH_CONFIGS:
+                print(f"unknown workload {w!r}; allowed: {', '.join(SEARCH_CONFIGS)}")
+                return 2
+            d = base / f"{w}_search"
+            _, dt = run_lens(w, SEARCH_CONFIGS[w], list(args.override), d)
+            cmp = compare_runs([d], out=d)
+            a = cmp.runs[0]
+            s = a.summary.set_index("optimizer")
+            rule = json.loads((d / "target_rule.json").read_text())
+            res = pd.read_parquet(d / "results.parquet")
+            print()
+            print(
+                f"== {w}: target {rule['metric']} < {rule['value']:.4g} (pilot best "
+                f"{rule['best']:.4g} by {rule['best_optimizer']} at B = {rule['pilot_batch_size']}, "
+                f"{rule['pilot_max_steps']} steps; margin {rule['rule']['margin']} "
+                f"{rule['rule']['margin_kind']}); {len(res)} cells, sweep {dt:.0f} s =="
+            )
+            print(
+                "  pilot best per optimizer: "
+                + ", ".join(f"{k} {v:.4g}" for k, v in rule["best_by_optimizer"].items())
+            )
+            pb = a.per_batch
+            for name, r in s.iterrows():
+                g = pb[pb["optimizer"] == name].sort_values("batch_size")
+                hp = [c for c in g.columns if c.startswith("best_hp_") and g[c].nunique() > 1]
+                ends = []
+                for _, row in g.iloc[[0, -1]].iterrows():
+                    vals = ", ".join(
+                        [f"lr {fmt(row.best_lr)}", f"lr_eff {fmt(row.best_effective_lr)}"]
+                        + [f"{c[8:]} {row[c]:.4g}" for c in hp]
+                    )
+                    ep = (
+                        f", {row.epochs:.2f} epochs"
+                        if "epochs" in row and pd.notna(row.epochs)
+                        else ""
+                    )
+                    ends.append(f"B={int(row.batch_size)}: S {fmt(row.steps)}{ep}; {vals}")
+                flagged = (
+                    ", ".join(
+                        f"B={int(x.batch_size)} {x.search_edge}"
+                        for x in g.itertuples()
+                        if getattr(x, "search_edge", "")
+                    )
+                    if "search_edge" in g
+                    else ""
+                )
+                print(
+                    f"  {name:9s} B_crit {fmt(r.b_crit)} [{fmt(r.b_crit_ci_low)}, {fmt(r.b_crit_ci_high)}]"
+                    f"  S_min {fmt(r.s_min)}  B* {fmt(r.b_star)}  points {int(r.n_points)}"
+                    f"  censored/unproven/edge {int(r.get('n_censored_points', 0))}/"
+                    f"{int(r.get('n_inexact_points', 0))}/{int(r.get('n_edge_points', 0))}"
+                )
+                print("            " + " | ".join(ends))
+                if flagged:
+                    print(f"            search edges flagged: {flagged}")
+                result[f"{w}_bcrit_{name}"] = r.b_crit
+            verdict, lines = ordering_verdict(s)
+            print(f"  ordering (Zhang 2019, SGD < momentum < Adam < K-FAC): {verdict}")
+            for line in lines:
+                print(f"    {line}")
+            result[f"{w}_target"] = rule["value"]
+            result[f"{w}_s"] = dt
+        total = time.perf_counter() - t_all
+        print(f"run folders: {base}" + ("" if args.out else " (temporary, deleted)"))
+        print(
+            "RESULT "
+            + " ".join(f"{k}={fmt(v).replace(' ', '')}" for k, v in result.items())
+            + f" total_s={total:.1f}"
+        )
+    finally:
+        if not args.out:
+            shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
 def overlaps(a, b) -> bool:
     lo1, hi1, lo2, hi2 = (
         float(v) for v in (a.b_crit_ci_low, a.b_crit_ci_high, b.b_crit_ci_low, b.b_crit_ci_high)
@@ -147,7 +282,25 @@ def main(argv=None) -> int:
     )
     p.add_argument("--skip-train", action="store_true", help="skip the MNIST-1D lens")
     p.add_argument("--skip-nqm", action="store_true", help="skip the NQM lens")
+    p.add_argument(
+        "--search",
+        action="store_true",
+        help="the search protocol (configs/train_*_search_cpu.yaml): hyperparameters searched "
+        "per batch size, pilot target, ordering verdict per workload",
+    )
+    p.add_argument(
+        "--workloads", default="linreg,mnist1d", help="--search: comma-separated workloads"
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--search: a config override for every workload (repeatable), e.g. grid.seeds=[0,1,2]",
+    )
     args = p.parse_args(argv)
+    if args.search:
+        return run_search(args)
     if args.skip_train and args.skip_nqm:
         p.error("--skip-train and --skip-nqm together leave nothing to run")
 

@@ -35,7 +35,7 @@ class FakeBackend(Backend):
 
     @classmethod
     def check(cls, config):
-        if config.target.value <= 0:
+        if config.target.value is not None and config.target.value <= 0:
             raise ConfigError(
                 "target.value", config.target.value, "allowed: > 0 (the loss is positive)"
             )

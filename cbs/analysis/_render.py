@@ -37,8 +37,11 @@ def per_b_text(
     swept_hps: Sequence[str] = (),
 ) -> str:
     tuned = "source" in pb and bool((pb["source"] == "tuned").any()) and "grid_steps" in pb
+    epochs = "epochs" in pb
     header = (
-        [f"B ({unit})", "steps", "seeds reached", "best LR", "effective LR"]
+        [f"B ({unit})", "steps"]
+        + (["epochs"] if epochs else [])
+        + ["seeds reached", "best LR", "effective LR"]
         + (["grid steps @ LR"] if tuned else [])
         + [f"best {hp}" for hp in swept_hps]
         + ["diverged", "efficiency/doubling", "B*S/(B0*S0)", "fit", "note"]
@@ -55,10 +58,15 @@ def per_b_text(
             note.append(f"LR at {r.lr_at_edge} edge")
         if r.source == "tuned":
             note.append("tuned")
+        if getattr(r, "search_edge", ""):
+            note.append(f"search edge: {r.search_edge}")
         rows.append(
             [
                 format_number(r.batch_size * scale),
                 format_number(r.steps),
+            ]
+            + ([format_number(r.epochs, 3)] if epochs else [])
+            + [
                 f"{r.n_seeds - r.n_censored_seeds}/{r.n_seeds}",
                 format_number(r.best_lr),
                 format_number(r.best_effective_lr),

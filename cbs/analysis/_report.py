@@ -30,7 +30,23 @@ from cbs.analysis._tables import (
 from cbs.analysis._write import write_run_files
 from cbs.errors import AnalysisError
 
-__all__ = ["RunAnalysis", "analyze_run", "print_summary"]
+__all__ = ["RunAnalysis", "analyze_run", "print_summary", "search_edge_flags"]
+
+
+def search_edge_flags(manifest: dict) -> dict[tuple[str, int], str]:
+    """Per (optimizer, batch size) of a quasi-random search whose best trial ended on a
+    side of a searched range (manifest ``adaptive.families``; cbs.sweep.search): which
+    ranges and sides, e.g. "one_minus_momentum low, b2 high"."""
+    fams = ((manifest or {}).get("adaptive") or {}).get("families") or {}
+    out = {}
+    for block_id, st in fams.items():
+        if not isinstance(st, dict) or not st.get("search") or not st.get("edge"):
+            continue
+        opt, _, b = str(block_id).rpartition("__B")
+        if not b.isdigit():
+            continue
+        out[(opt, int(b))] = ", ".join(f"{k} {'/'.join(v)}" for k, v in sorted(st["edge"].items()))
+    return out
 
 
 @dataclasses.dataclass
@@ -366,6 +382,17 @@ def analyze_run(
         eval_every = 1
     steps = steps_table(results, tuned, use_tuned=use_tuned, steps_column=steps_column)
     per_b = per_batch_table(steps)
+    search_flags = search_edge_flags(manifest)
+    if search_flags:
+        per_b["search_edge"] = [
+            search_flags.get((o, int(b)), "")
+            for o, b in zip(per_b["optimizer"], per_b["batch_size"])
+        ]
+        run_warnings += [
+            f"{o} at B = {b}: the best trial of the search is on the edge of {what} after the "
+            "last extension round (flagged: widen that range or allow more rounds)"
+            for (o, b), what in sorted(search_flags.items())
+        ]
     # Keep the config's optimizer order when there is one.
     order = [
         o.get("name") or o.get("kind")

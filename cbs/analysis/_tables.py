@@ -265,6 +265,12 @@ def steps_table(
 
     table["lr_at_edge"] = table.apply(edge, axis=1)
     table["censored"] = table["censored"].astype(bool)
+    if "train_examples" in results:
+        # epochs to target beside steps: how often the data repeated before the target
+        n_train = results.groupby(["optimizer", "batch_size"])["train_examples"].first()
+        n = [n_train.get((o, b), np.nan) for o, b in zip(table["optimizer"], table["batch_size"])]
+        table["train_examples"] = np.asarray(n, np.float64)
+        table["epochs"] = table["steps"] * table["batch_size"] / table["train_examples"]
     return table
 
 
@@ -329,6 +335,15 @@ def per_batch_table(steps: pd.DataFrame) -> pd.DataFrame:
                     if c.startswith("best_hp_")
                 },
                 steps_per_seed=[None if not np.isfinite(v) else float(v) for v in s],
+                **(
+                    dict(
+                        epochs=float(np.exp(y[0])) * int(bs) / float(g["train_examples"].iloc[0])
+                        if np.isfinite(y[0])
+                        else np.nan
+                    )
+                    if "train_examples" in g
+                    else {}
+                ),
             )
         )
     return pd.DataFrame(rows)

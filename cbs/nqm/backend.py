@@ -161,7 +161,7 @@ class NQMBackend(Backend):
     @classmethod
     def check(cls, config) -> None:
         s = config.section if config.section is not None else NQMSection()
-        if config.target.value <= 0:
+        if config.target.value is not None and config.target.value <= 0:
             raise ConfigError(
                 "target.value",
                 config.target.value,

@@ -195,7 +195,8 @@ def print_plan(cfg, blocks) -> None:
     )
     print(f"  batch sizes ({len(cfg.grid.batch_size_values())}): {cfg.grid.batch_size_values()}")
     print(
-        f"  seeds: {cfg.grid.seeds}; target: {cfg.target.metric} < {cfg.target.value}; "
+        f"  seeds: {cfg.grid.seeds}; target: {cfg.target.metric} < "
+        f"{cfg.target.value if cfg.target.value is not None else 'the pilot rule (target.rule)'}; "
         f"budget: {cfg.budget.max_steps} steps"
     )
     per_opt = Counter()
@@ -208,6 +209,13 @@ def print_plan(cfg, blocks) -> None:
             f"  {label} (kind {kind}, schedule {opt.schedule.kind}): {nb} blocks x {n // nb} cells/block; "
             f"hparams {dict(opt.hparams) or 'defaults'}"
         )
+        search = opt.search or cfg.grid.search
+        if search is not None:
+            print(
+                f"    search: {search.trials} {search.sequence} trials of "
+                f"{', '.join(sorted(search.space))} per batch size, up to {search.max_rounds} "
+                "extension rounds"
+            )
 
 
 def print_estimate(cfg, blocks) -> None:

@@ -18,6 +18,10 @@ counts as a best LR at the low edge (smaller LRs are needed).
 Rounds are pure functions of the stored results: round r's block exists only once the
 rounds before it are on disk, and its id (``<base id>__a<r>``) and cells follow from
 them, so an interrupted sweep resumes with the same blocks and never duplicates rows.
+
+A family whose entry runs a quasi-random search (``grid.search``) has rounds of its own
+that extend any searched range, not only the LR's (:mod:`cbs.sweep.search`); they run
+whether or not the LR grid's adaptive rounds are enabled.
 """
 
 from __future__ import annotations
@@ -188,6 +192,10 @@ def adaptive_rounds(
         when the family is finished or waits for its base block); and the family's status
         ({"rounds": n, "edge": {group: [sides]}, "finished": bool}).
     """
+    if base.search is not None:  # a quasi-random search family: its own rounds
+        from cbs.sweep.search import search_rounds
+
+        return search_rounds(base, results, cell_id=cell_id)
     seeds = sorted({c.seed for c in base.cells})
     done: list[Round] = []
     if base.block_id not in results:

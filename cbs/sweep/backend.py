@@ -94,6 +94,8 @@ class Block:
     batch_size: int
     cells: tuple[Cell, ...]
     schedule: Any = None  # the optimizer entry's cbs.sweep.config.Schedule
+    # the family's quasi-random search (cbs.sweep.search.SearchPlan); None: an LR grid
+    search: Any = None
 
     @property
     def lrs(self) -> np.ndarray:

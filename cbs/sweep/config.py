@@ -21,6 +21,9 @@ __all__ = [
     "LRScaling",
     "Log2Range",
     "HParamRange",
+    "SearchRange",
+    "Search",
+    "TargetRule",
     "Schedule",
     "OptimizerEntry",
     "Grid",
@@ -233,6 +236,67 @@ class LRScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class SearchRange:
+    """One searched quantity's range: uniform in log10 (``scale: log``) or linearly."""
+
+    min: float = spec(doc="smallest value")
+    max: float = spec(doc="largest value")
+    scale: Literal["log", "linear"] = spec("log", doc="log: uniform in log10; linear: uniform")
+
+    def __post_init__(self):
+        if self.max == self.min:
+            raise ValueError(f"allowed: min < max (got an empty range, min = max = {self.min})")
+        if self.max < self.min:
+            raise ValueError(
+                f"allowed: min < max (got an inverted range, min {self.min} > max {self.max})"
+            )
+        if self.scale == "log" and self.min <= 0:
+            raise ValueError(
+                f"allowed: min > 0 with scale 'log' (got min {self.min}; a log range cannot "
+                "reach or cross zero)"
+            )
+        if self.scale == "log":
+            _check_log10_range(float(np.log10(self.min)), float(np.log10(self.max)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Search:
+    """Quasi-random search per batch size (cbs.sweep.search): ``trials`` points of a
+    scrambled low-discrepancy sequence in the box ``space``, the same points at every batch
+    size, each trial one cell per seed of that batch size's block. Keys of ``space``:
+    ``lr``, any hyperparameter the optimizer kind declares, or ``one_minus_<name>`` (the
+    range is of 1 - value: momentum / EMA decays on a log scale). A best trial within
+    ``edge_fraction`` of a side of any searched range gets that side extended (a new round
+    of trials in the extended box, at most ``max_rounds``) or, where the range cannot grow
+    (a bound of the hyperparameter, or no rounds left), flagged."""
+
+    trials: int = spec(doc="quasi-random points per batch size (first pass)", ge=1)
+    space: dict[str, SearchRange] = spec(
+        doc="searched quantities: lr, a hyperparameter name, or one_minus_<name>"
+    )
+    kind: Literal["quasi_random"] = spec("quasi_random", doc="search kind")
+    seed: int = spec(0, doc="scrambling seed of the sequence", ge=0)
+    sequence: Literal["halton", "sobol"] = spec(
+        "halton", doc="low-discrepancy sequence (scipy.stats.qmc, scrambled)"
+    )
+    max_rounds: int = spec(
+        2, doc="most rounds that extend a range whose side holds the best trial", ge=0, le=20
+    )
+    round_trials: int | None = spec(
+        None, doc="trials per extension round (default: trials, the first pass's program)", ge=1
+    )
+    edge_fraction: float = spec(
+        0.1,
+        doc="a best trial closer than this fraction of a range's width to its side is on that edge",
+        gt=0,
+        lt=0.5,
+    )
+    extend_fraction: float = spec(
+        0.5, doc="an edge side moves outward by this fraction of the range's width", gt=0, le=4
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimizerEntry:
     """One optimizer of the sweep: a kind, a name, and its hyperparameter grid."""
 
@@ -246,6 +310,7 @@ class OptimizerEntry:
     )
     lr_scaling: LRScaling | None = spec(None, doc="overrides grid.lr_scaling")
     schedule: Schedule = spec(factory=Schedule, doc="learning-rate / batch-size schedule")
+    search: Search | None = spec(None, doc="overrides grid.search (quasi-random search)")
 
     @property
     def label(self) -> str:
@@ -275,11 +340,14 @@ class Grid:
     batch_sizes: list[int] | Log2Range = spec(
         doc="batch sizes: a list, or {log2_min, log2_max, step}", ge=1
     )
-    learning_rates: list[float] | LogRange = spec(
-        doc="LRs: a list, or {log10_min, log10_max, num}", gt=0
-    )
     optimizers: list[OptimizerEntry] = spec(
         doc="optimizers, each with its own hyperparameter grid", min_len=1
+    )
+    learning_rates: list[float] | LogRange | None = spec(
+        None,
+        doc="LRs: a list, or {log10_min, log10_max, num} (required unless every optimizer "
+        "entry searches lr)",
+        gt=0,
     )
     seeds: list[int] = spec(
         [0], doc="seeds (initialisation, data order, noise)", ge=0, lt=2**32, min_len=1
@@ -291,6 +359,11 @@ class Grid:
     )
     adaptive: Adaptive = spec(
         factory=Adaptive, doc="adaptive LR grid: extend edge optima, zoom once"
+    )
+    search: Search | None = spec(
+        None,
+        doc="quasi-random search of lr and hyperparameters per batch size, for every "
+        "optimizer entry without its own search",
     )
     max_cells: int = spec(
         1_000_000,
@@ -308,9 +381,29 @@ class Grid:
 
 
 @dataclasses.dataclass(frozen=True)
+class TargetRule:
+    """The target from a pilot (cbs.sweep.target_rule): every optimizer entry's first-pass
+    cells at the pilot batch size run the whole pilot budget with no target; the best
+    validation metric any cell reaches, relaxed by the margin, is the target."""
+
+    kind: Literal["pilot_best"] = spec("pilot_best", doc="rule")
+    margin: float = spec(
+        0.1, doc="relaxation: target = best * (1 + margin) (relative) or best + margin", ge=0
+    )
+    margin_kind: Literal["relative", "absolute"] = spec("relative", doc="how margin applies")
+    batch_size: int | None = spec(None, doc="pilot batch size (default: the largest swept)", ge=1)
+    max_steps: int | None = spec(
+        None, doc="pilot step budget (default: budget.max_steps, the largest budget)", ge=1
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class Target:
     metric: str = spec(doc="metric that must fall strictly below value")
-    value: float = spec(doc="target value")
+    value: float | None = spec(None, doc="target value (required unless rule is set)")
+    rule: TargetRule | None = spec(
+        None, doc="derive value from a pilot run (written to the run folder's target_rule.json)"
+    )
     interpolate: bool = spec(
         False, doc="also report steps linearly interpolated between evaluations"
     )
@@ -476,6 +569,8 @@ def _check(cfg: SweepConfig, backend) -> None:
         )
     for i, opt in enumerate(cfg.grid.optimizers):
         _check_schedule_budget(f"grid.optimizers[{i}].schedule", opt.schedule, cfg.budget.max_steps)
+    _check_target(cfg)
+    _check_searches(cfg, backend)
     # Count before expanding: a typo such as num: 100000000 must not allocate the grid.
     cells = count_cells(cfg, backend)
     if cells > cfg.grid.max_cells:
@@ -563,12 +658,153 @@ def count_cells(cfg: SweepConfig, backend) -> int:
     )
     total = 0
     for opt in cfg.grid.optimizers:
-        lrs = opt.learning_rates if opt.learning_rates is not None else cfg.grid.learning_rates
-        n = _axis_len(lrs) * n_bs * len(cfg.grid.seeds)
+        search = search_of(cfg, opt)
+        if search is not None:
+            # one cell per trial and seed, times any hyperparameter grid not searched
+            n = search.trials * n_bs * len(cfg.grid.seeds)
+        else:
+            lrs = opt.learning_rates if opt.learning_rates is not None else cfg.grid.learning_rates
+            n = _axis_len(lrs) * n_bs * len(cfg.grid.seeds)
         for value in opt.hparams.values():
             n *= _axis_len(value)
         total += n
     return total
+
+
+def search_of(cfg: SweepConfig, opt: OptimizerEntry) -> Search | None:
+    """The search an optimizer entry runs: its own, else ``grid.search`` (None: a grid)."""
+    return opt.search if opt.search is not None else cfg.grid.search
+
+
+def _search_where(cfg: SweepConfig, i: int) -> str:
+    return (
+        f"grid.optimizers[{i}].search"
+        if cfg.grid.optimizers[i].search is not None
+        else "grid.search"
+    )
+
+
+def _check_searches(cfg: SweepConfig, backend) -> None:
+    """The search spaces against each optimizer kind's declared hyperparameters (its
+    OptimizerSpec metadata, so a newly registered optimizer is searchable with no edit
+    here), the explicit grids they would clash with, and the cell guard."""
+    from cbs.sweep.search import ONE_MINUS, resolve_name
+
+    n_bs = len(cfg.grid.batch_size_values())
+    uses_grid_lrs = False
+    for i, opt in enumerate(cfg.grid.optimizers):
+        search = search_of(cfg, opt)
+        if search is None:
+            uses_grid_lrs |= opt.learning_rates is None
+            if cfg.grid.learning_rates is None and opt.learning_rates is None:
+                raise ConfigError(
+                    "grid.learning_rates",
+                    None,
+                    f"required: grid.optimizers[{i}] ({opt.label}) has neither its own "
+                    "learning_rates nor a search over lr",
+                )
+            continue
+        where = _search_where(cfg, i)
+        if opt.kind not in backend.optimizers:
+            continue  # reported by the kind check
+        specs = backend.optimizers[opt.kind].hparams
+        allowed = ", ".join(["lr", *specs, *(ONE_MINUS + h for h in specs)])
+        if "lr" not in search.space:
+            raise ConfigError(
+                f"{where}.space",
+                sorted(search.space),
+                "allowed: a space that includes lr (the trials set the learning rate)",
+            )
+        seen: dict[str, str] = {}
+        for key, rng in search.space.items():
+            target, one_minus = resolve_name(key)
+            if key != "lr" and target not in specs:
+                import difflib
+
+                close = difflib.get_close_matches(key, allowed.split(", "), n=1)
+                raise ConfigError(
+                    f"{where}.space.{key}",
+                    key,
+                    f"kind {opt.kind!r} has no such hyperparameter; allowed: {allowed}",
+                    f"did you mean {close[0]!r}?" if close else "",
+                )
+            if target in seen:
+                raise ConfigError(
+                    f"{where}.space.{key}",
+                    key,
+                    f"allowed: one range per hyperparameter ({seen[target]!r} already "
+                    f"searches {target!r})",
+                )
+            seen[target] = key
+            for end in (rng.min, rng.max):
+                value = 1.0 - end if one_minus else end
+                ok = value > 0 if key == "lr" else specs[target].admits(value)
+                if not ok:
+                    what = "a learning rate > 0" if key == "lr" else specs[target].allowed()
+                    raise ConfigError(
+                        f"{where}.space.{key}",
+                        {"min": rng.min, "max": rng.max},
+                        f"allowed: a range whose values are {what}"
+                        + (f" (as 1 - {key[len(ONE_MINUS) :]})" if one_minus else "")
+                        + f"; {end} gives {target} = {value:g}",
+                    )
+            if key == "lr" and opt.learning_rates is not None:
+                raise ConfigError(
+                    f"grid.optimizers[{i}].learning_rates",
+                    opt.learning_rates,
+                    f"allowed: no LR grid where {where}.space searches lr (one of the two)",
+                )
+            if key != "lr" and target in opt.hparams:
+                raise ConfigError(
+                    f"grid.optimizers[{i}].hparams.{target}",
+                    to_dict(opt.hparams[target]),
+                    f"allowed: no value or grid for a hyperparameter that {where}.space.{key} "
+                    "searches (one of the two)",
+                )
+        per_trial = n_bs * len(cfg.grid.seeds)
+        for value in opt.hparams.values():
+            per_trial *= _axis_len(value)
+        for key, trials in (
+            ("trials", search.trials),
+            ("round_trials", search.round_trials or search.trials),
+        ):
+            if trials * per_trial > cfg.grid.max_cells:
+                raise ConfigError(
+                    f"{where}.{key}",
+                    trials,
+                    f"allowed: at most grid.max_cells = {cfg.grid.max_cells} cells, i.e. "
+                    f"{cfg.grid.max_cells // per_trial} trials ({per_trial} cells per trial: "
+                    "batch sizes x seeds x hyperparameter values)",
+                    "raise grid.max_cells if the search is meant to be this big",
+                )
+    searched = any(search_of(cfg, o) is not None for o in cfg.grid.optimizers)
+    if cfg.grid.learning_rates is not None and not uses_grid_lrs and searched:
+        raise ConfigError(
+            "grid.learning_rates",
+            to_dict(cfg.grid.learning_rates),
+            "allowed: no LR grid where every optimizer entry searches lr or has its own "
+            "learning_rates (a search and a grid for lr: one of the two; this one is unused)",
+        )
+
+
+def _check_target(cfg: SweepConfig) -> None:
+    t = cfg.target
+    if t.value is None and t.rule is None:
+        raise ConfigError("target.value", None, "required: a number, or target.rule")
+    if t.value is not None and t.rule is not None:
+        raise ConfigError(
+            "target.value",
+            t.value,
+            "allowed: no value where target.rule derives it from a pilot (one of the two)",
+        )
+    r = t.rule
+    if r is not None and r.batch_size is not None:
+        if r.batch_size not in cfg.grid.batch_size_values():
+            raise ConfigError(
+                "target.rule.batch_size",
+                r.batch_size,
+                "allowed: one of grid.batch_sizes " + str(cfg.grid.batch_size_values()),
+            )
 
 
 def _check_schedule_budget(where: str, sch: Schedule, max_steps: int) -> None:
@@ -743,6 +979,13 @@ def config_dict(cfg: SweepConfig) -> dict:
     for entry in d["grid"]["optimizers"]:
         if entry.get("lr_scaling", 0) is None:
             del entry["lr_scaling"]
+        # likewise for the search and target-rule keys (absent = the grid as before)
+        if entry.get("search", 0) is None:
+            del entry["search"]
+    if d["grid"].get("search", 0) is None:
+        del d["grid"]["search"]
+    if d["target"].get("rule", 0) is None:
+        del d["target"]["rule"]
     return d
 
 

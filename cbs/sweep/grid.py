@@ -7,7 +7,7 @@ import itertools
 import json
 
 from cbs.sweep.backend import Block, Cell
-from cbs.sweep.config import HParamRange, LogRange, OptimizerEntry, SweepConfig
+from cbs.sweep.config import HParamRange, LogRange, OptimizerEntry, SweepConfig, search_of
 
 __all__ = ["expand_blocks", "cell_id", "learning_rates_at"]
 
@@ -48,12 +48,21 @@ def _grid_lrs(cfg: SweepConfig, opt: OptimizerEntry) -> list[float]:
     return source.values() if isinstance(source, LogRange) else [float(x) for x in source]
 
 
+def lr_factor_at(cfg: SweepConfig, opt: OptimizerEntry, batch_size: int) -> float:
+    """The ``lr_scaling`` factor of entry ``opt`` at ``batch_size`` (the entry's own rule,
+    else ``grid.lr_scaling``; 1 when neither scales)."""
+    rule = opt.lr_scaling if opt.lr_scaling is not None else cfg.grid.lr_scaling
+    return rule.factor(batch_size, min(cfg.grid.batch_size_values()))
+
+
 def learning_rates_at(cfg: SweepConfig, opt: OptimizerEntry, batch_size: int) -> list[float]:
     """The first-pass LRs of optimizer entry ``opt`` at ``batch_size``: its grid (the
     entry's own or ``grid.learning_rates``) times the ``lr_scaling`` factor at that batch
-    size (the entry's own rule, else ``grid.lr_scaling``; 1 when neither scales)."""
-    rule = opt.lr_scaling if opt.lr_scaling is not None else cfg.grid.lr_scaling
-    f = rule.factor(batch_size, min(cfg.grid.batch_size_values()))
+    size (the entry's own rule, else ``grid.lr_scaling``; 1 when neither scales); for an
+    entry with a search, its first-pass trials' LRs."""
+    f = lr_factor_at(cfg, opt, batch_size)
+    if search_of(cfg, opt) is not None:
+        return sorted({c.lr for c in _search_block(cfg, opt, batch_size, _backend_of(cfg)).cells})
     # x * 1.0 == x exactly: at the reference batch size (and without scaling) the LRs, and
     # so the cell ids, are the listed ones bit for bit
     return [lr * f for lr in _grid_lrs(cfg, opt)]
@@ -67,6 +76,11 @@ def expand_blocks(cfg: SweepConfig, backend) -> list[Block]:
     """
     blocks = []
     for opt in cfg.grid.optimizers:
+        if search_of(cfg, opt) is not None:
+            blocks += [
+                _search_block(cfg, opt, int(b), backend) for b in cfg.grid.batch_size_values()
+            ]
+            continue
         specs = backend.optimizers[opt.kind].hparams
         names = list(specs)
         axes = [
@@ -105,3 +119,56 @@ def expand_blocks(cfg: SweepConfig, backend) -> list[Block]:
                 )
             )
     return blocks
+
+
+def _backend_of(cfg: SweepConfig):
+    from cbs.sweep.backend import get_backend
+
+    return get_backend(cfg.backend)
+
+
+def _search_block(cfg: SweepConfig, opt: OptimizerEntry, batch_size: int, backend) -> Block:
+    """The first-pass block of a searched entry at one batch size: its trials x the other
+    hyperparameters' grid x seeds (cbs.sweep.search)."""
+    from cbs.sweep.search import search_cells, search_plan
+
+    spec = backend.optimizers[opt.kind]
+    search = search_of(cfg, opt)
+    searched = {k for k in (_target(key) for key in search.space)}
+    names = [n for n in spec.hparams if n not in searched]
+    axes = [
+        _values(opt.hparams[n]) if n in opt.hparams else [float(spec.hparams[n].default)]
+        for n in names
+    ]
+    combos = [dict(zip(names, combo)) for combo in itertools.product(*axes)]
+    plan = search_plan(
+        search, spec, lr_factor_at(cfg, opt, batch_size), combos, list(cfg.grid.seeds)
+    )
+    defaults = {n: float(spec.hparams[n].default) for n in spec.hparams}
+    box = {d.key: (d.lo, d.hi) for d in plan.dims}
+    cells = search_cells(
+        plan,
+        box,
+        0,
+        plan.trials,
+        optimizer=opt.label,
+        kind=opt.kind,
+        batch_size=batch_size,
+        defaults=defaults,
+        cell_id=cell_id,
+    )
+    return Block(
+        f"{opt.label}__B{batch_size}",
+        opt.label,
+        opt.kind,
+        batch_size,
+        tuple(cells),
+        opt.schedule,
+        plan,
+    )
+
+
+def _target(key: str) -> str:
+    from cbs.sweep.search import resolve_name
+
+    return resolve_name(key)[0]

@@ -14,7 +14,7 @@ def config_reference() -> str:
     """Every config key (type, default, doc), then each back end's section, metrics and
     optimizer kinds with their hyperparameter defaults: the text ``--help`` prints."""
     from cbs.sweep.backend import BACKENDS, get_backend
-    from cbs.sweep.config import OptimizerEntry, SweepConfig
+    from cbs.sweep.config import OptimizerEntry, Search, SearchRange, SweepConfig, TargetRule
     from cbs.sweep.schema import describe
 
     lines = ["config keys (YAML; any of them can be overridden as key.path=value):"]
@@ -23,6 +23,14 @@ def config_reference() -> str:
         "  each entry of grid.optimizers (grid.optimizers.I.KEY=value on the command line):"
     )
     lines += describe(OptimizerEntry, prefix="grid.optimizers[i].")
+    lines.append("  grid.search (and grid.optimizers[i].search), when set:")
+    lines += describe(Search, prefix="grid.search.")
+    lines.append(
+        "  each range of grid.search.space (KEY: lr, <hyperparameter>, one_minus_<hyperparameter>):"
+    )
+    lines += describe(SearchRange, prefix="grid.search.space.KEY.")
+    lines.append("  target.rule, when set:")
+    lines += describe(TargetRule, prefix="target.rule.")
     lines += ["", "back ends, their sections, metrics and optimizer kinds:"]
     for name in BACKENDS:
         try:

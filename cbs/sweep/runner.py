@@ -360,13 +360,14 @@ def merge_plan(
     order = [b.block_id for b in all_blocks]
     extra: dict = {}
     adaptive = cfg.grid.adaptive
-    if adaptive.enabled if adaptive.enabled is not None else backend_cls.adaptive_default:
-        status, rounds = _adaptive_state(store, all_blocks, adaptive)
+    lr_rounds = adaptive.enabled if adaptive.enabled is not None else backend_cls.adaptive_default
+    if lr_rounds or any(b.search is not None for b in all_blocks):
+        status, rounds = _adaptive_state(store, all_blocks, adaptive, lr_rounds)
         complete = complete and all(r is None for r in rounds)
         order = [
             bid
             for b in all_blocks
-            for bid in [b.block_id] + status[b.block_id].get("block_ids", [])
+            for bid in [b.block_id] + status.get(b.block_id, {}).get("block_ids", [])
         ]
         extra["adaptive"] = dict(
             max_extend=adaptive.max_extend,
@@ -425,15 +426,20 @@ def merge_run(
         return False
 
 
-def _adaptive_state(store: RunStore, bases: Sequence[Block], adaptive) -> tuple[dict, list]:
+def _adaptive_state(
+    store: RunStore, bases: Sequence[Block], adaptive, lr_rounds: bool = True
+) -> tuple[dict, list]:
     """Per base block: its adaptive status (rounds run, edges left) and the next round to
-    run (None when finished or waiting), both recomputed from the stored results."""
+    run (None when finished or waiting), both recomputed from the stored results. Without
+    ``lr_rounds`` only the search families (cbs.sweep.search) have rounds."""
     from cbs.store import RESULTS
     from cbs.sweep.adaptive import adaptive_rounds
 
     finished = store.finished_blocks()
     status, nxt = {}, []
     for base in bases:
+        if not lr_rounds and base.search is None:
+            continue
         stored = {
             bid: pd.read_parquet(store.dir / "parts" / RESULTS / f"{bid}.parquet")
             for bid in finished
@@ -484,6 +490,9 @@ def run_sweep(
 
     Raises:
       RunFolderError: the output folder holds a sweep with a different config hash.
+
+    A config with ``target.rule`` first runs (or resumes) its pilot and sets
+    ``target.value`` from it (:mod:`cbs.sweep.target_rule`).
     """
     from cbs.sweep.progress import SweepProgress, progress_mode
 
@@ -494,6 +503,11 @@ def run_sweep(
         require_writer()
     backend_cls = get_backend(cfg.backend)
     check_output_dir(cfg.out_dir)
+    if cfg.target.rule is not None and cfg.target.value is None:
+        from cbs.sweep.target_rule import resolve_target
+
+        # the pilot (<run folder>/pilot) sets target.value; target_rule.json records it
+        cfg = resolve_target(cfg, progress=progress, log=log)
     all_blocks = expand_blocks(cfg, backend_cls)
     chash = config_hash(cfg)
     store = RunStore(cfg.out_dir, config_hash=chash)
@@ -599,13 +613,15 @@ def run_sweep(
                 raise KeyboardInterrupt
 
     adaptive = cfg.grid.adaptive
-    adaptive_on = adaptive.enabled if adaptive.enabled is not None else backend_cls.adaptive_default
+    lr_rounds = adaptive.enabled if adaptive.enabled is not None else backend_cls.adaptive_default
+    adaptive_on = lr_rounds or any(b.search is not None for b in blocks)
     try:
         run(pending)
         # Adaptive LR rounds, one round of every family at a time; each round's blocks
-        # follow from the stored rows, so the loop ends after at most max_extend + 1 rounds.
+        # follow from the stored rows, so the loop ends after at most max_extend + 1 rounds
+        # (search families: max_rounds).
         while adaptive_on:
-            _, rounds = _adaptive_state(store, blocks, adaptive)
+            _, rounds = _adaptive_state(store, blocks, adaptive, lr_rounds)
             todo = [r for r in rounds if r is not None]
             if not todo:
                 break

@@ -335,16 +335,21 @@ class TrainBackend(Backend):
                 t.metric,
                 f"allowed for {s.dataset!r} (regression): 'val_loss' (no error rate)",
             )
-        if t.value <= 0:
+        if t.value is not None and t.value <= 0:
             raise ConfigError(
                 "target.value",
                 t.value,
                 f"allowed: a value > 0 ({t.metric} is never below 0, "
                 "and the target must be strictly undercut)",
             )
-        if t.metric == "val_error" and t.value > 1:
+        if t.value is not None and t.metric == "val_error" and t.value > 1:
             raise ConfigError("target.value", t.value, "allowed: an error rate <= 1")
-        if s.dataset == "linreg" and t.metric == "val_loss" and t.value <= 0.5 * s.label_noise**2:
+        if (
+            t.value is not None
+            and s.dataset == "linreg"
+            and t.metric == "val_loss"
+            and t.value <= 0.5 * s.label_noise**2
+        ):
             raise ConfigError(
                 "target.value",
                 t.value,
@@ -570,6 +575,15 @@ class TrainBackend(Backend):
                     f"vmap over {len(block.cells)} cells"
                     + (f" padded to {width} lanes" if width > len(block.cells) else "")
                     + f", {opts.evals_per_call} evaluations per call"
+                )
+            # Epochs beside steps: how often the data repeat before the target (a run that
+            # needs many passes measures generalisation from repeated examples, not
+            # optimisation); steps x B / training-set size, NaN when not reached.
+            n_train = int(self.problem.x_train.shape[0])
+            for rec, cell in zip(res.cells, block.cells):
+                rec.extra["train_examples"] = float(n_train)
+                rec.extra["epochs_to_target"] = float(
+                    rec.steps_to_target * cell.batch_size / n_train
                 )
             self._layout.append(
                 dict(
