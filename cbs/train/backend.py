@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbs.devices import platform
+from cbs.ramps import is_ramped, ramp_plan
 from cbs.sweep.backend import Backend, Block, BlockResult
 from cbs.sweep.schema import ConfigError, spec
 from cbs.train import data as data_mod
@@ -398,13 +399,16 @@ class TrainBackend(Backend):
                     "allowed for the train back end: constant, "
                     "step, cosine, linear_decay, piecewise (optimized_pwc is NQM-only)",
                 )
-            if sch.batch_growth or sch.seesaw:
+            if opt.kind == "kfac" and is_ramped(sch):
                 raise ConfigError(
                     f"{where}.schedule",
-                    "batch_growth/seesaw",
-                    "batch-size schedules are not "
-                    "supported by the train back end (one program per batch size)",
+                    "ramp" if sch.ramp else "seesaw",
+                    "allowed with kind 'kfac': no batch ramp (kfac-jax's curvature estimates "
+                    "are tied to one batch size and its runner keeps one)",
                 )
+        from cbs.sweep.config import check_ramps
+
+        check_ramps(config, max_examples=n)
 
     @staticmethod
     def _check_data_and_model(s: TrainSection, config) -> str:
@@ -505,10 +509,29 @@ class TrainBackend(Backend):
             exact=s.exact_crossing,
         )
 
-    def _run_for(self, kind: str, schedule) -> BlockRun:
-        key = (kind, repr(schedule))
+    def ramp_plan(self, block: Block):
+        """The batch ramp of a block's cells (``cbs.ramps.ramp_plan``), None when its
+        schedule keeps one batch size."""
+        if not is_ramped(block.schedule):
+            return None
+        return ramp_plan(
+            block.schedule,
+            block.batch_size,
+            self.config.budget.max_steps,
+            kind=block.kind,
+            tokens_per_example=self.config.analysis.tokens_per_example,
+        )
+
+    def _run_for(self, kind: str, schedule, plan=None) -> BlockRun:
+        key = (kind, repr(schedule), None if plan is None else plan.batch_size)
         if key not in self._runs:
             sched = schedule_fn(schedule, self.config.budget.max_steps)
+            if plan is not None:
+                # a ramp's LR depends on the samples consumed, so on the starting batch
+                # size: a per-step table (the one rule, cbs.ramps.ramp_plan)
+                table = jnp.asarray(plan.lr_table(), jnp.float32)
+                last = int(table.shape[0]) - 1
+                sched = lambda count: table[jnp.clip(count, 0, last)]  # noqa: E731
             opts = self.options()
             self._runs[key] = BlockRun(
                 self.problem,
@@ -535,16 +558,24 @@ class TrainBackend(Backend):
                 res = self._kfac[key].run_block(block, opts)
                 layout = "sequential (kfac-jax step per cell; one compile per weight decay)"
             else:
-                run = self._run_for(block.kind, block.schedule)
+                plan = self.ramp_plan(block)
+                run = self._run_for(block.kind, block.schedule, plan)
                 width = self.program_width(block)
                 res = run_vmapped_block(
-                    self.problem, block, opts, run, list(OPTIMIZERS[block.kind].hparams), width
+                    self.problem,
+                    block,
+                    opts,
+                    run,
+                    list(OPTIMIZERS[block.kind].hparams),
+                    width,
+                    phases=None if plan is None else plan.batch_phases(),
                 )
                 layout = (
                     f"vmap over {len(block.cells)} cells"
                     + (f" padded to {width} lanes" if width > len(block.cells) else "")
                     + f", {opts.evals_per_call} evaluations per call"
                 )
+            _add_samples_to_target(res, block, self.ramp_plan(block))
             self._layout.append(
                 dict(
                     block_id=block.block_id,
@@ -765,3 +796,14 @@ class TrainBackend(Backend):
             for b in blocks
         ]
         return dict(rule=rule, blocks=rows or list(self._layout))
+
+
+def _add_samples_to_target(res, block: Block, plan) -> None:
+    """Each record's examples consumed up to its crossing step (NaN when not reached):
+    steps x B at a constant batch size, the ramp's sum over its phases otherwise."""
+    for rec in res.cells:
+        t = rec.steps_to_target if rec.reached else float("nan")
+        if plan is None:
+            rec.extra["samples_to_target"] = float(t) * block.batch_size
+        else:
+            rec.extra["samples_to_target"] = float(plan.samples_after([t])[0])
