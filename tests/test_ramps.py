@@ -181,6 +181,15 @@ def _train(schedule, eval_every, kind="sgd", lrs=(0.3,), seeds=(0, 1), value=0.3
     return backend, block, backend.run_blocks([block])[0]
 
 
+def _sgd_step(loss, tx):
+    @jax.jit
+    def step(params, opt, idx):
+        updates, opt = tx.update(jax.grad(loss)(params, idx), opt, params)
+        return optax.apply_updates(params, updates), opt
+
+    return step
+
+
 def test_two_phase_ramp_equals_hand_loop():
     """A 2-phase ramp (8 examples x 15 steps, then batch 24 at LR x 0.5) on a small MLP: the
     back end's per-step validation loss equals a hand-written optax loop over the seed's
@@ -189,22 +198,16 @@ def test_two_phase_ramp_equals_hand_loop():
     backend, block, res = _train(sch, 1, lrs=(0.3,), seeds=(0, 1), value=1e-6, max_steps=30)
     p = backend.problem
     curves = res.curves
+
+    def loss(q, idx):
+        return loss_and_error(p.task, p.model.apply(q, p.x_train[idx]), p.y_train[idx])[0]
+
     for c in block.cells:
         params = p.init_params(c.seed)
-        tx = optax.sgd(lambda t: c.lr * jnp.where(t < 15, 1.0, 0.5))
+        tx = optax.sgd(lambda t, lr=c.lr: lr * jnp.where(t < 15, 1.0, 0.5))
         opt = tx.init(params)
         stream = IndexStream(c.seed, p.num_train)
-
-        @jax.jit
-        def step(params, opt, idx):
-            g = jax.grad(
-                lambda q: loss_and_error(p.task, p.model.apply(q, p.x_train[idx]), p.y_train[idx])[
-                    0
-                ]
-            )(params)
-            u, opt = tx.update(g, opt, params)
-            return optax.apply_updates(params, u), opt
-
+        step = _sgd_step(loss, tx)
         want = []
         for t in range(30):
             params, opt = step(params, opt, jnp.asarray(stream.take(8 if t < 15 else 24)))
