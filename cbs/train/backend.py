@@ -669,6 +669,9 @@ class TrainBackend(Backend):
         if block.kind == "kfac":  # K-FAC cells run one at a time already
             return None
         key = (block.kind, repr(block.schedule), block.batch_size)
+        plan = self.ramp_plan(block)
+        # a ramp's cells hold the largest batch of its phases at some point
+        batch = block.batch_size * (1 if plan is None else plan.max_batch_mult)
         if key not in self._cell_bytes:
             from cbs.train.engine import make_block_fns
 
@@ -682,12 +685,12 @@ class TrainBackend(Backend):
             hp = {k: jnp.float32(block.cells[0].hparams[k]) for k in OPTIMIZERS[block.kind].hparams}
             state = jax.eval_shape(init, self.problem.init_params(0), hp)
             state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-            idx = jax.ShapeDtypeStruct((opts.eval_every, block.batch_size), jnp.int32)
+            idx = jax.ShapeDtypeStruct((opts.eval_every, batch), jnp.int32)
             data = None
             p = self.problem
             if getattr(p, "streaming", False):  # a streamed chunk: the examples themselves
                 data = tuple(
-                    jax.ShapeDtypeStruct((opts.eval_every, block.batch_size, *a.shape[1:]), a.dtype)
+                    jax.ShapeDtypeStruct((opts.eval_every, batch, *a.shape[1:]), a.dtype)
                     for a in (p.x_train, p.y_train)
                 )
 
@@ -696,7 +699,7 @@ class TrainBackend(Backend):
                 return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
 
             batch_bytes = (
-                4 * opts.eval_every * block.batch_size
+                4 * opts.eval_every * batch
                 if data is None
                 else sum(x.size * x.dtype.itemsize for x in data)
             ) * opts.evals_per_call
