@@ -67,7 +67,15 @@ def nqm_lens() -> tuple[list[dict], float]:
         )[0, 0]
         target = 1.05 * r_dec[-1]
         s_dec = nqm.steps_to_target(
-            prob, "sgd", lr, 0.0, 0.0, power, batch_size=B, target=target, max_steps=T,
+            prob,
+            "sgd",
+            lr,
+            0.0,
+            0.0,
+            power,
+            batch_size=B,
+            target=target,
+            max_steps=T,
             phases=p_dec,
         )[0, 0]
         for q in (0.0, 0.5):
@@ -79,7 +87,15 @@ def nqm_lens() -> tuple[list[dict], float]:
                 prob, "sgd", lr, 0.0, 0.0, power, batch_sizes=[B], steps=at, phases=p_see
             )[0, 0]
             s_see = nqm.steps_to_target(
-                prob, "sgd", lr, 0.0, 0.0, power, batch_size=B, target=target, max_steps=T,
+                prob,
+                "sgd",
+                lr,
+                0.0,
+                0.0,
+                power,
+                batch_size=B,
+                target=target,
+                max_steps=T,
                 phases=p_see,
             )[0, 0]
             ratio = r_see / r_dec
@@ -87,8 +103,13 @@ def nqm_lens() -> tuple[list[dict], float]:
                 sgd_ratio = float(ratio.max())
             rows.append(
                 dict(
-                    p=power, q=q, ratios=ratio, steps_equal=int(at[-1]), steps_dec_target=s_dec,
-                    steps_see_target=s_see, target=target,
+                    p=power,
+                    q=q,
+                    ratios=ratio,
+                    steps_equal=int(at[-1]),
+                    steps_dec_target=s_dec,
+                    steps_see_target=s_see,
+                    target=target,
                 )
             )
     return rows, sgd_ratio
@@ -105,21 +126,27 @@ def train_lens(path: str, eval_every: int | None = None) -> dict:
     # a target no cell reaches, so that every curve runs to the budget (a finite validation
     # set can fall below the Bayes risk, which the config's check would not allow)
     cfg = dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, value=-1.0))
-    backend = TrainBackend(cfg)
     blocks = expand_blocks(cfg, TrainBackend)
-    out = {}
-    for block in blocks:
-        t0 = time.perf_counter()
-        res = backend.run_blocks([block])[0]
-        wall = time.perf_counter() - t0
-        plan = ramp_plan(
-            block.schedule, block.batch_size, cfg.budget.max_steps, kind=block.kind,
-            tokens_per_example=cfg.analysis.tokens_per_example,
-        )
-        out[block.optimizer] = dict(curves=res.curves, plan=plan, wall=wall, block=block)
-    dec, see = list(out)
     T = cfg.budget.max_steps
     B = blocks[0].batch_size
+    out = {}
+    for i, block in enumerate(blocks):
+        plan = ramp_plan(
+            block.schedule,
+            block.batch_size,
+            T,
+            kind=block.kind,
+            tokens_per_example=cfg.analysis.tokens_per_example,
+        )
+        # the ramp runs until it has consumed the decay's examples (its plan up to there is
+        # the same as with the whole budget), so that the wall-clock times compare equal data
+        steps = T if i == 0 else equal_samples_step(plan, T * B)
+        run_cfg = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, max_steps=steps))
+        t0 = time.perf_counter()
+        res = TrainBackend(run_cfg).run_blocks([block])[0]
+        wall = time.perf_counter() - t0
+        out[block.optimizer] = dict(curves=res.curves, plan=plan, wall=wall, block=block)
+    dec, see = list(out)
     t_eq = equal_samples_step(out[see]["plan"], T * B)
 
     def loss_at(name, step):
@@ -140,8 +167,18 @@ def train_lens(path: str, eval_every: int | None = None) -> dict:
 
     s_dec, s_see = steps_to(dec), steps_to(see)
     return dict(
-        decay=dec, ramp=see, B=B, T=T, t_eq=t_eq, l_dec=l_dec, l_see=l_see, target=target,
-        s_dec=s_dec, s_see=s_see, wall_dec=out[dec]["wall"], wall_see=out[see]["wall"],
+        decay=dec,
+        ramp=see,
+        B=B,
+        T=T,
+        t_eq=t_eq,
+        l_dec=l_dec,
+        l_see=l_see,
+        target=target,
+        s_dec=s_dec,
+        s_see=s_see,
+        wall_dec=out[dec]["wall"],
+        wall_see=out[see]["wall"],
         phases=out[see]["plan"].batch_phases(),
     )
 
@@ -156,19 +193,27 @@ def main() -> None:
     args = ap.parse_args()
     import jax
 
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
-          f"load {os.getloadavg()[0]:.1f}")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"load {os.getloadavg()[0]:.1f}"
+    )
     t_all = time.perf_counter()
     t0 = time.perf_counter()
     rows, sgd_ratio = nqm_lens()
-    print(f"\nNQM (d = 10^4, C = H, B0 = 64, LR 0.25, 4 halvings every 2,000 steps), "
-          f"{time.perf_counter() - t0:.1f} s")
-    print("| p | q | risk ratio ramp/decay at the 5 phase ends (equal samples) | serial steps "
-          "for the decay's samples (decay: 10000) | steps to target decay | ramp |")
+    print(
+        f"\nNQM (d = 10^4, C = H, B0 = 64, LR 0.25, 4 halvings every 2,000 steps), "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
+    print(
+        "| p | q | risk ratio ramp/decay at the 5 phase ends (equal samples) | serial steps "
+        "for the decay's samples (decay: 10000) | steps to target decay | ramp |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['p']} | {r['q']} | {', '.join(f'{x:.4f}' for x in r['ratios'])} | "
-              f"{r['steps_equal']} | {r['steps_dec_target']:.0f} | {r['steps_see_target']:.0f} |")
+        print(
+            f"| {r['p']} | {r['q']} | {', '.join(f'{x:.4f}' for x in r['ratios'])} | "
+            f"{r['steps_equal']} | {r['steps_dec_target']:.0f} | {r['steps_see_target']:.0f} |"
+        )
     result = dict(nqm_sgd_risk_ratio=sgd_ratio)
     lenses = [("linreg", "configs/seesaw_linreg_cpu.yaml", 1)]
     if not args.quick:
@@ -176,15 +221,23 @@ def main() -> None:
     for key, path, every in lenses:
         t0 = time.perf_counter()
         r = train_lens(os.path.join(ROOT, path), every)
-        print(f"\n{path} ({time.perf_counter() - t0:.1f} s): B0 = {r['B']}, ramp phases "
-              f"(start, end, batch) = {r['phases']}")
-        print("| schedule | final val loss at equal samples, mean [min, max] over seeds | "
-              "serial steps for the samples | steps to target (mean) | wall s (incl. compile) |")
+        print(
+            f"\n{path} ({time.perf_counter() - t0:.1f} s): B0 = {r['B']}, ramp phases "
+            f"(start, end, batch) = {r['phases']}"
+        )
+        print(
+            "| schedule | final val loss at equal samples, mean [min, max] over seeds | "
+            "serial steps for the samples | steps to target (mean) | wall s (incl. compile) |"
+        )
         print("|---|---|---|---|---|")
-        print(f"| {r['decay']} | {_mm(r['l_dec'])} | {r['T']} | {np.mean(r['s_dec']):.1f} | "
-              f"{r['wall_dec']:.1f} |")
-        print(f"| {r['ramp']} | {_mm(r['l_see'])} | {r['t_eq']} | {np.mean(r['s_see']):.1f} | "
-              f"{r['wall_see']:.1f} |")
+        print(
+            f"| {r['decay']} | {_mm(r['l_dec'])} | {r['T']} | {np.mean(r['s_dec']):.1f} | "
+            f"{r['wall_dec']:.1f} |"
+        )
+        print(
+            f"| {r['ramp']} | {_mm(r['l_see'])} | {r['t_eq']} | {np.mean(r['s_see']):.1f} | "
+            f"{r['wall_see']:.1f} |"
+        )
         print(f"target = 1.01 x the decay's worst final loss over seeds = {r['target']:.5g}")
         result[f"{key}_loss_rel"] = float(r["l_see"].mean() / r["l_dec"].mean() - 1)
         result[f"{key}_step_saving"] = float(1 - np.mean(r["s_see"]) / np.mean(r["s_dec"]))

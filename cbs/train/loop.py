@@ -554,7 +554,7 @@ def run_vmapped_block(
                     _replay(run, pending, lr, hp, put, data, tracker, opts)
                 tracker.replay_seconds += time.perf_counter() - t_rep
         del snap
-        step += k * every
+        step = min(step + k * every, p_end)  # a ramp's phase ends at p_end
         live = np.flatnonzero(~tracker.done[lane_cell[:n_live]])
         # Finished cells would otherwise ride along (and cost compute) until the block's
         # slowest cell is done. Once at most half the lanes are live, gather the live cells
