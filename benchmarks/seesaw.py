@@ -242,7 +242,7 @@ def main() -> None:
         result[f"{key}_loss_rel"] = float(r["l_see"].mean() / r["l_dec"].mean() - 1)
         result[f"{key}_step_saving"] = float(1 - np.mean(r["s_see"]) / np.mean(r["s_dec"]))
     print(f"\ntotal {time.perf_counter() - t_all:.1f} s, load {os.getloadavg()[0]:.1f}")
-    print("RESULT " + " ".join(f"{k}={v:.4g}" for k, v in result.items()))
+    print("RESULT " + " ".join(f"{k}={v:.6g}" for k, v in result.items()))
 
 
 if __name__ == "__main__":

@@ -839,7 +839,20 @@ def config_dict(cfg: SweepConfig) -> dict:
     for entry in d["grid"]["optimizers"]:
         if entry.get("lr_scaling", 0) is None:
             del entry["lr_scaling"]
+        _legacy_schedule_keys(entry.get("schedule"))
     return d
+
+
+def _legacy_schedule_keys(sch: dict | None) -> None:
+    """A schedule without a batch ramp hashes as it did before ramps were counted in
+    samples (its mapping then had ``batch_growth: []`` and no ramp keys), so that its run
+    folders stay resumable. Seesaw schedules keep their new keys: their meaning changed."""
+    if not sch or sch.get("ramp") or sch.get("seesaw"):
+        return
+    if sch.get("seesaw_q") is None and sch.get("max_batch_size") is None:
+        for key in ("ramp", "seesaw_q", "max_batch_size"):
+            sch.pop(key, None)
+        sch["batch_growth"] = []
 
 
 # Keys that are not part of a sweep's identity: the analysis options (re-run on an existing
