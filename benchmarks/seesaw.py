@@ -9,7 +9,8 @@
   x 1.05).
 * **Linear regression, SGD** (``configs/seesaw_linreg_cpu.yaml``): the decay and its Seesaw
   ramp, 3 seeds, evaluated every step; final validation loss at equal samples (mean and the
-  seeds' range), serial steps to the target (the worst seed's final loss of the decay x 1.01).
+  seeds' range), serial steps to the target (1.01 x the worst final loss of either schedule,
+  so that every run reaches it).
 * **Tiny LM, Adam** (full mode only, ``configs/seesaw_tiny_lm_cpu.yaml``): cosine decay and
   its Seesaw ramp (q = 1/2), capped at max_batch_size, the same measures.
 
@@ -149,20 +150,23 @@ def train_lens(path: str, eval_every: int | None = None) -> dict:
     dec, see = list(out)
     t_eq = equal_samples_step(out[see]["plan"], T * B)
 
-    def loss_at(name, step):
+    def loss_at(name, step):  # per cell, in seed order (the blocks' cells: one LR)
         c = out[name]["curves"]
         v = c[c.step == step].groupby("cell_id").val_loss.first()
-        return v.to_numpy()
+        return np.array([v[cell.cell_id] for cell in out[name]["block"].cells])
 
     l_dec, l_see = loss_at(dec, T), loss_at(see, t_eq)
-    target = 1.01 * l_dec.max()
+    # a target every run reaches: 1% above the worst final loss of either schedule
+    target = 1.01 * max(l_dec.max(), l_see.max())
 
     def steps_to(name):
         c = out[name]["curves"]
-        s = [
-            float(g[g.val_loss < target].step.min()) if (g.val_loss < target).any() else np.nan
-            for _, g in c[c.step > 0].groupby("cell_id")
-        ]
+        s = []
+        for cell in out[name]["block"].cells:
+            g = c[(c.cell_id == cell.cell_id) & (c.step > 0)]
+            s.append(
+                float(g[g.val_loss < target].step.min()) if (g.val_loss < target).any() else np.nan
+            )
         return np.array(s)
 
     s_dec, s_see = steps_to(dec), steps_to(see)
@@ -238,7 +242,10 @@ def main() -> None:
             f"| {r['ramp']} | {_mm(r['l_see'])} | {r['t_eq']} | {np.mean(r['s_see']):.1f} | "
             f"{r['wall_see']:.1f} |"
         )
-        print(f"target = 1.01 x the decay's worst final loss over seeds = {r['target']:.5g}")
+        print(
+            f"target = 1.01 x the worst final loss of either schedule = {r['target']:.5g}; "
+            f"per seed, ramp / decay final loss - 1: {np.round(r['l_see'] / r['l_dec'] - 1, 5).tolist()}"
+        )
         result[f"{key}_loss_rel"] = float(r["l_see"].mean() / r["l_dec"].mean() - 1)
         result[f"{key}_step_saving"] = float(1 - np.mean(r["s_see"]) / np.mean(r["s_dec"]))
     print(f"\ntotal {time.perf_counter() - t_all:.1f} s, load {os.getloadavg()[0]:.1f}")
