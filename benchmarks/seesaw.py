@@ -187,6 +187,86 @@ def train_lens(path: str, eval_every: int | None = None) -> dict:
     )
 
 
+def noise_ramp_lens(path: str, eval_every: int, cap: int) -> dict:
+    """A ramp that follows the measured gradient noise scale, from a pilot run.
+
+    The pilot trains the decay entry's cells at a constant LR and batch B0 with
+    ``train.noise_scale`` on (B_simple = tr(Sigma) / |G|^2, EMA 0.9, every evaluation). The
+    ramp doubles the batch at the first sample count where the seeds' mean B_simple exceeds
+    the current batch, up to ``cap``; the LR follows the Seesaw rule of the kind (q = 0 for
+    SGD: unchanged). It is then trained (an explicit ``schedule.ramp``) to the pilot's
+    samples and compared at equal samples. A pilot-then-ramp design, not an online rule: the
+    ramp's doublings come from the pilot's measurement, so the ramp is one fixed schedule
+    for every seed and the cells still share one vmapped block.
+    """
+    from cbs.ramps import seesaw_exponent
+    from cbs.sweep.config import RampPhase
+    from cbs.sweep.grid import expand_blocks
+    from cbs.train.backend import TrainBackend
+
+    raw = __import__("yaml").safe_load(open(path))
+    raw["budget"]["eval_every"] = eval_every
+    raw["train"]["noise_scale"] = dict(enabled=True, micro_batch=16, num_micro=8, ema=0.9)
+    raw["grid"]["optimizers"] = [dict(raw["grid"]["optimizers"][0], name="pilot")]
+    raw["grid"]["optimizers"][0]["schedule"] = {"kind": "constant"}
+    cfg = load_config(raw)
+    cfg = dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, value=-1.0))
+    T = cfg.budget.max_steps
+    (block,) = expand_blocks(cfg, TrainBackend)
+    B = block.batch_size
+    t0 = time.perf_counter()
+    res = TrainBackend(cfg).run_blocks([block])[0]
+    wall_pilot = time.perf_counter() - t0
+    nt = res.tables["noise_scale"]
+    b_mean = nt.groupby("step").b_simple.mean()
+    phases, at, k = [], 0, 0
+    for step, b in b_mean.items():
+        if B * 2 ** (k + 1) > cap:
+            break
+        if b > B * 2**k:  # the noise scale passed the current batch: double it
+            samples = step * B  # the pilot's examples at that step (constant batch B)
+            if samples > at:
+                phases.append(
+                    RampPhase(samples - at, 2.0 ** (-seesaw_exponent(block.kind) * k), 2**k)
+                )
+                at = samples
+            k += 1
+    phases.append(RampPhase(None, 2.0 ** (-seesaw_exponent(block.kind) * k), 2**k))
+    sch = Schedule(ramp=phases)
+    plan = ramp_plan(sch, B, T, kind=block.kind)
+    steps = equal_samples_step(plan, T * B)
+    ramp_block = dataclasses.replace(block, optimizer="noise_ramp", schedule=sch)
+    run_cfg = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, max_steps=steps))
+    run_cfg = dataclasses.replace(
+        run_cfg,
+        section=dataclasses.replace(
+            run_cfg.section,
+            noise_scale=dataclasses.replace(run_cfg.section.noise_scale, enabled=False),
+        ),
+    )
+    t0 = time.perf_counter()
+    r2 = TrainBackend(run_cfg).run_blocks([ramp_block])[0]
+    wall = time.perf_counter() - t0
+    c = r2.curves
+    loss = np.array(
+        [
+            c[(c.cell_id == cell.cell_id) & (c.step == steps)].val_loss.iloc[0]
+            for cell in block.cells
+        ]
+    )
+    return dict(
+        phases=plan.batch_phases(),
+        steps=steps,
+        loss=loss,
+        curves=c,
+        cells=block.cells,
+        wall=wall,
+        wall_pilot=wall_pilot,
+        b_first=float(b_mean.iloc[0]),
+        b_last=float(b_mean.iloc[-1]),
+    )
+
+
 def _mm(x):
     return f"{np.mean(x):.5g} [{np.min(x):.5g}, {np.max(x):.5g}]"
 
@@ -246,6 +326,22 @@ def main() -> None:
             f"target = 1.01 x the worst final loss of either schedule = {r['target']:.5g}; "
             f"per seed, ramp / decay final loss - 1: {np.round(r['l_see'] / r['l_dec'] - 1, 5).tolist()}"
         )
+        if key == "linreg":
+            t0 = time.perf_counter()
+            nr = noise_ramp_lens(os.path.join(ROOT, path), every, cap=256)
+            s_nr = []
+            for cell in nr["cells"]:
+                g = nr["curves"][(nr["curves"].cell_id == cell.cell_id) & (nr["curves"].step > 0)]
+                hit = g[g.val_loss < r["target"]].step
+                s_nr.append(float(hit.min()) if len(hit) else np.nan)
+            print(
+                f"noise-scale ramp ({time.perf_counter() - t0:.1f} s; pilot B_simple "
+                f"{nr['b_first']:.3g} -> {nr['b_last']:.3g}): phases {nr['phases']}"
+            )
+            print(
+                f"| noise-scale ramp (q = 0) | {_mm(nr['loss'])} | {nr['steps']} | "
+                f"{np.mean(s_nr):.1f} | {nr['wall']:.1f} (+ pilot {nr['wall_pilot']:.1f}) |"
+            )
         result[f"{key}_loss_rel"] = float(r["l_see"].mean() / r["l_dec"].mean() - 1)
         result[f"{key}_step_saving"] = float(1 - np.mean(r["s_see"]) / np.mean(r["s_dec"]))
     print(f"\ntotal {time.perf_counter() - t_all:.1f} s, load {os.getloadavg()[0]:.1f}")
