@@ -528,10 +528,11 @@ class TrainBackend(Backend):
             sched = schedule_fn(schedule, self.config.budget.max_steps)
             if plan is not None:
                 # a ramp's LR depends on the samples consumed, so on the starting batch
-                # size: a per-step table (the one rule, cbs.ramps.ramp_plan)
-                table = jnp.asarray(plan.lr_table(), jnp.float32)
-                last = int(table.shape[0]) - 1
-                sched = lambda count: table[jnp.clip(count, 0, last)]  # noqa: E731
+                # size: the plan's phase multipliers (the one rule, cbs.ramps.ramp_plan),
+                # looked up by step (memory per phase, not per step of the budget)
+                ends = jnp.asarray(np.cumsum(plan.steps)[:-1], jnp.int32)
+                mults = jnp.asarray(plan.lr_mult, jnp.float32)
+                sched = lambda count: mults[jnp.searchsorted(ends, count, side="right")]  # noqa: E731
             opts = self.options()
             self._runs[key] = BlockRun(
                 self.problem,
