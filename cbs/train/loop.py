@@ -406,7 +406,6 @@ def run_vmapped_block(
     useeds = sorted(set(seeds))
     seed_idx = np.array([useeds.index(s) for s in seeds], np.int32)
     k, every = opts.evals_per_call, opts.eval_every
-    micro = opts.noise_micro_batch or B
     # Batch ramps run phase after phase (see ``phases``); one phase: the block's batch size.
     ramped = phases is not None and len(phases) > 1
     phases = phases if ramped else [(0, opts.max_steps, B)]
