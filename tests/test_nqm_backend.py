@@ -129,10 +129,11 @@ def _per_step(schedule, T):
     """(LR multiplier, batch multiplier) of every step, written out by hand from the
     schedule's definition (docs/nqm.md section 3.3), independently of cbs.nqm._schedules."""
     t = np.arange(T)
-    if schedule["kind"] == "step":  # decay 0.5 at step 100 under Seesaw: LR x sqrt(0.5), B x 2
-        return np.where(t < 100, 1.0, np.sqrt(0.5)), np.where(t < 100, 1.0, 2.0)
-    if schedule["kind"] == "piecewise":  # 50 steps at 1, then 0.3 with B x 4
-        return np.where(t < 50, 1.0, 0.3), np.where(t < 50, 1.0, 4.0)
+    if schedule["kind"] == "step":  # decay 0.5 at step 100 under Seesaw for (Nesterov) SGD:
+        # the LR stays, B x 2 (q = 0)
+        return np.ones(T), np.where(t < 100, 1.0, 2.0)
+    if schedule["kind"] == "piecewise":  # 50 steps at 1, then 0.3
+        return np.where(t < 50, 1.0, 0.3), np.ones(T)
     w, h = schedule["warmup_steps"], schedule["horizon"]  # warm-up (t+1)/w, then cosine to 0
     s = t - w
     cos = 0.5 * (1 + np.cos(np.pi * (np.clip(s, 0, h - 1) + 0.5) / h))
@@ -144,7 +145,7 @@ def _per_step(schedule, T):
     [
         {"kind": "step", "boundaries": [100], "decay_factor": 0.5, "seesaw": True},
         {"kind": "cosine", "warmup_steps": 5, "horizon": 60},
-        {"kind": "piecewise", "pieces": [[50, 1.0], [1, 0.3]], "batch_growth": [1, 4]},
+        {"kind": "piecewise", "pieces": [[50, 1.0], [1, 0.3]]},
     ],
 )
 def test_schedules_give_the_step_by_step_first_crossing(schedule):

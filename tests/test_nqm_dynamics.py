@@ -11,7 +11,7 @@ from nqm_reference import risk_by_recurrence
 
 from cbs import nqm
 from cbs.nqm._schedules import schedule_phases
-from cbs.sweep.config import Schedule
+from cbs.sweep.config import RampPhase, Schedule
 
 # Eigenvalues chosen to hit the delicate cases: with lr 0.25 and beta 0.25, h = 1 gives
 # a = 0.25 = (1 - sqrt(beta))^2 exactly (critical damping, a double root); small h are
@@ -36,13 +36,19 @@ CASES = [  # kind, lr, momentum, ema, power
 
 SCHEDULES = {
     "constant": Schedule(),
+    # a ramp counted in samples (B = 8): 40 steps at B, 25 at 2B, then 8B
     "step_ramp": Schedule(
-        kind="step", boundaries=[40, 90], decay_factor=0.3, batch_growth=[1, 2, 8]
+        kind="step",
+        boundaries=[40, 90],
+        decay_factor=0.3,
+        ramp=[RampPhase(320, 1.0, 1), RampPhase(400, 1.0, 2), RampPhase(None, 1.0, 8)],
     ),
     "warmup_cosine": Schedule(kind="cosine", warmup_steps=15, horizon=120, final_lr_fraction=0.1),
     "linear_decay": Schedule(kind="linear_decay", horizon=100),
     "piecewise": Schedule(
-        kind="piecewise", pieces=[[30, 1.0], [20, 0.5], [1, 0.2]], batch_growth=[1, 4, 16]
+        kind="piecewise",
+        pieces=[[30, 1.0], [20, 0.5], [1, 0.2]],
+        ramp=[RampPhase(240, 1.0, 1), RampPhase(640, 1.0, 4), RampPhase(None, 1.0, 16)],
     ),
     "seesaw_step": Schedule(kind="step", boundaries=[50, 100], decay_factor=0.5, seesaw=True),
     "seesaw_cosine": Schedule(kind="cosine", horizon=150, seesaw=True),
@@ -68,7 +74,7 @@ PAIRS = [(c, "constant") for c in CASES] + [
 def test_closed_form_matches_recurrence(case, sched):
     kind, lr, beta, gamma, power = case
     T, B = 200, 8.0
-    phases, exact = schedule_phases(SCHEDULES[sched], T)
+    phases, exact = schedule_phases(SCHEDULES[sched], T, batch_size=int(B), optimizer_kind=kind)
     assert exact
     lr_m, b_m = _per_step(phases, T)
     ref = risk_by_recurrence(

@@ -35,7 +35,7 @@ def _cfg(schedule):
             "schedule.final_lr_fraction",
         ),
         ({"kind": "constant", "pieces": [[10, 1.0]]}, "schedule.pieces"),
-        ({"kind": "cosine", "batch_growth": [2]}, "schedule.batch_growth"),
+        ({"kind": "optimized_pwc", "ramp": [{"batch_mult": 2}]}, "schedule.ramp"),
         ({"kind": "constant", "seesaw": True}, "schedule.seesaw"),
         ({"kind": "cosine", "num_pieces": 4}, "schedule.num_pieces"),
         ({"kind": "optimized_pwc", "warmup_steps": 5}, "schedule.warmup_steps"),
@@ -44,10 +44,6 @@ def _cfg(schedule):
         ({"kind": "piecewise"}, "schedule.pieces"),
         ({"kind": "piecewise", "pieces": [[0, 1.0]]}, "schedule.pieces[0]"),
         ({"kind": "piecewise", "pieces": [[10, 1.0], [5]]}, "schedule.pieces[1]"),
-        (
-            {"kind": "piecewise", "pieces": [[10, 1.0]], "batch_growth": [1, 2]},
-            "schedule.batch_growth",
-        ),
     ],
 )
 def test_key_foreign_to_the_kind_is_rejected(schedule, path):
@@ -69,13 +65,13 @@ def test_key_foreign_to_the_kind_is_rejected(schedule, path):
             "seesaw": True,
         },
         {"kind": "linear_decay", "horizon": 50},
-        {"kind": "step", "boundaries": [10, 20], "decay_factor": 0.5, "batch_growth": [1, 2, 4]},
         {
-            "kind": "piecewise",
-            "pieces": [[10, 1.0], [1, 0.1]],
-            "batch_growth": [1, 4],
-            "seesaw": True,
+            "kind": "step",
+            "boundaries": [10, 20],
+            "decay_factor": 0.5,
+            "ramp": [{"samples": 40, "batch_mult": 1}, {"samples": 80, "batch_mult": 2}, {}],
         },
+        {"kind": "piecewise", "pieces": [[10, 1.0], [1, 0.125]], "seesaw": True},
         {"kind": "optimized_pwc", "num_pieces": 4},
     ],
 )

@@ -40,6 +40,9 @@ def test_rows_carry_coordinates_outcomes_and_provenance(fake_backend, tmp_path):
     assert np.isnan(df.loc[df.diverged, "steps_to_target"]).all()
     row = df[(df.optimizer == "plain") & (df.batch_size == 4) & (df.lr == 1.0)].iloc[0]
     assert row.steps_to_target == np.ceil(100 + 1000 / 4)
+    # every back end's records carry samples_to_target (steps x B at a constant batch)
+    assert row.samples_to_target == row.steps_to_target * 4
+    assert np.isnan(df.loc[~df.reached, "samples_to_target"]).all()
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["config_hash"] == summary.config_hash and "finished" in manifest
     ref = pd.read_parquet(tmp_path / "run" / "reference.parquet")

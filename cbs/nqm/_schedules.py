@@ -7,19 +7,18 @@ LR every step; they are represented step by step (exact) while that needs at mos
 ``max_phases`` phases, and otherwise by ``max_phases`` equal pieces at each piece's
 mean LR (an approximation, reported by :func:`schedule_phases`'s ``exact`` flag).
 
-Seesaw (Meterez et al. 2025): wherever the base schedule multiplies the LR by m < 1
-(relative to its peak), Seesaw multiplies it by sqrt(m) and the batch size by 1/m. For
-cosine and linear decay the base multiplier is first rounded down to a power of two, as
-in the paper ("whenever the scheduler would halve the LR"), so B doubles in discrete steps.
+Batch ramps and Seesaw (``schedule.ramp``, ``schedule.seesaw``) are counted in samples,
+so their phases depend on the cell's batch size: :func:`schedule_phases` then needs
+``batch_size`` and takes the phases of :func:`cbs.ramps.ramp_plan`, the definition every
+back end shares (docs/ramps.md).
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from cbs.nqm._moments import Phases
+from cbs.ramps import is_ramped, ramp_plan
 
 __all__ = ["schedule_phases", "merge_phases"]
 
@@ -38,12 +37,6 @@ def merge_phases(steps, lr_mult, batch_mult) -> Phases:
     return Phases(np.array(out_s, np.int64), np.array(out_l), np.array(out_b))
 
 
-def _growth(batch_growth, i: int) -> float:
-    if not batch_growth:
-        return 1.0
-    return float(batch_growth[min(i, len(batch_growth) - 1)])
-
-
 def _smooth(values: np.ndarray, max_phases: int) -> tuple[list, list, bool]:
     """Per-step multipliers -> at most max_phases (steps, mean multiplier) pieces."""
     n = len(values)
@@ -55,7 +48,39 @@ def _smooth(values: np.ndarray, max_phases: int) -> tuple[list, list, bool]:
     return steps, means, False
 
 
-def schedule_phases(schedule, max_steps: int, max_phases: int = 256) -> tuple[Phases, bool]:
+def _ramp_phases(
+    schedule, max_steps: int, max_phases: int, batch_size, kind: str, tokens_per_example: int
+) -> tuple[Phases, bool]:
+    plan = ramp_plan(
+        schedule, int(batch_size), max_steps, kind=kind, tokens_per_example=tokens_per_example
+    )
+    steps, lrs, bs = plan.steps, plan.lr_mult, plan.batch_mult.astype(np.float64)
+    if len(steps) <= max_phases:
+        return merge_phases(steps, lrs, bs), True
+    # Too many phases (a warm-up or smooth decay tabulated step by step): within each run of
+    # constant batch size, equal pieces at their step-weighted mean LR, as _smooth does.
+    runs = np.flatnonzero(np.r_[True, bs[1:] != bs[:-1]])
+    ends = np.r_[runs[1:], len(bs)]
+    share = max(1, max_phases // len(runs))
+    out_s, out_l, out_b = [], [], []
+    for a, b in zip(runs, ends):
+        per_step = np.repeat(lrs[a:b], steps[a:b])
+        s_, l_, _ = _smooth(per_step, share)
+        out_s += s_
+        out_l += l_
+        out_b += [bs[a]] * len(s_)
+    return merge_phases(out_s, out_l, out_b), False
+
+
+def schedule_phases(
+    schedule,
+    max_steps: int,
+    max_phases: int = 256,
+    *,
+    batch_size=None,
+    optimizer_kind: str = "sgd",
+    tokens_per_example: int = 1,
+) -> tuple[Phases, bool]:
     """Phases of a cbs.sweep.config.Schedule (``None`` = constant).
 
     Args:
@@ -64,12 +89,21 @@ def schedule_phases(schedule, max_steps: int, max_phases: int = 256) -> tuple[Ph
         max_steps: the budget; cosine / linear decay default to ``max_steps - warmup_steps``
             steps after the warm-up (the definition: cbs.sweep.config.Schedule).
         max_phases: most phases used to represent a per-step-varying stretch.
+        batch_size, optimizer_kind, tokens_per_example: the cell's batch size, optimizer kind and
+            tokens per example; needed (batch_size) only by batch ramps and Seesaw, whose
+            phases count samples (:func:`cbs.ramps.ramp_plan`).
 
     Returns:
         (phases, exact): exact is False when a smooth stretch was coarse-grained.
     """
     if schedule is None:
         return Phases(np.array([1], np.int64), np.array([1.0]), np.array([1.0])), True
+    if is_ramped(schedule):
+        if batch_size is None:
+            raise ValueError("a batch ramp / Seesaw schedule needs the cell's batch_size")
+        return _ramp_phases(
+            schedule, max_steps, max_phases, batch_size, optimizer_kind, tokens_per_example
+        )
     kind = schedule.kind
     exact = True
     steps, lrs, bs = [], [], []
@@ -80,49 +114,30 @@ def schedule_phases(schedule, max_steps: int, max_phases: int = 256) -> tuple[Ph
         steps += s
         lrs += l
         bs += [1.0] * len(s)
-    seesaw = schedule.seesaw
     if kind in ("constant", "optimized_pwc"):
-        base = [(1, 1.0, _growth(schedule.batch_growth, 0))]
+        base = [(1, 1.0, 1.0)]
     elif kind == "step":
         bounds = [0] + sorted(schedule.boundaries)
         base = []
         for i, b0 in enumerate(bounds):
             length = bounds[i + 1] - b0 if i + 1 < len(bounds) else 1
-            base.append((length, schedule.decay_factor**i, _growth(schedule.batch_growth, i)))
+            base.append((length, schedule.decay_factor**i, 1.0))
     elif kind == "piecewise":
         if not schedule.pieces:
             raise ValueError("piecewise schedule needs pieces [[steps, lr_mult], ...]")
-        base = [
-            (int(s), float(m), _growth(schedule.batch_growth, i))
-            for i, (s, m) in enumerate(schedule.pieces)
-        ]
+        base = [(int(s), float(m), 1.0) for s, m in schedule.pieces]
     elif kind in ("cosine", "linear_decay"):
         horizon = schedule.horizon or max(1, max_steps - schedule.warmup_steps)
         f = schedule.final_lr_fraction
         t = np.arange(horizon) + 0.5
         shape = 0.5 * (1 + np.cos(np.pi * t / horizon)) if kind == "cosine" else 1 - t / horizon
         mult = f + (1 - f) * shape
-        if seesaw:
-            # round down to powers of two; cap the batch growth at 2^20.
-            k = np.minimum(np.floor(-np.log2(np.maximum(mult, 2.0**-20)) + 1e-12), 20)
-            mult = 2.0**-k
-            base, start = [], 0
-            for i in range(1, horizon + 1):
-                if i == horizon or mult[i] != mult[start]:
-                    base.append((i - start, float(mult[start]), 1.0))
-                    start = i
-            f = max(f, 2.0**-20)
-        else:
-            s, l, ex = _smooth(mult, max_phases)
-            exact = exact and ex
-            base = [(si, li, 1.0) for si, li in zip(s, l)]
+        s, l, ex = _smooth(mult, max_phases)
+        exact = exact and ex
+        base = [(si, li, 1.0) for si, li in zip(s, l)]
         base.append((1, f, 1.0))
     else:
         raise ValueError(f"unsupported schedule kind {kind!r}")
     for length, m, g in base:
-        if seesaw and m < 1:
-            lr, b = math.sqrt(m), g / m
-        else:
-            lr, b = m, g
-        steps.append(length), lrs.append(lr), bs.append(b)
+        steps.append(length), lrs.append(m), bs.append(g)
     return merge_phases(steps, lrs, bs), exact

@@ -26,6 +26,7 @@ from cbs.nqm._grid import evaluate_grid, expected_risk
 from cbs.nqm._problem import NQMProblem, bin_problem, custom_problem
 from cbs.nqm._schedules import schedule_phases
 from cbs.nqm._tuning import best_on_grid, optimize_pwc, refine_lr
+from cbs.ramps import is_ramped, ramp_plan
 from cbs.sweep.backend import Backend, BlockResult, CellResult, HParamSpec, OptimizerSpec
 from cbs.sweep.schema import ConfigError, spec
 
@@ -240,8 +241,12 @@ class NQMBackend(Backend):
             # scan's iteration budget, so a cell's numbers must not depend on whether an
             # EMA entry shares its call (which sharding and resuming change)
             ema = any(c.hparams.get("ema_decay", 0.0) > 0 for c in block.cells)
+            # a batch ramp's phases count samples, so their steps depend on the batch size:
+            # one group (one set of phases) per batch size
+            ramp_b = block.batch_size if is_ramped(block.schedule) else 0
             groups.setdefault(
-                (block.kind, block.optimizer if pwc else "", repr(block.schedule), ema), []
+                (block.kind, block.optimizer if pwc else "", repr(block.schedule), ema, ramp_b),
+                [],
             ).append(i)
         for (kind, *_), idx in groups.items():
             group = [blocks[i] for i in idx]
@@ -268,7 +273,26 @@ class NQMBackend(Backend):
     def _run_group(self, kind, group):
         cfg = self.config
         target, max_steps = cfg.target.value, cfg.budget.max_steps
-        phases, exact = schedule_phases(group[0].schedule, max_steps, self.section.max_phases)
+        sch = group[0].schedule
+        ramp = (
+            ramp_plan(
+                sch,
+                group[0].batch_size,
+                max_steps,
+                kind=kind,
+                tokens_per_example=cfg.analysis.tokens_per_example,
+            )
+            if is_ramped(sch)
+            else None
+        )
+        phases, exact = schedule_phases(
+            sch,
+            max_steps,
+            self.section.max_phases,
+            batch_size=group[0].batch_size,
+            optimizer_kind=kind,
+            tokens_per_example=cfg.analysis.tokens_per_example,
+        )
         cells = [c for b in group for c in b.cells]
         lr = np.array([c.lr for c in cells])
         mom, ema, pw = self._hp_arrays(kind, cells)
@@ -280,7 +304,10 @@ class NQMBackend(Backend):
         # certified scan is shared by the batch sizes of a configuration (its iteration
         # budget and where it stops depend on them), so a sharded or resumed run that
         # brings a subset would otherwise certify or bound differently.
+        # A ramp's group holds one batch size (its phases are that batch size's).
         ub = np.array(sorted(set(cfg.grid.batch_size_values())), np.float64)
+        if ramp is not None:
+            ub = np.array([float(group[0].batch_size)])
         binv = np.searchsorted(ub, bsz)
         res = evaluate_grid(
             self.problem,
@@ -311,6 +338,8 @@ class NQMBackend(Backend):
         diverged = ~reached & (~np.isfinite(final) | (final > 10 * self.problem.initial_risk))
         # Python scalars via tolist() (one conversion per array, not per element and cell)
         steps_run = np.where(reached, np.nan_to_num(steps), max_steps).astype(np.int64)
+        # examples consumed by the crossing step (NaN when not reached)
+        samples = ramp.samples_after(steps) if ramp is not None else steps * bsz
         records = [
             CellResult(
                 cell_id=c.cell_id,
@@ -326,9 +355,10 @@ class NQMBackend(Backend):
                     "steps_lower_bound": lo,
                     # 0 when a smooth schedule stretch was coarse-grained (max_phases)
                     "schedule_exact": float(exact),
+                    "samples_to_target": sa,
                 },
             )
-            for c, r, d, s, f, b, n, st, ce, lo in zip(
+            for c, r, d, s, f, b, n, st, ce, lo, sa in zip(
                 cells,
                 reached.tolist(),
                 diverged.tolist(),
@@ -339,6 +369,7 @@ class NQMBackend(Backend):
                 settle.astype(np.float64).tolist(),
                 cert.astype(np.float64).tolist(),
                 lower.astype(np.float64).tolist(),
+                samples.astype(np.float64).tolist(),
             )
         ]
         # Tuning: the grid optimum per block and per hyperparameter tuple, then refinement.

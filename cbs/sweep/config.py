@@ -111,6 +111,20 @@ class HParamRange:
 
 
 @dataclasses.dataclass(frozen=True)
+class RampPhase:
+    """One phase of a batch ramp (``schedule.ramp``), its length counted in samples."""
+
+    samples: int | None = spec(
+        None,
+        doc="length in samples (examples, or tokens with analysis.tokens_per_example); "
+        "omitted for the last phase, which lasts until the budget ends",
+        ge=1,
+    )
+    lr_mult: float = spec(1.0, doc="LR multiplier (times the base schedule's)", gt=0)
+    batch_mult: int = spec(1, doc="batch size as a multiple of the cell's batch size", ge=1)
+
+
+@dataclasses.dataclass(frozen=True)
 class Schedule:
     """Learning-rate (and batch-size) schedule of an optimizer entry.
 
@@ -153,11 +167,28 @@ class Schedule:
         doc="piecewise: [[steps, lr_multiplier], ...] after the warm-up; the last piece "
         "lasts forever",
     )
-    batch_growth: list[float] = spec(
-        [], doc="piecewise/step: batch-size multiplier per phase (a batch ramp)", gt=0
+    ramp: list[RampPhase] = spec(
+        [],
+        doc="batch ramp: phases counted in samples (examples, or tokens with "
+        "analysis.tokens_per_example), each with an LR and a batch multiplier; the last "
+        "phase lasts until the budget ends (docs/ramps.md)",
     )
     seesaw: bool = spec(
-        False, doc="Seesaw rule: where LR would drop by k, drop it by sqrt(k) and grow B by k"
+        False,
+        doc="Seesaw: each LR halving of the base schedule becomes a batch doubling with the "
+        "LR times 2**-seesaw_q (docs/ramps.md)",
+    )
+    seesaw_q: float | None = spec(
+        None,
+        doc="Seesaw exponent q (default by optimizer kind: 0 for sgd, momentum, nesterov; "
+        "0.5 for adaptive / normalized kinds)",
+        ge=0,
+        le=1,
+    )
+    max_batch_size: int | None = spec(
+        None,
+        doc="ramps and Seesaw: largest batch size; Seesaw's halvings beyond it stay LR decays",
+        ge=1,
     )
     num_pieces: int = spec(10, doc="optimized_pwc: number of equal-length pieces", ge=1)
 
@@ -172,8 +203,10 @@ _SCHEDULE_KEYS = {
     "boundaries": ("step",),
     "decay_factor": ("step",),
     "pieces": ("piecewise",),
-    "batch_growth": ("step", "piecewise"),
+    "ramp": ("constant", "step", "cosine", "linear_decay", "piecewise"),
     "seesaw": ("step", "cosine", "linear_decay", "piecewise"),
+    "seesaw_q": ("step", "cosine", "linear_decay", "piecewise"),
+    "max_batch_size": ("constant", "step", "cosine", "linear_decay", "piecewise"),
     "num_pieces": ("optimized_pwc",),
 }
 
@@ -197,12 +230,70 @@ def _check_schedule(where: str, sch: Schedule) -> None:
                 "allowed: at least one step at which the LR decays (kind 'step')",
             )
     # (increasing boundaries and well-formed pieces: _check_schedule_budget, run first)
-    phases = {"step": len(sch.boundaries) + 1, "piecewise": len(sch.pieces)}.get(sch.kind)
-    if phases is not None and len(sch.batch_growth) > phases:
+    _check_ramp_keys(where, sch)
+
+
+def _check_ramp_keys(where: str, sch: Schedule) -> None:
+    """Budget-free checks of a batch ramp / Seesaw (cbs.ramps); the per-batch-size ones
+    (budget, dataset, max_batch_size) are in cbs.sweep.config.check_ramps."""
+    from cbs.ramps import halvings
+
+    if sch.seesaw_q is not None and not sch.seesaw:
+        raise ConfigError(f"{where}.seesaw_q", sch.seesaw_q, "allowed only with seesaw: true")
+    if sch.max_batch_size is not None and not (sch.seesaw or sch.ramp):
         raise ConfigError(
-            f"{where}.batch_growth",
-            sch.batch_growth,
-            f"allowed: at most one multiplier per phase ({phases} phases)",
+            f"{where}.max_batch_size",
+            sch.max_batch_size,
+            "allowed only with a batch ramp (schedule.ramp or seesaw: true)",
+        )
+    if sch.seesaw and sch.ramp:
+        raise ConfigError(
+            f"{where}.ramp",
+            "ramp with seesaw",
+            "allowed: one of schedule.ramp (explicit phases) or seesaw: true (phases from the "
+            "base schedule's halvings), not both",
+        )
+    for j, ph in enumerate(sch.ramp):
+        last = j == len(sch.ramp) - 1
+        if ph.samples is None and not last:
+            raise ConfigError(
+                f"{where}.ramp[{j}].samples",
+                None,
+                "allowed: a length in samples for every phase but the last",
+            )
+        if ph.samples is not None and last:
+            raise ConfigError(
+                f"{where}.ramp[{j}].samples",
+                ph.samples,
+                "allowed: none for the last phase (it lasts until the budget ends, "
+                "budget.max_steps serial steps)",
+            )
+    if not sch.seesaw:
+        return
+    exact = sch.kind in ("step", "piecewise")
+    if sch.kind == "step":
+        key, mults = "decay_factor", [sch.decay_factor]
+    elif sch.kind == "piecewise":
+        key, mults = "pieces", [p[1] for p in sch.pieces if len(p) == 2]
+    else:
+        key, mults = "final_lr_fraction", [sch.final_lr_fraction]
+    try:
+        k = halvings(np.array(mults, np.float64), exact=exact)
+    except ValueError:
+        raise ConfigError(
+            f"{where}.{key}",
+            getattr(sch, key),
+            "allowed with seesaw: LR multipliers 1/2, 1/4, ... (each halving becomes a batch "
+            "doubling, so the batch multiplier must be a whole number)",
+        ) from None
+    if sch.kind != "step" and sch.kind != "piecewise":
+        k = halvings(np.array([sch.final_lr_fraction]), exact=False)
+    if not np.any(k > 0):
+        raise ConfigError(
+            f"{where}.seesaw",
+            True,
+            f"the base schedule never halves the LR ({key} = {getattr(sch, key)!r}), so Seesaw "
+            "would change nothing; use a schedule that decays the LR to 1/2 or below",
         )
 
 
@@ -635,6 +726,58 @@ def _check(cfg: SweepConfig, backend) -> None:
                 raise ConfigError(key, lrs, "allowed: distinct learning rates")
     if len(set(cfg.grid.seeds)) != len(cfg.grid.seeds):
         raise ConfigError("grid.seeds", cfg.grid.seeds, "allowed: distinct seeds")
+    check_ramps(cfg)
+
+
+def check_ramps(cfg: SweepConfig, max_examples: int | None = None) -> None:
+    """Per-batch-size checks of every batch ramp / Seesaw schedule of the grid (cheap: the
+    plans are a few phases): its phases must start within the budget, and its batch stay
+    within ``max_batch_size`` and, when given, the training set (``max_examples``)."""
+    from cbs.ramps import is_ramped, ramp_plan
+
+    tpe = cfg.analysis.tokens_per_example
+    for i, opt in enumerate(cfg.grid.optimizers):
+        sch = opt.schedule
+        if not is_ramped(sch):
+            continue
+        where = f"grid.optimizers[{i}].schedule"
+        if max_examples is not None and sch.max_batch_size is not None:
+            if sch.max_batch_size > max_examples:
+                raise ConfigError(
+                    f"{where}.max_batch_size",
+                    sch.max_batch_size,
+                    f"allowed: at most the training-set size {max_examples}",
+                )
+        for b in cfg.grid.batch_size_values():
+            plan = ramp_plan(sch, b, cfg.budget.max_steps, kind=opt.kind, tokens_per_example=tpe)
+            biggest = b * plan.max_batch_mult
+            if sch.max_batch_size is not None and biggest > sch.max_batch_size:
+                raise ConfigError(
+                    f"{where}.max_batch_size",
+                    sch.max_batch_size,
+                    f"the ramp reaches batch size {biggest} at grid batch size {b}; allowed: "
+                    "a max_batch_size >= every phase's batch size",
+                )
+            if max_examples is not None and biggest > max_examples:
+                raise ConfigError(
+                    f"{where}" + (".ramp" if sch.ramp else ".max_batch_size"),
+                    biggest if sch.ramp else None,
+                    f"the ramp reaches batch size {biggest} at grid batch size {b}, more than "
+                    f"the {max_examples} training examples"
+                    + ("" if sch.ramp else "; set max_batch_size to cap Seesaw's doublings"),
+                )
+            if sch.ramp and len(sch.ramp) > 1:
+                need = sum(ph.samples for ph in sch.ramp[:-1])
+                have = float(plan.samples_after(cfg.budget.max_steps)) * tpe
+                if have <= need:
+                    unit = "tokens" if tpe > 1 else "examples"
+                    raise ConfigError(
+                        f"{where}.ramp",
+                        f"{need} {unit} before the last phase",
+                        f"at batch size {b} the budget of {cfg.budget.max_steps} steps consumes "
+                        f"only {have:.0f} {unit}, so the ramp's last phase is never reached; "
+                        "allowed: phases whose lengths fit the budget at every batch size",
+                    )
 
 
 def _axis_len(value) -> int:
@@ -982,11 +1125,24 @@ def config_dict(cfg: SweepConfig) -> dict:
         # likewise for the search and target-rule keys (absent = the grid as before)
         if entry.get("search", 0) is None:
             del entry["search"]
+        _legacy_schedule_keys(entry.get("schedule"))
     if d["grid"].get("search", 0) is None:
         del d["grid"]["search"]
     if d["target"].get("rule", 0) is None:
         del d["target"]["rule"]
     return d
+
+
+def _legacy_schedule_keys(sch: dict | None) -> None:
+    """A schedule without a batch ramp hashes as it did before ramps were counted in
+    samples (its mapping then had ``batch_growth: []`` and no ramp keys), so that its run
+    folders stay resumable. Seesaw schedules keep their new keys: their meaning changed."""
+    if not sch or sch.get("ramp") or sch.get("seesaw"):
+        return
+    if sch.get("seesaw_q") is None and sch.get("max_batch_size") is None:
+        for key in ("ramp", "seesaw_q", "max_batch_size"):
+            sch.pop(key, None)
+        sch["batch_growth"] = []
 
 
 # Keys that are not part of a sweep's identity: the analysis options (re-run on an existing

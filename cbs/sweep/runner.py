@@ -284,6 +284,9 @@ def _result_columns(cfg: SweepConfig, block: Block, result: BlockResult, stamp: 
     cols["steps_to_target"] = [
         float(rec.steps_to_target) if r else float("nan") for rec, r in zip(recs, reached)
     ]
+    cols["samples_to_target"] = [
+        _samples_to_target(rec, c.batch_size) for rec, c in zip(recs, cells)
+    ]
     cols["final_metric"] = [float(r.final_metric) for r in recs]
     cols["best_metric"] = [float(r.best_metric) for r in recs]
     cols["steps_run"] = [int(r.steps_run) for r in recs]
@@ -293,6 +296,16 @@ def _result_columns(cfg: SweepConfig, block: Block, result: BlockResult, stamp: 
         if k != "config_hash":
             cols[k] = [v] * n
     return cols
+
+
+def _samples_to_target(rec, batch_size: int) -> float:
+    """Examples consumed up to the crossing: the back end's count (a batch ramp's sum over
+    its phases) where it gives one, else steps x the batch size (NaN when not reached)."""
+    if not rec.reached:
+        return float("nan")
+    if "samples_to_target" in rec.extra:
+        return float(rec.extra["samples_to_target"])
+    return float(rec.steps_to_target) * batch_size
 
 
 def _result_rows(cfg: SweepConfig, block: Block, result: BlockResult, stamp: dict) -> list[dict]:
@@ -320,6 +333,7 @@ def _result_rows(cfg: SweepConfig, block: Block, result: BlockResult, stamp: dic
             "diverged": bool(rec.diverged),
             "censored": bool(not rec.reached and not rec.diverged),
             "steps_to_target": steps,
+            "samples_to_target": _samples_to_target(rec, cell.batch_size),
             "final_metric": float(rec.final_metric),
             "best_metric": float(rec.best_metric),
             "steps_run": int(rec.steps_run),

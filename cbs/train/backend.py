@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbs.devices import platform
+from cbs.ramps import is_ramped, ramp_plan
 from cbs.sweep.backend import Backend, Block, BlockResult
 from cbs.sweep.schema import ConfigError, spec
 from cbs.train import data as data_mod
@@ -423,13 +424,16 @@ class TrainBackend(Backend):
                     "allowed for the train back end: constant, "
                     "step, cosine, linear_decay, piecewise (optimized_pwc is NQM-only)",
                 )
-            if sch.batch_growth or sch.seesaw:
+            if opt.kind == "kfac" and is_ramped(sch):
                 raise ConfigError(
                     f"{where}.schedule",
-                    "batch_growth/seesaw",
-                    "batch-size schedules are not "
-                    "supported by the train back end (one program per batch size)",
+                    "ramp" if sch.ramp else "seesaw",
+                    "allowed with kind 'kfac': no batch ramp (kfac-jax's curvature estimates "
+                    "are tied to one batch size and its runner keeps one)",
                 )
+        from cbs.sweep.config import check_ramps
+
+        check_ramps(config, max_examples=n)
 
     @staticmethod
     def _check_data_and_model(s: TrainSection, config) -> str:
@@ -530,10 +534,30 @@ class TrainBackend(Backend):
             exact=s.exact_crossing,
         )
 
-    def _run_for(self, kind: str, schedule) -> BlockRun:
-        key = (kind, repr(schedule))
+    def ramp_plan(self, block: Block):
+        """The batch ramp of a block's cells (``cbs.ramps.ramp_plan``), None when its
+        schedule keeps one batch size."""
+        if not is_ramped(block.schedule):
+            return None
+        return ramp_plan(
+            block.schedule,
+            block.batch_size,
+            self.config.budget.max_steps,
+            kind=block.kind,
+            tokens_per_example=self.config.analysis.tokens_per_example,
+        )
+
+    def _run_for(self, kind: str, schedule, plan=None) -> BlockRun:
+        key = (kind, repr(schedule), None if plan is None else plan.batch_size)
         if key not in self._runs:
             sched = schedule_fn(schedule, self.config.budget.max_steps)
+            if plan is not None:
+                # a ramp's LR depends on the samples consumed, so on the starting batch
+                # size: the plan's phase multipliers (the one rule, cbs.ramps.ramp_plan),
+                # looked up by step (memory per phase, not per step of the budget)
+                ends = jnp.asarray(np.cumsum(plan.steps)[:-1], jnp.int32)
+                mults = jnp.asarray(plan.lr_mult, jnp.float32)
+                sched = lambda count: mults[jnp.searchsorted(ends, count, side="right")]  # noqa: E731
             opts = self.options()
             self._runs[key] = BlockRun(
                 self.problem,
@@ -560,7 +584,8 @@ class TrainBackend(Backend):
                 res = self._kfac[key].run_block(block, opts)
                 layout = "sequential (kfac-jax step per cell; one compile per weight decay)"
             else:
-                run = self._run_for(block.kind, block.schedule)
+                plan = self.ramp_plan(block)
+                run = self._run_for(block.kind, block.schedule, plan)
                 width = self.program_width(block)
                 res = run_vmapped_block(
                     self.problem,
@@ -570,21 +595,22 @@ class TrainBackend(Backend):
                     list(OPTIMIZERS[block.kind].hparams),
                     width,
                     progress=self._block_progress(block),
+                    phases=None if plan is None else plan.batch_phases(),
                 )
                 layout = (
                     f"vmap over {len(block.cells)} cells"
                     + (f" padded to {width} lanes" if width > len(block.cells) else "")
                     + f", {opts.evals_per_call} evaluations per call"
                 )
+            _add_samples_to_target(res, block, self.ramp_plan(block))
             # Epochs beside steps: how often the data repeat before the target (a run that
             # needs many passes measures generalisation from repeated examples, not
-            # optimisation); steps x B / training-set size, NaN when not reached.
+            # optimisation); examples consumed to the target (a ramp's sum over its phases)
+            # / training-set size, NaN when not reached.
             n_train = int(self.problem.x_train.shape[0])
-            for rec, cell in zip(res.cells, block.cells):
+            for rec in res.cells:
                 rec.extra["train_examples"] = float(n_train)
-                rec.extra["epochs_to_target"] = float(
-                    rec.steps_to_target * cell.batch_size / n_train
-                )
+                rec.extra["epochs_to_target"] = rec.extra["samples_to_target"] / n_train
             self._layout.append(
                 dict(
                     block_id=block.block_id,
@@ -689,6 +715,9 @@ class TrainBackend(Backend):
         if block.kind == "kfac":  # K-FAC cells run one at a time already
             return None
         key = (block.kind, repr(block.schedule), block.batch_size)
+        plan = self.ramp_plan(block)
+        # a ramp's cells hold the largest batch of its phases at some point
+        batch = block.batch_size * (1 if plan is None else plan.max_batch_mult)
         if key not in self._cell_bytes:
             from cbs.train.engine import make_block_fns
 
@@ -702,12 +731,12 @@ class TrainBackend(Backend):
             hp = {k: jnp.float32(block.cells[0].hparams[k]) for k in OPTIMIZERS[block.kind].hparams}
             state = jax.eval_shape(init, self.problem.init_params(0), hp)
             state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-            idx = jax.ShapeDtypeStruct((opts.eval_every, block.batch_size), jnp.int32)
+            idx = jax.ShapeDtypeStruct((opts.eval_every, batch), jnp.int32)
             data = None
             p = self.problem
             if getattr(p, "streaming", False):  # a streamed chunk: the examples themselves
                 data = tuple(
-                    jax.ShapeDtypeStruct((opts.eval_every, block.batch_size, *a.shape[1:]), a.dtype)
+                    jax.ShapeDtypeStruct((opts.eval_every, batch, *a.shape[1:]), a.dtype)
                     for a in (p.x_train, p.y_train)
                 )
 
@@ -716,7 +745,7 @@ class TrainBackend(Backend):
                 return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)
 
             batch_bytes = (
-                4 * opts.eval_every * block.batch_size
+                4 * opts.eval_every * batch
                 if data is None
                 else sum(x.size * x.dtype.itemsize for x in data)
             ) * opts.evals_per_call
@@ -816,3 +845,14 @@ class TrainBackend(Backend):
             for b in blocks
         ]
         return dict(rule=rule, blocks=rows or list(self._layout))
+
+
+def _add_samples_to_target(res, block: Block, plan) -> None:
+    """Each record's examples consumed up to its crossing step (NaN when not reached):
+    steps x B at a constant batch size, the ramp's sum over its phases otherwise."""
+    for rec in res.cells:
+        t = rec.steps_to_target if rec.reached else float("nan")
+        if plan is None:
+            rec.extra["samples_to_target"] = float(t) * block.batch_size
+        else:
+            rec.extra["samples_to_target"] = float(plan.samples_after([t])[0])

@@ -383,6 +383,7 @@ def run_vmapped_block(
     hparam_names: list[str],
     width: int | None = None,
     progress: Callable[[float, str], None] | None = None,
+    phases: list[tuple[int, int, int]] | None = None,
 ) -> BlockResult:
     """Trains every cell of ``block`` in one vmapped program until the stopping rule.
 
@@ -398,6 +399,11 @@ def run_vmapped_block(
       progress: called after every compiled call (every ``steps_per_call`` steps) as
         ``progress(cells_done, detail)``: finished cells count 1, running ones the share of
         the step budget done (the runner's in-block progress bar).
+      phases: a batch ramp's ``(start_step, end_step, batch_size)`` runs
+        (``cbs.ramps.RampPlan.batch_phases``; default: the block's batch size throughout).
+        The cells' state carries across a phase change; evaluations fall every
+        ``eval_every`` steps from each phase's start and at its end (so no interval
+        mixes two batch sizes), and the data order continues the seed's index stream.
     """
     tracker = Tracker(block, opts)
     B, n = block.batch_size, problem.num_train
@@ -405,6 +411,10 @@ def run_vmapped_block(
     useeds = sorted(set(seeds))
     seed_idx = np.array([useeds.index(s) for s in seeds], np.int32)
     k, every = opts.evals_per_call, opts.eval_every
+    # Batch ramps run phase after phase (see ``phases``); one phase: the block's batch size.
+    ramped = phases is not None and len(phases) > 1
+    phases = phases if ramped else [(0, opts.max_steps, B)]
+    phase, (_, p_end, B) = 0, phases[0]
     micro = opts.noise_micro_batch or B
 
     # Pad the cell axis to the program width and to a multiple of the device count by
@@ -454,17 +464,42 @@ def run_vmapped_block(
 
     # Index tables per call (and, for a streamed training set, the gathered examples,
     # prepared one call ahead in a background thread).
-    feeder = ChunkFeeder(problem, useeds, (k, every, B), noise_table if opts.noise_scale else None)
+    feeder = ChunkFeeder(
+        problem,
+        useeds,
+        (k, every, B),
+        noise_table if opts.noise_scale else None,
+        end=p_end if ramped else None,
+    )
     pending = _PendingReplays()
     target = program_target(opts.target)
     slots = np.arange(k * every, dtype=np.int32).reshape(k, every)
     while step < opts.max_steps and not tracker.done.all():
+        if step >= p_end:  # the next phase of a batch ramp: same cells, a new batch size
+            if pending.items:  # replays run at the batch size the cells crossed at
+                t_rep = time.perf_counter()
+                _replay(run, pending, lr, hp, put, None, tracker, opts)
+                tracker.replay_seconds += time.perf_counter() - t_rep
+            feeder.close()
+            phase += 1
+            step, p_end, B = phases[phase]
+            micro = opts.noise_micro_batch or B
+            feeder = ChunkFeeder(
+                problem,
+                useeds,
+                (k, every, B),
+                noise_table if opts.noise_scale else None,
+                streams=feeder.streams,
+                end=p_end,
+            )
         table, ntable, data = feeder.get(step)
         # Each lane gets its seed's rows (a replay gives every lane its own rows).
         table = np.asarray(table)[seed_idx]
         ntable = None if ntable is None else put(np.asarray(ntable)[seed_idx])
         reached_before = tracker.reached.copy()
         every_slot = np.ones((lr.shape[0], k, every), bool)
+        if ramped:  # steps past the phase's end are no-ops
+            every_slot &= (step + slots < p_end)[None]
         # snap: each lane's state at its last evaluation above target (where a crossing
         # replay starts), when the run keeps it (exact crossings).
         state, out, snap = run.call(
@@ -482,9 +517,9 @@ def run_vmapped_block(
         applied = np.asarray(state.step)
         for j in range(k):
             start = step + j * every
-            if start >= opts.max_steps:
+            if start >= p_end:
                 break
-            at = min(start + every, opts.max_steps)
+            at = min(start + every, p_end)
             for lane in range(n_live):
                 i = int(lane_cell[lane])
                 metrics = dict(
@@ -523,7 +558,7 @@ def run_vmapped_block(
                     _replay(run, pending, lr, hp, put, data, tracker, opts)
                 tracker.replay_seconds += time.perf_counter() - t_rep
         del snap
-        step += k * every
+        step = min(step + k * every, p_end)  # a ramp's phase ends at p_end
         if progress is not None:
             at = min(step, opts.max_steps)
             running = int((~tracker.done).sum())

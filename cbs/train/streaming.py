@@ -72,13 +72,23 @@ class ChunkFeeder:
         seeds: Sequence[int],
         per_call: tuple[int, int, int],
         noise=None,
+        streams: dict | None = None,
+        end: int | None = None,
     ):
         """``per_call = (evals_per_call, eval_every, batch_size)``; ``noise(step)`` gives the
         ``(n_seeds, evals_per_call, num_micro, micro)`` noise-scale indices of the call
-        starting at ``step``, or is None."""
+        starting at ``step``, or is None. A batch ramp's phase passes the seeds' index
+        ``streams`` on from the previous phase and its ``end`` step: steps at or past it
+        draw no examples (their table rows are 0), so the examples a cell sees depend only
+        on its seed and the samples it has consumed."""
         self.problem, self.seeds, self.noise = problem, list(seeds), noise
         self.k, self.every, self.batch = per_call
-        self.streams = {s: IndexStream(s, problem.num_train) for s in self.seeds}
+        self.end = end
+        self.streams = (
+            streams
+            if streams is not None
+            else {s: IndexStream(s, problem.num_train) for s in self.seeds}
+        )
         self._pool = (
             concurrent.futures.ThreadPoolExecutor(1)
             if problem.streaming and self.prefetch
@@ -89,9 +99,16 @@ class ChunkFeeder:
 
     def _indices(self, step: int):
         k, every, b = self.k, self.every, self.batch
-        table = np.stack(
-            [self.streams[s].take(k * every * b).reshape(k, every, b) for s in self.seeds]
-        )
+        if self.end is None:
+            table = np.stack(
+                [self.streams[s].take(k * every * b).reshape(k, every, b) for s in self.seeds]
+            )
+        else:
+            live = int(np.clip(self.end - step, 0, k * every))
+            table = np.zeros((len(self.seeds), k * every * b), np.int32)
+            for i, s in enumerate(self.seeds):
+                table[i, : live * b] = self.streams[s].take(live * b)
+            table = table.reshape(len(self.seeds), k, every, b)
         ntable = None if self.noise is None else self.noise(step)
         return table, ntable
 
