@@ -9,6 +9,7 @@ rules, :mod:`cbs.train.loop` for steps-to-target, :mod:`cbs.train.data` for the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from cbs.sweep.schema import ConfigError, spec
 from cbs.train import data as data_mod
 from cbs.train import sources
 from cbs.train.engine import BlockRun, TrainProblem
+from cbs.train.layout import choose_layout, parse_layout, probe_rates
 from cbs.train.loop import RunOptions, compaction_pays, run_vmapped_block
 from cbs.train.models import make_model
 from cbs.train.optimizers import OPTIMIZERS, schedule_fn, soap_available
@@ -118,6 +120,12 @@ class TrainSection:
         "auto",
         doc="drop finished cells from a running block once half are done: auto = when the compute "
         "saved beats a compile by a fixed FLOP cost model (never timings: results stay reproducible)",
+    )
+    layout: str = spec(
+        "auto",
+        doc="how a block's cells are laid out in its program: vmap, sequential (lax.map over "
+        "cells), grouped:G (lax.map over vmapped groups of G cells) or auto (accelerators: vmap; "
+        "CPU: a short probe's fastest, recorded in the timing table)",
     )
     diverge_loss: float | None = spec(
         None, doc="also call a cell diverged when its training loss exceeds this", gt=0
@@ -237,6 +245,7 @@ class TrainBackend(Backend):
         self._kfac: dict = {}
         self._layout: list[dict] = []
         self._widths: dict | None = None
+        self._layouts: dict = {}  # (kind, schedule, batch size, lanes) -> (layout, why, probe)
 
     # ------------------------------------------------------------------ config checks
     @classmethod
@@ -254,6 +263,12 @@ class TrainBackend(Backend):
                 "allowed: " + ", ".join(map(repr, BUILTIN_MODELS)) + " or 'pkg.module:Factory'",
                 f"did you mean {close[0]!r}?" if close else "",
             )
+        try:
+            parse_layout(s.layout)
+        except ValueError as e:
+            raise ConfigError(
+                "train.layout", s.layout, "allowed: auto, vmap, sequential, grouped:G (G >= 1)"
+            ) from e
         if s.model_args and not user_model:
             raise ConfigError(
                 "train.model_args",
@@ -537,13 +552,26 @@ class TrainBackend(Backend):
             else:
                 run = self._run_for(block.kind, block.schedule)
                 width = self.program_width(block)
+                cell_layout, why, probe = self.block_layout(block)
                 res = run_vmapped_block(
-                    self.problem, block, opts, run, list(OPTIMIZERS[block.kind].hparams), width
+                    self.problem,
+                    block,
+                    opts,
+                    run,
+                    list(OPTIMIZERS[block.kind].hparams),
+                    width,
+                    cell_layout,
+                )
+                # The layout and its probe go into the block's timing table (stored).
+                res.tables["timing"] = res.tables["timing"].assign(
+                    layout=cell_layout,
+                    layout_reason=why,
+                    layout_probe=json.dumps(probe.as_dict()) if probe else "",
                 )
                 layout = (
-                    f"vmap over {len(block.cells)} cells"
+                    f"{cell_layout} over {len(block.cells)} cells"
                     + (f" padded to {width} lanes" if width > len(block.cells) else "")
-                    + f", {opts.evals_per_call} evaluations per call"
+                    + f", {opts.evals_per_call} evaluations per call ({why})"
                 )
             self._layout.append(
                 dict(
@@ -611,6 +639,39 @@ class TrainBackend(Backend):
             if cell is None or w0 * cell > budget * jax.local_device_count():
                 return n
         return w0
+
+    # The probe compiles a forward pass per candidate layout (0.5-1.8 s on 2 loaded CPU
+    # cores); it runs only for blocks of at least this much estimated compute, where the
+    # margin a layout must win by (cbs.train.layout.MARGIN) pays for it.
+    PROBE_PAYS_S = 20.0
+
+    def block_layout(self, block: Block) -> tuple[str, str, Any]:
+        """(layout, reason, probe or None) of the program that runs ``block``: the config's
+        ``train.layout`` when set, else :func:`cbs.train.layout.choose_layout` (decided once
+        per program family and width, so every block of it runs the same program)."""
+        lanes = self.program_width(block)
+        forced = self.section.layout
+        if forced != "auto":
+            return forced, "train.layout", None
+        if jax.local_device_count() > 1:  # the lanes are sharded over devices: keep vmap
+            return "vmap", f"{jax.local_device_count()} devices share the lanes", None
+        key = (block.kind, repr(block.schedule), block.batch_size, lanes)
+        if key not in self._layouts:
+            p = self.problem
+            compute_s = (
+                self.block_cost(block)
+                - len(block.cells) * self.NOMINAL_COST.get(platform(), self.NOMINAL_COST["gpu"])[0]
+            )
+            probe = None
+            if compute_s >= self.PROBE_PAYS_S:
+                x = p.x_train[: block.batch_size]
+                x = jnp.asarray(np.asarray(x)) if p.streaming else x
+                probe = lambda: probe_rates(p.model, p.init_params(0), x, lanes)  # noqa: E731
+            layout, why, measured = choose_layout(platform(), lanes, probe)
+            if probe is None and platform() == "cpu" and lanes > 1:
+                why = f"estimated {compute_s:.1f} s of compute: a probe would not pay"
+            self._layouts[key] = (layout, why, measured)
+        return self._layouts[key]
 
     def block_cost(self, block: Block) -> float:
         """Estimated seconds of a block (for balancing shards; measured times replace it).
@@ -737,6 +798,14 @@ class TrainBackend(Backend):
             block_layout=self._block_layout(),
         )
 
+    def _planned_layout(self, block: Block) -> str:
+        """The layout known before the block runs: the forced one, or the one already
+        chosen for its program, or "auto" (chosen when it runs; see its timing table)."""
+        if self.section.layout != "auto":
+            return self.section.layout
+        key = (block.kind, repr(block.schedule), block.batch_size, self.program_width(block))
+        return self._layouts[key][0] if key in self._layouts else "auto"
+
     def _block_layout(self) -> dict:
         """How the sweep's blocks map to compiled programs (known before any block runs)."""
         opts = self.options()
@@ -745,7 +814,10 @@ class TrainBackend(Backend):
             f"width); cells (LR x hyperparameters x seed) vmapped inside it, an adaptive round "
             f"padded to its first pass's width (same program); lax.scan over "
             f"{opts.evals_per_call} evaluation intervals of {opts.eval_every} steps per call, stop check "
-            f"between calls; kfac cells run one after another (kfac-jax step, one compile per weight decay)"
+            f"between calls; kfac cells run one after another (kfac-jax step, one compile per weight decay); "
+            f"cells laid out per train.layout = {self.section.layout} (auto: vmap on accelerators, "
+            f"on CPU a probe's fastest of vmap / sequential / grouped, recorded per block in the "
+            f"timing table with the probe)"
         )
         try:
             from cbs.sweep.grid import expand_blocks
@@ -760,7 +832,7 @@ class TrainBackend(Backend):
                 batch_size=b.batch_size,
                 cells=len(b.cells),
                 vmap_width=1 if b.kind == "kfac" else self.program_width(b),
-                mode="sequential" if b.kind == "kfac" else "vmap",
+                mode="sequential" if b.kind == "kfac" else self._planned_layout(b),
             )
             for b in blocks
         ]

@@ -312,6 +312,7 @@ def _replay(
     data,
     tracker: Tracker,
     opts: RunOptions,
+    layout: str = "vmap",
 ) -> None:
     """Exact first crossings of the pending cells: each is retrained from its state at t0
     (kept by the call) over its crossing call's own data rows (the same trajectory, in the
@@ -355,7 +356,16 @@ def _replay(
                 micro = opts.noise_micro_batch or batch
                 ntable = put(np.zeros((width, k, opts.noise_num_micro, micro), np.int32))
             state, out, _ = run.call(
-                state, lr, hp, put(idx), ntable, data, jnp.asarray(steps), put(live), target
+                state,
+                lr,
+                hp,
+                put(idx),
+                ntable,
+                data,
+                jnp.asarray(steps),
+                put(live),
+                target,
+                layout=layout,
             )
             metric = np.asarray(out[opts.metric])
             for c in group:
@@ -381,6 +391,7 @@ def run_vmapped_block(
     run: BlockRun,
     hparam_names: list[str],
     width: int | None = None,
+    layout: str = "vmap",
 ) -> BlockResult:
     """Trains every cell of ``block`` in one vmapped program until the stopping rule.
 
@@ -393,6 +404,8 @@ def run_vmapped_block(
       width: lanes of the program (default: the cell count); more lanes than cells pad
         the block with copies of its last cell, never recorded, so that blocks of other
         cell counts reuse one compiled program (see ``TrainBackend.program_width``).
+      layout: how the cells are laid out in the program (:mod:`cbs.train.layout`); the
+        crossing replays run in the same layout, so in the same arithmetic.
     """
     tracker = Tracker(block, opts)
     B, n = block.batch_size, problem.num_train
@@ -472,6 +485,7 @@ def run_vmapped_block(
             jnp.asarray(step + slots),
             put(every_slot),
             target,
+            layout=layout,
         )
         out = {key: np.asarray(v) for key, v in out.items()}
         applied = np.asarray(state.step)
@@ -515,7 +529,7 @@ def run_vmapped_block(
                 t_rep = time.perf_counter()
                 pending.add(snap, crossing)
                 if data is not None:  # a streamed chunk serves this call's replays only
-                    _replay(run, pending, lr, hp, put, data, tracker, opts)
+                    _replay(run, pending, lr, hp, put, data, tracker, opts, layout)
                 tracker.replay_seconds += time.perf_counter() - t_rep
         del snap
         step += k * every
@@ -543,7 +557,7 @@ def run_vmapped_block(
         if opts.compact != "never" and len(live) and new_width < width and worth:
             if pending.items:  # replay in the program of the width the cells crossed at
                 t_rep = time.perf_counter()
-                _replay(run, pending, lr, hp, put, None, tracker, opts)
+                _replay(run, pending, lr, hp, put, None, tracker, opts, layout)
                 tracker.replay_seconds += time.perf_counter() - t_rep
             sel = np.concatenate([live, np.repeat(live[-1:], new_width - len(live))])
             state, lr, seed_idx = (
@@ -559,6 +573,6 @@ def run_vmapped_block(
     feeder.close()
     if pending.items:
         t_rep = time.perf_counter()
-        _replay(run, pending, lr, hp, put, None, tracker, opts)
+        _replay(run, pending, lr, hp, put, None, tracker, opts, layout)
         tracker.replay_seconds += time.perf_counter() - t_rep
     return tracker.result()
