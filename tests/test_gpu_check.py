@@ -35,7 +35,9 @@ def test_gpu_check_dry_run(tmp_path):
     assert set(steps) == {"doctor", "quickstart", "train_speed", "nqm_speed", "train_mnist1d_mlp"}
     assert all(r[1].strip() == "ok" for r in steps.values()), summary
     # the figures come from each benchmark's RESULT line
-    assert "speedup_strong=" in steps["train_speed"][3] and "cells_per_s=" in steps["train_speed"][3]
+    assert (
+        "speedup_strong=" in steps["train_speed"][3] and "cells_per_s=" in steps["train_speed"][3]
+    )
     assert "ours_cold_s=" in steps["nqm_speed"][3]
     assert (out / "train_mnist1d_mlp" / "results.parquet").exists()
 

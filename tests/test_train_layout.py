@@ -3,6 +3,7 @@ value, the choice rule, the layout option, and the one-shot init compile options
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import jax
@@ -65,6 +66,17 @@ def test_layouts_record_the_same_values():
             )
 
 
+def test_probe_layout_is_recorded_with_its_probe():
+    block = make_block("sgd", 32, [0.1, 0.3], seeds=(0, 1))
+    res = run_with("probe", block)
+    row = res.tables["timing"].iloc[0]
+    probe = json.loads(row.layout_probe)
+    assert row.layout in probe["forward_seconds"] and probe["cells"] == 4
+    assert set(probe["forward_seconds"]) >= {"vmap", "sequential", "grouped:2"}
+    assert all(v > 0 for v in probe["forward_seconds"].values())
+    assert run_with("auto", block).tables["timing"].iloc[0].layout == "vmap"
+
+
 def test_over_cells_layouts_agree_on_a_pure_function():
     # an independent check of the wrapper: every layout stacks fn's outputs in cell order
     x = jnp.arange(7 * 3, dtype=jnp.float32).reshape(7, 3)
@@ -96,7 +108,7 @@ def test_choose_layout_rule():
     )
 
 
-@pytest.mark.parametrize("bad", ["loop", "grouped", "grouped:0", "grouped:x", "vmap:2"])
+@pytest.mark.parametrize("bad", ["loop", "grouped", "grouped:0", "grouped:x", "vmap:2", "probe:2"])
 def test_bad_layout_is_a_config_error(bad):
     with pytest.raises(ValueError):
         parse_layout(bad)

@@ -124,8 +124,9 @@ class TrainSection:
     layout: str = spec(
         "auto",
         doc="how a block's cells are laid out in its program: vmap, sequential (lax.map over "
-        "cells), grouped:G (lax.map over vmapped groups of G cells) or auto (accelerators: vmap; "
-        "CPU: a short probe's fastest, recorded in the timing table)",
+        "cells), grouped:G (lax.map over vmapped groups of G cells), auto (vmap: a fixed rule, "
+        "results the same on every run) or probe (CPU: a short probe's fastest; recorded in the "
+        "timing table; layouts differ at rounding level)",
     )
     diverge_loss: float | None = spec(
         None, doc="also call a cell diverged when its training loss exceeds this", gt=0
@@ -267,7 +268,9 @@ class TrainBackend(Backend):
             parse_layout(s.layout)
         except ValueError as e:
             raise ConfigError(
-                "train.layout", s.layout, "allowed: auto, vmap, sequential, grouped:G (G >= 1)"
+                "train.layout",
+                s.layout,
+                "allowed: auto, probe, vmap, sequential, grouped:G (G >= 1)",
             ) from e
         if s.model_args and not user_model:
             raise ConfigError(
@@ -640,37 +643,34 @@ class TrainBackend(Backend):
                 return n
         return w0
 
-    # The probe compiles a forward pass per candidate layout (0.5-1.8 s on 2 loaded CPU
-    # cores); it runs only for blocks of at least this much estimated compute, where the
-    # margin a layout must win by (cbs.train.layout.MARGIN) pays for it.
-    PROBE_PAYS_S = 20.0
-
     def block_layout(self, block: Block) -> tuple[str, str, Any]:
-        """(layout, reason, probe or None) of the program that runs ``block``: the config's
-        ``train.layout`` when set, else :func:`cbs.train.layout.choose_layout` (decided once
-        per program family and width, so every block of it runs the same program)."""
+        """(layout, reason, probe or None) of the program that runs ``block``.
+
+        ``train.layout`` vmap / sequential / grouped:G: that layout. ``auto`` (the default):
+        vmap, on every platform, by a fixed rule: the layouts round differently at ~1e-7
+        (XLA:CPU's batched and single matmuls differ at some shapes), so a choice by timing
+        would make results depend on machine load, and the probe found no layout faster
+        than vmap on CPU at the benchmark sizes (benchmarks/README.md). ``probe``: the
+        fastest layout by :func:`cbs.train.layout.choose_layout`'s probe, decided once per
+        program family and width and recorded with the probe (fast, but a rerun on another
+        machine or load may pick another layout and differ at rounding level).
+        """
         lanes = self.program_width(block)
-        forced = self.section.layout
-        if forced != "auto":
-            return forced, "train.layout", None
+        mode = self.section.layout
+        if mode not in ("auto", "probe"):
+            return mode, "train.layout", None
+        if mode == "auto":
+            return "vmap", "auto: vmap (a fixed rule, the same on every run)", None
         if jax.local_device_count() > 1:  # the lanes are sharded over devices: keep vmap
             return "vmap", f"{jax.local_device_count()} devices share the lanes", None
         key = (block.kind, repr(block.schedule), block.batch_size, lanes)
         if key not in self._layouts:
             p = self.problem
-            compute_s = (
-                self.block_cost(block)
-                - len(block.cells) * self.NOMINAL_COST.get(platform(), self.NOMINAL_COST["gpu"])[0]
+            x = p.x_train[: block.batch_size]
+            x = jnp.asarray(np.asarray(x)) if p.streaming else x
+            self._layouts[key] = choose_layout(
+                platform(), lanes, lambda: probe_rates(p.model, p.init_params(0), x, lanes)
             )
-            probe = None
-            if compute_s >= self.PROBE_PAYS_S:
-                x = p.x_train[: block.batch_size]
-                x = jnp.asarray(np.asarray(x)) if p.streaming else x
-                probe = lambda: probe_rates(p.model, p.init_params(0), x, lanes)  # noqa: E731
-            layout, why, measured = choose_layout(platform(), lanes, probe)
-            if probe is None and platform() == "cpu" and lanes > 1:
-                why = f"estimated {compute_s:.1f} s of compute: a probe would not pay"
-            self._layouts[key] = (layout, why, measured)
         return self._layouts[key]
 
     def block_cost(self, block: Block) -> float:
@@ -799,12 +799,13 @@ class TrainBackend(Backend):
         )
 
     def _planned_layout(self, block: Block) -> str:
-        """The layout known before the block runs: the forced one, or the one already
-        chosen for its program, or "auto" (chosen when it runs; see its timing table)."""
-        if self.section.layout != "auto":
-            return self.section.layout
+        """The layout known before the block runs: the rule's, or with ``probe`` the one
+        already chosen for its program, else "probe" (chosen when it runs; see its timing
+        table)."""
+        if self.section.layout != "probe":
+            return self.block_layout(block)[0]
         key = (block.kind, repr(block.schedule), block.batch_size, self.program_width(block))
-        return self._layouts[key][0] if key in self._layouts else "auto"
+        return self._layouts[key][0] if key in self._layouts else "probe"
 
     def _block_layout(self) -> dict:
         """How the sweep's blocks map to compiled programs (known before any block runs)."""
@@ -815,9 +816,9 @@ class TrainBackend(Backend):
             f"padded to its first pass's width (same program); lax.scan over "
             f"{opts.evals_per_call} evaluation intervals of {opts.eval_every} steps per call, stop check "
             f"between calls; kfac cells run one after another (kfac-jax step, one compile per weight decay); "
-            f"cells laid out per train.layout = {self.section.layout} (auto: vmap on accelerators, "
-            f"on CPU a probe's fastest of vmap / sequential / grouped, recorded per block in the "
-            f"timing table with the probe)"
+            f"cells laid out per train.layout = {self.section.layout} (auto: vmap; probe: on CPU "
+            f"a probe's fastest of vmap / sequential / grouped; the layout of every block and any "
+            f"probe are recorded in its timing table)"
         )
         try:
             from cbs.sweep.grid import expand_blocks

@@ -11,16 +11,16 @@ Three layouts of the same per-cell function (``one(state, lr, hp, idx, noise, li
 
 Which is fastest depends on the platform and the block: an accelerator wants the whole
 block in one batched computation, a CPU whose small matmuls gain nothing from batching
-may prefer the loop. :func:`choose_layout` decides from a cost model whose two rates
-(seconds per cell-step of the model's forward pass, batched and one at a time) are
-measured by a short probe at the block's shapes; the probe and the decision are recorded
-in the manifest. A user forces a layout with ``train.layout``.
+may prefer the loop. With ``train.layout: probe``, :func:`choose_layout` decides from a
+cost model whose rates (seconds of the model's forward pass for the block's cells in each
+layout) are measured by a short probe at the block's shapes; the probe and the decision
+are recorded in the block's timing table. ``auto`` (the default) is vmap by a fixed rule.
 
-The layouts run the same per-cell arithmetic; whether XLA rounds a batched matmul the same
-way as a single one is a property of the platform's matmul kernels, so the choice is made
-once per (platform, problem, kind, batch size, width) and recorded, and
-``tests/test_train_layout.py`` checks that on CPU every recorded value is the same
-whichever layout runs.
+The layouts run the same per-cell arithmetic, but XLA:CPU rounds a batched matmul
+differently from a single one at some shapes (~1e-7 relative), so a layout chosen by timing
+could make results depend on machine load: that is why ``auto`` does not time anything.
+``tests/test_train_layout.py`` checks that every outcome and count recorded is the same
+whichever layout runs and every metric agrees to float32 rounding.
 """
 
 from __future__ import annotations
@@ -35,15 +35,16 @@ import numpy as np
 
 __all__ = ["LAYOUTS", "parse_layout", "over_cells", "LayoutProbe", "probe_rates", "choose_layout"]
 
-LAYOUTS = ("auto", "vmap", "sequential", "grouped")
+LAYOUTS = ("auto", "probe", "vmap", "sequential", "grouped")
 
 
 def parse_layout(text: str) -> tuple[str, int]:
-    """``"vmap"``, ``"sequential"``, ``"grouped:G"`` (G >= 1) or ``"auto"`` -> (mode, G).
+    """``"vmap"``, ``"sequential"``, ``"grouped:G"`` (G >= 1), ``"auto"`` or ``"probe"`` ->
+    (mode, G).
     G is 0 for the modes without a group size. Raises ValueError naming what is allowed."""
     mode, _, g = str(text).partition(":")
     if mode not in LAYOUTS or (mode == "grouped") != bool(g):
-        raise ValueError(f"{text!r}: allowed auto, vmap, sequential, grouped:G (G >= 1)")
+        raise ValueError(f"{text!r}: allowed auto, probe, vmap, sequential, grouped:G (G >= 1)")
     if mode != "grouped":
         return mode, 0
     if not g.isdigit() or int(g) < 1:
@@ -55,7 +56,11 @@ def over_cells(layout: str, fn: Callable, args: tuple):
     """``fn`` applied to every cell (leading axis of each leaf of ``args``) in ``layout``;
     the outputs are stacked along that axis in every layout."""
     mode, g = parse_layout(layout)
-    if mode in ("vmap", "auto"):
+    if mode in ("auto", "probe"):
+        raise ValueError(
+            f"{layout!r}: a program runs a concrete layout (vmap, sequential, grouped:G)"
+        )
+    if mode == "vmap":
         return jax.vmap(fn)(*args)
     return jax.lax.map(lambda a: fn(*a), args, batch_size=g if mode == "grouped" else None)
 
