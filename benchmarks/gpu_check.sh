@@ -43,10 +43,10 @@ START=$(date +%s)
 if [ "$DRY" = 1 ]; then
   export JAX_PLATFORMS=cpu
   DOCTOR_S=0.1
-  QUICK_ARGS=(grid.batch_sizes=[4,1024] grid.learning_rates.num=20 "grid.optimizers=[{kind: sgd, name: sgd_p0, hparams: {precond_power: 0.0}}]")
+  QUICK_ARGS=(--no-analysis grid.batch_sizes=[4,1024] grid.learning_rates.num=20 "grid.optimizers=[{kind: sgd, name: sgd_p0, hparams: {precond_power: 0.0}}]")
   TRAIN_SPEED_ARGS=(--size 4,16,100 --skip-naive)
   NQM_SPEED_ARGS=(--quick --sample 1 --sim-steps 5)
-  TRAIN_ARGS=(grid.batch_sizes=[16] grid.seeds=[0] budget.max_steps=20 budget.eval_every=10
+  TRAIN_ARGS=(--no-analysis grid.batch_sizes=[16] grid.seeds=[0] budget.max_steps=20 budget.eval_every=10
     "grid.optimizers=[{kind: sgd}]" grid.learning_rates.num=2 grid.adaptive.enabled=false
     train.width=16)
   LIMITS=(300 300 300 300 300)  # a shared CI machine may be slow; the 8-minute budget is the GPU's

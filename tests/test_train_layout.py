@@ -128,3 +128,25 @@ def test_init_params_are_model_init_bit_for_bit():
         ref = jax.jit(lambda s: p.model.init(jax.random.PRNGKey(s), x0))(jnp.int32(seed))
         for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_all_finite_guard_matches_numpy():
+    # the divergence guard's "every parameter finite", against NumPy's isfinite
+    from cbs.train.engine import _all_finite
+
+    big = np.float32(3e38)  # finite, and its sum with itself overflows: must stay "finite"
+    cases = [
+        dict(a=np.ones(3, np.float32), b=np.full((2, 2), big, np.float32)),
+        dict(a=np.array([1.0, np.inf], np.float32), b=np.zeros(2, np.float32)),
+        dict(a=np.array([-np.inf], np.float32), b=np.zeros(2, np.float32)),
+        dict(a=np.array([np.nan, 1.0], np.float32), b=np.zeros(2, jnp.bfloat16)),
+        dict(a=np.ones(2, np.float32), b=np.array([np.inf], jnp.bfloat16), n=np.arange(3)),
+        dict(n=np.arange(3)),
+    ]
+    for tree in cases:
+        expect = all(
+            np.all(np.isfinite(np.asarray(x, np.float64)))
+            for x in jax.tree.leaves(tree)
+            if np.issubdtype(np.asarray(x).dtype, np.inexact) or x.dtype == jnp.bfloat16
+        )
+        assert bool(jax.jit(_all_finite)(tree)) == expect, tree

@@ -158,12 +158,14 @@ def _where(pred, new, old):
 
 
 def _all_finite(tree) -> jax.Array:
-    leaves = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree.leaves(tree)
-        if jnp.issubdtype(x.dtype, jnp.inexact)
-    ]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+    # x * 0 is 0 for a finite x and NaN for inf or NaN (IEEE; XLA does not fold it without
+    # fast-math), so one float sum per leaf answers "all finite" exactly. It compiles
+    # cheaper on XLA:CPU than a boolean all(isfinite) per leaf: 0.35 of 2.4 CPU-seconds
+    # for the MNIST-1D MLP's vmapped call program (benchmarks/README.md, train_speed).
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return jnp.array(True)
+    return jnp.isfinite(sum(jnp.sum(x * 0) for x in leaves))
 
 
 def eval_params(state: CellState, ema_decay) -> Any:
