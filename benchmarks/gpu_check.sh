@@ -45,7 +45,7 @@ if [ "$DRY" = 1 ]; then
   DOCTOR_S=0.1
   QUICK_ARGS=(--no-analysis grid.batch_sizes=[4,1024] grid.learning_rates.num=20 "grid.optimizers=[{kind: sgd, name: sgd_p0, hparams: {precond_power: 0.0}}]")
   TRAIN_SPEED_ARGS=(--size 4,16,100 --skip-naive)
-  NQM_SPEED_ARGS=(--quick --sample 1 --sim-steps 5)
+  NQM_SPEED_ARGS=(--quick --sample 1 --sim-steps 5 --skip-cold)
   TRAIN_ARGS=(--no-analysis grid.batch_sizes=[16] grid.seeds=[0] budget.max_steps=20 budget.eval_every=10
     "grid.optimizers=[{kind: sgd}]" grid.learning_rates.num=2 grid.adaptive.enabled=false
     train.width=16)
