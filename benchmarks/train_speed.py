@@ -20,6 +20,12 @@ time and by a 1024x1024 f32 matmul rate measured first in the same run.
 
     python benchmarks/train_speed.py            # about 3 minutes on 2 CPU cores
     python benchmarks/train_speed.py --quick    # about a minute
+    python benchmarks/train_speed.py --quick --profile   # + trace/lower/compile per program
+    python benchmarks/train_speed.py --size 256,1024,1000 --skip-naive   # a GPU (gpu_check.sh)
+
+``--profile`` compiles every program of each side again in a fresh back end through jax's
+AOT API (``.trace().lower().compile()``) and prints the three phases; ``--layout`` sets our
+block's ``train.layout``.
 Last line: ``RESULT speedup=... speedup_strong=... ours_s=... strong_s=... baseline_s=...``
 (speedup = vs the naive loop, speedup_strong = vs the strong baseline, compile included).
 """
