@@ -6,7 +6,8 @@ attributes time to: imports, the grid expansion (cells and their ids), the main 
 (``evaluate_grid`` calls outside refinement), the batched LR refinement (``refine_lr``), risk
 curves (``expected_risk``), the results rows per block, the Parquet parts written, their
 merge, the analysis without three of its plots, those plots, and the rest (runner set-up,
-the NQM back end's records and tuned rows, summary, table printing). CPU time is the
+the NQM back end's records and tuned rows, summary, table printing), and, from JAX's own
+timers, the seconds spent tracing, lowering and XLA-compiling programs. CPU time is the
 process's user + system time (XLA's threads included), which moves less with the load of a
 shared machine than the wall time.
 
@@ -45,7 +46,27 @@ def _wrap(module, name: str, stage: str, inner: bool = False):
     setattr(module, name, timed)
 
 
+# JAX's own compile-phase timers (jax.monitoring duration events), summed over the run:
+# tracing to a jaxpr, lowering to StableHLO, and XLA's backend compile. They overlap the
+# stages above (a compile happens inside the stage that first calls a program).
+COMPILE_EVENTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace (Python -> jaxpr)",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower (jaxpr -> StableHLO)",
+    "/jax/core/compile/backend_compile_duration": "XLA compile",
+}
+COMPILES: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+    if event in COMPILE_EVENTS:
+        COMPILES[event][0] += seconds
+        COMPILES[event][1] += 1
+
+
 def main() -> int:
+    import jax
+
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
     from cbs.sweep import __main__ as cli
 
     imports = (time.perf_counter() - T0_WALL, time.process_time() - T0_CPU)
@@ -89,6 +110,10 @@ def main() -> int:
     for name, w, c in rows:
         print(f"  {name:42s} {w:7.2f} s wall {c:7.2f} s CPU")
     print(f"  {'total (after Python start-up)':42s} {total[0]:7.2f} s wall {total[1]:7.2f} s CPU")
+    print("compile phases (wall, inside the stages above; a persistent-cache hit skips XLA):")
+    for event, label in COMPILE_EVENTS.items():
+        secs, count = COMPILES.get(event, (0.0, 0))
+        print(f"  {label:42s} {secs:7.2f} s wall ({count} programs)")
     return rc
 
 

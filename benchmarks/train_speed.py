@@ -20,6 +20,12 @@ time and by a 1024x1024 f32 matmul rate measured first in the same run.
 
     python benchmarks/train_speed.py            # about 3 minutes on 2 CPU cores
     python benchmarks/train_speed.py --quick    # about a minute
+    python benchmarks/train_speed.py --quick --profile   # + trace/lower/compile per program
+    python benchmarks/train_speed.py --size 256,1024,1000 --skip-naive   # a GPU (gpu_check.sh)
+
+``--profile`` compiles every program of each side again in a fresh back end through jax's
+AOT API (``.trace().lower().compile()``) and prints the three phases; ``--layout`` sets our
+block's ``train.layout``.
 Last line: ``RESULT speedup=... speedup_strong=... ours_s=... strong_s=... baseline_s=...``
 (speedup = vs the naive loop, speedup_strong = vs the strong baseline, compile included).
 """
@@ -161,6 +167,89 @@ def strong_baseline(be: TrainBackend, block, max_steps: int, eval_every: int):
     return time.perf_counter() - t0, run_s, compile_s, curves
 
 
+def _aot(fn, *args, compiler_options=None, **kw):
+    """(trace, lower, compile) seconds of a jitted ``fn`` at ``args`` (jax's AOT API)."""
+    t0 = time.perf_counter()
+    traced = fn.trace(*args, **kw)
+    t1 = time.perf_counter()
+    lowered = traced.lower()
+    t2 = time.perf_counter()
+    lowered.compile(compiler_options=compiler_options)
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+
+def profile_phases(cfg, block, steps: int, every: int) -> list[tuple[str, float, float, float]]:
+    """Trace / lower / compile seconds of every program our block compiles, and of the
+    strong baseline's one program, each in a fresh back end (nothing cached in-process)."""
+    from cbs.train.engine import one_shot_compiler_options
+    from cbs.train.loop import program_target
+    from cbs.train.optimizers import OPTIMIZERS
+
+    be = TrainBackend(cfg)
+    p = be.problem
+    run = be._run_for(block.kind, block.schedule)
+    n, k = len(block.cells), be.options().evals_per_call
+    x0 = jnp.asarray(np.asarray(p.x_train[:1]))
+    rows = [
+        (
+            "ours: init_params (one cell)",
+            *_aot(
+                jax.jit(lambda s: p.model.init(jax.random.PRNGKey(s), x0)),
+                jnp.int32(0),
+                compiler_options=one_shot_compiler_options(),
+            ),
+        )
+    ]
+    hp = {h: jnp.asarray(block.hparam(h), jnp.float32) for h in OPTIMIZERS[block.kind].hparams}
+    params = jax.tree.map(lambda *xs: jnp.stack(xs), *[p.init_params(c.seed) for c in block.cells])
+    rows.append(("ours: vmapped state init", *_aot(run._init, params, hp)))
+    state = run._init(params, hp)
+    rows.append(("ours: step-0 evaluation", *_aot(run.evaluate, state, hp)))
+    layout = be.block_layout(block)[0]
+    args = (
+        state,
+        jnp.asarray(block.lrs, jnp.float32),
+        hp,
+        jnp.zeros((n, k, every, block.batch_size), jnp.int32),
+        None,
+        None,
+        jnp.zeros((k, every), jnp.int32),
+        jnp.ones((n, k, every), bool),
+        program_target(1e-9),
+    )
+    rows.append((f"ours: train+eval call ({layout})", *_aot(run._call, *args, layout=layout)))
+    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.0)
+    xt, yt, xv, yv = p.x_train, p.y_train, p.x_val, p.y_val
+
+    def train(params, lr, momentum, idx):  # strong_baseline's program, verbatim
+        opt_state = tx.init(params)
+        opt_state.hyperparams["learning_rate"] = lr
+        opt_state.hyperparams["momentum"] = momentum
+
+        def evaluate(params):
+            return loss_and_error(p.task, p.model.apply(params, xv), yv)[0]
+
+        def step(carry, ix):
+            params, opt_state = carry
+            g = jax.grad(lambda pr: loss_and_error(p.task, p.model.apply(pr, xt[ix]), yt[ix])[0])(
+                params
+            )
+            u, opt_state = tx.update(g, opt_state, params)
+            return (optax.apply_updates(params, u), opt_state), None
+
+        def interval(carry, ixs):
+            carry, _ = jax.lax.scan(step, carry, ixs)
+            return carry, evaluate(carry[0])
+
+        _, vals = jax.lax.scan(interval, (params, opt_state), idx)
+        return jnp.concatenate([evaluate(params)[None], vals])
+
+    f32 = jax.ShapeDtypeStruct((), jnp.float32)
+    idx = jax.ShapeDtypeStruct((steps // every, every, block.batch_size), jnp.int32)
+    rows.append(("strong: train program", *_aot(jax.jit(train), p.init_params(0), f32, f32, idx)))
+    return rows
+
+
 def step_flops(be: TrainBackend, batch_size: int) -> float:
     """XLA's FLOP count of one SGD train step of one cell."""
     p = be.problem
@@ -180,16 +269,42 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small run (< 1 minute on 2 CPU cores)")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print trace / lower / compile seconds of every program, each side",
+    )
+    ap.add_argument(
+        "--size",
+        default=None,
+        help="cells,width,steps instead of the preset sizes, e.g. 256,512,1000 (a GPU)",
+    )
+    ap.add_argument("--layout", default="auto", help="train.layout of our block")
+    ap.add_argument(
+        "--skip-naive",
+        action="store_true",
+        help="no naive baseline (it compiles per configuration: minutes at GPU sizes)",
+    )
     args = ap.parse_args()
     if args.quick:
         n_lr, moms, seeds, steps, every, width = 4, [0.5, 0.9], [0, 1], 300, 50, 64
     else:
         n_lr, moms, seeds, steps, every, width = 8, [0.5, 0.9], [0, 1], 1000, 50, 128
+    if args.size:  # cells = LRs x 2 momenta x 2 seeds
+        cells, width, steps = (int(v) for v in args.size.split(","))
+        n_lr = max(1, cells // 4)
     # Stable LRs only: near the edge of stability vmapped and single-cell rounding differ
     # and chaotic trajectories amplify it, which would spoil the same-work check.
     lrs = list(np.logspace(-3, -1, n_lr))
     cfg = make_config(
-        dict(dataset="mnist1d", model="mlp", width=width, depth=2, steps_per_call=steps),
+        dict(
+            dataset="mnist1d",
+            model="mlp",
+            width=width,
+            depth=2,
+            steps_per_call=steps,
+            layout=args.layout,
+        ),
         metric="val_loss",
         value=1e-9,
         max_steps=steps,
@@ -203,7 +318,8 @@ def main():
     block = make_block("momentum", args.batch_size, lrs, hparams=dict(momentum=moms), seeds=seeds)
     n = len(block.cells)
 
-    peak = matmul_flops_per_s()
+    # An accelerator needs a larger matmul to approach its peak than a CPU.
+    peak = matmul_flops_per_s(1024 if jax.default_backend() == "cpu" else 8192)
     print(
         f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), measured f32 matmul "
         f"{peak / 1e9:.1f} GFLOP/s"
@@ -221,7 +337,10 @@ def main():
     be.run_blocks([block])  # same back end: its programs are cached
     ours_run = time.perf_counter() - t0
     strong, strong_run, strong_compile, strong_curves = strong_baseline(be, block, steps, every)
-    base, base_run, base_curves = baseline(be, block, steps, every)
+    if args.skip_naive:
+        base, base_run, base_curves = np.nan, np.nan, None
+    else:
+        base, base_run, base_curves = baseline(be, block, steps, every)
 
     def agreement(curves):
         # Same work: the implementations must agree on the curves (stable LRs).
@@ -249,6 +368,8 @@ def main():
         ("strong (1 program, scan, traced)", strong, strong_run),
         ("naive (per-config jitted loop)", base, base_run),
     ):
+        if not np.isfinite(tot):
+            continue
         print(
             f"{name:34s}{tot:12.2f} s{run:8.2f} s{n / tot:9.2f}  {flops / run / 1e9:10.2f} GFLOP/s = "
             f"{flops / run / peak:6.1%}"
@@ -257,16 +378,26 @@ def main():
     # Rounding differs between batched and single matmuls; trajectories at the larger LRs
     # amplify it over many steps (chaotic late training), so report how many agree.
     for name, curves in (("strong", strong_curves), ("naive", base_curves)):
+        if curves is None:
+            continue
         d = agreement(curves)
         print(
             f"curves ours vs {name}: {np.sum(d < 1e-4)}/{n} cells agree to 1e-4 (relative); "
             f"median difference {np.median(d):.1e}, max {np.max(d):.1e}"
         )
+    if args.profile:
+        print(f"{'program':40s}{'trace':>8s}{'lower':>8s}{'compile':>9s}{'total':>8s}")
+        for name, *secs in profile_phases(cfg, block, steps, every):
+            print(f"{name:40s}" + "".join(f"{x:8.2f}" for x in secs) + f"{sum(secs):8.2f} s")
+    timing = res.tables["timing"].iloc[0]
+    print(f"our layout: {timing.layout} ({timing.layout_reason})")
     print(
         f"RESULT speedup={base / ours:.2f} speedup_strong={strong / ours:.2f} "
         f"speedup_run_only={base_run / ours_run:.2f} speedup_strong_run_only={strong_run / ours_run:.2f} "
         f"ours_s={ours:.2f} strong_s={strong:.2f} baseline_s={base:.2f} ours_run_s={ours_run:.2f} "
-        f"strong_run_s={strong_run:.2f} baseline_run_s={base_run:.2f} load={load[0]:.2f}"
+        f"strong_run_s={strong_run:.2f} baseline_run_s={base_run:.2f} load={load[0]:.2f} "
+        f"cells_per_s={n / ours:.2f} cells_per_s_run_only={n / ours_run:.2f} "
+        f"peak_fraction_run_only={flops / ours_run / peak:.4f} layout={timing.layout}"
     )
 
 

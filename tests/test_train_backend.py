@@ -232,9 +232,9 @@ def test_compacting_finished_cells_changes_no_record():
         backend = TrainBackend(cfg)
         run = backend._run_for("sgd", block.schedule)
         call, seen = run.call, []
-        run.call = lambda state, lr, *a, _call=call, _seen=seen: (
+        run.call = lambda state, lr, *a, _call=call, _seen=seen, **kw: (
             _seen.append(lr.shape[0]),
-            _call(state, lr, *a),
+            _call(state, lr, *a, **kw),
         )[1]
         results[mode], widths[mode] = backend.run_blocks([block])[0], seen
     compacted, plain = results["always"], results["never"]

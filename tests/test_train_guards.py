@@ -110,7 +110,9 @@ def _run_recording_widths(block, **train):
     backend = TrainBackend(make_config(dict(TINY, **train), **kw))
     run = backend._run_for(block.kind, block.schedule)
     call, widths = run.call, []
-    run.call = lambda state, lr, *a: (widths.append(lr.shape[0]), call(state, lr, *a))[1]
+    run.call = lambda state, lr, *a, **kw: (widths.append(lr.shape[0]), call(state, lr, *a, **kw))[
+        1
+    ]
     return backend.run_blocks([block])[0], widths, backend
 
 

@@ -9,6 +9,7 @@ rules, :mod:`cbs.train.loop` for steps-to-target, :mod:`cbs.train.data` for the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -24,6 +25,7 @@ from cbs.sweep.schema import ConfigError, spec
 from cbs.train import data as data_mod
 from cbs.train import sources
 from cbs.train.engine import BlockRun, TrainProblem
+from cbs.train.layout import choose_layout, parse_layout, probe_rates
 from cbs.train.loop import RunOptions, compaction_pays, run_vmapped_block
 from cbs.train.models import make_model
 from cbs.train.optimizers import OPTIMIZERS, schedule_fn, soap_available
@@ -123,6 +125,13 @@ class TrainSection:
         "auto",
         doc="drop finished cells from a running block once half are done: auto = when the compute "
         "saved beats a compile by a fixed FLOP cost model (never timings: results stay reproducible)",
+    )
+    layout: str = spec(
+        "auto",
+        doc="how a block's cells are laid out in its program: vmap, sequential (lax.map over "
+        "cells), grouped:G (lax.map over vmapped groups of G cells), auto (vmap: a fixed rule, "
+        "results the same on every run) or probe (CPU: a short probe's fastest; recorded in the "
+        "timing table; layouts differ at rounding level)",
     )
     diverge_loss: float | None = spec(
         None, doc="also call a cell diverged when its training loss exceeds this", gt=0
@@ -251,6 +260,7 @@ class TrainBackend(Backend):
         self._kfac: dict = {}
         self._layout: list[dict] = []
         self._widths: dict | None = None
+        self._layouts: dict = {}  # (kind, schedule, batch size, lanes) -> (layout, why, probe)
 
     # ------------------------------------------------------------------ config checks
     @classmethod
@@ -268,6 +278,14 @@ class TrainBackend(Backend):
                 "allowed: " + ", ".join(map(repr, BUILTIN_MODELS)) + " or 'pkg.module:Factory'",
                 f"did you mean {close[0]!r}?" if close else "",
             )
+        try:
+            parse_layout(s.layout)
+        except ValueError as e:
+            raise ConfigError(
+                "train.layout",
+                s.layout,
+                "allowed: auto, probe, vmap, sequential, grouped:G (G >= 1)",
+            ) from e
         if s.model_args and not user_model:
             raise ConfigError(
                 "train.model_args",
@@ -587,6 +605,7 @@ class TrainBackend(Backend):
                 plan = self.ramp_plan(block)
                 run = self._run_for(block.kind, block.schedule, plan)
                 width = self.program_width(block)
+                cell_layout, why, probe = self.block_layout(block)
                 res = run_vmapped_block(
                     self.problem,
                     block,
@@ -596,11 +615,18 @@ class TrainBackend(Backend):
                     width,
                     progress=self._block_progress(block),
                     phases=None if plan is None else plan.batch_phases(),
+                    layout=cell_layout,
+                )
+                # The layout and its probe go into the block's timing table (stored).
+                res.tables["timing"] = res.tables["timing"].assign(
+                    layout=cell_layout,
+                    layout_reason=why,
+                    layout_probe=json.dumps(probe.as_dict()) if probe else "",
                 )
                 layout = (
-                    f"vmap over {len(block.cells)} cells"
+                    f"{cell_layout} over {len(block.cells)} cells"
                     + (f" padded to {width} lanes" if width > len(block.cells) else "")
-                    + f", {opts.evals_per_call} evaluations per call"
+                    + f", {opts.evals_per_call} evaluations per call ({why})"
                 )
             _add_samples_to_target(res, block, self.ramp_plan(block))
             # Epochs beside steps: how often the data repeat before the target (a run that
@@ -688,6 +714,36 @@ class TrainBackend(Backend):
         return w0
 
     block_cost_unit = "seconds"
+
+    def block_layout(self, block: Block) -> tuple[str, str, Any]:
+        """(layout, reason, probe or None) of the program that runs ``block``.
+
+        ``train.layout`` vmap / sequential / grouped:G: that layout. ``auto`` (the default):
+        vmap, on every platform, by a fixed rule: the layouts round differently at ~1e-7
+        (XLA:CPU's batched and single matmuls differ at some shapes), so a choice by timing
+        would make results depend on machine load, and the probe found no layout faster
+        than vmap on CPU at the benchmark sizes (benchmarks/README.md). ``probe``: the
+        fastest layout by :func:`cbs.train.layout.choose_layout`'s probe, decided once per
+        program family and width and recorded with the probe (fast, but a rerun on another
+        machine or load may pick another layout and differ at rounding level).
+        """
+        lanes = self.program_width(block)
+        mode = self.section.layout
+        if mode not in ("auto", "probe"):
+            return mode, "train.layout", None
+        if mode == "auto":
+            return "vmap", "auto: vmap (a fixed rule, the same on every run)", None
+        if jax.local_device_count() > 1:  # the lanes are sharded over devices: keep vmap
+            return "vmap", f"{jax.local_device_count()} devices share the lanes", None
+        key = (block.kind, repr(block.schedule), block.batch_size, lanes)
+        if key not in self._layouts:
+            p = self.problem
+            x = p.x_train[: block.batch_size]
+            x = jnp.asarray(np.asarray(x)) if p.streaming else x
+            self._layouts[key] = choose_layout(
+                platform(), lanes, lambda: probe_rates(p.model, p.init_params(0), x, lanes)
+            )
+        return self._layouts[key]
 
     def block_cost(self, block: Block) -> float:
         """Estimated seconds of a block (for balancing shards; measured times replace it).
@@ -817,6 +873,15 @@ class TrainBackend(Backend):
             block_layout=self._block_layout(),
         )
 
+    def _planned_layout(self, block: Block) -> str:
+        """The layout known before the block runs: the rule's, or with ``probe`` the one
+        already chosen for its program, else "probe" (chosen when it runs; see its timing
+        table)."""
+        if self.section.layout != "probe":
+            return self.block_layout(block)[0]
+        key = (block.kind, repr(block.schedule), block.batch_size, self.program_width(block))
+        return self._layouts[key][0] if key in self._layouts else "probe"
+
     def _block_layout(self) -> dict:
         """How the sweep's blocks map to compiled programs (known before any block runs)."""
         opts = self.options()
@@ -825,7 +890,10 @@ class TrainBackend(Backend):
             f"width); cells (LR x hyperparameters x seed) vmapped inside it, an adaptive round "
             f"padded to its first pass's width (same program); lax.scan over "
             f"{opts.evals_per_call} evaluation intervals of {opts.eval_every} steps per call, stop check "
-            f"between calls; kfac cells run one after another (kfac-jax step, one compile per weight decay)"
+            f"between calls; kfac cells run one after another (kfac-jax step, one compile per weight decay); "
+            f"cells laid out per train.layout = {self.section.layout} (auto: vmap; probe: on CPU "
+            f"a probe's fastest of vmap / sequential / grouped; the layout of every block and any "
+            f"probe are recorded in its timing table)"
         )
         try:
             from cbs.sweep.grid import expand_blocks
@@ -840,7 +908,7 @@ class TrainBackend(Backend):
                 batch_size=b.batch_size,
                 cells=len(b.cells),
                 vmap_width=1 if b.kind == "kfac" else self.program_width(b),
-                mode="sequential" if b.kind == "kfac" else "vmap",
+                mode="sequential" if b.kind == "kfac" else self._planned_layout(b),
             )
             for b in blocks
         ]

@@ -313,6 +313,7 @@ def _replay(
     data,
     tracker: Tracker,
     opts: RunOptions,
+    layout: str = "vmap",
 ) -> None:
     """Exact first crossings of the pending cells: each is retrained from its state at t0
     (kept by the call) over its crossing call's own data rows (the same trajectory, in the
@@ -356,7 +357,16 @@ def _replay(
                 micro = opts.noise_micro_batch or batch
                 ntable = put(np.zeros((width, k, opts.noise_num_micro, micro), np.int32))
             state, out, _ = run.call(
-                state, lr, hp, put(idx), ntable, data, jnp.asarray(steps), put(live), target
+                state,
+                lr,
+                hp,
+                put(idx),
+                ntable,
+                data,
+                jnp.asarray(steps),
+                put(live),
+                target,
+                layout=layout,
             )
             metric = np.asarray(out[opts.metric])
             for c in group:
@@ -384,6 +394,7 @@ def run_vmapped_block(
     width: int | None = None,
     progress: Callable[[float, str], None] | None = None,
     phases: list[tuple[int, int, int]] | None = None,
+    layout: str = "vmap",
 ) -> BlockResult:
     """Trains every cell of ``block`` in one vmapped program until the stopping rule.
 
@@ -404,6 +415,8 @@ def run_vmapped_block(
         The cells' state carries across a phase change; evaluations fall every
         ``eval_every`` steps from each phase's start and at its end (so no interval
         mixes two batch sizes), and the data order continues the seed's index stream.
+      layout: how the cells are laid out in the program (:mod:`cbs.train.layout`); the
+        crossing replays run in the same layout, so in the same arithmetic.
     """
     tracker = Tracker(block, opts)
     B, n = block.batch_size, problem.num_train
@@ -478,7 +491,7 @@ def run_vmapped_block(
         if step >= p_end:  # the next phase of a batch ramp: same cells, a new batch size
             if pending.items:  # replays run at the batch size the cells crossed at
                 t_rep = time.perf_counter()
-                _replay(run, pending, lr, hp, put, None, tracker, opts)
+                _replay(run, pending, lr, hp, put, None, tracker, opts, layout)
                 tracker.replay_seconds += time.perf_counter() - t_rep
             feeder.close()
             phase += 1
@@ -512,6 +525,7 @@ def run_vmapped_block(
             jnp.asarray(step + slots),
             put(every_slot),
             target,
+            layout=layout,
         )
         out = {key: np.asarray(v) for key, v in out.items()}
         applied = np.asarray(state.step)
@@ -555,7 +569,7 @@ def run_vmapped_block(
                 t_rep = time.perf_counter()
                 pending.add(snap, crossing)
                 if data is not None:  # a streamed chunk serves this call's replays only
-                    _replay(run, pending, lr, hp, put, data, tracker, opts)
+                    _replay(run, pending, lr, hp, put, data, tracker, opts, layout)
                 tracker.replay_seconds += time.perf_counter() - t_rep
         del snap
         step = min(step + k * every, p_end)  # a ramp's phase ends at p_end
@@ -590,7 +604,7 @@ def run_vmapped_block(
         if opts.compact != "never" and len(live) and new_width < width and worth:
             if pending.items:  # replay in the program of the width the cells crossed at
                 t_rep = time.perf_counter()
-                _replay(run, pending, lr, hp, put, None, tracker, opts)
+                _replay(run, pending, lr, hp, put, None, tracker, opts, layout)
                 tracker.replay_seconds += time.perf_counter() - t_rep
             sel = np.concatenate([live, np.repeat(live[-1:], new_width - len(live))])
             state, lr, seed_idx = (
@@ -606,6 +620,6 @@ def run_vmapped_block(
     feeder.close()
     if pending.items:
         t_rep = time.perf_counter()
-        _replay(run, pending, lr, hp, put, None, tracker, opts)
+        _replay(run, pending, lr, hp, put, None, tracker, opts, layout)
         tracker.replay_seconds += time.perf_counter() - t_rep
     return tracker.result()
