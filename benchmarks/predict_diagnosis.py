@@ -43,6 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+LR_NOISE = "anchor@T, noise scaled to the anchor's best LR"
+
+
 def _power_law(top_h):
     """Least-squares fit of log h_i = log a - s log i over the top-k: (a, s)."""
     import numpy as np
@@ -195,9 +198,19 @@ def main() -> int:
         )
 
     # Forecasts with predict's own calibration and anchor, from each point and variant.
-    def one_forecast(m, start_risk=None):
+    def one_forecast(m, start_risk=None, anchor_lr=None):
         cal = nqm_from_measurement(m, start_risk=start_risk)
-        fc = forecast(cal.problem, "sgd", 0.0, 0.0, batch_sizes, anchor, a_steps, num_train=n_train)
+        fc = forecast(
+            cal.problem,
+            "sgd",
+            0.0,
+            0.0,
+            batch_sizes,
+            anchor,
+            a_steps,
+            num_train=n_train,
+            anchor_lr=anchor_lr,
+        )
         fit = fit_critical_batch_size(batch_sizes, fc.steps, n_boot=0)
         return fc, fit, cal
 
@@ -220,17 +233,20 @@ def main() -> int:
     )
     drop = meas["init"].loss - m_t.loss  # the loss the anchor run descended (same examples)
     variants["anchor@T, start = measured loss drop"] = m_t
+    variants[LR_NOISE] = m_t
+    variants["anchor@T, both"] = m_t
+    keys = {
+        "anchor@T, C = kappa H in the top too": "anchor@T_C=kH",
+        "anchor@T, start = measured loss drop": "anchor@T_drop",
+        LR_NOISE: "anchor@T_lrnoise",
+        "anchor@T, both": "anchor@T_both",
+    }
     fc_rows = {}
     for label, m in variants.items():
-        scaled = "loss drop" in label
-        fc, fit, cal = one_forecast(m, drop if scaled else None)
-        key = (
-            "anchor@T_C=kH"
-            if "C = kappa" in label
-            else "anchor@T_drop"
-            if scaled
-            else label.split(" ")[0]
-        )
+        scaled = "loss drop" in label or "both" in label
+        lr_match = "best LR" in label or "both" in label
+        fc, fit, cal = one_forecast(m, drop if scaled else None, a_lr if lr_match else None)
+        key = keys.get(label, label.split(" ")[0])
         sb[f"steps_{key}"] = fc.steps
         sb[f"lr_{key}"] = fc.nqm_lr
         fc_rows[label] = {
@@ -240,10 +256,11 @@ def main() -> int:
             "nqm_target": fc.target,
             "h_max": float(m.top_h[0]),
             "nqm_initial_risk": float(cal.problem.initial_risk),
+            "noise_scale": fc.noise_scale,
         }
         print(
             f"forecast [{label}]: B_crit {fit.b_crit:.3g} (x{fit.b_crit / fit_m.b_crit:.2f}), "
-            f"S_min {fit.s_min:.3g}, NQM target {fc.target:.3g}"
+            f"S_min {fit.s_min:.3g}, NQM target {fc.target:.3g}, noise x{fc.noise_scale:.3g}"
         )
     print("\nS(B) point by point (measured vs forecasts; lr = best measured / NQM-tuned LR):")
     with pd.option_context("display.width", 200, "display.max_columns", 30):
@@ -275,6 +292,8 @@ def main() -> int:
         f"ratio_C_kH={fc_rows['anchor@T, C = kappa H in the top too']['ratio']:.3g} "
         f"ratio_half={fc_rows['anchor@T/2']['ratio']:.3g} ratio_large={fc_rows['large@T']['ratio']:.3g} "
         f"ratio_start_drop={fc_rows['anchor@T, start = measured loss drop']['ratio']:.3g} "
+        f"ratio_lr_noise={fc_rows[LR_NOISE]['ratio']:.3g} "
+        f"ratio_both={fc_rows['anchor@T, both']['ratio']:.3g} "
         f"hmax_init={rows['init']['h_max']:.3g} hmax_T={rows['anchor@T']['h_max']:.3g} "
         f"hmax_large={rows['large@T']['h_max']:.3g} best_lr_large={l_lr:.3g}"
     )

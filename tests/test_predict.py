@@ -10,6 +10,7 @@ import pytest
 from cbs import nqm
 from cbs.predict import (
     adam_power,
+    anchor_noise_scale,
     anchor_target,
     effective_batch,
     nqm_from_measurement,
@@ -158,6 +159,27 @@ def test_anchor_recovers_the_target_and_the_curve():
     s_fc, _ = tuned_steps(prob, "sgd", 0.0, 0.0, bs, t, refine=False)
     np.testing.assert_allclose(s_fc, s_true, rtol=0.03)
     assert abs(np.log(t / target)) < 0.05
+
+
+def test_anchor_noise_scale_recovers_a_planted_noise_level():
+    """The anchor's (steps, best LR) of an NQM whose noise is 4x the one given: the second
+    calibration finds nu ~ 4 (to the LR grid's resolution) and the target back."""
+    h = np.geomspace(1.0, 1e-3, 24)
+    true = nqm.custom_problem(h, 4.0 * 0.5 * h, 1.0)
+    given = nqm.custom_problem(h, 0.5 * h, 1.0)
+    b, target = 8.0, 0.05 * true.initial_risk
+    steps, lr = tuned_steps(true, "sgd", 0.0, 0.0, [b], target, refine=False)
+    assert np.isfinite(steps[0])
+    nu, p, t, s = anchor_noise_scale(given, "sgd", 0.0, 0.0, b, steps[0], lr[0])
+    assert 4.0 / 2.0 < nu < 4.0 * 2.0
+    np.testing.assert_allclose(p.c, nu * given.c)
+    assert target / 2.0 < t < target * 2.0
+    assert abs(s - steps[0]) <= 0.05 * steps[0]
+    # Given the LR the noise as given tunes to, nothing changes (nu ~ 1).
+    t1, _ = anchor_target(given, "sgd", 0.0, 0.0, b, steps[0])
+    lr1 = tuned_steps(given, "sgd", 0.0, 0.0, [b], t1, refine=False)[1][0]
+    nu1 = anchor_noise_scale(given, "sgd", 0.0, 0.0, b, steps[0], lr1)[0]
+    assert 0.5 < nu1 < 2.0
 
 
 def test_effective_batch_without_replacement():
