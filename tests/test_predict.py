@@ -182,6 +182,15 @@ def test_anchor_noise_scale_recovers_a_planted_noise_level():
     assert 0.5 < nu1 < 2.0
 
 
+def test_start_option_is_checked_before_any_compute():
+    from cbs.predict import PredictOptions
+    from cbs.predict._run import PredictOptionError
+
+    PredictOptions(start="loss-drop").check()
+    with pytest.raises(PredictOptionError, match=r"--start: got 'energy'; allowed: 'displacement'"):
+        PredictOptions(start="energy").check()
+
+
 def test_effective_batch_without_replacement():
     np.testing.assert_allclose(effective_batch([1, 50, 100], 100)[:2], [1.0, 50 * 99 / 50])
     assert effective_batch([100], 100)[0] >= 1e12
