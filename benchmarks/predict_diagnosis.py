@@ -7,7 +7,7 @@ Needs a finished SGD sweep of the config (e.g. the folder ``benchmarks/predict.p
 LRs are the measured S(B), and its anchor (smallest batch size) and largest batch size give
 the training runs measured along the way.
 
-Points measured (GGN curvature, float64, ``--examples`` training examples):
+Points measured (GGN curvature or ``--curvature hessian``, float64, ``--examples`` training examples):
   init          theta_0
   anchor@T/4, anchor@T/2, anchor@T
                 the anchor's best cell (smallest B, its best LR) after T/4, T/2, T steps,
@@ -87,6 +87,7 @@ def main() -> int:
     ap.add_argument("--out", default="runs/predict_diagnosis")
     ap.add_argument("--examples", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--curvature", choices=("ggn", "hessian"), default="ggn")
     args = ap.parse_args()
 
     import jax
@@ -117,7 +118,7 @@ def main() -> int:
     hp = _hparams(entry, pb.loc[anchor])
     backend = TrainBackend(cfg)
     n_train = train_size(cfg.section)
-    opts = PredictOptions(examples=args.examples)
+    opts = PredictOptions(examples=args.examples, curvature=args.curvature)
     apply, loss, flatten, x, y = _network(backend, args.seed, opts.examples)
     theta0 = flatten(backend.problem.init_params(args.seed))
     ta = int(np.ceil(a_steps))
