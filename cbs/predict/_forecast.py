@@ -197,7 +197,9 @@ def anchor_noise_scale(
     0.56: its noise, in loss terms, is stronger than the network feels (docs/predict.md).
     More noise -> a smaller tuned LR, so bisection on log nu in [1/span, span]; the LR is
     tuned on the log grid (no refinement), so nu is resolved to about that grid's ratio.
-    Returns (nu, problem with c scaled, target, NQM steps at the anchor).
+    Returns (nu, problem with c scaled, target, NQM steps at the anchor); a nu at 1/span or
+    span means no noise level in that range matches the LR (e.g. a network that trains
+    above the quadratic's stability edge 2/h_max).
     """
     b = np.atleast_1d(float(anchor_batch))
 
