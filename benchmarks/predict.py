@@ -75,6 +75,13 @@ def main() -> int:
         help="the two NQM ablations (C, m0 at init; all at init): default on, off with --quick "
         "(they retrain the anchor cell and forecast twice more; the RESULT line needs neither)",
     )
+    ap.add_argument(
+        "--start",
+        choices=("displacement", "loss-drop"),
+        default="displacement",
+        help="cbs.predict's --start (the NQM's start: measured displacement, or rescaled to the "
+        "measured loss drop)",
+    )
     args = ap.parse_args()
     ablations = (args.ablations or ("off" if args.quick else "on")) == "on"
 
@@ -103,7 +110,7 @@ def main() -> int:
             _overrides(args.quick, read_yaml(path)) + [f"output.dir={out}", "output.plots=false"],
         )
         if args.resume and sweep_is_finished(cfg):
-            pre = predict(cfg, PredictOptions(), plots=False, log=lambda s: None)
+            pre = predict(cfg, PredictOptions(start=args.start), plots=False, log=lambda s: None)
             sweep_s, rest_s = pre.costs["sweep_s"], float("nan")
         else:
             if out.exists():
@@ -111,7 +118,7 @@ def main() -> int:
             # 1. forecast before the sweep: measurement + the anchor blocks (trained in the
             #    sweep's folder) + NQM.
             t_pre = time.perf_counter()
-            pre = predict(cfg, PredictOptions(), plots=False, log=lambda s: None)
+            pre = predict(cfg, PredictOptions(start=args.start), plots=False, log=lambda s: None)
             pre_wall = time.perf_counter() - t_pre
             # 2. the sweep itself (its anchor blocks are already there: skipped).
             t0 = time.perf_counter()
@@ -123,14 +130,14 @@ def main() -> int:
         #    two ablations: curvature and start at init with the noise at the target; all at init.
         post = predict(
             cfg,
-            PredictOptions(),
+            PredictOptions(start=args.start),
             measurement=pre.measurement,
             target_measurement=pre.calibrated_on,
             log=lambda s: None,
         )
         abl = {"init_noise_target": {}, "all_init": {}}
         for label, o in (
-            ("init_noise_target", PredictOptions(measure_at="init")),
+            ("init_noise_target", PredictOptions(measure_at="init", start=args.start)),
             ("all_init", PredictOptions(measure_at="init", noise_at="init")),
         )[: 2 if ablations else 0]:
             abl[label] = predict(

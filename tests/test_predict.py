@@ -10,6 +10,7 @@ import pytest
 from cbs import nqm
 from cbs.predict import (
     adam_power,
+    anchor_noise_scale,
     anchor_target,
     effective_batch,
     nqm_from_measurement,
@@ -74,6 +75,49 @@ def test_displacement_start_sets_m0_directly():
     np.testing.assert_allclose(nqm_from_measurement(meas).problem.m0, delta**2)
 
 
+def test_start_risk_scales_the_start_to_the_measured_loss_drop():
+    """start_risk rescales every m_i(0) by one factor so that the NQM's initial risk equals
+    the loss drop: checked against a hand computation on the top directions, against the
+    risk of an explicit (rotated) quadratic where the drop is exactly 1/2 delta^T A delta
+    (factor 1), and on a binned bulk (count-weighted)."""
+    import dataclasses
+
+    h = np.array([2.0, 1.0, 0.5])
+    delta = np.array([0.3, -1.0, 2.0])
+    meas = dataclasses.replace(
+        _measurement(h, np.ones(3), np.ones(3)),
+        disp_proj=delta,
+        disp_sq=float(delta @ delta),
+        disp_nodes=h,
+        disp_weights=delta**2 / (delta @ delta),
+    )
+    quad = 0.5 * float(np.sum(h * delta**2))  # 0.5*(2*0.09 + 1 + 0.5*4) = 1.59
+    assert quad == pytest.approx(1.59)
+    p = nqm_from_measurement(meas, start_risk=4.77).problem
+    np.testing.assert_allclose(p.m0, delta**2 * 3.0)
+    assert p.initial_risk == pytest.approx(4.77)
+    # An explicit quadratic L(theta) = 1/2 theta^T A theta, A = Q diag(h) Q^T, minimum 0:
+    # its drop from theta_0 = Q delta is 1/2 delta^T diag(h) delta, so the start is unchanged.
+    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))
+    a, theta0 = q @ np.diag(h) @ q.T, q @ delta
+    drop = 0.5 * theta0 @ a @ theta0
+    np.testing.assert_allclose(nqm_from_measurement(meas, start_risk=drop).problem.m0, delta**2)
+    # Binned bulk: the count-weighted risk is what is matched.
+    rng = np.random.default_rng(0)
+    d, k = 200, 5
+    hb = np.sort(rng.uniform(0.01, 1.0, d))[::-1]
+    hb[:k] *= 10
+    mb = _measurement(
+        hb, 0.3 * hb, rng.uniform(0.5, 2, d), dim=d, k=k, slq=(hb[None], np.full((1, d), 1 / d))
+    )
+    base = nqm_from_measurement(mb, num_bins=20).problem
+    scaled = nqm_from_measurement(mb, num_bins=20, start_risk=7.0).problem
+    assert scaled.initial_risk == pytest.approx(7.0)
+    np.testing.assert_allclose(scaled.m0 / base.m0, 7.0 / base.initial_risk)
+    with pytest.raises(ValueError, match="start_risk"):
+        nqm_from_measurement(meas, start_risk=0.0)
+
+
 def test_bulk_noise_rule_matches_trace_and_counts_match_dimension():
     """Bulk from an SLQ measure: counts add up to d - k, sum count * c = tr(Sigma) (trace rule),
     c proportional to h in the bulk; with the curvature rule sum count * h * c = tr(C Sigma)."""
@@ -115,6 +159,36 @@ def test_anchor_recovers_the_target_and_the_curve():
     s_fc, _ = tuned_steps(prob, "sgd", 0.0, 0.0, bs, t, refine=False)
     np.testing.assert_allclose(s_fc, s_true, rtol=0.03)
     assert abs(np.log(t / target)) < 0.05
+
+
+def test_anchor_noise_scale_recovers_a_planted_noise_level():
+    """The anchor's (steps, best LR) of an NQM whose noise is 4x the one given: the second
+    calibration finds nu ~ 4 (to the LR grid's resolution) and the target back."""
+    h = np.geomspace(1.0, 1e-3, 24)
+    true = nqm.custom_problem(h, 4.0 * 0.5 * h, 1.0)
+    given = nqm.custom_problem(h, 0.5 * h, 1.0)
+    b, target = 8.0, 0.05 * true.initial_risk
+    steps, lr = tuned_steps(true, "sgd", 0.0, 0.0, [b], target, refine=False)
+    assert np.isfinite(steps[0])
+    nu, p, t, s = anchor_noise_scale(given, "sgd", 0.0, 0.0, b, steps[0], lr[0])
+    assert 4.0 / 2.0 < nu < 4.0 * 2.0
+    np.testing.assert_allclose(p.c, nu * given.c)
+    assert target / 2.0 < t < target * 2.0
+    assert abs(s - steps[0]) <= 0.05 * steps[0]
+    # Given the LR the noise as given tunes to, nothing changes (nu ~ 1).
+    t1, _ = anchor_target(given, "sgd", 0.0, 0.0, b, steps[0])
+    lr1 = tuned_steps(given, "sgd", 0.0, 0.0, [b], t1, refine=False)[1][0]
+    nu1 = anchor_noise_scale(given, "sgd", 0.0, 0.0, b, steps[0], lr1)[0]
+    assert 0.5 < nu1 < 2.0
+
+
+def test_start_option_is_checked_before_any_compute():
+    from cbs.predict import PredictOptions
+    from cbs.predict._run import PredictOptionError
+
+    PredictOptions(start="loss-drop").check()
+    with pytest.raises(PredictOptionError, match=r"--start: got 'energy'; allowed: 'displacement'"):
+        PredictOptions(start="energy").check()
 
 
 def test_effective_batch_without_replacement():

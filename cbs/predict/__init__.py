@@ -17,6 +17,7 @@ from cbs.predict._calibrate import (
 )
 from cbs.predict._forecast import (
     Forecast,
+    anchor_noise_scale,
     anchor_target,
     effective_batch,
     forecast,
@@ -31,6 +32,7 @@ __all__ = [
     "PredictOptions",
     "Prediction",
     "adam_power",
+    "anchor_noise_scale",
     "anchor_target",
     "effective_batch",
     "forecast",

@@ -41,6 +41,8 @@ _HELP = {
     "measure_at": "init: curvature and start at initialisation; target: curvature, noise and "
     "start (theta_0 - theta_T) measured where the anchor run reaches the target",
     "noise_at": "target: gradient noise measured where the anchor run reaches the target; init",
+    "start": "displacement: the NQM starts at theta_0 - theta_T as measured; loss-drop: that "
+    "start rescaled so its risk is the loss the anchor run descended (docs/predict.md)",
 }
 
 

@@ -19,7 +19,14 @@ import numpy as np
 
 from cbs.nqm import best_on_grid, evaluate_grid, refine_lr
 
-__all__ = ["Forecast", "anchor_target", "effective_batch", "forecast", "tuned_steps"]
+__all__ = [
+    "Forecast",
+    "anchor_noise_scale",
+    "anchor_target",
+    "effective_batch",
+    "forecast",
+    "tuned_steps",
+]
 
 
 def effective_batch(batch_sizes, num_train: int | None):
@@ -168,6 +175,57 @@ def anchor_target(
     return hi, s_hi
 
 
+def anchor_noise_scale(
+    problem,
+    kind,
+    momentum,
+    power,
+    anchor_batch,
+    anchor_steps,
+    anchor_lr,
+    *,
+    span=100.0,
+    iters=12,
+    max_steps=10**8,
+    lrs=None,
+):
+    """A second number from the anchor: the noise scale nu (c -> nu c) at which the NQM,
+    re-anchored (:func:`anchor_target`), tunes the anchor's LR to the network's best one.
+
+    Why: the anchor measures two things, the steps and the best LR. Matched on steps alone,
+    the NQM at theta_T tunes MNIST-1D's anchor (B = 32) to LR 0.12 where the network's best is
+    0.56: its noise, in loss terms, is stronger than the network feels (docs/predict.md).
+    More noise -> a smaller tuned LR, so bisection on log nu in [1/span, span]; the LR is
+    tuned on the log grid (no refinement), so nu is resolved to about that grid's ratio.
+    Returns (nu, problem with c scaled, target, NQM steps at the anchor); a nu at 1/span or
+    span means no noise level in that range matches the LR (e.g. a network that trains
+    above the quadratic's stability edge 2/h_max).
+    """
+    b = np.atleast_1d(float(anchor_batch))
+
+    def at(nu):
+        p = dataclasses.replace(problem, c=np.asarray(problem.c) * nu)
+        t, s = anchor_target(
+            p, kind, momentum, power, anchor_batch, anchor_steps, max_steps=max_steps, lrs=lrs
+        )
+        lr = tuned_steps(
+            p, kind, momentum, power, b, t, max_steps=max_steps, refine=False, lrs=lrs
+        )[1][0]
+        return p, t, s, lr
+
+    lo, hi = -np.log(span), np.log(span)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lr = at(np.exp(mid))[3]
+        if np.isfinite(lr) and lr > anchor_lr:  # the NQM affords a larger LR: more noise
+            lo = mid
+        else:
+            hi = mid
+    nu = float(np.exp(0.5 * (lo + hi)))
+    p, t, s, _ = at(nu)
+    return nu, p, t, s
+
+
 @dataclasses.dataclass
 class Forecast:
     """S(B) forecast for one optimizer."""
@@ -179,6 +237,7 @@ class Forecast:
     anchor_batch: float
     anchor_steps: float
     anchor_nqm_steps: float
+    noise_scale: float = 1.0  # nu of anchor_noise_scale (1: noise as measured)
 
 
 def forecast(
@@ -193,17 +252,34 @@ def forecast(
     num_train=None,
     max_steps=10**8,
     lrs=None,
+    anchor_lr=None,
 ) -> Forecast:
     """Anchor at (anchor_batch, anchor_steps), then tuned NQM steps at every batch size.
 
     ``lrs``: the sweep's own LR grid, for optimizers whose NQM LR is in the network's units
     (SGD and heavy-ball on the measured curvature, P = I); None tunes continuously.
+    ``anchor_lr``: the network's best LR at the anchor (same units: P = I only); given, the
+    noise is scaled so the NQM's tuned LR there matches it (:func:`anchor_noise_scale`).
     """
     b_eff = effective_batch(batch_sizes, num_train)
     a_eff = float(effective_batch([anchor_batch], num_train)[0])
-    target, a_steps = anchor_target(
-        problem, kind, momentum, power, a_eff, anchor_steps, max_steps=max_steps, lrs=lrs
-    )
+    nu = 1.0
+    if anchor_lr is not None:
+        nu, problem, target, a_steps = anchor_noise_scale(
+            problem,
+            kind,
+            momentum,
+            power,
+            a_eff,
+            anchor_steps,
+            anchor_lr,
+            max_steps=max_steps,
+            lrs=lrs,
+        )
+    else:
+        target, a_steps = anchor_target(
+            problem, kind, momentum, power, a_eff, anchor_steps, max_steps=max_steps, lrs=lrs
+        )
     steps, lr = tuned_steps(
         problem, kind, momentum, power, b_eff, target, max_steps=max_steps, lrs=lrs
     )
@@ -215,4 +291,5 @@ def forecast(
         float(anchor_batch),
         float(anchor_steps),
         float(a_steps),
+        nu,
     )

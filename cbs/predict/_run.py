@@ -55,6 +55,9 @@ class PredictOptions:
         "target"  # curvature, noise and start measured at theta_T ("init": at theta_0)
     )
     noise_at: str = "target"  # "target": noise where the anchor run reaches the target; "init"
+    # "loss-drop": the start (measured at theta_T) rescaled so the NQM's initial risk is the
+    # loss the anchor run descended, L(theta_0) - L(theta_T) (docs/predict.md)
+    start: str = "displacement"
 
     def check(self) -> None:
         """One-line ValueError naming the flag, before any compute."""
@@ -83,6 +86,7 @@ class PredictOptions:
             ("lr_grid", ("sweep", "continuous")),
             ("measure_at", ("target", "init")),
             ("noise_at", ("target", "init")),
+            ("start", ("displacement", "loss-drop")),
         ):
             v = getattr(self, name)
             if v not in allowed:
@@ -476,8 +480,22 @@ def predict(
             )
         else:
             log("no optimizer reached the target at the anchor: measured at init only")
+    start_risk = None
+    if options.start == "loss-drop":
+        drop = meas.loss - noise_meas.loss  # the same examples at theta_0 and theta_T
+        if noise_meas.disp_sq is not None and drop > 0:
+            start_risk = drop
+        else:
+            log(
+                f"--start loss-drop: no displacement start measured at the target or no loss "
+                f"drop ({drop:.4g}): the start is the measured displacement's"
+            )
     cal = nqm_from_measurement(
-        noise_meas, num_bins=options.bins, floor=options.floor, bulk_noise=options.bulk_noise
+        noise_meas,
+        num_bins=options.bins,
+        floor=options.floor,
+        bulk_noise=options.bulk_noise,
+        start_risk=start_risk,
     )
 
     from cbs.analysis import analyze_run
@@ -569,6 +587,7 @@ def predict(
                 "anchor_steps": a_steps,
                 "anchor_lr": a_lr,
                 "lr_grid": "sweep" if lrs is not None else "continuous",
+                "start": "loss-drop" if start_risk is not None else "displacement",
                 "anchor_source": anchor_source,
                 "nqm_target": fc.target,
                 "b_crit_forecast": fit.b_crit,
