@@ -10,6 +10,20 @@ used here only do arithmetic with these values (no Python branching on them).
 Every kind also takes ``ema_decay``: an exponential moving average of the weights that is
 evaluated instead of the raw weights (0 = off), bias-corrected as in Zhang et al. 2024.
 
+Two hooks serve kinds that need more than ``update(grads, state, params)``:
+:func:`evaluation_point` (schedule-free AdamW trains at ``y`` and is evaluated at its
+average ``x``; every evaluation, the crossing replay and the EMA use that point) and
+:data:`NEEDS_OBJECTIVE` (Sophia's Hessian-diagonal estimate needs the step's batch loss as
+``obj_fn``). Which leaves are matrices is decided in one place for built-in and user models:
+:func:`muon_dimension_numbers` (hidden matrices, for Muon) and :func:`matrix_views` (every
+matrix, for Shampoo) share the same views; :func:`adalayer_block_axes` gives Adalayer's
+blocks.
+
+Kinds whose step-dependent branch (Shampoo's root refresh, Sophia's Hessian estimate) is
+controlled by a per-cell hyperparameter (``precondition_frequency``, ``update_interval``)
+run that branch as a select under ``vmap``: computed every step, kept on its steps. The
+numbers are those of the unvmapped transform; the cost is in benchmarks/README.md.
+
 ``kfac`` is special: kfac-jax's optimizer cannot run inside ``lax.scan`` and takes a
 Python step counter, so the back end runs its cells one after another (see
 :mod:`cbs.train.kfac`); its builder here is ``None``.
