@@ -326,6 +326,10 @@ def _sophia(lr, hp):
     # Sophia-H: optax's Hutchinson estimate u ⊙ (H u) of the Hessian diagonal (Rademacher
     # u), which needs the batch's loss as `obj_fn` at update time (see NEEDS_OBJECTIVE).
     # The probe key starts at PRNGKey(0) in every cell: probes depend on the step only.
+    # optax's Sophia differs from the paper's Algorithm 3 (Liu et al. 2023) in two details,
+    # kept as optax has them: the momentum is bias-corrected (m / (1 - b1^t)), and a step
+    # divides by the Hessian EMA from before that step's estimate (the paper refreshes h
+    # first), so the first step, with h = 0, is a clipped sign step of size lr.
     return optax.contrib.sophia(
         lr,
         b1=hp["b1"],
