@@ -131,23 +131,37 @@ def _np_shampoo(grads, params, lr, b1, b2, eps, gb2, geps, wd, k):
 
 
 @pytest.mark.parametrize(
-    "b2,gb2,k",
-    [(0.9, 0.99, 2), (1.0, 1.0, 3)],  # Adam graft + EMA factors; AdaGrad graft + sums
+    "b2,gb2,k,shared_step",
+    # Adam graft + EMA factors; AdaGrad graft + sums; the block's shared step as the clock
+    [(0.9, 0.99, 2, False), (1.0, 1.0, 3, False), (0.9, 0.99, 3, True)],
 )
-def test_shampoo_equals_its_equations(b2, gb2, k):
+def test_shampoo_equals_its_equations(b2, gb2, k, shared_step):
+    from cbs.train.shampoo import shampoo
+
     grads = _grads(5)
-    hp = _hp(
-        "shampoo",
-        b1=0.8,
-        b2=b2,
-        eps=1e-2,
-        graft_b2=gb2,
-        graft_eps=1e-6,
-        weight_decay=0.1,
-        precondition_frequency=k,
-    )
-    got, _, _ = _run("shampoo", 0.05, hp, grads)
+    kw = dict(b1=0.8, b2=b2, eps=1e-2, graft_b2=gb2, graft_eps=1e-6, weight_decay=0.1)
+    params = _params()
+
+    def tx(step=None):
+        return shampoo(0.05, matrix_views, **kw, precondition_frequency=k, block_step=step)
+
+    state = tx().init(params)
+    upd = jax.jit(lambda g, s, p, t: tx(t if shared_step else None).update(g, s, p))
+    got = []
+    for t, g in enumerate(grads):
+        u, state = upd(g, state, params, jnp.int32(t))
+        params = optax.apply_updates(params, u)
+        got.append(u)
     ref = _np_shampoo(grads, _params(), 0.05, 0.8, b2, 1e-2, gb2, 1e-6, 0.1, k)
+    for g, r in zip(got, ref):
+        _assert_trees_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_shampoo_registry_entry_is_the_transform():
+    hp = _hp("shampoo", b1=0.8, b2=0.9, eps=1e-2, graft_b2=0.99, weight_decay=0.1)
+    grads = _grads(3)
+    got, _, _ = _run("shampoo", 0.05, hp, grads)
+    ref = _np_shampoo(grads, _params(), 0.05, 0.8, 0.9, 1e-2, 0.99, 1e-8, 0.1, 10)
     for g, r in zip(got, ref):
         _assert_trees_close(g, r, rtol=1e-4, atol=1e-6)
 

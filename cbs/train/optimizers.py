@@ -19,10 +19,12 @@ average ``x``; every evaluation, the crossing replay and the EMA use that point)
 matrix, for Shampoo) share the same views; :func:`adalayer_block_axes` gives Adalayer's
 blocks.
 
-Kinds whose step-dependent branch (Shampoo's root refresh, Sophia's Hessian estimate) is
-controlled by a per-cell hyperparameter (``precondition_frequency``, ``update_interval``)
-run that branch as a select under ``vmap``: computed every step, kept on its steps. The
-numbers are those of the unvmapped transform; the cost is in benchmarks/README.md.
+Step-dependent branches: SOAP's basis refresh and Shampoo's root recomputation (every 10
+steps, a static frequency) branch on the block's shared step (:data:`STEP_AWARE`), so they
+stay real conditionals under ``vmap``. Sophia's Hessian estimate is controlled by a per-cell
+hyperparameter (``update_interval``, optax's counter), so under ``vmap`` it is a select:
+computed every step, kept on its steps (the numbers of the unvmapped transform; the cost is
+in benchmarks/README.md).
 
 ``kfac`` is special: kfac-jax's optimizer cannot run inside ``lax.scan`` and takes a
 Python step counter, so the back end runs its cells one after another (see
@@ -240,7 +242,13 @@ def _muon(lr, hp):
     return optax.partition({"muon": muon, "adamw": adamw}, labels)
 
 
-def _shampoo(lr, hp):
+# Steps between Shampoo's inverse-root recomputations: a static integer, so that in a
+# vmapped block the recomputation is a real conditional on the block's shared step (as
+# SOAP's basis refresh), not a per-step select (see cbs.train.shampoo).
+SHAMPOO_PRECONDITION_FREQUENCY = 10
+
+
+def _shampoo(lr, hp, block_step=None):
     from cbs.train.shampoo import shampoo
 
     return shampoo(
@@ -252,7 +260,8 @@ def _shampoo(lr, hp):
         graft_b2=hp["graft_b2"],
         graft_eps=hp["graft_eps"],
         weight_decay=hp["weight_decay"],
-        precondition_frequency=hp["precondition_frequency"],
+        precondition_frequency=SHAMPOO_PRECONDITION_FREQUENCY,
+        block_step=block_step,
     )
 
 
@@ -487,8 +496,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         example_lr=0.01,
     ),
     "shampoo": OptimizerSpec(
-        "Shampoo (cbs.train.shampoo): L^-1/4 G R^-1/4 on every matrix, step size grafted "
-        "from Adam (graft_b2 < 1) or AdaGrad (graft_b2 = 1) per leaf; vectors take the graft",
+        "Shampoo (cbs.train.shampoo): L^-1/4 G R^-1/4 on every matrix (roots recomputed "
+        "every 10 steps), step size grafted from Adam (graft_b2 < 1) or AdaGrad "
+        "(graft_b2 = 1) per leaf; vectors take the graft",
         dict(
             b1=HParamSpec(0.9, "decay of the filtered gradient (first moment)", ge=0, lt=1),
             b2=HParamSpec(
@@ -499,9 +509,6 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                 0.999, "second-moment decay of the Adam graft (1 = AdaGrad graft)", gt=0, le=1
             ),
             graft_eps=HParamSpec(1e-8, "denominator epsilon of the graft", gt=0),
-            precondition_frequency=HParamSpec(
-                10.0, "steps between recomputations of the inverse roots (an integer)", ge=1
-            ),
             weight_decay=_WD,
             ema_decay=_EMA,
         ),
@@ -597,7 +604,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 
 
 # Kinds whose builder takes the block's shared step (see build_optimizer).
-STEP_AWARE = frozenset({"soap"})
+STEP_AWARE = frozenset({"soap", "shampoo"})
 
 # Kinds whose update needs the batch's loss as a function of the params (``obj_fn``):
 # Sophia's Hessian-diagonal estimate differentiates it twice.

@@ -35,10 +35,13 @@ Choices where the references leave room, stated so the test can check them:
   rank-deficient factor) from producing NaNs; ε is then the ridge of Gupta et al.'s
   ``L_0 = ε I``, added at the root rather than accumulated.
 * Between refreshes the roots are the last ones computed (stale, as in both references).
-* Every hyperparameter except ``max_precond_dim`` may be a traced scalar (so the transform
-  vmaps over cells). Under ``vmap`` a per-cell ``precondition_frequency`` makes the refresh
-  a select, so the roots are computed every step and kept only on refresh steps: the same
-  numbers, the cost of an ``eigh`` per matrix per step.
+* Every hyperparameter except ``precondition_frequency`` and ``max_precond_dim`` may be a
+  traced scalar (so the transform vmaps over cells). As for SOAP (:mod:`cbs.train.soap`),
+  the refresh is chosen from ``block_step`` when given: the step shared by every vmapped
+  copy (the cells of a block train in lockstep), unbatched, so ``lax.cond`` stays a real
+  conditional and the ``eigh`` runs on refresh steps only. A per-cell (traced) frequency
+  would make it a select computing every root on every step: on CPU an ``eigh`` of a 64 x 64
+  factor costs far more than the rest of the step, so the frequency is a static integer.
 """
 
 from __future__ import annotations
@@ -109,15 +112,19 @@ def scale_by_shampoo(
     eps=1e-8,
     graft_b2=0.999,
     graft_eps=1e-8,
-    precondition_frequency=10,
+    precondition_frequency: int = 10,
     max_precond_dim: int = 1024,
+    *,
+    block_step: jax.Array | None = None,
 ) -> optax.GradientTransformation:
     """Shampoo's grafted direction ``P`` (module docstring); multiply by ``-lr`` after.
 
     ``matrix_views(params)``: a tree like the params with, per leaf, an
     ``optax.contrib.MuonDimensionNumbers`` (how the leaf is a matrix) or ``None`` (not a
-    matrix: graft step only).
+    matrix: graft step only). ``block_step``: the update count shared by all vmapped copies
+    (it must equal each copy's own count), or None to branch on the copy's own count.
     """
+    precondition_frequency = int(precondition_frequency)
     eye = jnp.eye
 
     def sides(x, d):
@@ -162,7 +169,8 @@ def scale_by_shampoo(
         w2 = jnp.where(b2 == 1.0, 1.0, 1.0 - b2)
         gw2 = jnp.where(graft_b2 == 1.0, 1.0, 1.0 - graft_b2)
         gcorr = jnp.where(graft_b2 == 1.0, 1.0, 1.0 - graft_b2**t)
-        refresh = (state.count % precondition_frequency) == 0
+        at = state.count if block_step is None else jnp.asarray(block_step, jnp.int32)
+        refresh = (at % precondition_frequency) == 0
 
         def leaf(g, d, mu, nu, fl, fr, rl, rr):
             g32 = g.astype(jnp.float32)
@@ -228,13 +236,23 @@ def shampoo(
     graft_b2=0.999,
     graft_eps=1e-8,
     weight_decay=0.0,
-    precondition_frequency=10,
+    precondition_frequency: int = 10,
     max_precond_dim: int = 1024,
+    *,
+    block_step: jax.Array | None = None,
 ) -> optax.GradientTransformation:
     """Shampoo (grafted, see the module docstring) with decoupled weight decay and an LR."""
     return optax.chain(
         scale_by_shampoo(
-            matrix_views, b1, b2, eps, graft_b2, graft_eps, precondition_frequency, max_precond_dim
+            matrix_views,
+            b1,
+            b2,
+            eps,
+            graft_b2,
+            graft_eps,
+            precondition_frequency,
+            max_precond_dim,
+            block_step=block_step,
         ),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
