@@ -4,8 +4,9 @@ For each kind: a block of ``--cells`` cells (LRs spread by factors of 2, default
 hyperparameters) vmapped over cells, ``--steps`` steps per compiled call (one ``lax.scan``,
 exactly the engine's ``train_interval``), batch ``--batch``. Reported per kind: compile time
 of that program (first call minus a steady call) and the steady-state time per step (the
-fastest of ``--repeats`` calls after the first, divided by ``--steps``), and the ratio of the
-latter to SGD's. Both problems are the shipped CPU configs' models: the MNIST-1D MLP
+fastest of ``--repeats`` calls after the first, divided by ``--steps``; each call holds the
+same number of refresh steps when ``--steps`` is a multiple of 10), and the ratio of the
+latter to SGD's. The block's shared step is passed as the engine passes it. Both problems are the shipped CPU configs' models: the MNIST-1D MLP
 (configs/train_mnist1d_mlp_cpu.yaml: width 64, depth 2) and the tiny LM
 (configs/train_tiny_lm_cpu.yaml: byte-level Transformer).
 
@@ -70,15 +71,23 @@ def time_kind(problem, kind: str, args) -> tuple[float, float]:
     state = jax.jit(jax.vmap(init))(stacked, hp)
     rng = np.random.default_rng(0)
     idx = jnp.asarray(rng.integers(0, problem.num_train, (w, args.steps, args.batch)), jnp.int32)
-    fn = jax.jit(jax.vmap(train_interval, in_axes=(0, 0, 0, 0)))
+    # The block's shared step of each step, unbatched, as the engine passes it: kinds that
+    # branch on it (SOAP's basis refresh, Shampoo's roots) then branch for real.
+    fn = jax.jit(
+        jax.vmap(
+            lambda s, lr, hp, i, ts: train_interval(s, lr, hp, i, None, ts),
+            in_axes=(0, 0, 0, 0, None),
+        )
+    )
+    steps = jnp.arange(args.steps, dtype=jnp.int32)
     t = time.perf_counter()
-    out = fn(state, lr, hp, idx)
+    out = fn(state, lr, hp, idx, steps)
     jax.block_until_ready(out)
     first = time.perf_counter() - t
     times = []
-    for _ in range(args.repeats):
+    for r in range(args.repeats):
         t = time.perf_counter()
-        out = fn(out[0], lr, hp, idx)
+        out = fn(out[0], lr, hp, idx, steps + (r + 1) * args.steps)
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t)
     steady = min(times)
