@@ -42,7 +42,9 @@ CONFIGS = {
     "mnist1d": ROOT / "configs" / "train_mnist1d_mlp_cpu.yaml",
     "tiny_lm": ROOT / "configs" / "train_tiny_lm_cpu.yaml",
 }
-DEFAULT_KINDS = "sgd,adam,shampoo,adalayer,ademamix,simplified_ademamix,sophia,schedule_free_adamw"
+DEFAULT_KINDS = (
+    "sgd,adam,shampoo,adalayer,ademamix,simplified_ademamix,sophia,schedule_free_adamw,sgd"
+)
 
 
 def problem_of(name: str):
