@@ -9,7 +9,9 @@ Modules:
   streaming   training sets beyond the device budget: host-gathered, prefetched chunks.
   make_example_data  writes the data of configs/examples/.
   models      Flax MLP, CNN, decoder-only Transformer; losses.
-  optimizers  OPTIMIZERS registry (OptimizerSpec per kind), Optax builders, schedule_fn.
+  optimizers  OPTIMIZERS registry (OptimizerSpec per kind), Optax builders, schedule_fn,
+              evaluation points (schedule-free), which leaves are matrices.
+  soap, shampoo, adalayer  the optimizers Optax lacks, as Optax transforms.
   engine      pure per-cell train step / evaluation, vmapped BlockRun, noise-scale estimator.
   loop        host-side stopping rule, steps-to-target (Shallue), curves, noise_scale table.
   kfac        K-FAC cells via kfac-jax, one after another.

@@ -33,7 +33,7 @@ import optax
 
 from cbs.train.layout import over_cells
 from cbs.train.models import loss_and_error
-from cbs.train.optimizers import build_optimizer
+from cbs.train.optimizers import NEEDS_OBJECTIVE, build_optimizer, evaluation_point
 
 __all__ = [
     "TrainProblem",
@@ -168,12 +168,17 @@ def _all_finite(tree) -> jax.Array:
     return jnp.isfinite(sum(jnp.sum(x * 0) for x in leaves))
 
 
-def eval_params(state: CellState, ema_decay) -> Any:
+def eval_params(state: CellState, ema_decay, point: Callable | None = None) -> Any:
     """The weights to evaluate: bias-corrected EMA ``ema / (1 - d**t)`` (raw at t = 0).
-    With d = 0 the EMA equals the raw params, so no branch is needed."""
+    With d = 0 the EMA equals the raw params, so no branch is needed.
+
+    ``point(params, opt_state)``: the optimizer's evaluation point (schedule-free AdamW's
+    average, :func:`cbs.train.optimizers.evaluation_point`); the EMA averages that point.
+    """
+    raw = state.params if point is None else point(state.params, state.opt_state)
     t = state.step.astype(jnp.float32)
     corr = jnp.where(t > 0, 1.0 - ema_decay**t, 1.0)
-    return jax.tree.map(lambda e, p: jnp.where(t > 0, e / corr, p), state.ema, state.params)
+    return jax.tree.map(lambda e, p: jnp.where(t > 0, e / corr, p), state.ema, raw)
 
 
 def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_steps: int):
@@ -192,6 +197,7 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
       cells.
     """
     model, task = problem.model, problem.task
+    point = evaluation_point(kind)
 
     def tx_of(lr, hp, block_step=None):
         return build_optimizer(kind, lambda count: lr * schedule(count), hp, block_step=block_step)
@@ -215,14 +221,16 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
         # single steps between evaluations inside the block's own program, see BlockRun).
         tx = tx_of(lr, hp, block_step)
         loss, grads = jax.value_and_grad(batch_loss)(state.params, idx, data)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        # Sophia's curvature estimate differentiates the same batch's loss again.
+        extra = dict(obj_fn=lambda p: batch_loss(p, idx, data)) if kind in NEEDS_OBJECTIVE else {}
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         bad = ~jnp.isfinite(loss) | (loss > problem.diverge_loss) | ~_all_finite(params)
         # Steps past the budget (the tail of the last scan call) are no-ops too.
         in_budget = (state.step < max_steps) & slot_live
         live = ~(state.diverged | bad) & in_budget
         d = hp["ema_decay"]
-        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema, params)
+        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema, point(params, opt_state))
         new = CellState(params, opt_state, ema, state.step + 1, state.diverged)
         out = _where(live, new, state)
         return out._replace(diverged=state.diverged | (bad & in_budget)), loss
@@ -254,7 +262,7 @@ def make_block_fns(problem: TrainProblem, kind: str, schedule: Callable, max_ste
         return state, jnp.sum(jnp.where(lv, losses, 0.0)) / jnp.maximum(jnp.sum(lv), 1)
 
     def evaluate(state, hp):
-        params = eval_params(state, hp["ema_decay"])
+        params = eval_params(state, hp["ema_decay"], point)
         n, eb = problem.x_val.shape[0], min(problem.eval_batch, problem.x_val.shape[0])
         pieces = -(-n // eb)
         pad = pieces * eb - n

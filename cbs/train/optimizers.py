@@ -10,6 +10,22 @@ used here only do arithmetic with these values (no Python branching on them).
 Every kind also takes ``ema_decay``: an exponential moving average of the weights that is
 evaluated instead of the raw weights (0 = off), bias-corrected as in Zhang et al. 2024.
 
+Two hooks serve kinds that need more than ``update(grads, state, params)``:
+:func:`evaluation_point` (schedule-free AdamW trains at ``y`` and is evaluated at its
+average ``x``; every evaluation, the crossing replay and the EMA use that point) and
+:data:`NEEDS_OBJECTIVE` (Sophia's Hessian-diagonal estimate needs the step's batch loss as
+``obj_fn``). Which leaves are matrices is decided in one place for built-in and user models:
+:func:`muon_dimension_numbers` (hidden matrices, for Muon) and :func:`matrix_views` (every
+matrix, for Shampoo) share the same views; :func:`adalayer_block_axes` gives Adalayer's
+blocks.
+
+Step-dependent branches: SOAP's basis refresh and Shampoo's root recomputation (every 10
+steps, a static frequency) branch on the block's shared step (:data:`STEP_AWARE`), so they
+stay real conditionals under ``vmap``. Sophia's Hessian estimate is controlled by a per-cell
+hyperparameter (``update_interval``, optax's counter), so under ``vmap`` it is a select:
+computed every step, kept on its steps (the numbers of the unvmapped transform; the cost is
+in benchmarks/README.md).
+
 ``kfac`` is special: kfac-jax's optimizer cannot run inside ``lax.scan`` and takes a
 Python step counter, so the back end runs its cells one after another (see
 :mod:`cbs.train.kfac`); its builder here is ``None``.
@@ -32,6 +48,9 @@ __all__ = [
     "BUILDERS",
     "build_optimizer",
     "muon_dimension_numbers",
+    "matrix_views",
+    "adalayer_block_axes",
+    "evaluation_point",
     "soap_available",
     "schedule_fn",
 ]
@@ -103,21 +122,57 @@ def muon_dimension_numbers(params):
     * AdamW: token and position embeddings, the read-out (the last top-level Dense layer),
       biases and LayerNorm scales/offsets.
     """
-    dims = optax.contrib.MuonDimensionNumbers
+    return _matrix_dims(params, hidden_only=True)
+
+
+def matrix_views(params):
+    """Every leaf of rank >= 2 as a matrix, viewed as :func:`muon_dimension_numbers` views
+    Muon's (the same rule for user models), read-out and embeddings included; ``None`` for
+    vectors and scalars. Shampoo preconditions these matrices and grafts the rest."""
+    return _matrix_dims(params, hidden_only=False)
+
+
+def _leaf_names(path) -> list[str]:
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return names[1:] if names and names[0] == "params" else names
+
+
+def _readout_of(params) -> str | None:
     root = params["params"] if isinstance(params, Mapping) and "params" in params else params
-    readout = _muon_readout(root) if isinstance(root, Mapping) else None
+    return _muon_readout(root) if isinstance(root, Mapping) else None
+
+
+def _matrix_dims(params, hidden_only: bool):
+    dims = optax.contrib.MuonDimensionNumbers
+    readout = _readout_of(params)
 
     def label(path, leaf):
-        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-        if names and names[0] == "params":
-            names = names[1:]
-        if names[-1] != "kernel" or leaf.ndim < 2 or (readout is not None and names[0] == readout):
+        names = _leaf_names(path)
+        if leaf.ndim < 2:
+            return None
+        if hidden_only and (names[-1] != "kernel" or (readout is not None and names[0] == readout)):
             return None
         if len(names) >= 2 and names[-2] in ("query", "key", "value"):
             return dims(reduction_axis=0, output_axis=tuple(range(1, leaf.ndim)))
         return dims(reduction_axis=tuple(range(leaf.ndim - 1)), output_axis=leaf.ndim - 1)
 
     return jax.tree_util.tree_map_with_path(label, params)
+
+
+def adalayer_block_axes(params):
+    """Adalayer's blocks (:mod:`cbs.train.adalayer`): per leaf, the axes along which
+    coordinates are in different blocks. Every leaf is one block (``()``) except the
+    read-out kernel (the last top-level Dense layer, as for Muon), one block per output
+    unit (its last axis)."""
+    readout = _readout_of(params)
+
+    def axes(path, leaf):
+        names = _leaf_names(path)
+        if readout is not None and names[0] == readout and names[-1] == "kernel":
+            return (leaf.ndim - 1,)
+        return ()
+
+    return jax.tree_util.tree_map_with_path(axes, params)
 
 
 def _is_dims(x) -> bool:
@@ -187,6 +242,136 @@ def _muon(lr, hp):
     return optax.partition({"muon": muon, "adamw": adamw}, labels)
 
 
+# Steps between Shampoo's inverse-root recomputations: a static integer, so that in a
+# vmapped block the recomputation is a real conditional on the block's shared step (as
+# SOAP's basis refresh), not a per-step select (see cbs.train.shampoo).
+SHAMPOO_PRECONDITION_FREQUENCY = 10
+
+
+def _shampoo(lr, hp, block_step=None):
+    from cbs.train.shampoo import shampoo
+
+    return shampoo(
+        lr,
+        matrix_views,
+        b1=hp["b1"],
+        b2=hp["b2"],
+        eps=hp["eps"],
+        graft_b2=hp["graft_b2"],
+        graft_eps=hp["graft_eps"],
+        weight_decay=hp["weight_decay"],
+        precondition_frequency=SHAMPOO_PRECONDITION_FREQUENCY,
+        block_step=block_step,
+    )
+
+
+def _adalayer(lr, hp):
+    from cbs.train.adalayer import adalayer
+
+    return adalayer(
+        lr,
+        adalayer_block_axes,
+        b1=hp["b1"],
+        b2=hp["b2"],
+        eps=hp["eps"],
+        weight_decay=hp["weight_decay"],
+    )
+
+
+def ademamix_warmups(hp):
+    """AdEMAMix's warm-ups of ``alpha`` and ``b3`` (Pagliardini, Ablin & Grangier 2024,
+    "The AdEMAMix Optimizer: Better, Faster, Older", arXiv:2409.03137, Algorithm 1) over
+    ``T = warmup_steps`` steps (0 = off), at the paper's step ``t = 1, 2, ...``::
+
+        alpha_t = min(t alpha / T, alpha)
+        b3_t    = min(exp(ln(b1) ln(b3) / ((1 - t/T) ln(b3) + (t/T) ln(b1))), b3)  (t < T)
+
+    (``b3_t`` interpolates the half-life linearly from ``b1``'s to ``b3``'s). Returned as
+    functions of Optax's 0-based count (``t = count + 1``), traceable in every argument.
+    """
+    big_t, a, b1, b3 = hp["warmup_steps"], hp["alpha"], hp["b1"], hp["b3"]
+    on = big_t > 0
+    safe_t = jnp.where(on, big_t, 1.0)
+
+    def alpha(count):
+        t = jnp.asarray(count, jnp.float32) + 1.0
+        return jnp.where(on & (t < big_t), t * a / safe_t, a)
+
+    def beta3(count):
+        t = jnp.asarray(count, jnp.float32) + 1.0
+        f = t / safe_t
+        lb1, lb3 = jnp.log(b1), jnp.log(b3)
+        warm = jnp.minimum(jnp.exp(lb1 * lb3 / ((1.0 - f) * lb3 + f * lb1)), b3)
+        return jnp.where(on & (t < big_t), warm, b3)
+
+    return alpha, beta3
+
+
+def _ademamix(lr, hp):
+    alpha, beta3 = ademamix_warmups(hp)
+    return optax.contrib.ademamix(
+        lr,
+        b1=hp["b1"],
+        b2=hp["b2"],
+        b3=beta3,
+        alpha=alpha,
+        eps=hp["eps"],
+        weight_decay=hp["weight_decay"],
+    )
+
+
+def _simplified_ademamix(lr, hp):
+    return optax.contrib.simplified_ademamix(
+        lr,
+        b1=hp["b1"],
+        b2=hp["b2"],
+        alpha=hp["alpha"],
+        eps=hp["eps"],
+        weight_decay=hp["weight_decay"],
+    )
+
+
+def _sophia(lr, hp):
+    # Sophia-H: optax's Hutchinson estimate u ⊙ (H u) of the Hessian diagonal (Rademacher
+    # u), which needs the batch's loss as `obj_fn` at update time (see NEEDS_OBJECTIVE).
+    # The probe key starts at PRNGKey(0) in every cell: probes depend on the step only.
+    # optax's Sophia differs from the paper's Algorithm 3 (Liu et al. 2023) in two details,
+    # kept as optax has them: the momentum is bias-corrected (m / (1 - b1^t)), and a step
+    # divides by the Hessian EMA from before that step's estimate (the paper refreshes h
+    # first), so the first step, with h = 0, is a clipped sign step of size lr.
+    return optax.contrib.sophia(
+        lr,
+        b1=hp["b1"],
+        b2=hp["b2"],
+        eps=hp["eps"],
+        weight_decay=hp["weight_decay"],
+        gamma=hp["gamma"],
+        clip_threshold=hp["clip_threshold"],
+        update_interval=hp["update_interval"],
+    )
+
+
+def _schedule_free_adamw(lr, hp):
+    """optax.contrib.schedule_free_adamw, built from its parts so the LR schedule lines up.
+
+    ``schedule_free`` reads the LR at its own 1-based ``step_count`` for the averaging
+    weight ``c_{t+1} = max_lr**p / sum``, while the base AdamW step reads it at the 0-based
+    count; the reference (Defazio et al. 2024) weights each step by that step's own LR, so
+    the averaging reads ``lr(step_count - 1)``. With a constant LR this is exactly
+    ``optax.contrib.schedule_free_adamw`` (the test checks both). Warm-up comes from the
+    config's schedule (``schedule.warmup_steps``), as for every kind.
+    """
+    base = optax.chain(
+        optax.scale_by_rms(decay=hp["b2"], eps=hp["eps"], eps_in_sqrt=False, bias_correction=True),
+        optax.add_decayed_weights(hp["weight_decay"]),
+        optax.scale_by_learning_rate(lr),
+    )
+    averaging_lr = (lambda count: lr(count - 1)) if callable(lr) else lr
+    return optax.contrib.schedule_free(
+        base, averaging_lr, b1=hp["b1"], weight_lr_power=hp["weight_lr_power"]
+    )
+
+
 def soap_available() -> bool:
     """Whether ``cbs.train.soap`` imports (it is written separately)."""
     try:
@@ -219,6 +404,12 @@ BUILDERS: dict[str, Callable | None] = {
     # get AdamW (see muon_dimension_numbers).
     "muon": lambda lr, hp: _muon(lr, hp),
     "soap": _soap,
+    "shampoo": _shampoo,
+    "adalayer": _adalayer,
+    "ademamix": _ademamix,
+    "simplified_ademamix": _simplified_ademamix,
+    "sophia": _sophia,
+    "schedule_free_adamw": _schedule_free_adamw,
     "kfac": None,
 }
 
@@ -305,6 +496,95 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         ),
         example_lr=0.01,
     ),
+    "shampoo": OptimizerSpec(
+        "Shampoo (cbs.train.shampoo): L^-1/4 G R^-1/4 on every matrix (roots recomputed "
+        "every 10 steps), step size grafted from Adam (graft_b2 < 1) or AdaGrad "
+        "(graft_b2 = 1) per leaf; vectors take the graft",
+        dict(
+            b1=HParamSpec(0.9, "decay of the filtered gradient (first moment)", ge=0, lt=1),
+            b2=HParamSpec(
+                0.999, "decay of the Kronecker factors L, R (1 = running sums)", gt=0, le=1
+            ),
+            eps=HParamSpec(1e-8, "ridge added to L and R before the inverse 4th root", gt=0),
+            graft_b2=HParamSpec(
+                0.999, "second-moment decay of the Adam graft (1 = AdaGrad graft)", gt=0, le=1
+            ),
+            graft_eps=HParamSpec(1e-8, "denominator epsilon of the graft", gt=0),
+            weight_decay=_WD,
+            ema_decay=_EMA,
+        ),
+        example_lr=0.01,
+    ),
+    "adalayer": OptimizerSpec(
+        "Adalayer (cbs.train.adalayer): Adam with one second moment per leaf (per output "
+        "unit for the read-out kernel)",
+        dict(**_adam_moments(), weight_decay=_WD, ema_decay=_EMA),
+        example_lr=0.01,
+    ),
+    "ademamix": OptimizerSpec(
+        "AdEMAMix (optax.contrib.ademamix): Adam plus a slow momentum (b3) mixed in by "
+        "alpha, with the paper's warm-ups of alpha and b3",
+        dict(
+            b1=HParamSpec(0.9, "fast first-moment decay", gt=0, lt=1),
+            b2=HParamSpec(0.999, "second-moment decay", ge=0, lt=1),
+            b3=HParamSpec(0.9999, "slow first-moment decay", gt=0, lt=1),
+            alpha=HParamSpec(5.0, "weight of the slow momentum", ge=0),
+            warmup_steps=HParamSpec(
+                0.0,
+                "steps over which alpha and b3 warm up (the paper: the run's length; 0 = off)",
+                ge=0,
+            ),
+            eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
+            weight_decay=_WD,
+            ema_decay=_EMA,
+        ),
+        example_lr=0.01,
+    ),
+    "simplified_ademamix": OptimizerSpec(
+        "Simplified AdEMAMix (optax.contrib.simplified_ademamix): (alpha g + m) / sqrt(v), "
+        "m = b1 m + g",
+        dict(
+            b1=HParamSpec(0.99, "momentum decay (m = b1 m + g, no 1 - b1)", ge=0, lt=1),
+            b2=HParamSpec(0.95, "second-moment decay", ge=0, lt=1),
+            alpha=HParamSpec(0.0, "weight of the current gradient", ge=0),
+            eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
+            weight_decay=_WD,
+            ema_decay=_EMA,
+        ),
+        example_lr=0.001,
+    ),
+    "sophia": OptimizerSpec(
+        "Sophia-H (optax.contrib.sophia): momentum over a Hutchinson Hessian-diagonal "
+        "estimate refreshed every update_interval steps, clipped element-wise",
+        dict(
+            b1=HParamSpec(0.965, "momentum decay", ge=0, lt=1),
+            b2=HParamSpec(0.99, "decay of the Hessian-diagonal EMA", ge=0, lt=1),
+            eps=HParamSpec(1e-8, "floor of gamma * h", gt=0),
+            gamma=HParamSpec(0.01, "scale of the Hessian diagonal (the paper's rho)", gt=0),
+            clip_threshold=HParamSpec(1.0, "element-wise clip of the update", gt=0),
+            update_interval=HParamSpec(
+                10.0, "steps between Hessian-diagonal estimates (an integer)", ge=1
+            ),
+            weight_decay=HParamSpec(1e-4, "decoupled weight decay (times the LR)", ge=0),
+            ema_decay=_EMA,
+        ),
+        example_lr=0.01,
+    ),
+    "schedule_free_adamw": OptimizerSpec(
+        "schedule-free AdamW (optax.contrib.schedule_free_adamw), evaluated at its "
+        "averaged point x",
+        dict(
+            b1=HParamSpec(0.9, "interpolation y = (1 - b1) z + b1 x", gt=0, lt=1),
+            b2=HParamSpec(0.999, "second-moment decay", ge=0, lt=1),
+            eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
+            weight_lr_power=HParamSpec(
+                2.0, "averaging weight of a step = max LR so far ** this", ge=0
+            ),
+            weight_decay=_WD,
+            ema_decay=_EMA,
+        ),
+        example_lr=0.03,
+    ),
     "kfac": OptimizerSpec(
         "K-FAC (kfac-jax 0.0.8), fixed LR/momentum/damping; cells run one after another",
         dict(
@@ -325,7 +605,32 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 
 
 # Kinds whose builder takes the block's shared step (see build_optimizer).
-STEP_AWARE = frozenset({"soap"})
+STEP_AWARE = frozenset({"soap", "shampoo"})
+
+# Kinds whose update needs the batch's loss as a function of the params (``obj_fn``):
+# Sophia's Hessian-diagonal estimate differentiates it twice.
+NEEDS_OBJECTIVE = frozenset({"sophia"})
+
+
+def _identity_point(params, opt_state):
+    del opt_state
+    return params
+
+
+# Where a kind's model is evaluated, given the trained params and the optimizer state.
+# Schedule-free methods train at y and evaluate at the average x = (y - (1 - b1) z) / b1.
+EVAL_POINT: dict[str, Callable] = {
+    "schedule_free_adamw": lambda params, opt_state: optax.contrib.schedule_free_eval_params(
+        opt_state, params
+    ),
+}
+
+
+def evaluation_point(kind: str) -> Callable:
+    """``point(params, opt_state) -> params`` at which cells of ``kind`` are evaluated
+    (validation metrics, the exact-crossing replay, the weights' EMA): the params
+    themselves except for schedule-free AdamW, whose averaged point is evaluated."""
+    return EVAL_POINT.get(kind, _identity_point)
 
 
 def build_optimizer(
