@@ -86,20 +86,29 @@ def _hp_key(hparams) -> tuple:
     return tuple(sorted((k, float(v)) for k, v in hparams.items()))
 
 
-def _best_lr(cells: pd.DataFrame) -> float | None:
-    """The best LR of one group and seed (None when every cell diverged)."""
+def best_cell(cells: pd.DataFrame) -> pd.Series | None:
+    """The best cell (a results row) of one group and seed, by the analysis's rule: the
+    fewest steps to target among the cells that reached it (ties: the lower final metric),
+    else the lowest best metric among those that did not diverge (ties: the lower LR);
+    None when every cell diverged. The LR rounds and the search's rounds both use it."""
     div = cells["diverged"].astype(bool).to_numpy()
     steps = cells["steps_to_target"].to_numpy(np.float64)
     reached = cells["reached"].astype(bool).to_numpy() & ~div & np.isfinite(steps)
     if reached.any():
         sub = cells[reached].assign(_s=steps[reached])
         order = ["_s"] + (["final_metric"] if "final_metric" in sub else [])
-        return float(sub.sort_values(order, kind="stable").iloc[0]["lr"])
+        return sub.sort_values(order, kind="stable").iloc[0].drop("_s")
     ok = cells[~div]
     if not len(ok):
         return None
     key = "best_metric" if "best_metric" in ok else "final_metric"
-    return float(ok.sort_values([key, "lr"], kind="stable").iloc[0]["lr"])
+    return ok.sort_values([key, "lr"], kind="stable").iloc[0]
+
+
+def _best_lr(cells: pd.DataFrame) -> float | None:
+    """The best LR of one group and seed (None when every cell diverged)."""
+    best = best_cell(cells)
+    return None if best is None else float(best["lr"])
 
 
 def group_edges(rows: pd.DataFrame) -> dict[tuple, dict]:

@@ -219,25 +219,11 @@ def search_cells(
 
 
 def best_trials(rows: pd.DataFrame) -> dict[int, pd.Series | None]:
-    """Per seed, the best cell (a results row), by the analysis's rule; None when every
-    cell of that seed diverged."""
-    out = {}
-    for seed, cells in rows.groupby("seed", sort=True):
-        div = cells["diverged"].astype(bool).to_numpy()
-        steps = cells["steps_to_target"].to_numpy(np.float64)
-        reached = cells["reached"].astype(bool).to_numpy() & ~div & np.isfinite(steps)
-        if reached.any():
-            sub = cells[reached].assign(_s=steps[reached])
-            order = ["_s"] + (["final_metric"] if "final_metric" in sub else [])
-            out[int(seed)] = sub.sort_values(order, kind="stable").iloc[0]
-            continue
-        ok = cells[~div]
-        if not len(ok):
-            out[int(seed)] = None
-            continue
-        key = "best_metric" if "best_metric" in ok else "final_metric"
-        out[int(seed)] = ok.sort_values(key, kind="stable").iloc[0]
-    return out
+    """Per seed, the best cell (a results row), by the analysis's rule
+    (:func:`cbs.sweep.adaptive.best_cell`); None when every cell of that seed diverged."""
+    from cbs.sweep.adaptive import best_cell
+
+    return {int(seed): best_cell(cells) for seed, cells in rows.groupby("seed", sort=True)}
 
 
 def _edges(plan: SearchPlan, box: dict, rows: pd.DataFrame) -> tuple[dict, dict]:

@@ -533,6 +533,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                 0.0,
                 "steps over which alpha and b3 warm up (the paper: the run's length; 0 = off)",
                 ge=0,
+                lt=2**31,  # a step count: below the engine's 32-bit step counter
             ),
             eps=HParamSpec(1e-8, "denominator epsilon", gt=0),
             weight_decay=_WD,
@@ -563,7 +564,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             gamma=HParamSpec(0.01, "scale of the Hessian diagonal (the paper's rho)", gt=0),
             clip_threshold=HParamSpec(1.0, "element-wise clip of the update", gt=0),
             update_interval=HParamSpec(
-                10.0, "steps between Hessian-diagonal estimates (an integer)", ge=1
+                10.0,
+                "steps between Hessian-diagonal estimates (an integer)",
+                ge=1,
+                lt=2**31,  # a step count: below the engine's 32-bit step counter
             ),
             weight_decay=HParamSpec(1e-4, "decoupled weight decay (times the LR)", ge=0),
             ema_decay=_EMA,
