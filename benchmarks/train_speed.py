@@ -106,14 +106,13 @@ def baseline(be: TrainBackend, block, max_steps: int, eval_every: int):
     return total, total - first_calls, curves
 
 
-def strong_baseline(be: TrainBackend, block, max_steps: int, eval_every: int):
-    """The same cells one after another through ONE compiled program: hyperparameters are
-    traced arguments (optax.inject_hyperparams), steps run in lax.scan. Returns (total time
-    incl. compile, run-only time, compile time, curves)."""
-    p = be.problem
+def strong_program(p):
+    """The strong baseline's one program: a cell's validation curve from its params, LR,
+    momentum and data order, hyperparameters as traced arguments (optax.inject_hyperparams)
+    and the steps in lax.scan. ``strong_baseline`` times it; ``profile_phases`` splits its
+    compile."""
     xt, yt, xv, yv = p.x_train, p.y_train, p.x_val, p.y_val
     tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.0)
-    n_evals = max_steps // eval_every
 
     def evaluate(params):
         return loss_and_error(p.task, p.model.apply(params, xv), yv)[0]
@@ -138,6 +137,17 @@ def strong_baseline(be: TrainBackend, block, max_steps: int, eval_every: int):
 
         _, vals = jax.lax.scan(interval, (params, opt_state), idx)
         return jnp.concatenate([evaluate(params)[None], vals])
+
+    return train
+
+
+def strong_baseline(be: TrainBackend, block, max_steps: int, eval_every: int):
+    """The same cells one after another through ONE compiled program (``strong_program``).
+    Returns (total time incl. compile, run-only time, compile time, curves)."""
+    p = be.problem
+    xt = p.x_train
+    n_evals = max_steps // eval_every
+    train = strong_program(p)
 
     t0 = time.perf_counter()
     params0 = p.model.init(jax.random.PRNGKey(0), xt[:1])
@@ -218,32 +228,7 @@ def profile_phases(cfg, block, steps: int, every: int) -> list[tuple[str, float,
         program_target(1e-9),
     )
     rows.append((f"ours: train+eval call ({layout})", *_aot(run._call, *args, layout=layout)))
-    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.0)
-    xt, yt, xv, yv = p.x_train, p.y_train, p.x_val, p.y_val
-
-    def train(params, lr, momentum, idx):  # strong_baseline's program, verbatim
-        opt_state = tx.init(params)
-        opt_state.hyperparams["learning_rate"] = lr
-        opt_state.hyperparams["momentum"] = momentum
-
-        def evaluate(params):
-            return loss_and_error(p.task, p.model.apply(params, xv), yv)[0]
-
-        def step(carry, ix):
-            params, opt_state = carry
-            g = jax.grad(lambda pr: loss_and_error(p.task, p.model.apply(pr, xt[ix]), yt[ix])[0])(
-                params
-            )
-            u, opt_state = tx.update(g, opt_state, params)
-            return (optax.apply_updates(params, u), opt_state), None
-
-        def interval(carry, ixs):
-            carry, _ = jax.lax.scan(step, carry, ixs)
-            return carry, evaluate(carry[0])
-
-        _, vals = jax.lax.scan(interval, (params, opt_state), idx)
-        return jnp.concatenate([evaluate(params)[None], vals])
-
+    train = strong_program(p)
     f32 = jax.ShapeDtypeStruct((), jnp.float32)
     idx = jax.ShapeDtypeStruct((steps // every, every, block.batch_size), jnp.int32)
     rows.append(("strong: train program", *_aot(jax.jit(train), p.init_params(0), f32, f32, idx)))

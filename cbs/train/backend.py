@@ -591,6 +591,7 @@ class TrainBackend(Backend):
         opts = self.options()
         results = []
         for block in blocks:
+            plan = self.ramp_plan(block)  # None for K-FAC: a ramp with K-FAC is refused
             if block.kind == "kfac":
                 from cbs.train.kfac import KfacRunner
 
@@ -602,7 +603,6 @@ class TrainBackend(Backend):
                 res = self._kfac[key].run_block(block, opts)
                 layout = "sequential (kfac-jax step per cell; one compile per weight decay)"
             else:
-                plan = self.ramp_plan(block)
                 run = self._run_for(block.kind, block.schedule, plan)
                 width = self.program_width(block)
                 cell_layout, why, probe = self.block_layout(block)
@@ -628,7 +628,7 @@ class TrainBackend(Backend):
                     + (f" padded to {width} lanes" if width > len(block.cells) else "")
                     + f", {opts.evals_per_call} evaluations per call ({why})"
                 )
-            _add_samples_to_target(res, block, self.ramp_plan(block))
+            _add_samples_to_target(res, block, plan)
             # Epochs beside steps: how often the data repeat before the target (a run that
             # needs many passes measures generalisation from repeated examples, not
             # optimisation); examples consumed to the target (a ramp's sum over its phases)
